@@ -1,0 +1,206 @@
+"""One typed, frozen run configuration built from Flower's flat ``run_config`` mapping.
+
+Flat keys are kebab-case, prefixed by their section (``train.batch-size``); top-level keys have no
+prefix (``seed``). ``RunConfig.from_flat`` is the only bridge from flat keys to Python, and it rejects
+unknown keys and wrongly typed values before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Mapping
+
+SPLITS = ("auto", "provided", "random", "loo")
+MODELS = ("mf", "neumf")
+LOSSES = ("bpr", "bce")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where to find it, and how to split it."""
+
+    dataset: str = "ml-100k"
+    data_dir: str = ""  # "" = $FEDSPARSE_DATA, then the user cache, then download
+    split: str = "auto"  # auto = the files' own train/test split if they have one, else random; loo on request
+    test_ratio: float = 0.2  # per-user share held out for test by the random split
+    validation_ratio: float = 0.1  # per-user share of training data held out for validation
+    rating_threshold: float = 0.0  # implicit conversion: keep ratings >= threshold (0 keeps all)
+    k_core: int = 0  # iterative k-core filter on users and items (0 = off)
+    synthetic_users: int = 2000
+    synthetic_items: int = 1000
+    synthetic_interactions_per_user: int = 20
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Recommender architecture on user and item embedding tables."""
+
+    name: str = "mf"
+    dim: int = 64
+    mlp_layers: str = "64,32,16"  # NeuMF MLP tower widths, comma-separated
+
+    @property
+    def mlp_widths(self) -> tuple[int, ...]:
+        """The MLP tower widths as integers."""
+        return tuple(int(w) for w in self.mlp_layers.split(",") if w.strip())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of the centralised reference trainer."""
+
+    epochs: int = 30
+    batch_size: int = 2048
+    lr: float = 0.001
+    l2_reg: float = 1e-4  # L2 penalty on the embeddings in each batch, LightGCN's `decay` (not Adam weight decay)
+    loss: str = "bpr"
+    negatives: int = 1  # sampled negatives per positive
+    patience: int = 5  # evaluations without validation improvement before stopping (0 = never stop)
+    eval_every: int = 1  # epochs between validation evaluations
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol settings."""
+
+    k: int = 20  # cut-off of the full-ranking metrics
+    batch_users: int = 1024  # users scored at once; bounds memory to batch_users * n_items floats
+    sampled_negatives: int = 99  # negatives per held-out item in the sampled (leave-one-out) protocol
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; build it with ``from_flat`` or ``RunConfig()`` for the defaults."""
+
+    seed: int = 0
+    results_dir: str = "results"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+        """Build from flat kebab-case keys; missing keys take defaults, unknown keys raise ConfigError."""
+        known = dict(flat_defaults())
+        unknown = sorted(set(flat) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in flat.items():
+            expected = type(known[key])
+            value = _coerce(key, value, expected)
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections.setdefault(section, {})[_snake(name)] = value
+            else:
+                top[_snake(key)] = value
+        base = cls()
+        nested = {name: replace(getattr(base, name), **values) for name, values in sections.items()}
+        config = replace(base, **top, **nested)
+        config.validate()
+        return config
+
+    def to_flat(self) -> dict[str, Any]:
+        """The inverse of ``from_flat``: flat kebab-case keys to plain values."""
+        flat: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                for sub in fields(value):
+                    flat[f"{_kebab(f.name)}.{_kebab(sub.name)}"] = getattr(value, sub.name)
+            else:
+                flat[_kebab(f.name)] = value
+        return flat
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "RunConfig":
+        """A copy with some flat keys replaced (validated like ``from_flat``)."""
+        return RunConfig.from_flat({**self.to_flat(), **overrides})
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first out-of-range value."""
+        d, m, t, e = self.data, self.model, self.train, self.eval
+        checks = [
+            (d.split in SPLITS, "data.split", f"must be one of {SPLITS}"),
+            (0.0 < d.test_ratio < 1.0, "data.test-ratio", "must be in (0, 1)"),
+            (0.0 <= d.validation_ratio < 1.0, "data.validation-ratio", "must be in [0, 1)"),
+            (d.k_core >= 0, "data.k-core", "must be >= 0"),
+            (d.synthetic_users > 0 and d.synthetic_items > 0, "data.synthetic-users/items", "must be > 0"),
+            (d.synthetic_interactions_per_user > 0, "data.synthetic-interactions-per-user", "must be > 0"),
+            (m.name in MODELS, "model.name", f"must be one of {MODELS}"),
+            (m.dim > 0, "model.dim", "must be > 0"),
+            (t.epochs >= 0, "train.epochs", "must be >= 0"),
+            (t.batch_size > 0, "train.batch-size", "must be > 0"),
+            (t.lr > 0, "train.lr", "must be > 0"),
+            (t.l2_reg >= 0, "train.l2-reg", "must be >= 0"),
+            (t.loss in LOSSES, "train.loss", f"must be one of {LOSSES}"),
+            (t.negatives >= 1, "train.negatives", "must be >= 1"),
+            (t.patience >= 0, "train.patience", "must be >= 0"),
+            (t.eval_every >= 1, "train.eval-every", "must be >= 1"),
+            (e.k >= 1, "eval.k", "must be >= 1"),
+            (e.batch_users >= 1, "eval.batch-users", "must be >= 1"),
+            (e.sampled_negatives >= 1, "eval.sampled-negatives", "must be >= 1"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key} {message}")
+        try:
+            widths = m.mlp_widths
+        except ValueError as exc:
+            raise ConfigError(f"model.mlp-layers must be comma-separated integers, got {m.mlp_layers!r}") from exc
+        if not widths or min(widths) <= 0:
+            raise ConfigError("model.mlp-layers must list at least one positive width")
+
+
+def flat_defaults() -> dict[str, Any]:
+    """The default value of every flat key (what pyproject's [tool.flwr.app.config] mirrors)."""
+    return RunConfig().to_flat()
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    """Convert a flat value to the field's type, or raise ConfigError naming the key."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif expected is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, float) and value.is_integer():
+            return int(value)
+        elif isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key!r} expects {expected.__name__}, got {value!r}")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig", "flat_defaults"]

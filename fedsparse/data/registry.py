@@ -1,0 +1,211 @@
+"""Which datasets exist, how their files look on disk, and where to find or fetch them.
+
+A dataset lives in a directory ``<root>/<name>/``. ``resolve_dataset_dir`` looks, in order, in
+(1) the ``data_dir`` config value or, when it is empty, ``$FEDSPARSE_DATA``; (2) the user cache
+(``$XDG_CACHE_HOME/fedsparse`` or ``~/.cache/fedsparse``); (3) the cache again after downloading
+from the dataset's sources, tried in order. If all fail, one ``DatasetNotFoundError`` lists every
+place and every download error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import pandas as pd
+
+from fedsparse.config import ConfigError
+from fedsparse.data.download import Network, UrlFiles, WheelMember, ZipMember
+from fedsparse.data.errors import DatasetNotFoundError
+from fedsparse.data.readers import (
+    read_lastfm_user_artists,
+    read_lightgcn,
+    read_movielens_dat,
+    read_movielens_udata,
+    read_recbole_inter,
+)
+
+Download = Union[UrlFiles, ZipMember, WheelMember]
+
+DATA_ENV = "FEDSPARSE_DATA"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a dataset's files can sit in its directory.
+
+    ``files`` are read with ``reader`` in order; a layout that ``provides_split`` has exactly two
+    files, train then test. ``has_timestamps`` says whether leave-one-out is possible.
+    """
+
+    files: tuple[str, ...]
+    reader: Callable[[Path], pd.DataFrame]
+    provides_split: bool
+    has_timestamps: bool
+
+    @property
+    def default_split(self) -> str:
+        """What ``split="auto"`` means for this layout: the files' own split if any, else random."""
+        return "provided" if self.provides_split else "random"
+
+    def present(self, directory: Path) -> bool:
+        """Whether every file of the layout exists in ``directory``."""
+        return all((directory / name).is_file() for name in self.files)
+
+    def read(self, directory: Path) -> tuple[pd.DataFrame, ...]:
+        """The raw tables, one per file (train, test for a provided split)."""
+        return tuple(self.reader(directory / name) for name in self.files)
+
+    def supports(self, split: str) -> bool:
+        """Whether this layout can be split with ``split`` (auto/provided/random/loo)."""
+        if split == "provided":
+            return self.provides_split
+        if split == "loo":
+            return self.has_timestamps
+        return True
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset's name, on-disk layouts (preferred first) and download sources (tried in order).
+
+    A spec with no layouts is generated in memory (``synthetic``) and has no directory.
+    """
+
+    name: str
+    layouts: tuple[Layout, ...]
+    downloads: tuple[Download, ...]
+
+    @property
+    def generated(self) -> bool:
+        """Whether the data is generated rather than read from files."""
+        return not self.layouts
+
+    def present(self, directory: Path) -> bool:
+        """Whether any layout is complete in ``directory``."""
+        return any(layout.present(directory) for layout in self.layouts)
+
+    def layout_for(self, directory: Path, split: str) -> Layout:
+        """The first complete layout in ``directory`` that supports ``split``.
+
+        Raises ConfigError when files are there but none can be split that way (e.g. ``loo`` on
+        files without timestamps).
+        """
+        present = [layout for layout in self.layouts if layout.present(directory)]
+        for layout in present:
+            if layout.supports(split):
+                return layout
+        found = "; ".join(" + ".join(layout.files) for layout in present) or "no complete layout"
+        need = "a provided train/test split" if split == "provided" else "timestamps"
+        raise ConfigError(
+            f"data.split={split!r} needs {need}, but {self.name}'s files in {directory} ({found}) have none"
+        )
+
+    def expected_files(self) -> str:
+        """The accepted file sets, for messages: ``u.data or ml-100k.inter``."""
+        return " or ".join(" + ".join(layout.files) for layout in self.layouts)
+
+
+_GROUPLENS = "https://files.grouplens.org/datasets"
+_LIGHTGCN_RAW = "https://raw.githubusercontent.com/kuandeng/LightGCN/master/Data"
+_LIGHTGCN = Layout(("train.txt", "test.txt"), read_lightgcn, provides_split=True, has_timestamps=False)
+_RECBOLE_ML100K = "recbole/dataset_example/ml-100k/ml-100k.inter"
+
+
+def _lightgcn_files(name: str) -> UrlFiles:
+    return UrlFiles(tuple((file, f"{_LIGHTGCN_RAW}/{name}/{file}") for file in ("train.txt", "test.txt")))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "ml-100k": DatasetSpec(
+        "ml-100k",
+        layouts=(
+            Layout(("u.data",), read_movielens_udata, provides_split=False, has_timestamps=True),
+            Layout(("ml-100k.inter",), read_recbole_inter, provides_split=False, has_timestamps=True),
+        ),
+        downloads=(
+            ZipMember(f"{_GROUPLENS}/movielens/ml-100k.zip", "ml-100k/u.data", "u.data"),
+            WheelMember("recbole==1.2.1", _RECBOLE_ML100K, "ml-100k.inter"),
+        ),
+    ),
+    "ml-1m": DatasetSpec(
+        "ml-1m",
+        layouts=(
+            _LIGHTGCN,
+            Layout(("ratings.dat",), read_movielens_dat, provides_split=False, has_timestamps=True),
+        ),
+        downloads=(ZipMember(f"{_GROUPLENS}/movielens/ml-1m.zip", "ml-1m/ratings.dat", "ratings.dat"),),
+    ),
+    "gowalla": DatasetSpec("gowalla", layouts=(_LIGHTGCN,), downloads=(_lightgcn_files("gowalla"),)),
+    "yelp2018": DatasetSpec("yelp2018", layouts=(_LIGHTGCN,), downloads=(_lightgcn_files("yelp2018"),)),
+    "lastfm-2k": DatasetSpec(
+        "lastfm-2k",
+        layouts=(Layout(("user_artists.dat",), read_lastfm_user_artists, provides_split=False, has_timestamps=False),),
+        downloads=(
+            ZipMember(f"{_GROUPLENS}/hetrec2011/hetrec2011-lastfm-2k.zip", "user_artists.dat", "user_artists.dat"),
+        ),
+    ),
+    "synthetic": DatasetSpec("synthetic", layouts=(), downloads=()),
+}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The registered spec for ``name``; ConfigError listing the known names otherwise."""
+    if name not in DATASETS:
+        raise ConfigError(f"data.dataset {name!r} is not registered; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def cache_dir() -> Path:
+    """The user cache root: ``$XDG_CACHE_HOME/fedsparse``, else ``~/.cache/fedsparse``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedsparse"
+
+
+def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | None = None) -> Path:
+    """The directory holding dataset ``name``'s files, downloading them into the cache if needed.
+
+    Parameters
+    ----------
+    name: a key of ``DATASETS`` (not ``synthetic``, which has no files).
+    data_dir: root holding ``<name>/``; empty means ``$FEDSPARSE_DATA`` (itself optional).
+    network: how to download; the default uses urllib and pip with short timeouts.
+
+    Raises
+    ------
+    DatasetNotFoundError listing every directory tried and every download error.
+    """
+    spec = get_dataset(name)
+    if spec.generated:
+        raise ConfigError(f"data.dataset {name!r} is generated in memory and has no directory")
+    root, origin = (data_dir, "data_dir") if data_dir else (os.environ.get(DATA_ENV, ""), f"${DATA_ENV}")
+    candidates = [(origin, Path(root).expanduser() / name)] if root else []
+    cache = cache_dir() / name
+    candidates.append(("cache", cache))
+    tried = [] if root else [f"data_dir and ${DATA_ENV}: not set"]
+    for label, directory in candidates:
+        if spec.present(directory):
+            return directory
+        state = f"lacks {spec.expected_files()}" if directory.is_dir() else "no such directory"
+        tried.append(f"{label} {directory}: {state}")
+    network = network or Network()
+    for download in spec.downloads:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            download.fetch(cache, network)
+        except Exception as exc:  # every failure is reported below, none is swallowed
+            tried.append(f"download {download.describe()}: {type(exc).__name__}: {exc}")
+            continue
+        if spec.present(cache):
+            return cache
+        tried.append(f"download {download.describe()}: finished, but {cache} still lacks {spec.expected_files()}")
+    lines = "\n".join(f"  - {attempt}" for attempt in tried)
+    raise DatasetNotFoundError(
+        f"dataset {name!r} not found. Tried:\n{lines}\n"
+        f"Put the files in <root>/{name}/ and set data.data-dir or ${DATA_ENV} to <root>."
+    )
+
+
+__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "get_dataset", "resolve_dataset_dir"]

@@ -1,0 +1,33 @@
+"""Ranking losses on a model's pair scores, shared by the centralised and on-device trainers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def batch_loss(
+    model: nn.Module,
+    users: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    loss: str,
+    l2_reg: float,
+) -> torch.Tensor:
+    """Mean loss of a batch plus ``l2_reg`` times the batch embedding L2 (LightGCN's ``decay``).
+
+    users, positives: int64 [b]; negatives: int64 [b, n]. ``loss`` is "bpr" (softplus of the score
+    margin, each positive against each of its negatives) or "bce" (positives labelled 1, negatives 0).
+    """
+    positive_scores = model.score(users, positives)
+    negative_scores = model.score(users, negatives)
+    if loss == "bpr":
+        data_loss = F.softplus(negative_scores - positive_scores[:, None]).mean()
+    elif loss == "bce":
+        data_loss = F.binary_cross_entropy_with_logits(
+            positive_scores, torch.ones_like(positive_scores)
+        ) + F.binary_cross_entropy_with_logits(negative_scores, torch.zeros_like(negative_scores))
+    else:
+        raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
+    return data_loss + l2_reg * model.batch_l2(users, positives, negatives.reshape(-1))

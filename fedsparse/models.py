@@ -1,0 +1,138 @@
+"""Recommenders on user and item embedding tables: matrix factorisation and NeuMF (GMF + MLP).
+
+Both score (user, item) pairs and rank all items for a batch of users in bounded memory. Embedding
+tables are plain ``nn.Embedding`` modules so the sparse core can mask them element-wise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedsparse.config import ModelConfig
+
+EMBEDDING_INIT_STD = 0.1  # normal init of embedding tables, as LightGCN-PyTorch's MF
+SCORE_CHUNK_ELEMENTS = 1 << 24  # bound on users x items x width floats materialised while ranking
+
+
+class MatrixFactorization(nn.Module):
+    """score(u, i) = <p_u, q_i>; user table [n_users, dim], item table [n_items, dim]."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.user_embedding = nn.Embedding(n_users, dim)
+        self.item_embedding = nn.Embedding(n_items, dim)
+        for table in (self.user_embedding, self.item_embedding):
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
+
+    def embedding_tables(self) -> dict[str, nn.Embedding]:
+        """The per-user and per-item tables, by name (what sparse policies mask)."""
+        return {"user": self.user_embedding, "item": self.item_embedding}
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores for pairs: users int64 [b], items int64 [b] or [b, c] -> float32 [b] or [b, c]."""
+        user_vectors = self.user_embedding(users)
+        item_vectors = self.item_embedding(items)
+        if items.dim() == 2:
+            return torch.einsum("bd,bcd->bc", user_vectors, item_vectors)
+        return (user_vectors * item_vectors).sum(-1)
+
+    def batch_l2(self, users: torch.Tensor, *item_batches: torch.Tensor) -> torch.Tensor:
+        """Half the squared L2 norm of the embeddings a batch uses, divided by the batch size."""
+        total = self.user_embedding(users).pow(2).sum()
+        for items in item_batches:
+            total = total + self.item_embedding(items).pow(2).sum()
+        return 0.5 * total / users.shape[0]
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for some users: users int64 [b] -> float32 [b, n_items]."""
+        return self.user_embedding(users) @ self.item_embedding.weight.T
+
+
+class NeuMF(nn.Module):
+    """NeuMF (He et al. 2017): a GMF branch and an MLP branch on separate embeddings, fused linearly.
+
+    GMF tables are [n, dim]; MLP tables are [n, widths[0] // 2] so their concatenation feeds a tower of
+    ``widths``; the output layer maps [dim + widths[-1]] to one logit.
+    """
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        widths: tuple[int, ...],
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        mlp_dim = max(1, widths[0] // 2)
+        self.user_embedding = nn.Embedding(n_users, dim)
+        self.item_embedding = nn.Embedding(n_items, dim)
+        self.user_mlp_embedding = nn.Embedding(n_users, mlp_dim)
+        self.item_mlp_embedding = nn.Embedding(n_items, mlp_dim)
+        for table in (self.user_embedding, self.item_embedding, self.user_mlp_embedding, self.item_mlp_embedding):
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
+        layers: list[nn.Module] = []
+        in_width = 2 * mlp_dim
+        for width in widths:
+            layers += [nn.Linear(in_width, width), nn.ReLU()]
+            in_width = width
+        self.mlp = nn.Sequential(*layers)
+        self.output = nn.Linear(dim + in_width, 1)
+        for module in [*self.mlp, self.output]:
+            if isinstance(module, nn.Linear):
+                bound = (6.0 / (module.in_features + module.out_features)) ** 0.5
+                nn.init.uniform_(module.weight, -bound, bound, generator=generator)
+                nn.init.zeros_(module.bias)
+
+    def embedding_tables(self) -> dict[str, nn.Embedding]:
+        """The per-user and per-item tables, by name (what sparse policies mask)."""
+        return {
+            "user": self.user_embedding,
+            "item": self.item_embedding,
+            "user_mlp": self.user_mlp_embedding,
+            "item_mlp": self.item_mlp_embedding,
+        }
+
+    def _fuse(self, gmf_user, gmf_item, mlp_user, mlp_item) -> torch.Tensor:
+        hidden = self.mlp(torch.cat([mlp_user, mlp_item], dim=-1))
+        return self.output(torch.cat([gmf_user * gmf_item, hidden], dim=-1)).squeeze(-1)
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits for pairs: users int64 [b], items int64 [b] or [b, c] -> float32 [b] or [b, c]."""
+        gmf_user, mlp_user = self.user_embedding(users), self.user_mlp_embedding(users)
+        gmf_item, mlp_item = self.item_embedding(items), self.item_mlp_embedding(items)
+        if items.dim() == 2:
+            gmf_user = gmf_user.unsqueeze(1).expand_as(gmf_item)
+            mlp_user = mlp_user.unsqueeze(1).expand_as(mlp_item)
+        return self._fuse(gmf_user, gmf_item, mlp_user, mlp_item)
+
+    def batch_l2(self, users: torch.Tensor, *item_batches: torch.Tensor) -> torch.Tensor:
+        """Half the squared L2 norm of the embeddings a batch uses, divided by the batch size."""
+        total = self.user_embedding(users).pow(2).sum() + self.user_mlp_embedding(users).pow(2).sum()
+        for items in item_batches:
+            total = total + self.item_embedding(items).pow(2).sum() + self.item_mlp_embedding(items).pow(2).sum()
+        return 0.5 * total / users.shape[0]
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Logits of every item for some users: users int64 [b] -> float32 [b, n_items], chunked over items."""
+        n_items = self.item_embedding.num_embeddings
+        widest = max(self.item_embedding.embedding_dim, self.mlp[0].in_features, self.mlp[0].out_features)
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, users.shape[0] * widest))
+        all_items = torch.arange(n_items)
+        parts = []
+        for start in range(0, n_items, chunk):
+            items = all_items[start : start + chunk].expand(users.shape[0], -1)
+            parts.append(self.score(users, items))
+        return torch.cat(parts, dim=1)
+
+
+def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> nn.Module:
+    """The model named by ``config.name`` ("mf" or "neumf") for the given table sizes."""
+    if config.name == "mf":
+        return MatrixFactorization(n_users, n_items, config.dim, generator)
+    if config.name == "neumf":
+        return NeuMF(n_users, n_items, config.dim, config.mlp_widths, generator)
+    raise ValueError(f"unknown model {config.name!r}; known: mf, neumf")

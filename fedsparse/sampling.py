@@ -1,0 +1,65 @@
+"""Negative sampling for implicit feedback: uniform items a user never interacted with.
+
+The excluded set is every interaction the user has (train, validation and test), so a training
+negative is never a positive and never the held-out item.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+MAX_BULK_ROUNDS = 32  # bulk rejection rounds before the exact per-user fallback
+
+
+class NegativeSampler:
+    """Draws uniform negatives per user, rejecting the user's interacted items.
+
+    ``interacted``: binary CSR [n_users, n_items] of everything the user must never get as a negative.
+    """
+
+    def __init__(self, interacted: sp.csr_matrix) -> None:
+        interacted = interacted.tocsr()
+        self.n_users, self.n_items = interacted.shape
+        counts = np.diff(interacted.indptr)
+        if np.any(counts >= self.n_items):
+            user = int(np.flatnonzero(counts >= self.n_items)[0])
+            raise ValueError(f"user {user} interacted with every item: no negative exists")
+        users = np.repeat(np.arange(self.n_users, dtype=np.int64), counts)
+        self._keys = np.unique(users * self.n_items + interacted.indices.astype(np.int64))
+        self._interacted = interacted
+
+    def is_interacted(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Boolean array, same shape as ``items``: whether (user, item) is an interaction."""
+        keys = np.asarray(users, dtype=np.int64) * self.n_items + np.asarray(items, dtype=np.int64)
+        position = np.searchsorted(self._keys, keys)
+        position = np.minimum(position, len(self._keys) - 1) if len(self._keys) else position
+        return (self._keys[position] == keys) if len(self._keys) else np.zeros(keys.shape, dtype=bool)
+
+    def sample(self, rng: np.random.Generator, users: np.ndarray, n_negatives: int) -> np.ndarray:
+        """Negatives int64 [len(users), n_negatives], uniform over each user's non-interacted items.
+
+        Draws may repeat within a row (sampling with replacement, as BPR samplers do).
+        """
+        users = np.asarray(users, dtype=np.int64)
+        row_users = np.repeat(users[:, None], n_negatives, axis=1)
+        negatives = rng.integers(0, self.n_items, size=row_users.shape, dtype=np.int64)
+        rejected = self.is_interacted(row_users, negatives)
+        for _ in range(MAX_BULK_ROUNDS):
+            if not rejected.any():
+                return negatives
+            negatives[rejected] = rng.integers(0, self.n_items, size=int(rejected.sum()), dtype=np.int64)
+            rejected = self.is_interacted(row_users, negatives)
+        # Users with almost every item interacted: draw exactly from their complement.
+        for row, col in zip(*np.nonzero(rejected)):
+            user = row_users[row, col]
+            seen = self._interacted.indices[self._interacted.indptr[user] : self._interacted.indptr[user + 1]]
+            negatives[row, col] = rng.choice(np.setdiff1d(np.arange(self.n_items), seen))
+        return negatives
+
+
+def training_pairs(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """All (user, item) training pairs as int64 arrays [nnz], in CSR order."""
+    train = train.tocsr()
+    users = np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
+    return users, train.indices.astype(np.int64)

@@ -1,0 +1,179 @@
+"""Centralised reference trainer: dense MF / NeuMF with BPR or BCE, validation early stopping.
+
+This is the 100 % line every sparse and federated result is compared with. A run writes
+``config.json``, one ``metrics.jsonl`` line per epoch and ``summary.json`` into a new run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedsparse import metrics
+from fedsparse.config import RunConfig
+from fedsparse.data import Interactions, load_dataset
+from fedsparse.losses import batch_loss
+from fedsparse.models import build_model
+from fedsparse.results import append_jsonl, new_run_dir, write_json
+from fedsparse.rng import rng_for, torch_generator_for
+from fedsparse.sampling import NegativeSampler, training_pairs
+
+SAMPLED_PROTOCOL_K = 10  # HR@10 / NDCG@10 of the leave-one-out + sampled-negatives protocol
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run wrote its files and what it measured."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def ranking_cutoffs(config: RunConfig) -> list[int]:
+    """The K values reported: always 10 and 20, plus the configured ``eval.k``."""
+    return sorted({10, 20, config.eval.k})
+
+
+def evaluate(model: torch.nn.Module, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
+    """Full-ranking metrics on ``split`` ("validation" or "test"), excluding the user's known items."""
+    model.eval()
+    target = getattr(data, split)
+    exclude = [data.train] if split == "validation" else [data.train, data.validation]
+    result = metrics.full_ranking_metrics(
+        lambda users: model.score_all(torch.as_tensor(users)),
+        target,
+        exclude,
+        ranking_cutoffs(config),
+        config.eval.batch_users,
+    )
+    model.train()
+    return result
+
+
+def evaluate_sampled(model: torch.nn.Module, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
+    """Leave-one-out protocol: rank each held-out item among ``eval.sampled-negatives`` never-seen items."""
+    model.eval()
+    held_out = getattr(data, split)
+    users = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    interacted = (data.train + data.validation + data.test).tocsr()
+    negatives = metrics.sample_eval_negatives(
+        rng_for(config.seed, "eval-negatives", split), interacted, users, config.eval.sampled_negatives
+    )
+    with torch.no_grad():
+        result = metrics.sampled_metrics(
+            lambda u, items: model.score(torch.as_tensor(u), torch.as_tensor(items)),
+            held_out,
+            negatives,
+            users,
+            k=SAMPLED_PROTOCOL_K,
+            batch_users=config.eval.batch_users,
+        )
+    model.train()
+    return {f"sampled_{key}" if key != "users_evaluated" else "sampled_users_evaluated": value for key, value in result.items()}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_centralised(config: RunConfig, data: Interactions | None = None, show_progress: bool | None = None) -> TrainResult:
+    """Train ``config.model`` on ``config.data`` centrally and write a run directory under ``results_dir``.
+
+    The best epoch is chosen on validation recall@k (never on test); without a validation split the
+    last epoch is used. ``show_progress=None`` shows a progress bar only on a terminal.
+    """
+    started = time.perf_counter()
+    if data is None:
+        data = load_dataset(config.data, config.seed)
+    run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
+    write_json(run_dir / "config.json", {"config": config.to_flat(), "dataset": data.counts(), "repairs": data.repairs})
+
+    model = build_model(config.model, data.n_users, data.n_items, torch_generator_for(config.seed, "model-init"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    sampler = NegativeSampler((data.train + data.validation + data.test).tocsr())
+    pair_users, pair_items = training_pairs(data.train)
+    select_key = f"recall@{config.eval.k}"
+    has_validation = data.validation.nnz > 0
+
+    best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    evaluations_without_gain = 0
+    train_seconds = 0.0
+    epochs_run = 0
+    progress = tqdm(range(1, config.train.epochs + 1), desc=f"train {data.name}", unit="epoch", disable=_quiet(show_progress))
+    for epoch in progress:
+        epoch_started = time.perf_counter()
+        rng = rng_for(config.seed, "train-epoch", epoch)
+        order = rng.permutation(len(pair_users))
+        total_loss = 0.0
+        for start in range(0, len(order), config.train.batch_size):
+            batch = order[start : start + config.train.batch_size]
+            users = pair_users[batch]
+            negatives = sampler.sample(rng, users, config.train.negatives)
+            loss = batch_loss(
+                model,
+                torch.from_numpy(users),
+                torch.from_numpy(pair_items[batch]),
+                torch.from_numpy(negatives),
+                config.train.loss,
+                config.train.l2_reg,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(batch)
+        epoch_seconds = time.perf_counter() - epoch_started
+        train_seconds += epoch_seconds
+        epochs_run = epoch
+        record: dict[str, Any] = {"epoch": epoch, "loss": total_loss / max(1, len(order)), "epoch_seconds": epoch_seconds}
+        if has_validation and (epoch % config.train.eval_every == 0 or epoch == config.train.epochs):
+            validation = evaluate(model, data, config, "validation")
+            record.update({f"validation_{key}": value for key, value in validation.items()})
+            if validation[select_key] > best["score"]:
+                best = {"score": validation[select_key], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                evaluations_without_gain = 0
+            else:
+                evaluations_without_gain += 1
+            progress.set_postfix({select_key: f"{validation[select_key]:.4f}"})
+        append_jsonl(run_dir / "metrics.jsonl", record)
+        if config.train.patience and evaluations_without_gain >= config.train.patience:
+            break
+
+    if has_validation and best["epoch"] > 0:
+        model.load_state_dict(best["state"])
+    best_epoch = best["epoch"] if has_validation and best["epoch"] > 0 else epochs_run
+    summary: dict[str, Any] = {
+        "dataset": data.name,
+        "model": config.model.name,
+        "dim": config.model.dim,
+        "loss": config.train.loss,
+        "seed": config.seed,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "selection": "best validation " + select_key if has_validation else "last epoch (no validation split)",
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(1, epochs_run),
+        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+    if has_validation:
+        summary["validation_" + select_key] = float(best["score"])
+    summary.update(evaluate(model, data, config, "test"))
+    if config.data.split == "loo":
+        summary.update(evaluate_sampled(model, data, config, "test"))
+    summary["total_seconds"] = time.perf_counter() - started
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    write_json(run_dir / "summary.json", summary)
+    return TrainResult(run_dir=run_dir, summary=summary)
+
+
+def _quiet(show_progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None hides the bar when stderr is not a terminal (CI, pipes)."""
+    return None if show_progress is None else not show_progress
