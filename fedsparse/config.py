@@ -11,6 +11,15 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping
 
 SPLITS = ("auto", "provided", "random", "loo")
+POLICY_NAMES = ("dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec")
+MASK_INITS = ("auto", "random", "nmf")
+GROW_SCORES = ("auto", "last-batch", "signed-sum", "abs-sum", "ema", "random")
+SPARSE_GRAD = ("auto", "on", "off")
+GRAD_ROWS = ("batch", "degree", "norm", "uniform")
+NMF_METHODS = ("sklearn", "multiplicative")
+NMF_SELECT = ("global", "per-row")
+NMF_VALUES = ("random", "factors")
+AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
 
@@ -64,6 +73,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SparseConfig:
+    """Dynamic sparse training of the embedding tables: the mask policy and its knobs.
+
+    "auto" / -1 values take the policy's own default (see ``fedsparse/policies``); METHODS.md §2.6
+    lists the SparseRec choices these flags ablate.
+    """
+
+    policy: str = "dense"
+    density: float = 1.0  # active share of each embedding table, exact: K = round(density * rows * dim)
+    update_every: int = 100  # optimiser steps between mask updates (Delta T)
+    drop_fraction: float = AUTO  # rho_0, share of K swapped at the first update
+    drop_fraction_min: float = AUTO  # rho_min, the floor of the cosine annealing
+    end_fraction: float = AUTO  # share of training after which the mask stops changing
+    mask_init: str = "auto"
+    grow_score: str = "auto"
+    ema_decay: float = 0.9  # for grow-score "ema"
+    regrow_pruned: bool = True  # may an entry pruned in an update be grown back in the same update
+    sparse_grad: str = "auto"  # on = only the selected rows receive gradients (sparse backward)
+    grad_rows: str = "batch"  # which batch rows get gradients when they exceed the row budget
+    grad_row_budget: float = 0.0  # cap on rows * dim per step as a multiple of K (0 = no cap)
+    nmf_method: str = "sklearn"
+    nmf_iterations: int = 50
+    nmf_select: str = "global"
+    nmf_rescale: bool = True  # balance the NMF factors' column norms before ranking entries
+    nmf_min_per_row: int = 1  # active entries every row keeps from the NMF mask
+    nmf_values: str = "random"  # initial values: random (only the mask from NMF) or the scaled factors
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation protocol settings."""
 
@@ -81,6 +119,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
@@ -124,7 +163,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
-        d, m, t, e = self.data, self.model, self.train, self.eval
+        d, m, t, e, s = self.data, self.model, self.train, self.eval, self.sparse
         checks = [
             (d.split in SPLITS, "data.split", f"must be one of {SPLITS}"),
             (0.0 < d.test_ratio < 1.0, "data.test-ratio", "must be in (0, 1)"),
@@ -142,6 +181,23 @@ class RunConfig:
             (t.negatives >= 1, "train.negatives", "must be >= 1"),
             (t.patience >= 0, "train.patience", "must be >= 0"),
             (t.eval_every >= 1, "train.eval-every", "must be >= 1"),
+            (s.policy in POLICY_NAMES, "sparse.policy", f"must be one of {POLICY_NAMES}"),
+            (0.0 < s.density <= 1.0, "sparse.density", "must be in (0, 1]"),
+            (s.update_every >= 1, "sparse.update-every", "must be >= 1"),
+            (s.drop_fraction == AUTO or 0.0 <= s.drop_fraction <= 1.0, "sparse.drop-fraction", "must be in [0, 1] or -1"),
+            (s.drop_fraction_min == AUTO or 0.0 <= s.drop_fraction_min <= 1.0, "sparse.drop-fraction-min", "must be in [0, 1] or -1"),
+            (s.end_fraction == AUTO or 0.0 <= s.end_fraction <= 1.0, "sparse.end-fraction", "must be in [0, 1] or -1"),
+            (s.mask_init in MASK_INITS, "sparse.mask-init", f"must be one of {MASK_INITS}"),
+            (s.grow_score in GROW_SCORES, "sparse.grow-score", f"must be one of {GROW_SCORES}"),
+            (0.0 <= s.ema_decay < 1.0, "sparse.ema-decay", "must be in [0, 1)"),
+            (s.sparse_grad in SPARSE_GRAD, "sparse.sparse-grad", f"must be one of {SPARSE_GRAD}"),
+            (s.grad_rows in GRAD_ROWS, "sparse.grad-rows", f"must be one of {GRAD_ROWS}"),
+            (s.grad_row_budget >= 0.0, "sparse.grad-row-budget", "must be >= 0"),
+            (s.nmf_method in NMF_METHODS, "sparse.nmf-method", f"must be one of {NMF_METHODS}"),
+            (s.nmf_iterations >= 1, "sparse.nmf-iterations", "must be >= 1"),
+            (s.nmf_select in NMF_SELECT, "sparse.nmf-select", f"must be one of {NMF_SELECT}"),
+            (s.nmf_min_per_row >= 0, "sparse.nmf-min-per-row", "must be >= 0"),
+            (s.nmf_values in NMF_VALUES, "sparse.nmf-values", f"must be one of {NMF_VALUES}"),
             (e.k >= 1, "eval.k", "must be >= 1"),
             (e.batch_users >= 1, "eval.batch-users", "must be >= 1"),
             (e.sampled_negatives >= 1, "eval.sampled-negatives", "must be >= 1"),
@@ -203,4 +259,4 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig", "flat_defaults"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "EvalConfig", "RunConfig", "flat_defaults"]

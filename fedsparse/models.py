@@ -1,7 +1,8 @@
 """Recommenders on user and item embedding tables: matrix factorisation and NeuMF (GMF + MLP).
 
 Both score (user, item) pairs and rank all items for a batch of users in bounded memory. Embedding
-tables are plain ``nn.Embedding`` modules so the sparse core can mask them element-wise.
+tables are ``RowEmbedding`` modules (an ``nn.Embedding`` whose trainable rows can be restricted per
+step) so the sparse core can mask them element-wise and run a sparse backward.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from fedsparse.config import ModelConfig
+from fedsparse.sparse_grad import RowEmbedding
 
 EMBEDDING_INIT_STD = 0.1  # normal init of embedding tables, as LightGCN-PyTorch's MF
 SCORE_CHUNK_ELEMENTS = 1 << 24  # bound on users x items x width floats materialised while ranking
@@ -20,12 +22,12 @@ class MatrixFactorization(nn.Module):
 
     def __init__(self, n_users: int, n_items: int, dim: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.user_embedding = nn.Embedding(n_users, dim)
-        self.item_embedding = nn.Embedding(n_items, dim)
+        self.user_embedding = RowEmbedding(n_users, dim)
+        self.item_embedding = RowEmbedding(n_items, dim)
         for table in (self.user_embedding, self.item_embedding):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
 
-    def embedding_tables(self) -> dict[str, nn.Embedding]:
+    def embedding_tables(self) -> dict[str, RowEmbedding]:
         """The per-user and per-item tables, by name (what sparse policies mask)."""
         return {"user": self.user_embedding, "item": self.item_embedding}
 
@@ -67,10 +69,10 @@ class NeuMF(nn.Module):
     ) -> None:
         super().__init__()
         mlp_dim = max(1, widths[0] // 2)
-        self.user_embedding = nn.Embedding(n_users, dim)
-        self.item_embedding = nn.Embedding(n_items, dim)
-        self.user_mlp_embedding = nn.Embedding(n_users, mlp_dim)
-        self.item_mlp_embedding = nn.Embedding(n_items, mlp_dim)
+        self.user_embedding = RowEmbedding(n_users, dim)
+        self.item_embedding = RowEmbedding(n_items, dim)
+        self.user_mlp_embedding = RowEmbedding(n_users, mlp_dim)
+        self.item_mlp_embedding = RowEmbedding(n_items, mlp_dim)
         for table in (self.user_embedding, self.item_embedding, self.user_mlp_embedding, self.item_mlp_embedding):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
         layers: list[nn.Module] = []
@@ -86,7 +88,7 @@ class NeuMF(nn.Module):
                 nn.init.uniform_(module.weight, -bound, bound, generator=generator)
                 nn.init.zeros_(module.bias)
 
-    def embedding_tables(self) -> dict[str, nn.Embedding]:
+    def embedding_tables(self) -> dict[str, RowEmbedding]:
         """The per-user and per-item tables, by name (what sparse policies mask)."""
         return {
             "user": self.user_embedding,

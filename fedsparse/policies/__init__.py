@@ -1,0 +1,26 @@
+"""Mask policies by name: one file per method, one protocol (``MaskPolicy``)."""
+
+from fedsparse.config import SparseConfig
+from fedsparse.policies.base import MaskPolicy, PolicySettings
+from fedsparse.policies.dense import DensePolicy
+from fedsparse.policies.dsl import DslPolicy
+from fedsparse.policies.magnitude import MagnitudePolicy
+from fedsparse.policies.rigl import RiglPolicy
+from fedsparse.policies.set import SetPolicy
+from fedsparse.policies.sparserec import SparseRecPolicy
+from fedsparse.policies.static import StaticPolicy
+
+POLICIES: dict[str, type[MaskPolicy]] = {
+    policy.name: policy
+    for policy in (DensePolicy, StaticPolicy, MagnitudePolicy, SetPolicy, RiglPolicy, DslPolicy, SparseRecPolicy)
+}
+
+
+def build_policy(config: SparseConfig) -> MaskPolicy:
+    """The policy named by ``config.policy``, with its "auto" knobs resolved."""
+    if config.policy not in POLICIES:
+        raise ValueError(f"unknown sparse policy {config.policy!r}; known: {', '.join(POLICIES)}")
+    return POLICIES[config.policy](config)
+
+
+__all__ = ["POLICIES", "MaskPolicy", "PolicySettings", "build_policy"]
