@@ -19,6 +19,9 @@ GRAD_ROWS = ("batch", "degree", "norm", "uniform")
 NMF_METHODS = ("sklearn", "multiplicative")
 NMF_SELECT = ("global", "per-row")
 NMF_VALUES = ("random", "factors")
+DOWNLINKS = ("full", "rows")
+NMF_INITS = ("federated", "central", "none")
+AGGREGATIONS = ("weighted", "uniform")
 AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
@@ -102,6 +105,26 @@ class SparseConfig:
 
 
 @dataclass(frozen=True)
+class FedConfig:
+    """The federation: participation, local training on each device, aggregation and transport."""
+
+    clients_per_round: int = 0  # sampled devices per training round (0 = use fraction-train)
+    fraction_train: float = 1.0  # share of devices sampled per round when clients-per-round is 0
+    local_epochs: int = 1  # passes over the device's positives per round
+    local_lr: float = 0.01  # Adam learning rate on the device (user row and its copy of item rows)
+    server_lr: float = 1.0  # scale of the aggregated item deltas applied by the server
+    aggregation: str = "weighted"  # per-row mean weighted by examples, or uniform over contributors
+    downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
+    explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
+    signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal
+    nmf_init: str = "federated"  # where the NMF mask comes from, when the policy uses one
+    nmf_rounds: int = 10  # federated multiplicative-update rounds before training
+    eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
+    eval_fraction: float = 1.0  # share of devices evaluated
+    clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation protocol settings."""
 
@@ -116,10 +139,12 @@ class RunConfig:
 
     seed: int = 0
     results_dir: str = "results"
+    num_server_rounds: int = 3
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
@@ -163,7 +188,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
-        d, m, t, e, s = self.data, self.model, self.train, self.eval, self.sparse
+        d, m, t, e, s, f = self.data, self.model, self.train, self.eval, self.sparse, self.fed
         checks = [
             (d.split in SPLITS, "data.split", f"must be one of {SPLITS}"),
             (0.0 < d.test_ratio < 1.0, "data.test-ratio", "must be in (0, 1)"),
@@ -198,6 +223,21 @@ class RunConfig:
             (s.nmf_select in NMF_SELECT, "sparse.nmf-select", f"must be one of {NMF_SELECT}"),
             (s.nmf_min_per_row >= 0, "sparse.nmf-min-per-row", "must be >= 0"),
             (s.nmf_values in NMF_VALUES, "sparse.nmf-values", f"must be one of {NMF_VALUES}"),
+            (self.num_server_rounds >= 0, "num-server-rounds", "must be >= 0"),
+            (f.clients_per_round >= 0, "fed.clients-per-round", "must be >= 0"),
+            (0.0 < f.fraction_train <= 1.0, "fed.fraction-train", "must be in (0, 1]"),
+            (f.local_epochs >= 1, "fed.local-epochs", "must be >= 1"),
+            (f.local_lr > 0, "fed.local-lr", "must be > 0"),
+            (f.server_lr > 0, "fed.server-lr", "must be > 0"),
+            (f.aggregation in AGGREGATIONS, "fed.aggregation", f"must be one of {AGGREGATIONS}"),
+            (f.downlink in DOWNLINKS, "fed.downlink", f"must be one of {DOWNLINKS}"),
+            (f.explore_every >= 1, "fed.explore-every", "must be >= 1"),
+            (f.signal_topk >= 0, "fed.signal-topk", "must be >= 0"),
+            (f.nmf_init in NMF_INITS, "fed.nmf-init", f"must be one of {NMF_INITS}"),
+            (f.nmf_rounds >= 1, "fed.nmf-rounds", "must be >= 1"),
+            (f.eval_every >= 1, "fed.eval-every", "must be >= 1"),
+            (0.0 < f.eval_fraction <= 1.0, "fed.eval-fraction", "must be in (0, 1]"),
+            (f.clients_per_node >= 1, "fed.clients-per-node", "must be >= 1"),
             (e.k >= 1, "eval.k", "must be >= 1"),
             (e.batch_users >= 1, "eval.batch-users", "must be >= 1"),
             (e.sampled_negatives >= 1, "eval.sampled-negatives", "must be >= 1"),
@@ -259,4 +299,4 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "EvalConfig", "RunConfig", "flat_defaults"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "RunConfig", "flat_defaults"]

@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 import scipy.sparse as sp
 
+from fedsparse.masks import largest
 from fedsparse.rng import rng_for
 
 NMF_EPS = 1e-10  # added to every multiplicative-update denominator (central and federated alike)
@@ -321,14 +322,14 @@ def top_k_mask(scores: np.ndarray, budget: int, select: str = "global", min_per_
         if extra:
             # quota < d here, since quota == d would mean budget == rows * d and extra == 0
             next_best = values[row_ids, order[:, quota]]
-            winners = _top_indices(next_best, extra)
+            winners = largest(next_best, extra)
             mask[winners, order[winners, quota]] = True
         return mask
     if min_per_row > 0:
         mask[row_ids[:, None], _row_order(values, min_per_row)] = True
     flat = values.reshape(-1)
     free = np.flatnonzero(~mask.reshape(-1))  # ascending, so ties still go to the lower flat index
-    chosen = free[_top_indices(flat[free], budget - min_per_row * rows)]
+    chosen = free[largest(flat[free], budget - min_per_row * rows)]
     mask.reshape(-1)[chosen] = True
     return mask
 
@@ -336,19 +337,6 @@ def top_k_mask(scores: np.ndarray, budget: int, select: str = "global", min_per_
 def _row_order(values: np.ndarray, width: int) -> np.ndarray:
     """int [rows, width]: each row's column indices, best score first, ties by lower column (stable)."""
     return np.argsort(-values, axis=1, kind="stable")[:, :width]
-
-
-def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest of a 1-D array, ties to the lower index; O(n) via one partition."""
-    n = values.size
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if k >= n:
-        return np.arange(n, dtype=np.int64)
-    threshold = np.partition(values, n - k)[n - k]  # the k-th largest value
-    above = np.flatnonzero(values > threshold)
-    ties = np.flatnonzero(values == threshold)[: k - above.size]
-    return np.concatenate([above, ties])
 
 
 def nmf_masks(

@@ -117,7 +117,9 @@ class MaskPolicy:
         if self.settings.mask_init == "nmf":
             if nmf_scores is None:
                 raise ValueError(f"policy {self.name!r} needs NMF scores for table {table!r}")
-            return top_k_mask(nmf_scores, active, self.settings.nmf_select, self.settings.nmf_min_per_row)
+            # A row quota the budget cannot cover (density * dim < 1) falls back to what it can.
+            min_per_row = min(self.settings.nmf_min_per_row, active // max(1, rows))
+            return top_k_mask(nmf_scores, active, self.settings.nmf_select, min_per_row)
         return random_mask(rng, rows, dim, active)
 
     # --- gradient statistics ----------------------------------------------------------------------
@@ -164,6 +166,16 @@ class MaskPolicy:
         if table in self._accumulators:
             self._accumulators[table][:] = 0.0
         self._last_gradient.pop(table, None)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The accumulated statistics by table, to checkpoint (last-batch gradients are not kept)."""
+        return {f"accumulator.{table}": array for table, array in self._accumulators.items()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what ``state_arrays`` returned."""
+        for key, array in arrays.items():
+            if key.startswith("accumulator."):
+                self._accumulators[key.removeprefix("accumulator.")] = np.array(array, dtype=np.float32)
 
     def statistics_nbytes(self) -> int:
         """Bytes held by gradient accumulators (part of the training memory figures)."""

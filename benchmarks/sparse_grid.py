@@ -1,0 +1,115 @@
+"""Sparse-core benchmark: MF-BPR, d = 64, every mask policy x density, plus SparseRec ablations.
+
+Each cell is one ``fedsparse train`` subprocess with the same seed, epochs and hyper-parameters; only
+the ``sparse.*`` flags differ. Ratios are taken against the dense cell of the same dataset measured in
+the same invocation. Finished cells are kept in ``<out>/sparse_grid.csv`` and skipped on a rerun.
+
+    FEDSPARSE_DATA=../shared/data python benchmarks/sparse_grid.py --datasets gowalla,yelp2018
+    FEDSPARSE_DATA=../shared/data python benchmarks/sparse_grid.py --datasets ml-1m --groups choices
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ResultTable, machine_description, run_training  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+POLICIES = ["static", "magnitude", "set", "rigl", "dsl", "sparserec"]
+DENSITIES = [0.05, 0.1, 0.2, 0.5]
+ABLATION_DENSITY = 0.2
+# SparseRec without one of its three parts (METHODS.md §2.6).
+ABLATIONS = {
+    "sparserec w/o NMF (random init)": ["--sparse.mask-init", "random"],
+    "sparserec w/o accumulation (last batch)": ["--sparse.grow-score", "last-batch"],
+    "sparserec w/o sparse backward": ["--sparse.sparse-grad", "off"],
+}
+# The open choices of the reconstruction, each varied alone from the defaults.
+CHOICES = {
+    "grow abs-sum": ["--sparse.grow-score", "abs-sum"],
+    "grow ema": ["--sparse.grow-score", "ema"],
+    "nmf per-row quota": ["--sparse.nmf-select", "per-row"],
+    "nmf no rescale": ["--sparse.nmf-rescale", "false"],
+    "nmf min-per-row 0": ["--sparse.nmf-min-per-row", "0"],
+    "nmf values from factors": ["--sparse.nmf-values", "factors"],
+    "rigl schedule (0.3, end 0.75)": ["--sparse.drop-fraction", "0.3", "--sparse.drop-fraction-min", "0", "--sparse.end-fraction", "0.75"],
+    "no regrow of pruned": ["--sparse.regrow-pruned", "false"],
+    "update every 300": ["--sparse.update-every", "300"],
+    "row budget 0.5K by degree": ["--sparse.grad-row-budget", "0.5", "--sparse.grad-rows", "degree"],
+}
+COLUMNS = [
+    "dataset", "variant", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "seconds_per_epoch",
+    "time_vs_dense", "train_seconds", "peak_grad_bytes", "grad_vs_dense", "stored_model_bytes", "stored_vs_dense",
+    "training_state_bytes", "mask_updates", "epochs_run", "best_epoch",
+]
+
+
+def cells(groups: list[str]) -> list[tuple[str, str, float, list[str]]]:
+    """(variant, policy, density, extra flags) of the requested groups; dense always first."""
+    planned = [("dense", "dense", 1.0, [])]
+    if "main" in groups:
+        planned += [(policy, policy, density, []) for density in DENSITIES for policy in POLICIES]
+    if "ablation" in groups:
+        planned += [(name, "sparserec", ABLATION_DENSITY, flags) for name, flags in ABLATIONS.items()]
+    if "choices" in groups:
+        planned += [("sparserec", "sparserec", ABLATION_DENSITY, [])]
+        planned += [(f"sparserec {name}", "sparserec", ABLATION_DENSITY, flags) for name, flags in CHOICES.items()]
+        planned += [("dsl", "dsl", ABLATION_DENSITY, [])]
+    return planned
+
+
+def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add columns relative to each dataset's dense cell."""
+    dense = frame[frame["policy"] == "dense"].set_index("dataset")
+    for column, source in [("recall_vs_dense", "recall@20"), ("time_vs_dense", "seconds_per_epoch"),
+                           ("grad_vs_dense", "peak_grad_bytes"), ("stored_vs_dense", "stored_model_bytes")]:
+        frame[column] = frame[source] / frame["dataset"].map(dense[source])
+    return frame
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="gowalla,yelp2018")
+    parser.add_argument("--groups", default="main,ablation", help="comma list of: main, ablation, choices")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--lr", default="0.005")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default="sparse_grid", help="file stem of the result table")
+    args = parser.parse_args()
+    if not os.environ.get("FEDSPARSE_DATA"):
+        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+
+    table = ResultTable(args.out / f"{args.name}.csv")
+    started = time.perf_counter()
+    for dataset in args.datasets.split(","):
+        for variant, policy, density, extra in cells(args.groups.split(",")):
+            cell = f"{dataset}/{variant}/{density}"
+            if table.has(cell):
+                continue
+            flags = ["--dataset", dataset, "--model", "mf", "--dim", "64", "--loss", "bpr", "--negatives", "1",
+                     "--lr", args.lr, "--epochs", str(args.epochs), "--train.eval-every", str(args.eval_every),
+                     "--train.patience", "0", "--sparse.policy", policy, "--sparse.density", str(density), *extra]
+            summary = run_training(flags, args.out / "runs")
+            table.add(cell, {"dataset": dataset, "variant": variant, **{key: summary.get(key) for key in COLUMNS[2:]}})
+            print(f"{cell:55s} recall@20={summary['recall@20']:.4f} {summary['seconds_per_epoch']:.2f} s/epoch "
+                  f"grad={summary['peak_grad_bytes'] / 2**20:.1f} MiB", flush=True)
+    frame = with_ratios(table.frame()).reindex(columns=COLUMNS)
+    header = (
+        f"Measured by `python benchmarks/sparse_grid.py --datasets {args.datasets} --groups {args.groups} "
+        f"--epochs {args.epochs} --eval-every {args.eval_every} --lr {args.lr}` on {machine_description()}; "
+        f"this invocation took {time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).\n\n"
+    )
+    (args.out / f"{args.name}.md").write_text(header + frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(frame.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Per-row merge of sparse item updates: each row is averaged over the devices that touched it.
+
+Plain FedAvg divides by every sampled client, which shrinks the update of a row that few users touch
+towards zero; a sparse upload says exactly who touched which row, so each row gets the weighted mean
+of its own contributors' deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsparse.wire import RowUpdate
+
+
+@dataclass(frozen=True)
+class AggregatedRows:
+    """The merged update: rows int64 [r] (sorted), mean deltas float32 [r, dim] (zero off-mask),
+    contributors int64 [r] (devices per row), and the summed regrowth signal (dense [r, dim], zero
+    where no device reported)."""
+
+    rows: np.ndarray
+    deltas: np.ndarray
+    contributors: np.ndarray
+    signal: np.ndarray
+
+
+def scatter_active(values: np.ndarray, row_mask: np.ndarray) -> np.ndarray:
+    """Place mask-ordered active values float32 [K_r] into a dense [r, dim] array (zeros elsewhere)."""
+    dense = np.zeros(row_mask.shape, dtype=np.float32)
+    dense[row_mask] = values
+    return dense
+
+
+def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weighted: bool = True) -> AggregatedRows:
+    """Weighted per-row mean of the updates' deltas (weights = each update's ``weight``, or 1 each).
+
+    ``item_mask`` bool [n_items, dim] is the mask the updates were encoded against (validated already).
+    """
+    dim = item_mask.shape[1]
+    if not updates:
+        empty = np.empty((0, dim), dtype=np.float32)
+        return AggregatedRows(np.empty(0, dtype=np.int64), empty, np.empty(0, dtype=np.int64), empty)
+    rows = np.unique(np.concatenate([update.row_ids for update in updates]))
+    sums = np.zeros((rows.size, dim), dtype=np.float64)
+    weights = np.zeros(rows.size, dtype=np.float64)
+    contributors = np.zeros(rows.size, dtype=np.int64)
+    signal = np.zeros((rows.size, dim), dtype=np.float64)
+    for update in updates:
+        index = np.searchsorted(rows, update.row_ids)
+        weight = update.weight if weighted else 1.0
+        sums[index] += weight * scatter_active(update.values, item_mask[update.row_ids])
+        weights[index] += weight
+        contributors[index] += 1
+        if update.signal_rows is not None:
+            signal_index = np.searchsorted(rows, update.signal_rows)
+            np.add.at(signal, (signal_index[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
+    deltas = (sums / weights[:, None]).astype(np.float32)
+    return AggregatedRows(rows, deltas, contributors, signal.astype(np.float32))

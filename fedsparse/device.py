@@ -1,0 +1,236 @@
+"""One user's device: its private state and its local round (train, upload, evaluate).
+
+The device holds its interactions, its user embedding row (with its mask row and Adam moments) and
+never sends any of them. Each round it receives item rows, trains MF-BPR locally on its positives
+and sampled negatives, and returns only the deltas of the active entries of the item rows it touched
+(plus, when asked, a top-k regrowth signal of inactive entries). Pure numpy/torch: the Flower client
+and the in-process engine both call these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedsparse import metrics
+from fedsparse.config import RunConfig
+from fedsparse.losses import batch_loss
+from fedsparse.masks import budget, largest
+from fedsparse.models import MatrixFactorization
+from fedsparse.rng import rng_for
+from fedsparse.sparse_training import MaskedAdam
+from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A user's interactions, item ids int64 sorted: what the device trains on and is evaluated on.
+
+    ``interacted`` is every item of the user (train, validation, test): never sampled as a negative.
+    """
+
+    user_id: int
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    interacted: np.ndarray
+
+    @classmethod
+    def from_interactions(cls, train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, user: int) -> "DeviceData":
+        """Slice one user's rows out of the split matrices (the partition of user ``user``)."""
+        def row(matrix: sp.csr_matrix) -> np.ndarray:
+            return np.sort(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]].astype(np.int64))
+
+        parts = [row(train), row(validation), row(test)]
+        return cls(user, *parts, np.unique(np.concatenate(parts)))
+
+
+@dataclass
+class DeviceState:
+    """Private, persistent across rounds: user row float32 [dim], its mask bool [dim], Adam moments."""
+
+    user_row: np.ndarray
+    user_mask: np.ndarray
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    steps: int = 0
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays to persist (Flower's ``context.state``)."""
+        return {
+            "user-row": self.user_row,
+            "user-mask": self.user_mask,
+            "exp-avg": self.exp_avg,
+            "exp-avg-sq": self.exp_avg_sq,
+            "steps": np.asarray([self.steps], dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "DeviceState":
+        """Inverse of ``to_arrays``."""
+        return cls(
+            arrays["user-row"].astype(np.float32),
+            arrays["user-mask"].astype(bool),
+            arrays["exp-avg"].astype(np.float32),
+            arrays["exp-avg-sq"].astype(np.float32),
+            int(arrays["steps"][0]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the private state the device keeps between rounds."""
+        return sum(array.nbytes for array in self.to_arrays().values())
+
+
+def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None = None) -> DeviceState:
+    """A fresh device: normal(0, 0.1) user row masked to round(density * dim) entries.
+
+    With an NMF user factor (rank = dim), the mask row keeps the factor's largest entries (a per-row
+    quota: each device decides alone); otherwise a seeded random choice.
+    """
+    dim = config.model.dim
+    rng = rng_for(config.seed, "device-init", user_id)
+    density = 1.0 if config.sparse.policy == "dense" else config.sparse.density
+    active = budget(density, 1, dim)
+    if nmf_factor is not None:
+        columns = largest(nmf_factor, active)
+    else:
+        columns = np.sort(rng.choice(dim, size=active, replace=False))
+    mask = np.zeros(dim, dtype=bool)
+    mask[columns] = True
+    row = (rng.normal(0.0, 0.1, dim) * mask).astype(np.float32)
+    zeros = np.zeros(dim, dtype=np.float32)
+    return DeviceState(row, mask, zeros.copy(), zeros.copy())
+
+
+def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
+    """Negatives int64 [local_epochs, n_train, negatives] for this round, drawn from this device's own stream.
+
+    Known before training, so a device can ask for exactly the rows it will touch ("rows" downlink).
+    """
+    rng = rng_for(config.seed, "device-negatives", server_round, data.user_id)
+    shape = (config.fed.local_epochs, data.train.size, config.train.negatives)
+    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), data.interacted, assume_unique=True)
+    if candidates.size == 0:
+        raise ValueError(f"user {data.user_id} interacted with every item: no negative exists")
+    return candidates[rng.integers(0, candidates.size, size=shape)]
+
+
+def rows_needed(data: DeviceData, negatives: np.ndarray) -> np.ndarray:
+    """Sorted unique item rows a round touches: the positives and this round's negatives."""
+    return np.union1d(data.train, negatives.ravel())
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What a local round produced: the new private state, the upload, and measured figures."""
+
+    state: DeviceState
+    update: RowUpdate
+    loss: float
+    memory_bytes: int  # bytes the device held during the round (state, download, working copies)
+
+
+def local_train(
+    config: RunConfig,
+    state: DeviceState,
+    data: DeviceData,
+    download: RowsDownload,
+    n_items: int,
+    server_round: int,
+    send_signal: bool,
+) -> LocalResult:
+    """Train MF-BPR on the device's positives against the downloaded item rows; upload the item deltas.
+
+    The user row and the item rows follow ``MaskedAdam`` (masked entries stay zero; the user row's
+    optimiser state persists, the item rows' is fresh each round). Gradients of inactive item entries
+    are accumulated (signed sum) and, when ``send_signal``, each touched row reports its ``signal-topk``
+    largest |sums| among inactive entries.
+    """
+    negatives = round_negatives(config, data, n_items, server_round)
+    touched = rows_needed(data, negatives)
+    if data.train.size == 0:
+        raise ValueError(f"user {data.user_id} has no training interactions")
+    available = download.rows(n_items)
+    if not np.isin(touched, available).all():
+        raise ValueError(f"user {data.user_id}: the download lacks rows the round needs")
+    all_weights, all_mask = download.table.decode()
+    local = np.searchsorted(available, touched)
+    item_start = all_weights[local]
+    model = MatrixFactorization(1, touched.size, config.model.dim)
+    with torch.no_grad():
+        model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
+        model.item_embedding.weight.copy_(torch.from_numpy(item_start))
+    user_mask = torch.from_numpy(state.user_mask).view(1, -1)
+    item_mask = torch.from_numpy(all_mask[local])
+    user_opt = MaskedAdam(model.user_embedding.weight.data, user_mask, config.fed.local_lr)
+    user_opt.exp_avg.copy_(torch.from_numpy(state.exp_avg).view(1, -1))
+    user_opt.exp_avg_sq.copy_(torch.from_numpy(state.exp_avg_sq).view(1, -1))
+    user_opt.steps = state.steps
+    item_opt = MaskedAdam(model.item_embedding.weight.data, item_mask, config.fed.local_lr)
+    signal = torch.zeros(item_mask.shape)
+    positives = torch.from_numpy(np.searchsorted(touched, data.train))
+    users = torch.zeros(data.train.size, dtype=torch.int64)
+    total_loss = 0.0
+    for epoch in range(config.fed.local_epochs):
+        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch]))
+        loss = batch_loss(model, users, positives, negative_rows, config.train.loss, config.train.l2_reg)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        item_gradient = model.item_embedding.weight.grad
+        signal += item_gradient * ~item_mask
+        user_opt.step(model.user_embedding.weight.grad)
+        item_opt.step(item_gradient)
+        total_loss += float(loss.detach())
+    items = model.item_embedding.weight.detach()
+    user = model.user_embedding.weight.detach().view(-1)
+    delta = (items - torch.from_numpy(item_start))[item_mask].numpy().astype(np.float32)
+    update = RowUpdate(touched, delta, float(data.train.size), *(_top_signal(touched, signal.numpy(), config) if send_signal else ()))
+    new_state = DeviceState(
+        user.numpy().astype(np.float32),
+        state.user_mask.copy(),
+        user_opt.exp_avg.view(-1).numpy().copy(),
+        user_opt.exp_avg_sq.view(-1).numpy().copy(),
+        user_opt.steps,
+    )
+    working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
+    memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
+    return LocalResult(new_state, update, total_loss / config.fed.local_epochs, int(memory))
+
+
+def _top_signal(rows: np.ndarray, signal: np.ndarray, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per touched row, the ``signal-topk`` inactive entries with the largest |accumulated gradient|."""
+    k = min(config.fed.signal_topk, signal.shape[1])
+    magnitude = np.abs(signal)
+    order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(signal, order, axis=1).astype(np.float32)
+    return rows.copy(), order.astype(signal_col_dtype(signal.shape[1])), values
+
+
+def evaluate_device(
+    config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray, split: str = "test"
+) -> dict[str, float] | None:
+    """Full-ranking metrics of this user on ``split`` ("validation" or "test"); None without held-out items.
+
+    ``item_weights`` float32 [n_items, dim] is the masked item table; the user's training items (and
+    validation items when testing) are excluded from the ranking.
+    """
+    held_out = data.test if split == "test" else data.validation
+    if held_out.size == 0:
+        return None
+    n_items = item_weights.shape[0]
+    excluded = data.train if split == "validation" else np.union1d(data.train, data.validation)
+
+    def one_row(items: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(items.size, dtype=np.float32), items, [0, items.size]), shape=(1, n_items))
+
+    user = torch.from_numpy(state.user_row)
+    items = torch.from_numpy(item_weights)
+    cutoffs = sorted({10, 20, config.eval.k})
+    _, per_user = metrics.full_ranking_per_user(
+        lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
+    )
+    return {name: float(values[0]) for name, values in per_user.items()}

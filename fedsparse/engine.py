@@ -1,0 +1,283 @@
+"""The federated run loop, independent of how messages travel.
+
+``run_federation`` drives federated NMF, the training rounds and evaluation through a ``Transport``:
+the in-process engine calls the device handlers directly, the Flower ServerApp sends Flower messages.
+Everything else (sampling, downloads, validation, aggregation, accounting, result files) is this one
+loop, so both engines produce the same per-round metrics and byte counts for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from fedsparse.config import RunConfig
+from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
+from fedsparse.nmf import apply_item_update, multiplicative_init
+from fedsparse.policies import build_policy
+from fedsparse.results import append_jsonl, write_json
+from fedsparse.wire import PayloadError
+
+log = logging.getLogger("fedsparse")
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One device's answer: arrays and scalar metrics."""
+
+    arrays: Arrays
+    metrics: dict[str, float]
+
+
+class Transport(Protocol):
+    """Delivers one kind of message ("nmf", "query", "train", "evaluate") to some devices.
+
+    ``messages`` maps a user id to its arrays; ``settings`` are scalars every device gets. The result
+    maps each user id to its ``Reply``, or to a string saying why no usable reply came back.
+    """
+
+    def send(
+        self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]
+    ) -> dict[int, Reply | str]: ...
+
+
+@dataclass(frozen=True)
+class Population:
+    """What the server may know about the federation: the device ids, table sizes, interaction count."""
+
+    users: np.ndarray  # int64 ids of devices with at least one training item
+    n_users: int
+    n_items: int
+    n_train_interactions: int
+
+
+def effective_config(config: RunConfig) -> RunConfig:
+    """The config as run: without an NMF source, an NMF-initialised policy falls back to a random mask."""
+    uses_nmf = build_policy(config.sparse).settings.mask_init == "nmf"
+    if uses_nmf and config.fed.nmf_init == "none":
+        return replace(config, sparse=replace(config.sparse, mask_init="random"))
+    return config
+
+
+def _bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(array).nbytes for array in arrays.values()))
+
+
+class DeviceInit:
+    """Per-device fields the server adds to its first messages so devices initialise from NMF."""
+
+    def __init__(self, user_factors: np.ndarray | None = None, column_scale: np.ndarray | None = None) -> None:
+        self.user_factors = user_factors
+        self.column_scale = column_scale
+
+    def arrays(self, user: int) -> Arrays:
+        """The init fields for ``user``: its factor (central oracle) or the column scale (federated)."""
+        if self.user_factors is not None:
+            return {"nmf-user-factor": self.user_factors[user].astype(np.float32)}
+        if self.column_scale is not None:
+            return {"nmf-scale": self.column_scale.astype(np.float32)}
+        return {}
+
+
+def federated_nmf(config: RunConfig, population: Population, transport: Transport) -> tuple[np.ndarray, DeviceInit, dict]:
+    """Multiplicative-update NMF over every device: returns (balanced item factor, device init, bytes).
+
+    The server never sees an interaction matrix: each round it sends Q and QᵀQ and receives, per device,
+    its item ids, its p_u and p_u p_uᵀ. Column balancing uses diag(Σ p_u p_uᵀ) = ||P_j||², so it also
+    needs no user factor.
+    """
+    rank = config.model.dim
+    mean = population.n_train_interactions / max(1, population.n_users * population.n_items)
+    _, item_factor = multiplicative_init(population.n_users, population.n_items, rank, config.seed, mean)
+    init_scale = np.asarray([np.sqrt(mean / rank)], dtype=np.float32)
+    download = upload = 0
+    gram_users = np.zeros((rank, rank))
+    for nmf_round in range(1, config.fed.nmf_rounds + 1):
+        message = {
+            "item-factor": item_factor.astype(np.float32),
+            "gram": (item_factor.T @ item_factor).astype(np.float32),
+            "init-scale": init_scale,
+        }
+        replies = transport.send("nmf", nmf_round, {int(u): message for u in population.users}, {})
+        numerator = np.zeros((population.n_items, rank))
+        gram_users = np.zeros((rank, rank))
+        for user, reply in replies.items():
+            download += _bytes(message)
+            if isinstance(reply, str):
+                log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
+                continue
+            upload += _bytes(reply.arrays)
+            try:
+                rows, factor, gram = _nmf_reply(reply.arrays, population.n_items, rank)
+            except PayloadError as exc:
+                log.warning("nmf round %d: dropped device %d: %s", nmf_round, user, exc)
+                continue
+            numerator[rows] += factor
+            gram_users += gram
+        item_factor = apply_item_update(item_factor, numerator, gram_users)
+    user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None))
+    item_norm = np.linalg.norm(item_factor, axis=0)
+    scale = np.ones(rank)
+    ok = (user_norm > 0) & (item_norm > 0)
+    scale[ok] = np.sqrt(item_norm[ok] / user_norm[ok])
+    accounting = {"nmf_download_bytes": download, "nmf_upload_bytes": upload}
+    return (item_factor / scale).astype(np.float32), DeviceInit(column_scale=scale), accounting
+
+
+def _nmf_reply(arrays: Arrays, n_items: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.asarray(arrays.get("rows"))
+    factor = np.asarray(arrays.get("user-factor"))
+    gram = np.asarray(arrays.get("gram"))
+    if rows.dtype != np.int64 or rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n_items)):
+        raise PayloadError("'rows' must be int64 item ids in range")
+    if np.unique(rows).size != rows.size:
+        raise PayloadError("'rows' holds duplicates")
+    if factor.shape != (rank,) or gram.shape != (rank, rank):
+        raise PayloadError(f"expected user-factor [{rank}] and gram [{rank}, {rank}], got {factor.shape}, {gram.shape}")
+    if not (np.isfinite(factor).all() and np.isfinite(gram).all()) or factor.min() < 0:
+        raise PayloadError("NMF factors must be finite and non-negative")
+    return rows, factor.astype(np.float64), gram.astype(np.float64)
+
+
+def _summary_stats(values: list[float], name: str) -> dict[str, float]:
+    if not values:
+        return {f"{name}_mean": 0.0, f"{name}_max": 0.0}
+    return {f"{name}_mean": float(np.mean(values)), f"{name}_max": float(np.max(values))}
+
+
+def run_federation(
+    config: RunConfig,
+    population: Population,
+    transport: Transport,
+    run_dir: Path,
+    central_train=None,
+) -> dict[str, Any]:
+    """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
+
+    ``central_train`` (the training CSR) is needed only for ``fed.nmf-init = central``, the oracle.
+    """
+    config = effective_config(config)
+    started = time.perf_counter()
+    totals = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
+    item_factor, device_init = None, DeviceInit()
+    if build_policy(config.sparse).settings.mask_init == "nmf":
+        if config.fed.nmf_init == "central":
+            users, item_factor = central_nmf_item_factor(config, central_train)
+            device_init = DeviceInit(user_factors=users)
+        else:
+            item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
+            totals.update(nmf_bytes)
+    server = Server.create(config, population.n_items, item_factor)
+    write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
+        "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items}})
+
+    best: dict[str, Any] = {}
+    last_metrics: dict[str, float] = {}
+    per_round = clients_per_round(config, population.users.size)
+    for server_round in range(1, config.num_server_rounds + 1):
+        round_started = time.perf_counter()
+        chosen = population.users[sample_clients(config.seed, server_round, population.users.size, per_round)]
+        rows: dict[int, np.ndarray | None] = {int(u): None for u in chosen}
+        query_bytes: dict[int, int] = {}
+        if config.fed.downlink == "rows":
+            for user, reply in transport.send("query", server_round, {int(u): {} for u in chosen}, {}).items():
+                if isinstance(reply, str):
+                    rows.pop(user)
+                    continue
+                query_bytes[user] = _bytes(reply.arrays)
+                rows[user] = _requested_rows(reply.arrays, population.n_items)
+        messages = {user: {**server.download(wanted).to_arrays(), **device_init.arrays(user)} for user, wanted in rows.items()}
+        replies = transport.send("train", server_round, messages, {"send-signal": server.wants_signal(server_round)})
+        updates, uploads, downloads, memory, failed, dropped = [], [], [], [], [], 0
+        for user in sorted(messages):
+            downloads.append(_bytes(messages[user]))
+            reply = replies.get(user, "no reply")
+            if isinstance(reply, str):
+                failed.append(user)
+                log.warning("round %d: device %d failed: %s", server_round, user, reply)
+                continue
+            uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
+            update, reason = validate_update(server, reply.arrays)
+            if update is None:
+                dropped += 1
+                log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
+                continue
+            updates.append(update)
+            memory.append(reply.metrics.get("memory-bytes", 0.0))
+        applied = server.apply_round(server_round, updates)
+        totals["upload_bytes"] += sum(uploads)
+        totals["download_bytes"] += sum(downloads)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "clients": len(messages),
+            "failed_clients": len(failed),
+            "dropped_updates": dropped,
+            **_summary_stats(uploads, "upload_bytes"),
+            **_summary_stats(downloads, "download_bytes"),
+            **_summary_stats(memory, "device_memory_bytes"),
+            **applied,
+        }
+        if server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds:
+            metrics, eval_bytes = evaluate_round(config, server, population, transport, device_init, server_round)
+            totals["eval_download_bytes"] += eval_bytes
+            record.update(metrics)
+            last_metrics = metrics
+            key = f"validation_recall@{config.eval.k}"
+            if key in metrics and metrics[key] > best.get(key, -1.0):
+                best = {"round": server_round, **metrics}
+        record["seconds"] = time.perf_counter() - round_started
+        append_jsonl(run_dir / "rounds.jsonl", record)
+        log.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
+
+    summary = {
+        "rounds": config.num_server_rounds,
+        "policy": server.policy.name,
+        "density": server.policy.settings.density,
+        "item_active_entries": int(server.item_mask.sum()),
+        **{f"final_{key}": value for key, value in last_metrics.items()},
+        "best_validation_round": best.get("round"),
+        **{f"best_{key}": value for key, value in best.items() if key.startswith("test_")},
+        **{f"total_{key}": value for key, value in totals.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    summary.update({key: value for key, value in last_metrics.items() if "@" in key and "_" not in key})
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _requested_rows(arrays: Arrays, n_items: int) -> np.ndarray:
+    rows = np.asarray(arrays.get("row-ids", np.empty(0, dtype=np.int64)))
+    if rows.dtype != np.int64 or rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n_items)):
+        raise PayloadError("requested 'row-ids' must be int64 item ids in range")
+    return np.unique(rows)
+
+
+def evaluate_round(
+    config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit, server_round: int
+) -> tuple[dict[str, float], int]:
+    """Evaluate sampled devices on the full masked table; per-user means of every reported metric."""
+    count = max(1, int(round(config.fed.eval_fraction * population.users.size)))
+    chosen = population.users[sample_clients(config.seed, server_round, population.users.size, count, "evaluate")]
+    table = server.download(None).to_arrays()
+    messages = {int(u): {**table, **device_init.arrays(int(u))} for u in chosen}
+    replies = transport.send("evaluate", server_round, messages, {})
+    collected: dict[str, list[float]] = {}
+    for user, reply in replies.items():
+        if isinstance(reply, str):
+            log.warning("round %d: evaluation on device %d failed: %s", server_round, user, reply)
+            continue
+        for name, value in reply.metrics.items():
+            collected.setdefault(name, []).append(value)
+    metrics = {name.replace("-", "_", 1): float(np.mean(values)) for name, values in sorted(collected.items())}
+    # The headline keys (recall@20, ndcg@20, ...) are the test metrics.
+    metrics.update({name.removeprefix("test_"): value for name, value in list(metrics.items()) if name.startswith("test_")})
+    metrics["evaluated_clients"] = len(collected.get(f"test-recall@{config.eval.k}", []))
+    return metrics, sum(_bytes(message) for message in messages.values())

@@ -1,0 +1,189 @@
+"""The server side of a federated round as plain calls, shared by the Flower ServerApp and the
+in-process engine: seeded sampling, downloads, reply validation, per-row aggregation, item-mask
+exploration, federated NMF, per-round records and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from fedsparse.aggregation import aggregate_row_updates
+from fedsparse.config import RunConfig
+from fedsparse.nmf import (
+    apply_item_update,
+    item_update_contribution,
+    multiplicative_init,
+    nmf_factors,
+    rebalance_columns,
+    sum_item_contributions,
+    user_factor_update,
+)
+from fedsparse.policies import MaskPolicy, build_policy
+from fedsparse.rng import rng_for
+from fedsparse.storage import CompactTable
+from fedsparse.wire import PayloadError, RowsDownload, RowUpdate
+
+ITEM_TABLE = "item"
+INIT_STD = 0.1  # normal init of item rows, as the centralised MF
+
+
+def sample_clients(seed: int, server_round: int, n_clients: int, count: int, purpose: str = "train") -> np.ndarray:
+    """``count`` distinct client ids (sorted) for a round, from a stream keyed by (seed, purpose, round).
+
+    Flower's own node sampling uses the unseeded global ``random``; this is what both engines use.
+    """
+    count = min(max(1, count), n_clients)
+    return np.sort(rng_for(seed, "sample", purpose, server_round).choice(n_clients, size=count, replace=False))
+
+
+def clients_per_round(config: RunConfig, n_clients: int) -> int:
+    """Devices trained per round: ``fed.clients-per-round`` or ceil(fraction * n_clients)."""
+    if config.fed.clients_per_round:
+        return min(config.fed.clients_per_round, n_clients)
+    return max(1, math.ceil(config.fed.fraction_train * n_clients))
+
+
+def policy_for_rounds(config: RunConfig) -> MaskPolicy:
+    """The item-table policy with its schedule counted in rounds (update every ``fed.explore-every``)."""
+    return build_policy(replace(config.sparse, update_every=config.fed.explore_every))
+
+
+@dataclass
+class Server:
+    """The server's state: the masked item table, the policy's statistics, the round and the totals."""
+
+    config: RunConfig
+    item_weight: np.ndarray  # float32 [n_items, dim], zero off-mask
+    item_mask: np.ndarray  # bool [n_items, dim]
+    policy: MaskPolicy
+    round: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None) -> "Server":
+        """A fresh server: normal(0, 0.1) item rows masked by the policy's initial mask (NMF scores if given)."""
+        dim = config.model.dim
+        policy = policy_for_rounds(config)
+        rng = rng_for(config.seed, "server-init")
+        mask = policy.initial_mask(ITEM_TABLE, n_items, dim, rng, item_factor)
+        weight = (rng.normal(0.0, INIT_STD, (n_items, dim)) * mask).astype(np.float32)
+        return cls(config, weight, mask, policy)
+
+    @property
+    def n_items(self) -> int:
+        return self.item_weight.shape[0]
+
+    def download(self, rows: np.ndarray | None = None) -> RowsDownload:
+        """The masked item rows for a device: every row (``rows`` None) or the given sorted ids."""
+        if rows is None:
+            return RowsDownload(None, CompactTable.encode(self.item_weight, self.item_mask))
+        return RowsDownload(rows, CompactTable.encode(self.item_weight[rows], self.item_mask[rows]))
+
+    def is_explore_round(self, server_round: int) -> bool:
+        """Whether the item mask is updated after this round's aggregation."""
+        return self.policy.is_update_step(server_round, self.config.num_server_rounds)
+
+    def wants_signal(self, server_round: int) -> bool:
+        """Whether devices send a regrowth signal this round: every round for accumulating policies,
+        only at exploration rounds for last-batch ones, never for random growth or static masks."""
+        grow = self.policy.settings.grow_score
+        if self.config.fed.signal_topk == 0 or grow == "random" or self.policy.settings.drop_fraction == 0:
+            return False
+        return grow != "last-batch" or self.is_explore_round(server_round)
+
+    def decode_reply(self, arrays: dict[str, np.ndarray]) -> RowUpdate:
+        """Validate one device's upload against the current item mask; raises PayloadError."""
+        return RowUpdate.from_arrays(arrays, self.item_mask)
+
+    def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
+        """Aggregate the round's accepted updates, apply them, explore the mask if scheduled."""
+        merged = aggregate_row_updates(updates, self.item_mask, weighted=self.config.fed.aggregation == "weighted")
+        if merged.rows.size:
+            rows = merged.rows
+            self.item_weight[rows] += self.config.fed.server_lr * merged.deltas
+            self.item_weight[rows] *= self.item_mask[rows]
+            if self.wants_signal(server_round):
+                self.policy.observe_gradient(ITEM_TABLE, rows, merged.signal, self.item_mask.shape)
+        explored = {}
+        if self.is_explore_round(server_round):
+            update = self.policy.update_mask(
+                ITEM_TABLE, self.item_weight, self.item_mask, server_round, self.config.num_server_rounds,
+                rng_for(self.config.seed, "server-explore", server_round),
+            )
+            self.item_mask = update.mask
+            changed = np.concatenate([update.pruned, update.grown])
+            self.item_weight.reshape(-1)[changed] = 0.0
+            explored = {"pruned": int(update.pruned.size), "grown": int(update.grown.size)}
+        self.round = server_round
+        return {"rows_updated": int(merged.rows.size), **explored}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume: table, mask, round and the policy's accumulators."""
+        arrays = {"item-weight": self.item_weight, "item-mask": self.item_mask, "round": np.asarray([self.round])}
+        arrays.update({f"policy.{key}": value for key, value in self.policy.state_arrays().items()})
+        return arrays
+
+
+def validate_update(server: Server, arrays: dict[str, np.ndarray]) -> tuple[RowUpdate | None, str | None]:
+    """(update, None) when a reply is well-formed, else (None, the reason it was dropped)."""
+    try:
+        return server.decode_reply(arrays), None
+    except PayloadError as exc:
+        return None, str(exc)
+
+
+# --- federated NMF ------------------------------------------------------------------------------
+
+
+def central_nmf_item_factor(config: RunConfig, train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle NMF on the full matrix (scikit-learn): (P, Q) after the optional column rebalance."""
+    users, items = nmf_factors(train, config.model.dim, config.sparse.nmf_iterations, config.seed, config.sparse.nmf_method)
+    return rebalance_columns(users, items) if config.sparse.nmf_rescale else (users, items)
+
+
+@dataclass
+class FederatedNmf:
+    """Multiplicative-update NMF where each device keeps p_u and the server only sees sums.
+
+    Per round: the server sends Q and QᵀQ; each device updates p_u = p_u ⊙ (r_u Q)/(p_u QᵀQ) and returns
+    its item rows and p_u p_uᵀ; the server sums them and updates Q. Bytes are counted per device.
+    """
+
+    item_factor: np.ndarray  # float64 [n_items, rank]
+    user_factors: dict[int, np.ndarray]  # device-held p_u (kept here only for the simulation)
+    download_bytes: int = 0
+    upload_bytes: int = 0
+
+    @classmethod
+    def start(cls, config: RunConfig, n_users: int, n_items: int, n_interactions: int) -> "FederatedNmf":
+        """The seeded initial factors (the server knows only the interaction count, for the scale)."""
+        mean = n_interactions / max(1, n_users * n_items)
+        users, items = multiplicative_init(n_users, n_items, config.model.dim, config.seed, mean)
+        return cls(items, {user: users[user] for user in range(n_users)})
+
+    def round(self, train_items: dict[int, np.ndarray]) -> None:
+        """One multiplicative round over every device (exact MU needs them all)."""
+        gram_q = self.item_factor.T @ self.item_factor
+        contributions = []
+        for user, items in train_items.items():
+            self.download_bytes += self.item_factor.astype(np.float32).nbytes + gram_q.astype(np.float32).nbytes
+            p_u = user_factor_update(items, self.user_factors[user], self.item_factor, gram_q)
+            self.user_factors[user] = p_u
+            contribution = item_update_contribution(items, p_u)
+            rows, _, gram = contribution
+            # On the wire: the row ids, p_u once (every numerator row equals it) and the gram matrix.
+            self.upload_bytes += rows.nbytes + p_u.astype(np.float32).nbytes + gram.astype(np.float32).nbytes
+            contributions.append(contribution)
+        numerator, gram = sum_item_contributions(self.item_factor.shape[0], self.item_factor.shape[1], contributions)
+        self.item_factor = apply_item_update(self.item_factor, numerator, gram)
+
+    def balanced(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Column-rebalanced (user factors, item factor): the scale c_j is sent to devices (dim floats)."""
+        users = np.stack([self.user_factors[u] for u in sorted(self.user_factors)])
+        users, items = rebalance_columns(users, self.item_factor)
+        return {u: users[i] for i, u in enumerate(sorted(self.user_factors))}, items

@@ -1,0 +1,108 @@
+"""Device-side message handlers: arrays in, arrays out, private state carried between calls.
+
+Both the Flower ClientApp and the in-process engine call exactly these functions; they only differ in
+how the arrays travel and where the device's private state is kept (``context.state`` vs a dict).
+Message arrays are plain ``dict[str, np.ndarray]`` (what an ``ArrayRecord`` holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsparse.config import RunConfig
+from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_negatives, rows_needed
+from fedsparse.nmf import user_factor_update
+from fedsparse.rng import rng_for
+from fedsparse.wire import PayloadError, RowsDownload
+
+NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its private state
+
+
+@dataclass
+class DeviceReply:
+    """A handler's result: arrays to send, the device's new private state, scalar metrics to send."""
+
+    arrays: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def handle_nmf(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceReply:
+    """One federated multiplicative-update round on the device.
+
+    Receives Q float32 [n_items, rank], QᵀQ [rank, rank] and the init scale; updates its private p_u and
+    returns its item ids, p_u (once: every row of r_uᵀ p_u equals it for binary r_u) and p_u p_uᵀ.
+    """
+    item_factor = message["item-factor"].astype(np.float64)
+    gram_q = message["gram"].astype(np.float64)
+    p_u = state.get(NMF_FACTOR)
+    if p_u is None:
+        scale = float(message["init-scale"][0])
+        p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
+    p_u = user_factor_update(data.train, p_u.astype(np.float64), item_factor, gram_q)
+    arrays = {"rows": data.train, "user-factor": p_u.astype(np.float32), "gram": np.outer(p_u, p_u).astype(np.float32)}
+    return DeviceReply(arrays, {**state, NMF_FACTOR: p_u}, {})
+
+
+def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
+    """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
+    rows = rows_needed(data, round_negatives(config, data, n_items, server_round))
+    return DeviceReply({"row-ids": rows}, {}, {})
+
+
+def _device_state(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceState:
+    """The persisted device state, or a new one (its mask row from the NMF factor when one is known)."""
+    if "user-row" in state:
+        return DeviceState.from_arrays(state)
+    factor = None
+    if "nmf-user-factor" in message:  # central NMF oracle: the server sends p_u
+        factor = message["nmf-user-factor"]
+    elif NMF_FACTOR in state and "nmf-scale" in message:  # federated NMF: p_u is local, the scale is sent
+        factor = state[NMF_FACTOR] * message["nmf-scale"]
+    return init_device(config, data.user_id, factor)
+
+
+def handle_train(
+    config: RunConfig,
+    state: dict[str, np.ndarray],
+    data: DeviceData,
+    message: dict[str, np.ndarray],
+    n_items: int,
+    server_round: int,
+    send_signal: bool,
+) -> DeviceReply:
+    """Decode the item rows, train locally, return the sparse item update and the new private state."""
+    download_arrays = {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
+    download = RowsDownload.from_arrays(download_arrays, n_items, config.model.dim)
+    device = _device_state(config, state, data, message)
+    result = local_train(config, device, data, download, n_items, server_round, send_signal)
+    metrics = {
+        "loss": result.loss,
+        "memory-bytes": float(result.memory_bytes),
+        "signal-bytes": float(result.update.signal_nbytes),
+    }
+    return DeviceReply(result.update.to_arrays(), {**state, **result.state.to_arrays()}, metrics)
+
+
+def handle_evaluate(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
+) -> DeviceReply:
+    """Rank all items for this user on validation and test; metrics prefixed ``validation-``/``test-``.
+
+    A device that never trained evaluates its freshly initialised row (initialised exactly as its first
+    training round would, since evaluation messages carry the same NMF fields).
+    """
+    download_arrays = {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
+    download = RowsDownload.from_arrays(download_arrays, n_items, config.model.dim)
+    if download.row_ids is not None:
+        raise PayloadError("evaluation needs the full item table")
+    device = _device_state(config, state, data, message)
+    item_weights, _ = download.table.decode()
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        result = evaluate_device(config, device, data, item_weights, split)
+        if result is not None:
+            metrics.update({f"{split}-{name}": value for name, value in result.items()})
+    return DeviceReply({}, {**state, **device.to_arrays()}, metrics)

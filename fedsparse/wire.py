@@ -1,0 +1,175 @@
+"""What crosses the wire between server and devices: payloads that validate themselves and count bytes.
+
+Every payload converts to and from a flat ``dict[str, np.ndarray]`` (what a Flower ``ArrayRecord``
+carries), and ``nbytes`` is the sum of those arrays' ``nbytes``: byte counts are measured from the real
+arrays, never estimated. ``from_arrays`` rejects anything malformed with a ``PayloadError`` naming the
+problem, so a hostile or broken reply can be dropped without touching server state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsparse.storage import CompactTable
+
+
+class PayloadError(ValueError):
+    """A payload is malformed: wrong keys, dtypes, shapes, ranges, duplicates or non-finite values."""
+
+
+def _expect(arrays: dict[str, np.ndarray], key: str, dtype: np.dtype | type, ndim: int) -> np.ndarray:
+    if key not in arrays:
+        raise PayloadError(f"missing array {key!r}")
+    array = np.asarray(arrays[key])
+    if array.dtype != np.dtype(dtype):
+        raise PayloadError(f"{key!r} must be {np.dtype(dtype)}, got {array.dtype}")
+    if array.ndim != ndim:
+        raise PayloadError(f"{key!r} must have {ndim} dimension(s), got shape {array.shape}")
+    return array
+
+
+def _check_row_ids(row_ids: np.ndarray, n_rows: int, name: str = "row-ids") -> None:
+    if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= n_rows):
+        bad = row_ids[(row_ids < 0) | (row_ids >= n_rows)][0]
+        raise PayloadError(f"{name!r} holds {bad}, outside [0, {n_rows})")
+    if row_ids.size > 1 and np.any(np.diff(row_ids) <= 0):
+        position = int(np.flatnonzero(np.diff(row_ids) <= 0)[0]) + 1
+        raise PayloadError(f"{name!r} must be strictly increasing (no duplicates); position {position} breaks it")
+
+
+def _check_finite(values: np.ndarray, name: str) -> None:
+    if not np.isfinite(values).all():
+        raise PayloadError(f"{name!r} holds {int((~np.isfinite(values)).sum())} non-finite value(s)")
+
+
+@dataclass(frozen=True)
+class RowsDownload:
+    """Item rows sent to a device: the masked rows in compact form, and their ids.
+
+    ``row_ids`` int64 [r] (sorted, unique) or None when the whole table is sent in order (no ids cross
+    the wire then); ``table`` holds those r rows (values + mask structure).
+    """
+
+    row_ids: np.ndarray | None
+    table: CompactTable
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for the transport (keys prefixed ``table.``)."""
+        arrays = {f"table.{key}": value for key, value in self.table.to_arrays().items()}
+        if self.row_ids is not None:
+            arrays["row-ids"] = self.row_ids
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int, dim: int) -> "RowsDownload":
+        """Decode and validate a download for a table of ``n_items`` rows of width ``dim``."""
+        row_ids = None
+        if "row-ids" in arrays:
+            row_ids = _expect(arrays, "row-ids", np.int64, 1)
+            _check_row_ids(row_ids, n_items)
+        n_rows = n_items if row_ids is None else row_ids.size
+        table_arrays = {key.removeprefix("table."): value for key, value in arrays.items() if key.startswith("table.")}
+        try:
+            table = CompactTable.from_arrays(table_arrays, n_rows, dim)
+        except ValueError as exc:
+            raise PayloadError(f"item rows: {exc}") from exc
+        return cls(row_ids, table)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array sent."""
+        return sum(array.nbytes for array in self.to_arrays().values())
+
+    def rows(self, n_items: int) -> np.ndarray:
+        """The row ids this download covers (all rows when ``row_ids`` is None)."""
+        return np.arange(n_items, dtype=np.int64) if self.row_ids is None else self.row_ids
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """A device's upload: deltas of the active entries of the item rows it trained.
+
+    row_ids: int64 [r] sorted, unique; values: float32 [K_r], the deltas of the active entries of
+    those rows in row-major mask order (server and device share the mask, so no column indices);
+    weight: float, the device's weight in the per-row mean (its number of training examples).
+    Optional regrowth signal for mask exploration: signal_rows int64 [s] (sorted, unique, a subset of
+    row_ids), signal_cols (uint8 when dim <= 256, else uint16) [s, k] and signal_values float32 [s, k]:
+    per row, the k inactive entries with the largest accumulated |gradient|, with their signed sums.
+    """
+
+    row_ids: np.ndarray
+    values: np.ndarray
+    weight: float
+    signal_rows: np.ndarray | None = None
+    signal_cols: np.ndarray | None = None
+    signal_values: np.ndarray | None = None
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for the transport."""
+        arrays = {
+            "row-ids": self.row_ids,
+            "values": self.values,
+            "weight": np.asarray([self.weight], dtype=np.float32),
+        }
+        if self.signal_rows is not None:
+            arrays.update(
+                {"signal-rows": self.signal_rows, "signal-cols": self.signal_cols, "signal-values": self.signal_values}
+            )
+        return arrays
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array sent."""
+        return sum(array.nbytes for array in self.to_arrays().values())
+
+    @property
+    def signal_nbytes(self) -> int:
+        """Bytes of the regrowth signal alone (0 when none is sent)."""
+        if self.signal_rows is None:
+            return 0
+        return self.signal_rows.nbytes + self.signal_cols.nbytes + self.signal_values.nbytes
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> "RowUpdate":
+        """Decode and validate an upload against the server's item mask bool [n_items, dim]."""
+        n_items, dim = item_mask.shape
+        known = {"row-ids", "values", "weight", "signal-rows", "signal-cols", "signal-values"}
+        extra = sorted(set(arrays) - known)
+        if extra:
+            raise PayloadError(f"unexpected array(s): {', '.join(extra)}")
+        row_ids = _expect(arrays, "row-ids", np.int64, 1)
+        _check_row_ids(row_ids, n_items)
+        values = _expect(arrays, "values", np.float32, 1)
+        expected = int(item_mask[row_ids].sum())
+        if values.size != expected:
+            raise PayloadError(f"'values' has {values.size} entries, the mask of the {row_ids.size} rows has {expected}")
+        _check_finite(values, "values")
+        weight = _expect(arrays, "weight", np.float32, 1)
+        if weight.size != 1 or not np.isfinite(weight[0]) or weight[0] <= 0:
+            raise PayloadError(f"'weight' must be one positive finite number, got {weight.tolist()}")
+        signal = [key in arrays for key in ("signal-rows", "signal-cols", "signal-values")]
+        if any(signal) and not all(signal):
+            raise PayloadError("a regrowth signal needs 'signal-rows', 'signal-cols' and 'signal-values' together")
+        if not any(signal):
+            return cls(row_ids, values, float(weight[0]))
+        signal_rows = _expect(arrays, "signal-rows", np.int64, 1)
+        _check_row_ids(signal_rows, n_items, "signal-rows")
+        if not np.isin(signal_rows, row_ids).all():
+            raise PayloadError("'signal-rows' must be a subset of 'row-ids'")
+        signal_cols = _expect(arrays, "signal-cols", signal_col_dtype(dim), 2)
+        signal_values = _expect(arrays, "signal-values", np.float32, 2)
+        if signal_cols.shape != signal_values.shape or signal_cols.shape[0] != signal_rows.size:
+            raise PayloadError(
+                f"signal shapes disagree: rows {signal_rows.size}, cols {signal_cols.shape}, values {signal_values.shape}"
+            )
+        if signal_cols.size and int(signal_cols.max()) >= dim:
+            raise PayloadError(f"'signal-cols' holds {int(signal_cols.max())}, outside [0, {dim})")
+        _check_finite(signal_values, "signal-values")
+        return cls(row_ids, values, float(weight[0]), signal_rows, signal_cols, signal_values)
+
+
+def signal_col_dtype(dim: int) -> np.dtype:
+    """Column dtype of the regrowth signal: uint8 when dim <= 256, else uint16."""
+    return np.dtype(np.uint8 if dim <= 256 else np.uint16)
