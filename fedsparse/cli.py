@@ -1,4 +1,4 @@
-"""The ``fedsparse`` command line: ``data list|info`` and ``train``.
+"""The ``fedsparse`` command line: ``data list|info``, ``train`` and ``simulate``.
 
 Every flat config key is also a flag (``--train.lr 0.01``); the common ones have short aliases
 (``--dataset``, ``--model``, ``--dim``, ``--epochs``, ...). ``--config FILE`` reads a TOML file of flat
@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="centralised reference training (dense MF / NeuMF)")
     _add_config_flags(train)
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
+
+    simulate = commands.add_parser("simulate", help="federated simulation: in-process engine or Flower")
+    _add_config_flags(simulate)
+    simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
+    simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
     return parser
 
 
@@ -86,10 +91,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result.summary, indent=2, sort_keys=True))
             print(f"run directory: {result.run_dir}")
             return 0
+        if args.command == "simulate":
+            return _simulate(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"fedsparse: error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedsparse.data import load_dataset
+
+    config = _config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = load_dataset(config.data, config.seed)  # fail on bad data before any Ray start-up
+    if args.engine == "inprocess":
+        from fedsparse.inprocess import run_inprocess
+
+        run_dir, summary = run_inprocess(config, data)
+    else:
+        from fedsparse.flower_run import run_flower
+
+        run_dir = run_flower(config, args.app_dir.resolve(), data.n_users)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"run directory: {run_dir}")
+    return 0
 
 
 def _data_command(args: argparse.Namespace) -> int:

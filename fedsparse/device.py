@@ -188,7 +188,10 @@ def local_train(
     items = model.item_embedding.weight.detach()
     user = model.user_embedding.weight.detach().view(-1)
     delta = (items - torch.from_numpy(item_start))[item_mask].numpy().astype(np.float32)
-    update = RowUpdate(touched, delta, float(data.train.size), *(_top_signal(touched, signal.numpy(), config) if send_signal else ()))
+    update = RowUpdate(
+        touched, delta, float(data.train.size),
+        *(_top_signal(touched, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
+    )
     new_state = DeviceState(
         user.numpy().astype(np.float32),
         state.user_mask.copy(),
@@ -201,10 +204,18 @@ def local_train(
     return LocalResult(new_state, update, total_loss / config.fed.local_epochs, int(memory))
 
 
-def _top_signal(rows: np.ndarray, signal: np.ndarray, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per touched row, the ``signal-topk`` inactive entries with the largest |accumulated gradient|."""
+def _top_signal(
+    rows: np.ndarray, signal: np.ndarray, mask: np.ndarray, config: RunConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per touched row, the ``signal-topk`` inactive entries with the largest |accumulated gradient|.
+
+    ``mask`` bool [r, dim] is the rows' item mask; active entries fill a row only when it has fewer
+    than k inactive ones.
+    """
     k = min(config.fed.signal_topk, signal.shape[1])
-    magnitude = np.abs(signal)
+    # Active entries rank after every inactive one: an inactive entry whose gradient is exactly zero
+    # (off the user's mask) would otherwise tie with them and lose to a lower active column.
+    magnitude = np.where(mask, -1.0, np.abs(signal))
     order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]
     values = np.take_along_axis(signal, order, axis=1).astype(np.float32)
     return rows.copy(), order.astype(signal_col_dtype(signal.shape[1])), values

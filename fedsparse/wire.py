@@ -65,6 +65,10 @@ class RowsDownload:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int, dim: int) -> "RowsDownload":
         """Decode and validate a download for a table of ``n_items`` rows of width ``dim``."""
+        # Unknown "table.*" keys are rejected by CompactTable.from_arrays; anything else must not be dropped silently.
+        extra = sorted(key for key in arrays if key != "row-ids" and not key.startswith("table."))
+        if extra:
+            raise PayloadError(f"unexpected array(s): {', '.join(extra)}")
         row_ids = None
         if "row-ids" in arrays:
             row_ids = _expect(arrays, "row-ids", np.int64, 1)

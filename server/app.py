@@ -1,0 +1,42 @@
+"""The ServerApp: the federated run loop of ``fedsparse.engine`` over Flower messages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsparse.config import RunConfig
+from fedsparse.data import load_dataset
+from fedsparse.engine import run_federation
+from fedsparse.grouping import partitions_needed
+from fedsparse.inprocess import population_of
+from fedsparse.results import new_run_dir
+from server.transport import FlowerTransport, discover_partitions
+
+NODE_WAIT_SECONDS = 300.0  # how long to wait for every supernode to register before round 1
+NODE_POLL_SECONDS = 1.0
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Load counts, find the supernodes, run the federation, write the run directory."""
+    logger = logging.getLogger("fedsparse")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:  # per-round lines go to the ServerApp's output, which `flwr run --stream` shows
+        logger.addHandler(logging.StreamHandler(sys.stdout))
+    config = RunConfig.from_flat(context.run_config)
+    # The server reads the dataset only for its sizes (and for the central-NMF oracle, when chosen).
+    data = load_dataset(config.data, config.seed)
+    population = population_of(data)
+    expected = partitions_needed(data.n_users, config.fed.clients_per_node)
+    node_of_partition = discover_partitions(grid, expected, NODE_WAIT_SECONDS, NODE_POLL_SECONDS)
+    transport = FlowerTransport(grid, node_of_partition, config.fed.clients_per_node, timeout=None)
+    run_dir = new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}")
+    summary = run_federation(config, population, transport, run_dir, data.train)
+    logger.info("run directory: %s", run_dir)
+    logger.info("summary: %s", summary)

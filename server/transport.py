@@ -1,0 +1,87 @@
+"""Flower messages as a ``fedsparse.engine.Transport``: one message per node, per-user records inside."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients.records import to_arrays, to_record
+from fedsparse.engine import Reply
+from fedsparse.grouping import partition_of_user
+
+log = logging.getLogger("fedsparse")
+
+MESSAGE_TYPES = {"nmf": "query.nmf", "query": "query.rows", "train": "train", "evaluate": "evaluate"}
+
+
+class FlowerTransport:
+    """Sends each kind of message to the nodes hosting the addressed users and unpacks the replies."""
+
+    def __init__(self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, timeout: float | None) -> None:
+        self.grid = grid
+        self.node_of_partition = node_of_partition
+        self.clients_per_node = clients_per_node
+        self.timeout = timeout
+
+    def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
+        by_node: dict[int, RecordDict] = {}
+        users_of_node: dict[int, list[int]] = {}
+        replies: dict[int, Reply | str] = {}
+        for user, arrays in messages.items():
+            node = self.node_of_partition.get(partition_of_user(user, self.clients_per_node))
+            if node is None:
+                replies[user] = "no supernode hosts this user"
+                continue
+            if node not in by_node:
+                by_node[node] = RecordDict({"settings": ConfigRecord({"server-round": server_round, **settings})})
+                users_of_node[node] = []
+            by_node[node][f"arrays.{user}"] = to_record(arrays)
+            users_of_node[node].append(user)
+        outgoing = [
+            Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
+            for node, content in by_node.items()
+        ]
+        answered: set[int] = set()
+        for reply in self.grid.send_and_receive(outgoing, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                for user in users_of_node.get(node, []):
+                    replies[user] = f"node {node} error: {reply.error.reason}"
+                continue
+            content = reply.content
+            for user in users_of_node.get(node, []):
+                if f"error.{user}" in content:
+                    replies[user] = str(content[f"error.{user}"]["reason"])
+                elif f"arrays.{user}" in content:
+                    metrics = dict(content[f"metrics.{user}"]) if f"metrics.{user}" in content else {}
+                    replies[user] = Reply(to_arrays(content[f"arrays.{user}"]), {k: float(v) for k, v in metrics.items()})
+                else:
+                    replies[user] = f"node {node} sent no record for user {user}"
+        for node, users in users_of_node.items():
+            if node not in answered:
+                for user in users:
+                    replies[user] = f"node {node} did not reply in time"
+        return replies
+
+
+def discover_partitions(grid: Grid, expected_nodes: int, wait_seconds: float, poll_seconds: float) -> dict[int, int]:
+    """Wait until ``expected_nodes`` supernodes registered, then ask each for its partition id."""
+    deadline = time.monotonic() + wait_seconds
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected_nodes and time.monotonic() < deadline:
+        time.sleep(poll_seconds)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < expected_nodes:
+        log.warning("only %d of %d supernodes registered after %.0f s", len(nodes), expected_nodes, wait_seconds)
+    hello = [Message(RecordDict(), dst_node_id=node, message_type="query.hello") for node in nodes]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(hello):
+        if not reply.has_error():
+            mapping[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+    return mapping

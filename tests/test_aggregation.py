@@ -1,0 +1,173 @@
+"""Per-row aggregation: the vectorised merge against a slow, obviously correct per-row loop; single
+contributors pass through exactly; off-mask stays zero; contributor counts; the regrowth signal sum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsparse.aggregation import aggregate_row_updates, scatter_active
+from fedsparse.rng import rng_for
+from fedsparse.wire import RowUpdate, signal_col_dtype
+
+N_ITEMS, DIM = 20, 6
+
+
+def random_mask(seed: int) -> np.ndarray:
+    mask = rng_for(seed, "test-agg-mask").random((N_ITEMS, DIM)) < 0.5
+    mask[3] = False  # a row with no active entry: deltas must still come out as zeros
+    return mask
+
+
+def random_updates(mask: np.ndarray, n_devices: int, seed: int, signal: bool = False) -> list[RowUpdate]:
+    rng = rng_for(seed, "test-agg-updates", n_devices, signal)
+    updates = []
+    for _ in range(n_devices):
+        rows = np.sort(rng.choice(N_ITEMS, size=int(rng.integers(1, 8)), replace=False)).astype(np.int64)
+        values = rng.normal(size=int(mask[rows].sum())).astype(np.float32)
+        weight = float(rng.integers(1, 10))
+        if not signal:
+            updates.append(RowUpdate(rows, values, weight))
+            continue
+        signal_rows = rows[rng.random(rows.size) < 0.6]
+        cols = rng.integers(0, DIM, size=(signal_rows.size, 2)).astype(signal_col_dtype(DIM))
+        signal_values = rng.normal(size=cols.shape).astype(np.float32)
+        updates.append(RowUpdate(rows, values, weight, signal_rows, cols, signal_values))
+    return updates
+
+
+def slow_aggregate(updates: list[RowUpdate], mask: np.ndarray, weighted: bool) -> dict[int, tuple[np.ndarray, int, np.ndarray]]:
+    """row -> (weighted mean of dense deltas, contributors, summed signal), with plain python loops."""
+    merged: dict[int, list] = {}
+    for update in updates:
+        weight = update.weight if weighted else 1.0
+        offset = 0
+        for row in update.row_ids.tolist():
+            dense = np.zeros(DIM)
+            for col in range(DIM):
+                if mask[row, col]:
+                    dense[col] = update.values[offset]
+                    offset += 1
+            entry = merged.setdefault(row, [np.zeros(DIM), 0.0, 0, np.zeros(DIM)])
+            entry[0] += weight * dense
+            entry[1] += weight
+            entry[2] += 1
+        assert offset == update.values.size
+        if update.signal_rows is not None:
+            for i, row in enumerate(update.signal_rows.tolist()):
+                for j in range(update.signal_cols.shape[1]):
+                    merged[row][3][int(update.signal_cols[i, j])] += float(update.signal_values[i, j])
+    return {row: (total / weight_sum, count, signal) for row, (total, weight_sum, count, signal) in merged.items()}
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "uniform"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_slow_reference(weighted: bool, seed: int) -> None:
+    mask = random_mask(seed)
+    updates = random_updates(mask, n_devices=6, seed=seed, signal=True)
+    fast = aggregate_row_updates(updates, mask, weighted=weighted)
+    slow = slow_aggregate(updates, mask, weighted)
+    np.testing.assert_array_equal(fast.rows, sorted(slow))
+    assert fast.rows.dtype == np.int64 and fast.contributors.dtype == np.int64
+    assert fast.deltas.dtype == np.float32 and fast.signal.dtype == np.float32
+    assert fast.deltas.shape == fast.signal.shape == (fast.rows.size, DIM)
+    for i, row in enumerate(fast.rows.tolist()):
+        mean, count, signal = slow[row]
+        np.testing.assert_allclose(fast.deltas[i], mean, rtol=1e-5, atol=1e-6)
+        assert fast.contributors[i] == count
+        np.testing.assert_allclose(fast.signal[i], signal, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_and_uniform_differ_on_shared_row() -> None:
+    mask = np.ones((N_ITEMS, DIM), dtype=bool)
+    row = np.array([5], dtype=np.int64)
+    a = RowUpdate(row, np.full(DIM, 1.0, np.float32), 1.0)
+    b = RowUpdate(row, np.full(DIM, 4.0, np.float32), 3.0)
+    weighted = aggregate_row_updates([a, b], mask, weighted=True)
+    uniform = aggregate_row_updates([a, b], mask, weighted=False)
+    np.testing.assert_allclose(weighted.deltas[0], (1 * 1 + 3 * 4) / 4)
+    np.testing.assert_allclose(uniform.deltas[0], (1 + 4) / 2)
+    assert weighted.contributors.tolist() == [2]
+
+
+def test_single_contributor_rows_pass_through_exactly() -> None:
+    """A row only one device touched gets that device's delta unchanged (not shrunk by other devices)."""
+    mask = random_mask(7)
+    updates = random_updates(mask, n_devices=5, seed=7)
+    merged = aggregate_row_updates(updates, mask, weighted=True)
+    owners: dict[int, list[int]] = {}
+    for d, update in enumerate(updates):
+        for row in update.row_ids.tolist():
+            owners.setdefault(row, []).append(d)
+    single = [row for row, devices in owners.items() if len(devices) == 1]
+    assert single, "fixture should have rows touched by one device"
+    for row in single:
+        update = updates[owners[row][0]]
+        expected = scatter_active(update.values, mask[update.row_ids])[np.searchsorted(update.row_ids, row)]
+        i = int(np.searchsorted(merged.rows, row))
+        np.testing.assert_array_equal(merged.deltas[i], expected)
+        assert merged.contributors[i] == 1
+
+
+def test_off_mask_entries_stay_zero() -> None:
+    mask = random_mask(3)
+    merged = aggregate_row_updates(random_updates(mask, n_devices=8, seed=3), mask)
+    assert np.all(merged.deltas[~mask[merged.rows]] == 0.0)
+    if 3 in merged.rows:
+        assert np.all(merged.deltas[np.searchsorted(merged.rows, 3)] == 0.0)
+
+
+def test_scatter_active_row_major_order() -> None:
+    row_mask = np.array([[True, False, True], [False, True, True]])
+    np.testing.assert_array_equal(scatter_active(np.array([1, 2, 3, 4], np.float32), row_mask), [[1, 0, 2], [0, 3, 4]])
+
+
+def test_signal_sums_same_entry_from_two_devices() -> None:
+    mask = np.zeros((N_ITEMS, DIM), dtype=bool)
+    mask[:, 0] = True
+    rows = np.array([2, 9], dtype=np.int64)
+    cols_dtype = signal_col_dtype(DIM)
+    a = RowUpdate(rows, np.zeros(2, np.float32), 1.0, rows[:1].copy(), np.array([[4, 5]], cols_dtype), np.array([[1.5, -1.0]], np.float32))
+    b = RowUpdate(
+        rows, np.zeros(2, np.float32), 5.0, rows.copy(), np.array([[4, 1], [3, 2]], cols_dtype), np.array([[2.0, 0.25], [-0.5, 7.0]], np.float32)
+    )
+    c = RowUpdate(np.array([9], np.int64), np.zeros(1, np.float32), 2.0)  # no signal
+    merged = aggregate_row_updates([a, b, c], mask)
+    np.testing.assert_array_equal(merged.rows, [2, 9])
+    np.testing.assert_array_equal(merged.contributors, [2, 3])
+    expected = np.zeros((2, DIM), np.float32)
+    expected[0, [4, 5, 1]] = [1.5 + 2.0, -1.0, 0.25]  # (2, 4) reported by both: summed, not weighted
+    expected[1, [3, 2]] = [-0.5, 7.0]
+    np.testing.assert_array_equal(merged.signal, expected)
+
+
+def test_signal_repeated_column_within_one_row_is_summed() -> None:
+    mask = np.ones((N_ITEMS, DIM), dtype=bool)
+    rows = np.array([1], dtype=np.int64)
+    update = RowUpdate(rows, np.zeros(DIM, np.float32), 1.0, rows, np.array([[2, 2]], signal_col_dtype(DIM)), np.array([[1.0, 2.0]], np.float32))
+    assert aggregate_row_updates([update], mask).signal[0, 2] == pytest.approx(3.0)
+
+
+def test_no_signal_gives_zero_signal() -> None:
+    mask = random_mask(4)
+    merged = aggregate_row_updates(random_updates(mask, 3, seed=4, signal=False), mask)
+    assert np.all(merged.signal == 0.0)
+
+
+def test_empty_update_list() -> None:
+    merged = aggregate_row_updates([], random_mask(0))
+    assert merged.rows.shape == (0,) and merged.rows.dtype == np.int64
+    assert merged.deltas.shape == (0, DIM) and merged.deltas.dtype == np.float32
+    assert merged.contributors.shape == (0,)
+    assert merged.signal.shape == (0, DIM)
+
+
+def test_update_with_no_rows_is_harmless() -> None:
+    mask = random_mask(5)
+    empty = RowUpdate(np.empty(0, np.int64), np.empty(0, np.float32), 4.0)
+    updates = random_updates(mask, 3, seed=5)
+    with_empty = aggregate_row_updates(updates + [empty], mask)
+    without = aggregate_row_updates(updates, mask)
+    np.testing.assert_array_equal(with_empty.rows, without.rows)
+    np.testing.assert_array_equal(with_empty.deltas, without.deltas)
+    np.testing.assert_array_equal(with_empty.contributors, without.contributors)

@@ -1,0 +1,426 @@
+"""One device's local round: its data slice, its negatives, the sparse upload, its persistent state,
+the regrowth signal (checked against a hand-written BPR gradient), learning, and evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from fedsparse.aggregation import scatter_active
+from fedsparse.config import RunConfig
+from fedsparse.device import (
+    DeviceData,
+    DeviceState,
+    evaluate_device,
+    init_device,
+    local_train,
+    round_negatives,
+    rows_needed,
+)
+from fedsparse.masks import budget
+from fedsparse.rng import rng_for
+from fedsparse.storage import CompactTable
+from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
+
+N_USERS, N_ITEMS, DIM = 4, 40, 8
+USER = 2
+
+
+def config(**overrides: object) -> RunConfig:
+    flat = {
+        "seed": 3,
+        "model.dim": DIM,
+        "sparse.policy": "static",
+        "sparse.density": 0.5,
+        "fed.local-epochs": 2,
+        "fed.local-lr": 0.05,
+        "train.negatives": 2,
+        "fed.signal-topk": 4,
+    }
+    flat.update(overrides)
+    return RunConfig.from_flat(flat)
+
+
+def csr(rows: dict[int, list[int]]) -> sp.csr_matrix:
+    """A binary [N_USERS, N_ITEMS] matrix with the given items per user, indices deliberately unsorted."""
+    indptr, indices = [0], []
+    for user in range(N_USERS):
+        indices += rows.get(user, [])
+        indptr.append(len(indices))
+    return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(N_USERS, N_ITEMS))
+
+
+TRAIN = csr({0: [1, 2], 1: [5], USER: [17, 3, 30, 8, 11], 3: [0, 39]})
+VALIDATION = csr({USER: [21, 4], 3: [7]})
+TEST = csr({USER: [25], 0: [9]})
+
+
+def user_data() -> DeviceData:
+    return DeviceData.from_interactions(TRAIN, VALIDATION, TEST, USER)
+
+
+def item_table(seed: int = 0, density: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A masked item table float32 [N_ITEMS, DIM] and its mask (row 0 empty, row 17 full)."""
+    rng = rng_for(seed, "test-device-items")
+    mask = rng.random((N_ITEMS, DIM)) < density
+    mask[0] = False
+    mask[17] = True
+    weight = (rng.normal(0, 0.1, (N_ITEMS, DIM)) * mask).astype(np.float32)
+    return weight, mask
+
+
+def full_download(weight: np.ndarray, mask: np.ndarray) -> RowsDownload:
+    return RowsDownload(None, CompactTable.encode(weight, mask))
+
+
+def rows_download(weight: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> RowsDownload:
+    return RowsDownload(rows, CompactTable.encode(weight[rows], mask[rows]))
+
+
+# ---------------------------------------------------------------- data slice and negatives
+
+
+def test_from_interactions_slices_one_user() -> None:
+    data = user_data()
+    assert data.user_id == USER
+    np.testing.assert_array_equal(data.train, [3, 8, 11, 17, 30])
+    np.testing.assert_array_equal(data.validation, [4, 21])
+    np.testing.assert_array_equal(data.test, [25])
+    np.testing.assert_array_equal(data.interacted, [3, 4, 8, 11, 17, 21, 25, 30])
+    for array in (data.train, data.validation, data.test, data.interacted):
+        assert array.dtype == np.int64
+    for user in range(N_USERS):
+        other = DeviceData.from_interactions(TRAIN, VALIDATION, TEST, user)
+        np.testing.assert_array_equal(other.train, np.flatnonzero(TRAIN.toarray()[user]))
+        np.testing.assert_array_equal(other.test, np.flatnonzero(TEST.toarray()[user]))
+    empty = DeviceData.from_interactions(TRAIN, VALIDATION, TEST, 1)
+    assert empty.validation.size == 0 and empty.test.size == 0 and empty.validation.dtype == np.int64
+
+
+def test_round_negatives_never_interacted_and_shaped() -> None:
+    cfg = config(**{"fed.local-epochs": 3, "train.negatives": 50})
+    data = user_data()
+    negatives = round_negatives(cfg, data, N_ITEMS, server_round=1)
+    assert negatives.shape == (3, data.train.size, 50) and negatives.dtype == np.int64
+    assert not np.isin(negatives, data.interacted).any()  # train, validation and test items alike
+    assert not np.isin(negatives, data.test).any()
+    assert negatives.min() >= 0 and negatives.max() < N_ITEMS
+    # with 750 draws over 32 candidates, every candidate shows up: the sampler is not stuck on a few
+    np.testing.assert_array_equal(np.unique(negatives), np.setdiff1d(np.arange(N_ITEMS), data.interacted))
+
+
+def test_round_negatives_deterministic_and_keyed_by_round_and_user() -> None:
+    cfg = config(**{"train.negatives": 5})
+    data = user_data()
+    first = round_negatives(cfg, data, N_ITEMS, 4)
+    np.testing.assert_array_equal(first, round_negatives(cfg, data, N_ITEMS, 4))
+    assert not np.array_equal(first, round_negatives(cfg, data, N_ITEMS, 5))
+    assert not np.array_equal(first, round_negatives(config(**{"train.negatives": 5, "seed": 4}), data, N_ITEMS, 4))
+    same_items_other_user = DeviceData(0, data.train, data.validation, data.test, data.interacted)
+    assert not np.array_equal(first, round_negatives(cfg, same_items_other_user, N_ITEMS, 4))
+
+
+def test_round_negatives_none_available() -> None:
+    everything = np.arange(N_ITEMS, dtype=np.int64)
+    data = DeviceData(0, everything[:10], everything[10:], np.empty(0, np.int64), everything)
+    with pytest.raises(ValueError, match="no negative"):
+        round_negatives(config(), data, N_ITEMS, 1)
+
+
+# ---------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("policy, density, active", [("dense", 1.0, DIM), ("static", 0.25, 2), ("static", 0.5, 4)])
+def test_init_device_exact_user_budget(policy: str, density: float, active: int) -> None:
+    cfg = config(**{"sparse.policy": policy, "sparse.density": density})
+    state = init_device(cfg, USER)
+    assert state.user_mask.sum() == active == budget(density, 1, DIM)
+    assert np.all(state.user_row[~state.user_mask] == 0) and np.all(state.user_row[state.user_mask] != 0)
+    assert state.user_row.dtype == np.float32 and state.steps == 0
+    again = init_device(cfg, USER)
+    np.testing.assert_array_equal(state.user_row, again.user_row)
+
+
+def test_init_device_from_nmf_factor_keeps_its_largest_entries() -> None:
+    factor = np.array([0.1, 5.0, 0.2, 3.0, 0.0, 4.0, 0.3, 0.05])
+    state = init_device(config(**{"sparse.density": 0.375}), USER, factor)  # 3 of 8
+    np.testing.assert_array_equal(np.flatnonzero(state.user_mask), [1, 3, 5])
+
+
+def test_device_state_round_trip() -> None:
+    state = init_device(config(), USER)
+    state.steps = 7
+    back = DeviceState.from_arrays(state.to_arrays())
+    np.testing.assert_array_equal(back.user_row, state.user_row)
+    np.testing.assert_array_equal(back.user_mask, state.user_mask)
+    assert back.steps == 7
+    assert state.nbytes == sum(a.nbytes for a in state.to_arrays().values())
+
+
+# ---------------------------------------------------------------- the local round
+
+
+def train_once(cfg: RunConfig, state: DeviceState | None = None, server_round: int = 1, send_signal: bool = False, table=None):
+    weight, mask = table if table is not None else item_table()
+    data = user_data()
+    state = init_device(cfg, USER) if state is None else state
+    return local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, server_round, send_signal), weight, mask
+
+
+def test_update_covers_exactly_positives_and_negatives() -> None:
+    cfg = config()
+    result, weight, mask = train_once(cfg)
+    data = user_data()
+    update = result.update
+    expected_rows = np.union1d(data.train, round_negatives(cfg, data, N_ITEMS, 1).ravel())
+    np.testing.assert_array_equal(update.row_ids, expected_rows)
+    np.testing.assert_array_equal(update.row_ids, rows_needed(data, round_negatives(cfg, data, N_ITEMS, 1)))
+    assert not np.isin(update.row_ids, np.union1d(data.validation, data.test)).any()
+    assert update.values.dtype == np.float32 and update.row_ids.dtype == np.int64
+    assert update.values.size == int(mask[update.row_ids].sum())  # K_r of the touched rows
+    assert update.weight == float(data.train.size)
+    assert update.signal_rows is None
+    # the server's own validation accepts it
+    decoded = RowUpdate.from_arrays(update.to_arrays(), mask)
+    np.testing.assert_array_equal(decoded.values, update.values)
+    deltas = scatter_active(update.values, mask[update.row_ids])
+    assert np.all(deltas[~mask[update.row_ids]] == 0)
+    assert np.abs(update.values).max() > 0  # something was learned
+    assert np.isfinite(result.loss) and result.memory_bytes > 0
+
+
+def test_rows_download_gives_the_same_update_as_full_download() -> None:
+    cfg = config()
+    data = user_data()
+    weight, mask = item_table()
+    state = init_device(cfg, USER)
+    full = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 2, True)
+    rows = rows_needed(data, round_negatives(cfg, data, N_ITEMS, 2))
+    partial = local_train(cfg, state, data, rows_download(weight, mask, rows), N_ITEMS, 2, True)
+    for name in ("row_ids", "values", "signal_rows", "signal_cols", "signal_values"):
+        np.testing.assert_array_equal(getattr(full.update, name), getattr(partial.update, name))
+    np.testing.assert_array_equal(full.state.user_row, partial.state.user_row)
+
+
+def test_local_train_is_deterministic() -> None:
+    cfg = config()
+    a, _, _ = train_once(cfg, send_signal=True)
+    b, _, _ = train_once(cfg, send_signal=True)
+    np.testing.assert_array_equal(a.update.values, b.update.values)
+    np.testing.assert_array_equal(a.update.signal_values, b.update.signal_values)
+    np.testing.assert_array_equal(a.state.user_row, b.state.user_row)
+
+
+def test_download_missing_a_needed_row_raises() -> None:
+    cfg = config()
+    data = user_data()
+    weight, mask = item_table()
+    rows = rows_needed(data, round_negatives(cfg, data, N_ITEMS, 1))
+    lacking = np.delete(rows, 1)
+    with pytest.raises(ValueError, match="lacks rows"):
+        local_train(cfg, init_device(cfg, USER), data, rows_download(weight, mask, lacking), N_ITEMS, 1, False)
+
+
+def test_no_training_items_raises() -> None:
+    data = DeviceData(1, np.empty(0, np.int64), np.empty(0, np.int64), np.array([3]), np.array([3]))
+    weight, mask = item_table()
+    with pytest.raises(ValueError, match="no training interactions"):
+        local_train(config(), init_device(config(), 1), data, full_download(weight, mask), N_ITEMS, 1, False)
+
+
+def test_user_row_masked_and_state_persists_across_rounds() -> None:
+    cfg = config(**{"sparse.density": 0.25, "fed.local-lr": 0.01})
+    epochs, lr = cfg.fed.local_epochs, cfg.fed.local_lr
+    start = init_device(cfg, USER)
+    first, _, _ = train_once(cfg, start, server_round=1)
+    state = first.state
+    assert state.steps == epochs
+    np.testing.assert_array_equal(state.user_mask, start.user_mask)
+    for array in (state.user_row, state.exp_avg, state.exp_avg_sq):
+        assert np.all(array[~state.user_mask] == 0)
+    assert not np.array_equal(state.user_row, start.user_row)
+    assert np.any(state.exp_avg_sq > 0)
+
+    second, _, _ = train_once(cfg, state, server_round=2)
+    assert second.state.steps == 2 * epochs
+    assert np.all(second.state.user_row[~state.user_mask] == 0)
+    # Adam moves an entry by about lr per step: round 2 starts where round 1 ended
+    assert np.abs(second.state.user_row - state.user_row).max() <= 4 * lr * epochs
+    # and from the given state's row, moments and step count, not from a fresh one
+    planted = DeviceState(np.where(state.user_mask, 5.0, 0.0).astype(np.float32), state.user_mask.copy(),
+                          state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
+    from_planted, _, _ = train_once(cfg, planted, server_round=2)
+    assert np.abs(from_planted.state.user_row[state.user_mask] - 5.0).max() <= 4 * lr * epochs
+    fresh_moments = DeviceState(state.user_row.copy(), state.user_mask.copy(), np.zeros(DIM, np.float32), np.zeros(DIM, np.float32), 0)
+    restarted, _, _ = train_once(cfg, fresh_moments, server_round=2)
+    assert not np.allclose(restarted.state.user_row, second.state.user_row)
+
+
+def test_input_state_is_not_mutated() -> None:
+    cfg = config()
+    state = init_device(cfg, USER)
+    before = {k: v.copy() for k, v in state.to_arrays().items()}
+    train_once(cfg, state)
+    for key, value in state.to_arrays().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def full_bpr(user_row: np.ndarray, items: np.ndarray, data: DeviceData) -> float:
+    """Mean softplus(s_neg - s_pos) over every (train positive, non-interacted item) pair."""
+    scores = items.astype(np.float64) @ user_row.astype(np.float64)
+    negatives = np.setdiff1d(np.arange(N_ITEMS), data.interacted)
+    margins = scores[negatives][None, :] - scores[data.train][:, None]
+    return float(np.logaddexp(0.0, margins).mean())
+
+
+@pytest.mark.parametrize("policy, density", [("dense", 1.0), ("static", 0.5)])
+def test_bpr_loss_decreases_when_the_server_applies_updates(policy: str, density: float) -> None:
+    cfg = config(**{"sparse.policy": policy, "sparse.density": density, "fed.local-lr": 0.05, "train.negatives": 4})
+    data = user_data()
+    weight, mask = item_table(density=density)
+    if policy == "dense":
+        mask[:] = True
+        weight = rng_for(9, "dense-items").normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
+    state = init_device(cfg, USER)
+    before = full_bpr(state.user_row, weight, data)
+    losses = []
+    for server_round in range(1, 7):
+        result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, server_round, False)
+        update = result.update
+        rows = update.row_ids
+        block = weight[rows]
+        block[mask[rows]] += update.values  # the server's apply, one device, server lr 1
+        weight[rows] = block
+        state = result.state
+        losses.append(result.loss)
+        assert np.all(weight[~mask] == 0)
+    after = full_bpr(state.user_row, weight, data)
+    assert after < before - 0.05, (before, after)
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- regrowth signal
+
+
+def reference_signal(cfg: RunConfig, state: DeviceState, data: DeviceData, weight: np.ndarray, mask: np.ndarray, server_round: int):
+    """The BPR gradient of one epoch w.r.t. the inactive item entries, written out by hand.
+
+    loss = mean_{(p, n)} softplus(s_n - s_p) + l2 term; the l2 term has zero gradient at inactive
+    entries (their weights are zero), so d/dq_i = u * sum over pairs of (+σ if i = n, -σ if i = p) / pairs.
+    """
+    negatives = round_negatives(cfg, data, N_ITEMS, server_round)[0]  # [n_train, negatives]
+    user = state.user_row.astype(np.float64)
+    scores = weight.astype(np.float64) @ user
+    sigma = 1.0 / (1.0 + np.exp(-(scores[negatives] - scores[data.train][:, None])))
+    coefficient = np.zeros(N_ITEMS)
+    np.add.at(coefficient, negatives.ravel(), sigma.ravel())
+    np.add.at(coefficient, np.repeat(data.train, negatives.shape[1]), -sigma.ravel())
+    gradient = np.outer(coefficient, user) / sigma.size
+    return np.where(mask, 0.0, gradient)
+
+
+@pytest.mark.parametrize("user_density", [0.25, 1.0])
+def test_signal_is_topk_of_inactive_accumulated_gradient(user_density: float) -> None:
+    topk = 3
+    cfg = config(**{"fed.local-epochs": 1, "fed.signal-topk": topk, "sparse.density": 0.5})
+    data = user_data()
+    weight, mask = item_table(seed=1, density=0.5)
+    state = init_device(config(**{"sparse.density": user_density}), USER)
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, True)
+    update = result.update
+    rows = update.row_ids
+    np.testing.assert_array_equal(update.signal_rows, rows)
+    assert update.signal_cols.shape == update.signal_values.shape == (rows.size, topk)
+    assert update.signal_cols.dtype == signal_col_dtype(DIM) and update.signal_values.dtype == np.float32
+    RowUpdate.from_arrays(update.to_arrays(), mask)  # the server accepts it
+
+    expected = reference_signal(cfg, state, data, weight, mask, 1)[rows]
+    row_masks = mask[rows]
+    for i in range(rows.size):
+        cols = update.signal_cols[i].astype(np.int64)
+        assert np.unique(cols).size == topk
+        inactive = np.flatnonzero(~row_masks[i])
+        if inactive.size >= topk:
+            # a row with at least k inactive entries reports inactive entries only
+            assert not row_masks[i, cols].any(), (rows[i], cols, row_masks[i])
+        else:
+            assert set(inactive) <= set(cols.tolist())
+        np.testing.assert_allclose(update.signal_values[i], expected[i, cols], rtol=1e-4, atol=1e-7)
+        best = np.sort(np.abs(expected[i, inactive]))[::-1][:topk]
+        got = np.abs(update.signal_values[i])[: best.size]
+        np.testing.assert_allclose(got, best, rtol=1e-4, atol=1e-7)
+        assert np.all(np.diff(np.abs(update.signal_values[i])) <= 1e-9)  # largest first
+
+
+def test_loss_matches_hand_written_bpr_for_one_epoch() -> None:
+    cfg = config(**{"fed.local-epochs": 1})
+    data = user_data()
+    weight, mask = item_table()
+    state = init_device(cfg, USER)
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, False)
+    negatives = round_negatives(cfg, data, N_ITEMS, 1)[0]
+    user = state.user_row.astype(np.float64)
+    scores = weight.astype(np.float64) @ user
+    bpr = np.logaddexp(0.0, scores[negatives] - scores[data.train][:, None]).mean()
+    items = weight.astype(np.float64)
+    l2 = 0.5 * (data.train.size * user @ user + (items[data.train] ** 2).sum() + (items[negatives.ravel()] ** 2).sum()) / data.train.size
+    assert result.loss == pytest.approx(bpr + cfg.train.l2_reg * l2, rel=1e-5)
+
+
+def test_dense_table_signal_has_no_inactive_entry_to_report() -> None:
+    cfg = config(**{"sparse.policy": "dense", "sparse.density": 1.0, "fed.signal-topk": 2})
+    weight, _ = item_table()
+    mask = np.ones((N_ITEMS, DIM), dtype=bool)
+    result, _, _ = train_once(cfg, send_signal=True, table=(rng_for(0, "d").normal(0, 0.1, mask.shape).astype(np.float32), mask))
+    assert result.update.signal_cols.shape[1] == 2
+    assert np.all(result.update.signal_values == 0)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_evaluate_device_none_without_held_out_items() -> None:
+    cfg = config()
+    weight, _ = item_table()
+    no_test = DeviceData.from_interactions(TRAIN, VALIDATION, TEST, 1)  # user 1: train only
+    assert evaluate_device(cfg, init_device(cfg, 1), no_test, weight, "test") is None
+    assert evaluate_device(cfg, init_device(cfg, 1), no_test, weight, "validation") is None
+    only_validation = DeviceData.from_interactions(TRAIN, VALIDATION, TEST, 3)
+    assert evaluate_device(cfg, init_device(cfg, 3), only_validation, weight, "test") is None
+    assert evaluate_device(cfg, init_device(cfg, 3), only_validation, weight, "validation") is not None
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_evaluate_device_sensible_values(split: str) -> None:
+    cfg = config()
+    weight, _ = item_table()
+    metrics = evaluate_device(cfg, init_device(cfg, USER), user_data(), weight, split)
+    assert {"recall@10", "recall@20", "ndcg@20", "hr@20"} <= set(metrics)
+    for name, value in metrics.items():
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, name
+    assert metrics["recall@10"] <= metrics["recall@20"]
+
+
+def test_evaluate_device_planted_perfect_table() -> None:
+    """Held-out items score 1, everything else 0; training (and validation) items score highest but are
+    excluded from the ranking, so a perfect table gives recall 1 and ndcg 1."""
+    cfg = config()
+    data = user_data()
+    mask = np.zeros(DIM, dtype=bool)
+    mask[0] = True
+    state = DeviceState(mask.astype(np.float32), mask, np.zeros(DIM, np.float32), np.zeros(DIM, np.float32))
+    items = np.zeros((N_ITEMS, DIM), dtype=np.float32)
+    items[data.train, 0] = 3.0
+    items[data.validation, 0] = 2.0
+    items[data.test, 0] = 1.0
+    test_metrics = evaluate_device(cfg, state, data, items, "test")
+    assert test_metrics["recall@10"] == pytest.approx(1.0)
+    assert test_metrics["ndcg@10"] == pytest.approx(1.0)
+    validation_metrics = evaluate_device(cfg, state, data, items, "validation")
+    assert validation_metrics["recall@10"] == pytest.approx(1.0)
+    assert validation_metrics["ndcg@10"] == pytest.approx(1.0)
+    # the reverse table ranks the held-out items last
+    worst = evaluate_device(cfg, state, data, -items + np.where(items == 0, 0.5, 0.0).astype(np.float32), "test")
+    assert worst["recall@10"] == 0.0
