@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -27,25 +28,34 @@ def run_training(flags: list[str], results_dir: Path) -> dict:
 
 
 class ResultTable:
-    """Rows keyed by a cell id, saved atomically after every cell so an interrupted grid resumes."""
+    """Rows keyed by a cell id, saved atomically after every cell so an interrupted grid resumes.
+
+    Several processes may fill one table (e.g. shards of a grid by density): each write re-reads the
+    file under an exclusive lock, so no row is lost.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: list[dict] = pd.read_csv(path).to_dict("records") if path.exists() else []
+
+    def _read(self) -> list[dict]:
+        return pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
 
     def has(self, cell: str) -> bool:
         """Whether the cell already has a row (and is skipped)."""
-        return any(row.get("cell") == cell for row in self.rows)
+        return any(row.get("cell") == cell for row in self._read())
 
     def add(self, cell: str, row: dict) -> None:
         """Record a finished cell and rewrite the CSV."""
-        self.rows.append({"cell": cell, **row})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, pd.DataFrame(self.rows).to_csv(index=False))
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = [existing for existing in self._read() if existing.get("cell") != cell]
+            rows.append({"cell": cell, **row})
+            atomic_write_text(self.path, pd.DataFrame(rows).to_csv(index=False))
 
     def frame(self) -> pd.DataFrame:
         """All rows as a DataFrame."""
-        return pd.DataFrame(self.rows)
+        return pd.DataFrame(self._read())
 
 
 def machine_description() -> str:

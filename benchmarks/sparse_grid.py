@@ -30,6 +30,7 @@ ABLATIONS = {
     "sparserec w/o NMF (random init)": ["--sparse.mask-init", "random"],
     "sparserec w/o accumulation (last batch)": ["--sparse.grow-score", "last-batch"],
     "sparserec w/o sparse backward": ["--sparse.sparse-grad", "off"],
+    "sparserec w/o NMF values (mask only)": ["--sparse.nmf-values", "random"],
 }
 # The open choices of the reconstruction, each varied alone from the defaults.
 CHOICES = {
@@ -38,10 +39,10 @@ CHOICES = {
     "nmf per-row quota": ["--sparse.nmf-select", "per-row"],
     "nmf no rescale": ["--sparse.nmf-rescale", "false"],
     "nmf min-per-row 0": ["--sparse.nmf-min-per-row", "0"],
-    "nmf values from factors": ["--sparse.nmf-values", "factors"],
+    "nmf values random (mask only)": ["--sparse.nmf-values", "random"],
     "rigl schedule (0.3, end 0.75)": ["--sparse.drop-fraction", "0.3", "--sparse.drop-fraction-min", "0", "--sparse.end-fraction", "0.75"],
     "no regrow of pruned": ["--sparse.regrow-pruned", "false"],
-    "update every 300": ["--sparse.update-every", "300"],
+    "update every 100": ["--sparse.update-every", "100"],
     "row budget 0.5K by degree": ["--sparse.grad-row-budget", "0.5", "--sparse.grad-rows", "degree"],
 }
 COLUMNS = [
@@ -51,11 +52,11 @@ COLUMNS = [
 ]
 
 
-def cells(groups: list[str]) -> list[tuple[str, str, float, list[str]]]:
+def cells(groups: list[str], densities: list[float]) -> list[tuple[str, str, float, list[str]]]:
     """(variant, policy, density, extra flags) of the requested groups; dense always first."""
     planned = [("dense", "dense", 1.0, [])]
     if "main" in groups:
-        planned += [(policy, policy, density, []) for density in DENSITIES for policy in POLICIES]
+        planned += [(policy, policy, density, []) for density in densities for policy in POLICIES]
     if "ablation" in groups:
         planned += [(name, "sparserec", ABLATION_DENSITY, flags) for name, flags in ABLATIONS.items()]
     if "choices" in groups:
@@ -78,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="gowalla,yelp2018")
     parser.add_argument("--groups", default="main,ablation", help="comma list of: main, ablation, choices")
+    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="main-group densities (to shard a grid)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--lr", default="0.005")
@@ -90,7 +92,8 @@ def main() -> None:
     table = ResultTable(args.out / f"{args.name}.csv")
     started = time.perf_counter()
     for dataset in args.datasets.split(","):
-        for variant, policy, density, extra in cells(args.groups.split(",")):
+        densities = [float(value) for value in args.densities.split(",")]
+        for variant, policy, density, extra in cells(args.groups.split(","), densities):
             cell = f"{dataset}/{variant}/{density}"
             if table.has(cell):
                 continue
@@ -104,6 +107,7 @@ def main() -> None:
     frame = with_ratios(table.frame()).reindex(columns=COLUMNS)
     header = (
         f"Measured by `python benchmarks/sparse_grid.py --datasets {args.datasets} --groups {args.groups} "
+        f"--densities {args.densities} "
         f"--epochs {args.epochs} --eval-every {args.eval_every} --lr {args.lr}` on {machine_description()}; "
         f"this invocation took {time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).\n\n"
     )

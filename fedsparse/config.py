@@ -85,7 +85,7 @@ class SparseConfig:
 
     policy: str = "dense"
     density: float = 1.0  # active share of each embedding table, exact: K = round(density * rows * dim)
-    update_every: int = 100  # optimiser steps between mask updates (Delta T)
+    update_every: int = 300  # optimiser steps between mask updates (Delta T); chosen by the ml-1m study
     drop_fraction: float = AUTO  # rho_0, share of K swapped at the first update
     drop_fraction_min: float = AUTO  # rho_min, the floor of the cosine annealing
     end_fraction: float = AUTO  # share of training after which the mask stops changing
@@ -101,7 +101,7 @@ class SparseConfig:
     nmf_select: str = "global"
     nmf_rescale: bool = True  # balance the NMF factors' column norms before ranking entries
     nmf_min_per_row: int = 1  # active entries every row keeps from the NMF mask
-    nmf_values: str = "random"  # initial values: random (only the mask from NMF) or the scaled factors
+    nmf_values: str = "factors"  # initial values: the rebalanced NMF factors, or random (only the mask from NMF)
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,11 @@ class RunConfig:
             raise ConfigError(f"model.mlp-layers must be comma-separated integers, got {m.mlp_layers!r}") from exc
         if not widths or min(widths) <= 0:
             raise ConfigError("model.mlp-layers must list at least one positive width")
+
+
+def ranking_cutoffs(config: RunConfig, n_items: int) -> list[int]:
+    """The K values every evaluation reports: 10, 20 and ``eval.k``, none above the catalogue size."""
+    return sorted({min(k, n_items) for k in (10, 20, config.eval.k)})
 
 
 def flat_defaults() -> dict[str, Any]:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from fedsparse import metrics
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, ranking_cutoffs
 from fedsparse.losses import batch_loss
 from fedsparse.masks import budget, largest
 from fedsparse.models import MatrixFactorization
@@ -240,7 +240,7 @@ def evaluate_device(
 
     user = torch.from_numpy(state.user_row)
     items = torch.from_numpy(item_weights)
-    cutoffs = sorted({10, 20, config.eval.k})
+    cutoffs = ranking_cutoffs(config, n_items)
     _, per_user = metrics.full_ranking_per_user(
         lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
     )

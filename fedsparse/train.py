@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedsparse import metrics
-from fedsparse.config import RunConfig
+from fedsparse.config import RunConfig, ranking_cutoffs
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.losses import batch_loss
 from fedsparse.models import build_model
@@ -39,11 +39,6 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def ranking_cutoffs(config: RunConfig) -> list[int]:
-    """The K values reported: always 10 and 20, plus the configured ``eval.k``."""
-    return sorted({10, 20, config.eval.k})
-
-
 def evaluate(model: torch.nn.Module, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
     """Full-ranking metrics on ``split`` ("validation" or "test"), excluding the user's known items."""
     model.eval()
@@ -53,7 +48,7 @@ def evaluate(model: torch.nn.Module, data: Interactions, config: RunConfig, spli
         lambda users: model.score_all(torch.as_tensor(users)),
         target,
         exclude,
-        ranking_cutoffs(config),
+        ranking_cutoffs(config, data.n_items),
         config.eval.batch_users,
     )
     model.train()
