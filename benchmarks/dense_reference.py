@@ -29,8 +29,8 @@ CELLS = [
     ("yelp2018", "yelp2018", "provided", True),
 ]
 MODEL_FLAGS = {
-    "mf": ["--model", "mf", "--loss", "bpr", "--negatives", "1", "--lr", "0.005", "--train.l2-reg", "1e-4"],
-    "neumf": ["--model", "neumf", "--loss", "bce", "--negatives", "4", "--lr", "0.001", "--train.l2-reg", "0"],
+    "mf": ["--sparse.policy", "dense", "--model", "mf", "--loss", "bpr", "--negatives", "1", "--lr", "0.005", "--train.l2-reg", "1e-4"],
+    "neumf": ["--sparse.policy", "dense", "--model", "neumf", "--loss", "bce", "--negatives", "4", "--lr", "0.001", "--train.l2-reg", "0"],
 }
 COLUMNS = [
     "dataset", "split", "model", "epochs_run", "best_epoch", "recall@20", "ndcg@20", "hr@20",

@@ -1,4 +1,4 @@
-"""The ``fedsparse`` command line: ``data list|info``, ``train`` and ``simulate``.
+"""The ``fedsparse`` command line: ``data list|info``, ``train``, ``simulate`` and ``superlink stop``.
 
 Every flat config key is also a flag (``--train.lr 0.01``); the common ones have short aliases
 (``--dataset``, ``--model``, ``--dim``, ``--epochs``, ...). ``--config FILE`` reads a TOML file of flat
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(simulate)
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
+    superlink = commands.add_parser("superlink", help="the local Flower SuperLink that `flwr run` starts")
+    superlink.add_argument("action", choices=("stop",))
     return parser
 
 
@@ -93,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "superlink":
+            from fedsparse.flower_run import stop_superlink
+
+            print(f"stopped {stop_superlink()} local SuperLink process(es) and their children")
+            return 0
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"fedsparse: error: {exc}", file=sys.stderr)
         return 2

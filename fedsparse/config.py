@@ -83,8 +83,8 @@ class SparseConfig:
     lists the SparseRec choices these flags ablate.
     """
 
-    policy: str = "dense"
-    density: float = 1.0  # active share of each embedding table, exact: K = round(density * rows * dim)
+    policy: str = "sparserec"
+    density: float = 0.2  # active share of each embedding table, exact: K = round(density * rows * dim)
     update_every: int = 300  # optimiser steps between mask updates (Delta T); chosen by the ml-1m study
     drop_fraction: float = AUTO  # rho_0, share of K swapped at the first update
     drop_fraction_min: float = AUTO  # rho_min, the floor of the cosine annealing
@@ -109,7 +109,7 @@ class FedConfig:
     """The federation: participation, local training on each device, aggregation and transport."""
 
     clients_per_round: int = 0  # sampled devices per training round (0 = use fraction-train)
-    fraction_train: float = 1.0  # share of devices sampled per round when clients-per-round is 0
+    fraction_train: float = 0.1  # share of devices sampled per round when clients-per-round is 0
     local_epochs: int = 1  # passes over the device's positives per round
     local_lr: float = 0.01  # Adam learning rate on the device (user row and its copy of item rows)
     server_lr: float = 1.0  # scale of the aggregated item deltas applied by the server
@@ -118,9 +118,9 @@ class FedConfig:
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal
     nmf_init: str = "federated"  # where the NMF mask comes from, when the policy uses one
-    nmf_rounds: int = 10  # federated multiplicative-update rounds before training
+    nmf_rounds: int = 3  # federated multiplicative-update rounds before training (every device takes part)
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
-    eval_fraction: float = 1.0  # share of devices evaluated
+    eval_fraction: float = 0.2  # share of devices evaluated
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
 
 
