@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(simulate)
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
+    simulate.add_argument("--resume", type=Path, help="in-process engine: continue the run in this run directory")
     superlink = commands.add_parser("superlink", help="the local Flower SuperLink that `flwr run` starts")
     superlink.add_argument("action", choices=("stop",))
     return parser
@@ -117,8 +118,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.engine == "inprocess":
         from fedsparse.inprocess import run_inprocess
 
-        run_dir, summary = run_inprocess(config, data)
+        run_dir, summary = run_inprocess(config, data, resume_dir=args.resume)
     else:
+        if args.resume:
+            raise ValueError("--resume is supported by the in-process engine only")
         from fedsparse.flower_run import run_flower
 
         run_dir = run_flower(config, args.app_dir.resolve(), data.n_users)

@@ -117,6 +117,7 @@ class FedConfig:
     downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal
+    signal_every_round: bool = False  # accumulate signals from every round (costs bytes) or send them only at exploration rounds
     nmf_init: str = "federated"  # where the NMF mask comes from, when the policy uses one
     nmf_rounds: int = 3  # federated multiplicative-update rounds before training (every device takes part)
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)

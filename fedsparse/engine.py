@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from fedsparse.config import RunConfig
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
-from fedsparse.results import append_jsonl, write_json
+from fedsparse.results import append_jsonl, atomic_write_text, read_jsonl, write_json
 from fedsparse.wire import PayloadError
 
 log = logging.getLogger("fedsparse")
@@ -153,20 +154,61 @@ def _summary_stats(values: list[float], name: str) -> dict[str, float]:
     return {f"{name}_mean": float(np.mean(values)), f"{name}_max": float(np.max(values))}
 
 
-def run_federation(
-    config: RunConfig,
-    population: Population,
-    transport: Transport,
-    run_dir: Path,
-    central_train=None,
-) -> dict[str, Any]:
-    """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
+@dataclass
+class RunState:
+    """Everything the loop carries between rounds; checkpointed after every round."""
 
-    ``central_train`` (the training CSR) is needed only for ``fed.nmf-init = central``, the oracle.
-    """
-    config = effective_config(config)
-    started = time.perf_counter()
-    totals = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
+    server: Server
+    device_init: DeviceInit
+    totals: dict[str, float]
+    best: dict[str, Any]
+    last_metrics: dict[str, float]
+
+    def to_arrays(self) -> Arrays:
+        """Flat arrays for ``checkpoint.npz`` (JSON for the small dicts)."""
+        arrays = {f"server.{key}": value for key, value in self.server.state_arrays().items()}
+        if self.device_init.user_factors is not None:
+            arrays["init.user-factors"] = self.device_init.user_factors
+        if self.device_init.column_scale is not None:
+            arrays["init.column-scale"] = self.device_init.column_scale
+        for name in ("totals", "best", "last_metrics"):
+            arrays[f"json.{name}"] = np.asarray(json.dumps(getattr(self, name)))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> "RunState":
+        """Rebuild from ``to_arrays`` output."""
+        server_arrays = {key.removeprefix("server."): value for key, value in arrays.items() if key.startswith("server.")}
+        device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"))
+        loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
+        return cls(Server.restore(config, server_arrays), device_init, **loads)
+
+
+CHECKPOINT = "checkpoint.npz"
+
+
+def save_checkpoint(run_dir: Path, state: RunState, transport: Transport) -> None:
+    """Atomically write the run state (and the transport's device states, when it can export them)."""
+    arrays = state.to_arrays()
+    if hasattr(transport, "state_arrays"):
+        arrays.update({f"transport.{key}": value for key, value in transport.state_arrays().items()})
+    temporary = run_dir / f".{CHECKPOINT}.tmp.npz"
+    np.savez(temporary, **arrays)
+    os.replace(temporary, run_dir / CHECKPOINT)
+
+
+def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport) -> RunState:
+    """Read ``checkpoint.npz``; device states go back into the transport when it can hold them."""
+    with np.load(run_dir / CHECKPOINT) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    if hasattr(transport, "load_state_arrays"):
+        transport.load_state_arrays({k.removeprefix("transport."): v for k, v in arrays.items() if k.startswith("transport.")})
+    return RunState.from_arrays(config, arrays)
+
+
+def start_run(config: RunConfig, population: Population, transport: Transport, central_train=None) -> RunState:
+    """NMF (when the policy needs it) and the initial server."""
+    totals: dict[str, float] = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
     item_factor, device_init = None, DeviceInit()
     if build_policy(config.sparse).settings.mask_init == "nmf":
         if config.fed.nmf_init == "central":
@@ -175,82 +217,116 @@ def run_federation(
         else:
             item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
             totals.update(nmf_bytes)
-    server = Server.create(config, population.n_items, item_factor)
-    write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
-        "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items}})
+    return RunState(Server.create(config, population.n_items, item_factor), device_init, totals, {}, {})
 
-    best: dict[str, Any] = {}
-    last_metrics: dict[str, float] = {}
-    per_round = clients_per_round(config, population.users.size)
-    for server_round in range(1, config.num_server_rounds + 1):
-        round_started = time.perf_counter()
-        chosen = population.users[sample_clients(config.seed, server_round, population.users.size, per_round)]
-        rows: dict[int, np.ndarray | None] = {int(u): None for u in chosen}
-        query_bytes: dict[int, int] = {}
-        if config.fed.downlink == "rows":
-            for user, reply in transport.send("query", server_round, {int(u): {} for u in chosen}, {}).items():
-                if isinstance(reply, str):
-                    rows.pop(user)
-                    continue
-                query_bytes[user] = _bytes(reply.arrays)
-                rows[user] = _requested_rows(reply.arrays, population.n_items)
-        messages = {user: {**server.download(wanted).to_arrays(), **device_init.arrays(user)} for user, wanted in rows.items()}
-        replies = transport.send("train", server_round, messages, {"send-signal": server.wants_signal(server_round)})
-        updates, uploads, downloads, memory, failed, dropped = [], [], [], [], [], 0
-        for user in sorted(messages):
-            downloads.append(_bytes(messages[user]))
-            reply = replies.get(user, "no reply")
-            if isinstance(reply, str):
-                failed.append(user)
-                log.warning("round %d: device %d failed: %s", server_round, user, reply)
-                continue
-            uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
-            update, reason = validate_update(server, reply.arrays)
-            if update is None:
-                dropped += 1
-                log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
-                continue
-            updates.append(update)
-            memory.append(reply.metrics.get("memory-bytes", 0.0))
-        applied = server.apply_round(server_round, updates)
-        totals["upload_bytes"] += sum(uploads)
-        totals["download_bytes"] += sum(downloads)
-        record: dict[str, Any] = {
-            "round": server_round,
-            "clients": len(messages),
-            "failed_clients": len(failed),
-            "dropped_updates": dropped,
-            **_summary_stats(uploads, "upload_bytes"),
-            **_summary_stats(downloads, "download_bytes"),
-            **_summary_stats(memory, "device_memory_bytes"),
-            **applied,
-        }
+
+def run_federation(
+    config: RunConfig,
+    population: Population,
+    transport: Transport,
+    run_dir: Path,
+    central_train=None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
+
+    ``central_train`` (the training CSR) is needed only for ``fed.nmf-init = central``, the oracle. With
+    ``resume``, the run continues after the last round of ``run_dir/checkpoint.npz``; rounds.jsonl lines
+    written after that checkpoint are dropped and redone.
+    """
+    config = effective_config(config)
+    started = time.perf_counter()
+    if resume:
+        state = load_checkpoint(run_dir, config, transport)
+        kept = [record for record in read_jsonl(run_dir / "rounds.jsonl") if record["round"] <= state.server.round]
+        atomic_write_text(run_dir / "rounds.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        log.info("resuming %s after round %d", run_dir, state.server.round)
+    else:
+        state = start_run(config, population, transport, central_train)
+        write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
+            "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items}})
+    for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
+        record = train_round(config, population, transport, state, server_round)
         if server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds:
-            metrics, eval_bytes = evaluate_round(config, server, population, transport, device_init, server_round)
-            totals["eval_download_bytes"] += eval_bytes
+            metrics, eval_bytes = evaluate_round(config, state.server, population, transport, state.device_init, server_round)
+            state.totals["eval_download_bytes"] += eval_bytes
             record.update(metrics)
-            last_metrics = metrics
+            state.last_metrics = metrics
             key = f"validation_recall@{config.eval.k}"
-            if key in metrics and metrics[key] > best.get(key, -1.0):
-                best = {"round": server_round, **metrics}
-        record["seconds"] = time.perf_counter() - round_started
+            if key in metrics and metrics[key] > state.best.get(key, -1.0):
+                state.best = {"round": server_round, **metrics}
+        record["seconds"] = time.perf_counter() - record.pop("started")
         append_jsonl(run_dir / "rounds.jsonl", record)
+        save_checkpoint(run_dir, state, transport)
         log.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
 
     summary = {
         "rounds": config.num_server_rounds,
-        "policy": server.policy.name,
-        "density": server.policy.settings.density,
-        "item_active_entries": int(server.item_mask.sum()),
-        **{f"final_{key}": value for key, value in last_metrics.items()},
-        "best_validation_round": best.get("round"),
-        **{f"best_{key}": value for key, value in best.items() if key.startswith("test_")},
-        **{f"total_{key}": value for key, value in totals.items()},
+        "policy": state.server.policy.name,
+        "density": state.server.policy.settings.density,
+        "item_active_entries": int(state.server.item_mask.sum()),
+        "best_validation_round": state.best.get("round"),
+        **{f"best_{key}": value for key, value in state.best.items() if key.startswith("test_")},
+        **{f"total_{key}": value for key, value in state.totals.items()},
         "seconds": time.perf_counter() - started,
+        **{key: value for key, value in state.last_metrics.items() if key.startswith("validation_") or "_" not in key},
     }
-    summary.update({key: value for key, value in last_metrics.items() if "@" in key and "_" not in key})
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def train_round(config: RunConfig, population: Population, transport: Transport, state: RunState, server_round: int) -> dict[str, Any]:
+    """Sample, (query,) download, train, validate and aggregate one round; returns its record."""
+    started = time.perf_counter()
+    server = state.server
+    per_round = clients_per_round(config, population.users.size)
+    chosen = population.users[sample_clients(config.seed, server_round, population.users.size, per_round)]
+    rows: dict[int, np.ndarray | None] = {int(u): None for u in chosen}
+    query_bytes: dict[int, int] = {}
+    failed: list[int] = []
+    if config.fed.downlink == "rows":
+        for user, reply in transport.send("query", server_round, {int(u): {} for u in chosen}, {}).items():
+            try:
+                if isinstance(reply, str):
+                    raise PayloadError(reply)
+                rows[user] = _requested_rows(reply.arrays, population.n_items)
+                query_bytes[user] = _bytes(reply.arrays)
+            except PayloadError as exc:
+                rows.pop(user)
+                failed.append(user)
+                log.warning("round %d: row request of device %d failed: %s", server_round, user, exc)
+    messages = {user: {**server.download(wanted).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()}
+    replies = transport.send("train", server_round, messages, {"send-signal": server.wants_signal(server_round)})
+    updates, uploads, downloads, memory, dropped = [], [], [], [], 0
+    for user in sorted(messages):
+        downloads.append(_bytes(messages[user]))
+        reply = replies.get(user, "no reply")
+        if isinstance(reply, str):
+            failed.append(user)
+            log.warning("round %d: device %d failed: %s", server_round, user, reply)
+            continue
+        uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
+        update, reason = validate_update(server, reply.arrays)
+        if update is None:
+            dropped += 1
+            log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
+            continue
+        updates.append(update)
+        memory.append(reply.metrics.get("memory-bytes", 0.0))
+    applied = server.apply_round(server_round, updates)
+    state.totals["upload_bytes"] += sum(uploads)
+    state.totals["download_bytes"] += sum(downloads)
+    return {
+        "round": server_round,
+        "started": started,
+        "clients": len(chosen),
+        "failed_clients": len(failed),
+        "dropped_updates": dropped,
+        **_summary_stats(uploads, "upload_bytes"),
+        **_summary_stats(downloads, "download_bytes"),
+        **_summary_stats(memory, "device_memory_bytes"),
+        **applied,
+    }
 
 
 def _requested_rows(arrays: Arrays, n_items: int) -> np.ndarray:

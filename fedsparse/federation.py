@@ -6,7 +6,7 @@ exploration, federated NMF, per-round records and checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,6 @@ class Server:
     item_mask: np.ndarray  # bool [n_items, dim]
     policy: MaskPolicy
     round: int = 0
-    totals: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def create(cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None) -> "Server":
@@ -73,6 +72,19 @@ class Server:
         mask = policy.initial_mask(ITEM_TABLE, n_items, dim, rng, item_factor)
         weight = (rng.normal(0.0, INIT_STD, (n_items, dim)) * mask).astype(np.float32)
         return cls(config, weight, mask, policy)
+
+    @classmethod
+    def restore(cls, config: RunConfig, arrays: dict[str, np.ndarray]) -> "Server":
+        """Rebuild a server from ``state_arrays`` output (a checkpoint)."""
+        policy = policy_for_rounds(config)
+        policy.load_state_arrays({k.removeprefix("policy."): v for k, v in arrays.items() if k.startswith("policy.")})
+        return cls(
+            config,
+            np.array(arrays["item-weight"], dtype=np.float32),
+            np.array(arrays["item-mask"], dtype=bool),
+            policy,
+            int(arrays["round"][0]),
+        )
 
     @property
     def n_items(self) -> int:
@@ -89,12 +101,13 @@ class Server:
         return self.policy.is_update_step(server_round, self.config.num_server_rounds)
 
     def wants_signal(self, server_round: int) -> bool:
-        """Whether devices send a regrowth signal this round: every round for accumulating policies,
-        only at exploration rounds for last-batch ones, never for random growth or static masks."""
+        """Whether devices send a regrowth signal this round: at exploration rounds, or every round for an
+        accumulating policy when ``fed.signal-every-round``; never for random growth or a fixed mask."""
         grow = self.policy.settings.grow_score
         if self.config.fed.signal_topk == 0 or grow == "random" or self.policy.settings.drop_fraction == 0:
             return False
-        return grow != "last-batch" or self.is_explore_round(server_round)
+        every_round = self.config.fed.signal_every_round and grow != "last-batch"
+        return every_round or self.is_explore_round(server_round)
 
     def decode_reply(self, arrays: dict[str, np.ndarray]) -> RowUpdate:
         """Validate one device's upload against the current item mask; raises PayloadError."""

@@ -36,6 +36,17 @@ class InProcessTransport:
         self.data = data
         self.states: dict[int, dict[str, np.ndarray]] = {}
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Every device's private state, flattened as ``<user>.<key>`` (for the engine's checkpoint)."""
+        return {f"{user}.{key}": value for user, state in self.states.items() for key, value in state.items()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what ``state_arrays`` returned."""
+        self.states = {}
+        for name, value in arrays.items():
+            user, key = name.split(".", 1)
+            self.states.setdefault(int(user), {})[key] = value
+
     def device_data(self, user: int) -> DeviceData:
         """The user's partition of the interactions."""
         return DeviceData.from_interactions(self.data.train, self.data.validation, self.data.test, user)
@@ -68,9 +79,12 @@ class InProcessTransport:
         raise ValueError(f"unknown message kind {kind!r}")
 
 
-def run_inprocess(config: RunConfig, data: Interactions | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run a federation in this process; returns (run directory, summary)."""
+def run_inprocess(
+    config: RunConfig, data: Interactions | None = None, resume_dir: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Run a federation in this process (or resume the one in ``resume_dir``); returns (run dir, summary)."""
     data = data if data is not None else load_dataset(config.data, config.seed)
-    run_dir = new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
-    summary = run_federation(config, population_of(data), InProcessTransport(config, data), run_dir, data.train)
+    run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
+    transport = InProcessTransport(config, data)
+    summary = run_federation(config, population_of(data), transport, run_dir, data.train, resume=resume_dir is not None)
     return run_dir, summary

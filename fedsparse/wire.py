@@ -101,6 +101,7 @@ class RowUpdate:
     Optional regrowth signal for mask exploration: signal_rows int64 [s] (sorted, unique, a subset of
     row_ids), signal_cols (uint8 when dim <= 256, else uint16) [s, k] and signal_values float32 [s, k]:
     per row, the k inactive entries with the largest accumulated |gradient|, with their signed sums.
+    When the signal covers every row (the usual case), ``signal-rows`` is not sent: it equals row-ids.
     """
 
     row_ids: np.ndarray
@@ -118,9 +119,9 @@ class RowUpdate:
             "weight": np.asarray([self.weight], dtype=np.float32),
         }
         if self.signal_rows is not None:
-            arrays.update(
-                {"signal-rows": self.signal_rows, "signal-cols": self.signal_cols, "signal-values": self.signal_values}
-            )
+            arrays.update({"signal-cols": self.signal_cols, "signal-values": self.signal_values})
+            if not np.array_equal(self.signal_rows, self.row_ids):
+                arrays["signal-rows"] = self.signal_rows
         return arrays
 
     @property
@@ -131,9 +132,8 @@ class RowUpdate:
     @property
     def signal_nbytes(self) -> int:
         """Bytes of the regrowth signal alone (0 when none is sent)."""
-        if self.signal_rows is None:
-            return 0
-        return self.signal_rows.nbytes + self.signal_cols.nbytes + self.signal_values.nbytes
+        arrays = self.to_arrays()
+        return sum(arrays[key].nbytes for key in ("signal-rows", "signal-cols", "signal-values") if key in arrays)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> "RowUpdate":
@@ -153,15 +153,17 @@ class RowUpdate:
         weight = _expect(arrays, "weight", np.float32, 1)
         if weight.size != 1 or not np.isfinite(weight[0]) or weight[0] <= 0:
             raise PayloadError(f"'weight' must be one positive finite number, got {weight.tolist()}")
-        signal = [key in arrays for key in ("signal-rows", "signal-cols", "signal-values")]
-        if any(signal) and not all(signal):
-            raise PayloadError("a regrowth signal needs 'signal-rows', 'signal-cols' and 'signal-values' together")
+        signal = [key in arrays for key in ("signal-cols", "signal-values")]
+        if any(signal) and not all(signal) or ("signal-rows" in arrays and not any(signal)):
+            raise PayloadError("a regrowth signal needs 'signal-cols' and 'signal-values' together ('signal-rows' is optional)")
         if not any(signal):
             return cls(row_ids, values, float(weight[0]))
-        signal_rows = _expect(arrays, "signal-rows", np.int64, 1)
-        _check_row_ids(signal_rows, n_items, "signal-rows")
-        if not np.isin(signal_rows, row_ids).all():
-            raise PayloadError("'signal-rows' must be a subset of 'row-ids'")
+        signal_rows = row_ids
+        if "signal-rows" in arrays:
+            signal_rows = _expect(arrays, "signal-rows", np.int64, 1)
+            _check_row_ids(signal_rows, n_items, "signal-rows")
+            if not np.isin(signal_rows, row_ids).all():
+                raise PayloadError("'signal-rows' must be a subset of 'row-ids'")
         signal_cols = _expect(arrays, "signal-cols", signal_col_dtype(dim), 2)
         signal_values = _expect(arrays, "signal-values", np.float32, 2)
         if signal_cols.shape != signal_values.shape or signal_cols.shape[0] != signal_rows.size:

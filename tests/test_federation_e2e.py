@@ -60,8 +60,13 @@ def summary_items(run_dir: Path) -> int:
 
 
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
-def test_flower_run_matches_the_inprocess_engine(tmp_path):
-    config = small_config(tmp_path, **{"fed.downlink": "rows"})
+@pytest.mark.parametrize(
+    "overrides",
+    [{"fed.downlink": "rows"}, {"fed.downlink": "full", "fed.clients-per-node": 3}],
+    ids=["one-device-per-supernode-rows-downlink", "three-devices-per-supernode-full-downlink"],
+)
+def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
+    config = small_config(tmp_path, **overrides)
     data = load_dataset(config.data, config.seed)
     flwr_home = tmp_path / "flwr-home"
     try:

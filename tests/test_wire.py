@@ -55,9 +55,21 @@ def test_row_update_round_trip(signal: bool) -> None:
     update = make_update(mask, [0, 1, 4, 7, 11], signal=signal)
     arrays = update.to_arrays()
     assert set(arrays) == {"row-ids", "values", "weight"} | ({"signal-rows", "signal-cols", "signal-values"} if signal else set())
+
     decoded = RowUpdate.from_arrays(arrays, mask)
     assert_updates_equal(update, decoded)
     assert decoded.nbytes == update.nbytes
+
+
+def test_a_signal_on_every_row_sends_no_signal_rows() -> None:
+    mask = item_mask()
+    partial = make_update(mask, [0, 1, 4, 7, 11], signal=True)
+    full = RowUpdate(partial.row_ids, partial.values, 2.0, partial.row_ids,
+                     np.zeros((5, K_SIGNAL), signal_col_dtype(DIM)), np.ones((5, K_SIGNAL), np.float32))
+    arrays = full.to_arrays()
+    assert "signal-rows" not in arrays
+    assert full.signal_nbytes == 5 * K_SIGNAL * (1 + 4)
+    assert_updates_equal(full, RowUpdate.from_arrays(arrays, mask))
 
 
 @pytest.mark.parametrize("signal", [False, True])
@@ -169,10 +181,10 @@ BAD_REPLIES = {
     "missing row ids": (lambda a: with_(a, row_ids=None), r"missing array 'row-ids'"),
     "missing values": (lambda a: with_(a, values=None), r"missing array 'values'"),
     "missing weight": (lambda a: with_(a, weight=None), r"missing array 'weight'"),
-    "signal without cols": (lambda a: with_(a, signal_cols=None), r"needs 'signal-rows', 'signal-cols' and 'signal-values' together"),
+    "signal without cols": (lambda a: with_(a, signal_cols=None), r"needs 'signal-cols' and 'signal-values' together"),
     "signal values only": (
         lambda a: with_(a, signal_rows=None, signal_cols=None),
-        r"needs 'signal-rows', 'signal-cols' and 'signal-values' together",
+        r"needs 'signal-cols' and 'signal-values' together",
     ),
     "signal rows not a subset": (
         lambda a: with_(a, signal_rows=np.array([1, 3], dtype=np.int64)),

@@ -1,0 +1,120 @@
+"""The run loop under faults: bad replies are dropped, failed devices counted, runs resume exactly."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedsparse.config import RunConfig
+from fedsparse.data import load_dataset
+from fedsparse.engine import Reply, run_federation
+from fedsparse.inprocess import InProcessTransport, population_of, run_inprocess
+from fedsparse.results import new_run_dir, read_jsonl
+
+VOLATILE = {"seconds"}
+
+
+def small_config(tmp_path, **overrides):
+    flat = {
+        "results-dir": str(tmp_path),
+        "num-server-rounds": 4,
+        "data.dataset": "synthetic",
+        "data.synthetic-users": 16,
+        "data.synthetic-items": 40,
+        "data.synthetic-interactions-per-user": 8,
+        "model.dim": 8,
+        "sparse.policy": "sparserec",
+        "sparse.density": 0.25,
+        "fed.fraction-train": 0.5,
+        "fed.explore-every": 2,
+        "fed.nmf-rounds": 2,
+        **overrides,
+    }
+    return RunConfig.from_flat(flat)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FaultyTransport(InProcessTransport):
+    """The in-process transport with scripted faults: corrupt or failed replies, or an interruption."""
+
+    def __init__(self, config, data, corrupt=None, fail=(), interrupt_at=None):
+        super().__init__(config, data)
+        self.corrupt, self.fail, self.interrupt_at = corrupt, set(fail), interrupt_at
+
+    def send(self, kind, server_round, messages, settings):
+        if kind == "train" and server_round == self.interrupt_at:
+            raise Interrupted(f"killed before round {server_round}")
+        replies = super().send(kind, server_round, messages, settings)
+        if kind != "train":
+            return replies
+        for user in list(replies):
+            if user in self.fail:
+                replies[user] = "simulated crash"
+            elif self.corrupt and isinstance(replies[user], Reply) and user == min(messages):
+                replies[user] = Reply(self.corrupt(dict(replies[user].arrays)), replies[user].metrics)
+        return replies
+
+
+def rounds_without_timing(run_dir):
+    return [{k: v for k, v in record.items() if k not in VOLATILE} for record in read_jsonl(run_dir / "rounds.jsonl")]
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda a: {**a, "values": np.full_like(a["values"], np.nan)},
+        lambda a: {**a, "row-ids": a["row-ids"] + 10_000},
+        lambda a: {**a, "values": a["values"][:-1]},
+        lambda a: {key: value for key, value in a.items() if key != "weight"},
+        lambda a: {**a, "extra": np.zeros(3)},
+    ],
+)
+def test_a_malformed_reply_is_dropped_and_the_run_goes_on(tmp_path, corrupt):
+    config = small_config(tmp_path, **{"num-server-rounds": 2})
+    data = load_dataset(config.data, config.seed)
+    run_dir = new_run_dir(tmp_path, "faulty")
+    summary = run_federation(config, population_of(data), FaultyTransport(config, data, corrupt=corrupt), run_dir, data.train)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [record["dropped_updates"] for record in rounds] == [1, 1]
+    assert all(record["failed_clients"] == 0 for record in rounds)
+    assert np.isfinite(summary["recall@20"])
+
+
+def test_failed_devices_are_counted_and_the_round_completes(tmp_path):
+    config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.fraction-train": 1.0})
+    data = load_dataset(config.data, config.seed)
+    run_dir = new_run_dir(tmp_path, "failing")
+    run_federation(config, population_of(data), FaultyTransport(config, data, fail={0, 3, 5}), run_dir, data.train)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [record["failed_clients"] for record in rounds] == [3, 3]
+    assert all(record["clients"] == population_of(data).users.size for record in rounds)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    config = small_config(tmp_path)
+    data = load_dataset(config.data, config.seed)
+    reference_dir, reference = run_inprocess(config, data)
+
+    run_dir = new_run_dir(tmp_path, "interrupted")
+    with pytest.raises(Interrupted):
+        run_federation(config, population_of(data), FaultyTransport(config, data, interrupt_at=3), run_dir, data.train)
+    assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2]
+    resumed_dir, resumed = run_inprocess(config, data, resume_dir=run_dir)
+    assert resumed_dir == run_dir
+    assert rounds_without_timing(run_dir) == rounds_without_timing(reference_dir)
+    for key in ("recall@20", "ndcg@20", "total_upload_bytes", "total_download_bytes", "item_active_entries"):
+        assert resumed[key] == reference[key], key
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 4
+
+
+def test_rows_past_the_checkpoint_are_redone_not_duplicated(tmp_path):
+    config = small_config(tmp_path, **{"num-server-rounds": 2})
+    data = load_dataset(config.data, config.seed)
+    run_dir, _ = run_inprocess(config, data)
+    with open(run_dir / "rounds.jsonl", "a") as stream:  # a line written after the last checkpoint
+        stream.write(json.dumps({"round": 3, "clients": 1}) + "\n")
+    run_inprocess(config, data, resume_dir=run_dir)
+    assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2]
