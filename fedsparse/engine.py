@@ -314,6 +314,11 @@ def train_round(config: RunConfig, population: Population, transport: Transport,
         updates.append(update)
         memory.append(reply.metrics.get("memory-bytes", 0.0))
     applied = server.apply_round(server_round, updates)
+    dim = server.item_weight.shape[1]
+    # Reference points for the upload, per accepted update: its information floor (row ids + the active
+    # values of the rows touched), the same rows sent dense, and dense FedAvg of the whole item table.
+    floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
+    dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
     state.totals["upload_bytes"] += sum(uploads)
     state.totals["download_bytes"] += sum(downloads)
     return {
@@ -325,6 +330,9 @@ def train_round(config: RunConfig, population: Population, transport: Transport,
         **_summary_stats(uploads, "upload_bytes"),
         **_summary_stats(downloads, "download_bytes"),
         **_summary_stats(memory, "device_memory_bytes"),
+        "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
+        "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
+        "dense_fedavg_upload_bytes": server.n_items * dim * 4,
         **applied,
     }
 

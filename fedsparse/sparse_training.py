@@ -42,29 +42,36 @@ class MaskedAdam:
         self.exp_avg = torch.zeros_like(weight)
         self.exp_avg_sq = torch.zeros_like(weight)
         self.steps = 0
+        self.mask_changed()
+
+    def mask_changed(self) -> None:
+        """Refresh the float copy of ``mask`` (multiplying by a bool tensor converts it every step)."""
+        self._float_mask = self.mask.to(self.weight.dtype)
 
     def step(self, gradient: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Apply one update: ``gradient`` [rows, dim] for ``rows`` (int64 [r]), or the full table if None."""
+        """Apply one update: ``gradient`` [rows, dim] for ``rows`` (int64 [r]), or the full table if None.
+
+        ``gradient`` is consumed (masked in place). Inactive entries get a zero gradient and have zero
+        moments, so their update is exactly zero and the weights stay zero without re-masking.
+        """
         beta1, beta2 = ADAM_BETAS
         self.steps += 1
         step_size = self.lr / (1.0 - beta1**self.steps)
         bias_correction2_sqrt = (1.0 - beta2**self.steps) ** 0.5
         if rows is None:
-            gradient = gradient * self.mask
-            self.exp_avg.mul_(beta1).add_(gradient, alpha=1.0 - beta1)
+            gradient.mul_(self._float_mask)
+            self.exp_avg.lerp_(gradient, 1.0 - beta1)
             self.exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
-            denominator = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+            denominator = self.exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(ADAM_EPS)
             self.weight.addcdiv_(self.exp_avg, denominator, value=-step_size)
-            self.weight.mul_(self.mask)
             return
-        mask = self.mask[rows]
-        gradient = gradient * mask
-        exp_avg = self.exp_avg[rows].mul_(beta1).add_(gradient, alpha=1.0 - beta1)
+        gradient = gradient * self._float_mask[rows]
+        exp_avg = self.exp_avg[rows].lerp_(gradient, 1.0 - beta1)
         exp_avg_sq = self.exp_avg_sq[rows].mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
         self.exp_avg[rows] = exp_avg
         self.exp_avg_sq[rows] = exp_avg_sq
-        denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-        self.weight[rows] = (self.weight[rows] - step_size * exp_avg / denominator) * mask
+        denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(ADAM_EPS)
+        self.weight[rows] = self.weight[rows].addcdiv_(exp_avg, denominator, value=-step_size)
 
     def reset_entries(self, flat_indices: np.ndarray) -> None:
         """Zero the moments of the given flat (row-major) entries."""
@@ -75,7 +82,7 @@ class MaskedAdam:
     @property
     def nbytes(self) -> int:
         """Bytes of the optimiser state (two moments; a deployment would keep them for active entries only)."""
-        return self.exp_avg.nbytes + self.exp_avg_sq.nbytes
+        return self.exp_avg.nbytes + self.exp_avg_sq.nbytes + self._float_mask.nbytes
 
 
 @dataclass
@@ -180,8 +187,9 @@ class SparseEmbeddingTraining:
             grad_bytes += gradient_nbytes(gradient)
             if gradient is None or self.unmasked:
                 continue
-            rows, values = row_gradient(gradient)
-            self.policy.observe_gradient(name, rows.numpy(), values.numpy(), tuple(table.weight.shape))
+            if gradient.is_sparse or self.policy.uses_gradients:
+                rows, values = row_gradient(gradient)
+                self.policy.observe_gradient(name, rows.numpy(), values.numpy(), tuple(table.weight.shape))
             if gradient.is_sparse:
                 self.optimizers[name].step(values, rows)
             else:
@@ -207,6 +215,7 @@ class SparseEmbeddingTraining:
             self.masks[name].copy_(torch.from_numpy(update.mask))
             weight.view(-1)[torch.from_numpy(changed)] = 0.0
             self.optimizers[name].reset_entries(changed)
+            self.optimizers[name].mask_changed()
             self.accounting.entries_swapped += int(update.grown.size)
         self.accounting.mask_updates += 1
         self.accounting.mask_update_seconds += time.perf_counter() - started

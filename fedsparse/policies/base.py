@@ -124,6 +124,12 @@ class MaskPolicy:
 
     # --- gradient statistics ----------------------------------------------------------------------
 
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether growth reads gradients (so the trainer must hand them over each step)."""
+        explores = self.settings.density < 1.0 and self.settings.drop_fraction > 0.0
+        return explores and self.settings.grow_score in ("last-batch", "signed-sum", "abs-sum", "ema")
+
     def observe_gradient(self, table: str, rows: np.ndarray, gradient: np.ndarray, shape: tuple[int, int]) -> None:
         """Record one step's gradient w.r.t. the masked weights: rows int64 [r] (unique), gradient [r, dim].
 

@@ -1,0 +1,113 @@
+"""Federated benchmark: accuracy vs rounds, upload/download bytes and device memory per client-round.
+
+In-process engine (same loop as `flwr run`, see tests/test_federation_e2e.py). Each cell runs
+``fedsparse simulate`` in a subprocess; bytes are the engine's measured per-round means, compared
+with three references measured on the same updates: the information floor (row ids + active values
+of the rows touched), the same rows uploaded dense, and dense FedAvg of the whole item table.
+
+    FEDSPARSE_DATA=../shared/data python benchmarks/federated.py --datasets ml-1m --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ResultTable, machine_description  # noqa: E402
+
+from fedsparse.results import read_jsonl  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CELLS = [("dense", 1.0), ("sparserec", 0.5), ("sparserec", 0.2), ("sparserec", 0.1)]
+COLUMNS = [
+    "dataset", "policy", "density", "negatives", "rounds", "recall@20", "ndcg@20", "recall_vs_dense",
+    "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
+    "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
+    "total_nmf_upload_bytes", "total_nmf_download_bytes",
+]
+
+
+def run_simulation(flags: list[str], results_dir: Path) -> Path:
+    """``fedsparse simulate --engine inprocess FLAGS`` in a subprocess; returns its run directory."""
+    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", "inprocess",
+               "--results-dir", str(results_dir), *flags]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
+    return Path(completed.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+
+
+def cell_row(run_dir: Path) -> dict:
+    """One table row from a run directory: final metrics and per-client-round byte means over rounds."""
+    rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    upload = rounds["upload_bytes_mean"].mean()
+    return {
+        "recall@20": summary["recall@20"],
+        "ndcg@20": summary["ndcg@20"],
+        "upload_bytes_mean": upload,
+        "upload_vs_floor": upload / rounds["upload_floor_bytes_mean"].mean(),
+        "dense_fedavg_vs_upload": rounds["dense_fedavg_upload_bytes"].mean() / upload,
+        "dense_rows_vs_upload": rounds["dense_rows_upload_bytes_mean"].mean() / upload,
+        "download_bytes_mean": rounds["download_bytes_mean"].mean(),
+        "device_memory_bytes_mean": rounds["device_memory_bytes_mean"].mean(),
+        "device_memory_bytes_max": rounds["device_memory_bytes_max"].max(),
+        "seconds_per_round": rounds["seconds"].mean(),
+        "total_nmf_upload_bytes": summary.get("total_nmf_upload_bytes", 0),
+        "total_nmf_download_bytes": summary.get("total_nmf_download_bytes", 0),
+        "run_dir": str(run_dir),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="ml-1m,gowalla")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--negatives", default="1,4", help="sampled negatives per positive to compare")
+    parser.add_argument("--local-lr", default="0.05")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if not os.environ.get("FEDSPARSE_DATA"):
+        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+    table = ResultTable(args.out / "federated.csv")
+    started = time.perf_counter()
+    for dataset in args.datasets.split(","):
+        for negatives in args.negatives.split(","):
+            for policy, density in CELLS:
+                cell = f"{dataset}/{policy}/{density}/neg{negatives}"
+                if table.has(cell):
+                    continue
+                flags = ["--dataset", dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", policy,
+                         "--sparse.density", str(density), "--negatives", negatives,
+                         "--fed.fraction-train", str(args.fraction), "--fed.local-lr", args.local_lr,
+                         "--fed.eval-every", str(args.eval_every)]
+                row = cell_row(run_simulation(flags, args.out / "runs"))
+                table.add(cell, {"dataset": dataset, "policy": policy, "density": density,
+                                 "negatives": int(negatives), "rounds": args.rounds, **row})
+                print(f"{cell:35s} recall@20={row['recall@20']:.4f} upload={row['upload_bytes_mean']:.0f} B "
+                      f"({row['dense_fedavg_vs_upload']:.0f}x below dense FedAvg)", flush=True)
+    frame = table.frame()
+    dense = frame[frame["policy"] == "dense"].set_index(["dataset", "negatives"])["recall@20"]
+    frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"]), float("nan"))
+                                for _, row in frame.iterrows()]
+    header = (
+        f"Measured by `python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
+        f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr}` on "
+        f"{machine_description()}; this invocation took {time.perf_counter() - started:.0f} s.\n\n"
+    )
+    (args.out / "federated.md").write_text(header + frame.reindex(columns=COLUMNS).to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(frame.reindex(columns=COLUMNS).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
