@@ -100,18 +100,34 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
     _, item_factor = multiplicative_init(population.n_users, population.n_items, rank, config.seed, mean)
     init_scale = np.asarray([np.sqrt(mean / rank)], dtype=np.float32)
     download = upload = 0
+    devices = [int(u) for u in population.users]
+    rows_of: dict[int, np.ndarray] = {}
+    if config.fed.downlink == "rows":
+        # Each device asks for the rows of its round-0 training set (positives hidden among negatives)
+        # and then receives only those rows of Q each NMF round.
+        for user, reply in transport.send("query", 0, {u: {} for u in devices}, {}).items():
+            try:
+                if isinstance(reply, str):
+                    raise PayloadError(reply)
+                rows_of[user] = _requested_rows(reply.arrays, population.n_items)
+                upload += _bytes(reply.arrays)
+            except PayloadError as exc:
+                log.warning("nmf: row request of device %d failed: %s", user, exc)
+        devices = sorted(rows_of)
     gram_users = np.zeros((rank, rank))
     for nmf_round in range(1, config.fed.nmf_rounds + 1):
-        message = {
-            "item-factor": item_factor.astype(np.float32),
-            "gram": (item_factor.T @ item_factor).astype(np.float32),
-            "init-scale": init_scale,
+        factor32 = item_factor.astype(np.float32)
+        shared = {"gram": (item_factor.T @ item_factor).astype(np.float32), "init-scale": init_scale}
+        messages = {
+            user: {**shared, "item-factor": factor32[rows_of[user]], "row-ids": rows_of[user]} if rows_of
+            else {**shared, "item-factor": factor32}
+            for user in devices
         }
-        replies = transport.send("nmf", nmf_round, {int(u): message for u in population.users}, {})
+        replies = transport.send("nmf", nmf_round, messages, {})
         numerator = np.zeros((population.n_items, rank))
         gram_users = np.zeros((rank, rank))
         for user, reply in replies.items():
-            download += _bytes(message)
+            download += _bytes(messages[user])
             if isinstance(reply, str):
                 log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
                 continue

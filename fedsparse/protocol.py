@@ -32,16 +32,23 @@ class DeviceReply:
 def handle_nmf(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceReply:
     """One federated multiplicative-update round on the device.
 
-    Receives Q float32 [n_items, rank], QᵀQ [rank, rank] and the init scale; updates its private p_u and
-    returns its item ids, p_u (once: every row of r_uᵀ p_u equals it for binary r_u) and p_u p_uᵀ.
+    Receives Q float32 (all rows [n_items, rank], or only the rows ``row-ids`` it asked for), QᵀQ
+    [rank, rank] and the init scale; updates its private p_u and returns its item ids, p_u (once: every
+    row of r_uᵀ p_u equals it for binary r_u) and p_u p_uᵀ.
     """
     item_factor = message["item-factor"].astype(np.float64)
     gram_q = message["gram"].astype(np.float64)
+    items = data.train
+    if "row-ids" in message:  # only some rows of Q came: index the device's items within them
+        rows = message["row-ids"]
+        items = np.searchsorted(rows, data.train)
+        if items.size and (items.max() >= rows.size or not np.array_equal(rows[items], data.train)):
+            raise ValueError(f"user {data.user_id}: the NMF download lacks rows of the user's items")
     p_u = state.get(NMF_FACTOR)
     if p_u is None:
         scale = float(message["init-scale"][0])
         p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
-    p_u = user_factor_update(data.train, p_u.astype(np.float64), item_factor, gram_q)
+    p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram_q)
     arrays = {"rows": data.train, "user-factor": p_u.astype(np.float32), "gram": np.outer(p_u, p_u).astype(np.float32)}
     return DeviceReply(arrays, {**state, NMF_FACTOR: p_u}, {})
 
