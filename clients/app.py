@@ -49,7 +49,7 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
             elif kind == "rows":
                 reply = handle_query(config, device, data.n_items, server_round)
             elif kind == "train":
-                reply = handle_train(config, state, device, incoming, data.n_items, server_round, bool(settings["send-signal"]))
+                reply = handle_train(config, state, device, incoming, data.n_items, server_round, dict(settings))
             else:
                 reply = handle_evaluate(config, state, device, incoming, data.n_items)
         except ValueError as exc:

@@ -9,6 +9,7 @@ and the in-process engine both call these functions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,9 @@ import torch
 from fedsparse import metrics
 from fedsparse.config import RunConfig, ranking_cutoffs
 from fedsparse.losses import batch_loss
-from fedsparse.masks import budget, largest
+from fedsparse.masks import budget, largest, prune_and_grow
 from fedsparse.models import MatrixFactorization
+from fedsparse.policies import build_policy
 from fedsparse.rng import rng_for
 from fedsparse.sparse_training import MaskedAdam
 from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
@@ -142,8 +144,13 @@ def local_train(
     n_items: int,
     server_round: int,
     send_signal: bool,
+    user_swap_fraction: float = 0.0,
 ) -> LocalResult:
     """Train MF-BPR on the device's positives against the downloaded item rows; upload the item deltas.
+
+    With ``user_swap_fraction`` > 0 the device also explores its own user-row mask after training:
+    ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown by
+    |accumulated gradient| (or at random for random-growth policies), starting at zero.
 
     The user row and the item rows follow ``MaskedAdam`` (masked entries stay zero; the user row's
     optimiser state persists, the item rows' is fresh each round). Gradients of inactive item entries
@@ -172,6 +179,7 @@ def local_train(
     user_opt.steps = state.steps
     item_opt = MaskedAdam(model.item_embedding.weight.data, item_mask, config.fed.local_lr)
     signal = torch.zeros(item_mask.shape)
+    user_signal = torch.zeros(user_mask.shape)
     positives = torch.from_numpy(np.searchsorted(touched, data.train))
     users = torch.zeros(data.train.size, dtype=torch.int64)
     total_loss = 0.0
@@ -182,7 +190,9 @@ def local_train(
         loss.backward()
         item_gradient = model.item_embedding.weight.grad
         signal += item_gradient * ~item_mask
-        user_opt.step(model.user_embedding.weight.grad)
+        user_gradient = model.user_embedding.weight.grad
+        user_signal += user_gradient * ~user_mask
+        user_opt.step(user_gradient)
         item_opt.step(item_gradient)
         total_loss += float(loss.detach())
     items = model.item_embedding.weight.detach()
@@ -199,9 +209,27 @@ def local_train(
         user_opt.exp_avg_sq.view(-1).numpy().copy(),
         user_opt.steps,
     )
+    if user_swap_fraction > 0:
+        explore_user_row(config, new_state, user_signal.view(-1).numpy(), user_swap_fraction, server_round, data.user_id)
     working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
     memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
     return LocalResult(new_state, update, total_loss / config.fed.local_epochs, int(memory))
+
+
+def explore_user_row(
+    config: RunConfig, state: DeviceState, signal: np.ndarray, fraction: float, server_round: int, user_id: int
+) -> None:
+    """Prune and regrow the user row's mask in place (the row's budget is unchanged)."""
+    active = int(state.user_mask.sum())
+    if build_policy(config.sparse).settings.grow_score == "random":
+        score = rng_for(config.seed, "device-explore", server_round, user_id).random(signal.shape)
+    else:
+        score = np.abs(signal)
+    update = prune_and_grow(state.user_row[None, :], state.user_mask[None, :], score[None, :], math.ceil(fraction * active))
+    changed = np.concatenate([update.pruned, update.grown])
+    state.user_mask = update.mask[0]
+    for array in (state.user_row, state.exp_avg, state.exp_avg_sq):
+        array[changed] = 0.0
 
 
 def _top_signal(

@@ -312,7 +312,7 @@ def train_round(config: RunConfig, population: Population, transport: Transport,
                 failed.append(user)
                 log.warning("round %d: row request of device %d failed: %s", server_round, user, exc)
     messages = {user: {**server.download(wanted).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()}
-    replies = transport.send("train", server_round, messages, {"send-signal": server.wants_signal(server_round)})
+    replies = transport.send("train", server_round, messages, server.train_settings(server_round))
     updates, uploads, downloads, memory, dropped = [], [], [], [], 0
     for user in sorted(messages):
         downloads.append(_bytes(messages[user]))

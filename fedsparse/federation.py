@@ -109,6 +109,19 @@ class Server:
         every_round = self.config.fed.signal_every_round and grow != "last-batch"
         return every_round or self.is_explore_round(server_round)
 
+    def user_swap_fraction(self, server_round: int) -> float:
+        """Share of each device's active user entries to prune and regrow this round (0 = keep the mask).
+
+        Devices explore their own user row with the item table's schedule, from their own gradients.
+        """
+        if not self.is_explore_round(server_round) or self.policy.name == "magnitude":
+            return 0.0
+        return self.policy.swap_fraction(server_round, self.config.num_server_rounds)
+
+    def train_settings(self, server_round: int) -> dict[str, float | bool]:
+        """The scalars every training device receives this round."""
+        return {"send-signal": self.wants_signal(server_round), "user-swap-fraction": self.user_swap_fraction(server_round)}
+
     def decode_reply(self, arrays: dict[str, np.ndarray]) -> RowUpdate:
         """Validate one device's upload against the current item mask; raises PayloadError."""
         return RowUpdate.from_arrays(arrays, self.item_mask)

@@ -73,7 +73,7 @@ class InProcessTransport:
         if kind == "query":
             return handle_query(self.config, data, n_items, server_round)
         if kind == "train":
-            return handle_train(self.config, state, data, message, n_items, server_round, bool(settings["send-signal"]))
+            return handle_train(self.config, state, data, message, n_items, server_round, settings)
         if kind == "evaluate":
             return handle_evaluate(self.config, state, data, message, n_items)
         raise ValueError(f"unknown message kind {kind!r}")

@@ -8,6 +8,7 @@ Message arrays are plain ``dict[str, np.ndarray]`` (what an ``ArrayRecord`` hold
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -78,13 +79,20 @@ def handle_train(
     message: dict[str, np.ndarray],
     n_items: int,
     server_round: int,
-    send_signal: bool,
+    settings: Mapping[str, Any],
 ) -> DeviceReply:
-    """Decode the item rows, train locally, return the sparse item update and the new private state."""
+    """Decode the item rows, train locally, return the sparse item update and the new private state.
+
+    ``settings``: ``send-signal`` (report a regrowth signal) and ``user-swap-fraction`` (explore the
+    user row's mask after training; 0 keeps it).
+    """
     download_arrays = {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
     download = RowsDownload.from_arrays(download_arrays, n_items, config.model.dim)
     device = _device_state(config, state, data, message)
-    result = local_train(config, device, data, download, n_items, server_round, send_signal)
+    result = local_train(
+        config, device, data, download, n_items, server_round,
+        bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
+    )
     metrics = {
         "loss": result.loss,
         "memory-bytes": float(result.memory_bytes),

@@ -424,3 +424,18 @@ def test_evaluate_device_planted_perfect_table() -> None:
     # the reverse table ranks the held-out items last
     worst = evaluate_device(cfg, state, data, -items + np.where(items == 0, 0.5, 0.0).astype(np.float32), "test")
     assert worst["recall@10"] == 0.0
+
+
+def test_user_row_exploration_keeps_the_budget_and_starts_grown_entries_at_zero():
+    from fedsparse.device import DeviceState, explore_user_row
+
+    config = RunConfig.from_flat({"model.dim": 8, "sparse.policy": "sparserec", "sparse.density": 0.5})
+    mask = np.array([True, True, True, True, False, False, False, False])
+    row = np.array([0.9, 0.01, 0.5, 0.02, 0, 0, 0, 0], dtype=np.float32)
+    state = DeviceState(row.copy(), mask.copy(), np.ones(8, np.float32) * mask, np.ones(8, np.float32) * mask)
+    signal = np.array([0, 0, 0, 0, 0.1, 3.0, 0.2, 2.0], dtype=np.float32)
+    explore_user_row(config, state, signal, 0.5, server_round=1, user_id=0)
+    assert state.user_mask.sum() == 4
+    np.testing.assert_array_equal(np.flatnonzero(state.user_mask), [0, 2, 5, 7])  # 0.01, 0.02 out; 3.0, 2.0 in
+    assert state.user_row[5] == state.user_row[7] == 0.0 and state.user_row[1] == state.user_row[3] == 0.0
+    assert state.exp_avg[[1, 3, 5, 7]].sum() == 0.0 and state.exp_avg[[0, 2]].sum() == 2.0

@@ -100,12 +100,15 @@ class MaskPolicy:
             and step < self.end_step(total_steps)
         )
 
-    def swap_count(self, active: int, step: int, total_steps: int) -> int:
-        """Entries pruned and regrown at ``step``: ceil(rho_t * K), rho_t cosine-annealed."""
-        rho = cosine_drop_fraction(
+    def swap_fraction(self, step: int, total_steps: int) -> float:
+        """rho_t, the cosine-annealed share of active entries swapped at ``step``."""
+        return cosine_drop_fraction(
             step, self.end_step(total_steps), self.settings.drop_fraction, self.settings.drop_fraction_min
         )
-        return int(math.ceil(rho * active))
+
+    def swap_count(self, active: int, step: int, total_steps: int) -> int:
+        """Entries pruned and regrown at ``step``: ceil(rho_t * K)."""
+        return int(math.ceil(self.swap_fraction(step, total_steps) * active))
 
     # --- masks ----------------------------------------------------------------------------------
 
