@@ -48,7 +48,7 @@ CHOICES = {
 COLUMNS = [
     "dataset", "variant", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "seconds_per_epoch",
     "time_vs_dense", "train_seconds", "peak_grad_bytes", "grad_vs_dense", "stored_model_bytes", "stored_vs_dense",
-    "training_state_bytes", "mask_updates", "epochs_run", "best_epoch",
+    "training_state_bytes", "mask_updates", "mask_init_seconds", "epochs_run", "best_epoch",
 ]
 
 

@@ -93,6 +93,7 @@ class StepAccounting:
     mask_updates: int = 0
     entries_swapped: int = 0
     mask_update_seconds: float = 0.0
+    mask_init_seconds: float = 0.0  # NMF factorisation before the first epoch (not in seconds per epoch)
 
 
 class SparseEmbeddingTraining:
@@ -122,7 +123,9 @@ class SparseEmbeddingTraining:
         # Density 1 with a dense backward is plain dense training: torch's Adam on every parameter, so
         # the dense reference pays for no mask arithmetic it does not need.
         self.unmasked = self.policy.settings.density >= 1.0 and not self.policy.settings.sparse_grad
+        started = time.perf_counter()
         nmf_scores = self._nmf_scores(train) if self.policy.settings.mask_init == "nmf" and not self.unmasked else {}
+        self.accounting.mask_init_seconds = time.perf_counter() - started
         for name, table in self.tables.items():
             table.sparse = self.policy.settings.sparse_grad
             rows, dim = table.weight.shape

@@ -168,6 +168,7 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
         "mask_updates": training.accounting.mask_updates,
         "entries_swapped": training.accounting.entries_swapped,
         "mask_update_seconds": training.accounting.mask_update_seconds,
+        "mask_init_seconds": training.accounting.mask_init_seconds,
     }
     if has_validation:
         summary["validation_" + select_key] = float(best["score"])
