@@ -1,8 +1,8 @@
 """Centralised trainer: MF / NeuMF with BPR or BCE under any mask policy, validation early stopping.
 
 With the ``dense`` policy this is the 100 % line every sparse and federated result is compared with.
-A run writes
-``config.json``, one ``metrics.jsonl`` line per epoch and ``summary.json`` into a new run directory.
+A run writes ``config.json``, one ``metrics.jsonl`` line per epoch and ``summary.json`` into a new run
+directory.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def evaluate_sampled(model: torch.nn.Module, data: Interactions, config: RunConf
             batch_users=config.eval.batch_users,
         )
     model.train()
-    return {f"sampled_{key}" if key != "users_evaluated" else "sampled_users_evaluated": value for key, value in result.items()}
+    return {f"sampled_{key}": value for key, value in result.items()}
 
 
 def peak_rss_bytes() -> int:
