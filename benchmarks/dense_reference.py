@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ml-100k cells only")
     parser.add_argument("--models", default="mf,neumf")
+    parser.add_argument("--datasets", default="", help="comma list of dataset labels to run (default: all)")
     parser.add_argument("--epochs", type=int, default=60, help="upper bound; early stopping on validation")
     parser.add_argument("--large-epochs", type=int, default=20, help="upper bound for gowalla and yelp2018")
     parser.add_argument("--eval-every", type=int, default=5)
@@ -54,7 +55,7 @@ def main() -> None:
     started = time.perf_counter()
     # Cheap cells first: every MF cell, then NeuMF (whose full ranking on the large sets is slowest).
     for model, (label, dataset, split, large) in [(m, c) for m in args.models.split(",") for c in CELLS]:
-        if args.quick and dataset != "ml-100k":
+        if args.quick and dataset != "ml-100k" or args.datasets and label not in args.datasets.split(","):
             continue
         cell = f"{label}/{model}"
         if table.has(cell):
