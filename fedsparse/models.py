@@ -119,16 +119,25 @@ class NeuMF(nn.Module):
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        """Logits of every item for some users: users int64 [b] -> float32 [b, n_items], chunked over items."""
-        n_items = self.item_embedding.num_embeddings
-        widest = max(self.item_embedding.embedding_dim, self.mlp[0].in_features, self.mlp[0].out_features)
-        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, users.shape[0] * widest))
-        all_items = torch.arange(n_items)
+        """Logits of every item for some users: users int64 [b] -> float32 [b, n_items], chunked over items.
+
+        Same function as ``score``, rearranged for ranking: the first MLP layer acts on [u; i], so its
+        user and item halves are applied once per user and once per item and only added per pair, and
+        the GMF part of the output layer is one matrix product. Only the deeper MLP layers run per pair.
+        """
+        mlp_dim = self.user_mlp_embedding.embedding_dim
+        first, deeper = self.mlp[0], self.mlp[2:]
+        user_part = self.user_mlp_embedding(users) @ first.weight[:, :mlp_dim].T + first.bias  # [b, w0]
+        item_part = self.item_mlp_embedding.weight @ first.weight[:, mlp_dim:].T  # [n_items, w0]
+        gmf_dim = self.item_embedding.embedding_dim
+        gmf_weight, hidden_weight = self.output.weight[0, :gmf_dim], self.output.weight[0, gmf_dim:]
+        gmf = (self.user_embedding(users) * gmf_weight) @ self.item_embedding.weight.T + self.output.bias  # [b, n]
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, users.shape[0] * first.out_features))
         parts = []
-        for start in range(0, n_items, chunk):
-            items = all_items[start : start + chunk].expand(users.shape[0], -1)
-            parts.append(self.score(users, items))
-        return torch.cat(parts, dim=1)
+        for start in range(0, item_part.shape[0], chunk):
+            hidden = deeper(torch.relu(user_part[:, None, :] + item_part[None, start : start + chunk, :]))
+            parts.append(hidden @ hidden_weight)
+        return gmf + torch.cat(parts, dim=1)
 
 
 def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> nn.Module:
