@@ -91,7 +91,8 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     """A fresh device: normal(0, 0.1) user row masked to round(density * dim) entries.
 
     With an NMF user factor (rank = dim), the mask row keeps the factor's largest entries (a per-row
-    quota: each device decides alone); otherwise a seeded random choice.
+    quota: each device decides alone) and, with ``sparse.nmf-values = factors``, starts from the factor's
+    values; otherwise a seeded random choice and normal(0, 0.1) values.
     """
     dim = config.model.dim
     rng = rng_for(config.seed, "device-init", user_id)
@@ -103,7 +104,10 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
         columns = np.sort(rng.choice(dim, size=active, replace=False))
     mask = np.zeros(dim, dtype=bool)
     mask[columns] = True
-    row = (rng.normal(0.0, 0.1, dim) * mask).astype(np.float32)
+    values = rng.normal(0.0, 0.1, dim)
+    if nmf_factor is not None and config.sparse.nmf_values == "factors":
+        values = np.asarray(nmf_factor, dtype=np.float64)
+    row = (values * mask).astype(np.float32)
     zeros = np.zeros(dim, dtype=np.float32)
     return DeviceState(row, mask, zeros.copy(), zeros.copy())
 

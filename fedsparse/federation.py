@@ -65,13 +65,18 @@ class Server:
 
     @classmethod
     def create(cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None) -> "Server":
-        """A fresh server: normal(0, 0.1) item rows masked by the policy's initial mask (NMF scores if given)."""
+        """A fresh server: item rows masked by the policy's initial mask (NMF scores if given).
+
+        Values are normal(0, 0.1), or the NMF item factor itself when ``sparse.nmf-values = factors``.
+        """
         dim = config.model.dim
         policy = policy_for_rounds(config)
         rng = rng_for(config.seed, "server-init")
         mask = policy.initial_mask(ITEM_TABLE, n_items, dim, rng, item_factor)
-        weight = (rng.normal(0.0, INIT_STD, (n_items, dim)) * mask).astype(np.float32)
-        return cls(config, weight, mask, policy)
+        values = rng.normal(0.0, INIT_STD, (n_items, dim))
+        if item_factor is not None and config.sparse.nmf_values == "factors":
+            values = item_factor
+        return cls(config, (values * mask).astype(np.float32), mask, policy)
 
     @classmethod
     def restore(cls, config: RunConfig, arrays: dict[str, np.ndarray]) -> "Server":
