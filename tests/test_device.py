@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 
 from fedsparse.aggregation import scatter_active
 from fedsparse.config import RunConfig

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsparse.config import ModelConfig, RunConfig
+from fedsparse.config import ModelConfig
 from fedsparse.losses import batch_loss
 from fedsparse.models import build_model
 from fedsparse.sparse_grad import RowEmbedding, gradient_nbytes, row_gradient, select_gradient_rows
