@@ -96,8 +96,7 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     """
     dim = config.model.dim
     rng = rng_for(config.seed, "device-init", user_id)
-    density = 1.0 if config.sparse.policy == "dense" else config.sparse.density
-    active = budget(density, 1, dim)
+    active = budget(build_policy(config.sparse).settings.density, 1, dim)
     if nmf_factor is not None:
         columns = largest(nmf_factor, active)
     else:

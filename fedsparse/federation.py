@@ -119,7 +119,7 @@ class Server:
 
         Devices explore their own user row with the item table's schedule, from their own gradients.
         """
-        if not self.is_explore_round(server_round) or self.policy.name == "magnitude":
+        if not self.is_explore_round(server_round):
             return 0.0
         return self.policy.swap_fraction(server_round, self.config.num_server_rounds)
 

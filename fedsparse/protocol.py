@@ -60,6 +60,11 @@ def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round
     return DeviceReply({"row-ids": rows}, {}, {})
 
 
+def _download_arrays(message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The item-row arrays of a message (the rest are NMF init fields)."""
+    return {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
+
+
 def _device_state(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceState:
     """The persisted device state, or a new one (its mask row from the NMF factor when one is known)."""
     if "user-row" in state:
@@ -86,8 +91,7 @@ def handle_train(
     ``settings``: ``send-signal`` (report a regrowth signal) and ``user-swap-fraction`` (explore the
     user row's mask after training; 0 keeps it).
     """
-    download_arrays = {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
-    download = RowsDownload.from_arrays(download_arrays, n_items, config.model.dim)
+    download = RowsDownload.from_arrays(_download_arrays(message), n_items, config.model.dim)
     device = _device_state(config, state, data, message)
     result = local_train(
         config, device, data, download, n_items, server_round,
@@ -109,8 +113,7 @@ def handle_evaluate(
     A device that never trained evaluates its freshly initialised row (initialised exactly as its first
     training round would, since evaluation messages carry the same NMF fields).
     """
-    download_arrays = {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
-    download = RowsDownload.from_arrays(download_arrays, n_items, config.model.dim)
+    download = RowsDownload.from_arrays(_download_arrays(message), n_items, config.model.dim)
     if download.row_ids is not None:
         raise PayloadError("evaluation needs the full item table")
     device = _device_state(config, state, data, message)

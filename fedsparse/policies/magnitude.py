@@ -26,6 +26,10 @@ class MagnitudePolicy(MaskPolicy):
         "sparse_grad": "off",
     }
 
+    def swap_fraction(self, step: int, total_steps: int) -> float:
+        """Never swaps: the cubic schedule prunes and nothing grows back."""
+        return 0.0
+
     def initial_active(self, rows: int, dim: int) -> int:
         return rows * dim
 
