@@ -45,7 +45,7 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
         state = load_state(context, user)
         try:
             if kind == "nmf":
-                reply = handle_nmf(config, state, device, incoming)
+                reply = handle_nmf(config, state, device, incoming, data.n_items)
             elif kind == "rows":
                 reply = handle_query(config, device, data.n_items, server_round)
             elif kind == "train":

@@ -42,7 +42,7 @@ def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weigh
     if not updates:
         empty = np.empty((0, dim), dtype=np.float32)
         return AggregatedRows(np.empty(0, dtype=np.int64), empty, np.empty(0, dtype=np.int64), empty)
-    rows = np.unique(np.concatenate([update.row_ids for update in updates]))
+    rows = np.unique(np.concatenate([update.row_ids for update in updates])).astype(np.int64)
     sums = np.zeros((rows.size, dim), dtype=np.float64)
     weights = np.zeros(rows.size, dtype=np.float64)
     contributors = np.zeros(rows.size, dtype=np.int64)

@@ -111,6 +111,7 @@ class FedConfig:
     clients_per_round: int = 0  # sampled devices per training round (0 = use fraction-train)
     fraction_train: float = 0.1  # share of devices sampled per round when clients-per-round is 0
     local_epochs: int = 1  # passes over the device's positives per round
+    local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     local_lr: float = 0.01  # Adam learning rate on the device (user row and its copy of item rows)
     server_lr: float = 1.0  # scale of the aggregated item deltas applied by the server
     aggregation: str = "weighted"  # per-row mean weighted by examples, or uniform over contributors
@@ -228,6 +229,7 @@ class RunConfig:
             (f.clients_per_round >= 0, "fed.clients-per-round", "must be >= 0"),
             (0.0 < f.fraction_train <= 1.0, "fed.fraction-train", "must be in (0, 1]"),
             (f.local_epochs >= 1, "fed.local-epochs", "must be >= 1"),
+            (f.local_batch_size >= 0, "fed.local-batch-size", "must be >= 0 (0 = full local batch)"),
             (f.local_lr > 0, "fed.local-lr", "must be > 0"),
             (f.server_lr > 0, "fed.server-lr", "must be > 0"),
             (f.aggregation in AGGREGATIONS, "fed.aggregation", f"must be one of {AGGREGATIONS}"),

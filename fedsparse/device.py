@@ -24,7 +24,7 @@ from fedsparse.models import MatrixFactorization
 from fedsparse.policies import build_policy
 from fedsparse.rng import rng_for
 from fedsparse.sparse_training import MaskedAdam
-from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
+from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,21 @@ def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_ro
     return candidates[rng.integers(0, candidates.size, size=shape)]
 
 
+def local_batches(config: RunConfig, data: DeviceData, server_round: int) -> list[tuple[int, torch.Tensor]]:
+    """(epoch, positions int64 [b]) of every local step: each epoch a seeded shuffle of the device's
+    positives cut into ``fed.local-batch-size`` pieces, or all of them in one step when it is 0."""
+    n_train = data.train.size
+    size = config.fed.local_batch_size or n_train
+    if size >= n_train:
+        return [(epoch, torch.arange(n_train)) for epoch in range(config.fed.local_epochs)]
+    rng = rng_for(config.seed, "device-batches", server_round, data.user_id)
+    batches = []
+    for epoch in range(config.fed.local_epochs):
+        order = torch.from_numpy(rng.permutation(n_train))
+        batches += [(epoch, order[start : start + size]) for start in range(0, n_train, size)]
+    return batches
+
+
 def rows_needed(data: DeviceData, negatives: np.ndarray) -> np.ndarray:
     """Sorted unique item rows a round touches: the positives and this round's negatives."""
     return np.union1d(data.train, negatives.ravel())
@@ -186,9 +201,10 @@ def local_train(
     positives = torch.from_numpy(np.searchsorted(touched, data.train))
     users = torch.zeros(data.train.size, dtype=torch.int64)
     total_loss = 0.0
-    for epoch in range(config.fed.local_epochs):
-        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch]))
-        loss = batch_loss(model, users, positives, negative_rows, config.train.loss, config.train.l2_reg)
+    steps = 0
+    for epoch, batch in local_batches(config, data, server_round):
+        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch][batch]))
+        loss = batch_loss(model, users[batch], positives[batch], negative_rows, config.train.loss, config.train.l2_reg)
         model.zero_grad(set_to_none=True)
         loss.backward()
         item_gradient = model.item_embedding.weight.grad
@@ -198,12 +214,14 @@ def local_train(
         user_opt.step(user_gradient)
         item_opt.step(item_gradient)
         total_loss += float(loss.detach())
+        steps += 1
     items = model.item_embedding.weight.detach()
     user = model.user_embedding.weight.detach().view(-1)
     delta = (items - torch.from_numpy(item_start))[item_mask].numpy().astype(np.float32)
+    row_ids = wire_row_ids(touched, n_items)
     update = RowUpdate(
-        touched, delta, float(data.train.size),
-        *(_top_signal(touched, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
+        row_ids, delta, float(data.train.size),
+        *(_top_signal(row_ids, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
     )
     new_state = DeviceState(
         user.numpy().astype(np.float32),
@@ -216,7 +234,7 @@ def local_train(
         explore_user_row(config, new_state, user_signal.view(-1).numpy(), user_swap_fraction, server_round, data.user_id)
     working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
     memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
-    return LocalResult(new_state, update, total_loss / config.fed.local_epochs, int(memory))
+    return LocalResult(new_state, update, total_loss / steps, int(memory))
 
 
 def explore_user_row(

@@ -23,7 +23,7 @@ from fedsparse.federation import Server, central_nmf_item_factor, clients_per_ro
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, atomic_write_text, read_jsonl, write_json
-from fedsparse.wire import PayloadError
+from fedsparse.wire import PayloadError, read_row_ids
 
 log = logging.getLogger("fedsparse")
 
@@ -150,13 +150,9 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
 
 
 def _nmf_reply(arrays: Arrays, n_items: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = np.asarray(arrays.get("rows"))
+    rows = read_row_ids(arrays, "rows", n_items).astype(np.int64)
     factor = np.asarray(arrays.get("user-factor"))
     gram = np.asarray(arrays.get("gram"))
-    if rows.dtype != np.int64 or rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n_items)):
-        raise PayloadError("'rows' must be int64 item ids in range")
-    if np.unique(rows).size != rows.size:
-        raise PayloadError("'rows' holds duplicates")
     if factor.shape != (rank,) or gram.shape != (rank, rank):
         raise PayloadError(f"expected user-factor [{rank}] and gram [{rank}, {rank}], got {factor.shape}, {gram.shape}")
     if not (np.isfinite(factor).all() and np.isfinite(gram).all()) or factor.min() < 0:
@@ -354,10 +350,8 @@ def train_round(config: RunConfig, population: Population, transport: Transport,
 
 
 def _requested_rows(arrays: Arrays, n_items: int) -> np.ndarray:
-    rows = np.asarray(arrays.get("row-ids", np.empty(0, dtype=np.int64)))
-    if rows.dtype != np.int64 or rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n_items)):
-        raise PayloadError("requested 'row-ids' must be int64 item ids in range")
-    return np.unique(rows)
+    """The validated item rows a device asked for, int64 [r] sorted."""
+    return read_row_ids(arrays, "row-ids", n_items).astype(np.int64)
 
 
 def evaluate_round(

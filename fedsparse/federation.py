@@ -26,7 +26,7 @@ from fedsparse.nmf import (
 from fedsparse.policies import MaskPolicy, build_policy
 from fedsparse.rng import rng_for
 from fedsparse.storage import CompactTable
-from fedsparse.wire import PayloadError, RowsDownload, RowUpdate
+from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, wire_row_ids
 
 ITEM_TABLE = "item"
 INIT_STD = 0.1  # normal init of item rows, as the centralised MF
@@ -99,7 +99,7 @@ class Server:
         """The masked item rows for a device: every row (``rows`` None) or the given sorted ids."""
         if rows is None:
             return RowsDownload(None, CompactTable.encode(self.item_weight, self.item_mask))
-        return RowsDownload(rows, CompactTable.encode(self.item_weight[rows], self.item_mask[rows]))
+        return RowsDownload(wire_row_ids(rows, self.n_items), CompactTable.encode(self.item_weight[rows], self.item_mask[rows]))
 
     def is_explore_round(self, server_round: int) -> bool:
         """Whether the item mask is updated after this round's aggregation."""

@@ -69,7 +69,7 @@ class InProcessTransport:
         data = self.device_data(user)
         n_items = self.data.n_items
         if kind == "nmf":
-            return handle_nmf(self.config, state, data, message)
+            return handle_nmf(self.config, state, data, message, n_items)
         if kind == "query":
             return handle_query(self.config, data, n_items, server_round)
         if kind == "train":

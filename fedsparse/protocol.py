@@ -16,7 +16,7 @@ from fedsparse.config import RunConfig
 from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_negatives, rows_needed
 from fedsparse.nmf import user_factor_update
 from fedsparse.rng import rng_for
-from fedsparse.wire import PayloadError, RowsDownload
+from fedsparse.wire import PayloadError, RowsDownload, wire_row_ids
 
 NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its private state
 
@@ -30,7 +30,9 @@ class DeviceReply:
     metrics: dict[str, float]
 
 
-def handle_nmf(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceReply:
+def handle_nmf(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
+) -> DeviceReply:
     """One federated multiplicative-update round on the device.
 
     Receives Q float32 (all rows [n_items, rank], or only the rows ``row-ids`` it asked for), QᵀQ
@@ -50,14 +52,14 @@ def handle_nmf(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData
         scale = float(message["init-scale"][0])
         p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
     p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram_q)
-    arrays = {"rows": data.train, "user-factor": p_u.astype(np.float32), "gram": np.outer(p_u, p_u).astype(np.float32)}
+    arrays = {"rows": wire_row_ids(data.train, n_items), "user-factor": p_u.astype(np.float32), "gram": np.outer(p_u, p_u).astype(np.float32)}
     return DeviceReply(arrays, {**state, NMF_FACTOR: p_u}, {})
 
 
 def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
     """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
     rows = rows_needed(data, round_negatives(config, data, n_items, server_round))
-    return DeviceReply({"row-ids": rows}, {}, {})
+    return DeviceReply({"row-ids": wire_row_ids(rows, n_items)}, {}, {})
 
 
 def _download_arrays(message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -30,7 +30,32 @@ def _expect(arrays: dict[str, np.ndarray], key: str, dtype: np.dtype | type, ndi
     return array
 
 
+def row_id_dtype(n_rows: int) -> np.dtype:
+    """Wire dtype of the row ids of an ``n_rows`` table: the narrowest unsigned integer that holds
+    ``n_rows - 1`` (uint16 up to 65,536 rows, uint32 up to 2**32), so ids cost 2 or 4 bytes, not 8."""
+    for dtype in (np.uint16, np.uint32):
+        if n_rows <= int(np.iinfo(dtype).max) + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def wire_row_ids(row_ids: np.ndarray, n_rows: int) -> np.ndarray:
+    """Row ids cast to ``row_id_dtype(n_rows)`` for sending; raises ValueError for ids outside [0, n_rows)."""
+    row_ids = np.asarray(row_ids)
+    if row_ids.size and (int(row_ids.min()) < 0 or int(row_ids.max()) >= n_rows):
+        raise ValueError(f"row ids must lie in [0, {n_rows}), got [{int(row_ids.min())}, {int(row_ids.max())}]")
+    return row_ids.astype(row_id_dtype(n_rows))
+
+
+def read_row_ids(arrays: dict[str, np.ndarray], key: str, n_rows: int) -> np.ndarray:
+    """Validate received row ids (``row_id_dtype(n_rows)``, 1-D, in range, strictly increasing)."""
+    row_ids = _expect(arrays, key, row_id_dtype(n_rows), 1)
+    _check_row_ids(row_ids, n_rows, key)
+    return row_ids
+
+
 def _check_row_ids(row_ids: np.ndarray, n_rows: int, name: str = "row-ids") -> None:
+    row_ids = row_ids.astype(np.int64)  # unsigned ids would wrap around in np.diff
     if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= n_rows):
         bad = row_ids[(row_ids < 0) | (row_ids >= n_rows)][0]
         raise PayloadError(f"{name!r} holds {bad}, outside [0, {n_rows})")
@@ -48,8 +73,8 @@ def _check_finite(values: np.ndarray, name: str) -> None:
 class RowsDownload:
     """Item rows sent to a device: the masked rows in compact form, and their ids.
 
-    ``row_ids`` int64 [r] (sorted, unique) or None when the whole table is sent in order (no ids cross
-    the wire then); ``table`` holds those r rows (values + mask structure).
+    ``row_ids`` [r] in ``row_id_dtype(n_items)`` (sorted, unique) or None when the whole table is sent
+    in order (no ids cross the wire then); ``table`` holds those r rows (values + mask structure).
     """
 
     row_ids: np.ndarray | None
@@ -71,8 +96,7 @@ class RowsDownload:
             raise PayloadError(f"unexpected array(s): {', '.join(extra)}")
         row_ids = None
         if "row-ids" in arrays:
-            row_ids = _expect(arrays, "row-ids", np.int64, 1)
-            _check_row_ids(row_ids, n_items)
+            row_ids = read_row_ids(arrays, "row-ids", n_items)
         n_rows = n_items if row_ids is None else row_ids.size
         table_arrays = {key.removeprefix("table."): value for key, value in arrays.items() if key.startswith("table.")}
         try:
@@ -88,18 +112,18 @@ class RowsDownload:
 
     def rows(self, n_items: int) -> np.ndarray:
         """The row ids this download covers (all rows when ``row_ids`` is None)."""
-        return np.arange(n_items, dtype=np.int64) if self.row_ids is None else self.row_ids
+        return np.arange(n_items, dtype=np.int64) if self.row_ids is None else self.row_ids.astype(np.int64)
 
 
 @dataclass(frozen=True)
 class RowUpdate:
     """A device's upload: deltas of the active entries of the item rows it trained.
 
-    row_ids: int64 [r] sorted, unique; values: float32 [K_r], the deltas of the active entries of
+    row_ids: [r] in ``row_id_dtype(n_items)``, sorted, unique; values: float32 [K_r], the deltas of the active entries of
     those rows in row-major mask order (server and device share the mask, so no column indices);
     weight: float, the device's weight in the per-row mean (its number of training examples).
-    Optional regrowth signal for mask exploration: signal_rows int64 [s] (sorted, unique, a subset of
-    row_ids), signal_cols (uint8 when dim <= 256, else uint16) [s, k] and signal_values float32 [s, k]:
+    Optional regrowth signal for mask exploration: signal_rows [s] (same dtype, sorted, unique, a subset
+    of row_ids), signal_cols (uint8 when dim <= 256, else uint16) [s, k] and signal_values float32 [s, k]:
     per row, the k inactive entries with the largest accumulated |gradient|, with their signed sums.
     When the signal covers every row (the usual case), ``signal-rows`` is not sent: it equals row-ids.
     """
@@ -143,8 +167,7 @@ class RowUpdate:
         extra = sorted(set(arrays) - known)
         if extra:
             raise PayloadError(f"unexpected array(s): {', '.join(extra)}")
-        row_ids = _expect(arrays, "row-ids", np.int64, 1)
-        _check_row_ids(row_ids, n_items)
+        row_ids = read_row_ids(arrays, "row-ids", n_items)
         values = _expect(arrays, "values", np.float32, 1)
         expected = int(item_mask[row_ids].sum())
         if values.size != expected:
@@ -160,8 +183,7 @@ class RowUpdate:
             return cls(row_ids, values, float(weight[0]))
         signal_rows = row_ids
         if "signal-rows" in arrays:
-            signal_rows = _expect(arrays, "signal-rows", np.int64, 1)
-            _check_row_ids(signal_rows, n_items, "signal-rows")
+            signal_rows = read_row_ids(arrays, "signal-rows", n_items)
             if not np.isin(signal_rows, row_ids).all():
                 raise PayloadError("'signal-rows' must be a subset of 'row-ids'")
         signal_cols = _expect(arrays, "signal-cols", signal_col_dtype(dim), 2)

@@ -14,6 +14,7 @@ from fedsparse.device import (
     DeviceState,
     evaluate_device,
     init_device,
+    local_batches,
     local_train,
     round_negatives,
     rows_needed,
@@ -177,7 +178,7 @@ def test_update_covers_exactly_positives_and_negatives() -> None:
     np.testing.assert_array_equal(update.row_ids, expected_rows)
     np.testing.assert_array_equal(update.row_ids, rows_needed(data, round_negatives(cfg, data, N_ITEMS, 1)))
     assert not np.isin(update.row_ids, np.union1d(data.validation, data.test)).any()
-    assert update.values.dtype == np.float32 and update.row_ids.dtype == np.int64
+    assert update.values.dtype == np.float32 and update.row_ids.dtype == np.uint16  # 40 items: 2-byte ids
     assert update.values.size == int(mask[update.row_ids].sum())  # K_r of the touched rows
     assert update.weight == float(data.train.size)
     assert update.signal_rows is None
@@ -210,6 +211,34 @@ def test_local_train_is_deterministic() -> None:
     np.testing.assert_array_equal(a.update.values, b.update.values)
     np.testing.assert_array_equal(a.update.signal_values, b.update.signal_values)
     np.testing.assert_array_equal(a.state.user_row, b.state.user_row)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_local_batches_cover_every_positive_once_per_epoch(batch_size: int) -> None:
+    cfg = config(**{"fed.local-batch-size": batch_size, "fed.local-epochs": 3})
+    data = user_data()
+    batches = local_batches(cfg, data, 4)
+    assert len(batches) == 3 * -(-data.train.size // batch_size)
+    for epoch in range(3):
+        positions = np.concatenate([b.numpy() for e, b in batches if e == epoch])
+        np.testing.assert_array_equal(np.sort(positions), np.arange(data.train.size))
+        assert all(b.numel() <= batch_size for e, b in batches if e == epoch)
+    assert [b.tolist() for _, b in batches] != [b.tolist() for _, b in local_batches(cfg, data, 5)]
+
+
+def test_local_batch_at_least_the_local_set_is_the_full_batch_step() -> None:
+    full, _, _ = train_once(config(), send_signal=True)
+    large, _, _ = train_once(config(**{"fed.local-batch-size": 100}), send_signal=True)
+    np.testing.assert_array_equal(full.update.values, large.update.values)
+    np.testing.assert_array_equal(full.state.user_row, large.state.user_row)
+    assert full.state.steps == 2
+
+
+def test_local_mini_batches_take_more_steps_and_still_learn() -> None:
+    cfg = config(**{"fed.local-batch-size": 2})
+    small, _, _ = train_once(cfg, send_signal=True)
+    assert small.state.steps == 2 * 3
+    assert np.isfinite(small.loss) and np.all(np.isfinite(small.update.values))
 
 
 def test_download_missing_a_needed_row_raises() -> None:

@@ -15,7 +15,7 @@ from fedsparse.federation import FederatedNmf, Server, clients_per_round, sample
 from fedsparse.masks import budget
 from fedsparse.nmf import multiplicative_init, multiplicative_update
 from fedsparse.rng import rng_for
-from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
+from fedsparse.wire import RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype
 
 N_ITEMS, DIM = 30, 8
 
@@ -34,7 +34,7 @@ def random_updates(mask: np.ndarray, n_devices: int, seed: int, signal: bool = F
     rng = rng_for(seed, "test-server-updates")
     updates = []
     for _ in range(n_devices):
-        rows = np.sort(rng.choice(N_ITEMS, size=6, replace=False)).astype(np.int64)
+        rows = np.sort(rng.choice(N_ITEMS, size=6, replace=False)).astype(row_id_dtype(N_ITEMS))
         values = rng.normal(size=int(mask[rows].sum())).astype(np.float32)
         extra = ()
         if signal:

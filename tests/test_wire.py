@@ -8,9 +8,10 @@ import pytest
 
 from fedsparse.rng import rng_for
 from fedsparse.storage import CompactTable, compact_nbytes
-from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, signal_col_dtype
+from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype, wire_row_ids
 
 N_ITEMS, DIM, K_SIGNAL = 12, 8, 3
+ID = row_id_dtype(N_ITEMS)  # uint16: row ids cross the wire in 2 bytes
 
 
 def item_mask(seed: int = 0) -> np.ndarray:
@@ -24,7 +25,7 @@ def item_mask(seed: int = 0) -> np.ndarray:
 def make_update(mask: np.ndarray, rows: list[int], signal: bool = False, weight: float = 3.0) -> RowUpdate:
     """A valid update of ``rows`` against ``mask`` (with a regrowth signal on every other row)."""
     rng = rng_for(1, "test-wire-update", len(rows), signal)
-    row_ids = np.asarray(rows, dtype=np.int64)
+    row_ids = np.asarray(rows, dtype=ID)
     values = rng.normal(size=int(mask[row_ids].sum())).astype(np.float32)
     if not signal:
         return RowUpdate(row_ids, values, weight)
@@ -80,14 +81,14 @@ def test_row_update_nbytes_sum_of_arrays_and_closed_form(signal: bool) -> None:
     r, k_r = len(rows), int(mask[rows].sum())
     assert update.nbytes == sum(array.nbytes for array in update.to_arrays().values())
     s = len(rows[::2])
-    signal_bytes = (8 * s + 1 * s * K_SIGNAL + 4 * s * K_SIGNAL) if signal else 0  # uint8 cols for dim 8
+    signal_bytes = (2 * s + 1 * s * K_SIGNAL + 4 * s * K_SIGNAL) if signal else 0  # uint16 ids, uint8 cols for dim 8
     assert update.signal_nbytes == signal_bytes
-    assert update.nbytes == 8 * r + 4 * k_r + 4 + signal_bytes
+    assert update.nbytes == 2 * r + 4 * k_r + 4 + signal_bytes
 
 
 def test_row_update_empty_rows_round_trip() -> None:
     mask = item_mask()
-    update = RowUpdate(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), 1.0)
+    update = RowUpdate(np.empty(0, dtype=ID), np.empty(0, dtype=np.float32), 1.0)
     decoded = RowUpdate.from_arrays(update.to_arrays(), mask)
     assert decoded.row_ids.size == 0 and decoded.values.size == 0
     assert update.nbytes == 4
@@ -124,24 +125,24 @@ def values_for(rows: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
 
 BAD_REPLIES = {
     "out-of-range row id": (
-        lambda a: with_(a, row_ids=np.array([1, 2, N_ITEMS], dtype=np.int64), signal_rows=None, signal_cols=None, signal_values=None),
+        lambda a: with_(a, row_ids=np.array([1, 2, N_ITEMS], dtype=ID), signal_rows=None, signal_cols=None, signal_values=None),
         rf"'row-ids' holds {N_ITEMS}, outside \[0, {N_ITEMS}\)",
     ),
-    "negative row id": (
-        lambda a: with_(a, row_ids=np.array([-1, 2], dtype=np.int64), signal_rows=None, signal_cols=None, signal_values=None),
-        r"'row-ids' holds -1, outside",
+    "signed int64 row ids": (
+        lambda a: with_(a, row_ids=a["row-ids"].astype(np.int64)),
+        r"'row-ids' must be uint16, got int64",
     ),
     "duplicate row ids": (
-        lambda a: with_(a, row_ids=np.array([1, 2, 2, 8], dtype=np.int64)),
+        lambda a: with_(a, row_ids=np.array([1, 2, 2, 8], dtype=ID)),
         r"strictly increasing \(no duplicates\); position 2",
     ),
     "unsorted row ids": (
-        lambda a: with_(a, row_ids=np.array([2, 1, 5, 8], dtype=np.int64)),
+        lambda a: with_(a, row_ids=np.array([2, 1, 5, 8], dtype=ID)),
         r"strictly increasing.*position 1",
     ),
     "int32 row ids": (
         lambda a: with_(a, row_ids=a["row-ids"].astype(np.int32)),
-        r"'row-ids' must be int64, got int32",
+        r"'row-ids' must be uint16, got int32",
     ),
     "float64 values": (
         lambda a: with_(a, values=a["values"].astype(np.float64)),
@@ -187,15 +188,15 @@ BAD_REPLIES = {
         r"needs 'signal-cols' and 'signal-values' together",
     ),
     "signal rows not a subset": (
-        lambda a: with_(a, signal_rows=np.array([1, 3], dtype=np.int64)),
+        lambda a: with_(a, signal_rows=np.array([1, 3], dtype=ID)),
         r"'signal-rows' must be a subset of 'row-ids'",
     ),
     "signal rows out of range": (
-        lambda a: with_(a, signal_rows=np.array([1, N_ITEMS + 5], dtype=np.int64)),
+        lambda a: with_(a, signal_rows=np.array([1, N_ITEMS + 5], dtype=ID)),
         r"'signal-rows' holds 17, outside",
     ),
     "signal rows unsorted": (
-        lambda a: with_(a, signal_rows=np.array([5, 1], dtype=np.int64)),
+        lambda a: with_(a, signal_rows=np.array([5, 1], dtype=ID)),
         r"'signal-rows' must be strictly increasing",
     ),
     "signal col out of range": (
@@ -211,7 +212,7 @@ BAD_REPLIES = {
         r"signal shapes disagree",
     ),
     "signal rows/cols count mismatch": (
-        lambda a: with_(a, signal_rows=np.array([1], dtype=np.int64)),
+        lambda a: with_(a, signal_rows=np.array([1], dtype=ID)),
         r"signal shapes disagree",
     ),
     "signal value NaN": (
@@ -242,7 +243,7 @@ def test_payload_error_is_a_value_error() -> None:
 def test_values_length_checked_against_the_mask_not_the_width() -> None:
     """A dense-looking [r * dim] upload is rejected when the rows' mask is sparser."""
     mask = item_mask()
-    rows = np.array([2, 3], dtype=np.int64)
+    rows = np.array([2, 3], dtype=ID)
     assert mask[rows].sum() < rows.size * DIM
     arrays = {"row-ids": rows, "values": np.zeros(rows.size * DIM, np.float32), "weight": np.ones(1, np.float32)}
     with pytest.raises(PayloadError, match="the mask of the 2 rows"):
@@ -259,7 +260,7 @@ def make_download(mask: np.ndarray, rows: np.ndarray | None) -> tuple[RowsDownlo
     return RowsDownload(rows, CompactTable.encode(weight[rows], mask[rows])), weight
 
 
-@pytest.mark.parametrize("rows", [None, np.array([0, 1, 3, 10], dtype=np.int64)], ids=["all-rows", "row-ids"])
+@pytest.mark.parametrize("rows", [None, np.array([0, 1, 3, 10], dtype=ID)], ids=["all-rows", "row-ids"])
 def test_rows_download_round_trip_and_bytes(rows: np.ndarray | None) -> None:
     mask = item_mask()
     download, weight = make_download(mask, rows)
@@ -274,14 +275,14 @@ def test_rows_download_round_trip_and_bytes(rows: np.ndarray | None) -> None:
     np.testing.assert_array_equal(got_mask, mask[covered])
     assert decoded.nbytes == download.nbytes == sum(array.nbytes for array in arrays.values())
     n_rows = N_ITEMS if rows is None else rows.size
-    ids_bytes = 0 if rows is None else 8 * rows.size
+    ids_bytes = 0 if rows is None else 2 * rows.size  # uint16 ids
     assert download.nbytes == ids_bytes + compact_nbytes(n_rows, DIM, int(mask[covered].sum()), "auto")
 
 
 @pytest.mark.parametrize("format", ["row-index", "bitmask"])
 def test_rows_download_both_layouts(format: str) -> None:
     mask = item_mask()
-    rows = np.array([2, 5, 6], dtype=np.int64)
+    rows = np.array([2, 5, 6], dtype=ID)
     download = RowsDownload(rows, CompactTable.encode(np.ones(mask.shape, np.float32)[rows], mask[rows], format))
     decoded = RowsDownload.from_arrays(download.to_arrays(), N_ITEMS, DIM)
     assert decoded.table.format == format
@@ -289,17 +290,17 @@ def test_rows_download_both_layouts(format: str) -> None:
 
 
 def download_arrays() -> dict[str, np.ndarray]:
-    download, _ = make_download(item_mask(), np.array([0, 2, 4], dtype=np.int64))
+    download, _ = make_download(item_mask(), np.array([0, 2, 4], dtype=ID))
     return dict(download.to_arrays())
 
 
 BAD_DOWNLOADS = {
-    "out-of-range row id": (lambda a: {**a, "row-ids": np.array([0, 2, N_ITEMS], np.int64)}, r"'row-ids' holds 12, outside"),
-    "negative row id": (lambda a: {**a, "row-ids": np.array([-3, 2, 4], np.int64)}, r"'row-ids' holds -3"),
-    "duplicate row ids": (lambda a: {**a, "row-ids": np.array([0, 2, 2], np.int64)}, r"strictly increasing"),
-    "int32 row ids": (lambda a: {**a, "row-ids": a["row-ids"].astype(np.int32)}, r"'row-ids' must be int64"),
+    "out-of-range row id": (lambda a: {**a, "row-ids": np.array([0, 2, N_ITEMS], ID)}, r"'row-ids' holds 12, outside"),
+    "signed int64 row ids": (lambda a: {**a, "row-ids": a["row-ids"].astype(np.int64)}, r"'row-ids' must be uint16, got int64"),
+    "duplicate row ids": (lambda a: {**a, "row-ids": np.array([0, 2, 2], ID)}, r"strictly increasing"),
+    "int32 row ids": (lambda a: {**a, "row-ids": a["row-ids"].astype(np.int32)}, r"'row-ids' must be uint16"),
     "2-D row ids": (lambda a: {**a, "row-ids": a["row-ids"][None]}, r"'row-ids' must have 1 dimension"),
-    "fewer ids than table rows": (lambda a: {**a, "row-ids": np.array([0, 2], np.int64)}, r"^item rows: "),
+    "fewer ids than table rows": (lambda a: {**a, "row-ids": np.array([0, 2], ID)}, r"^item rows: "),
     "table values float64": (lambda a: {**a, "table.values": a["table.values"].astype(np.float64)}, r"item rows: values dtype"),
     "table NaN": (lambda a: {**a, "table.values": np.full_like(a["table.values"], np.nan)}, r"item rows: .*non-finite"),
     "table array missing": (lambda a: {k: v for k, v in a.items() if k != "table.values"}, r"item rows: arrays keys"),
@@ -319,3 +320,19 @@ def test_full_download_must_cover_every_row() -> None:
     arrays = {k: v for k, v in download_arrays().items() if k != "row-ids"}  # a 3-row table, no ids
     with pytest.raises(PayloadError, match="item rows"):
         RowsDownload.from_arrays(arrays, N_ITEMS, DIM)
+
+
+@pytest.mark.parametrize(("n_rows", "dtype"), [(1, np.uint16), (65_536, np.uint16), (65_537, np.uint32), (2**32, np.uint32), (2**32 + 1, np.uint64)])
+def test_row_id_dtype_is_the_narrowest_that_holds_every_id(n_rows: int, dtype: type) -> None:
+    assert row_id_dtype(n_rows) == np.dtype(dtype)
+    assert int(np.iinfo(row_id_dtype(n_rows)).max) >= n_rows - 1
+
+
+def test_wire_row_ids_round_trip_and_reject_out_of_range() -> None:
+    ids = np.array([0, 7, 65_535], dtype=np.int64)
+    sent = wire_row_ids(ids, 65_536)
+    assert sent.dtype == np.uint16 and sent.nbytes == 6
+    np.testing.assert_array_equal(sent.astype(np.int64), ids)
+    for bad in ([-1, 3], [3, 65_536]):
+        with pytest.raises(ValueError, match=r"row ids must lie in \[0, 65536\)"):
+            wire_row_ids(np.array(bad), 65_536)
