@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -64,3 +65,57 @@ def machine_description() -> str:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({os.environ.get('OMP_NUM_THREADS', 'default')} threads per run)"
     )
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident set size of one process from /proc (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _belongs(pid: int, root: int, marker: bytes | None) -> bool:
+    """Whether ``pid`` descends from ``root`` or carries ``marker`` (e.g. FLWR_HOME=...) in its environment."""
+    try:
+        if marker is not None and marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return True
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+class PeakMemory:
+    """Samples, every ``interval`` seconds, the summed RSS of a process tree (plus every process whose
+    environment holds ``marker``, which catches Flower's detached SuperLink and its Ray workers); keeps
+    the peak in bytes. A sampled peak: a spike shorter than the interval can be missed."""
+
+    def __init__(self, root: int, marker: str | None = None, interval: float = 0.5) -> None:
+        self.root, self.marker, self.interval = root, marker.encode() if marker else None, interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        pids = [int(path.name) for path in Path("/proc").iterdir() if path.name.isdigit()]
+        return sum(_rss_bytes(pid) for pid in pids if _belongs(pid, self.root, self.marker))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

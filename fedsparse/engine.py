@@ -219,7 +219,8 @@ def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport) -> R
 
 
 def start_run(config: RunConfig, population: Population, transport: Transport, central_train=None) -> RunState:
-    """NMF (when the policy needs it) and the initial server."""
+    """NMF (when the policy needs it) and the initial server; ``totals["init_seconds"]`` times it."""
+    started = time.perf_counter()
     totals: dict[str, float] = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
     item_factor, device_init = None, DeviceInit()
     if build_policy(config.sparse).settings.mask_init == "nmf":
@@ -229,7 +230,9 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
         else:
             item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
             totals.update(nmf_bytes)
-    return RunState(Server.create(config, population.n_items, item_factor), device_init, totals, {}, {})
+    server = Server.create(config, population.n_items, item_factor)
+    totals["init_seconds"] = time.perf_counter() - started
+    return RunState(server, device_init, totals, {}, {})
 
 
 def run_federation(
