@@ -98,7 +98,7 @@ class SparseConfig:
     grad_row_budget: float = 0.0  # cap on rows * dim per step as a multiple of K (0 = no cap)
     nmf_method: str = "sklearn"
     nmf_iterations: int = 50
-    nmf_select: str = "global"
+    nmf_select: str = "global"  # global = top-K over the table; per-row = equal quotas, kept by every later update
     nmf_rescale: bool = True  # balance the NMF factors' column norms before ranking entries
     nmf_min_per_row: int = 1  # active entries every row keeps from the NMF mask
     nmf_values: str = "factors"  # initial values: the rebalanced NMF factors, or random (only the mask from NMF)

@@ -101,3 +101,36 @@ def prune_and_grow(
     grown = candidates[largest(np.asarray(grow_score).ravel()[candidates], pruned.size)]
     new_mask[grown] = True
     return MaskUpdate(new_mask.reshape(mask.shape), pruned, grown)
+
+
+def prune_and_grow_within_rows(
+    magnitude: np.ndarray,
+    mask: np.ndarray,
+    grow_score: np.ndarray,
+    fraction: float,
+    regrow_pruned: bool = True,
+) -> MaskUpdate:
+    """Per row, prune the ceil(fraction * active_r) active entries of smallest magnitude and grow as many
+    of that row's inactive entries by score: every row keeps its count (a per-row quota holds for good).
+
+    magnitude, grow_score: float [rows, dim]; mask: bool [rows, dim]. Ties go to the lower column. With
+    ``regrow_pruned`` False, a row's swap is capped by its entries that were inactive before.
+    """
+    if magnitude.shape != mask.shape or grow_score.shape != mask.shape:
+        raise ValueError(f"shapes differ: magnitude {magnitude.shape}, mask {mask.shape}, score {grow_score.shape}")
+    rows, dim = mask.shape
+    active = mask.sum(axis=1)
+    swap = np.ceil(fraction * active).astype(np.int64)
+    if not regrow_pruned:
+        swap = np.minimum(swap, dim - active)
+    chosen = np.arange(dim)[None, :] < swap[:, None]  # the first swap_r places of each row's order
+    row_of = np.repeat(np.arange(rows), swap)
+    prune_order = np.argsort(np.where(mask, np.abs(magnitude), np.inf), axis=1, kind="stable")
+    pruned_cols = prune_order[chosen]
+    new_mask = mask.copy()
+    new_mask[row_of, pruned_cols] = False
+    candidates = ~new_mask if regrow_pruned else ~mask
+    grow_order = np.argsort(-np.where(candidates, np.asarray(grow_score, dtype=np.float64), -np.inf), axis=1, kind="stable")
+    grown_cols = grow_order[chosen]
+    new_mask[row_of, grown_cols] = True
+    return MaskUpdate(new_mask, np.sort(row_of * dim + pruned_cols), np.sort(row_of * dim + grown_cols))

@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from fedsparse.masks import budget, cosine_drop_fraction, largest, prune_and_grow, random_mask, smallest, smallest_active
+from fedsparse.masks import (
+    budget,
+    cosine_drop_fraction,
+    largest,
+    prune_and_grow,
+    prune_and_grow_within_rows,
+    random_mask,
+    smallest,
+    smallest_active,
+)
 
 
 @pytest.mark.parametrize("density, rows, dim", [(0.05, 100, 64), (0.2, 7, 3), (1.0, 5, 4), (0.5, 1, 1), (1e-6, 10, 10)])
@@ -64,3 +73,48 @@ def test_regrowing_pruned_entries_can_be_forbidden():
     np.testing.assert_array_equal(allowed.grown, [0])
     np.testing.assert_array_equal(forbidden.grown, [2])
     assert forbidden.mask.sum() == allowed.mask.sum() == 2
+
+
+def slow_within_rows(magnitude, mask, score, fraction, regrow_pruned):
+    """Row by row with Python sorts: the reference for prune_and_grow_within_rows."""
+    new = mask.copy()
+    pruned, grown = [], []
+    dim = mask.shape[1]
+    for r in range(mask.shape[0]):
+        active = [c for c in range(dim) if mask[r, c]]
+        count = math.ceil(fraction * len(active))
+        if not regrow_pruned:
+            count = min(count, dim - len(active))
+        drop = sorted(active, key=lambda c: (abs(magnitude[r, c]), c))[:count]
+        for c in drop:
+            new[r, c] = False
+        pool = [c for c in range(dim) if (not new[r, c]) if regrow_pruned or not mask[r, c]]
+        grow = sorted(pool, key=lambda c: (-score[r, c], c))[:count]
+        for c in grow:
+            new[r, c] = True
+        pruned += [r * dim + c for c in drop]
+        grown += [r * dim + c for c in grow]
+    return new, sorted(pruned), sorted(grown)
+
+
+@pytest.mark.parametrize("regrow_pruned", [True, False])
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 1.0])
+def test_prune_and_grow_within_rows_matches_the_slow_reference_and_keeps_row_counts(fraction, regrow_pruned):
+    rng = np.random.default_rng(5)
+    mask = rng.random((30, 8)) < 0.4
+    mask[0] = True  # a full row: nothing to grow into unless pruned entries may come back
+    mask[1] = False  # an empty row
+    magnitude = rng.normal(size=mask.shape).round(1)  # rounded: ties must break by column
+    score = rng.normal(size=mask.shape).round(1)
+    update = prune_and_grow_within_rows(magnitude, mask, score, fraction, regrow_pruned)
+    expected_mask, expected_pruned, expected_grown = slow_within_rows(magnitude, mask, score, fraction, regrow_pruned)
+    np.testing.assert_array_equal(update.mask, expected_mask)
+    np.testing.assert_array_equal(update.pruned, expected_pruned)
+    np.testing.assert_array_equal(update.grown, expected_grown)
+    np.testing.assert_array_equal(update.mask.sum(axis=1), mask.sum(axis=1))
+
+
+def test_prune_and_grow_within_rows_rejects_shape_mismatch():
+    mask = np.ones((3, 4), dtype=bool)
+    with pytest.raises(ValueError, match="shapes differ"):
+        prune_and_grow_within_rows(np.zeros((3, 5)), mask, np.zeros((3, 4)), 0.5)

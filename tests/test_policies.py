@@ -126,3 +126,19 @@ def test_nmf_mask_has_exact_density_per_table():
     for table, mask in training.masks.items():
         assert int(mask.sum()) == budget(0.3, *mask.shape)
         assert (mask.sum(dim=1) >= 1).all()  # nmf-min-per-row = 1
+
+
+def test_per_row_nmf_quotas_hold_through_every_mask_update():
+    training, train, _ = make_training("sparserec", density=0.25, **{"sparse.nmf-select": "per-row"})
+    start = {table: mask.sum(dim=1).clone() for table, mask in training.masks.items()}
+    changed = []
+
+    def check(step):
+        for table, mask in training.masks.items():
+            assert torch.equal(mask.sum(dim=1), start[table]), (table, step)
+            assert int(mask.sum()) == budget(0.25, *mask.shape)
+        changed.append(any(not torch.equal(m, initial) for m, initial in zip(training.masks.values(), masks_at_start)))
+
+    masks_at_start = [mask.clone() for mask in training.masks.values()]
+    run_steps(training, train, STEPS, check)
+    assert changed[-1], "exploration never moved an entry: the test would not see a broken quota"

@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedsparse.config import AUTO, SparseConfig
-from fedsparse.masks import MaskUpdate, budget, cosine_drop_fraction, prune_and_grow, random_mask
+from fedsparse.masks import MaskUpdate, budget, cosine_drop_fraction, prune_and_grow, prune_and_grow_within_rows, random_mask
 from fedsparse.nmf import top_k_mask
 
 
@@ -202,8 +202,17 @@ class MaskPolicy:
         total_steps: int,
         rng: np.random.Generator,
     ) -> MaskUpdate:
-        """Prune ceil(rho_t * K) smallest-magnitude active entries and grow as many by ``grow_scores``."""
-        swap = self.swap_count(int(mask.sum()), step, total_steps)
-        update = prune_and_grow(weight, mask, self.grow_scores(table, mask.shape, rng), swap, self.settings.regrow_pruned)
+        """Prune ceil(rho_t * K) smallest-magnitude active entries and grow as many by ``grow_scores``.
+
+        With an NMF mask selected ``per-row``, the swap happens inside each row (ceil(rho_t * K_r) per
+        row), so every row keeps the quota it started with and a device's upload per row stays fixed.
+        """
+        scores = self.grow_scores(table, mask.shape, rng)
+        if self.settings.mask_init == "nmf" and self.settings.nmf_select == "per-row":
+            fraction = self.swap_fraction(step, total_steps)
+            update = prune_and_grow_within_rows(weight, mask, scores, fraction, self.settings.regrow_pruned)
+        else:
+            swap = self.swap_count(int(mask.sum()), step, total_steps)
+            update = prune_and_grow(weight, mask, scores, swap, self.settings.regrow_pruned)
         self.reset_statistics(table)
         return update
