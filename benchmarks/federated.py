@@ -26,9 +26,16 @@ from common import ResultTable, machine_description  # noqa: E402
 from fedsparse.results import read_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CELLS = [("dense", 1.0), ("sparserec", 0.5), ("sparserec", 0.2), ("sparserec", 0.1)]
+# (variant, policy, density, extra flags); "per-row" keeps every item row at round(density * dim) values.
+CELLS = [
+    ("dense", "dense", 1.0, []),
+    ("sparserec", "sparserec", 0.5, []),
+    ("sparserec", "sparserec", 0.2, []),
+    ("sparserec", "sparserec", 0.1, []),
+    ("sparserec per-row", "sparserec", 0.2, ["--sparse.nmf-select", "per-row"]),
+]
 COLUMNS = [
-    "dataset", "policy", "density", "negatives", "rounds", "recall@20", "ndcg@20", "recall_vs_dense", "best_round",
+    "dataset", "variant", "density", "negatives", "rounds", "recall@20", "ndcg@20", "recall_vs_dense", "best_round", "local_lr",
     "final_recall@20",
     "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
@@ -77,8 +84,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--negatives", default="1,4", help="sampled negatives per positive to compare")
-    parser.add_argument("--local-lr", default="0.05")
+    parser.add_argument("--local-lr", default="0.01", help="device Adam learning rate of the sparse cells")
+    parser.add_argument("--dense-local-lr", default="0.05", help="the same for dense FedMF (tuned apart: it starts from random rows)")
+    parser.add_argument("--local-batch-size", default="0")
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--cells", default="", help="only these comma-separated variant/density cells (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if not os.environ.get("FEDSPARSE_DATA"):
@@ -87,26 +97,30 @@ def main() -> None:
     started = time.perf_counter()
     for dataset in args.datasets.split(","):
         for negatives in args.negatives.split(","):
-            for policy, density in CELLS:
-                cell = f"{dataset}/{policy}/{density}/neg{negatives}"
+            for variant, policy, density, extra in CELLS:
+                cell = f"{dataset}/{variant}/{density}/neg{negatives}"
+                if args.cells and f"{variant}/{density}" not in args.cells.split(","):
+                    continue
                 if table.has(cell):
                     continue
+                local_lr = args.dense_local_lr if policy == "dense" else args.local_lr
                 flags = ["--dataset", dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", policy,
                          "--sparse.density", str(density), "--negatives", negatives,
-                         "--fed.fraction-train", str(args.fraction), "--fed.local-lr", args.local_lr,
-                         "--fed.eval-every", str(args.eval_every)]
+                         "--fed.fraction-train", str(args.fraction), "--fed.local-lr", local_lr,
+                         "--fed.local-batch-size", args.local_batch_size, "--fed.eval-every", str(args.eval_every), *extra]
                 row = cell_row(run_simulation(flags, args.out / "runs"))
-                table.add(cell, {"dataset": dataset, "policy": policy, "density": density,
-                                 "negatives": int(negatives), "rounds": args.rounds, **row})
+                table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density,
+                                 "negatives": int(negatives), "rounds": args.rounds, "local_lr": float(local_lr), **row})
                 print(f"{cell:35s} recall@20={row['recall@20']:.4f} upload={row['upload_bytes_mean']:.0f} B "
                       f"({row['dense_fedavg_vs_upload']:.0f}x below dense FedAvg)", flush=True)
     frame = table.frame()
-    dense = frame[frame["policy"] == "dense"].set_index(["dataset", "negatives"])["recall@20"]
+    dense = frame[frame["variant"] == "dense"].set_index(["dataset", "negatives"])["recall@20"]
     frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"]), float("nan"))
                                 for _, row in frame.iterrows()]
     header = (
         f"Measured by `python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
-        f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr}` on "
+        f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr} --dense-local-lr "
+        f"{args.dense_local_lr} --local-batch-size {args.local_batch_size}` on "
         f"{machine_description()}; this invocation took {time.perf_counter() - started:.0f} s.\n\n"
     )
     (args.out / "federated.md").write_text(header + frame.reindex(columns=COLUMNS).to_markdown(index=False, floatfmt=".4g") + "\n")

@@ -22,6 +22,7 @@ NMF_VALUES = ("random", "factors")
 DOWNLINKS = ("full", "rows")
 NMF_INITS = ("federated", "central", "none")
 AGGREGATIONS = ("weighted", "uniform")
+SERVER_OPTIMIZERS = ("avg", "adam")
 AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
@@ -113,7 +114,11 @@ class FedConfig:
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     local_lr: float = 0.01  # Adam learning rate on the device (user row and its copy of item rows)
-    server_lr: float = 1.0  # scale of the aggregated item deltas applied by the server
+    server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
+    server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
+    server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
+    server_beta2: float = 0.999  # adam: decay of the second moment
+    server_eps: float = 1e-8  # adam: added to the root of the second moment
     aggregation: str = "weighted"  # per-row mean weighted by examples, or uniform over contributors
     downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
@@ -232,6 +237,9 @@ class RunConfig:
             (f.local_batch_size >= 0, "fed.local-batch-size", "must be >= 0 (0 = full local batch)"),
             (f.local_lr > 0, "fed.local-lr", "must be > 0"),
             (f.server_lr > 0, "fed.server-lr", "must be > 0"),
+            (f.server_optimizer in SERVER_OPTIMIZERS, "fed.server-optimizer", f"must be one of {SERVER_OPTIMIZERS}"),
+            (0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fed.server-beta1/2", "must be in [0, 1)"),
+            (f.server_eps > 0, "fed.server-eps", "must be > 0"),
             (f.aggregation in AGGREGATIONS, "fed.aggregation", f"must be one of {AGGREGATIONS}"),
             (f.downlink in DOWNLINKS, "fed.downlink", f"must be one of {DOWNLINKS}"),
             (f.explore_every >= 1, "fed.explore-every", "must be >= 1"),

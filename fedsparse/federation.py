@@ -25,6 +25,7 @@ from fedsparse.nmf import (
 )
 from fedsparse.policies import MaskPolicy, build_policy
 from fedsparse.rng import rng_for
+from fedsparse.server_optim import ServerOptimizer
 from fedsparse.storage import CompactTable
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, wire_row_ids
 
@@ -62,6 +63,11 @@ class Server:
     item_mask: np.ndarray  # bool [n_items, dim]
     policy: MaskPolicy
     round: int = 0
+    optimizer: ServerOptimizer | None = None  # how mean deltas become a step (``fed.server-optimizer``)
+
+    def __post_init__(self) -> None:
+        if self.optimizer is None:
+            self.optimizer = ServerOptimizer(self.config.fed)
 
     @classmethod
     def create(cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None) -> "Server":
@@ -83,12 +89,15 @@ class Server:
         """Rebuild a server from ``state_arrays`` output (a checkpoint)."""
         policy = policy_for_rounds(config)
         policy.load_state_arrays({k.removeprefix("policy."): v for k, v in arrays.items() if k.startswith("policy.")})
+        optimizer = ServerOptimizer(config.fed)
+        optimizer.load_state_arrays({k.removeprefix("optimizer."): v for k, v in arrays.items() if k.startswith("optimizer.")})
         return cls(
             config,
             np.array(arrays["item-weight"], dtype=np.float32),
             np.array(arrays["item-mask"], dtype=bool),
             policy,
             int(arrays["round"][0]),
+            optimizer,
         )
 
     @property
@@ -136,8 +145,7 @@ class Server:
         merged = aggregate_row_updates(updates, self.item_mask, weighted=self.config.fed.aggregation == "weighted")
         if merged.rows.size:
             rows = merged.rows
-            self.item_weight[rows] += self.config.fed.server_lr * merged.deltas
-            self.item_weight[rows] *= self.item_mask[rows]
+            self.item_weight[rows] += self.optimizer.step(rows, merged.deltas, self.item_mask[rows], self.n_items)
             if self.wants_signal(server_round):
                 self.policy.observe_gradient(ITEM_TABLE, rows, merged.signal, self.item_mask.shape)
         explored = {}
@@ -149,6 +157,7 @@ class Server:
             self.item_mask = update.mask
             changed = np.concatenate([update.pruned, update.grown])
             self.item_weight.reshape(-1)[changed] = 0.0
+            self.optimizer.forget(changed)
             explored = {"pruned": int(update.pruned.size), "grown": int(update.grown.size)}
         self.round = server_round
         return {"rows_updated": int(merged.rows.size), **explored}
@@ -157,6 +166,7 @@ class Server:
         """Everything needed to resume: table, mask, round and the policy's accumulators."""
         arrays = {"item-weight": self.item_weight, "item-mask": self.item_mask, "round": np.asarray([self.round])}
         arrays.update({f"policy.{key}": value for key, value in self.policy.state_arrays().items()})
+        arrays.update({f"optimizer.{key}": value for key, value in self.optimizer.state_arrays().items()})
         return arrays
 
 

@@ -93,8 +93,9 @@ def test_failed_devices_are_counted_and_the_round_completes(tmp_path):
     assert all(record["clients"] == population_of(data).users.size for record in rounds)
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
-    config = small_config(tmp_path)
+@pytest.mark.parametrize("server_optimizer", [{}, {"fed.server-optimizer": "adam", "fed.server-lr": 0.01}], ids=["avg", "adam"])
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, server_optimizer):
+    config = small_config(tmp_path, **server_optimizer)
     data = load_dataset(config.data, config.seed)
     reference_dir, reference = run_inprocess(config, data)
 
