@@ -113,6 +113,7 @@ class FedConfig:
     fraction_train: float = 0.1  # share of devices sampled per round when clients-per-round is 0
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
+    user_steps: int = 0  # Adam steps on the user row alone (items frozen) before the joint steps, each round
     local_lr: float = 0.01  # Adam learning rate on the device (user row and its copy of item rows)
     server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
     server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
@@ -235,6 +236,7 @@ class RunConfig:
             (0.0 < f.fraction_train <= 1.0, "fed.fraction-train", "must be in (0, 1]"),
             (f.local_epochs >= 1, "fed.local-epochs", "must be >= 1"),
             (f.local_batch_size >= 0, "fed.local-batch-size", "must be >= 0 (0 = full local batch)"),
+            (f.user_steps >= 0, "fed.user-steps", "must be >= 0"),
             (f.local_lr > 0, "fed.local-lr", "must be > 0"),
             (f.server_lr > 0, "fed.server-lr", "must be > 0"),
             (f.server_optimizer in SERVER_OPTIMIZERS, "fed.server-optimizer", f"must be one of {SERVER_OPTIMIZERS}"),

@@ -200,6 +200,7 @@ def local_train(
     user_signal = torch.zeros(user_mask.shape)
     positives = torch.from_numpy(np.searchsorted(touched, data.train))
     users = torch.zeros(data.train.size, dtype=torch.int64)
+    fit_user_row(config, model, user_opt, user_mask, users, positives, torch.from_numpy(np.searchsorted(touched, negatives[0])))
     total_loss = 0.0
     steps = 0
     for epoch, batch in local_batches(config, data, server_round):
@@ -235,6 +236,33 @@ def local_train(
     working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
     memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
     return LocalResult(new_state, update, total_loss / steps, int(memory))
+
+
+def fit_user_row(
+    config: RunConfig,
+    model: MatrixFactorization,
+    user_opt: MaskedAdam,
+    user_mask: torch.Tensor,
+    users: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+) -> None:
+    """``fed.user-steps`` Adam steps on the user row alone against the downloaded item rows (frozen), before
+    the joint steps: the private row catches up with a table that moved since the device last took part
+    (FedRecon's local reconstruction, kept across rounds here). Costs O(n * dim) per step, no item gradient.
+    """
+    if config.fed.user_steps == 0:
+        return
+    item_weight = model.item_embedding.weight
+    item_weight.requires_grad_(False)
+    try:
+        for _ in range(config.fed.user_steps):
+            loss = batch_loss(model, users, positives, negatives, config.train.loss, config.train.l2_reg)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            user_opt.step(model.user_embedding.weight.grad)
+    finally:
+        item_weight.requires_grad_(True)
 
 
 def explore_user_row(

@@ -241,6 +241,16 @@ def test_local_mini_batches_take_more_steps_and_still_learn() -> None:
     assert np.isfinite(small.loss) and np.all(np.isfinite(small.update.values))
 
 
+def test_user_steps_fit_the_private_row_first_and_lower_the_joint_loss() -> None:
+    plain, _, _ = train_once(config(**{"fed.local-epochs": 1}))
+    fitted, _, _ = train_once(config(**{"fed.local-epochs": 1, "fed.user-steps": 20}))
+    assert fitted.loss < plain.loss
+    assert fitted.state.steps == plain.state.steps + 20  # the user row's Adam counts the extra steps
+    assert np.all(fitted.state.user_row[~fitted.state.user_mask] == 0)
+    np.testing.assert_array_equal(fitted.update.row_ids, plain.update.row_ids)
+    assert not np.array_equal(fitted.update.values, plain.update.values)
+
+
 def test_download_missing_a_needed_row_raises() -> None:
     cfg = config()
     data = user_data()
