@@ -321,4 +321,27 @@ def evaluate_device(
     _, per_user = metrics.full_ranking_per_user(
         lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
     )
-    return {name: float(values[0]) for name, values in per_user.items()}
+    result = {name: float(values[0]) for name, values in per_user.items()}
+    if config.data.split == "loo" and held_out.size == 1:
+        result.update(sampled_protocol(config, data, user, items, held_out, split))
+    return result
+
+
+def sampled_protocol(
+    config: RunConfig, data: DeviceData, user: torch.Tensor, items: torch.Tensor, held_out: np.ndarray, split: str
+) -> dict[str, float]:
+    """Leave-one-out + ``eval.sampled-negatives`` protocol on the device: HR@10 and NDCG@10 of the held-out
+    item among negatives it never interacted with, drawn from the device's own seeded stream."""
+    n_items = items.shape[0]
+    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), data.interacted, assume_unique=True)
+    count = min(config.eval.sampled_negatives, candidates.size)
+    rng = rng_for(config.seed, "device-eval-negatives", split, data.user_id)
+    negatives = np.sort(rng.choice(candidates, size=count, replace=False))[None, :]
+    _, per_user = metrics.sampled_per_user(
+        lambda _, candidates_of: items[torch.as_tensor(candidates_of)] @ user,
+        sp.csr_matrix((np.ones(1, dtype=np.float32), held_out, [0, 1]), shape=(1, n_items)),
+        negatives,
+        np.zeros(1, dtype=np.int64),
+        metrics.SAMPLED_PROTOCOL_K,
+    )
+    return {f"sampled_{name}": float(values[0]) for name, values in per_user.items()}

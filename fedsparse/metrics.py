@@ -23,6 +23,7 @@ CandidateScoreFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 # Users per chunk when drawing evaluation negatives in bulk; fixed so the draws do not depend on config.
 _NEGATIVE_CHUNK_USERS = 4096
 
+SAMPLED_PROTOCOL_K = 10  # HR@10 / NDCG@10 of the leave-one-out + sampled-negatives protocol
 
 # --------------------------------------------------------------------------------------------------
 # Per-user metrics on a hits matrix
@@ -508,4 +509,5 @@ __all__ = [
     "sample_eval_negatives",
     "sampled_per_user",
     "sampled_metrics",
+    "SAMPLED_PROTOCOL_K",
 ]

@@ -28,7 +28,6 @@ from fedsparse.rng import rng_for, torch_generator_for
 from fedsparse.sampling import NegativeSampler, training_pairs
 from fedsparse.sparse_training import SparseEmbeddingTraining
 
-SAMPLED_PROTOCOL_K = 10  # HR@10 / NDCG@10 of the leave-one-out + sampled-negatives protocol
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def evaluate_sampled(model: torch.nn.Module, data: Interactions, config: RunConf
             held_out,
             negatives,
             users,
-            k=SAMPLED_PROTOCOL_K,
+            k=metrics.SAMPLED_PROTOCOL_K,
             batch_users=config.eval.batch_users,
         )
     model.train()

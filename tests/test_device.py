@@ -441,6 +441,26 @@ def test_evaluate_device_sensible_values(split: str) -> None:
     assert metrics["recall@10"] <= metrics["recall@20"]
 
 
+def test_leave_one_out_devices_also_report_the_sampled_protocol() -> None:
+    cfg = config(**{"data.split": "loo", "eval.sampled-negatives": 20})
+    data = user_data()  # one test item (25): the protocol applies; two validation items: it does not
+    mask = np.zeros(DIM, dtype=bool)
+    mask[0] = True
+    state = DeviceState(mask.astype(np.float32), mask, np.zeros(DIM, np.float32), np.zeros(DIM, np.float32))
+    items = np.zeros((N_ITEMS, DIM), dtype=np.float32)
+    items[:, 0] = np.linspace(0.0, 1.0, N_ITEMS, dtype=np.float32)  # higher item id scores higher
+    test = evaluate_device(cfg, state, data, items, "test")
+    assert "sampled_hr@10" not in evaluate_device(cfg, state, data, items, "validation")
+    # the slow reference: rank = 1 + negatives scoring >= the held-out item, negatives from the device's stream
+    candidates = np.setdiff1d(np.arange(N_ITEMS), data.interacted)
+    negatives = rng_for(cfg.seed, "device-eval-negatives", "test", USER).choice(candidates, size=20, replace=False)
+    assert not np.isin(negatives, data.interacted).any()
+    rank = 1 + int((items[negatives, 0] >= items[25, 0]).sum())
+    assert test["sampled_hr@10"] == float(rank <= 10)
+    assert test["sampled_ndcg@10"] == pytest.approx((rank <= 10) / np.log2(rank + 1))
+    assert 0 < rank <= 21
+
+
 def test_evaluate_device_planted_perfect_table() -> None:
     """Held-out items score 1, everything else 0; training (and validation) items score highest but are
     excluded from the ranking, so a perfect table gives recall 1 and ndcg 1."""
