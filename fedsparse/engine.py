@@ -362,7 +362,9 @@ def evaluate_round(
 ) -> tuple[dict[str, float], int]:
     """Evaluate sampled devices on the full masked table; per-user means of every reported metric."""
     count = max(1, int(round(config.fed.eval_fraction * population.users.size)))
-    chosen = population.users[sample_clients(config.seed, server_round, population.users.size, count, "evaluate")]
+    # The same devices at every evaluation (keyed by the seed alone): rounds are compared, and the best
+    # round picked, on one fixed validation population, not on a new random subset each time.
+    chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
     table = server.download(None).to_arrays()
     messages = {int(u): {**table, **device_init.arrays(int(u))} for u in chosen}
     replies = transport.send("evaluate", server_round, messages, {})
