@@ -59,6 +59,12 @@ class ResultTable:
         return pd.DataFrame(self._read())
 
 
+def write_markdown_table(path: Path, header: str, frame: pd.DataFrame) -> None:
+    """Write ``header`` and ``frame`` as a Markdown table, atomically, and print the frame."""
+    atomic_write_text(path, header + frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(frame.to_string(index=False))
+
+
 def machine_description() -> str:
     """CPU, cores and torch version/threads, for the header of a results table."""
     return (

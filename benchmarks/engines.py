@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory, ResultTable, machine_description  # noqa: E402
+from common import PeakMemory, ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 from fedsparse.flower_run import FLOWER_ENV, stop_superlink  # noqa: E402
 from fedsparse.results import read_jsonl  # noqa: E402
@@ -128,8 +128,7 @@ def main() -> None:
         f"{args.rounds}` on {machine_description()}; Flower runs use 2 Ray actors of 1 CPU; this invocation took "
         f"{time.perf_counter() - started:.0f} s (cases already in the CSV were not rerun).\n\n"
     )
-    (args.out / "engines.md").write_text(header + frame.reindex(columns=COLUMNS).to_markdown(index=False, floatfmt=".4g") + "\n")
-    print(frame.reindex(columns=COLUMNS).to_string(index=False))
+    write_markdown_table(args.out / "engines.md", header, frame.reindex(columns=COLUMNS))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ResultTable, machine_description  # noqa: E402
+from common import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 from fedsparse.results import read_jsonl  # noqa: E402
 
@@ -130,8 +130,7 @@ def main() -> None:
         f"{args.downlink}` (rows from other invocations keep their own nmf_rounds/downlink columns) on "
         f"{machine_description()}; this invocation took {time.perf_counter() - started:.0f} s.\n\n"
     )
-    (args.out / "federated.md").write_text(header + frame.reindex(columns=COLUMNS).to_markdown(index=False, floatfmt=".4g") + "\n")
-    print(frame.reindex(columns=COLUMNS).to_string(index=False))
+    write_markdown_table(args.out / "federated.md", header, frame.reindex(columns=COLUMNS))
 
 
 if __name__ == "__main__":
