@@ -23,6 +23,8 @@ DOWNLINKS = ("full", "rows")
 NMF_INITS = ("federated", "central", "none")
 AGGREGATIONS = ("weighted", "uniform")
 SERVER_OPTIMIZERS = ("avg", "adam")
+ITEM_OPTIMIZERS = ("adam", "sgd")
+LDP_MECHANISMS = ("none", "gaussian", "laplace")
 AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
@@ -114,7 +116,9 @@ class FedConfig:
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     user_steps: int = 0  # Adam steps on the user row alone (items frozen) before the joint steps, each round
-    local_lr: float = 0.01  # Adam learning rate on the device (user row and its copy of item rows)
+    local_lr: float = 0.01  # Adam learning rate on the device (the user row; the item rows too with item-optimizer = adam)
+    item_optimizer: str = "adam"  # the device's optimiser of its item-row copy: adam (fresh each round) or sgd
+    item_lr: float = 0.05  # sgd: step per training example on the item rows (gradient of the summed loss)
     server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
     server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
@@ -142,6 +146,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Device-side defences of the uploads (see fedsparse/privacy)."""
+
+    padding_ratio: float = 0.0  # fake items per real positive, trained as positives (FedRec's hybrid filling)
+    ldp: str = "none"  # local DP on the uploaded values: none, gaussian or laplace
+    clip_norm: float = 1.0  # bound on the norm of one upload's values (L2 for gaussian, L1 for laplace)
+    noise_multiplier: float = 1.0  # noise scale / clip-norm (std for gaussian, b for laplace)
+    delta: float = 1e-5  # the delta at which epsilon is reported
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; build it with ``from_flat`` or ``RunConfig()`` for the defaults."""
 
@@ -154,6 +169,7 @@ class RunConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
@@ -196,7 +212,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
-        d, m, t, e, s, f = self.data, self.model, self.train, self.eval, self.sparse, self.fed
+        d, m, t, e, s, f, p = self.data, self.model, self.train, self.eval, self.sparse, self.fed, self.privacy
         checks = [
             (d.split in SPLITS, "data.split", f"must be one of {SPLITS}"),
             (0.0 < d.test_ratio < 1.0, "data.test-ratio", "must be in (0, 1)"),
@@ -240,6 +256,8 @@ class RunConfig:
             (f.local_lr > 0, "fed.local-lr", "must be > 0"),
             (f.server_lr > 0, "fed.server-lr", "must be > 0"),
             (f.server_optimizer in SERVER_OPTIMIZERS, "fed.server-optimizer", f"must be one of {SERVER_OPTIMIZERS}"),
+            (f.item_optimizer in ITEM_OPTIMIZERS, "fed.item-optimizer", f"must be one of {ITEM_OPTIMIZERS}"),
+            (f.item_lr > 0, "fed.item-lr", "must be > 0"),
             (0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fed.server-beta1/2", "must be in [0, 1)"),
             (f.server_eps > 0, "fed.server-eps", "must be > 0"),
             (f.aggregation in AGGREGATIONS, "fed.aggregation", f"must be one of {AGGREGATIONS}"),
@@ -254,6 +272,11 @@ class RunConfig:
             (e.k >= 1, "eval.k", "must be >= 1"),
             (e.batch_users >= 1, "eval.batch-users", "must be >= 1"),
             (e.sampled_negatives >= 1, "eval.sampled-negatives", "must be >= 1"),
+            (p.padding_ratio >= 0, "privacy.padding-ratio", "must be >= 0"),
+            (p.ldp in LDP_MECHANISMS, "privacy.ldp", f"must be one of {LDP_MECHANISMS}"),
+            (p.clip_norm > 0, "privacy.clip-norm", "must be > 0"),
+            (p.noise_multiplier >= 0, "privacy.noise-multiplier", "must be >= 0"),
+            (0 < p.delta < 1, "privacy.delta", "must be in (0, 1)"),
         ]
         for ok, key, message in checks:
             if not ok:
@@ -317,4 +340,4 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "RunConfig", "flat_defaults"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig", "RunConfig", "flat_defaults"]

@@ -22,8 +22,9 @@ from fedsparse.losses import batch_loss
 from fedsparse.masks import budget, largest, prune_and_grow
 from fedsparse.models import MatrixFactorization
 from fedsparse.policies import build_policy
+from fedsparse.privacy.defences import padding_count, sample_padding
 from fedsparse.rng import rng_for
-from fedsparse.sparse_training import MaskedAdam
+from fedsparse.sparse_training import MaskedAdam, MaskedSGD
 from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 
 
@@ -111,23 +112,37 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     return DeviceState(row, mask, zeros.copy(), zeros.copy())
 
 
+def round_padding(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
+    """Fake items int64 sorted [round(padding-ratio * n_train)] this round trains as positives (empty
+    without padding): never an item of the user, drawn from the device's own stream."""
+    count = padding_count(config.privacy.padding_ratio, data.train.size)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    return sample_padding(rng_for(config.seed, "device-padding", server_round, data.user_id), n_items, data.interacted, count)
+
+
 def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
-    """Negatives int64 [local_epochs, n_train, negatives] for this round, drawn from this device's own stream.
+    """Negatives int64 [local_epochs, n_train + n_fake, negatives] for this round, drawn from this device's
+    own stream among items neither the user's nor this round's fake positives.
 
     Known before training, so a device can ask for exactly the rows it will touch ("rows" downlink).
     """
+    fakes = round_padding(config, data, n_items, server_round)
     rng = rng_for(config.seed, "device-negatives", server_round, data.user_id)
-    shape = (config.fed.local_epochs, data.train.size, config.train.negatives)
-    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), data.interacted, assume_unique=True)
+    shape = (config.fed.local_epochs, data.train.size + fakes.size, config.train.negatives)
+    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), np.union1d(data.interacted, fakes), assume_unique=True)
     if candidates.size == 0:
         raise ValueError(f"user {data.user_id} interacted with every item: no negative exists")
     return candidates[rng.integers(0, candidates.size, size=shape)]
 
 
-def local_batches(config: RunConfig, data: DeviceData, server_round: int) -> list[tuple[int, torch.Tensor]]:
+def local_batches(
+    config: RunConfig, data: DeviceData, server_round: int, n_train: int | None = None
+) -> list[tuple[int, torch.Tensor]]:
     """(epoch, positions int64 [b]) of every local step: each epoch a seeded shuffle of the device's
-    positives cut into ``fed.local-batch-size`` pieces, or all of them in one step when it is 0."""
-    n_train = data.train.size
+    ``n_train`` positives (default: its training items) cut into ``fed.local-batch-size`` pieces, or all
+    of them in one step when it is 0."""
+    n_train = data.train.size if n_train is None else n_train
     size = config.fed.local_batch_size or n_train
     if size >= n_train:
         return [(epoch, torch.arange(n_train)) for epoch in range(config.fed.local_epochs)]
@@ -139,9 +154,10 @@ def local_batches(config: RunConfig, data: DeviceData, server_round: int) -> lis
     return batches
 
 
-def rows_needed(data: DeviceData, negatives: np.ndarray) -> np.ndarray:
-    """Sorted unique item rows a round touches: the positives and this round's negatives."""
-    return np.union1d(data.train, negatives.ravel())
+def rows_needed(data: DeviceData, negatives: np.ndarray, fakes: np.ndarray | None = None) -> np.ndarray:
+    """Sorted unique item rows a round touches: the positives, the fake positives and the negatives."""
+    rows = np.union1d(data.train, negatives.ravel())
+    return rows if fakes is None else np.union1d(rows, fakes)
 
 
 @dataclass(frozen=True)
@@ -170,13 +186,16 @@ def local_train(
     ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown by
     |accumulated gradient| (or at random for random-growth policies), starting at zero.
 
-    The user row and the item rows follow ``MaskedAdam`` (masked entries stay zero; the user row's
-    optimiser state persists, the item rows' is fresh each round). Gradients of inactive item entries
+    The user row follows ``MaskedAdam`` (masked entries stay zero; its optimiser state persists); the
+    item rows follow a fresh ``MaskedAdam`` each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD``
+    on the summed loss (updates proportional to the gradient, as in MF-SGD and FedAvg). Gradients of inactive item entries
     are accumulated (signed sum) and, when ``send_signal``, each touched row reports its ``signal-topk``
     largest |sums| among inactive entries.
     """
     negatives = round_negatives(config, data, n_items, server_round)
-    touched = rows_needed(data, negatives)
+    fakes = round_padding(config, data, n_items, server_round)
+    touched = rows_needed(data, negatives, fakes)
+    trained = np.concatenate([data.train, fakes])  # real positives, then the fake ones
     if data.train.size == 0:
         raise ValueError(f"user {data.user_id} has no training interactions")
     available = download.rows(n_items)
@@ -195,25 +214,32 @@ def local_train(
     user_opt.exp_avg.copy_(torch.from_numpy(state.exp_avg).view(1, -1))
     user_opt.exp_avg_sq.copy_(torch.from_numpy(state.exp_avg_sq).view(1, -1))
     user_opt.steps = state.steps
-    item_opt = MaskedAdam(model.item_embedding.weight.data, item_mask, config.fed.local_lr)
+    item_weight = model.item_embedding.weight.data
+    if config.fed.item_optimizer == "sgd":
+        item_opt: MaskedAdam | MaskedSGD = MaskedSGD(item_weight, item_mask, config.fed.item_lr)
+    else:
+        item_opt = MaskedAdam(item_weight, item_mask, config.fed.local_lr)
     signal = torch.zeros(item_mask.shape)
     user_signal = torch.zeros(user_mask.shape)
-    positives = torch.from_numpy(np.searchsorted(touched, data.train))
-    users = torch.zeros(data.train.size, dtype=torch.int64)
-    fit_user_row(config, model, user_opt, user_mask, users, positives, torch.from_numpy(np.searchsorted(touched, negatives[0])))
+    positives = torch.from_numpy(np.searchsorted(touched, trained))
+    users = torch.zeros(trained.size, dtype=torch.int64)
+    real = slice(0, data.train.size)
+    fit_user_row(config, model, user_opt, user_mask, users[real], positives[real], torch.from_numpy(np.searchsorted(touched, negatives[0][real])))
     total_loss = 0.0
     steps = 0
-    for epoch, batch in local_batches(config, data, server_round):
-        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch][batch]))
-        loss = batch_loss(model, users[batch], positives[batch], negative_rows, config.train.loss, config.train.l2_reg)
+    for epoch, batch in local_batches(config, data, server_round, trained.size):
+        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch][batch.numpy()]))
         model.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < data.train.size)
         item_gradient = model.item_embedding.weight.grad
         signal += item_gradient * ~item_mask
         user_gradient = model.user_embedding.weight.grad
         user_signal += user_gradient * ~user_mask
         user_opt.step(user_gradient)
-        item_opt.step(item_gradient)
+        if isinstance(item_opt, MaskedSGD):
+            item_opt.step(item_gradient, scale=float(batch.numel()))
+        else:
+            item_opt.step(item_gradient)
         total_loss += float(loss.detach())
         steps += 1
     items = model.item_embedding.weight.detach()
@@ -221,7 +247,7 @@ def local_train(
     delta = (items - torch.from_numpy(item_start))[item_mask].numpy().astype(np.float32)
     row_ids = wire_row_ids(touched, n_items)
     update = RowUpdate(
-        row_ids, delta, float(data.train.size),
+        row_ids, delta, float(trained.size),
         *(_top_signal(row_ids, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
     )
     new_state = DeviceState(
@@ -236,6 +262,33 @@ def local_train(
     working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
     memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
     return LocalResult(new_state, update, total_loss / steps, int(memory))
+
+
+def _padded_step_backward(
+    config: RunConfig,
+    model: MatrixFactorization,
+    users: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    is_real: torch.Tensor,
+) -> torch.Tensor:
+    """Backward the batch's mean loss; fake positives (``~is_real``) reach the item rows only.
+
+    Padding must make fake rows' deltas look real, but the private user row learns from real
+    positives alone. Without fakes this is one plain backward of ``batch_loss``.
+    """
+    loss = torch.zeros(())
+    user_weight = model.user_embedding.weight
+    for part in (is_real, ~is_real):
+        share = float(part.sum()) / part.numel()
+        if share == 0:
+            continue
+        user_weight.requires_grad_(part is is_real)
+        part_loss = share * batch_loss(model, users[part], positives[part], negatives[part], config.train.loss, config.train.l2_reg)
+        part_loss.backward()
+        loss = loss + part_loss.detach()
+    user_weight.requires_grad_(True)
+    return loss
 
 
 def fit_user_row(

@@ -23,7 +23,7 @@ from fedsparse.federation import Server, central_nmf_item_factor, clients_per_ro
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, atomic_write_text, read_jsonl, write_json
-from fedsparse.wire import PayloadError, read_row_ids
+from fedsparse.wire import PayloadError, RowUpdate, read_row_ids
 
 log = logging.getLogger("fedsparse")
 
@@ -48,6 +48,13 @@ class Transport(Protocol):
     def send(
         self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]
     ) -> dict[int, Reply | str]: ...
+
+
+class UploadObserver(Protocol):
+    """What an honest-but-curious server records: each accepted upload, with the server's state before
+    the round (the item rows it sent). Called before the round's updates are applied."""
+
+    def observe(self, server_round: int, user: int, update: RowUpdate, server: Server) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -242,12 +249,13 @@ def run_federation(
     run_dir: Path,
     central_train=None,
     resume: bool = False,
+    observer: UploadObserver | None = None,
 ) -> dict[str, Any]:
     """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
 
     ``central_train`` (the training CSR) is needed only for ``fed.nmf-init = central``, the oracle. With
     ``resume``, the run continues after the last round of ``run_dir/checkpoint.npz``; rounds.jsonl lines
-    written after that checkpoint are dropped and redone.
+    written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
     """
     config = effective_config(config)
     started = time.perf_counter()
@@ -261,7 +269,7 @@ def run_federation(
         write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
             "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items}})
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
-        record = train_round(config, population, transport, state, server_round)
+        record = train_round(config, population, transport, state, server_round, observer)
         if server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds:
             metrics, eval_bytes = evaluate_round(config, state.server, population, transport, state.device_init, server_round)
             state.totals["eval_download_bytes"] += eval_bytes
@@ -290,7 +298,14 @@ def run_federation(
     return summary
 
 
-def train_round(config: RunConfig, population: Population, transport: Transport, state: RunState, server_round: int) -> dict[str, Any]:
+def train_round(
+    config: RunConfig,
+    population: Population,
+    transport: Transport,
+    state: RunState,
+    server_round: int,
+    observer: UploadObserver | None = None,
+) -> dict[str, Any]:
     """Sample, (query,) download, train, validate and aggregate one round; returns its record."""
     started = time.perf_counter()
     server = state.server
@@ -327,6 +342,8 @@ def train_round(config: RunConfig, population: Population, transport: Transport,
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
             continue
         updates.append(update)
+        if observer is not None:
+            observer.observe(server_round, user, update, server)
         memory.append(reply.metrics.get("memory-bytes", 0.0))
     applied = server.apply_round(server_round, updates)
     dim = server.item_weight.shape[1]

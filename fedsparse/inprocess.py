@@ -15,7 +15,7 @@ import numpy as np
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.device import DeviceData
-from fedsparse.engine import Arrays, Population, Reply, run_federation
+from fedsparse.engine import Arrays, Population, Reply, UploadObserver, run_federation
 from fedsparse.protocol import DeviceReply, handle_evaluate, handle_nmf, handle_query, handle_train
 from fedsparse.results import new_run_dir
 
@@ -80,11 +80,18 @@ class InProcessTransport:
 
 
 def run_inprocess(
-    config: RunConfig, data: Interactions | None = None, resume_dir: Path | None = None
+    config: RunConfig,
+    data: Interactions | None = None,
+    resume_dir: Path | None = None,
+    observer: UploadObserver | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run a federation in this process (or resume the one in ``resume_dir``); returns (run dir, summary)."""
+    """Run a federation in this process (or resume the one in ``resume_dir``); returns (run dir, summary).
+
+    ``observer`` records what the server sees of every accepted upload (the privacy study's attacker)."""
     data = data if data is not None else load_dataset(config.data, config.seed)
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     transport = InProcessTransport(config, data)
-    summary = run_federation(config, population_of(data), transport, run_dir, data.train, resume=resume_dir is not None)
+    summary = run_federation(
+        config, population_of(data), transport, run_dir, data.train, resume=resume_dir is not None, observer=observer
+    )
     return run_dir, summary

@@ -7,16 +7,17 @@ Message arrays are plain ``dict[str, np.ndarray]`` (what an ``ArrayRecord`` hold
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_negatives, rows_needed
+from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_negatives, round_padding, rows_needed
 from fedsparse.nmf import user_factor_update
 from fedsparse.rng import rng_for
-from fedsparse.wire import PayloadError, RowsDownload, wire_row_ids
+from fedsparse.privacy.defences import clip_and_noise
+from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, wire_row_ids
 
 NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its private state
 
@@ -58,7 +59,7 @@ def handle_nmf(
 
 def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
     """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
-    rows = rows_needed(data, round_negatives(config, data, n_items, server_round))
+    rows = rows_needed(data, round_negatives(config, data, n_items, server_round), round_padding(config, data, n_items, server_round))
     return DeviceReply({"row-ids": wire_row_ids(rows, n_items)}, {}, {})
 
 
@@ -99,12 +100,27 @@ def handle_train(
         config, device, data, download, n_items, server_round,
         bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
     )
+    update = privatize(config, result.update, server_round, data.user_id)
     metrics = {
         "loss": result.loss,
         "memory-bytes": float(result.memory_bytes),
-        "signal-bytes": float(result.update.signal_nbytes),
+        "signal-bytes": float(update.signal_nbytes),
     }
-    return DeviceReply(result.update.to_arrays(), {**state, **result.state.to_arrays()}, metrics)
+    return DeviceReply(update.to_arrays(), {**state, **result.state.to_arrays()}, metrics)
+
+
+def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: int) -> RowUpdate:
+    """Apply ``privacy.ldp`` to every value the upload carries (the deltas and the regrowth signal,
+    clipped together as one vector); the row ids and shapes are unchanged. Identity without local DP."""
+    privacy = config.privacy
+    if privacy.ldp == "none":
+        return update
+    signal = update.signal_values if update.signal_values is not None else np.zeros((0, 0), dtype=np.float32)
+    joined = np.concatenate([update.values, signal.ravel()])
+    rng = rng_for(config.seed, "device-ldp", server_round, user_id)
+    noised = clip_and_noise(joined, privacy.ldp, privacy.clip_norm, privacy.noise_multiplier, rng)
+    values, signal_values = noised[: update.values.size], noised[update.values.size :].reshape(signal.shape)
+    return replace(update, values=values, signal_values=signal_values if update.signal_values is not None else None)
 
 
 def handle_evaluate(

@@ -85,6 +85,29 @@ class MaskedAdam:
         return self.exp_avg.nbytes + self.exp_avg_sq.nbytes + self._float_mask.nbytes
 
 
+class MaskedSGD:
+    """Plain SGD on a masked table: ``weight -= lr * scale * gradient * mask``; no state to revive pruned entries.
+
+    ``scale`` turns a mean loss's gradient into a summed one (pass the batch size), so ``lr`` is a step
+    per example, as in classic MF-SGD, and a row's update grows with the gradient's magnitude instead
+    of Adam's first step (lr * sign(gradient) for every entry, whatever its size).
+    """
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, lr: float) -> None:
+        self.weight = weight
+        self.lr = lr
+        self._float_mask = mask.to(weight.dtype)
+
+    def step(self, gradient: torch.Tensor, scale: float = 1.0) -> None:
+        """Apply one update with ``gradient`` [rows, dim] (consumed: masked in place)."""
+        self.weight.add_(gradient.mul_(self._float_mask), alpha=-self.lr * scale)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the float mask copy (SGD keeps no moments)."""
+        return self._float_mask.nbytes
+
+
 @dataclass
 class StepAccounting:
     """Measured per-run figures of the sparse machinery."""

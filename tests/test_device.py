@@ -407,6 +407,29 @@ def test_loss_matches_hand_written_bpr_for_one_epoch() -> None:
     assert result.loss == pytest.approx(bpr + cfg.train.l2_reg * l2, rel=1e-5)
 
 
+def test_sgd_item_update_is_the_hand_written_summed_bpr_gradient_step() -> None:
+    cfg = config(**{"fed.local-epochs": 1, "fed.item-optimizer": "sgd", "fed.item-lr": 0.3, "train.l2-reg": 0.0})
+    data = user_data()
+    weight, mask = item_table()
+    state = init_device(cfg, USER)
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, False)
+    negatives = round_negatives(cfg, data, N_ITEMS, 1)[0]
+    user = state.user_row.astype(np.float64)
+    items = weight.astype(np.float64)
+    gradient = np.zeros_like(items)  # of the summed BPR loss over the device's positives
+    n_negatives = negatives.shape[1]
+    for position, positive in enumerate(data.train):
+        for negative in negatives[position]:
+            pull = 1.0 / (1.0 + np.exp(items[positive] @ user - items[negative] @ user)) / n_negatives
+            gradient[positive] -= pull * user
+            gradient[negative] += pull * user
+    expected = items - 0.3 * gradient * mask
+    touched = result.update.row_ids.astype(np.int64)
+    np.testing.assert_allclose(
+        result.update.values, (expected[touched] - items[touched])[mask[touched]], rtol=1e-4, atol=1e-6
+    )
+
+
 def test_dense_table_signal_has_no_inactive_entry_to_report() -> None:
     cfg = config(**{"sparse.policy": "dense", "sparse.density": 1.0, "fed.signal-topk": 2})
     weight, _ = item_table()

@@ -1,0 +1,204 @@
+"""Privacy core: leakage metrics, attacks (near perfect on undefended uploads, near random on noise),
+defences (padding never a positive, noise at the configured scale) and the accountant against dp-accounting."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import pld
+
+from fedsparse.config import RunConfig
+from fedsparse.data import load_dataset
+from fedsparse.device import DeviceData, init_device, local_train, round_negatives, round_padding, rows_needed
+from fedsparse.inprocess import run_inprocess
+from fedsparse.privacy.accounting import ldp_epsilon
+from fedsparse.privacy.attacks import ValueAttack, imia_guess, row_id_guess
+from fedsparse.privacy.defences import clip_and_noise, padding_count, sample_padding
+from fedsparse.privacy.evaluate import evaluate_attacks
+from fedsparse.privacy.leakage import AttackGuess, membership_metrics, random_guess_metrics
+from fedsparse.privacy.observe import ObservedUpload, UploadLog
+from fedsparse.protocol import privatize
+from fedsparse.storage import CompactTable
+from fedsparse.wire import RowsDownload, RowUpdate
+
+N_ITEMS, DIM = 200, 8
+
+
+# ---------------------------------------------------------------- leakage metrics
+
+
+def test_membership_metrics_by_hand() -> None:
+    scores = np.zeros(10)
+    scores[[1, 2, 3]] = [0.9, 0.8, 0.1]
+    guess = AttackGuess(scores, np.array([1, 2]))
+    metrics = membership_metrics(guess, members=np.array([1, 3, 5]), uploaded=np.array([1, 2, 3]))
+    assert metrics["precision"] == pytest.approx(0.5)
+    assert metrics["recall"] == pytest.approx(1 / 3)
+    assert metrics["f1"] == pytest.approx(0.4)
+    # Members 1, 3, 5 score 0.9, 0.1, 0; seven non-members score 0.8 once and 0 six times.
+    assert metrics["auc"] == pytest.approx((1 + 6 / 7 + 3 / 7) / 3)
+    assert metrics["auc_uploaded"] == pytest.approx(0.5)  # among rows 1, 2, 3: member 1 > 2 > member 3
+
+
+def test_random_guess_baseline() -> None:
+    baseline = random_guess_metrics(n_items=100, members=10, predicted=20)
+    assert baseline["precision"] == pytest.approx(0.1)
+    assert baseline["recall"] == pytest.approx(0.2)
+    assert baseline["auc"] == 0.5
+
+
+# ---------------------------------------------------------------- attacks
+
+
+def synthetic_upload(rng: np.random.Generator, user: int, informative: bool) -> tuple[ObservedUpload, np.ndarray]:
+    """An upload of 20 member and 20 non-member rows: deltas +-u (one BPR step) or pure noise."""
+    rows = np.sort(rng.choice(N_ITEMS, size=40, replace=False))
+    members = rng.choice(rows, size=20, replace=False)
+    items = np.abs(rng.normal(0.3, 0.1, (40, DIM)))
+    items[np.isin(rows, members)] *= 1.5  # the user's items are the popular, longer rows
+    if informative:
+        user_row = np.abs(rng.normal(0.5, 0.2, DIM))
+        sign = np.where(np.isin(rows, members), 1.0, -1.0)
+        deltas = sign[:, None] * rng.uniform(0.2, 1.0, (40, 1)) * user_row[None, :] * 0.01
+    else:
+        deltas = rng.normal(0.0, 0.01, (40, DIM))
+    return ObservedUpload(1, user, rows, deltas.astype(np.float32), items.astype(np.float32), N_ITEMS), np.sort(members)
+
+
+def attack_all(uploads: list[tuple[ObservedUpload, np.ndarray]]) -> dict[str, float]:
+    """Mean auc_uploaded of the value attack (trained on the first half) and IMIA on the second half."""
+    shadow, targets = uploads[: len(uploads) // 2], uploads[len(uploads) // 2 :]
+    value = ValueAttack().fit([u for u, _ in shadow], [m for _, m in shadow])
+    rng = np.random.default_rng(0)
+    return {
+        "value": float(np.mean([membership_metrics(value.guess(u), m, u.rows)["auc_uploaded"] for u, m in targets])),
+        "imia": float(np.mean([membership_metrics(imia_guess(u, rng), m, u.rows)["auc_uploaded"] for u, m in targets])),
+    }
+
+
+def test_attacks_find_members_in_informative_uploads() -> None:
+    rng = np.random.default_rng(1)
+    scores = attack_all([synthetic_upload(rng, user, informative=True) for user in range(40)])
+    assert scores["value"] > 0.95
+    assert scores["imia"] > 0.9
+
+
+def test_attacks_are_random_on_uploads_of_pure_noise() -> None:
+    rng = np.random.default_rng(2)
+    uploads = [synthetic_upload(rng, user, informative=False) for user in range(80)]
+    for upload, _ in uploads:  # noise deltas carry no information, and neither do the item rows
+        upload.item_rows[:] = np.abs(rng.normal(0.3, 0.1, upload.item_rows.shape))
+    scores = attack_all(uploads)
+    assert scores == {"value": pytest.approx(0.5, abs=0.06), "imia": pytest.approx(0.5, abs=0.06)}
+
+
+def test_row_id_attack_is_exact_on_positives_only_uploads() -> None:
+    rows = np.array([3, 7, 11])
+    upload = ObservedUpload(1, 0, rows, np.ones((3, DIM), np.float32), np.ones((3, DIM), np.float32), N_ITEMS)
+    metrics = membership_metrics(row_id_guess(upload), rows, rows)
+    assert (metrics["precision"], metrics["recall"], metrics["auc"]) == (1.0, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------- defences
+
+
+def test_padding_never_includes_an_item_of_the_user() -> None:
+    rng = np.random.default_rng(3)
+    interacted = np.sort(rng.choice(N_ITEMS, size=150, replace=False))
+    fakes = sample_padding(rng, N_ITEMS, interacted, 50)
+    assert fakes.size == 50 and np.unique(fakes).size == 50
+    assert not np.isin(fakes, interacted).any()
+    with pytest.raises(ValueError, match="only 50"):
+        sample_padding(rng, N_ITEMS, interacted, 51)
+    assert [padding_count(ratio, 10) for ratio in (0.0, 0.25, 0.5, 1.0, 2.0)] == [0, 3, 5, 10, 20]
+
+
+@pytest.mark.parametrize("mechanism, spread", [("gaussian", np.std), ("laplace", lambda x: np.abs(x).mean())])
+def test_noise_scale_follows_the_noise_multiplier(mechanism, spread) -> None:
+    rng = np.random.default_rng(4)
+    noised = clip_and_noise(np.zeros(200_000, np.float32), mechanism, clip_norm=0.5, noise_multiplier=3.0, rng=rng)
+    assert spread(noised) == pytest.approx(1.5, rel=0.02)  # std (gaussian) or b = E|x| (laplace)
+
+
+def test_clipping_bounds_the_norm_and_keeps_small_uploads() -> None:
+    rng = np.random.default_rng(5)
+    values = np.array([3.0, -4.0], np.float32)
+    assert np.linalg.norm(clip_and_noise(values, "gaussian", 1.0, 0.0, rng)) == pytest.approx(1.0)
+    assert np.abs(clip_and_noise(values, "laplace", 1.0, 0.0, rng)).sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(clip_and_noise(values, "gaussian", 10.0, 0.0, rng), values)
+
+
+def test_privatize_noises_values_and_signal_and_keeps_rows() -> None:
+    config = RunConfig.from_flat({"privacy.ldp": "gaussian", "privacy.clip-norm": 1.0, "privacy.noise-multiplier": 0.5})
+    update = RowUpdate(np.array([1, 4], np.uint16), np.ones(6, np.float32), 3.0, np.array([1, 4], np.uint16),
+                       np.zeros((2, 2), np.uint8), np.ones((2, 2), np.float32))
+    private = privatize(config, update, 2, 7)
+    np.testing.assert_array_equal(private.row_ids, update.row_ids)
+    assert private.values.shape == (6,) and private.signal_values.shape == (2, 2)
+    assert not np.allclose(private.values, update.values) and not np.allclose(private.signal_values, update.signal_values)
+    assert privatize(RunConfig(), update, 2, 7) is update
+
+
+def test_padded_round_trains_fake_rows_like_positives_and_uploads_them() -> None:
+    config = RunConfig.from_flat({"model.dim": DIM, "sparse.policy": "dense", "sparse.density": 1.0, "train.negatives": 1,
+                                  "privacy.padding-ratio": 1.0, "fed.item-optimizer": "sgd", "train.l2-reg": 0.0})
+    rng = np.random.default_rng(6)
+    train = np.sort(rng.choice(N_ITEMS, size=10, replace=False))
+    data = DeviceData(3, train, np.zeros(0, np.int64), np.zeros(0, np.int64), train)
+    fakes = round_padding(config, data, N_ITEMS, 1)
+    negatives = round_negatives(config, data, N_ITEMS, 1)
+    assert fakes.size == 10 and not np.isin(fakes, train).any()
+    assert negatives.shape == (1, 20, 1) and not np.isin(negatives, np.union1d(train, fakes)).any()
+    weight = rng.normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
+    download = RowsDownload(None, CompactTable.encode(weight, np.ones_like(weight, dtype=bool)))
+    state = init_device(config, 3)
+    result = local_train(config, state, data, download, N_ITEMS, 1, False)
+    np.testing.assert_array_equal(result.update.row_ids, rows_needed(data, negatives, fakes))
+    deltas = result.update.values.reshape(-1, DIM)
+    along_user = deltas @ state.user_row
+    is_positive = np.isin(result.update.row_ids, np.union1d(train, fakes))
+    assert (along_user[is_positive] > 0).all() and (along_user[~is_positive] < 0).all()
+    # The private user row learns from the real positives only: the fakes leave it as without them.
+    unpadded = config.with_overrides({"privacy.padding-ratio": 0.0})
+    plain = local_train(unpadded, state, data, download, N_ITEMS, 1, False)
+    real_negatives = negatives[0, : train.size, 0]
+    if np.array_equal(real_negatives, round_negatives(unpadded, data, N_ITEMS, 1)[0, :, 0]):
+        np.testing.assert_allclose(result.state.user_row, plain.state.user_row, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("uploads", [1, 10])
+def test_gaussian_epsilon_matches_dp_accounting(uploads: int) -> None:
+    accountant = pld.PLDAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(2.0 / 2), uploads)  # noise / replace-sensitivity 2C
+    assert ldp_epsilon("gaussian", 2.0, uploads, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_laplace_epsilon_is_the_pure_dp_composition() -> None:
+    # Laplace with b = 4C on a 2C-sensitive upload is 0.5-DP; ten uploads compose to 5 (a hair less at delta > 0).
+    assert ldp_epsilon("laplace", 4.0, 10, 1e-5) == pytest.approx(5.0, abs=0.02)
+    assert ldp_epsilon("gaussian", 1.0, 0, 1e-5) == 0.0
+    assert ldp_epsilon("gaussian", 0.0, 3, 1e-5) == float("inf")
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_attacks_on_a_real_in_process_run(tmp_path) -> None:
+    config = RunConfig.from_flat({
+        "results-dir": str(tmp_path), "num-server-rounds": 2, "data.dataset": "synthetic", "data.synthetic-users": 40,
+        "data.synthetic-items": 120, "data.synthetic-interactions-per-user": 15, "model.dim": 8, "sparse.density": 0.5,
+        "fed.fraction-train": 1.0, "fed.item-optimizer": "sgd", "fed.item-lr": 0.2,
+    })
+    data = load_dataset(config.data, config.seed)
+    log = UploadLog(per_user=1)
+    run_inprocess(config, data, observer=log)
+    members = {user: np.sort(data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]) for user in log.uploads}
+    summary = evaluate_attacks(config, log.all(), members)
+    assert summary["row-id"]["recall"] == 1.0  # every positive is uploaded
+    assert summary["row-id"]["auc"] > 0.8
+    assert summary["value"]["auc_uploaded"] > 0.9
+    assert summary["random"]["auc"] == 0.5
