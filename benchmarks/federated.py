@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ResultTable, machine_description, write_markdown_table  # noqa: E402
-
-from fedsparse.results import read_jsonl  # noqa: E402
+from fedsparse.results import read_jsonl
+from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
 # (variant, policy, density, extra flags); "per-row" keeps every item row at round(density * dim) values.

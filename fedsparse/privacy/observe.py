@@ -26,14 +26,19 @@ class ObservedUpload:
 
 @dataclass
 class UploadLog:
-    """Keeps the uploads of ``users`` (all users when None), at most ``per_user`` each (the earliest)."""
+    """Keeps the uploads of ``users`` (all users when None), at most ``per_user`` each (the earliest),
+    and counts every device's accepted uploads (for privacy accounting) and their value norms."""
 
     users: set[int] | None = None
     per_user: int = 1
     uploads: dict[int, list[ObservedUpload]] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+    value_norms: list[float] = field(default_factory=list)  # L2 norm of each upload's delta values
 
     def observe(self, server_round: int, user: int, update: RowUpdate, server: Server) -> None:
         """Record one accepted upload (the engine's ``UploadObserver``)."""
+        self.counts[user] = self.counts.get(user, 0) + 1
+        self.value_norms.append(float(np.linalg.norm(update.values)))
         if self.users is not None and user not in self.users:
             return
         kept = self.uploads.setdefault(user, [])
