@@ -34,8 +34,8 @@ CELLS = [
     ("sparserec per-row", "sparserec", 0.2, ["--sparse.nmf-select", "per-row"]),
 ]
 COLUMNS = [
-    "dataset", "variant", "density", "negatives", "rounds", "nmf_rounds", "downlink", "recall@20", "ndcg@20", "recall_vs_dense", "best_round", "local_lr",
-    "final_recall@20",
+    "dataset", "variant", "density", "negatives", "rounds", "nmf_rounds", "downlink", "item_optimizer", "item_lr", "local_lr",
+    "recall@20", "ndcg@20", "recall_vs_dense", "best_round", "start_recall@20", "final_recall@20",
     "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
     "total_nmf_upload_bytes", "total_nmf_download_bytes",
@@ -57,11 +57,13 @@ def cell_row(run_dir: Path) -> dict:
     rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
     summary = json.loads((run_dir / "summary.json").read_text())
     upload = rounds["upload_bytes_mean"].mean()
+    evaluated = rounds.dropna(subset=["recall@20"])
     return {
         # Test metrics at the round of best validation Recall@20 (test never picks the round).
         "recall@20": summary["best_test_recall@20"],
         "ndcg@20": summary["best_test_ndcg@20"],
         "best_round": summary["best_validation_round"],
+        "start_recall@20": evaluated["recall@20"].iloc[0],  # at the first evaluated round
         "final_recall@20": summary["recall@20"],
         "upload_bytes_mean": upload,
         "upload_vs_floor": upload / rounds["upload_floor_bytes_mean"].mean(),
@@ -83,8 +85,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--negatives", default="1,4", help="sampled negatives per positive to compare")
-    parser.add_argument("--local-lr", default="0.01", help="device Adam learning rate of the sparse cells")
+    parser.add_argument("--local-lr", default="0.01", help="device Adam learning rate of the user row (sparse cells)")
     parser.add_argument("--dense-local-lr", default="0.05", help="the same for dense FedMF (tuned apart: it starts from random rows)")
+    parser.add_argument("--item-optimizer", default="sgd", choices=("sgd", "adam"), help="the devices' optimiser of item rows")
+    parser.add_argument("--item-lr", default="1.0", help="sgd step per example on item rows (sparse cells)")
+    parser.add_argument("--dense-item-lr", default="1.0", help="the same for dense FedMF")
     parser.add_argument("--local-batch-size", default="0")
     parser.add_argument("--nmf-rounds", type=int, default=3, help="federated NMF rounds before training (NMF policies)")
     parser.add_argument("--downlink", default="full", choices=("full", "rows"))
@@ -99,7 +104,9 @@ def main() -> None:
     for dataset in args.datasets.split(","):
         for negatives in args.negatives.split(","):
             for variant, policy, density, extra in CELLS:
-                cell = f"{dataset}/{variant}/{density}/neg{negatives}/nmf{args.nmf_rounds}/{args.downlink}"
+                item_lr = args.dense_item_lr if policy == "dense" else args.item_lr
+                optimizer = args.item_optimizer if args.item_optimizer == "adam" else f"sgd{item_lr}"
+                cell = f"{dataset}/{variant}/{density}/neg{negatives}/nmf{args.nmf_rounds}/{args.downlink}/{optimizer}/r{args.rounds}"
                 if args.cells and f"{variant}/{density}" not in args.cells.split(","):
                     continue
                 if table.has(cell):
@@ -109,10 +116,12 @@ def main() -> None:
                          "--sparse.density", str(density), "--negatives", negatives,
                          "--fed.fraction-train", str(args.fraction), "--fed.local-lr", local_lr,
                          "--fed.local-batch-size", args.local_batch_size, "--fed.eval-every", str(args.eval_every),
-                         "--fed.nmf-rounds", str(args.nmf_rounds), "--fed.downlink", args.downlink, *extra]
+                         "--fed.nmf-rounds", str(args.nmf_rounds), "--fed.downlink", args.downlink,
+                         "--fed.item-optimizer", args.item_optimizer, "--fed.item-lr", item_lr, *extra]
                 row = cell_row(run_simulation(flags, args.out / "runs"))
                 table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density,
                                  "negatives": int(negatives), "rounds": args.rounds, "local_lr": float(local_lr),
+                                 "item_optimizer": args.item_optimizer, "item_lr": float(item_lr) if args.item_optimizer == "sgd" else float("nan"),
                                  "nmf_rounds": args.nmf_rounds if policy != "dense" else 0, "downlink": args.downlink, **row})
                 print(f"{cell:35s} recall@20={row['recall@20']:.4f} upload={row['upload_bytes_mean']:.0f} B "
                       f"({row['dense_fedavg_vs_upload']:.0f}x below dense FedAvg)", flush=True)
@@ -124,11 +133,40 @@ def main() -> None:
     header = (
         f"Measured by `python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
         f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr} --dense-local-lr "
-        f"{args.dense_local_lr} --local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink "
-        f"{args.downlink}` (rows from other invocations keep their own nmf_rounds/downlink columns) on "
+        f"{args.dense_local_lr} --item-optimizer {args.item_optimizer} --item-lr {args.item_lr} --dense-item-lr {args.dense_item_lr} "
+        f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink "
+        f"{args.downlink}` (rows from other invocations keep their own settings in their columns) on "
         f"{machine_description()}; this invocation took {time.perf_counter() - started:.0f} s.\n\n"
     )
     write_markdown_table(args.out / "federated.md", header, frame.reindex(columns=COLUMNS))
+    plot_curves(frame, args.out / "federated.png")
+
+
+def plot_curves(frame: pd.DataFrame, path: Path) -> None:
+    """Test Recall@20 against rounds, one panel per dataset and one line per cell (round 0 = the start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted(frame["dataset"].unique())
+    figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for _, row in frame[frame["dataset"] == dataset].iterrows():
+            if not (Path(row["run_dir"]) / "rounds.jsonl").exists():  # run directories are not committed
+                continue
+            rounds = pd.DataFrame(read_jsonl(Path(row["run_dir"]) / "rounds.jsonl")).dropna(subset=["recall@20"])
+            label = f"{row['variant']} {row['density']} neg{row['negatives']} nmf{row['nmf_rounds']}"
+            axis.plot(rounds["round"], rounds["recall@20"], marker=".", label=label)
+        axis.set_title(dataset)
+        axis.set_xlabel("round")
+        axis.set_ylabel("test Recall@20")
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsparse.wire import RowUpdate
+from fedsparse.wire import RowUpdate, SecureUpload, scatter_active
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,6 @@ class AggregatedRows:
     deltas: np.ndarray
     contributors: np.ndarray
     signal: np.ndarray
-
-
-def scatter_active(values: np.ndarray, row_mask: np.ndarray) -> np.ndarray:
-    """Place mask-ordered active values float32 [K_r] into a dense [r, dim] array (zeros elsewhere)."""
-    dense = np.zeros(row_mask.shape, dtype=np.float32)
-    dense[row_mask] = values
-    return dense
 
 
 def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weighted: bool = True) -> AggregatedRows:
@@ -58,3 +51,25 @@ def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weigh
             np.add.at(signal, (signal_index[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
     deltas = (sums / weights[:, None]).astype(np.float32)
     return AggregatedRows(rows, deltas, contributors, signal.astype(np.float32))
+
+
+def sum_secure_uploads(uploads: list[SecureUpload]) -> SecureUpload:
+    """The element-wise sum of the devices' secure uploads: all that secure aggregation reveals."""
+    values = np.sum([upload.values for upload in uploads], axis=0, dtype=np.float64)
+    weights = np.sum([upload.weights for upload in uploads], axis=0, dtype=np.float64)
+    signals = [upload.signal for upload in uploads if upload.signal is not None]
+    signal = np.sum(signals, axis=0, dtype=np.float64).astype(np.float32) if signals else None
+    return SecureUpload(values.astype(np.float32), weights.astype(np.float32), signal)
+
+
+def aggregate_secure_sum(total: SecureUpload, item_mask: np.ndarray) -> AggregatedRows:
+    """Per-row means from a summed secure upload: (sum of weight * delta) / (sum of weights) on every row
+    some device touched; the same result as ``aggregate_row_updates`` up to float rounding. The number of
+    contributors per row is not revealed (reported as 0)."""
+    dim = item_mask.shape[1]
+    rows = np.flatnonzero(total.weights > 0).astype(np.int64)
+    sums = np.zeros(item_mask.shape, dtype=np.float32)
+    sums[item_mask] = total.values
+    deltas = (sums[rows].astype(np.float64) / total.weights[rows, None]).astype(np.float32)
+    signal = total.signal[rows] if total.signal is not None else np.zeros((rows.size, dim), dtype=np.float32)
+    return AggregatedRows(rows, deltas, np.zeros(rows.size, dtype=np.int64), signal)

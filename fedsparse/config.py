@@ -154,6 +154,7 @@ class PrivacyConfig:
     clip_norm: float = 1.0  # bound on the norm of one upload's values (L2 for gaussian, L1 for laplace)
     noise_multiplier: float = 1.0  # noise scale / clip-norm (std for gaussian, b for laplace)
     delta: float = 1e-5  # the delta at which epsilon is reported
+    secure_aggregation: bool = False  # devices upload dense masked vectors; the server sees only their sum
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,8 @@ class RunConfig:
             (p.clip_norm > 0, "privacy.clip-norm", "must be > 0"),
             (p.noise_multiplier >= 0, "privacy.noise-multiplier", "must be >= 0"),
             (0 < p.delta < 1, "privacy.delta", "must be in (0, 1)"),
+            (not p.secure_aggregation or f.downlink == "full", "privacy.secure-aggregation",
+             "needs fed.downlink = full (a rows download request names the device's rows)"),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -328,6 +328,7 @@ def train_round(
     messages = {user: {**server.download(wanted).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()}
     replies = transport.send("train", server_round, messages, server.train_settings(server_round))
     updates, uploads, downloads, memory, dropped = [], [], [], [], 0
+    secure = config.privacy.secure_aggregation
     for user in sorted(messages):
         downloads.append(_bytes(messages[user]))
         reply = replies.get(user, "no reply")
@@ -336,17 +337,19 @@ def train_round(
             log.warning("round %d: device %d failed: %s", server_round, user, reply)
             continue
         uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
-        update, reason = validate_update(server, reply.arrays)
+        update, reason = validate_update(server, reply.arrays, secure)
         if update is None:
             dropped += 1
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
             continue
         updates.append(update)
-        if observer is not None:
+        if observer is not None and not secure:  # under secure aggregation the server sees only the sum
             observer.observe(server_round, user, update, server)
         memory.append(reply.metrics.get("memory-bytes", 0.0))
-    applied = server.apply_round(server_round, updates)
+    applied = server.apply_secure_round(server_round, updates) if secure else server.apply_round(server_round, updates)
     dim = server.item_weight.shape[1]
+    if secure:  # a secure upload names no rows: the sparse references do not apply
+        updates = []
     # Reference points for the upload, per accepted update: its information floor (row ids + the active
     # values of the rows touched), the same rows sent dense, and dense FedAvg of the whole item table.
     floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from fedsparse.aggregation import aggregate_row_updates
+from fedsparse.aggregation import AggregatedRows, aggregate_row_updates, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.config import RunConfig
 from fedsparse.nmf import (
     apply_item_update,
@@ -27,7 +27,7 @@ from fedsparse.policies import MaskPolicy, build_policy
 from fedsparse.rng import rng_for
 from fedsparse.server_optim import ServerOptimizer
 from fedsparse.storage import CompactTable
-from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, wire_row_ids
+from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 
 ITEM_TABLE = "item"
 INIT_STD = 0.1  # normal init of item rows, as the centralised MF
@@ -140,9 +140,22 @@ class Server:
         """Validate one device's upload against the current item mask; raises PayloadError."""
         return RowUpdate.from_arrays(arrays, self.item_mask)
 
+    def decode_secure_reply(self, arrays: dict[str, np.ndarray]) -> SecureUpload:
+        """Validate one device's secure-aggregation upload against the item mask; raises PayloadError."""
+        return SecureUpload.from_arrays(arrays, self.item_mask)
+
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
         """Aggregate the round's accepted updates, apply them, explore the mask if scheduled."""
-        merged = aggregate_row_updates(updates, self.item_mask, weighted=self.config.fed.aggregation == "weighted")
+        return self.apply_merged(server_round, aggregate_row_updates(updates, self.item_mask, weighted=self.config.fed.aggregation == "weighted"))
+
+    def apply_secure_round(self, server_round: int, uploads: list[SecureUpload]) -> dict[str, Any]:
+        """The same from secure uploads, of which only the sum is used (all SecAgg reveals)."""
+        if not uploads:
+            return self.apply_round(server_round, [])
+        return self.apply_merged(server_round, aggregate_secure_sum(sum_secure_uploads(uploads), self.item_mask))
+
+    def apply_merged(self, server_round: int, merged: AggregatedRows) -> dict[str, Any]:
+        """Apply per-row mean deltas (and the regrowth signal), then explore the mask if scheduled."""
         if merged.rows.size:
             rows = merged.rows
             self.item_weight[rows] += self.optimizer.step(rows, merged.deltas, self.item_mask[rows], self.n_items)
@@ -170,10 +183,13 @@ class Server:
         return arrays
 
 
-def validate_update(server: Server, arrays: dict[str, np.ndarray]) -> tuple[RowUpdate | None, str | None]:
-    """(update, None) when a reply is well-formed, else (None, the reason it was dropped)."""
+def validate_update(
+    server: Server, arrays: dict[str, np.ndarray], secure: bool = False
+) -> tuple[RowUpdate | SecureUpload | None, str | None]:
+    """(update, None) when a reply is well-formed (a ``SecureUpload`` when ``secure``), else (None, the
+    reason it was dropped). Real SecAgg+ can only check the sum; the simulation checks each device."""
     try:
-        return server.decode_reply(arrays), None
+        return (server.decode_secure_reply(arrays) if secure else server.decode_reply(arrays)), None
     except PayloadError as exc:
         return None, str(exc)
 

@@ -17,7 +17,7 @@ from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_devi
 from fedsparse.nmf import user_factor_update
 from fedsparse.rng import rng_for
 from fedsparse.privacy.defences import clip_and_noise
-from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, wire_row_ids
+from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 
 NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its private state
 
@@ -106,7 +106,14 @@ def handle_train(
         "memory-bytes": float(result.memory_bytes),
         "signal-bytes": float(update.signal_nbytes),
     }
-    return DeviceReply(update.to_arrays(), {**state, **result.state.to_arrays()}, metrics)
+    arrays = update.to_arrays()
+    if config.privacy.secure_aggregation:
+        _, item_mask = download.table.decode()
+        weight = update.weight if config.fed.aggregation == "weighted" else 1.0
+        secure = SecureUpload.from_update(update, item_mask, weight)
+        arrays = secure.to_arrays()
+        metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)
+    return DeviceReply(arrays, {**state, **result.state.to_arrays()}, metrics)
 
 
 def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: int) -> RowUpdate:

@@ -201,3 +201,72 @@ class RowUpdate:
 def signal_col_dtype(dim: int) -> np.dtype:
     """Column dtype of the regrowth signal: uint8 when dim <= 256, else uint16."""
     return np.dtype(np.uint8 if dim <= 256 else np.uint16)
+
+
+@dataclass(frozen=True)
+class SecureUpload:
+    """A device's upload under secure aggregation: dense over the whole item table, so every device's
+    vectors have the same shape and the server learns only their sum (what SecAgg+ masks and reveals).
+
+    values float32 [K]: weight * delta on every active entry of the table in row-major mask order (zero
+    on rows the device did not touch); weights float32 [n_items]: the device's weight on its rows, zero
+    elsewhere; signal float32 [n_items, dim] or None: the regrowth signal scattered over the table.
+    """
+
+    values: np.ndarray
+    weights: np.ndarray
+    signal: np.ndarray | None = None
+
+    @classmethod
+    def from_update(cls, update: RowUpdate, item_mask: np.ndarray, weight: float) -> "SecureUpload":
+        """Spread a sparse update (encoded against ``item_mask`` bool [n_items, dim]) over the whole table."""
+        rows = update.row_ids.astype(np.int64)
+        dense = np.zeros(item_mask.shape, dtype=np.float32)
+        dense[rows] = scatter_active(update.values, item_mask[rows]) * weight
+        weights = np.zeros(item_mask.shape[0], dtype=np.float32)
+        weights[rows] = weight
+        signal = None
+        if update.signal_values is not None:
+            signal = np.zeros(item_mask.shape, dtype=np.float32)
+            signal_rows = update.signal_rows.astype(np.int64)
+            np.add.at(signal, (signal_rows[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
+        return cls(dense[item_mask], weights, signal)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for the transport."""
+        arrays = {"secure-values": self.values, "secure-weights": self.weights}
+        if self.signal is not None:
+            arrays["secure-signal"] = self.signal
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> "SecureUpload":
+        """Decode and validate against the item mask bool [n_items, dim] (shapes, dtypes, finite, weights >= 0)."""
+        extra = sorted(set(arrays) - {"secure-values", "secure-weights", "secure-signal"})
+        if extra:
+            raise PayloadError(f"unexpected array(s) in a secure upload: {', '.join(extra)}")
+        values = _expect(arrays, "secure-values", np.float32, 1)
+        weights = _expect(arrays, "secure-weights", np.float32, 1)
+        if values.size != int(item_mask.sum()) or weights.size != item_mask.shape[0]:
+            raise PayloadError(
+                f"secure upload shapes {values.shape}, {weights.shape} do not fit the table "
+                f"({int(item_mask.sum())} active entries, {item_mask.shape[0]} rows)"
+            )
+        _check_finite(values, "secure-values")
+        _check_finite(weights, "secure-weights")
+        if (weights < 0).any():
+            raise PayloadError("'secure-weights' must be >= 0")
+        signal = None
+        if "secure-signal" in arrays:
+            signal = _expect(arrays, "secure-signal", np.float32, 2)
+            if signal.shape != item_mask.shape:
+                raise PayloadError(f"'secure-signal' has shape {signal.shape}, the table {item_mask.shape}")
+            _check_finite(signal, "secure-signal")
+        return cls(values, weights, signal)
+
+
+def scatter_active(values: np.ndarray, row_mask: np.ndarray) -> np.ndarray:
+    """Place mask-ordered active values float32 [K_r] into a dense [r, dim] array (zeros elsewhere)."""
+    dense = np.zeros(row_mask.shape, dtype=np.float32)
+    dense[row_mask] = values
+    return dense

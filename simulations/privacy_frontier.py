@@ -3,7 +3,9 @@
 Each cell is one in-process federation whose server records the first upload of a fixed set of watched
 devices; the attacks (fedsparse.privacy) then score them. Defences are written ``none``, ``pad:RHO``
 (fake positives per real one), ``ldp:Z`` (Gaussian local DP, noise multiplier Z, clipped at the median
-upload norm of the undefended cell of the same density) and combinations joined by ``+``.
+upload norm of the undefended cell of the same density), ``secagg`` (secure aggregation: dense masked
+uploads whose sum alone the server sees, so no per-device attack has an input: its attack columns are
+empty and the plot puts it at AUC 0.5) and combinations joined by ``+``.
 
     python simulations/privacy_frontier.py --dataset ml-100k            # quick
     python simulations/privacy_frontier.py --dataset ml-1m --rounds 40  # the study's main table
@@ -30,7 +32,7 @@ from fedsparse.rng import rng_for
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
-DEFENCES = "none,pad:0.5,pad:1,ldp:0.5,ldp:1,ldp:2,pad:1+ldp:1"
+DEFENCES = "none,pad:0.5,pad:1,ldp:0.5,ldp:1,ldp:2,pad:1+ldp:1,secagg"
 COLUMNS = [
     "dataset", "density", "defence", "recall@20", "ndcg@20", "recall_vs_undefended", "upload_bytes_mean",
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
@@ -48,10 +50,12 @@ def defence_overrides(defence: str, clip_norm: float) -> dict[str, object]:
             continue
         if name == "pad":
             overrides["privacy.padding-ratio"] = float(strength)
+        elif name == "secagg":
+            overrides.update({"privacy.secure-aggregation": True, "fed.downlink": "full"})
         elif name == "ldp":
             overrides.update({"privacy.ldp": "gaussian", "privacy.noise-multiplier": float(strength), "privacy.clip-norm": clip_norm})
         else:
-            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO or ldp:Z joined by +")
+            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z or secagg joined by +")
     return overrides
 
 
@@ -62,7 +66,10 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
     started = time.perf_counter()
     run_dir, summary = run_inprocess(config, data, observer=log)
     members = {user: np.sort(data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]).astype(np.int64) for user in log.uploads}
-    leakage = evaluate_attacks(config, log.all(), members)
+    if config.privacy.secure_aggregation:  # the server saw only sums: no attack has a per-device input
+        leakage = {name: {metric: np.nan for metric in ("auc", "auc_uploaded", "f1", "targets")} for name in (*ATTACKS, "random")}
+    else:
+        leakage = evaluate_attacks(config, log.all(), members)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     counts = np.array(list(log.counts.values()))
     privacy = config.privacy
@@ -76,15 +83,15 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
         "ndcg@20": summary.get("best_test_ndcg@20", summary.get("ndcg@20")),
         "upload_bytes_mean": float(np.mean([r["upload_bytes_mean"] for r in rounds])),
         "clip_norm": clip_norm if privacy.ldp != "none" else np.nan,
-        "epsilon_max": float(np.max(epsilons)),
-        "epsilon_mean": float(np.mean(epsilons)),
+        "epsilon_max": float(np.max(epsilons)) if epsilons else np.nan,  # nan: the server saw no upload
+        "epsilon_mean": float(np.mean(epsilons)) if epsilons else np.nan,
         **{f"{attack}_{metric}": leakage[attack][metric] for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")},
         "random_f1": leakage["random"]["f1"],
         "targets": leakage["random"]["targets"],
         "seconds": time.perf_counter() - started,
         "run_dir": str(run_dir),
     }
-    return row, float(np.median(log.value_norms))
+    return row, float(np.median(log.value_norms)) if log.value_norms else np.nan
 
 
 def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
@@ -94,7 +101,7 @@ def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    leakage = frame[[f"{attack}_auc_uploaded" for attack in ATTACKS]].max(axis=1)
+    leakage = frame[[f"{attack}_auc_uploaded" for attack in ATTACKS]].max(axis=1).fillna(0.5)  # secagg: no input
     figure, axes = plt.subplots(figsize=(7, 5))
     for density, group in frame.groupby("density"):
         sizes = 60 * group["upload_vs_undefended"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsparse.aggregation import aggregate_row_updates, scatter_active
+from fedsparse.aggregation import aggregate_row_updates, aggregate_secure_sum, scatter_active, sum_secure_uploads
 from fedsparse.rng import rng_for
-from fedsparse.wire import RowUpdate, signal_col_dtype
+from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, signal_col_dtype
 
 N_ITEMS, DIM = 20, 6
 
@@ -171,3 +171,46 @@ def test_update_with_no_rows_is_harmless() -> None:
     np.testing.assert_array_equal(with_empty.rows, without.rows)
     np.testing.assert_array_equal(with_empty.deltas, without.deltas)
     np.testing.assert_array_equal(with_empty.contributors, without.contributors)
+
+
+# ---------------------------------------------------------------- secure aggregation
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_secure_sum_gives_the_same_means_and_signal_as_sparse_aggregation(weighted: bool) -> None:
+    mask = random_mask(7)
+    updates = random_updates(mask, 6, 7, signal=True)
+    secure = [SecureUpload.from_update(update, mask, update.weight if weighted else 1.0) for update in updates]
+    merged = aggregate_secure_sum(sum_secure_uploads(secure), mask)
+    reference = aggregate_row_updates(updates, mask, weighted=weighted)
+    np.testing.assert_array_equal(merged.rows, reference.rows)
+    np.testing.assert_allclose(merged.deltas, reference.deltas, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged.signal, reference.signal, rtol=1e-5, atol=1e-6)
+
+
+def test_secure_upload_is_dense_over_the_table_and_round_trips() -> None:
+    mask = random_mask(8)
+    update = random_updates(mask, 1, 8)[0]
+    secure = SecureUpload.from_update(update, mask, 2.0)
+    arrays = secure.to_arrays()
+    assert arrays["secure-values"].nbytes == 4 * int(mask.sum()) and arrays["secure-weights"].nbytes == 4 * N_ITEMS
+    decoded = SecureUpload.from_arrays(arrays, mask)
+    np.testing.assert_array_equal(decoded.values, secure.values)
+    assert np.flatnonzero(decoded.weights).tolist() == update.row_ids.tolist()
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda a: {**a, "secure-values": a["secure-values"][:-1]}, "do not fit the table"),
+        (lambda a: {**a, "secure-values": np.where(np.arange(a["secure-values"].size) == 0, np.nan, a["secure-values"]).astype(np.float32)}, "non-finite"),
+        (lambda a: {**a, "secure-weights": -a["secure-weights"] - 1}, ">= 0"),
+        (lambda a: {**a, "row-ids": np.zeros(1, np.uint16)}, "unexpected"),
+        (lambda a: {**a, "secure-signal": np.zeros((N_ITEMS, DIM + 1), np.float32)}, "secure-signal"),
+    ],
+)
+def test_malformed_secure_uploads_are_rejected(corrupt, message) -> None:
+    mask = random_mask(9)
+    arrays = SecureUpload.from_update(random_updates(mask, 1, 9)[0], mask, 1.0).to_arrays()
+    with pytest.raises(PayloadError, match=message):
+        SecureUpload.from_arrays(corrupt(arrays), mask)

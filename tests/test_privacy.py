@@ -19,6 +19,7 @@ from fedsparse.privacy.evaluate import evaluate_attacks
 from fedsparse.privacy.leakage import AttackGuess, membership_metrics, random_guess_metrics
 from fedsparse.privacy.observe import ObservedUpload, UploadLog
 from fedsparse.protocol import privatize
+from fedsparse.results import read_jsonl
 from fedsparse.storage import CompactTable
 from fedsparse.wire import RowsDownload, RowUpdate
 
@@ -215,14 +216,47 @@ def test_privacy_frontier_script_writes_table_and_plot(tmp_path) -> None:
     settings = ["data.synthetic-users=40", "data.synthetic-items=120", "data.synthetic-interactions-per-user=15", "model.dim=8",
                 "fed.item-optimizer=sgd", "fed.nmf-rounds=2"]
     command = [sys.executable, str(script), "--dataset", "synthetic", "--rounds", "2", "--fraction", "0.5", "--densities", "0.5",
-               "--defences", "pad:1,ldp:1", "--watch", "30", "--out", str(tmp_path), *[f"--set={item}" for item in settings]]
+               "--defences", "pad:1,ldp:1,secagg", "--watch", "30", "--out", str(tmp_path), *[f"--set={item}" for item in settings]]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     frame = pd.read_csv(tmp_path / "privacy-synthetic.csv").set_index("defence")
-    assert list(frame.index) == ["none", "pad:1", "ldp:1"]
+    assert list(frame.index) == ["none", "pad:1", "ldp:1", "secagg"]
+    assert frame.loc["secagg", "upload_vs_undefended"] > 1.5 and np.isnan(frame.loc["secagg", "value_auc"])
     assert frame.loc["none", "upload_vs_undefended"] == 1.0
     assert frame.loc["pad:1", "upload_vs_undefended"] > 1.2  # fake rows (and their negatives) cost bytes
     assert np.isinf(frame.loc["none", "epsilon_max"]) and 0 < frame.loc["ldp:1", "epsilon_max"] < np.inf
     assert frame.loc["ldp:1", "clip_norm"] == pytest.approx(frame.loc["none", "median_norm"])
     assert (tmp_path / "privacy-synthetic.png").stat().st_size > 0
     assert "| synthetic" in (tmp_path / "privacy-synthetic.md").read_text()
+
+
+# ---------------------------------------------------------------- secure aggregation
+
+
+def test_secure_aggregation_trains_like_sparse_uploads_costs_dense_bytes_and_hides_devices(tmp_path) -> None:
+    flat = {
+        "results-dir": str(tmp_path), "num-server-rounds": 3, "data.dataset": "synthetic", "data.synthetic-users": 30,
+        "data.synthetic-items": 60, "data.synthetic-interactions-per-user": 10, "model.dim": 8, "sparse.density": 0.5,
+        "fed.fraction-train": 0.5, "fed.explore-every": 2, "fed.nmf-rounds": 2, "fed.item-optimizer": "sgd",
+    }
+    plain_config = RunConfig.from_flat(flat)
+    secure_config = RunConfig.from_flat({**flat, "privacy.secure-aggregation": True})
+    data = load_dataset(plain_config.data, plain_config.seed)
+    _, plain = run_inprocess(plain_config, data)
+    log = UploadLog()
+    secure_dir, secure = run_inprocess(secure_config, data, observer=log)
+    assert secure["recall@20"] == pytest.approx(plain["recall@20"], abs=1e-4)  # the same means, summed differently
+    assert not log.uploads and not log.counts  # the server never sees one device's upload
+    n_items = data.n_items
+    assert secure["item_active_entries"] == round(0.5 * n_items * 8)
+    dense = 4 * secure["item_active_entries"] + 4 * n_items  # values of every active entry + one weight per row
+    records = {record["round"]: record for record in read_jsonl(secure_dir / "rounds.jsonl")}
+    assert records[1]["upload_bytes_mean"] == records[1]["upload_bytes_max"] == dense  # no signal asked for
+    assert records[2]["upload_bytes_mean"] == dense + 4 * n_items * 8  # exploration round: the signal, dense too
+
+
+def test_secure_aggregation_needs_the_full_downlink() -> None:
+    from fedsparse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.secure-aggregation"):
+        RunConfig.from_flat({"privacy.secure-aggregation": True, "fed.downlink": "rows"})
