@@ -117,8 +117,8 @@ class FedConfig:
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     user_steps: int = 0  # Adam steps on the user row alone (items frozen) before the joint steps, each round
     local_lr: float = 0.01  # Adam learning rate on the device (the user row; the item rows too with item-optimizer = adam)
-    item_optimizer: str = "adam"  # the device's optimiser of its item-row copy: adam (fresh each round) or sgd
-    item_lr: float = 0.05  # sgd: step per training example on the item rows (gradient of the summed loss)
+    item_optimizer: str = "sgd"  # the device's optimiser of its item-row copy: sgd, or adam (fresh each round: sign steps)
+    item_lr: float = 1.0  # sgd: step per training example on the item rows (gradient of the summed loss); ml-1m study
     server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
     server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
