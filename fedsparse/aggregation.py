@@ -62,14 +62,15 @@ def sum_secure_uploads(uploads: list[SecureUpload]) -> SecureUpload:
     return SecureUpload(values.astype(np.float32), weights.astype(np.float32), signal)
 
 
-def aggregate_secure_sum(total: SecureUpload, item_mask: np.ndarray) -> AggregatedRows:
-    """Per-row means from a summed secure upload: (sum of weight * delta) / (sum of weights) on every row
-    some device touched; the same result as ``aggregate_row_updates`` up to float rounding. The number of
-    contributors per row is not revealed (reported as 0)."""
+def aggregate_secure_sum(total: SecureUpload, item_mask: np.ndarray, covered: np.ndarray | None = None) -> AggregatedRows:
+    """Per-row means from a summed secure upload over the ``covered`` rows (sorted int64; None = all):
+    (sum of weight * delta) / (sum of weights) on every row some device touched; the same result as
+    ``aggregate_row_updates`` up to float rounding. Contributors per row are not revealed (reported as 0)."""
     dim = item_mask.shape[1]
-    rows = np.flatnonzero(total.weights > 0).astype(np.int64)
-    sums = np.zeros(item_mask.shape, dtype=np.float32)
-    sums[item_mask] = total.values
-    deltas = (sums[rows].astype(np.float64) / total.weights[rows, None]).astype(np.float32)
-    signal = total.signal[rows] if total.signal is not None else np.zeros((rows.size, dim), dtype=np.float32)
-    return AggregatedRows(rows, deltas, np.zeros(rows.size, dtype=np.int64), signal)
+    covered = np.arange(item_mask.shape[0], dtype=np.int64) if covered is None else covered
+    touched = np.flatnonzero(total.weights > 0)
+    sums = np.zeros((covered.size, dim), dtype=np.float32)
+    sums[item_mask[covered]] = total.values
+    deltas = (sums[touched].astype(np.float64) / total.weights[touched, None]).astype(np.float32)
+    signal = total.signal[touched] if total.signal is not None else np.zeros((touched.size, dim), dtype=np.float32)
+    return AggregatedRows(covered[touched], deltas, np.zeros(touched.size, dtype=np.int64), signal)

@@ -155,6 +155,7 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0  # noise scale / clip-norm (std for gaussian, b for laplace)
     delta: float = 1e-5  # the delta at which epsilon is reported
     secure_aggregation: bool = False  # devices upload dense masked vectors; the server sees only their sum
+    secure_row_fraction: float = 1.0  # with secure aggregation: share of rows each round covers (a public random subset)
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,8 @@ class RunConfig:
             (0 < p.delta < 1, "privacy.delta", "must be in (0, 1)"),
             (not p.secure_aggregation or f.downlink == "full", "privacy.secure-aggregation",
              "needs fed.downlink = full (a rows download request names the device's rows)"),
+            (0 < p.secure_row_fraction <= 1, "privacy.secure-row-fraction", "must be in (0, 1]"),
+            (p.secure_row_fraction == 1 or p.secure_aggregation, "privacy.secure-row-fraction", "< 1 needs privacy.secure-aggregation"),
         ]
         for ok, key, message in checks:
             if not ok:

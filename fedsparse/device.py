@@ -10,7 +10,7 @@ and the in-process engine both call these functions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +23,7 @@ from fedsparse.masks import budget, largest, prune_and_grow
 from fedsparse.models import MatrixFactorization
 from fedsparse.policies import build_policy
 from fedsparse.privacy.defences import padding_count, sample_padding
+from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
 from fedsparse.sparse_training import MaskedAdam, MaskedSGD
 from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
@@ -112,25 +113,40 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     return DeviceState(row, mask, zeros.copy(), zeros.copy())
 
 
+def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
+    """Sorted int64 ids of the items this round may touch: all of them, or the public secure-aggregation subset."""
+    rows = secure_round_rows(config, n_items, server_round)
+    return np.arange(n_items, dtype=np.int64) if rows is None else rows
+
+
+def round_view(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceData:
+    """The device's data as this round trains it: its training items inside ``round_items`` (all of them
+    unless secure aggregation covers a subset of rows); held-out and interacted items unchanged."""
+    if secure_round_rows(config, n_items, server_round) is None:
+        return data
+    return replace(data, train=np.intersect1d(data.train, round_items(config, n_items, server_round)))
+
+
 def round_padding(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
     """Fake items int64 sorted [round(padding-ratio * n_train)] this round trains as positives (empty
     without padding): never an item of the user, drawn from the device's own stream."""
     count = padding_count(config.privacy.padding_ratio, data.train.size)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
-    return sample_padding(rng_for(config.seed, "device-padding", server_round, data.user_id), n_items, data.interacted, count)
+    rng = rng_for(config.seed, "device-padding", server_round, data.user_id)
+    return sample_padding(rng, round_items(config, n_items, server_round), data.interacted, count)
 
 
 def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
     """Negatives int64 [local_epochs, n_train + n_fake, negatives] for this round, drawn from this device's
-    own stream among items neither the user's nor this round's fake positives.
+    own stream among this round's items that are neither the user's nor this round's fake positives.
 
     Known before training, so a device can ask for exactly the rows it will touch ("rows" downlink).
     """
     fakes = round_padding(config, data, n_items, server_round)
     rng = rng_for(config.seed, "device-negatives", server_round, data.user_id)
     shape = (config.fed.local_epochs, data.train.size + fakes.size, config.train.negatives)
-    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), np.union1d(data.interacted, fakes), assume_unique=True)
+    candidates = np.setdiff1d(round_items(config, n_items, server_round), np.union1d(data.interacted, fakes), assume_unique=True)
     if candidates.size == 0:
         raise ValueError(f"user {data.user_id} interacted with every item: no negative exists")
     return candidates[rng.integers(0, candidates.size, size=shape)]

@@ -24,6 +24,7 @@ from fedsparse.nmf import (
     user_factor_update,
 )
 from fedsparse.policies import MaskPolicy, build_policy
+from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
 from fedsparse.server_optim import ServerOptimizer
 from fedsparse.storage import CompactTable
@@ -140,9 +141,14 @@ class Server:
         """Validate one device's upload against the current item mask; raises PayloadError."""
         return RowUpdate.from_arrays(arrays, self.item_mask)
 
+    def secure_rows(self) -> np.ndarray:
+        """Sorted int64 rows the coming round's secure uploads cover (all rows, or the public subset)."""
+        rows = secure_round_rows(self.config, self.n_items, self.round + 1)
+        return np.arange(self.n_items, dtype=np.int64) if rows is None else rows
+
     def decode_secure_reply(self, arrays: dict[str, np.ndarray]) -> SecureUpload:
-        """Validate one device's secure-aggregation upload against the item mask; raises PayloadError."""
-        return SecureUpload.from_arrays(arrays, self.item_mask)
+        """Validate one device's secure-aggregation upload against the covered rows' mask; raises PayloadError."""
+        return SecureUpload.from_arrays(arrays, self.item_mask[self.secure_rows()])
 
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
         """Aggregate the round's accepted updates, apply them, explore the mask if scheduled."""
@@ -152,7 +158,8 @@ class Server:
         """The same from secure uploads, of which only the sum is used (all SecAgg reveals)."""
         if not uploads:
             return self.apply_round(server_round, [])
-        return self.apply_merged(server_round, aggregate_secure_sum(sum_secure_uploads(uploads), self.item_mask))
+        covered = self.secure_rows()
+        return self.apply_merged(server_round, aggregate_secure_sum(sum_secure_uploads(uploads), self.item_mask, covered))
 
     def apply_merged(self, server_round: int, merged: AggregatedRows) -> dict[str, Any]:
         """Apply per-row mean deltas (and the regrowth signal), then explore the mask if scheduled."""

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_negatives, round_padding, rows_needed
+from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view, rows_needed
 from fedsparse.nmf import user_factor_update
 from fedsparse.rng import rng_for
 from fedsparse.privacy.defences import clip_and_noise
@@ -59,6 +59,7 @@ def handle_nmf(
 
 def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
     """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
+    data = round_view(config, data, n_items, server_round)
     rows = rows_needed(data, round_negatives(config, data, n_items, server_round), round_padding(config, data, n_items, server_round))
     return DeviceReply({"row-ids": wire_row_ids(rows, n_items)}, {}, {})
 
@@ -96,6 +97,9 @@ def handle_train(
     """
     download = RowsDownload.from_arrays(_download_arrays(message), n_items, config.model.dim)
     device = _device_state(config, state, data, message)
+    data = round_view(config, data, n_items, server_round)
+    if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
+        return _empty_secure_reply(config, state, device, download, n_items, server_round, bool(settings["send-signal"]))
     result = local_train(
         config, device, data, download, n_items, server_round,
         bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
@@ -110,10 +114,30 @@ def handle_train(
     if config.privacy.secure_aggregation:
         _, item_mask = download.table.decode()
         weight = update.weight if config.fed.aggregation == "weighted" else 1.0
-        secure = SecureUpload.from_update(update, item_mask, weight)
+        secure = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
         arrays = secure.to_arrays()
         metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)
     return DeviceReply(arrays, {**state, **result.state.to_arrays()}, metrics)
+
+
+def _empty_secure_reply(
+    config: RunConfig,
+    state: dict[str, np.ndarray],
+    device: DeviceState,
+    download: RowsDownload,
+    n_items: int,
+    server_round: int,
+    send_signal: bool,
+) -> DeviceReply:
+    """A device with nothing to train this round still sends its (all-zero) secure vectors: the cohort's
+    sum must not reveal who had items in the round's rows (same arrays, signal included when asked)."""
+    _, item_mask = download.table.decode()
+    no_rows = np.zeros(0, dtype=np.int64)
+    signal = (no_rows, np.zeros((0, 1), dtype=np.uint8), np.zeros((0, 1), dtype=np.float32)) if send_signal else ()
+    empty = RowUpdate(no_rows, np.zeros(0, dtype=np.float32), 1.0, *signal)
+    secure = SecureUpload.from_update(empty, item_mask, 1.0, round_items(config, n_items, server_round))
+    metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
+    return DeviceReply(secure.to_arrays(), {**state, **device.to_arrays()}, metrics)
 
 
 def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: int) -> RowUpdate:

@@ -205,12 +205,13 @@ def signal_col_dtype(dim: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class SecureUpload:
-    """A device's upload under secure aggregation: dense over the whole item table, so every device's
-    vectors have the same shape and the server learns only their sum (what SecAgg+ masks and reveals).
+    """A device's upload under secure aggregation: dense over every row the round covers (the whole
+    table, or a public subset), so every device's vectors have one shape and the server learns only
+    their sum (what SecAgg+ masks and reveals).
 
-    values float32 [K]: weight * delta on every active entry of the table in row-major mask order (zero
-    on rows the device did not touch); weights float32 [n_items]: the device's weight on its rows, zero
-    elsewhere; signal float32 [n_items, dim] or None: the regrowth signal scattered over the table.
+    values float32 [K_S]: weight * delta on every active entry of the covered rows in row-major mask order
+    (zero on rows the device did not touch); weights float32 [|S|]: the device's weight on its rows, zero
+    elsewhere; signal float32 [|S|, dim] or None: the regrowth signal scattered over the covered rows.
     """
 
     values: np.ndarray
@@ -218,19 +219,25 @@ class SecureUpload:
     signal: np.ndarray | None = None
 
     @classmethod
-    def from_update(cls, update: RowUpdate, item_mask: np.ndarray, weight: float) -> "SecureUpload":
-        """Spread a sparse update (encoded against ``item_mask`` bool [n_items, dim]) over the whole table."""
+    def from_update(cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None) -> "SecureUpload":
+        """Spread a sparse update (encoded against ``item_mask`` bool [n_items, dim]) over the covered rows
+        (sorted int64, None = all; they must include every row of the update)."""
+        covered = np.arange(item_mask.shape[0], dtype=np.int64) if covered is None else covered
         rows = update.row_ids.astype(np.int64)
-        dense = np.zeros(item_mask.shape, dtype=np.float32)
-        dense[rows] = scatter_active(update.values, item_mask[rows]) * weight
-        weights = np.zeros(item_mask.shape[0], dtype=np.float32)
-        weights[rows] = weight
+        position = np.searchsorted(covered, rows)
+        if rows.size and (position.max() >= covered.size or not np.array_equal(covered[position], rows)):
+            raise ValueError("the update touches rows outside the round's covered rows")
+        covered_mask = item_mask[covered]
+        dense = np.zeros(covered_mask.shape, dtype=np.float32)
+        dense[position] = scatter_active(update.values, item_mask[rows]) * weight
+        weights = np.zeros(covered.size, dtype=np.float32)
+        weights[position] = weight
         signal = None
         if update.signal_values is not None:
-            signal = np.zeros(item_mask.shape, dtype=np.float32)
-            signal_rows = update.signal_rows.astype(np.int64)
-            np.add.at(signal, (signal_rows[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
-        return cls(dense[item_mask], weights, signal)
+            signal = np.zeros(covered_mask.shape, dtype=np.float32)
+            signal_position = np.searchsorted(covered, update.signal_rows.astype(np.int64))
+            np.add.at(signal, (signal_position[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
+        return cls(dense[covered_mask], weights, signal)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for the transport."""
@@ -240,17 +247,17 @@ class SecureUpload:
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> "SecureUpload":
-        """Decode and validate against the item mask bool [n_items, dim] (shapes, dtypes, finite, weights >= 0)."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], covered_mask: np.ndarray) -> "SecureUpload":
+        """Decode and validate against the covered rows' mask bool [|S|, dim] (shapes, dtypes, finite, weights >= 0)."""
         extra = sorted(set(arrays) - {"secure-values", "secure-weights", "secure-signal"})
         if extra:
             raise PayloadError(f"unexpected array(s) in a secure upload: {', '.join(extra)}")
         values = _expect(arrays, "secure-values", np.float32, 1)
         weights = _expect(arrays, "secure-weights", np.float32, 1)
-        if values.size != int(item_mask.sum()) or weights.size != item_mask.shape[0]:
+        if values.size != int(covered_mask.sum()) or weights.size != covered_mask.shape[0]:
             raise PayloadError(
-                f"secure upload shapes {values.shape}, {weights.shape} do not fit the table "
-                f"({int(item_mask.sum())} active entries, {item_mask.shape[0]} rows)"
+                f"secure upload shapes {values.shape}, {weights.shape} do not fit the round's rows "
+                f"({int(covered_mask.sum())} active entries, {covered_mask.shape[0]} rows)"
             )
         _check_finite(values, "secure-values")
         _check_finite(weights, "secure-weights")
@@ -259,8 +266,8 @@ class SecureUpload:
         signal = None
         if "secure-signal" in arrays:
             signal = _expect(arrays, "secure-signal", np.float32, 2)
-            if signal.shape != item_mask.shape:
-                raise PayloadError(f"'secure-signal' has shape {signal.shape}, the table {item_mask.shape}")
+            if signal.shape != covered_mask.shape:
+                raise PayloadError(f"'secure-signal' has shape {signal.shape}, the round's rows {covered_mask.shape}")
             _check_finite(signal, "secure-signal")
         return cls(values, weights, signal)
 

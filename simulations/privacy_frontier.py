@@ -3,9 +3,10 @@
 Each cell is one in-process federation whose server records the first upload of a fixed set of watched
 devices; the attacks (fedsparse.privacy) then score them. Defences are written ``none``, ``pad:RHO``
 (fake positives per real one), ``ldp:Z`` (Gaussian local DP, noise multiplier Z, clipped at the median
-upload norm of the undefended cell of the same density), ``secagg`` (secure aggregation: dense masked
-uploads whose sum alone the server sees, so no per-device attack has an input: its attack columns are
-empty and the plot puts it at AUC 0.5) and combinations joined by ``+``.
+upload norm of the undefended cell of the same density), ``secagg`` or ``secagg:F`` (secure
+aggregation over all rows or over a public random share F of them per round: dense masked uploads whose
+sum alone the server sees, so no per-device attack has an input: its attack columns are empty and the
+plot puts it at AUC 0.5) and combinations joined by ``+``.
 
     python simulations/privacy_frontier.py --dataset ml-100k            # quick
     python simulations/privacy_frontier.py --dataset ml-1m --rounds 40  # the study's main table
@@ -32,7 +33,7 @@ from fedsparse.rng import rng_for
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
-DEFENCES = "none,pad:0.5,pad:1,ldp:0.5,ldp:1,ldp:2,pad:1+ldp:1,secagg"
+DEFENCES = "none,pad:0.5,pad:1,ldp:0.5,ldp:1,ldp:2,pad:1+ldp:1,secagg,secagg:0.15,secagg:0.1"
 COLUMNS = [
     "dataset", "density", "defence", "recall@20", "ndcg@20", "recall_vs_undefended", "upload_bytes_mean",
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
@@ -51,11 +52,12 @@ def defence_overrides(defence: str, clip_norm: float) -> dict[str, object]:
         if name == "pad":
             overrides["privacy.padding-ratio"] = float(strength)
         elif name == "secagg":
-            overrides.update({"privacy.secure-aggregation": True, "fed.downlink": "full"})
+            overrides.update({"privacy.secure-aggregation": True, "fed.downlink": "full",
+                              "privacy.secure-row-fraction": float(strength or 1.0)})
         elif name == "ldp":
             overrides.update({"privacy.ldp": "gaussian", "privacy.noise-multiplier": float(strength), "privacy.clip-norm": clip_norm})
         else:
-            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z or secagg joined by +")
+            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z, secagg or secagg:F joined by +")
     return overrides
 
 

@@ -188,6 +188,24 @@ def test_secure_sum_gives_the_same_means_and_signal_as_sparse_aggregation(weight
     np.testing.assert_allclose(merged.signal, reference.signal, rtol=1e-5, atol=1e-6)
 
 
+def test_secure_sum_over_a_row_subset_equals_sparse_aggregation_of_updates_inside_it() -> None:
+    mask = random_mask(10)
+    covered = np.array([0, 2, 5, 7, 8, 11, 13, 17, 19], dtype=np.int64)
+    rng = rng_for(10, "test-agg-covered")
+    updates = []
+    for _ in range(5):
+        rows = np.sort(rng.choice(covered, size=4, replace=False))
+        updates.append(RowUpdate(rows, rng.normal(size=int(mask[rows].sum())).astype(np.float32), float(rng.integers(1, 5))))
+    secure = [SecureUpload.from_update(update, mask, update.weight, covered) for update in updates]
+    assert secure[0].values.size == int(mask[covered].sum()) and secure[0].weights.size == covered.size
+    merged = aggregate_secure_sum(sum_secure_uploads(secure), mask, covered)
+    reference = aggregate_row_updates(updates, mask)
+    np.testing.assert_array_equal(merged.rows, reference.rows)
+    np.testing.assert_allclose(merged.deltas, reference.deltas, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the round's covered rows"):
+        SecureUpload.from_update(RowUpdate(np.array([1]), np.zeros(int(mask[1].sum()), np.float32), 1.0), mask, 1.0, covered)
+
+
 def test_secure_upload_is_dense_over_the_table_and_round_trips() -> None:
     mask = random_mask(8)
     update = random_updates(mask, 1, 8)[0]
@@ -202,7 +220,7 @@ def test_secure_upload_is_dense_over_the_table_and_round_trips() -> None:
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda a: {**a, "secure-values": a["secure-values"][:-1]}, "do not fit the table"),
+        (lambda a: {**a, "secure-values": a["secure-values"][:-1]}, "do not fit the round"),
         (lambda a: {**a, "secure-values": np.where(np.arange(a["secure-values"].size) == 0, np.nan, a["secure-values"]).astype(np.float32)}, "non-finite"),
         (lambda a: {**a, "secure-weights": -a["secure-weights"] - 1}, ">= 0"),
         (lambda a: {**a, "row-ids": np.zeros(1, np.uint16)}, "unexpected"),

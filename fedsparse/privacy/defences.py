@@ -18,9 +18,10 @@ def padding_count(ratio: float, positives: int) -> int:
     return int(np.floor(ratio * positives + 0.5))
 
 
-def sample_padding(rng: np.random.Generator, n_items: int, interacted: np.ndarray, count: int) -> np.ndarray:
-    """``count`` distinct items, sorted int64, none of them in ``interacted`` (all of a user's items)."""
-    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), interacted)
+def sample_padding(rng: np.random.Generator, pool: np.ndarray, interacted: np.ndarray, count: int) -> np.ndarray:
+    """``count`` distinct items of ``pool`` (sorted int64 ids), sorted, none of them in ``interacted``
+    (all of a user's items)."""
+    candidates = np.setdiff1d(pool, interacted)
     if count > candidates.size:
         raise ValueError(f"padding asks for {count} fake items but only {candidates.size} are not the user's")
     return np.sort(rng.choice(candidates, size=count, replace=False))
