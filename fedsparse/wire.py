@@ -22,7 +22,9 @@ class PayloadError(ValueError):
 def _expect(arrays: dict[str, np.ndarray], key: str, dtype: np.dtype | type, ndim: int) -> np.ndarray:
     if key not in arrays:
         raise PayloadError(f"missing array {key!r}")
-    array = np.asarray(arrays[key])
+    array = arrays[key]
+    if not isinstance(array, np.ndarray):  # a list, scalar or string would be coerced (or crash np.asarray)
+        raise PayloadError(f"{key!r} must be a numpy array, got {type(array).__name__}")
     if array.dtype != np.dtype(dtype):
         raise PayloadError(f"{key!r} must be {np.dtype(dtype)}, got {array.dtype}")
     if array.ndim != ndim:
