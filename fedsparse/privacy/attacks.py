@@ -6,7 +6,7 @@
   user row); a logistic regression trained on a shadow set of uploads with known labels scores them.
 - ``imia_guess``: IMIA-style (Yuan et al., WWW 2023): the server fits its own user row under a guessed
   labelling, re-runs the device's BPR step for each row as a positive and as a negative, relabels each
-  row by the closer hypothesis, and keeps the labelling closest to the upload overall.
+  row by the closer hypothesis, and breaks the labelling's sign symmetry by popularity.
 Rows outside the upload score below every uploaded row: the server knows the device did not touch them.
 """
 
@@ -104,11 +104,14 @@ def imia_guess(
     """IMIA-style inference on one upload; a row's score is (distance as a negative) - (distance as a positive).
 
     Two labellings seed the search (rows on either side of the upload's dominant direction). Each of
-    ``rounds`` re-fits a fresh user row (``fit_steps`` of gradient ascent on the BPR objective of the
-    current labelling, item rows frozen at what the server sent), simulates one BPR step's delta for every
-    row as a positive and as a negative, and relabels each row by the closer simulation. Flipping every
-    label and the user row explains the deltas' directions equally well, so the labelling whose user row
-    fits it best (lowest BPR loss: the user's items cluster, fake ones do not) wins.
+    ``rounds`` re-fits a fresh user row (``fit_steps`` of gradient descent on the BPR loss of the current
+    labelling, item rows frozen at what the server sent), simulates one local step's delta for every row
+    as a positive and as a negative, and relabels each row by the closer simulation (in direction).
+    Flipping every label and the user row explains the directions equally well; the labelling whose
+    positives have the longer item rows wins (a user's items are more popular than uniformly drawn
+    negatives or fakes, and popular items' rows grow longer in training). The simulated step follows the
+    protocol, which the server knows: ``item_optimizer`` (sgd, or adam's first step: the sign of the
+    gradient) on the BPR term plus ``l2_reg`` times the item row.
     """
     items = upload.item_rows.astype(np.float64)
     deltas = upload.deltas.astype(np.float64)
@@ -134,12 +137,11 @@ def imia_guess(
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, elementwise."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _fit_user_row(
-    items: np.ndarray, positive: np.ndarray, rng: np.random.Generator, steps: int, lr: float
-) -> tuple[np.ndarray, float]:
+def _fit_user_row(items: np.ndarray, positive: np.ndarray, rng: np.random.Generator, steps: int, lr: float) -> np.ndarray:
     """A re-initialised user row fitted by gradient descent on the mean BPR loss softplus(s_neg - s_pos)
     over all labelled pairs (left at its initial value when one label is empty)."""
     user = rng.normal(0.0, 0.1, items.shape[1])
@@ -164,6 +166,7 @@ def _simulated_delta(
 
 
 def _mean(values: np.ndarray) -> float:
+    """Mean of ``values``, 0 when empty."""
     return float(values.mean()) if values.size else 0.0
 
 
