@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.results import read_jsonl
+from fedsparse.results import read_jsonl, save_figure
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -163,10 +163,7 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
         axis.set_ylabel("test Recall@20")
         axis.legend(fontsize=6)
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
+    save_figure(figure, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp.png")
+    try:
+        figure.savefig(temp, dpi=dpi)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+        plt.close(figure)
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Atomically write ``payload`` as indented JSON."""
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,6 @@ plot puts it at AUC 0.5) and combinations joined by ``+``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from fedsparse.inprocess import run_inprocess
 from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks
 from fedsparse.privacy.observe import UploadLog
-from fedsparse.results import read_jsonl
+from fedsparse.results import read_jsonl, save_figure
 from fedsparse.rng import rng_for
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
@@ -117,10 +116,7 @@ def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
     axes.set_title(f"{frame['dataset'].iloc[0]}: utility vs leakage (marker area = upload bytes)")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    os.replace(tmp, path)
+    save_figure(figure, path)
 
 
 def main() -> None:

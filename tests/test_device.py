@@ -392,14 +392,19 @@ def test_signal_is_topk_of_inactive_accumulated_gradient(user_density: float) ->
         assert np.all(np.diff(np.abs(update.signal_values[i])) <= 1e-9)  # largest first
 
 
-def test_loss_matches_hand_written_bpr_for_one_epoch() -> None:
-    cfg = config(**{"fed.local-epochs": 1})
+def one_local_epoch(cfg: RunConfig):
+    """(result, item table, mask, negatives [n_train, negatives], starting user row float64) of one epoch."""
     data = user_data()
     weight, mask = item_table()
     state = init_device(cfg, USER)
     result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, False)
-    negatives = round_negatives(cfg, data, N_ITEMS, 1)[0]
-    user = state.user_row.astype(np.float64)
+    return result, weight, mask, round_negatives(cfg, data, N_ITEMS, 1)[0], state.user_row.astype(np.float64)
+
+
+def test_loss_matches_hand_written_bpr_for_one_epoch() -> None:
+    cfg = config(**{"fed.local-epochs": 1})
+    data = user_data()
+    result, weight, _, negatives, user = one_local_epoch(cfg)
     scores = weight.astype(np.float64) @ user
     bpr = np.logaddexp(0.0, scores[negatives] - scores[data.train][:, None]).mean()
     items = weight.astype(np.float64)
@@ -410,11 +415,7 @@ def test_loss_matches_hand_written_bpr_for_one_epoch() -> None:
 def test_sgd_item_update_is_the_hand_written_summed_bpr_gradient_step() -> None:
     cfg = config(**{"fed.local-epochs": 1, "fed.item-optimizer": "sgd", "fed.item-lr": 0.3, "train.l2-reg": 0.0})
     data = user_data()
-    weight, mask = item_table()
-    state = init_device(cfg, USER)
-    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, False)
-    negatives = round_negatives(cfg, data, N_ITEMS, 1)[0]
-    user = state.user_row.astype(np.float64)
+    result, weight, mask, negatives, user = one_local_epoch(cfg)
     items = weight.astype(np.float64)
     gradient = np.zeros_like(items)  # of the summed BPR loss over the device's positives
     n_negatives = negatives.shape[1]
