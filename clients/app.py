@@ -11,10 +11,11 @@ from functools import lru_cache
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.records import load_state, reply_content, save_state, to_arrays
+from clients.records import STATE_PREFIX, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.device import DeviceData
+from fedsparse.faults import DeviceCrash
 from fedsparse.grouping import users_of_partition
 from fedsparse.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
 
@@ -52,6 +53,10 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
                 reply = handle_train(config, state, device, incoming, data.n_items, server_round, dict(settings))
             else:
                 reply = handle_evaluate(config, state, device, incoming, data.n_items)
+        except DeviceCrash as exc:  # the device lost its memory: drop what this node kept for it
+            context.state.pop(f"{STATE_PREFIX}{user}", None)
+            results[user] = f"{type(exc).__name__}: {exc}"
+            continue
         except ValueError as exc:
             results[user] = f"{type(exc).__name__}: {exc}"
             continue

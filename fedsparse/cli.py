@@ -111,13 +111,14 @@ def _simulate(args: argparse.Namespace) -> int:
     import logging
 
     from fedsparse.data import load_dataset
+    from fedsparse.engine import check_population
+    from fedsparse.inprocess import population_of, run_inprocess
 
     config = _config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = load_dataset(config.data, config.seed)  # fail on bad data before any Ray start-up
+    data = load_dataset(config.data, config.seed)  # bad data or a config that cannot run fail here, before Ray starts
+    check_population(config, population_of(data))
     if args.engine == "inprocess":
-        from fedsparse.inprocess import run_inprocess
-
         run_dir, summary = run_inprocess(config, data, resume_dir=args.resume)
     else:
         if args.resume:

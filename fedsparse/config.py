@@ -7,6 +7,7 @@ unknown keys and wrongly typed values before any work starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping
 
@@ -25,6 +26,8 @@ AGGREGATIONS = ("weighted", "uniform")
 SERVER_OPTIMIZERS = ("avg", "adam")
 ITEM_OPTIMIZERS = ("adam", "sgd")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
+FAULT_MODES = ("exception", "crash", "timeout")
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
 AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
@@ -134,6 +137,7 @@ class FedConfig:
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
     eval_fraction: float = 0.2  # share of devices evaluated
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
+    round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,35 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Injected device faults in training rounds, to check that the federation survives them."""
+
+    failure_rate: float = 0.0  # share of sampled devices that fail each training round (seeded per round and device)
+    failure_mode: str = "exception"  # exception: the device's handler raises; crash: no reply and its private state is lost;
+    # timeout: the device answers only after straggler-seconds (dropped when that exceeds fed.round-timeout)
+    straggler_seconds: float = 2.0  # how late a "timeout" device answers
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Server-side defences against hostile or poisoned updates (see fedsparse/robust.py)."""
+
+    max_update_norm: float = 0.0  # reject an upload whose delta values have a larger L2 norm (0 = no limit)
+    clip_norm: float = 0.0  # scale each device's per-row delta down to this L2 norm before aggregation (0 = off)
+    aggregator: str = "mean"  # per-row combination of the contributors' deltas: mean, median or trimmed-mean
+    trim_fraction: float = 0.1  # trimmed-mean: share of contributors cut at each end, per entry
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """An item-promotion attack by malicious devices (see fedsparse/poisoning.py); off by default."""
+
+    target_item: int = -1  # the item the attacker promotes (-1 = no attack, no exposure metric)
+    fraction: float = 0.0  # share of devices the attacker controls (seeded per device)
+    boost: float = 1.0  # factor on a malicious device's uploaded delta of the target row
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; build it with ``from_flat`` or ``RunConfig()`` for the defaults."""
 
@@ -172,6 +205,9 @@ class RunConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
@@ -215,6 +251,7 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
         d, m, t, e, s, f, p = self.data, self.model, self.train, self.eval, self.sparse, self.fed, self.privacy
+        faults, robust, poison = self.faults, self.robust, self.poison
         checks = [
             (d.split in SPLITS, "data.split", f"must be one of {SPLITS}"),
             (0.0 < d.test_ratio < 1.0, "data.test-ratio", "must be in (0, 1)"),
@@ -271,6 +308,7 @@ class RunConfig:
             (f.eval_every >= 1, "fed.eval-every", "must be >= 1"),
             (0.0 < f.eval_fraction <= 1.0, "fed.eval-fraction", "must be in (0, 1]"),
             (f.clients_per_node >= 1, "fed.clients-per-node", "must be >= 1"),
+            (f.round_timeout >= 0, "fed.round-timeout", "must be >= 0 (0 = no limit)"),
             (e.k >= 1, "eval.k", "must be >= 1"),
             (e.batch_users >= 1, "eval.batch-users", "must be >= 1"),
             (e.sampled_negatives >= 1, "eval.sampled-negatives", "must be >= 1"),
@@ -283,6 +321,18 @@ class RunConfig:
              "needs fed.downlink = full (a rows download request names the device's rows)"),
             (0 < p.secure_row_fraction <= 1, "privacy.secure-row-fraction", "must be in (0, 1]"),
             (p.secure_row_fraction == 1 or p.secure_aggregation, "privacy.secure-row-fraction", "< 1 needs privacy.secure-aggregation"),
+            (0 <= faults.failure_rate < 1, "faults.failure-rate", "must be in [0, 1)"),
+            (faults.failure_mode in FAULT_MODES, "faults.failure-mode", f"must be one of {FAULT_MODES}"),
+            (faults.straggler_seconds >= 0, "faults.straggler-seconds", "must be >= 0"),
+            (robust.max_update_norm >= 0, "robust.max-update-norm", "must be >= 0 (0 = no limit)"),
+            (robust.clip_norm >= 0, "robust.clip-norm", "must be >= 0 (0 = off)"),
+            (robust.aggregator in ROBUST_AGGREGATORS, "robust.aggregator", f"must be one of {ROBUST_AGGREGATORS}"),
+            (0 <= robust.trim_fraction < 0.5, "robust.trim-fraction", "must be in [0, 0.5)"),
+            (not p.secure_aggregation or (robust.aggregator == "mean" and robust.clip_norm == 0 and robust.max_update_norm == 0),
+             "robust.*", "needs each device's delta, which privacy.secure-aggregation hides: use the defaults with it"),
+            (poison.target_item >= -1, "poison.target-item", "must be an item id, or -1 for no attack"),
+            (0 <= poison.fraction <= 1, "poison.fraction", "must be in [0, 1]"),
+            (math.isfinite(poison.boost), "poison.boost", "must be finite"),
         ]
         for ok, key, message in checks:
             if not ok:
@@ -346,4 +396,4 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig", "RunConfig", "flat_defaults"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig", "FaultConfig", "RobustConfig", "PoisonConfig", "RunConfig", "flat_defaults"]

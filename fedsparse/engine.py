@@ -18,7 +18,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from fedsparse.config import RunConfig
+from fedsparse.config import ConfigError, RunConfig
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
@@ -65,6 +65,17 @@ class Population:
     n_users: int
     n_items: int
     n_train_interactions: int
+
+
+def check_population(config: RunConfig, population: Population) -> None:
+    """Raise ConfigError, before any work or output, when the config cannot run on this federation."""
+    devices = int(population.users.size)
+    if devices == 0:
+        raise ConfigError("the dataset has no user with a training interaction: no device to federate")
+    if config.fed.clients_per_round > devices:
+        raise ConfigError(f"fed.clients-per-round = {config.fed.clients_per_round} exceeds the {devices} devices of this dataset")
+    if config.poison.target_item >= population.n_items:
+        raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id (the dataset has {population.n_items})")
 
 
 def effective_config(config: RunConfig) -> RunConfig:
@@ -257,6 +268,7 @@ def run_federation(
     ``resume``, the run continues after the last round of ``run_dir/checkpoint.npz``; rounds.jsonl lines
     written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
     """
+    check_population(config, population)
     config = effective_config(config)
     started = time.perf_counter()
     if resume:

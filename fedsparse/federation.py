@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from fedsparse.aggregation import AggregatedRows, aggregate_row_updates, aggregate_secure_sum, sum_secure_uploads
+from fedsparse.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.config import RunConfig
 from fedsparse.nmf import (
     apply_item_update,
@@ -26,6 +26,7 @@ from fedsparse.nmf import (
 from fedsparse.policies import MaskPolicy, build_policy
 from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
+from fedsparse.robust import robust_aggregate, too_large
 from fedsparse.server_optim import ServerOptimizer
 from fedsparse.storage import CompactTable
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
@@ -151,8 +152,10 @@ class Server:
         return SecureUpload.from_arrays(arrays, self.item_mask[self.secure_rows()])
 
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
-        """Aggregate the round's accepted updates, apply them, explore the mask if scheduled."""
-        return self.apply_merged(server_round, aggregate_row_updates(updates, self.item_mask, weighted=self.config.fed.aggregation == "weighted"))
+        """Aggregate the round's accepted updates (with the ``robust.*`` defences), apply them, explore
+        the mask if scheduled."""
+        weighted = self.config.fed.aggregation == "weighted"
+        return self.apply_merged(server_round, robust_aggregate(updates, self.item_mask, self.config.robust, weighted))
 
     def apply_secure_round(self, server_round: int, uploads: list[SecureUpload]) -> dict[str, Any]:
         """The same from secure uploads, of which only the sum is used (all SecAgg reveals)."""
@@ -196,9 +199,11 @@ def validate_update(
     """(update, None) when a reply is well-formed (a ``SecureUpload`` when ``secure``), else (None, the
     reason it was dropped). Real SecAgg+ can only check the sum; the simulation checks each device."""
     try:
-        return (server.decode_secure_reply(arrays) if secure else server.decode_reply(arrays)), None
+        update = server.decode_secure_reply(arrays) if secure else server.decode_reply(arrays)
     except PayloadError as exc:
         return None, str(exc)
+    reason = None if secure else too_large(update, server.config.robust)
+    return (None, reason) if reason else (update, None)
 
 
 # --- federated NMF ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ state lives in a dict keyed by user id (the counterpart of Flower's ``context.st
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,7 +16,8 @@ import numpy as np
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.device import DeviceData
-from fedsparse.engine import Arrays, Population, Reply, UploadObserver, run_federation
+from fedsparse.faults import DeviceCrash, InjectedFault
+from fedsparse.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.protocol import DeviceReply, handle_evaluate, handle_nmf, handle_query, handle_train
 from fedsparse.results import new_run_dir
 
@@ -29,7 +31,11 @@ def population_of(data: Interactions) -> Population:
 
 
 class InProcessTransport:
-    """Delivers messages by calling the device handlers; a handler's exception is a failed device."""
+    """Delivers messages by calling the device handlers; a handler's exception is a failed device.
+
+    Devices run one after another here, so ``fed.round-timeout`` applies to each device's own time in a
+    training round: a slower device's reply is dropped (its private state still advances, as on a real
+    device that finished after the server stopped waiting)."""
 
     def __init__(self, config: RunConfig, data: Interactions) -> None:
         self.config = config
@@ -53,14 +59,23 @@ class InProcessTransport:
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         replies: dict[int, Reply | str] = {}
+        timeout = self.config.fed.round_timeout if kind == "train" else 0.0
         for user, message in messages.items():
+            started = time.perf_counter()
             try:
                 reply = self._handle(kind, server_round, user, message, settings)
-            except (ValueError, KeyError) as exc:
+            except DeviceCrash as exc:
+                self.states.pop(user, None)
+                replies[user] = f"{type(exc).__name__}: {exc}"
+                continue
+            except (ValueError, KeyError, InjectedFault) as exc:
                 replies[user] = f"{type(exc).__name__}: {exc}"
                 continue
             if reply.state:
                 self.states[user] = reply.state
+            if timeout and time.perf_counter() - started > timeout:
+                replies[user] = f"device {user} did not reply within {timeout:g} s"
+                continue
             replies[user] = Reply(reply.arrays, reply.metrics)
         return replies
 
@@ -89,9 +104,11 @@ def run_inprocess(
 
     ``observer`` records what the server sees of every accepted upload (the privacy study's attacker)."""
     data = data if data is not None else load_dataset(config.data, config.seed)
+    population = population_of(data)
+    check_population(config, population)
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     transport = InProcessTransport(config, data)
     summary = run_federation(
-        config, population_of(data), transport, run_dir, data.train, resume=resume_dir is not None, observer=observer
+        config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer
     )
     return run_dir, summary

@@ -13,8 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsparse.config import RunConfig
+from fedsparse.faults import inject_fault
 from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view, rows_needed
 from fedsparse.nmf import user_factor_update
+from fedsparse.poisoning import EXPOSURE_K, boost_target, poisoned_view, target_exposed
 from fedsparse.rng import rng_for
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
@@ -59,7 +61,7 @@ def handle_nmf(
 
 def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
     """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
-    data = round_view(config, data, n_items, server_round)
+    data = round_view(config, poisoned_view(config, data), n_items, server_round)
     rows = rows_needed(data, round_negatives(config, data, n_items, server_round), round_padding(config, data, n_items, server_round))
     return DeviceReply({"row-ids": wire_row_ids(rows, n_items)}, {}, {})
 
@@ -93,11 +95,13 @@ def handle_train(
     """Decode the item rows, train locally, return the sparse item update and the new private state.
 
     ``settings``: ``send-signal`` (report a regrowth signal) and ``user-swap-fraction`` (explore the
-    user row's mask after training; 0 keeps it).
+    user row's mask after training; 0 keeps it). A device drawn to fail (``faults.*``) raises
+    ``InjectedFault`` / ``DeviceCrash`` here, or answers late.
     """
+    inject_fault(config, server_round, data.user_id)
     download = RowsDownload.from_arrays(_download_arrays(message), n_items, config.model.dim)
     device = _device_state(config, state, data, message)
-    data = round_view(config, data, n_items, server_round)
+    data = round_view(config, poisoned_view(config, data), n_items, server_round)
     if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
         return _empty_secure_reply(config, state, device, download, n_items, server_round, bool(settings["send-signal"]))
     result = local_train(
@@ -105,6 +109,7 @@ def handle_train(
         bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
     )
     update = privatize(config, result.update, server_round, data.user_id)
+    update = boost_target(config, data.user_id, update, _row_masks(download, update.row_ids))
     metrics = {
         "loss": result.loss,
         "memory-bytes": float(result.memory_bytes),
@@ -118,6 +123,12 @@ def handle_train(
         arrays = secure.to_arrays()
         metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)
     return DeviceReply(arrays, {**state, **result.state.to_arrays()}, metrics)
+
+
+def _row_masks(download: RowsDownload, row_ids: np.ndarray) -> np.ndarray:
+    """The masks bool [r, dim] of the downloaded rows ``row_ids`` (a subset of the download)."""
+    _, mask = download.table.decode()
+    return mask[row_ids] if download.row_ids is None else mask[np.searchsorted(download.row_ids, row_ids)]
 
 
 def _empty_secure_reply(
@@ -172,4 +183,7 @@ def handle_evaluate(
         result = evaluate_device(config, device, data, item_weights, split)
         if result is not None:
             metrics.update({f"{split}-{name}": value for name, value in result.items()})
+    exposed = target_exposed(config, data, item_weights @ device.user_row)
+    if exposed is not None:
+        metrics[f"exposure@{EXPOSURE_K}"] = exposed
     return DeviceReply({}, {**state, **device.to_arrays()}, metrics)

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.engine import run_federation
+from fedsparse.engine import check_population, run_federation
 from fedsparse.grouping import partitions_needed
 from fedsparse.inprocess import population_of
 from fedsparse.results import new_run_dir
@@ -33,9 +33,10 @@ def main(grid: Grid, context: Context) -> None:
     # The server reads the dataset only for its sizes (and for the central-NMF oracle, when chosen).
     data = load_dataset(config.data, config.seed)
     population = population_of(data)
+    check_population(config, population)  # a config that cannot run stops here, before any output
     expected = partitions_needed(data.n_users, config.fed.clients_per_node)
     node_of_partition = discover_partitions(grid, expected, NODE_WAIT_SECONDS, NODE_POLL_SECONDS)
-    transport = FlowerTransport(grid, node_of_partition, config.fed.clients_per_node, timeout=None)
+    transport = FlowerTransport(grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None)
     run_dir = new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}")
     summary = run_federation(config, population, transport, run_dir, data.train)
     logger.info("run directory: %s", run_dir)

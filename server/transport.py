@@ -22,11 +22,11 @@ MESSAGE_TYPES = {"nmf": "query.nmf", "query": "query.rows", "train": "train", "e
 class FlowerTransport:
     """Sends each kind of message to the nodes hosting the addressed users and unpacks the replies."""
 
-    def __init__(self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, timeout: float | None) -> None:
+    def __init__(self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, train_timeout: float | None) -> None:
         self.grid = grid
         self.node_of_partition = node_of_partition
         self.clients_per_node = clients_per_node
-        self.timeout = timeout
+        self.train_timeout = train_timeout  # seconds to wait for a training round's replies (None = no limit)
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         by_node: dict[int, RecordDict] = {}
@@ -47,7 +47,7 @@ class FlowerTransport:
             for node, content in by_node.items()
         ]
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(outgoing, timeout=self.timeout):
+        for reply in self.grid.send_and_receive(outgoing, timeout=self.train_timeout if kind == "train" else None):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():

@@ -62,8 +62,14 @@ def summary_items(run_dir: Path) -> int:
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
 @pytest.mark.parametrize(
     "overrides",
-    [{"fed.downlink": "rows"}, {"fed.downlink": "full", "fed.clients-per-node": 3}],
-    ids=["one-device-per-supernode-rows-downlink", "three-devices-per-supernode-full-downlink"],
+    [
+        {"fed.downlink": "rows"},
+        {"fed.downlink": "full", "fed.clients-per-node": 3},
+        {"fed.downlink": "rows", "faults.failure-rate": 0.4, "faults.failure-mode": "exception"},
+        {"fed.downlink": "full", "faults.failure-rate": 0.4, "faults.failure-mode": "crash"},
+    ],
+    ids=["one-device-per-supernode-rows-downlink", "three-devices-per-supernode-full-downlink",
+         "injected-exceptions", "injected-crashes"],
 )
 def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
     config = small_config(tmp_path, **overrides)
@@ -83,5 +89,7 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
             assert flower[key] == local[key], key
         for key in METRIC_KEYS:
             assert flower[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
+    if config.faults.failure_rate:
+        assert sum(record["failed_clients"] for record in flower_rounds) > 0
     flower_summary = json.loads((flower_dir / "summary.json").read_text())
     assert flower_summary["total_nmf_upload_bytes"] > 0

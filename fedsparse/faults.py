@@ -1,0 +1,39 @@
+"""Injected device faults: which sampled devices fail in a training round, and how.
+
+The draw depends only on (seed, round, user), so the Flower and in-process engines fail the same
+devices, and the server learns of a failure only the way a real server would: no usable reply.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fedsparse.config import RunConfig
+from fedsparse.rng import rng_for
+
+
+class InjectedFault(RuntimeError):
+    """The device's handler failed ("exception" mode): the transport reports an error, no reply."""
+
+
+class DeviceCrash(RuntimeError):
+    """The device crashed ("crash" mode): no reply, and the transport discards its private state."""
+
+
+def device_fails(config: RunConfig, server_round: int, user: int) -> bool:
+    """Whether ``user``'s device fails in training round ``server_round`` (probability ``faults.failure-rate``)."""
+    rate = config.faults.failure_rate
+    return rate > 0 and bool(rng_for(config.seed, "fault", server_round, user).random() < rate)
+
+
+def inject_fault(config: RunConfig, server_round: int, user: int) -> None:
+    """Act out this device's fault for the round, if it has one: raise, or (timeout mode) answer late."""
+    if not device_fails(config, server_round, user):
+        return
+    mode = config.faults.failure_mode
+    reason = f"injected {mode} of device {user} in round {server_round}"
+    if mode == "exception":
+        raise InjectedFault(reason)
+    if mode == "crash":
+        raise DeviceCrash(reason)
+    time.sleep(config.faults.straggler_seconds)
