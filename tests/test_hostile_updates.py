@@ -1,4 +1,4 @@
-"""Property test: thousands of hostile or malformed uploads are each rejected with a PayloadError (never
+"""Property test: thousands of hostile or malformed uploads (enormous norms included) are each rejected with a PayloadError (never
 another exception), accepted only when an independent slow check finds them valid, and never change
 the server's state."""
 
@@ -14,7 +14,10 @@ from fedsparse.rng import rng_for
 from fedsparse.wire import RowUpdate, row_id_dtype, signal_col_dtype
 
 N_ITEMS, DIM = 30, 8
-SERVER = Server.create(RunConfig.from_flat({"seed": 1, "model.dim": DIM, "sparse.policy": "static", "sparse.density": 0.25}), N_ITEMS)
+MAX_NORM = 1e3  # robust.max-update-norm: honest uploads here have norms below 50
+SERVER = Server.create(RunConfig.from_flat({
+    "seed": 1, "model.dim": DIM, "sparse.policy": "static", "sparse.density": 0.25, "robust.max-update-norm": MAX_NORM,
+}), N_ITEMS)
 KEYS = ("row-ids", "values", "weight", "signal-rows", "signal-cols", "signal-values")
 
 
@@ -42,6 +45,8 @@ def is_valid(arrays: dict) -> bool:
     if any(r >= N_ITEMS for r in ids) or any(b <= a for a, b in zip(ids, ids[1:])):
         return False
     if values.size != sum(int(SERVER.item_mask[r].sum()) for r in ids) or not all(np.isfinite(v) for v in values):
+        return False
+    if np.sqrt(sum(float(v) ** 2 for v in values)) > MAX_NORM:
         return False
     if weight.dtype != np.float32 or weight.shape != (1,) or not np.isfinite(weight[0]) or weight[0] <= 0:
         return False
