@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(simulate)
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
-    simulate.add_argument("--resume", type=Path, help="in-process engine: continue the run in this run directory")
+    simulate.add_argument("--resume", type=Path, help="continue the run in this run directory from its checkpoint (same flags)")
     superlink = commands.add_parser("superlink", help="the local Flower SuperLink that `flwr run` starts")
     superlink.add_argument("action", choices=("stop",))
     return parser
@@ -111,18 +112,21 @@ def _simulate(args: argparse.Namespace) -> int:
     import logging
 
     from fedsparse.data import load_dataset
-    from fedsparse.engine import check_population
+    from fedsparse.engine import check_population, check_resumable
     from fedsparse.inprocess import population_of, run_inprocess
 
     config = _config_from_args(args)
+    if args.resume:
+        config = replace(config, resume_dir=str(args.resume.resolve()))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = load_dataset(config.data, config.seed)  # bad data or a config that cannot run fail here, before Ray starts
+    # Bad data, a config that cannot run or a run that cannot be resumed fail here, before Ray starts.
+    data = load_dataset(config.data, config.seed)
     check_population(config, population_of(data))
+    if config.resume_dir:
+        check_resumable(config, Path(config.resume_dir))
     if args.engine == "inprocess":
-        run_dir, summary = run_inprocess(config, data, resume_dir=args.resume)
+        run_dir, summary = run_inprocess(config, data)
     else:
-        if args.resume:
-            raise ValueError("--resume is supported by the in-process engine only")
         from fedsparse.flower_run import run_flower
 
         run_dir = run_flower(config, args.app_dir.resolve(), data.n_users)

@@ -198,6 +198,7 @@ class RunConfig:
     seed: int = 0
     results_dir: str = "results"
     num_server_rounds: int = 3
+    resume_dir: str = ""  # a run directory to continue from its checkpoint ("" = start a new run)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from fedsparse.config import ConfigError, RunConfig
+from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
@@ -76,6 +76,22 @@ def check_population(config: RunConfig, population: Population) -> None:
         raise ConfigError(f"fed.clients-per-round = {config.fed.clients_per_round} exceeds the {devices} devices of this dataset")
     if config.poison.target_item >= population.n_items:
         raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id (the dataset has {population.n_items})")
+
+
+RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir"}  # keys a resumed run may change
+
+
+def check_resumable(config: RunConfig, run_dir: Path) -> None:
+    """Raise ConfigError unless ``run_dir`` holds a checkpoint of a run with this config (up to the number
+    of rounds and paths): resuming under other settings would silently mix two experiments."""
+    if not (run_dir / CHECKPOINT).exists():
+        raise ConfigError(f"cannot resume {run_dir}: it holds no {CHECKPOINT}")
+    stored = {**flat_defaults(), **json.loads((run_dir / "config.json").read_text())["config"]}  # keys added since: defaults
+    current = effective_config(config).to_flat()
+    changed = sorted(key for key in current.keys() - RESUMABLE_CHANGES if stored[key] != current[key])
+    if changed:
+        details = ", ".join(f"{key} {stored[key]!r} -> {current[key]!r}" for key in changed)
+        raise ConfigError(f"cannot resume {run_dir} under a different config: {details}")
 
 
 def effective_config(config: RunConfig) -> RunConfig:
@@ -269,6 +285,8 @@ def run_federation(
     written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
     """
     check_population(config, population)
+    if resume:
+        check_resumable(config, run_dir)
     config = effective_config(config)
     started = time.perf_counter()
     if resume:

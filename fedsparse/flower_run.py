@@ -43,6 +43,8 @@ def run_config_overrides(config: RunConfig) -> str:
     flat["results-dir"] = str(Path(config.results_dir).expanduser().resolve())
     if config.data.data_dir:
         flat["data.data-dir"] = str(Path(config.data.data_dir).expanduser().resolve())
+    if config.resume_dir:
+        flat["resume-dir"] = str(Path(config.resume_dir).expanduser().resolve())
     changed = {key: value for key, value in flat.items() if value != defaults[key] or key == "results-dir"}
     return " ".join(f'"{key}"={toml_value(value)}' for key, value in changed.items())
 
@@ -57,12 +59,14 @@ def run_flower(
 ) -> Path:
     """Run the app in ``app_dir`` under ``flwr run`` and return the run directory it wrote.
 
-    One supernode per partition (``fed.clients-per-node`` users each). Raises RuntimeError with the
-    tail of Flower's output when no complete run directory appears.
+    One supernode per partition (``fed.clients-per-node`` users each). With ``resume-dir`` set, the run
+    continues there. Raises RuntimeError with the tail of Flower's output when no complete run
+    directory appears.
     """
     results = Path(config.results_dir).expanduser().resolve()
     results.mkdir(parents=True, exist_ok=True)
     before = set(results.iterdir())
+    started = time.time()
     env = {**os.environ, **FLOWER_ENV}
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
@@ -71,10 +75,17 @@ def run_flower(
                "--run-config", run_config_overrides(config)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     output = (completed.stdout + completed.stderr)[-4000:]
-    created = sorted(path for path in set(results.iterdir()) - before if path.name.split("-", 2)[-1].startswith("flwr-"))
-    if completed.returncode != 0 or not created or not (created[-1] / "summary.json").exists():
+    if config.resume_dir:  # the run continues in its own directory: done when it wrote a new summary
+        run_dir = Path(config.resume_dir).expanduser().resolve()
+        summary = run_dir / "summary.json"
+        done = summary.exists() and summary.stat().st_mtime >= started
+    else:
+        created = sorted(path for path in set(results.iterdir()) - before if path.name.split("-", 2)[-1].startswith("flwr-"))
+        run_dir = created[-1] if created else results
+        done = bool(created) and (run_dir / "summary.json").exists()
+    if completed.returncode != 0 or not done:
         raise RuntimeError(f"flwr run did not complete (exit {completed.returncode}); output tail:\n{output}")
-    return created[-1]
+    return run_dir
 
 
 def _children(pid: int) -> list[int]:

@@ -100,12 +100,14 @@ def run_inprocess(
     resume_dir: Path | None = None,
     observer: UploadObserver | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run a federation in this process (or resume the one in ``resume_dir``); returns (run dir, summary).
+    """Run a federation in this process (or resume the one in ``resume_dir``, default ``config.resume_dir``);
+    returns (run dir, summary).
 
     ``observer`` records what the server sees of every accepted upload (the privacy study's attacker)."""
     data = data if data is not None else load_dataset(config.data, config.seed)
     population = population_of(data)
     check_population(config, population)
+    resume_dir = resume_dir or (Path(config.resume_dir) if config.resume_dir else None)
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     transport = InProcessTransport(config, data)
     summary = run_federation(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.faults import device_fails
 from fedsparse.federation import clients_per_round, sample_clients
+from fedsparse.flower_run import run_flower, stop_superlink
 from fedsparse.inprocess import InProcessTransport, population_of, run_inprocess
 from fedsparse.results import read_jsonl
 
@@ -169,3 +171,38 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     final, expected = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference_dir))
     for key in ("recall@20", "ndcg@20", "total_upload_bytes", "total_download_bytes", "item_active_entries"):
         assert final[key] == expected[key], key
+
+
+def test_resuming_under_a_different_config_or_without_a_checkpoint_is_refused(tmp_path):
+    config = small_config(tmp_path, **{"num-server-rounds": 2})
+    data = load_dataset(config.data, config.seed)
+    run_dir, _ = run_inprocess(config, data)
+    changed = config.with_overrides({"fed.local-lr": 0.5, "num-server-rounds": 4})
+    with pytest.raises(ConfigError, match=r"fed.local-lr 0.01 -> 0.5"):
+        run_inprocess(changed, data, resume_dir=run_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no checkpoint.npz"):
+        run_inprocess(config, data, resume_dir=tmp_path / "empty")
+    _, resumed = run_inprocess(config.with_overrides({"num-server-rounds": 3}), data, resume_dir=run_dir)
+    assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2, 3] and resumed["rounds"] == 3
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
+def test_a_flower_run_resumes_from_its_checkpoint_with_fresh_devices(tmp_path):
+    config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.downlink": "rows"})
+    data = load_dataset(config.data, config.seed)
+    flwr_home = tmp_path / "flwr-home"
+    try:
+        run_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600)
+        first = read_jsonl(run_dir / "rounds.jsonl")
+        before = json.loads((run_dir / "summary.json").read_text())
+        resumed_config = config.with_overrides({"num-server-rounds": 3, "resume-dir": str(run_dir)})
+        assert run_flower(resumed_config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600) == run_dir
+    finally:
+        stop_superlink(flwr_home)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert rounds[:2] == first and [record["round"] for record in rounds] == [1, 2, 3]
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["rounds"] == 3 and after["total_upload_bytes"] > before["total_upload_bytes"]
+    assert after["total_nmf_upload_bytes"] == before["total_nmf_upload_bytes"]  # NMF is not redone on resume
+    assert rounds[2]["failed_clients"] == 0 and np.isfinite(rounds[2]["recall@20"])
