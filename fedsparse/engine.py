@@ -194,6 +194,14 @@ def _nmf_reply(arrays: Arrays, n_items: int, rank: int) -> tuple[np.ndarray, np.
     return rows, factor.astype(np.float64), gram.astype(np.float64)
 
 
+def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
+    """Why a reply's scalar metrics are unusable (a value that is not a finite real number), or None."""
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+            return f"metric {name!r} is not a finite number: {value!r}"
+    return None
+
+
 def _summary_stats(values: list[float], name: str) -> dict[str, float]:
     if not values:
         return {f"{name}_mean": 0.0, f"{name}_max": 0.0}
@@ -368,7 +376,8 @@ def train_round(
             continue
         uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
         update, reason = validate_update(server, reply.arrays, secure)
-        if update is None:
+        reason = reason or metrics_problem(reply.metrics)
+        if reason:
             dropped += 1
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
             continue
@@ -420,8 +429,9 @@ def evaluate_round(
     replies = transport.send("evaluate", server_round, messages, {})
     collected: dict[str, list[float]] = {}
     for user, reply in replies.items():
-        if isinstance(reply, str):
-            log.warning("round %d: evaluation on device %d failed: %s", server_round, user, reply)
+        problem = reply if isinstance(reply, str) else metrics_problem(reply.metrics)
+        if problem:
+            log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
             continue
         for name, value in reply.metrics.items():
             collected.setdefault(name, []).append(value)

@@ -7,7 +7,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from clients.records import to_arrays, to_record
@@ -59,8 +59,7 @@ class FlowerTransport:
                 if f"error.{user}" in content:
                     replies[user] = str(content[f"error.{user}"]["reason"])
                 elif f"arrays.{user}" in content:
-                    metrics = dict(content[f"metrics.{user}"]) if f"metrics.{user}" in content else {}
-                    replies[user] = Reply(to_arrays(content[f"arrays.{user}"]), {k: float(v) for k, v in metrics.items()})
+                    replies[user] = _decode_reply(content, user)
                 else:
                     replies[user] = f"node {node} sent no record for user {user}"
         for node, users in users_of_node.items():
@@ -68,6 +67,15 @@ class FlowerTransport:
                 for user in users:
                     replies[user] = f"node {node} did not reply in time"
         return replies
+
+
+def _decode_reply(content: RecordDict, user: int) -> Reply | str:
+    """One user's arrays and metrics from a reply, or why they cannot be read (a record of the wrong
+    kind); metric values are checked by the engine."""
+    arrays, metrics = content[f"arrays.{user}"], content[f"metrics.{user}"] if f"metrics.{user}" in content else {}
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, (MetricRecord, dict)):
+        return f"user {user}: expected an ArrayRecord and a MetricRecord, got {type(arrays).__name__}, {type(metrics).__name__}"
+    return Reply(to_arrays(arrays), dict(metrics))
 
 
 def discover_partitions(grid: Grid, expected_nodes: int, wait_seconds: float, poll_seconds: float) -> dict[int, int]:

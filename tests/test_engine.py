@@ -119,3 +119,32 @@ def test_rows_past_the_checkpoint_are_redone_not_duplicated(tmp_path):
         stream.write(json.dumps({"round": 3, "clients": 1}) + "\n")
     run_inprocess(config, data, resume_dir=run_dir)
     assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2]
+
+
+class BadMetricsTransport(InProcessTransport):
+    """The in-process transport whose lowest-id device reports an unusable metric in every reply."""
+
+    def __init__(self, config, data, bad_value):
+        super().__init__(config, data)
+        self.bad_value = bad_value
+
+    def send(self, kind, server_round, messages, settings):
+        replies = super().send(kind, server_round, messages, settings)
+        user = min(messages)
+        if kind in ("train", "evaluate") and isinstance(replies.get(user), Reply):
+            replies[user] = Reply(replies[user].arrays, {**replies[user].metrics, "loss": self.bad_value})
+        return replies
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), "0.5", [1.0, 2.0], True, None])
+def test_a_reply_with_an_unusable_metric_is_dropped(tmp_path, bad_value):
+    config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.eval-fraction": 1.0})
+    data = load_dataset(config.data, config.seed)
+    run_dir = new_run_dir(tmp_path, "bad-metrics")
+    summary = run_federation(config, population_of(data), BadMetricsTransport(config, data, bad_value), run_dir, data.train)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [record["dropped_updates"] for record in rounds] == [1, 1]
+    clean_dir, _ = run_inprocess(config, data)
+    clean = [record["evaluated_clients"] for record in read_jsonl(clean_dir / "rounds.jsonl")]
+    assert [record["evaluated_clients"] for record in rounds] == [count - 1 for count in clean]
+    assert np.isfinite(summary["recall@20"])
