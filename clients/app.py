@@ -10,6 +10,10 @@ from functools import lru_cache
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from clients.records import STATE_PREFIX, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
@@ -17,7 +21,9 @@ from fedsparse.data import Interactions, load_dataset
 from fedsparse.device import DeviceData
 from fedsparse.faults import DeviceCrash
 from fedsparse.grouping import users_of_partition
+from fedsparse.privacy.secagg_vectors import to_secagg_vectors
 from fedsparse.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
+from fedsparse.wire import SecureUpload
 
 app = ClientApp()
 
@@ -86,8 +92,32 @@ def rows(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """A local training round on the hosted devices."""
+    """A local training round on the hosted devices; under secure aggregation, one stage of Flower's
+    SecAgg+ protocol (its mod runs the key exchange and masks what ``_secure_train`` returns)."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, _secure_train)
     return _handle(message, context, "train")
+
+
+def _secure_train(message: Message, context: Context) -> Message:
+    """Train the node's one device on a legacy FitIns and return its SecureUpload as SecAgg+ vectors."""
+    config = RunConfig.from_flat(context.run_config)
+    data = _dataset(tuple(sorted(config.to_flat().items())))
+    fitins = recorddict_to_fitins(message.content, keep_input=True)
+    settings = dict(fitins.config)
+    incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters)))
+    (user,) = users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users)
+    device = DeviceData.from_interactions(data.train, data.validation, data.test, user)
+    try:
+        reply = handle_train(config, load_state(context, user), device, incoming, data.n_items, int(settings["server-round"]), settings)
+    except DeviceCrash:
+        context.state.pop(f"{STATE_PREFIX}{user}", None)
+        raise
+    save_state(context, user, reply.state)
+    upload = SecureUpload(reply.arrays["secure-values"], reply.arrays["secure-weights"], reply.arrays.get("secure-signal"))
+    vectors = to_secagg_vectors(upload, config.privacy.secure_weight_bound)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, {k: float(v) for k, v in reply.metrics.items()})
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
 
 
 @app.evaluate()

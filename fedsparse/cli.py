@@ -127,8 +127,9 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.engine == "inprocess":
         run_dir, summary = run_inprocess(config, data)
     else:
-        from fedsparse.flower_run import run_flower
+        from fedsparse.flower_run import check_flower_config, run_flower
 
+        check_flower_config(config)
         run_dir = run_flower(config, args.app_dir.resolve(), data.n_users)
         summary = json.loads((run_dir / "summary.json").read_text())
     print(json.dumps(summary, indent=2, sort_keys=True))

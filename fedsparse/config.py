@@ -160,6 +160,7 @@ class PrivacyConfig:
     delta: float = 1e-5  # the delta at which epsilon is reported
     secure_aggregation: bool = False  # devices upload dense masked vectors; the server sees only their sum
     secure_row_fraction: float = 1.0  # with secure aggregation: share of rows each round covers (a public random subset)
+    secure_weight_bound: float = 10000.0  # with secure aggregation: public cap on a device's weight (Flower's SecAgg+ scales by it)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,7 @@ class RunConfig:
              "needs fed.downlink = full (a rows download request names the device's rows)"),
             (0 < p.secure_row_fraction <= 1, "privacy.secure-row-fraction", "must be in (0, 1]"),
             (p.secure_row_fraction == 1 or p.secure_aggregation, "privacy.secure-row-fraction", "< 1 needs privacy.secure-aggregation"),
+            (p.secure_weight_bound >= 1, "privacy.secure-weight-bound", "must be >= 1 (a weight counts examples)"),
             (0 <= faults.failure_rate < 1, "faults.failure-rate", "must be in [0, 1)"),
             (faults.failure_mode in FAULT_MODES, "faults.failure-mode", f"must be one of {FAULT_MODES}"),
             (faults.straggler_seconds >= 0, "faults.straggler-seconds", "must be >= 0"),

@@ -23,7 +23,7 @@ from fedsparse.federation import Server, central_nmf_item_factor, clients_per_ro
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, atomic_write_text, read_jsonl, write_json
-from fedsparse.wire import PayloadError, RowUpdate, read_row_ids
+from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
 
 log = logging.getLogger("fedsparse")
 
@@ -364,9 +364,11 @@ def train_round(
                 failed.append(user)
                 log.warning("round %d: row request of device %d failed: %s", server_round, user, exc)
     messages = {user: {**server.download(wanted).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()}
+    secure = config.privacy.secure_aggregation
+    if secure and hasattr(transport, "secure_train"):  # Flower's SecAgg+: the transport returns only the sum
+        return _secure_protocol_round(config, transport, state, server_round, messages, chosen, failed, started)
     replies = transport.send("train", server_round, messages, server.train_settings(server_round))
     updates, uploads, downloads, memory, dropped = [], [], [], [], 0
-    secure = config.privacy.secure_aggregation
     for user in sorted(messages):
         downloads.append(_bytes(messages[user]))
         reply = replies.get(user, "no reply")
@@ -408,6 +410,38 @@ def train_round(
         "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
         "dense_fedavg_upload_bytes": server.n_items * dim * 4,
         **applied,
+    }
+
+
+def _secure_protocol_round(
+    config: RunConfig, transport: Transport, state: RunState, server_round: int, messages: dict[int, Arrays],
+    chosen: np.ndarray, failed: list[int], started: float,
+) -> dict[str, Any]:
+    """A training round whose uploads only a secure-aggregation protocol sees: the transport's
+    ``secure_train`` returns the summed upload, per-device metrics or failures, and every byte of the
+    protocol per device (key exchange included)."""
+    server = state.server
+    total, replies, sent, received = transport.secure_train(server_round, messages, server.train_settings(server_round))
+    failed += [user for user, reply in replies.items() if isinstance(reply, str)]
+    for user in failed:
+        log.warning("round %d: device %d failed: %s", server_round, user, replies.get(user, "no reply"))
+    memory = [reply.metrics.get("memory-bytes", 0.0) for reply in replies.values() if isinstance(reply, Reply)]
+    dropped, checked = 0, None
+    if total is not None:
+        try:
+            checked = SecureUpload.from_arrays(total.to_arrays(), server.item_mask[server.secure_rows()])
+        except PayloadError as exc:
+            dropped = 1
+            log.warning("round %d: dropped the secure sum: %s", server_round, exc)
+    applied = server.apply_secure_sum(server_round, checked) if checked is not None else server.apply_round(server_round, [])
+    uploads, downloads = list(received.values()), list(sent.values())
+    state.totals["upload_bytes"] += sum(uploads)
+    state.totals["download_bytes"] += sum(downloads)
+    return {
+        "round": server_round, "started": started, "clients": len(chosen), "failed_clients": len(set(failed)),
+        "dropped_updates": dropped, **_summary_stats(uploads, "upload_bytes"), **_summary_stats(downloads, "download_bytes"),
+        **_summary_stats(memory, "device_memory_bytes"), "upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0,
+        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4, **applied,
     }
 
 

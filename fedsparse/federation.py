@@ -161,8 +161,11 @@ class Server:
         """The same from secure uploads, of which only the sum is used (all SecAgg reveals)."""
         if not uploads:
             return self.apply_round(server_round, [])
-        covered = self.secure_rows()
-        return self.apply_merged(server_round, aggregate_secure_sum(sum_secure_uploads(uploads), self.item_mask, covered))
+        return self.apply_secure_sum(server_round, sum_secure_uploads(uploads))
+
+    def apply_secure_sum(self, server_round: int, total: SecureUpload) -> dict[str, Any]:
+        """Apply the round from the validated sum of its secure uploads (what a SecAgg+ protocol reveals)."""
+        return self.apply_merged(server_round, aggregate_secure_sum(total, self.item_mask, self.secure_rows()))
 
     def apply_merged(self, server_round: int, merged: AggregatedRows) -> dict[str, Any]:
         """Apply per-row mean deltas (and the regrowth signal), then explore the mask if scheduled."""

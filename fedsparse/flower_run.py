@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from fedsparse.config import RunConfig, flat_defaults
+from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.grouping import partitions_needed
 
 # Without these, every `flwr run` rebuilds an environment from the app's dependencies (a CUDA torch),
@@ -25,6 +25,12 @@ FLOWER_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 STOP_GRACE_SECONDS = 10.0
+
+
+def check_flower_config(config: RunConfig) -> None:
+    """Raise ConfigError for settings the Flower engine cannot run (the in-process engine can)."""
+    if config.privacy.secure_aggregation and config.fed.clients_per_node != 1:
+        raise ConfigError("privacy.secure-aggregation under Flower runs SecAgg+ between supernodes: needs fed.clients-per-node = 1")
 
 
 def toml_value(value: object) -> str:

@@ -118,7 +118,7 @@ def handle_train(
     arrays = update.to_arrays()
     if config.privacy.secure_aggregation:
         _, item_mask = download.table.decode()
-        weight = update.weight if config.fed.aggregation == "weighted" else 1.0
+        weight = min(update.weight, config.privacy.secure_weight_bound) if config.fed.aggregation == "weighted" else 1.0
         secure = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
         arrays = secure.to_arrays()
         metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.engine import check_population, check_resumable, run_federation
+from fedsparse.flower_run import check_flower_config
 from fedsparse.grouping import partitions_needed
 from fedsparse.inprocess import population_of
 from fedsparse.results import new_run_dir
@@ -35,11 +36,15 @@ def main(grid: Grid, context: Context) -> None:
     data = load_dataset(config.data, config.seed)
     population = population_of(data)
     check_population(config, population)  # a config that cannot run stops here, before any output
+    check_flower_config(config)
     if config.resume_dir:  # devices start with empty context.state: see README, "Resume"
         check_resumable(config, Path(config.resume_dir))
     expected = partitions_needed(data.n_users, config.fed.clients_per_node)
     node_of_partition = discover_partitions(grid, expected, NODE_WAIT_SECONDS, NODE_POLL_SECONDS)
-    transport = FlowerTransport(grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None)
+    transport = FlowerTransport(
+        grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
+        config.privacy.secure_weight_bound,
+    )
     run_dir = Path(config.resume_dir) if config.resume_dir else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}")
     summary = run_federation(config, population, transport, run_dir, data.train, resume=bool(config.resume_dir))
     logger.info("run directory: %s", run_dir)

@@ -7,12 +7,14 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from clients.records import to_arrays, to_record
 from fedsparse.engine import Reply
 from fedsparse.grouping import partition_of_user
+from fedsparse.wire import SecureUpload
+from server.secagg import secure_train_round
 
 log = logging.getLogger("fedsparse")
 
@@ -22,11 +24,28 @@ MESSAGE_TYPES = {"nmf": "query.nmf", "query": "query.rows", "train": "train", "e
 class FlowerTransport:
     """Sends each kind of message to the nodes hosting the addressed users and unpacks the replies."""
 
-    def __init__(self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, train_timeout: float | None) -> None:
+    def __init__(
+        self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, train_timeout: float | None,
+        context: Context | None = None, secure_weight_bound: float = 1.0,
+    ) -> None:
         self.grid = grid
         self.node_of_partition = node_of_partition
         self.clients_per_node = clients_per_node
         self.train_timeout = train_timeout  # seconds to wait for a training round's replies (None = no limit)
+        self.context = context  # the ServerApp's context, which SecAgg+'s legacy workflow needs
+        self.secure_weight_bound = secure_weight_bound
+
+    def secure_train(
+        self, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
+    ) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
+        """A training round through Flower's SecAgg+ (one device per supernode): the summed upload (or
+        None), each user's reply metrics or failure, and the bytes each device received and sent."""
+        node_of_user = {
+            user: self.node_of_partition[partition_of_user(user, 1)] for user in messages if partition_of_user(user, 1) in self.node_of_partition
+        }
+        return secure_train_round(
+            self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.train_timeout
+        )
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         by_node: dict[int, RecordDict] = {}

@@ -116,6 +116,7 @@ def test_a_config_that_cannot_run_fails_before_any_output(tmp_path, overrides, m
         (["--num-server-rounds", "-1"], "num-server-rounds"),
         (["--dataset", "no-such-dataset"], "no-such-dataset"),
         (["--fed.no-such-key", "1"], "no-such-key"),
+        (["--privacy.secure-aggregation", "true", "--fed.clients-per-node", "2"], "fed.clients-per-node = 1"),
     ],
 )
 def test_the_flower_engine_rejects_bad_configs_before_starting_flower(tmp_path, flags, message):

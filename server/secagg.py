@@ -1,0 +1,128 @@
+"""One secure training round through Flower's SecAgg+ (legacy workflow): the server learns only the sum.
+
+The devices' ``SecureUpload``s become SecAgg+ vectors (``fedsparse.privacy.secagg_vectors``); the
+workflow runs its four stages (setup, key sharing, masked vectors, unmasking) over the Grid, and a
+one-round legacy strategy keeps the mean it reveals. Every byte of every stage is counted per device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedsparse.engine import Reply
+from fedsparse.privacy.secagg_vectors import (
+    SECAGG_CLIPPING_RANGE,
+    SECAGG_MODULUS_RANGE,
+    SECAGG_QUANTIZATION_RANGE,
+    from_secagg_mean,
+)
+from fedsparse.wire import SecureUpload
+
+SHARES_FRACTION = 1.0  # each device's key is shared with every other device of the round (SecAgg, not the + sparsification)
+RECONSTRUCTION_FRACTION = 0.5  # shares needed to unmask a device that dropped after sending its masked vector
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        return sum(_value_bytes(item) for item in value)
+    return 8  # an int, float or bool travels as 8 bytes
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's payload: array data, config and metric values (keys and framing not counted)."""
+    total = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    total += sum(_value_bytes(value) for record in content.config_records.values() for value in record.values())
+    return total + sum(_value_bytes(value) for record in content.metric_records.values() for value in record.values())
+
+
+class CountingGrid:
+    """A Grid that counts the payload bytes sent to and received from each node."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.sent: dict[int, int] = {}
+        self.received: dict[int, int] = {}
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.sent[node] = self.sent.get(node, 0) + content_bytes(message.content)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if not reply.has_error():
+                node = reply.metadata.src_node_id
+                self.received[node] = self.received.get(node, 0) + content_bytes(reply.content)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
+class OneRoundStrategy:
+    """The legacy strategy SecAgg+ drives for one round: it hands out prepared FitIns and keeps the revealed mean."""
+
+    def __init__(self, fitins: list[tuple[GridClientProxy, FitIns]]) -> None:
+        self.fitins = fitins
+        self.mean: list[np.ndarray] | None = None
+        self.metrics: dict[int, dict[str, Any]] = {}
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[GridClientProxy, FitIns]]:
+        return self.fitins
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        if results:  # every result carries the same aggregate: the unmasked mean
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        self.metrics = {proxy.node_id: dict(fitres.metrics) for proxy, fitres in results}
+        return None, {}
+
+
+def secure_train_round(
+    grid: Grid,
+    context: Context,
+    node_of_user: Mapping[int, int],
+    server_round: int,
+    messages: Mapping[int, dict[str, np.ndarray]],
+    settings: Mapping[str, Any],
+    weight_bound: float,
+    timeout: float | None,
+) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
+    """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, bytes down, bytes up)."""
+    counting = CountingGrid(grid)
+    user_of_node = {node_of_user[user]: user for user in messages if user in node_of_user}
+    fitins = []
+    for node, user in user_of_node.items():
+        arrays = messages[user]
+        keys = sorted(arrays)
+        config = {"server-round": server_round, "array-keys": ",".join(keys), **settings}
+        fitins.append((GridClientProxy(node, counting, context.run_id), FitIns(ndarrays_to_parameters([arrays[k] for k in keys]), config)))
+    strategy = OneRoundStrategy(fitins)
+    legacy = LegacyContext(context, ServerConfig(num_rounds=1), strategy)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    workflow = SecAggPlusWorkflow(
+        SHARES_FRACTION, RECONSTRUCTION_FRACTION, max_weight=1.0, clipping_range=SECAGG_CLIPPING_RANGE,
+        quantization_range=SECAGG_QUANTIZATION_RANGE, modulus_range=SECAGG_MODULUS_RANGE, timeout=timeout,
+    )
+    workflow(counting, legacy)
+    replies: dict[int, Reply | str] = {user: "no supernode hosts this user" for user in messages if user not in node_of_user}
+    for node, user in user_of_node.items():
+        metrics = strategy.metrics.get(node)
+        replies[user] = Reply({}, metrics) if metrics is not None else f"node {node} left the SecAgg+ round before its vector counted"
+    total = from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound) if strategy.mean is not None else None
+    sent = {user: counting.sent.get(node, 0) for node, user in user_of_node.items()}
+    received = {user: counting.received.get(node, 0) for node, user in user_of_node.items()}
+    return total, replies, sent, received
