@@ -28,8 +28,8 @@ from fedsparse.privacy.secagg_vectors import (
 )
 from fedsparse.wire import SecureUpload
 
-SHARES_FRACTION = 1.0  # each device's key is shared with every other device of the round (SecAgg, not the + sparsification)
-RECONSTRUCTION_FRACTION = 0.5  # shares needed to unmask a device that dropped after sending its masked vector
+NEIGHBOURS = 9  # SecAgg+'s sparse graph: each device shares its keys with 8 others (all of them in a smaller round)
+RECONSTRUCTION_THRESHOLD = 5  # shares that must survive to unmask a device: a majority of its neighbourhood
 
 
 def _value_bytes(value: Any) -> int:
@@ -114,7 +114,7 @@ def secure_train_round(
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = SecAggPlusWorkflow(
-        SHARES_FRACTION, RECONSTRUCTION_FRACTION, max_weight=1.0, clipping_range=SECAGG_CLIPPING_RANGE,
+        NEIGHBOURS, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=SECAGG_CLIPPING_RANGE,
         quantization_range=SECAGG_QUANTIZATION_RANGE, modulus_range=SECAGG_MODULUS_RANGE, timeout=timeout,
     )
     workflow(counting, legacy)
