@@ -11,6 +11,7 @@ of the rows touched), the same rows uploaded dense, and dense FedAvg of the whol
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.results import read_jsonl, save_figure
+from fedsparse.results import atomic_write_text, read_jsonl, save_figure
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
 # (variant, policy, density, extra flags); "per-row" keeps every item row at round(density * dim) values.
+CURVES = "federated_curves.csv"  # per-cell test Recall@20 by round (run directories are not committed)
 CELLS = [
     ("dense", "dense", 1.0, []),
     ("dense NMF-init", "sparserec", 1.0, []),
@@ -96,7 +98,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--cells", default="", help="only these comma-separated variant/density cells (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and the plot from the CSVs")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(args, "", 0.0)
+        return
     if not os.environ.get("FEDSPARSE_DATA"):
         parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
     table = ResultTable(args.out / "federated.csv")
@@ -118,32 +124,58 @@ def main() -> None:
                          "--fed.local-batch-size", args.local_batch_size, "--fed.eval-every", str(args.eval_every),
                          "--fed.nmf-rounds", str(args.nmf_rounds), "--fed.downlink", args.downlink,
                          "--fed.item-optimizer", args.item_optimizer, "--fed.item-lr", item_lr, *extra]
-                row = cell_row(run_simulation(flags, args.out / "runs"))
+                run_dir = run_simulation(flags, args.out / "runs")
+                row = cell_row(run_dir)
+                save_curve(args.out / CURVES, cell, run_dir)
                 table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density,
                                  "negatives": int(negatives), "rounds": args.rounds, "local_lr": float(local_lr),
                                  "item_optimizer": args.item_optimizer, "item_lr": float(item_lr) if args.item_optimizer == "sgd" else float("nan"),
                                  "nmf_rounds": args.nmf_rounds if policy != "dense" else 0, "downlink": args.downlink, **row})
                 print(f"{cell:35s} recall@20={row['recall@20']:.4f} upload={row['upload_bytes_mean']:.0f} B "
                       f"({row['dense_fedavg_vs_upload']:.0f}x below dense FedAvg)", flush=True)
-    frame = table.frame()
+    command = (
+        f"`python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
+        f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr} --dense-local-lr "
+        f"{args.dense_local_lr} --item-optimizer {args.item_optimizer} --item-lr {args.item_lr} --dense-item-lr {args.dense_item_lr} "
+        f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink {args.downlink}`"
+    )
+    write_report(args, command, time.perf_counter() - started)
+
+
+def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
+    """The Markdown table (ratios against dense FedMF) and the recall-vs-rounds plot, from the CSVs."""
+    frame = ResultTable(args.out / "federated.csv").frame()
     # Against dense FedMF (random rows, no NMF phase) of the same dataset and negatives.
     dense = frame[frame["variant"] == "dense"].groupby(["dataset", "negatives"])["recall@20"].max()
     frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"]), float("nan"))
                                 for _, row in frame.iterrows()]
     header = (
-        f"Measured by `python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
-        f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr} --dense-local-lr "
-        f"{args.dense_local_lr} --item-optimizer {args.item_optimizer} --item-lr {args.item_lr} --dense-item-lr {args.dense_item_lr} "
-        f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink "
-        f"{args.downlink}` (rows from other invocations keep their own settings in their columns) on "
-        f"{machine_description()}; this invocation took {time.perf_counter() - started:.0f} s.\n\n"
+        f"Last invocation: {command or 'a report of the CSVs'} on {machine_description()}, {seconds:.0f} s. Rows from other "
+        "invocations keep their own settings in their columns; every command is in benchmarks/README.md.\n\n"
     )
     write_markdown_table(args.out / "federated.md", header, frame.reindex(columns=COLUMNS))
-    plot_curves(frame, args.out / "federated.png")
+    curves_path = args.out / CURVES
+    saved = set(pd.read_csv(curves_path)["cell"]) if curves_path.exists() else set()
+    for _, row in frame.iterrows():  # cells whose run directory is still on this machine but whose curve is not saved
+        if row["cell"] not in saved and (Path(row["run_dir"]) / "rounds.jsonl").exists():
+            save_curve(curves_path, row["cell"], Path(row["run_dir"]))
+    curves = pd.read_csv(curves_path) if curves_path.exists() else pd.DataFrame(columns=["cell", "round", "recall@20"])
+    plot_curves(frame, curves, args.out / "federated.png")
 
 
-def plot_curves(frame: pd.DataFrame, path: Path) -> None:
-    """Test Recall@20 against rounds, one panel per dataset and one line per cell (round 0 = the start)."""
+def save_curve(path: Path, cell: str, run_dir: Path) -> None:
+    """Append the cell's evaluated rounds (round, test Recall@20 / NDCG@20) to the committed curves CSV."""
+    rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl")).dropna(subset=["recall@20"])
+    curve = rounds.reindex(columns=["round", "recall@20", "ndcg@20"]).assign(cell=cell)
+    with open(path.with_suffix(".lock"), "w") as lock:  # shards of the grid may finish cells at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["cell"])
+        kept = existing[existing["cell"] != cell]
+        atomic_write_text(path, pd.concat([kept, curve[["cell", "round", "recall@20", "ndcg@20"]]]).to_csv(index=False))
+
+
+def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
+    """Test Recall@20 against rounds, one panel per dataset and one line per cell with a saved curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,9 +185,9 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
     figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         for _, row in frame[frame["dataset"] == dataset].iterrows():
-            if not (Path(row["run_dir"]) / "rounds.jsonl").exists():  # run directories are not committed
+            rounds = curves[curves["cell"] == row["cell"]]
+            if rounds.empty:
                 continue
-            rounds = pd.DataFrame(read_jsonl(Path(row["run_dir"]) / "rounds.jsonl")).dropna(subset=["recall@20"])
             label = f"{row['variant']} {row['density']} neg{row['negatives']} nmf{row['nmf_rounds']}"
             axis.plot(rounds["round"], rounds["recall@20"], marker=".", label=label)
         axis.set_title(dataset)
