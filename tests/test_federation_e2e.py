@@ -60,6 +60,18 @@ def summary_items(run_dir: Path) -> int:
     return json.loads((run_dir / "config.json").read_text())["population"]["n_items"]
 
 
+def run_both_engines(tmp_path: Path, config: RunConfig) -> tuple[Path, Path]:
+    """The same config under `flwr run` (its SuperLink stopped afterwards) and in process: both run dirs."""
+    data = load_dataset(config.data, config.seed)
+    flwr_home = tmp_path / "flwr-home"
+    try:
+        flower_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600)
+    finally:
+        stop_superlink(flwr_home)
+    inprocess_dir, _ = run_inprocess(config, data)
+    return flower_dir, inprocess_dir
+
+
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
 @pytest.mark.parametrize(
     "overrides",
@@ -74,13 +86,7 @@ def summary_items(run_dir: Path) -> int:
 )
 def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
     config = small_config(tmp_path, **overrides)
-    data = load_dataset(config.data, config.seed)
-    flwr_home = tmp_path / "flwr-home"
-    try:
-        flower_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600)
-    finally:
-        stop_superlink(flwr_home)
-    inprocess_dir, _ = run_inprocess(config, data)
+    flower_dir, inprocess_dir = run_both_engines(tmp_path, config)
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
     assert len(flower_rounds) == len(inprocess_rounds) == 2
@@ -99,13 +105,7 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
 def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulated_sum(tmp_path):
     config = small_config(tmp_path, **{"privacy.secure-aggregation": True, "fed.downlink": "full", "fed.fraction-train": 0.5})
-    data = load_dataset(config.data, config.seed)
-    flwr_home = tmp_path / "flwr-home"
-    try:
-        flower_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600)
-    finally:
-        stop_superlink(flwr_home)
-    inprocess_dir, _ = run_inprocess(config, data)
+    flower_dir, inprocess_dir = run_both_engines(tmp_path, config)
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
     for flower, local in zip(flower_rounds, inprocess_rounds, strict=True):
