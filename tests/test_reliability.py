@@ -207,3 +207,17 @@ def test_a_flower_run_resumes_from_its_checkpoint_with_fresh_devices(tmp_path):
     assert after["rounds"] == 3 and after["total_upload_bytes"] > before["total_upload_bytes"]
     assert after["total_nmf_upload_bytes"] == before["total_nmf_upload_bytes"]  # NMF is not redone on resume
     assert rounds[2]["failed_clients"] == 0 and np.isfinite(rounds[2]["recall@20"])
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "flower"])
+def test_a_malformed_data_file_stops_a_simulation_with_the_loaders_message(tmp_path, engine):
+    data_dir = tmp_path / "data" / "ml-100k"
+    data_dir.mkdir(parents=True)
+    (data_dir / "u.data").write_text("1\t10\t5\t881250949\n2\tnot-an-item\t3\t891717742\n")
+    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", engine, "--dataset", "ml-100k",
+               "--data-dir", str(tmp_path / "data"), "--results-dir", str(tmp_path / "out")]
+    env = {**os.environ, "PATH": str(tmp_path / "no-flwr-here")}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    assert completed.returncode == 2, completed.stderr
+    assert "u.data:2: non-integer item id" in completed.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
