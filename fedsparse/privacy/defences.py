@@ -20,11 +20,9 @@ def padding_count(ratio: float, positives: int) -> int:
 
 def sample_padding(rng: np.random.Generator, pool: np.ndarray, interacted: np.ndarray, count: int) -> np.ndarray:
     """``count`` distinct items of ``pool`` (sorted int64 ids), sorted, none of them in ``interacted``
-    (all of a user's items)."""
+    (all of a user's items); every such item when fewer remain (a heavy user pads with all it can)."""
     candidates = np.setdiff1d(pool, interacted)
-    if count > candidates.size:
-        raise ValueError(f"padding asks for {count} fake items but only {candidates.size} are not the user's")
-    return np.sort(rng.choice(candidates, size=count, replace=False))
+    return np.sort(rng.choice(candidates, size=min(count, candidates.size), replace=False))
 
 
 def clip_and_noise(
