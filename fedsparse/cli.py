@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
     simulate.add_argument("--resume", type=Path, help="continue the run in this run directory from its checkpoint (same flags)")
+    sweep = commands.add_parser("sweep", help="a resumable grid of in-process federations from a TOML file")
+    sweep.add_argument("file", type=Path, help="TOML with seeds, [base] keys and a [grid] of key = [values]")
+    sweep.add_argument("--out", type=Path, help="sweep directory (default: results/sweeps/<file name>)")
+    sweep.add_argument("--jobs", type=int, default=1, help="cells run at once (processes)")
+    report = commands.add_parser("report", help="collect run directories into a table and plots")
+    report.add_argument("runs", type=Path, nargs="+", help="run directories, or folders searched for them")
+    report.add_argument("--out", type=Path, required=True, help="folder for report.csv, report.md and the PNGs")
     superlink = commands.add_parser("superlink", help="the local Flower SuperLink that `flwr run` starts")
     superlink.add_argument("action", choices=("stop",))
     return parser
@@ -97,6 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            from fedsparse.report import find_run_dirs, write_report
+
+            table = write_report(find_run_dirs(args.runs), args.out)
+            print(f"{len(table)} runs -> {args.out / 'report.md'}")
+            return 0
         if args.command == "superlink":
             from fedsparse.flower_run import stop_superlink
 
@@ -134,6 +149,20 @@ def _simulate(args: argparse.Namespace) -> int:
         summary = json.loads((run_dir / "summary.json").read_text())
     print(json.dumps(summary, indent=2, sort_keys=True))
     print(f"run directory: {run_dir}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fedsparse.report import write_report
+    from fedsparse.sweep import run_sweep
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    out = (args.out or Path("results") / "sweeps" / args.file.stem).resolve()
+    table = run_sweep(args.file, out, args.jobs, on_cell=lambda cell, row: print(f"{cell}: recall@20={row.get('recall@20')}", flush=True))
+    frame = table.frame()
+    write_report([Path(run_dir) for run_dir in frame["run_dir"]], out)
+    print(f"{len(frame)} cells in {out / 'sweep.csv'}; report in {out / 'report.md'}")
     return 0
 
 
