@@ -90,3 +90,15 @@ def test_a_bad_key_in_a_sweep_stops_it_before_any_cell_runs(tmp_path):
     completed = sweep(file, out)
     assert completed.returncode == 2 and "sparse.density" in completed.stderr
     assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "simulations" / "configs").glob("*.toml")), ids=lambda path: path.name)
+def test_every_named_config_is_valid(path, tmp_path):
+    from fedsparse.cli import read_config_file
+    from fedsparse.config import RunConfig
+    from fedsparse.sweep import expand_grid
+
+    if path.name.startswith("sweep-"):
+        assert expand_grid(*read_sweep(path), tmp_path)
+    else:
+        RunConfig.from_flat(read_config_file(path))
