@@ -25,8 +25,8 @@ from fedsparse.results import atomic_write_text, read_jsonl, save_figure
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
-# (variant, policy, density, extra flags); "per-row" keeps every item row at round(density * dim) values.
 CURVES = "federated_curves.csv"  # per-cell test Recall@20 by round (run directories are not committed)
+# (variant, policy, density, extra flags); "per-row" keeps every item row at round(density * dim) values.
 CELLS = [
     ("dense", "dense", 1.0, []),
     ("dense NMF-init", "sparserec", 1.0, []),
