@@ -22,7 +22,7 @@ from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
-from fedsparse.results import append_jsonl, atomic_write_text, read_jsonl, write_json
+from fedsparse.results import append_jsonl, atomic_write_text, provenance, read_jsonl, write_json
 from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
 
 log = logging.getLogger("fedsparse")
@@ -285,12 +285,14 @@ def run_federation(
     central_train=None,
     resume: bool = False,
     observer: UploadObserver | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
 
     ``central_train`` (the training CSR) is needed only for ``fed.nmf-init = central``, the oracle. With
     ``resume``, the run continues after the last round of ``run_dir/checkpoint.npz``; rounds.jsonl lines
     written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
+    ``metadata`` (dataset counts and checksum, ...) joins the code version and machine in config.json.
     """
     check_population(config, population)
     if resume:
@@ -305,7 +307,8 @@ def run_federation(
     else:
         state = start_run(config, population, transport, central_train)
         write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
-            "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items}})
+            "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items},
+            **provenance(), **(metadata or {})})
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
         record = train_round(config, population, transport, state, server_round, observer)
         if server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds:

@@ -111,6 +111,7 @@ def run_inprocess(
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     transport = InProcessTransport(config, data)
     summary = run_federation(
-        config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer
+        config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer,
+        metadata={"dataset": data.counts(), "dataset_checksum": data.checksum()},
     )
     return run_dir, summary

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import secrets
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -71,3 +73,25 @@ def new_run_dir(results_dir: str | Path, label: str) -> Path:
     run_dir = Path(results_dir).expanduser().resolve() / f"{stamp}-{label}-{secrets.token_hex(3)}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result: code version (git commit, and whether the tree had local changes; None
+    outside a git checkout, e.g. in Flower's bundled app copy), host, Python and start time (UTC)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    return {
+        "code_version": commit,
+        "code_modified": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "python": platform.python_version(),
+        "started_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -23,7 +23,7 @@ from fedsparse.config import RunConfig, ranking_cutoffs
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.losses import batch_loss
 from fedsparse.models import build_model
-from fedsparse.results import append_jsonl, new_run_dir, write_json
+from fedsparse.results import append_jsonl, new_run_dir, provenance, write_json
 from fedsparse.rng import rng_for, torch_generator_for
 from fedsparse.sampling import NegativeSampler, training_pairs
 from fedsparse.sparse_training import SparseEmbeddingTraining
@@ -91,7 +91,8 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     if data is None:
         data = load_dataset(config.data, config.seed)
     run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
-    write_json(run_dir / "config.json", {"config": config.to_flat(), "dataset": data.counts(), "repairs": data.repairs})
+    write_json(run_dir / "config.json", {"config": config.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
+                                         "repairs": data.repairs, **provenance()})
 
     model = build_model(config.model, data.n_users, data.n_items, torch_generator_for(config.seed, "model-init"))
     pair_users, pair_items = training_pairs(data.train)

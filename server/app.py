@@ -46,6 +46,9 @@ def main(grid: Grid, context: Context) -> None:
         config.privacy.secure_weight_bound,
     )
     run_dir = Path(config.resume_dir) if config.resume_dir else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}")
-    summary = run_federation(config, population, transport, run_dir, data.train, resume=bool(config.resume_dir))
+    summary = run_federation(
+        config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),
+        metadata={"dataset": data.counts(), "dataset_checksum": data.checksum()},
+    )
     logger.info("run directory: %s", run_dir)
     logger.info("summary: %s", summary)

@@ -120,3 +120,16 @@ def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulat
     tables = [np.load(directory / "checkpoint.npz")["server.item-weight"] for directory in (flower_dir, inprocess_dir)]
     np.testing.assert_allclose(tables[0], tables[1], atol=2e-4)  # a step of 7.5e-5 per contributor's weighted delta
     assert np.abs(tables[1]).sum() > 0
+
+
+def test_a_run_records_its_code_version_dataset_checksum_and_machine(tmp_path):
+    config = small_config(tmp_path)
+    data = load_dataset(config.data, config.seed)
+    run_dir, _ = run_inprocess(config, data)
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert recorded["dataset_checksum"] == data.checksum() == load_dataset(config.data, config.seed).checksum()
+    other = load_dataset(config.with_overrides({"data.synthetic-users": 13}).data, config.seed)
+    assert other.checksum() != data.checksum()
+    if shutil.which("git") and (REPO_ROOT / ".git").exists():
+        assert len(recorded["code_version"]) == 40 and isinstance(recorded["code_modified"], bool)
+    assert recorded["machine"] and recorded["started_at_utc"].endswith("Z")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,15 @@ class Interactions:
     def n_items(self) -> int:
         """Number of items (columns)."""
         return len(self.item_ids)
+
+    def checksum(self) -> str:
+        """A BLAKE2b digest (hex) of the three splits' sparsity structure: equal splits, equal digest."""
+        digest = hashlib.blake2b(digest_size=16)
+        for matrix in (self.train, self.validation, self.test):
+            digest.update(np.asarray(matrix.shape, dtype=np.int64).tobytes())
+            digest.update(matrix.indptr.astype(np.int64).tobytes())
+            digest.update(matrix.indices.astype(np.int64).tobytes())
+        return digest.hexdigest()
 
     def counts(self) -> dict[str, int]:
         """Users, items and interaction counts per split (what ``fedsparse data info`` prints)."""
