@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--split", default="auto")
     info.add_argument("--seed", type=int, default=0)
     info.add_argument("--json", action="store_true", help="print JSON")
+    verify = data.add_parser("verify", help="check a dataset's users, items and interactions against the published counts")
+    verify.add_argument("name")
+    verify.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
+    fetch = data.add_parser("fetch", help="find a dataset, downloading it into the cache when it is nowhere else")
+    fetch.add_argument("name")
+    fetch.add_argument("--data-dir", default="")
 
     train = commands.add_parser("train", help="centralised reference training (dense MF / NeuMF)")
     _add_config_flags(train)
@@ -168,11 +174,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _data_command(args: argparse.Namespace) -> int:
     from fedsparse.data import DATASETS, load_dataset
+    from fedsparse.data.registry import get_dataset, resolve_dataset_dir
 
     if args.data_command == "list":
         for name in DATASETS:
             print(name)
         return 0
+    if args.data_command == "fetch":
+        print(resolve_dataset_dir(get_dataset(args.name).name, args.data_dir))
+        return 0
+    if args.data_command == "verify":
+        return _verify(args.name, args.data_dir)
     config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.split": args.split})
     data = load_dataset(config.data, args.seed)
     counts = {"name": data.name, **data.counts(), "repairs": data.repairs}
@@ -182,6 +194,26 @@ def _data_command(args: argparse.Namespace) -> int:
         for key, value in counts.items():
             print(f"{key:>14}: {value}")
     return 0
+
+
+def _verify(name: str, data_dir: str) -> int:
+    """Exit 0 when the loaded dataset has the published users, items and interactions, else 1 (naming them)."""
+    from fedsparse.data import load_dataset
+    from fedsparse.data.registry import get_dataset
+
+    published = get_dataset(name).published
+    if published is None:
+        raise ConfigError(f"{name} has no published counts to verify against")
+    data = load_dataset(RunConfig.from_flat({"data.dataset": name, "data.data-dir": data_dir}).data, 0)
+    counts = data.counts()
+    # The files' pairs, before the loader dropped test pairs whose item never occurs in training.
+    dropped = int(data.repairs.get("test_pairs_unseen_in_train", 0))
+    found = (data.n_users, data.n_items, counts["train"] + counts["validation"] + counts["test"] + dropped)
+    for label, have, want in zip(("users", "items", "interactions"), found, published):
+        print(f"{label:>13}: {have:,} ({'ok' if have == want else f'published {want:,}'})")
+    if dropped:
+        print(f"  ({dropped:,} test pairs of items unseen in training are in the files but not in the loaded splits)")
+    return 0 if found == published else 1
 
 
 if __name__ == "__main__":

@@ -90,3 +90,12 @@ def test_ml1m_pairs_and_the_23_test_items_unseen_in_train():
     assert counts["train"] == 800_167 and counts["test"] + data.repairs["test_pairs_unseen_in_train"] == 200_042
     test_only_columns = (data.train.getnnz(axis=0) == 0).sum()
     assert test_only_columns == 23 and data.test.getnnz(axis=0)[data.train.getnnz(axis=0) == 0].sum() == 0
+
+
+@pytest.mark.parametrize("name", ["ml-100k", "ml-1m", "gowalla", "yelp2018"])
+def test_data_verify_matches_the_published_counts(name, capsys):
+    from fedsparse.cli import main
+
+    shared(name)
+    assert main(["data", "verify", name, "--data-dir", str(SHARED)]) == 0
+    assert capsys.readouterr().out.count("(ok)") == 3

@@ -194,3 +194,16 @@ def test_registry_names_and_layout_choice(tmp_path):
     assert get_dataset("lastfm-2k").layout_for(lastfm, "auto").default_split == "random"
     with pytest.raises(ConfigError, match="needs a provided train/test split"):
         get_dataset("lastfm-2k").layout_for(lastfm, "provided")
+
+
+def test_data_verify_reports_a_mismatch_and_fetch_prints_the_folder(tmp_path, capsys):
+    from fedsparse.cli import main
+
+    (tmp_path / "ml-100k").mkdir()
+    (tmp_path / "ml-100k" / "u.data").write_text("1\t10\t5\t881250949\n2\t20\t3\t891717742\n")
+    assert main(["data", "verify", "ml-100k", "--data-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "users: 2 (published 943)" in out and "interactions: 2 (published 100,000)" in out
+    assert main(["data", "fetch", "ml-100k", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "ml-100k")
+    assert main(["data", "verify", "synthetic"]) == 2  # nothing published to compare with

@@ -77,6 +77,7 @@ class DatasetSpec:
     name: str
     layouts: tuple[Layout, ...]
     downloads: tuple[Download, ...]
+    published: tuple[int, int, int] | None = None  # (users, items, interactions) as published, for `data verify`
 
     @property
     def generated(self) -> bool:
@@ -129,6 +130,7 @@ DATASETS: dict[str, DatasetSpec] = {
             ZipMember(f"{_GROUPLENS}/movielens/ml-100k.zip", "ml-100k/u.data", "u.data"),
             WheelMember("recbole==1.2.1", _RECBOLE_ML100K, "ml-100k.inter"),
         ),
+        published=(943, 1_682, 100_000),
     ),
     "ml-1m": DatasetSpec(
         "ml-1m",
@@ -137,15 +139,17 @@ DATASETS: dict[str, DatasetSpec] = {
             Layout(("ratings.dat",), read_movielens_dat, provides_split=False, has_timestamps=True),
         ),
         downloads=(ZipMember(f"{_GROUPLENS}/movielens/ml-1m.zip", "ml-1m/ratings.dat", "ratings.dat"),),
+        published=(6_040, 3_706, 1_000_209),
     ),
-    "gowalla": DatasetSpec("gowalla", layouts=(_LIGHTGCN,), downloads=(_lightgcn_files("gowalla"),)),
-    "yelp2018": DatasetSpec("yelp2018", layouts=(_LIGHTGCN,), downloads=(_lightgcn_files("yelp2018"),)),
+    "gowalla": DatasetSpec("gowalla", (_LIGHTGCN,), (_lightgcn_files("gowalla"),), published=(29_858, 40_981, 1_027_370)),
+    "yelp2018": DatasetSpec("yelp2018", (_LIGHTGCN,), (_lightgcn_files("yelp2018"),), published=(31_668, 38_048, 1_561_406)),
     "lastfm-2k": DatasetSpec(
         "lastfm-2k",
         layouts=(Layout(("user_artists.dat",), read_lastfm_user_artists, provides_split=False, has_timestamps=False),),
         downloads=(
             ZipMember(f"{_GROUPLENS}/hetrec2011/hetrec2011-lastfm-2k.zip", "user_artists.dat", "user_artists.dat"),
         ),
+        published=(1_892, 17_632, 92_834),
     ),
     "synthetic": DatasetSpec("synthetic", layouts=(), downloads=()),
 }
