@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
     simulate.add_argument("--resume", type=Path, help="continue the run in this run directory from its checkpoint (same flags)")
+    simulate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="round progress bar (default: on a terminal)")
     sweep = commands.add_parser("sweep", help="a resumable grid of in-process federations from a TOML file")
     sweep.add_argument("file", type=Path, help="TOML with seeds, [base] keys and a [grid] of key = [values]")
     sweep.add_argument("--out", type=Path, help="sweep directory (default: results/sweeps/<file name>)")
@@ -146,7 +147,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))
     if args.engine == "inprocess":
-        run_dir, summary = run_inprocess(config, data)
+        run_dir, summary = run_inprocess(config, data, show_progress=args.progress)
     else:
         from fedsparse.flower_run import check_flower_config, run_flower
 

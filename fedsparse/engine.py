@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -286,6 +286,7 @@ def run_federation(
     resume: bool = False,
     observer: UploadObserver | None = None,
     metadata: Mapping[str, Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
 
@@ -293,6 +294,7 @@ def run_federation(
     ``resume``, the run continues after the last round of ``run_dir/checkpoint.npz``; rounds.jsonl lines
     written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
     ``metadata`` (dataset counts and checksum, ...) joins the code version and machine in config.json.
+    ``on_round`` gets each round's record once it is saved (e.g. to advance a progress bar).
     """
     check_population(config, population)
     if resume:
@@ -323,6 +325,8 @@ def run_federation(
         append_jsonl(run_dir / "rounds.jsonl", record)
         save_checkpoint(run_dir, state, transport)
         log.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
+        if on_round is not None:
+            on_round(record)
 
     summary = {
         "rounds": config.num_server_rounds,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_dataset
@@ -99,19 +100,27 @@ def run_inprocess(
     data: Interactions | None = None,
     resume_dir: Path | None = None,
     observer: UploadObserver | None = None,
+    show_progress: bool | None = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Run a federation in this process (or resume the one in ``resume_dir``, default ``config.resume_dir``);
     returns (run dir, summary).
 
-    ``observer`` records what the server sees of every accepted upload (the privacy study's attacker)."""
+    ``observer`` records what the server sees of every accepted upload (the privacy study's attacker).
+    ``show_progress``: a bar over rounds (None = only on a terminal, so CI logs stay quiet)."""
     data = data if data is not None else load_dataset(config.data, config.seed)
     population = population_of(data)
     check_population(config, population)
     resume_dir = resume_dir or (Path(config.resume_dir) if config.resume_dir else None)
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     transport = InProcessTransport(config, data)
-    summary = run_federation(
-        config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer,
-        metadata={"dataset": data.counts(), "dataset_checksum": data.checksum()},
-    )
+    disable = None if show_progress is None else not show_progress
+    with tqdm(total=config.num_server_rounds, desc=f"rounds {data.name}", unit="round", disable=disable) as progress:
+        def advance(record: dict[str, Any]) -> None:
+            progress.n = record["round"]
+            progress.set_postfix({"recall@20": f"{record['recall@20']:.4f}"} if "recall@20" in record else {})
+
+        summary = run_federation(
+            config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer,
+            metadata={"dataset": data.counts(), "dataset_checksum": data.checksum()}, on_round=advance,
+        )
     return run_dir, summary

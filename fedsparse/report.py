@@ -51,12 +51,16 @@ def collect_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list
 
 
 def write_report(run_dirs: list[Path], out: Path) -> pd.DataFrame:
-    """Write ``report.csv``, ``report.md``, ``recall_vs_rounds.png`` and ``recall_vs_upload.png`` into ``out``."""
+    """Write ``report.csv`` (and ``.parquet``), ``report.md``, ``recall_vs_rounds.png`` and
+    ``recall_vs_upload.png`` into ``out``."""
     if not run_dirs:
         raise ValueError("no finished run directory (with config.json, rounds.jsonl and summary.json) was found")
     table, curves, varying = collect_runs(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.csv", table.to_csv(index=False))
+    parquet = out / ".report.parquet.tmp"
+    table.astype({column: str for column in table.columns if table[column].dtype == object}).to_parquet(parquet, index=False)
+    parquet.replace(out / "report.parquet")
     columns = ["run", *varying, *[c for c in HEADLINE if c in table]]
     write_markdown_table(out / "report.md", f"{len(table)} runs collected by `fedsparse report`.\n\n", table[columns])
     _plot_curves(curves, table, varying, out / "recall_vs_rounds.png")

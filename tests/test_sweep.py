@@ -66,6 +66,8 @@ def test_report_collects_run_directories_given_on_the_command_line(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     table = pd.read_csv(tmp_path / "report" / "report.csv")
     assert sorted(table["sparse.density"]) == [0.25, 0.5] and table["upload_bytes_mean"].gt(0).all()
+    parquet = pd.read_parquet(tmp_path / "report" / "report.parquet")
+    assert parquet["recall@20"].tolist() == pytest.approx(table["recall@20"].tolist())
 
 
 @pytest.mark.parametrize(
@@ -102,3 +104,13 @@ def test_every_named_config_is_valid(path, tmp_path):
         assert expand_grid(*read_sweep(path), tmp_path)
     else:
         RunConfig.from_flat(read_config_file(path))
+
+
+@pytest.mark.parametrize("flag, shown", [("--progress", True), (None, False)])
+def test_simulate_shows_a_round_bar_only_when_asked_off_a_terminal(tmp_path, flag, shown):
+    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--dataset", "synthetic", "--data.synthetic-users", "20",
+               "--data.synthetic-items", "30", "--dim", "8", "--num-server-rounds", "2", "--fed.nmf-rounds", "1",
+               "--results-dir", str(tmp_path), *([flag] if flag else [])]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert ("rounds synthetic" in completed.stderr) == shown
