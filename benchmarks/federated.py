@@ -11,7 +11,6 @@ of the rows touched), the same rows uploaded dense, and dense FedAvg of the whol
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.results import atomic_write_text, read_jsonl, save_figure
+from fedsparse.results import read_jsonl, save_figure
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -155,23 +154,18 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
     )
     write_markdown_table(args.out / "federated.md", header, frame.reindex(columns=COLUMNS))
     curves_path = args.out / CURVES
-    saved = set(pd.read_csv(curves_path)["cell"]) if curves_path.exists() else set()
+    saved = set(ResultTable(curves_path).frame().get("cell", []))
     for _, row in frame.iterrows():  # cells whose run directory is still on this machine but whose curve is not saved
         if row["cell"] not in saved and (Path(row["run_dir"]) / "rounds.jsonl").exists():
             save_curve(curves_path, row["cell"], Path(row["run_dir"]))
-    curves = pd.read_csv(curves_path) if curves_path.exists() else pd.DataFrame(columns=["cell", "round", "recall@20"])
+    curves = ResultTable(curves_path).frame().reindex(columns=["cell", "round", "recall@20"])
     plot_curves(frame, curves, args.out / "federated.png")
 
 
 def save_curve(path: Path, cell: str, run_dir: Path) -> None:
     """Append the cell's evaluated rounds (round, test Recall@20 / NDCG@20) to the committed curves CSV."""
     rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl")).dropna(subset=["recall@20"])
-    curve = rounds.reindex(columns=["round", "recall@20", "ndcg@20"]).assign(cell=cell)
-    with open(path.with_suffix(".lock"), "w") as lock:  # shards of the grid may finish cells at once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        existing = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["cell"])
-        kept = existing[existing["cell"] != cell]
-        atomic_write_text(path, pd.concat([kept, curve[["cell", "round", "recall@20", "ndcg@20"]]]).to_csv(index=False))
+    ResultTable(path).set_rows(cell, rounds.reindex(columns=["round", "recall@20", "ndcg@20"]).to_dict("records"))
 
 
 def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:

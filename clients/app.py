@@ -15,7 +15,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from clients.records import STATE_PREFIX, load_state, reply_content, save_state, to_arrays
+from clients.records import forget_state, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.device import DeviceData
@@ -35,9 +35,14 @@ def _dataset(flat_items: tuple) -> Interactions:
     return load_dataset(config.data, config.seed)
 
 
-def _handle(message: Message, context: Context, kind: str) -> Message:
+def _config_and_data(context: Context) -> tuple[RunConfig, Interactions]:
+    """The run's config and its dataset (cached per worker process)."""
     config = RunConfig.from_flat(context.run_config)
-    data = _dataset(tuple(sorted(config.to_flat().items())))
+    return config, _dataset(tuple(sorted(config.to_flat().items())))
+
+
+def _handle(message: Message, context: Context, kind: str) -> Message:
+    config, data = _config_and_data(context)
     settings = message.content["settings"]
     server_round = int(settings["server-round"])
     hosted = set(users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users))
@@ -60,7 +65,7 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
             else:
                 reply = handle_evaluate(config, state, device, incoming, data.n_items)
         except DeviceCrash as exc:  # the device lost its memory: drop what this node kept for it
-            context.state.pop(f"{STATE_PREFIX}{user}", None)
+            forget_state(context, user)
             results[user] = f"{type(exc).__name__}: {exc}"
             continue
         except ValueError as exc:
@@ -101,8 +106,7 @@ def train(message: Message, context: Context) -> Message:
 
 def _secure_train(message: Message, context: Context) -> Message:
     """Train the node's one device on a legacy FitIns and return its SecureUpload as SecAgg+ vectors."""
-    config = RunConfig.from_flat(context.run_config)
-    data = _dataset(tuple(sorted(config.to_flat().items())))
+    config, data = _config_and_data(context)
     fitins = recorddict_to_fitins(message.content, keep_input=True)
     settings = dict(fitins.config)
     incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters)))
@@ -111,7 +115,7 @@ def _secure_train(message: Message, context: Context) -> Message:
     try:
         reply = handle_train(config, load_state(context, user), device, incoming, data.n_items, int(settings["server-round"]), settings)
     except DeviceCrash:
-        context.state.pop(f"{STATE_PREFIX}{user}", None)
+        forget_state(context, user)
         raise
     save_state(context, user, reply.state)
     upload = SecureUpload(reply.arrays["secure-values"], reply.arrays["secure-weights"], reply.arrays.get("secure-signal"))

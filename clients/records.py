@@ -30,6 +30,11 @@ def save_state(context: Context, user: int, state: dict[str, np.ndarray]) -> Non
         context.state[f"{STATE_PREFIX}{user}"] = to_record(state)
 
 
+def forget_state(context: Context, user: int) -> None:
+    """Drop ``user``'s private state from ``context.state`` (its device crashed and lost its memory)."""
+    context.state.pop(f"{STATE_PREFIX}{user}", None)
+
+
 def reply_content(results: dict[int, tuple[dict, dict] | str]) -> RecordDict:
     """Per-user replies: ``arrays.<u>`` and ``metrics.<u>``, or ``error.<u>`` with the reason."""
     content = RecordDict()

@@ -395,27 +395,39 @@ def train_round(
             observer.observe(server_round, user, update, server)
         memory.append(reply.metrics.get("memory-bytes", 0.0))
     applied = server.apply_secure_round(server_round, updates) if secure else server.apply_round(server_round, updates)
-    dim = server.item_weight.shape[1]
     if secure:  # a secure upload names no rows: the sparse references do not apply
         updates = []
+    dim = server.item_weight.shape[1]
     # Reference points for the upload, per accepted update: its information floor (row ids + the active
-    # values of the rows touched), the same rows sent dense, and dense FedAvg of the whole item table.
+    # values of the rows touched) and the same rows sent dense.
     floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
     dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
+    return _round_record(state, server_round, started, len(chosen), len(failed), dropped, uploads, downloads, memory, applied, {
+        "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
+        "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
+    })
+
+
+def _round_record(
+    state: RunState, server_round: int, started: float, clients: int, failed: int, dropped: int,
+    uploads: list[int], downloads: list[int], memory: list[float], applied: dict[str, Any], references: dict[str, float],
+) -> dict[str, Any]:
+    """Add the round's bytes to the run totals and build its rounds.jsonl record (``seconds`` added later);
+    dense FedAvg of the whole item table is the third reference point of the upload."""
+    server = state.server
     state.totals["upload_bytes"] += sum(uploads)
     state.totals["download_bytes"] += sum(downloads)
     return {
         "round": server_round,
         "started": started,
-        "clients": len(chosen),
-        "failed_clients": len(failed),
+        "clients": clients,
+        "failed_clients": failed,
         "dropped_updates": dropped,
         **_summary_stats(uploads, "upload_bytes"),
         **_summary_stats(downloads, "download_bytes"),
         **_summary_stats(memory, "device_memory_bytes"),
-        "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
-        "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
-        "dense_fedavg_upload_bytes": server.n_items * dim * 4,
+        **references,
+        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4,
         **applied,
     }
 
@@ -429,9 +441,10 @@ def _secure_protocol_round(
     protocol per device (key exchange included)."""
     server = state.server
     total, replies, sent, received = transport.secure_train(server_round, messages, server.train_settings(server_round))
-    failed += [user for user, reply in replies.items() if isinstance(reply, str)]
-    for user in failed:
-        log.warning("round %d: device %d failed: %s", server_round, user, replies.get(user, "no reply"))
+    for user, reply in replies.items():
+        if isinstance(reply, str):
+            failed.append(user)
+            log.warning("round %d: device %d failed: %s", server_round, user, reply)
     memory = [reply.metrics.get("memory-bytes", 0.0) for reply in replies.values() if isinstance(reply, Reply)]
     dropped, checked = 0, None
     if total is not None:
@@ -441,15 +454,9 @@ def _secure_protocol_round(
             dropped = 1
             log.warning("round %d: dropped the secure sum: %s", server_round, exc)
     applied = server.apply_secure_sum(server_round, checked) if checked is not None else server.apply_round(server_round, [])
-    uploads, downloads = list(received.values()), list(sent.values())
-    state.totals["upload_bytes"] += sum(uploads)
-    state.totals["download_bytes"] += sum(downloads)
-    return {
-        "round": server_round, "started": started, "clients": len(chosen), "failed_clients": len(set(failed)),
-        "dropped_updates": dropped, **_summary_stats(uploads, "upload_bytes"), **_summary_stats(downloads, "download_bytes"),
-        **_summary_stats(memory, "device_memory_bytes"), "upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0,
-        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4, **applied,
-    }
+    no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0}  # a secure upload names no rows
+    return _round_record(state, server_round, started, len(chosen), len(failed), dropped, list(received.values()),
+                         list(sent.values()), memory, applied, no_rows)
 
 
 def _requested_rows(arrays: Arrays, n_items: int) -> np.ndarray:

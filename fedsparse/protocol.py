@@ -16,7 +16,7 @@ from fedsparse.config import RunConfig
 from fedsparse.faults import inject_fault
 from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view, rows_needed
 from fedsparse.nmf import user_factor_update
-from fedsparse.poisoning import EXPOSURE_K, boost_target, poisoned_view, target_exposed
+from fedsparse.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.rng import rng_for
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
@@ -109,7 +109,8 @@ def handle_train(
         bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
     )
     update = privatize(config, result.update, server_round, data.user_id)
-    update = boost_target(config, data.user_id, update, _row_masks(download, update.row_ids))
+    if is_malicious(config, data.user_id):  # only an attacker needs the rows' masks (a table decode)
+        update = boost_target(config, data.user_id, update, _row_masks(download, update.row_ids))
     metrics = {
         "loss": result.loss,
         "memory-bytes": float(result.memory_bytes),
@@ -183,7 +184,8 @@ def handle_evaluate(
         result = evaluate_device(config, device, data, item_weights, split)
         if result is not None:
             metrics.update({f"{split}-{name}": value for name, value in result.items()})
-    exposed = target_exposed(config, data, item_weights @ device.user_row)
-    if exposed is not None:
-        metrics[f"exposure@{EXPOSURE_K}"] = exposed
+    if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
+        exposed = target_exposed(config, data, item_weights @ device.user_row)
+        if exposed is not None:
+            metrics[f"exposure@{EXPOSURE_K}"] = exposed
     return DeviceReply({}, {**state, **device.to_arrays()}, metrics)

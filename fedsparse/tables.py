@@ -32,12 +32,15 @@ class ResultTable:
 
     def add(self, cell: str, row: dict) -> None:
         """Record a finished cell and rewrite the CSV."""
+        self.set_rows(cell, [row])
+
+    def set_rows(self, cell: str, rows: list[dict]) -> None:
+        """Replace every row of ``cell`` by ``rows`` (e.g. one per round of a curve) and rewrite the CSV."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = [existing for existing in self._read() if existing.get("cell") != cell]
-            rows.append({"cell": cell, **row})
-            atomic_write_text(self.path, pd.DataFrame(rows).to_csv(index=False))
+            kept = [existing for existing in self._read() if existing.get("cell") != cell]
+            atomic_write_text(self.path, pd.DataFrame(kept + [{"cell": cell, **row} for row in rows]).to_csv(index=False))
 
     def frame(self) -> pd.DataFrame:
         """All rows as a DataFrame."""

@@ -40,9 +40,8 @@ class FlowerTransport:
     ) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
         """A training round through Flower's SecAgg+ (one device per supernode): the summed upload (or
         None), each user's reply metrics or failure, and the bytes each device received and sent."""
-        node_of_user = {
-            user: self.node_of_partition[partition_of_user(user, 1)] for user in messages if partition_of_user(user, 1) in self.node_of_partition
-        }
+        nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
+        node_of_user = {user: node for user, node in nodes.items() if node is not None}
         return secure_train_round(
             self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.train_timeout
         )
