@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping
 
 SPLITS = ("auto", "provided", "random", "loo")
-POLICY_NAMES = ("dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec")
+POLICY_NAMES = ("dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec", "size-frequency", "size-scall", "size-bet", "size-ciess", "amgp")
 MASK_INITS = ("auto", "random", "nmf")
 GROW_SCORES = ("auto", "last-batch", "signed-sum", "abs-sum", "ema", "random")
 SPARSE_GRAD = ("auto", "on", "off")
@@ -108,6 +108,15 @@ class SparseConfig:
     nmf_rescale: bool = True  # balance the NMF factors' column norms before ranking entries
     nmf_min_per_row: int = 1  # active entries every row keeps from the NMF mask
     nmf_values: str = "factors"  # initial values: the rebalanced NMF factors, or random (only the mask from NMF)
+    size_min: int = 1  # embedding-size policies: fewest leading dimensions a row keeps
+    size_exponent: float = 0.5  # size-frequency and size-ciess start: sizes proportional to (popularity + 1) ** exponent
+    size_groups: int = 8  # size-bet: equal-count popularity groups that share one size each
+    group_sizes: str = ""  # size-bet: the searched table-level allocation, one relative size per group ("48,32,...")
+    ciess_step: float = 0.5  # size-ciess: largest move of a row's continuous size per update, as a share of dim
+    ciess_noise: float = 0.05  # size-ciess: std of the random-walk exploration of continuous sizes, as a share of dim
+    amgp_cycles: int = 2  # amgp: prune-then-grow cycles over training (the last phase is full-size)
+    amgp_sparse_share: float = 0.75  # amgp: share of each cycle trained pruned, at sparse.density of the dimensions
+    amgp_grow_std: float = 0.01  # amgp: std of the normal values regrown dimensions start from (zero would stay zero)
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,25 @@ class FedConfig:
     eval_fraction: float = 0.2  # share of devices evaluated
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Heterogeneous devices: each device's class fixes the embedding width it can hold (see fedsparse/devices.py)."""
+
+    device_widths: str = ""  # leading dimensions per device class, e.g. "16,32,64" ("" = every device holds model.dim)
+    device_shares: str = ""  # share of devices in each class, e.g. "0.3,0.4,0.3" ("" = equal shares)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The class widths as integers (empty for homogeneous devices)."""
+        return tuple(int(w) for w in self.device_widths.split(",") if w.strip())
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """The class shares (equal when not given)."""
+        given = tuple(float(s) for s in self.device_shares.split(",") if s.strip())
+        return given or tuple(1.0 / len(self.widths) for _ in self.widths)
 
 
 @dataclass(frozen=True)
@@ -210,6 +238,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
@@ -288,6 +317,13 @@ class RunConfig:
             (s.nmf_select in NMF_SELECT, "sparse.nmf-select", f"must be one of {NMF_SELECT}"),
             (s.nmf_min_per_row >= 0, "sparse.nmf-min-per-row", "must be >= 0"),
             (s.nmf_values in NMF_VALUES, "sparse.nmf-values", f"must be one of {NMF_VALUES}"),
+            (0 <= s.size_min <= m.dim, "sparse.size-min", "must be in [0, model.dim]"),
+            (math.isfinite(s.size_exponent), "sparse.size-exponent", "must be finite"),
+            (s.size_groups >= 1, "sparse.size-groups", "must be >= 1"),
+            (s.ciess_step >= 0 and s.ciess_noise >= 0, "sparse.ciess-step/noise", "must be >= 0"),
+            (s.amgp_cycles >= 1, "sparse.amgp-cycles", "must be >= 1"),
+            (0 < s.amgp_sparse_share < 1, "sparse.amgp-sparse-share", "must be in (0, 1)"),
+            (s.amgp_grow_std > 0, "sparse.amgp-grow-std", "must be > 0"),
             (self.num_server_rounds >= 0, "num-server-rounds", "must be >= 0"),
             (f.clients_per_round >= 0, "fed.clients-per-round", "must be >= 0"),
             (0.0 < f.fraction_train <= 1.0, "fed.fraction-train", "must be in (0, 1]"),
@@ -340,12 +376,41 @@ class RunConfig:
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"{key} {message}")
+        self._validate_budget()
         try:
             widths = m.mlp_widths
         except ValueError as exc:
             raise ConfigError(f"model.mlp-layers must be comma-separated integers, got {m.mlp_layers!r}") from exc
         if not widths or min(widths) <= 0:
             raise ConfigError("model.mlp-layers must list at least one positive width")
+
+
+    def _validate_budget(self) -> None:
+        """Size allocations and device classes: parseable lists of the right lengths and ranges."""
+        s, b = self.sparse, self.budget
+        try:
+            group_sizes = [float(v) for v in s.group_sizes.split(",") if v.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"sparse.group-sizes must be comma-separated numbers, got {s.group_sizes!r}") from exc
+        if s.policy == "size-bet" and len(group_sizes) != s.size_groups:
+            raise ConfigError(f"sparse.group-sizes must give sparse.size-groups = {s.size_groups} sizes for size-bet "
+                              f"(the allocation a BET search found, see fedsparse/bet.py), got {s.group_sizes!r}")
+        if group_sizes and (min(group_sizes) < 0 or not all(math.isfinite(v) for v in group_sizes)):
+            raise ConfigError("sparse.group-sizes must be finite and >= 0")
+        try:
+            widths, shares = b.widths, b.shares
+        except ValueError as exc:
+            raise ConfigError(f"budget.device-widths/shares must be comma-separated numbers: {exc}") from exc
+        if b.device_shares.strip() and len(shares) != len(widths):
+            raise ConfigError(f"budget.device-shares must give one share per width ({len(widths)}), got {b.device_shares!r}")
+        if any(not 1 <= w <= self.model.dim for w in widths):
+            raise ConfigError(f"budget.device-widths must lie in [1, model.dim = {self.model.dim}], got {b.device_widths!r}")
+        if shares and (min(shares) < 0 or not math.isclose(sum(shares), 1.0, abs_tol=1e-6)):
+            raise ConfigError(f"budget.device-shares must be >= 0 and sum to 1, got {b.device_shares!r}")
+        if widths and self.privacy.secure_aggregation:
+            raise ConfigError("budget.device-widths cannot be combined with privacy.secure-aggregation (secure vectors are full width)")
+        if widths and self.robust.aggregator != "mean":
+            raise ConfigError("budget.device-widths needs robust.aggregator = mean (per-entry contributors differ by width)")
 
 
 def ranking_cutoffs(config: RunConfig, n_items: int) -> list[int]:
@@ -399,4 +464,4 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig", "FaultConfig", "RobustConfig", "PoisonConfig", "RunConfig", "flat_defaults"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig", "FaultConfig", "RobustConfig", "PoisonConfig", "BudgetConfig", "RunConfig", "flat_defaults"]

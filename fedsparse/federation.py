@@ -183,6 +183,8 @@ class Server:
             self.item_mask = update.mask
             changed = np.concatenate([update.pruned, update.grown])
             self.item_weight.reshape(-1)[changed] = 0.0
+            if update.grown_values is not None:
+                self.item_weight.reshape(-1)[update.grown] = update.grown_values
             self.optimizer.forget(changed)
             explored = {"pruned": int(update.pruned.size), "grown": int(update.grown.size)}
         self.round = server_round

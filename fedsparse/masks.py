@@ -66,7 +66,8 @@ class MaskUpdate:
 
     mask: np.ndarray
     pruned: np.ndarray  # int64 flat indices switched off
-    grown: np.ndarray  # int64 flat indices switched on (their values must start at zero)
+    grown: np.ndarray  # int64 flat indices switched on (their values start at zero unless grown_values is set)
+    grown_values: np.ndarray | None = None  # float32 [len(grown)] start values (None = zero)
 
 
 def smallest_active(magnitude: np.ndarray, mask: np.ndarray, count: int) -> np.ndarray:

@@ -152,7 +152,10 @@ class SparseEmbeddingTraining:
         for name, table in self.tables.items():
             table.sparse = self.policy.settings.sparse_grad
             rows, dim = table.weight.shape
-            mask = self.policy.initial_mask(name, rows, dim, rng_for(config.seed, "mask-init", name), nmf_scores.get(name))
+            kind = "user" if name.startswith("user") else "item"
+            mask = self.policy.initial_mask(
+                name, rows, dim, rng_for(config.seed, "mask-init", name), nmf_scores.get(name), self.degree[kind]
+            )
             self.masks[name] = torch.from_numpy(mask)
             with torch.no_grad():
                 if config.sparse.nmf_values == "factors" and name in nmf_scores:
@@ -240,6 +243,8 @@ class SparseEmbeddingTraining:
             changed = np.concatenate([update.pruned, update.grown])
             self.masks[name].copy_(torch.from_numpy(update.mask))
             weight.view(-1)[torch.from_numpy(changed)] = 0.0
+            if update.grown_values is not None:
+                weight.view(-1)[torch.from_numpy(update.grown)] = torch.from_numpy(update.grown_values)
             self.optimizers[name].reset_entries(changed)
             self.optimizers[name].mask_changed()
             self.accounting.entries_swapped += int(update.grown.size)
@@ -256,7 +261,7 @@ class SparseEmbeddingTraining:
         for name, table in self.tables.items():
             weight = table.weight.detach().numpy()
             dense = weight.nbytes
-            compact = CompactTable.encode(weight, self.masks[name].numpy()).nbytes
+            compact = CompactTable.encode(weight, self.masks[name].numpy(), self.policy.storage_format).nbytes
             total += min(dense, compact)
         table_parameters = {id(table.weight) for table in self.tables.values()}
         total += sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in table_parameters)

@@ -9,6 +9,9 @@ order) plus the mask's structure in one of two layouts:
   Bytes: n_rows · count_bytes + K · index_bytes + 4K.
 * ``"bitmask"``: ``bitmask`` uint8 [n_rows, ceil(dim / 8)] = ``np.packbits(M, axis=1)`` (big bit
   order, padding bits zero). Bytes: n_rows · ceil(dim / 8) + 4K.
+* ``"prefix"``: only for masks whose rows are active on their leading columns (the embedding-size
+  methods of fedsparse/sizes.py): ``row_sizes`` [n_rows] (the row-count dtype). Bytes: n_rows ·
+  count_bytes + 4K. Asked for explicitly; ``"auto"`` chooses between the two general layouts.
 
 Because values follow row-major mask order, a party that already knows the mask needs only ``values``.
 ``n_rows`` and ``dim`` are metadata both sides know and are not counted in ``nbytes``.
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("row-index", "bitmask")
+from fedsparse.sizes import prefix_mask, prefix_sizes
+
+FORMATS = ("row-index", "bitmask", "prefix")
 MAX_DIM = 65535  # uint16 row counts
 
 
@@ -47,6 +52,8 @@ def compact_nbytes(n_rows: int, dim: int, nnz: int, format: str = "auto") -> int
     _check_dim(dim)
     row_index = n_rows * count_dtype(dim).itemsize + nnz * index_dtype(dim).itemsize + 4 * nnz
     bitmask = n_rows * _bitmask_width(dim) + 4 * nnz
+    if format == "prefix":
+        return int(n_rows * count_dtype(dim).itemsize + 4 * nnz)
     if format == "row-index":
         return int(row_index)
     if format == "bitmask":
@@ -63,11 +70,12 @@ class CompactTable:
     Fields
     ------
     n_rows, dim : the table's shape [n_rows, dim]
-    format : "row-index" or "bitmask" (see the module docstring for both layouts)
+    format : "row-index", "bitmask" or "prefix" (see the module docstring for the layouts)
     values : float32 [K], the active values in row-major mask order
     row_counts : "row-index" only, uint8/uint16 [n_rows]; None for "bitmask"
     col_indices : "row-index" only, uint8/uint16 [K]; None for "bitmask"
-    bitmask : "bitmask" only, uint8 [n_rows, ceil(dim / 8)]; None for "row-index"
+    bitmask : "bitmask" only, uint8 [n_rows, ceil(dim / 8)]; None otherwise
+    row_sizes : "prefix" only, uint8/uint16 [n_rows], each row's active leading columns; None otherwise
 
     Build with ``encode`` (from a table and mask) or ``from_arrays`` (validated, from received arrays).
     """
@@ -79,13 +87,15 @@ class CompactTable:
     row_counts: np.ndarray | None = None
     col_indices: np.ndarray | None = None
     bitmask: np.ndarray | None = None
+    row_sizes: np.ndarray | None = None
 
     @classmethod
     def encode(cls, weight: np.ndarray, mask: np.ndarray, format: str = "auto") -> "CompactTable":
         """Store ``weight`` [n, d] under ``mask`` bool [n, d]; off-mask weights are dropped.
 
         ``format="auto"`` picks the layout with fewer bytes for this mask (ties → "row-index").
-        Raises ValueError on shape mismatch, a non-boolean mask, dim > 65535 or non-finite active values.
+        ``format="prefix"`` needs a prefix-form mask. Raises ValueError on shape mismatch, a non-boolean
+        mask, dim > 65535, non-finite active values, or a non-prefix mask asked to be stored as one.
         """
         weight = np.asarray(weight)
         mask = np.asarray(mask)
@@ -109,6 +119,8 @@ class CompactTable:
         if format == "bitmask":
             bitmask = np.packbits(mask, axis=1).reshape(n_rows, _bitmask_width(dim))
             return cls(n_rows, dim, format, values, bitmask=bitmask)
+        if format == "prefix":
+            return cls(n_rows, dim, format, values, row_sizes=prefix_sizes(mask).astype(count_dtype(dim)))
         raise ValueError(f"format must be one of {FORMATS + ('auto',)}, got {format!r}")
 
     def decode(self) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +134,8 @@ class CompactTable:
         """The mask alone, bool [n_rows, dim] (cheaper than ``decode`` when values are not needed)."""
         if self.format == "bitmask":
             return np.unpackbits(self.bitmask, axis=1, count=self.dim).astype(bool).reshape(self.n_rows, self.dim)
+        if self.format == "prefix":
+            return prefix_mask(self.row_sizes.astype(np.int64), self.dim)
         mask = np.zeros((self.n_rows, self.dim), dtype=bool)
         rows = np.repeat(np.arange(self.n_rows), self.row_counts.astype(np.int64))
         mask[rows, self.col_indices.astype(np.int64)] = True
@@ -144,9 +158,12 @@ class CompactTable:
         return int(sum(array.nbytes for array in self.to_arrays().values()))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays to store or send: {"values", "row_counts", "col_indices"} or {"values", "bitmask"}."""
+        """The arrays to store or send: {"values", "row_counts", "col_indices"}, {"values", "bitmask"} or
+        {"values", "row_sizes"}."""
         if self.format == "row-index":
             return {"values": self.values, "row_counts": self.row_counts, "col_indices": self.col_indices}
+        if self.format == "prefix":
+            return {"values": self.values, "row_sizes": self.row_sizes}
         return {"values": self.values, "bitmask": self.bitmask}
 
     @classmethod
@@ -160,10 +177,12 @@ class CompactTable:
             format = "row-index"
         elif keys == {"values", "bitmask"}:
             format = "bitmask"
+        elif keys == {"values", "row_sizes"}:
+            format = "prefix"
         else:
             raise ValueError(
-                f"arrays keys {sorted(keys)} match no format: expected "
-                "{'values', 'row_counts', 'col_indices'} (row-index) or {'values', 'bitmask'} (bitmask)"
+                f"arrays keys {sorted(keys)} match no format: expected {{'values', 'row_counts', 'col_indices'}} "
+                "(row-index), {'values', 'bitmask'} (bitmask) or {'values', 'row_sizes'} (prefix)"
             )
         structure = {key: np.asarray(arrays[key]) for key in keys - {"values"}}
         table = cls(int(n_rows), int(dim), format, np.asarray(arrays["values"]), **structure)
@@ -186,8 +205,19 @@ class CompactTable:
         if not np.all(np.isfinite(values)):
             raise ValueError("values contain non-finite entries (NaN or inf)")
         nnz = values.size
+        if self.format == "prefix":
+            _check_none(self, ("row_counts", "col_indices", "bitmask"))
+            sizes = self.row_sizes
+            _check_dtype("row_sizes", sizes, count_dtype(dim), dim)
+            if sizes.shape != (n_rows,):
+                raise ValueError(f"row_sizes length must be n_rows = {n_rows}, got shape {sizes.shape}")
+            if n_rows and int(sizes.max()) > dim:
+                raise ValueError(f"row_sizes exceed dim = {dim} (row {int(np.argmax(sizes.astype(np.int64) > dim))})")
+            if int(sizes.astype(np.int64).sum()) != nnz:
+                raise ValueError(f"row_sizes sum to {int(sizes.astype(np.int64).sum())} but values has length {nnz}")
+            return
         if self.format == "bitmask":
-            _check_none(self, ("row_counts", "col_indices"))
+            _check_none(self, ("row_counts", "col_indices", "row_sizes"))
             bitmask = self.bitmask
             width = _bitmask_width(dim)
             _check_dtype("bitmask", bitmask, np.dtype(np.uint8), dim)
@@ -202,7 +232,7 @@ class CompactTable:
             if active != nnz:
                 raise ValueError(f"bitmask has {active} set bits but values has length {nnz}")
             return
-        _check_none(self, ("bitmask",))
+        _check_none(self, ("bitmask", "row_sizes"))
         counts, indices = self.row_counts, self.col_indices
         _check_dtype("row_counts", counts, count_dtype(dim), dim)
         _check_dtype("col_indices", indices, index_dtype(dim), dim)

@@ -1,18 +1,23 @@
 """Mask policies by name: one file per method, one protocol (``MaskPolicy``)."""
 
 from fedsparse.config import SparseConfig
+from fedsparse.policies.amgp import AmgpPolicy
 from fedsparse.policies.base import MaskPolicy, PolicySettings
 from fedsparse.policies.dense import DensePolicy
 from fedsparse.policies.dsl import DslPolicy
 from fedsparse.policies.magnitude import MagnitudePolicy
 from fedsparse.policies.rigl import RiglPolicy
 from fedsparse.policies.set import SetPolicy
+from fedsparse.policies.sizes import SizeBetPolicy, SizeCiessPolicy, SizeFrequencyPolicy, SizeScallPolicy
 from fedsparse.policies.sparserec import SparseRecPolicy
 from fedsparse.policies.static import StaticPolicy
 
 POLICIES: dict[str, type[MaskPolicy]] = {
     policy.name: policy
-    for policy in (DensePolicy, StaticPolicy, MagnitudePolicy, SetPolicy, RiglPolicy, DslPolicy, SparseRecPolicy)
+    for policy in (
+        DensePolicy, StaticPolicy, MagnitudePolicy, SetPolicy, RiglPolicy, DslPolicy, SparseRecPolicy,
+        SizeFrequencyPolicy, SizeScallPolicy, SizeBetPolicy, SizeCiessPolicy, AmgpPolicy,
+    )
 }
 
 

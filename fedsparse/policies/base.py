@@ -46,8 +46,10 @@ class MaskPolicy:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, object]] = {}
+    storage_format: ClassVar[str] = "auto"  # CompactTable layout of its tables ("prefix" for size masks)
 
     def __init__(self, config: SparseConfig) -> None:
+        self.config = config
         self.settings = self.resolve(config)
         self._accumulators: dict[str, np.ndarray] = {}
         self._last_gradient: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -113,9 +115,18 @@ class MaskPolicy:
     # --- masks ----------------------------------------------------------------------------------
 
     def initial_mask(
-        self, table: str, rows: int, dim: int, rng: np.random.Generator, nmf_scores: np.ndarray | None = None
+        self,
+        table: str,
+        rows: int,
+        dim: int,
+        rng: np.random.Generator,
+        nmf_scores: np.ndarray | None = None,
+        popularity: np.ndarray | None = None,
     ) -> np.ndarray:
-        """bool [rows, dim] with exactly the initial budget; random unless the policy uses NMF scores."""
+        """bool [rows, dim] with exactly the initial budget; random unless the policy uses NMF scores.
+
+        ``popularity`` float [rows] (training interactions per row) is read by the size policies only.
+        """
         active = self.initial_active(rows, dim)
         if self.settings.mask_init == "nmf":
             if nmf_scores is None:
