@@ -1,4 +1,4 @@
-"""The ``fedsparse`` command line: ``data list|info``, ``train``, ``simulate`` and ``superlink stop``.
+"""The ``fedsparse`` command line: ``data``, ``train``, ``simulate``, ``sweep``, ``report`` and ``superlink stop``.
 
 Every flat config key is also a flag (``--train.lr 0.01``); the common ones have short aliases
 (``--dataset``, ``--model``, ``--dim``, ``--epochs``, ...). ``--config FILE`` reads a TOML file of flat
@@ -13,9 +13,12 @@ import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
+
+if TYPE_CHECKING:
+    from fedsparse.report import Report
 
 ALIASES = {
     "dataset": "data.dataset",
@@ -84,13 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
     simulate.add_argument("--resume", type=Path, help="continue the run in this run directory from its checkpoint (same flags)")
     simulate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="round progress bar (default: on a terminal)")
-    sweep = commands.add_parser("sweep", help="a resumable grid of in-process federations from a TOML file")
-    sweep.add_argument("file", type=Path, help="TOML with seeds, [base] keys and a [grid] of key = [values]")
+    sweep = commands.add_parser("sweep", help="a resumable grid of federations (in-process or Flower) from a TOML file")
+    sweep.add_argument("file", type=Path, help="TOML with seeds, [base] keys, a [grid] of key = [values] and optionally engine")
     sweep.add_argument("--out", type=Path, help="sweep directory (default: results/sweeps/<file name>)")
-    sweep.add_argument("--jobs", type=int, default=1, help="cells run at once (processes)")
+    sweep.add_argument("--jobs", type=int, default=1, help="cells run at once (processes; 1 for engine = \"flower\")")
+    sweep.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root), for engine = \"flower\"")
+    sweep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="cell progress bar (default: on a terminal)")
     report = commands.add_parser("report", help="collect run directories into a table and plots")
-    report.add_argument("runs", type=Path, nargs="+", help="run directories, or folders searched for them")
+    report.add_argument("runs", type=Path, nargs="*", help="run directories, or folders searched for them")
     report.add_argument("--out", type=Path, required=True, help="folder for report.csv, report.md and the PNGs")
+    report.add_argument("--privacy", type=Path, action="append", default=[], metavar="CSV",
+                        help="a results CSV of simulations/privacy_frontier.py: draws privacy_frontier.png (repeatable)")
     superlink = commands.add_parser("superlink", help="the local Flower SuperLink that `flwr run` starts")
     superlink.add_argument("action", choices=("stop",))
     return parser
@@ -116,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             from fedsparse.report import find_run_dirs, write_report
 
-            table = write_report(find_run_dirs(args.runs), args.out)
-            print(f"{len(table)} runs -> {args.out / 'report.md'}")
+            report = write_report(find_run_dirs(args.runs), args.out, args.privacy)
+            _print_report(report)
+            print(f"{len(report.table)} runs -> {args.out}")
             return 0
         if args.command == "superlink":
             from fedsparse.flower_run import stop_superlink
@@ -166,11 +174,20 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     out = (args.out or Path("results") / "sweeps" / args.file.stem).resolve()
-    table = run_sweep(args.file, out, args.jobs, on_cell=lambda cell, row: print(f"{cell}: recall@20={row.get('recall@20')}", flush=True))
+    table = run_sweep(args.file, out, args.jobs, on_cell=lambda cell, row: print(f"{cell}: recall@20={row.get('recall@20')}", flush=True),
+                      show_progress=args.progress, app_dir=args.app_dir)
     frame = table.frame()
-    write_report([Path(run_dir) for run_dir in frame["run_dir"]], out)
+    _print_report(write_report([Path(run_dir) for run_dir in frame["run_dir"]], out))
     print(f"{len(frame)} cells in {out / 'sweep.csv'}; report in {out / 'report.md'}")
     return 0
+
+
+def _print_report(report: "Report") -> None:
+    """One line per figure written and per figure skipped (with the reason)."""
+    for figure in report.figures:
+        print(f"wrote {figure}")
+    for name, reason in report.skipped.items():
+        print(f"skipped {name}: {reason}")
 
 
 def _data_command(args: argparse.Namespace) -> int:

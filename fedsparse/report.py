@@ -2,21 +2,57 @@
 
 A run directory (federated) holds ``config.json``, ``rounds.jsonl`` and ``summary.json``; the table
 has one row per run: its config keys that differ between the runs, its final summary and its mean
-upload bytes per client-round. Plots: Recall@20 against rounds, and final Recall@20 against upload
-bytes per client-round (one marker per run, by policy and density).
+upload bytes per client-round. Plots, each drawn when the runs hold what it needs:
+
+- ``recall_vs_rounds.png``: test Recall@20 at every evaluated round, one line per run (always).
+- ``recall_vs_upload.png``: final test Recall@20 against mean upload bytes per client-round, one
+  marker per run (always).
+- ``recall_vs_density.png``: test Recall@20 at the round of best validation Recall@20 against the
+  density the run's policy trained at, one line per policy (and per value of any other varying key;
+  seeds averaged, their spread as error bars). Drawn only when the runs differ in density.
+- ``privacy_frontier.png``: Recall@20 relative to the undefended run against the strongest attack's
+  ROC-AUC among the uploaded rows, one marker per defence. Run directories record no attack metric
+  (the attacks are scored by ``simulations/privacy_frontier.py`` on the uploads it watched), so this
+  plot reads that study's results CSVs (``privacy`` below); without one it is skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fedsparse.results import atomic_write_text, read_jsonl, save_figure
 from fedsparse.tables import write_markdown_table
 
+log = logging.getLogger(__name__)
+
 HEADLINE = ["recall@20", "ndcg@20", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "rounds", "seconds"]
+# Keys that never define a line of the density plot: the x axis itself, seeds (averaged) and paths.
+NOT_A_SERIES = {"sparse.density", "sparse.policy", "seed", "results-dir", "data.data-dir", "resume-dir"}
+SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the round of best validation Recall@20
+ATTACK_AUC_SUFFIX = "_auc_uploaded"  # the privacy study's ROC-AUC among the uploaded rows, one column per attack
+NO_LEAKAGE_AUC = 0.5  # where a run with no per-device upload to attack (secure aggregation) is drawn
+# The privacy study's target (simulations/README.md): Recall@20 >= 90 % of undefended at attack AUC <= 0.55.
+TARGET_RECALL_RATIO = 0.9
+TARGET_AUC = 0.55
+MARKER_AREA = 60  # points^2 of a marker whose upload equals the undefended one
+LEGEND_MARKER_AREA = 30  # points^2 of every marker in a legend
+LEGEND_LABEL_CHARS = 120  # longer legend labels (many varying keys) wrap onto more lines
+
+
+@dataclass
+class Report:
+    """What ``write_report`` wrote: the run table, the figures drawn and, per skipped figure, why."""
+
+    table: pd.DataFrame
+    figures: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def find_run_dirs(roots: list[Path]) -> list[Path]:
@@ -50,13 +86,31 @@ def collect_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list
     return table, curve_frame, [c.removeprefix("config:") for c in varying]
 
 
-def write_report(run_dirs: list[Path], out: Path) -> pd.DataFrame:
-    """Write ``report.csv`` (and ``.parquet``), ``report.md``, ``recall_vs_rounds.png`` and
-    ``recall_vs_upload.png`` into ``out``."""
-    if not run_dirs:
-        raise ValueError("no finished run directory (with config.json, rounds.jsonl and summary.json) was found")
-    table, curves, varying = collect_runs(run_dirs)
+def write_report(run_dirs: list[Path], out: Path, privacy: list[Path] | None = None) -> Report:
+    """Write the run table (``report.csv``, ``report.parquet``, ``report.md``) and the plots into ``out``.
+
+    ``privacy``: results CSVs of ``simulations/privacy_frontier.py`` for ``privacy_frontier.png``. With
+    no run directory, only that plot is drawn. Raises ValueError when there is nothing to report.
+    """
+    privacy = privacy or []
+    if not run_dirs and not privacy:
+        raise ValueError("no finished run directory (with config.json, rounds.jsonl and summary.json) and no --privacy table was given")
     out.mkdir(parents=True, exist_ok=True)
+    report = Report(table=pd.DataFrame())
+    if run_dirs:
+        report.table = _write_run_report(run_dirs, out, report)
+    if privacy:
+        report.figures.append(plot_privacy_frontier(read_privacy_tables(privacy), out / "privacy_frontier.png"))
+    else:
+        report.skipped["privacy_frontier.png"] = (
+            "run directories record no attack metric; pass --privacy with a CSV written by simulations/privacy_frontier.py")
+    for name, reason in report.skipped.items():
+        log.info("%s: skipped: %s", name, reason)
+    return report
+
+
+def _write_run_report(run_dirs: list[Path], out: Path, report: Report) -> pd.DataFrame:
+    table, curves, varying = collect_runs(run_dirs)
     atomic_write_text(out / "report.csv", table.to_csv(index=False))
     parquet = out / ".report.parquet.tmp"
     table.astype({column: str for column in table.columns if table[column].dtype == object}).to_parquet(parquet, index=False)
@@ -65,7 +119,35 @@ def write_report(run_dirs: list[Path], out: Path) -> pd.DataFrame:
     write_markdown_table(out / "report.md", f"{len(table)} runs collected by `fedsparse report`.\n\n", table[columns])
     _plot_curves(curves, table, varying, out / "recall_vs_rounds.png")
     _plot_tradeoff(table, varying, out / "recall_vs_upload.png")
+    report.figures += [out / "recall_vs_rounds.png", out / "recall_vs_upload.png"]
+    density_plot = out / "recall_vs_density.png"
+    if "density" in table and table["density"].nunique() > 1:
+        _plot_density(table, varying, density_plot)
+        report.figures.append(density_plot)
+    else:
+        report.skipped[density_plot.name] = "every run trained at the same density"
     return table
+
+
+def _axes(height: float = 4.5):
+    """A figure and axes whose legend goes below the plot, so long run labels never cover the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, height), layout="constrained")
+
+
+def _finish(figure, axis, path: Path, fontsize: float = 6) -> None:
+    """Legend below the axes (markers at one size), then save atomically."""
+    handles, labels = axis.get_legend_handles_labels()
+    labels = [textwrap.fill(label, LEGEND_LABEL_CHARS) for label in labels]
+    legend = figure.legend(handles, labels, loc="outside lower center", fontsize=fontsize)
+    for handle in legend.legend_handles:
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([LEGEND_MARKER_AREA])
+    save_figure(figure, path)
 
 
 def _label(row: pd.Series, varying: list[str]) -> str:
@@ -73,35 +155,118 @@ def _label(row: pd.Series, varying: list[str]) -> str:
 
 
 def _plot_curves(curves: pd.DataFrame, table: pd.DataFrame, varying: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _axes()
     for _, row in table.iterrows():
         curve = curves[curves["run"] == row["run"]]
         if not curve.empty:
             axis.plot(curve["round"], curve["recall@20"], marker=".", label=_label(row, varying))
     axis.set_xlabel("round")
     axis.set_ylabel("test Recall@20")
-    axis.legend(fontsize=6)
-    figure.tight_layout()
-    save_figure(figure, path)
+    _finish(figure, axis, path)
 
 
 def _plot_tradeoff(table: pd.DataFrame, varying: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _axes()
     for _, row in table.iterrows():
         axis.scatter(row["upload_bytes_mean"], row.get("recall@20", float("nan")), label=_label(row, varying))
     axis.set_xscale("log")
     axis.set_xlabel("upload bytes per client-round (mean)")
     axis.set_ylabel("final test Recall@20")
-    axis.legend(fontsize=6)
-    figure.tight_layout()
-    save_figure(figure, path)
+    _finish(figure, axis, path)
+
+
+def density_lines(table: pd.DataFrame, varying: list[str]) -> dict[str, pd.DataFrame]:
+    """What ``recall_vs_density.png`` draws: per line label, test Recall@20 by density (index) as the mean,
+    min and max over the line's runs (seeds).
+
+    A line is a policy and a value of each other varying config key (paths and seeds excepted). The
+    round is the best validation round (``best_test_recall@20``); a run without validation metrics
+    contributes its final test Recall@20.
+    """
+    recall = table[SELECTED_RECALL].fillna(table["recall@20"]) if SELECTED_RECALL in table else table["recall@20"]
+    frame = table.assign(selected=recall)
+    series = ["policy", *[key for key in varying if key not in NOT_A_SERIES]]
+    lines = {}
+    for keys, group in frame.groupby(series, sort=True, dropna=False):
+        label = ", ".join(f"{key}={value}" if key != "policy" else str(value) for key, value in zip(series, keys))
+        lines[label] = group.groupby("density")["selected"].agg(["mean", "min", "max"]).sort_index()
+    return lines
+
+
+def _plot_density(table: pd.DataFrame, varying: list[str], path: Path) -> None:
+    figure, axis = _axes()
+    for label, line in density_lines(table, varying).items():
+        spread = np.vstack([line["mean"] - line["min"], line["max"] - line["mean"]])
+        axis.errorbar(line.index, line["mean"], yerr=spread, marker="o", capsize=3, label=label)
+    axis.set_xlabel("density (share of active embedding entries)")
+    axis.set_ylabel("test Recall@20 (best validation round)")
+    axis.set_title("mean over seeds; bars: min to max", fontsize=9)
+    _finish(figure, axis, path)
+
+
+def read_privacy_tables(paths: list[Path]) -> pd.DataFrame:
+    """The rows of the privacy study's results CSVs; ValueError names a file without the needed columns."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path)
+        attacks = [column for column in frame.columns if column.endswith(ATTACK_AUC_SUFFIX)]
+        missing = [column for column in ("recall@20", "defence") if column not in frame]
+        if missing or not attacks:
+            raise ValueError(f"{path} is not a privacy-study table: it lacks {', '.join(missing) or f'*{ATTACK_AUC_SUFFIX} columns'}")
+        frames.append(frame.assign(table=Path(path).stem))
+    return pd.concat(frames, ignore_index=True)
+
+
+def frontier_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """What ``privacy_frontier.png`` draws, one row per row of the privacy tables.
+
+    Columns: ``series`` (table and density), ``defence``, ``auc`` (the strongest attack's ROC-AUC among
+    the uploaded rows; 0.5 where no per-device upload was left to attack, e.g. secure aggregation),
+    ``attacked`` (False there), ``utility`` (Recall@20 relative to undefended when every row has it, else
+    Recall@20) and ``upload`` (upload bytes relative to undefended; 1 when the table lacks it).
+    """
+    attacks = [column for column in frame.columns if column.endswith(ATTACK_AUC_SUFFIX)]
+    leakage = frame[attacks].max(axis=1)
+    series = frame["table"].astype(str)
+    if "density" in frame:
+        series = series + ", density " + frame["density"].astype(str)
+    return pd.DataFrame({
+        "series": series,
+        "defence": frame["defence"].astype(str),
+        "auc": leakage.fillna(NO_LEAKAGE_AUC),
+        "attacked": leakage.notna(),
+        "utility": frame["recall_vs_undefended"] if _relative_utility(frame) else frame["recall@20"],
+        "upload": frame["upload_vs_undefended"].fillna(1.0) if "upload_vs_undefended" in frame else 1.0,
+    })
+
+
+def _relative_utility(frame: pd.DataFrame) -> bool:
+    """Whether every row of the privacy tables has its Recall@20 relative to the undefended cell."""
+    return "recall_vs_undefended" in frame and bool(frame["recall_vs_undefended"].notna().all())
+
+
+def plot_privacy_frontier(frame: pd.DataFrame, path: Path) -> Path:
+    """Draw ``frontier_points(frame)``: utility against leakage, one marker per defence; returns ``path``.
+
+    A row with no per-device upload to attack is drawn hollow at AUC 0.5; marker area = upload bytes
+    relative to undefended; dotted lines at the study's target.
+    """
+    points = frontier_points(frame)
+    relative = _relative_utility(frame)
+    figure, axis = _axes(height=5.5)
+    for number, (label, group) in enumerate(points.groupby("series", sort=True)):
+        color = f"C{number}"
+        for attacked, part in group.groupby("attacked"):
+            style = {"color": color, "alpha": 0.6} if attacked else {"facecolors": "none", "edgecolors": color}
+            axis.scatter(part["auc"], part["utility"], s=MARKER_AREA * part["upload"], **style,
+                         label=label if attacked else f"{label}: no per-device upload to attack")
+        for _, row in group.iterrows():
+            axis.annotate(row["defence"], (row["auc"], row["utility"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.axvline(TARGET_AUC, color="grey", linestyle=":", linewidth=1)
+    if relative:
+        axis.axhline(TARGET_RECALL_RATIO, color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("strongest attack's ROC-AUC among uploaded rows (0.5 = no leakage)")
+    axis.set_ylabel("Recall@20 / undefended" if relative else "test Recall@20")
+    axis.set_title("utility vs leakage (marker area = upload bytes / undefended)", fontsize=9)
+    _finish(figure, axis, path, fontsize=7)
+    return path
