@@ -1,0 +1,54 @@
+"""Every named config in simulations/configs/ works where its header says it does.
+
+A run config (any ``*.toml`` not named ``sweep-*``) must parse into a valid ``RunConfig`` by the path
+``fedsparse simulate --config FILE`` takes, and Flower's own ``--run-config FILE`` parser must read the
+same keys and values from it. A sweep file (``sweep-*.toml``) must expand into validated cells.
+"""
+
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from fedsparse.cli import read_config_file
+from fedsparse.config import ConfigError, RunConfig
+from fedsparse.sweep import expand_grid, read_sweep
+
+CONFIGS = Path(__file__).resolve().parents[1] / "simulations" / "configs"
+FILES = sorted(CONFIGS.glob("*.toml"))
+RUN_CONFIGS = [path for path in FILES if not path.name.startswith("sweep-")]
+SWEEPS = [path for path in FILES if path.name.startswith("sweep-")]
+
+
+def test_the_folder_holds_both_kinds():
+    assert len(RUN_CONFIGS) >= 3 and len(SWEEPS) >= 2, [path.name for path in FILES]
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda path: path.name)
+def test_a_run_config_parses_for_fedsparse_simulate_and_for_flwr_run(path):
+    flat = read_config_file(path)
+    config = RunConfig.from_flat(flat)
+    assert flat and all(config.to_flat()[key] == value for key, value in flat.items())
+    assert parse_config_args([str(path)]) == flat  # what `flwr run . --run-config FILE` overrides
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda path: path.name)
+def test_a_sweep_file_expands_into_validated_cells(path, tmp_path):
+    spec = read_sweep(path)
+    cells = expand_grid(spec, tmp_path)
+    expected = len(spec.seeds)
+    for values in spec.grid.values():
+        expected *= len(values)
+    assert len(cells) == expected and len({cell.cell for cell in cells}) == expected
+
+
+def test_the_checks_fail_on_a_bad_file(tmp_path):
+    """The two parsers above reject what a broken named config would contain."""
+    bad_run = tmp_path / "bad.toml"
+    bad_run.write_text('"sparse.density" = 1.5\n')
+    with pytest.raises(ConfigError, match="sparse.density"):
+        RunConfig.from_flat(read_config_file(bad_run))
+    bad_sweep = tmp_path / "sweep-bad.toml"
+    bad_sweep.write_text('[grid]\n"sparse.polcy" = ["sparserec"]\n')
+    with pytest.raises(ConfigError, match="sparse.polcy"):
+        expand_grid(read_sweep(bad_sweep), tmp_path)
