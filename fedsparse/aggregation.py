@@ -27,9 +27,11 @@ class AggregatedRows:
 
 
 def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weighted: bool = True) -> AggregatedRows:
-    """Weighted per-row mean of the updates' deltas (weights = each update's ``weight``, or 1 each).
+    """Weighted per-entry mean of the updates' deltas (weights = each update's ``weight``, or 1 each).
 
-    ``item_mask`` bool [n_items, dim] is the mask the updates were encoded against (validated already).
+    Every entry is averaged over the devices that hold it: all of a row's contributors, unless devices
+    of smaller widths (``RowUpdate.width``) hold only the row's leading dimensions (prefix-aligned
+    aggregation). ``item_mask`` bool [n_items, dim] is the mask the updates were encoded against.
     """
     dim = item_mask.shape[1]
     if not updates:
@@ -37,19 +39,20 @@ def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weigh
         return AggregatedRows(np.empty(0, dtype=np.int64), empty, np.empty(0, dtype=np.int64), empty)
     rows = np.unique(np.concatenate([update.row_ids for update in updates])).astype(np.int64)
     sums = np.zeros((rows.size, dim), dtype=np.float64)
-    weights = np.zeros(rows.size, dtype=np.float64)
+    weights = np.zeros((rows.size, dim), dtype=np.float64)
     contributors = np.zeros(rows.size, dtype=np.int64)
     signal = np.zeros((rows.size, dim), dtype=np.float64)
+    columns = np.arange(dim)
     for update in updates:
         index = np.searchsorted(rows, update.row_ids)
         weight = update.weight if weighted else 1.0
-        sums[index] += weight * scatter_active(update.values, item_mask[update.row_ids])
-        weights[index] += weight
+        sums[index] += weight * scatter_active(update.values, update.carried_mask(item_mask))
+        weights[index] += weight * (columns < (update.width or dim))
         contributors[index] += 1
         if update.signal_rows is not None:
             signal_index = np.searchsorted(rows, update.signal_rows)
             np.add.at(signal, (signal_index[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
-    deltas = (sums / weights[:, None]).astype(np.float32)
+    deltas = np.divide(sums, weights, out=np.zeros_like(sums), where=weights > 0).astype(np.float32)
     return AggregatedRows(rows, deltas, contributors, signal.astype(np.float32))
 
 

@@ -18,6 +18,7 @@ import torch
 
 from fedsparse import metrics
 from fedsparse.config import RunConfig, ranking_cutoffs
+from fedsparse.devices import device_width
 from fedsparse.losses import batch_loss
 from fedsparse.masks import budget, largest, prune_and_grow
 from fedsparse.models import MatrixFactorization
@@ -90,16 +91,18 @@ class DeviceState:
 
 
 def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None = None) -> DeviceState:
-    """A fresh device: normal(0, 0.1) user row masked to round(density * dim) entries.
+    """A fresh device: normal(0, 0.1) user row of the device's width w (``model.dim`` unless its class
+    holds fewer dimensions) masked to round(density * w) entries.
 
-    With an NMF user factor (rank = dim), the mask row keeps the factor's largest entries (a per-row
-    quota: each device decides alone) and, with ``sparse.nmf-values = factors``, starts from the factor's
-    values; otherwise a seeded random choice and normal(0, 0.1) values.
+    With an NMF user factor (rank = dim, cut to its first w entries), the mask row keeps the factor's
+    largest entries (a per-row quota: each device decides alone) and, with ``sparse.nmf-values =
+    factors``, starts from the factor's values; otherwise a seeded random choice and normal(0, 0.1) values.
     """
-    dim = config.model.dim
+    dim = device_width(config, user_id)
     rng = rng_for(config.seed, "device-init", user_id)
     active = budget(build_policy(config.sparse).settings.density, 1, dim)
     if nmf_factor is not None:
+        nmf_factor = np.asarray(nmf_factor)[:dim]
         columns = largest(nmf_factor, active)
     else:
         columns = np.sort(rng.choice(dim, size=active, replace=False))
@@ -220,7 +223,7 @@ def local_train(
     all_weights, all_mask = download.table.decode()
     local = np.searchsorted(available, touched)
     item_start = all_weights[local]
-    model = MatrixFactorization(1, touched.size, config.model.dim)
+    model = MatrixFactorization(1, touched.size, state.user_row.size)  # the device's width
     with torch.no_grad():
         model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
         model.item_embedding.weight.copy_(torch.from_numpy(item_start))
@@ -372,8 +375,9 @@ def evaluate_device(
 ) -> dict[str, float] | None:
     """Full-ranking metrics of this user on ``split`` ("validation" or "test"); None without held-out items.
 
-    ``item_weights`` float32 [n_items, dim] is the masked item table; the user's training items (and
-    validation items when testing) are excluded from the ranking.
+    ``item_weights`` float32 [n_items, dim] is the masked item table, of which a device of width w uses
+    the first w dimensions; the user's training items (and validation items when testing) are excluded
+    from the ranking.
     """
     held_out = data.test if split == "test" else data.validation
     if held_out.size == 0:
@@ -385,7 +389,7 @@ def evaluate_device(
         return sp.csr_matrix((np.ones(items.size, dtype=np.float32), items, [0, items.size]), shape=(1, n_items))
 
     user = torch.from_numpy(state.user_row)
-    items = torch.from_numpy(item_weights)
+    items = torch.from_numpy(np.ascontiguousarray(item_weights[:, : state.user_row.size]))
     cutoffs = ranking_cutoffs(config, n_items)
     _, per_user = metrics.full_ranking_per_user(
         lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1

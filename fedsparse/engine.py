@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
+from fedsparse.devices import device_width
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
@@ -65,6 +66,9 @@ class Population:
     n_users: int
     n_items: int
     n_train_interactions: int
+    # Training interactions per item, float [n_items], read by the size policies. A server receiving
+    # sparse uploads learns these counts from their row ids; the simulation hands them over up front.
+    item_popularity: np.ndarray | None = None
 
 
 def check_population(config: RunConfig, population: Population) -> None:
@@ -272,7 +276,7 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
         else:
             item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
             totals.update(nmf_bytes)
-    server = Server.create(config, population.n_items, item_factor)
+    server = Server.create(config, population.n_items, item_factor, population.item_popularity)
     totals["init_seconds"] = time.perf_counter() - started
     return RunState(server, device_init, totals, {}, {})
 
@@ -370,12 +374,16 @@ def train_round(
                 rows.pop(user)
                 failed.append(user)
                 log.warning("round %d: row request of device %d failed: %s", server_round, user, exc)
-    messages = {user: {**server.download(wanted).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()}
+    widths = {user: device_width(config, user) for user in rows}
+    messages = {
+        user: {**server.download(wanted, widths[user]).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()
+    }
     secure = config.privacy.secure_aggregation
     if secure and hasattr(transport, "secure_train"):  # Flower's SecAgg+: the transport returns only the sum
         return _secure_protocol_round(config, transport, state, server_round, messages, chosen, failed, started)
     replies = transport.send("train", server_round, messages, server.train_settings(server_round))
     updates, uploads, downloads, memory, dropped = [], [], [], [], 0
+    by_class: dict[int, list[tuple[int, float]]] = {}  # device width -> (upload bytes, memory bytes) of accepted devices
     for user in sorted(messages):
         downloads.append(_bytes(messages[user]))
         reply = replies.get(user, "no reply")
@@ -384,7 +392,7 @@ def train_round(
             log.warning("round %d: device %d failed: %s", server_round, user, reply)
             continue
         uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
-        update, reason = validate_update(server, reply.arrays, secure)
+        update, reason = validate_update(server, reply.arrays, secure, widths[user])
         reason = reason or metrics_problem(reply.metrics)
         if reason:
             dropped += 1
@@ -394,6 +402,7 @@ def train_round(
         if observer is not None and not secure:  # under secure aggregation the server sees only the sum
             observer.observe(server_round, user, update, server)
         memory.append(reply.metrics.get("memory-bytes", 0.0))
+        by_class.setdefault(widths[user], []).append((uploads[-1], memory[-1]))
     applied = server.apply_secure_round(server_round, updates) if secure else server.apply_round(server_round, updates)
     if secure:  # a secure upload names no rows: the sparse references do not apply
         updates = []
@@ -405,7 +414,18 @@ def train_round(
     return _round_record(state, server_round, started, len(chosen), len(failed), dropped, uploads, downloads, memory, applied, {
         "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
         "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
+        **(_per_class(by_class) if config.budget.widths else {}),
     })
+
+
+def _per_class(by_class: Mapping[int, list[tuple[int, float]]]) -> dict[str, float]:
+    """Mean upload and device memory bytes of each device class (keys suffixed ``_w<width>``)."""
+    record = {}
+    for width, pairs in sorted(by_class.items()):
+        uploads, memory = zip(*pairs)
+        record[f"upload_bytes_mean_w{width}"] = float(np.mean(uploads))
+        record[f"device_memory_bytes_mean_w{width}"] = float(np.mean(memory))
+    return record
 
 
 def _round_record(
@@ -472,8 +492,8 @@ def evaluate_round(
     # The same devices at every evaluation (keyed by the seed alone): rounds are compared, and the best
     # round picked, on one fixed validation population, not on a new random subset each time.
     chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
-    table = server.download(None).to_arrays()
-    messages = {int(u): {**table, **device_init.arrays(int(u))} for u in chosen}
+    tables = {width: server.download(None, width).to_arrays() for width in sorted({device_width(config, int(u)) for u in chosen})}
+    messages = {int(u): {**tables[device_width(config, int(u))], **device_init.arrays(int(u))} for u in chosen}
     replies = transport.send("evaluate", server_round, messages, {})
     collected: dict[str, list[float]] = {}
     for user, reply in replies.items():
@@ -481,8 +501,11 @@ def evaluate_round(
         if problem:
             log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
             continue
+        width = device_width(config, user)
         for name, value in reply.metrics.items():
             collected.setdefault(name, []).append(value)
+            if config.budget.widths and name in (f"test-recall@{config.eval.k}", f"test-ndcg@{config.eval.k}"):  # per device class
+                collected.setdefault(f"{name}_w{width}", []).append(value)
     metrics = {name.replace("-", "_", 1): float(np.mean(values)) for name, values in sorted(collected.items())}
     # The headline keys (recall@20, ndcg@20, ...) are the test metrics.
     metrics.update({name.removeprefix("test_"): value for name, value in list(metrics.items()) if name.startswith("test_")})

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from fedsparse.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.config import RunConfig
+from fedsparse.devices import width_mask
 from fedsparse.nmf import (
     apply_item_update,
     item_update_contribution,
@@ -72,15 +73,18 @@ class Server:
             self.optimizer = ServerOptimizer(self.config.fed)
 
     @classmethod
-    def create(cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None) -> "Server":
-        """A fresh server: item rows masked by the policy's initial mask (NMF scores if given).
+    def create(
+        cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None, item_popularity: np.ndarray | None = None
+    ) -> "Server":
+        """A fresh server: item rows masked by the policy's initial mask (NMF scores, or item popularity for
+        the size policies, if given).
 
         Values are normal(0, 0.1), or the NMF item factor itself when ``sparse.nmf-values = factors``.
         """
         dim = config.model.dim
         policy = policy_for_rounds(config)
         rng = rng_for(config.seed, "server-init")
-        mask = policy.initial_mask(ITEM_TABLE, n_items, dim, rng, item_factor)
+        mask = policy.initial_mask(ITEM_TABLE, n_items, dim, rng, item_factor, item_popularity)
         values = rng.normal(0.0, INIT_STD, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
             values = item_factor
@@ -106,11 +110,15 @@ class Server:
     def n_items(self) -> int:
         return self.item_weight.shape[0]
 
-    def download(self, rows: np.ndarray | None = None) -> RowsDownload:
-        """The masked item rows for a device: every row (``rows`` None) or the given sorted ids."""
+    def download(self, rows: np.ndarray | None = None, width: int | None = None) -> RowsDownload:
+        """The masked item rows for a device: every row (``rows`` None) or the given sorted ids, cut to
+        their first ``width`` dimensions for a device that holds no more (None = all)."""
+        width = self.item_weight.shape[1] if width is None else width
+        weight, mask = self.item_weight[:, :width], self.item_mask[:, :width]
+        layout = self.policy.storage_format
         if rows is None:
-            return RowsDownload(None, CompactTable.encode(self.item_weight, self.item_mask))
-        return RowsDownload(wire_row_ids(rows, self.n_items), CompactTable.encode(self.item_weight[rows], self.item_mask[rows]))
+            return RowsDownload(None, CompactTable.encode(weight, mask, layout))
+        return RowsDownload(wire_row_ids(rows, self.n_items), CompactTable.encode(weight[rows], mask[rows], layout))
 
     def is_explore_round(self, server_round: int) -> bool:
         """Whether the item mask is updated after this round's aggregation."""
@@ -138,9 +146,15 @@ class Server:
         """The scalars every training device receives this round."""
         return {"send-signal": self.wants_signal(server_round), "user-swap-fraction": self.user_swap_fraction(server_round)}
 
-    def decode_reply(self, arrays: dict[str, np.ndarray]) -> RowUpdate:
-        """Validate one device's upload against the current item mask; raises PayloadError."""
-        return RowUpdate.from_arrays(arrays, self.item_mask)
+    def decode_reply(self, arrays: dict[str, np.ndarray], width: int | None = None) -> RowUpdate:
+        """Validate one device's upload against the current item mask cut to the device's ``width``
+        (None = all dimensions); raises PayloadError."""
+        dim = self.item_weight.shape[1]
+        width = dim if width is None else width
+        update = RowUpdate.from_arrays(arrays, width_mask(self.item_mask, width))
+        if update.signal_cols is not None and update.signal_cols.size and int(update.signal_cols.max()) >= width:
+            raise PayloadError(f"'signal-cols' holds {int(update.signal_cols.max())}, outside the device's width {width}")
+        return update if width == dim else replace(update, width=width)
 
     def secure_rows(self) -> np.ndarray:
         """Sorted int64 rows the coming round's secure uploads cover (all rows, or the public subset)."""
@@ -199,12 +213,13 @@ class Server:
 
 
 def validate_update(
-    server: Server, arrays: dict[str, np.ndarray], secure: bool = False
+    server: Server, arrays: dict[str, np.ndarray], secure: bool = False, width: int | None = None
 ) -> tuple[RowUpdate | SecureUpload | None, str | None]:
     """(update, None) when a reply is well-formed (a ``SecureUpload`` when ``secure``), else (None, the
-    reason it was dropped). Real SecAgg+ can only check the sum; the simulation checks each device."""
+    reason it was dropped); ``width`` is the sending device's (None = all dimensions). Real SecAgg+ can
+    only check the sum; the simulation checks each device."""
     try:
-        update = server.decode_secure_reply(arrays) if secure else server.decode_reply(arrays)
+        update = server.decode_secure_reply(arrays) if secure else server.decode_reply(arrays, width)
     except PayloadError as exc:
         return None, str(exc)
     reason = None if secure else too_large(update, server.config.robust)

@@ -28,7 +28,8 @@ log = logging.getLogger("fedsparse")
 def population_of(data: Interactions) -> Population:
     """Every user with at least one training interaction is a device."""
     users = np.flatnonzero(np.diff(data.train.indptr) > 0).astype(np.int64)
-    return Population(users, data.n_users, data.n_items, int(data.train.nnz))
+    popularity = np.bincount(data.train.indices, minlength=data.n_items).astype(np.float64)
+    return Population(users, data.n_users, data.n_items, int(data.train.nnz), popularity)
 
 
 class InProcessTransport:

@@ -15,6 +15,7 @@ import numpy as np
 from fedsparse.config import RunConfig
 from fedsparse.faults import inject_fault
 from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view, rows_needed
+from fedsparse.devices import device_width
 from fedsparse.nmf import user_factor_update
 from fedsparse.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.rng import rng_for
@@ -99,7 +100,7 @@ def handle_train(
     ``InjectedFault`` / ``DeviceCrash`` here, or answers late.
     """
     inject_fault(config, server_round, data.user_id)
-    download = RowsDownload.from_arrays(_download_arrays(message), n_items, config.model.dim)
+    download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
     device = _device_state(config, state, data, message)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
     if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
@@ -174,7 +175,7 @@ def handle_evaluate(
     A device that never trained evaluates its freshly initialised row (initialised exactly as its first
     training round would, since evaluation messages carry the same NMF fields).
     """
-    download = RowsDownload.from_arrays(_download_arrays(message), n_items, config.model.dim)
+    download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
     if download.row_ids is not None:
         raise PayloadError("evaluation needs the full item table")
     device = _device_state(config, state, data, message)

@@ -18,7 +18,7 @@ from fedsparse.wire import RowUpdate, scatter_active
 
 def row_delta_norms(update: RowUpdate, item_mask: np.ndarray) -> np.ndarray:
     """L2 norm of each uploaded row's delta, float64 [r] (values are in the rows' mask order)."""
-    counts = item_mask[update.row_ids].sum(axis=1)
+    counts = update.carried_mask(item_mask).sum(axis=1)
     row_of_value = np.repeat(np.arange(counts.size), counts)
     return np.sqrt(np.bincount(row_of_value, weights=np.square(update.values.astype(np.float64)), minlength=counts.size))
 
@@ -27,7 +27,7 @@ def clip_rows(update: RowUpdate, item_mask: np.ndarray, bound: float) -> RowUpda
     """The update with every row's delta scaled down to L2 norm ``bound`` (rows within it unchanged)."""
     norms = row_delta_norms(update, item_mask)
     scale = np.minimum(1.0, bound / np.maximum(norms, np.finfo(np.float64).tiny))
-    counts = item_mask[update.row_ids].sum(axis=1)
+    counts = update.carried_mask(item_mask).sum(axis=1)
     values = (update.values.astype(np.float64) * np.repeat(scale, counts)).astype(np.float32)
     return replace(update, values=values)
 
@@ -53,7 +53,7 @@ def robust_aggregate(updates: list[RowUpdate], item_mask: np.ndarray, settings: 
         return merged
     per_row: list[list[np.ndarray]] = [[] for _ in range(merged.rows.size)]
     for update in updates:
-        dense = scatter_active(update.values, item_mask[update.row_ids])
+        dense = scatter_active(update.values, update.carried_mask(item_mask))
         for index, row_delta in zip(np.searchsorted(merged.rows, update.row_ids), dense):
             per_row[index].append(row_delta)
     deltas = np.stack([_combine(np.stack(deltas), settings) for deltas in per_row]).astype(np.float32)

@@ -136,6 +136,12 @@ class RowUpdate:
     signal_rows: np.ndarray | None = None
     signal_cols: np.ndarray | None = None
     signal_values: np.ndarray | None = None
+    width: int = 0  # leading dimensions the sending device holds (0 = all); the server knows it, it is not sent
+
+    def carried_mask(self, item_mask: np.ndarray) -> np.ndarray:
+        """bool [r, dim]: the entries of the update's rows its values stand for (the mask cut to ``width``)."""
+        rows = item_mask[self.row_ids]
+        return rows if not self.width or self.width >= rows.shape[1] else rows & (np.arange(rows.shape[1]) < self.width)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for the transport."""

@@ -45,7 +45,7 @@ class UploadLog:
         if len(kept) >= self.per_user:
             return
         rows = update.row_ids.astype(np.int64)
-        deltas = scatter_active(update.values, server.item_mask[rows])
+        deltas = scatter_active(update.values, update.carried_mask(server.item_mask))
         kept.append(ObservedUpload(server_round, user, rows, deltas, server.item_weight[rows].copy(), server.n_items))
 
     def all(self) -> list[ObservedUpload]:

@@ -1,0 +1,156 @@
+"""Budget benchmark (central): element-wise masks vs embedding sizes vs AMGP at equal measured bytes.
+
+MF-BPR, d = 64, every cell one ``fedsparse train`` subprocess with the same seed, epochs and flags; all
+cells use the sparse backward, so only the mask differs. The element-wise policies (sparserec, dsl) run at
+``--density``; the size policies run at the density whose prefix-stored tables take no more bytes than
+the element-wise tables do (a prefix mask costs one count per row instead of a column index per entry,
+so it holds more values in the same bytes). AMGP prunes to that same width and ends full-size, so its
+bytes are reported as it holds them: the final table, and the mean over training. size-bet's allocation
+comes from the BET-style search of fedsparse/bet.py, each candidate scored by a short proxy training's
+validation Recall@20. Finished cells are kept in ``<out>/budgets_central.csv`` and skipped on a rerun.
+
+    FEDSPARSE_DATA=../shared/data python benchmarks/budgets.py --datasets ml-1m,gowalla
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_training  # noqa: E402
+
+from fedsparse.bet import BetSettings, bet_search  # noqa: E402
+from fedsparse.config import DataConfig  # noqa: E402
+from fedsparse.data import load_dataset  # noqa: E402
+from fedsparse.masks import budget  # noqa: E402
+from fedsparse.storage import compact_nbytes  # noqa: E402
+from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ELEMENT_WISE = ["sparserec", "dsl"]
+SIZE_POLICIES = ["size-frequency", "size-scall", "size-ciess", "size-bet"]
+DIM = 64
+COLUMNS = [
+    "dataset", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "recall_vs_sparserec",
+    "stored_model_bytes", "bytes_vs_sparserec", "mean_training_bytes", "seconds_per_epoch", "mask_updates", "group_sizes",
+]
+
+
+def equal_bytes_density(table_rows: list[int], density: float) -> float:
+    """The largest density (4 decimals) whose prefix-stored tables take no more bytes than element-wise
+    tables at ``density`` stored in their smaller layout (both by ``compact_nbytes``, the encoder's counts)."""
+    element = sum(compact_nbytes(rows, DIM, budget(density, rows, DIM)) for rows in table_rows)
+
+    def prefix(d: float) -> int:
+        return sum(compact_nbytes(rows, DIM, budget(d, rows, DIM), "prefix") for rows in table_rows)
+
+    candidate = np.floor((element - sum(table_rows)) / (4 * DIM * sum(table_rows)) * 1e4) / 1e4
+    while prefix(candidate) > element:
+        candidate -= 1e-4
+    return float(candidate)
+
+
+def amgp_mean_bytes(table_rows: list[int], width: int, sparse_share: float) -> float:
+    """Mean stored bytes over training: ``sparse_share`` of it pruned to ``width`` dimensions, the rest full."""
+    pruned = sum(compact_nbytes(rows, DIM, rows * width, "prefix") for rows in table_rows)
+    full = sum(compact_nbytes(rows, DIM, rows * DIM, "prefix") for rows in table_rows)
+    return sparse_share * pruned + (1 - sparse_share) * full
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="ml-1m,gowalla")
+    parser.add_argument("--density", type=float, default=0.2, help="density of the element-wise policies")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--lr", default="0.005")
+    parser.add_argument("--proxy-epochs", type=int, default=2, help="epochs of each BET candidate's proxy training")
+    parser.add_argument("--bet-initial", type=int, default=4, help="random allocations measured before the predictor")
+    parser.add_argument("--bet-rounds", type=int, default=2)
+    parser.add_argument("--amgp-sparse-share", type=float, default=0.75)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if not os.environ.get("FEDSPARSE_DATA"):
+        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+
+    table = ResultTable(args.out / "budgets_central.csv")
+    started = time.perf_counter()
+    for dataset in args.datasets.split(","):
+        data = load_dataset(DataConfig(dataset=dataset), 0)
+        rows = [data.n_users, data.n_items]
+        size_density = equal_bytes_density(rows, args.density)
+        base = ["--dataset", dataset, "--model", "mf", "--dim", str(DIM), "--loss", "bpr", "--negatives", "1", "--lr", args.lr,
+                "--train.patience", "0"]
+        timed = [*base, "--epochs", str(args.epochs), "--train.eval-every", str(args.eval_every)]
+
+        def cell(policy: str, density: float, extra: list[str], extra_row: dict | None = None) -> None:
+            key = f"{dataset}/{policy}/{density}"
+            if table.has(key):
+                return
+            backward = [] if policy == "dense" else ["--sparse.sparse-grad", "on"]
+            flags = [*timed, "--sparse.policy", policy, "--sparse.density", str(density), *backward, *extra]
+            summary = run_training(flags, args.out / "runs")
+            table.add(key, {"dataset": dataset, "policy": policy, "density": density,
+                            **{k: summary.get(k) for k in ("recall@20", "ndcg@20", "stored_model_bytes", "seconds_per_epoch", "mask_updates")},
+                            **(extra_row or {})})
+            print(f"{key:40s} recall@20={summary['recall@20']:.4f} bytes={summary['stored_model_bytes']:,}", flush=True)
+
+        cell("dense", 1.0, [])
+        for policy in ELEMENT_WISE:
+            cell(policy, args.density, [])
+        for policy in SIZE_POLICIES[:-1]:
+            cell(policy, size_density, [])
+        if not table.has(f"{dataset}/size-bet/{size_density}"):
+            allocation = search_allocation(args, base, data, size_density)
+            cell("size-bet", size_density, ["--sparse.group-sizes", allocation], {"group_sizes": allocation})
+        width = max(1, round(size_density * DIM))
+        cell("amgp", size_density, ["--sparse.amgp-sparse-share", str(args.amgp_sparse_share)],
+             {"mean_training_bytes": amgp_mean_bytes(rows, width, args.amgp_sparse_share)})
+
+    frame = table.frame()
+    for dataset, group in frame.groupby("dataset"):
+        reference = group.set_index("policy")
+        frame.loc[group.index, "recall_vs_dense"] = group["recall@20"] / reference.loc["dense", "recall@20"]
+        frame.loc[group.index, "recall_vs_sparserec"] = group["recall@20"] / reference.loc["sparserec", "recall@20"]
+        frame.loc[group.index, "bytes_vs_sparserec"] = group["stored_model_bytes"] / reference.loc["sparserec", "stored_model_bytes"]
+    frame["mean_training_bytes"] = frame["mean_training_bytes"].fillna(frame["stored_model_bytes"])
+    frame = frame.reindex(columns=COLUMNS)
+    header = (
+        f"Measured by `python benchmarks/budgets.py --datasets {args.datasets} --density {args.density} --epochs {args.epochs} "
+        f"--eval-every {args.eval_every} --lr {args.lr} --proxy-epochs {args.proxy_epochs} --bet-initial {args.bet_initial} "
+        f"--bet-rounds {args.bet_rounds}` on {machine_description()}; this invocation took "
+        f"{time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun). Size policies run at the density "
+        "whose prefix-stored tables fit in the element-wise tables' bytes; amgp's stored bytes are its final full-size table.\n\n"
+    )
+    write_markdown_table(args.out / "budgets_central.md", header, frame)
+
+
+def search_allocation(args: argparse.Namespace, base: list[str], data, density: float) -> str:
+    """BET-style search of relative group sizes scored by short proxy trainings; the best as a flag value."""
+    groups = 8
+    popularity = np.bincount(data.train.indices, minlength=data.n_items).astype(np.float64)
+    total = budget(density, data.n_items, DIM)
+
+    def proxy(candidate: np.ndarray) -> float:
+        allocation = ",".join(f"{v:.4f}" for v in candidate / candidate.max())
+        flags = [*base, "--sparse.sparse-grad", "on", "--epochs", str(args.proxy_epochs), "--train.eval-every", str(args.proxy_epochs),
+                 "--sparse.policy", "size-bet", "--sparse.density", str(density), "--sparse.size-groups", str(groups),
+                 "--sparse.group-sizes", allocation]
+        score = run_training(flags, args.out / "runs" / "bet-proxy")["validation_recall@20"]
+        print(f"  bet proxy {allocation}: validation recall@20 {score:.4f}", flush=True)
+        return score
+
+    settings = BetSettings(initial_measured=args.bet_initial, search_rounds=args.bet_rounds)
+    result = bet_search(proxy, popularity, total, DIM, groups, np.random.default_rng(0), settings)
+    print(f"  bet best {result.best.round(3)} (proxy {result.best_score:.4f}, predictor rmse {result.predictor_rmse:.4f})", flush=True)
+    return ",".join(f"{v:.4f}" for v in result.best)
+
+
+if __name__ == "__main__":
+    main()

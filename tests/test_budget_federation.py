@@ -1,0 +1,116 @@
+"""Heterogeneous devices: each class holds a prefix of the item rows, the server checks uploads against that
+prefix and averages every entry over the devices that hold it; size policies run on the server table."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedsparse.aggregation import aggregate_row_updates
+from fedsparse.config import ConfigError, RunConfig
+from fedsparse.data import load_dataset
+from fedsparse.device import DeviceData, init_device, local_train
+from fedsparse.devices import device_width, width_mask
+from fedsparse.federation import Server, validate_update
+from fedsparse.inprocess import run_inprocess
+from fedsparse.results import read_jsonl
+from fedsparse.sizes import prefix_sizes
+from fedsparse.wire import RowUpdate, row_id_dtype
+from tests.test_engine import small_config
+
+N_ITEMS, DIM = 30, 8
+
+
+def config(**overrides):
+    flat = {"seed": 1, "model.dim": DIM, "sparse.policy": "static", "sparse.density": 0.5,
+            "budget.device-widths": "2,4,8", "budget.device-shares": "0.3,0.3,0.4", **overrides}
+    return RunConfig.from_flat(flat)
+
+
+def test_device_classes_follow_the_shares_and_agree_between_calls():
+    cfg = config()
+    widths = np.array([device_width(cfg, user) for user in range(3000)])
+    assert set(widths) == {2, 4, 8}
+    assert np.mean(widths == 8) == pytest.approx(0.4, abs=0.03)
+    assert all(device_width(cfg, user) == widths[user] for user in range(50))
+    assert device_width(RunConfig.from_flat({"model.dim": DIM}), 7) == DIM
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"budget.device-widths": "2,4,16"}, "budget.device-widths"),
+    ({"budget.device-shares": "0.5,0.5"}, "budget.device-shares"),
+    ({"budget.device-shares": "0.5,0.4,0.3"}, "budget.device-shares"),
+    ({"robust.aggregator": "median"}, "budget.device-widths"),
+])
+def test_bad_device_classes_are_refused_by_name(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        config(**overrides)
+
+
+def test_prefix_aligned_aggregation_averages_each_entry_over_its_holders():
+    mask = np.ones((N_ITEMS, DIM), dtype=bool)
+    rows = np.array([3, 5], dtype=row_id_dtype(N_ITEMS))
+    narrow = RowUpdate(rows, np.full(2 * 2, 1.0, dtype=np.float32), 1.0, width=2)
+    wide = RowUpdate(rows, np.full(2 * DIM, 4.0, dtype=np.float32), 3.0, width=DIM)
+    merged = aggregate_row_updates([narrow, wide], mask, weighted=True)
+    expected = np.full((2, DIM), 4.0)
+    expected[:, :2] = (1.0 * 1 + 4.0 * 3) / 4  # both devices hold the first two dimensions
+    np.testing.assert_allclose(merged.deltas, expected, rtol=1e-6)
+
+
+def test_server_checks_an_upload_against_the_device_prefix():
+    cfg = config()
+    server = Server.create(cfg, N_ITEMS)
+    rows = np.array([1, 4, 9], dtype=row_id_dtype(N_ITEMS))
+    narrow = int(width_mask(server.item_mask, 2)[rows.astype(np.int64)].sum())
+    arrays = {"row-ids": rows, "values": np.zeros(narrow, dtype=np.float32), "weight": np.ones(1, dtype=np.float32)}
+    update, reason = validate_update(server, arrays, width=2)
+    assert reason is None and update.width == 2
+    full = {**arrays, "values": np.zeros(int(server.item_mask[rows.astype(np.int64)].sum()), dtype=np.float32)}
+    update, reason = validate_update(server, full, width=2)
+    assert update is None and "values" in reason  # a narrow device cannot send full-width rows
+
+
+def test_a_narrow_device_downloads_trains_and_uploads_only_its_prefix():
+    cfg = config(**{"budget.device-widths": "3", "budget.device-shares": "1"})
+    server = Server.create(cfg, N_ITEMS)
+    data = DeviceData(0, np.array([2, 7, 11]), np.zeros(0, dtype=np.int64), np.array([20]), np.array([2, 7, 11, 20]))
+    state = init_device(cfg, 0)
+    assert state.user_row.shape == (3,) and state.user_mask.sum() == round(0.5 * 3)
+    download = server.download(None, 3)
+    assert download.table.dim == 3
+    result = local_train(cfg, state, data, download, N_ITEMS, 1, send_signal=True)
+    update, reason = validate_update(server, result.update.to_arrays(), width=3)
+    assert reason is None
+    assert int(update.signal_cols.max()) < 3
+    before = server.item_weight.copy()
+    server.apply_round(1, [update])
+    assert np.array_equal(server.item_weight[:, 3:], before[:, 3:])  # nobody held the trailing dimensions
+    assert not np.array_equal(server.item_weight[:, :3], before[:, :3])
+
+
+def test_heterogeneous_federation_reports_accuracy_and_memory_per_class(tmp_path):
+    cfg = small_config(tmp_path, **{"budget.device-widths": "2,4,8", "fed.fraction-train": 1.0, "fed.eval-fraction": 1.0,
+                                    "num-server-rounds": 2})
+    run_dir, summary = run_inprocess(cfg, load_dataset(cfg.data, cfg.seed))
+    last = read_jsonl(run_dir / "rounds.jsonl")[-1]
+    memory = [last[f"device_memory_bytes_mean_w{w}"] for w in (2, 4, 8)]
+    uploads = [last[f"upload_bytes_mean_w{w}"] for w in (2, 4, 8)]
+    assert memory == sorted(memory) and memory[0] < memory[-1]
+    assert uploads == sorted(uploads) and uploads[0] < uploads[-1]
+    assert all(f"recall@20_w{w}" in last for w in (2, 4, 8))
+    assert json.loads((run_dir / "summary.json").read_text())["recall@20"] == summary["recall@20"]
+
+
+@pytest.mark.parametrize("policy", ["size-frequency", "size-scall"])
+def test_size_policies_keep_the_server_item_table_prefix_form_with_the_exact_budget(tmp_path, policy):
+    cfg = small_config(tmp_path, **{"sparse.policy": policy, "budget.device-widths": "4,8"})
+    data = load_dataset(cfg.data, cfg.seed)
+    popularity = np.bincount(data.train.indices, minlength=data.n_items).astype(float)
+    server = Server.create(cfg, data.n_items, None, popularity)
+    sizes = prefix_sizes(server.item_mask)
+    assert sizes.sum() == round(0.25 * data.n_items * 8)
+    assert np.corrcoef(popularity, sizes)[0, 1] > 0.3
+    assert server.download(None, 4).table.format == "prefix"
+    run_dir, _ = run_inprocess(cfg, data)
+    assert (run_dir / "summary.json").exists()
