@@ -151,10 +151,13 @@ class FedConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Heterogeneous devices: each device's class fixes the embedding width it can hold (see fedsparse/devices.py)."""
+    """Heterogeneous devices (each class's embedding width, fedsparse/devices.py) and streaming arrivals of
+    items and users under a fixed item-table budget (fedsparse/streaming.py)."""
 
     device_widths: str = ""  # leading dimensions per device class, e.g. "16,32,64" ("" = every device holds model.dim)
     device_shares: str = ""  # share of devices in each class, e.g. "0.3,0.4,0.3" ("" = equal shares)
+    stream_stages: int = 0  # streaming: items and users arrive in this many stages over the rounds (0 = all present)
+    stream_start: float = 0.5  # streaming: share of items and users present at round 1
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -409,6 +412,10 @@ class RunConfig:
             raise ConfigError(f"budget.device-shares must be >= 0 and sum to 1, got {b.device_shares!r}")
         if widths and self.privacy.secure_aggregation:
             raise ConfigError("budget.device-widths cannot be combined with privacy.secure-aggregation (secure vectors are full width)")
+        if b.stream_stages < 0 or not 0 < b.stream_start <= 1:
+            raise ConfigError("budget.stream-stages must be >= 0 and budget.stream-start in (0, 1]")
+        if b.stream_stages and self.privacy.secure_aggregation:
+            raise ConfigError("budget.stream-stages cannot be combined with privacy.secure-aggregation")
         if widths and self.robust.aggregator != "mean":
             raise ConfigError("budget.device-widths needs robust.aggregator = mean (per-entry contributors differ by width)")
 

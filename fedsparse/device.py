@@ -27,6 +27,7 @@ from fedsparse.privacy.defences import padding_count, sample_padding
 from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
 from fedsparse.sparse_training import MaskedAdam, MaskedSGD
+from fedsparse.streaming import revealed_items
 from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 
 
@@ -117,15 +118,19 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
 
 
 def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
-    """Sorted int64 ids of the items this round may touch: all of them, or the public secure-aggregation subset."""
+    """Sorted int64 ids of the items this round may touch: all of them, the public secure-aggregation
+    subset, or (streaming) the items that exist by this round."""
     rows = secure_round_rows(config, n_items, server_round)
+    if rows is None:
+        rows = revealed_items(config, n_items, server_round)
     return np.arange(n_items, dtype=np.int64) if rows is None else rows
 
 
 def round_view(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceData:
     """The device's data as this round trains it: its training items inside ``round_items`` (all of them
-    unless secure aggregation covers a subset of rows); held-out and interacted items unchanged."""
-    if secure_round_rows(config, n_items, server_round) is None:
+    unless secure aggregation covers a subset of rows or items are still to arrive); held-out and
+    interacted items unchanged."""
+    if secure_round_rows(config, n_items, server_round) is None and revealed_items(config, n_items, server_round) is None:
         return data
     return replace(data, train=np.intersect1d(data.train, round_items(config, n_items, server_round)))
 

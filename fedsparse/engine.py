@@ -20,6 +20,7 @@ import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.devices import device_width
+from fedsparse.streaming import arrived_users
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
@@ -138,7 +139,7 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
     _, item_factor = multiplicative_init(population.n_users, population.n_items, rank, config.seed, mean)
     init_scale = np.asarray([np.sqrt(mean / rank)], dtype=np.float32)
     download = upload = 0
-    devices = [int(u) for u in population.users]
+    devices = [int(u) for u in arrived_users(config, population.users, 1)]  # streaming: the devices of round 1
     rows_of: dict[int, np.ndarray] = {}
     if config.fed.downlink == "rows":
         # Each device asks for the rows of its round-0 training set (positives hidden among negatives)
@@ -358,8 +359,10 @@ def train_round(
     """Sample, (query,) download, train, validate and aggregate one round; returns its record."""
     started = time.perf_counter()
     server = state.server
-    per_round = clients_per_round(config, population.users.size)
-    chosen = population.users[sample_clients(config.seed, server_round, population.users.size, per_round)]
+    arrived_items = server.reveal(server_round)
+    present = arrived_users(config, population.users, server_round)
+    per_round = clients_per_round(config, present.size)
+    chosen = present[sample_clients(config.seed, server_round, present.size, per_round)]
     rows: dict[int, np.ndarray | None] = {int(u): None for u in chosen}
     query_bytes: dict[int, int] = {}
     failed: list[int] = []
@@ -415,6 +418,8 @@ def train_round(
         "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
         "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
         **(_per_class(by_class) if config.budget.widths else {}),
+        **({"present_users": int(present.size), "arrived_items": arrived_items,
+            "item_active_entries": int(server.item_mask.sum())} if config.budget.stream_stages else {}),
     })
 
 
@@ -492,6 +497,7 @@ def evaluate_round(
     # The same devices at every evaluation (keyed by the seed alone): rounds are compared, and the best
     # round picked, on one fixed validation population, not on a new random subset each time.
     chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
+    chosen = np.intersect1d(chosen, arrived_users(config, population.users, server_round))  # streaming: joined devices only
     tables = {width: server.download(None, width).to_arrays() for width in sorted({device_width(config, int(u)) for u in chosen})}
     messages = {int(u): {**tables[device_width(config, int(u))], **device_init.arrays(int(u))} for u in chosen}
     replies = transport.send("evaluate", server_round, messages, {})

@@ -30,6 +30,7 @@ from fedsparse.rng import rng_for
 from fedsparse.robust import robust_aggregate, too_large
 from fedsparse.server_optim import ServerOptimizer
 from fedsparse.storage import CompactTable
+from fedsparse.streaming import grow_item_table, revealed_items
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 
 ITEM_TABLE = "item"
@@ -84,7 +85,13 @@ class Server:
         dim = config.model.dim
         policy = policy_for_rounds(config)
         rng = rng_for(config.seed, "server-init")
-        mask = policy.initial_mask(ITEM_TABLE, n_items, dim, rng, item_factor, item_popularity)
+        present = revealed_items(config, n_items, 1)
+        present = np.arange(n_items) if present is None else present  # streaming: only the items of round 1
+        mask = np.zeros((n_items, dim), dtype=bool)
+        mask[present] = policy.initial_mask(
+            ITEM_TABLE, present.size, dim, rng,
+            None if item_factor is None else item_factor[present], None if item_popularity is None else item_popularity[present],
+        )
         values = rng.normal(0.0, INIT_STD, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
             values = item_factor
@@ -119,6 +126,22 @@ class Server:
         if rows is None:
             return RowsDownload(None, CompactTable.encode(weight, mask, layout))
         return RowsDownload(wire_row_ids(rows, self.n_items), CompactTable.encode(weight[rows], mask[rows], layout))
+
+    def reveal(self, server_round: int) -> int:
+        """Streaming: give the items arriving at ``server_round`` their entries, the budget unchanged
+        (``grow_item_table``); returns how many arrived (0 without streaming)."""
+        before, now = revealed_items(self.config, self.n_items, server_round - 1), revealed_items(self.config, self.n_items, server_round)
+        if now is None or server_round <= 1:
+            return 0
+        new_rows = np.setdiff1d(now, before, assume_unique=True)
+        if new_rows.size:
+            old_mask = self.item_mask
+            self.item_weight, self.item_mask = grow_item_table(
+                self.item_weight, self.item_mask, before, new_rows, self.policy.storage_format == "prefix",
+                rng_for(self.config.seed, "stream-grow", server_round), INIT_STD,
+            )
+            self.optimizer.forget(np.flatnonzero((old_mask != self.item_mask).ravel()))
+        return int(new_rows.size)
 
     def is_explore_round(self, server_round: int) -> bool:
         """Whether the item mask is updated after this round's aggregation."""

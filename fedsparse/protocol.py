@@ -19,6 +19,7 @@ from fedsparse.devices import device_width
 from fedsparse.nmf import user_factor_update
 from fedsparse.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.rng import rng_for
+from fedsparse.streaming import revealed_items
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 
@@ -45,6 +46,9 @@ def handle_nmf(
     """
     item_factor = message["item-factor"].astype(np.float64)
     gram_q = message["gram"].astype(np.float64)
+    present = revealed_items(config, n_items, 1)
+    if present is not None:  # streaming: the NMF start knows only the items of round 1
+        data = replace(data, train=np.intersect1d(data.train, present))
     items = data.train
     if "row-ids" in message:  # only some rows of Q came: index the device's items within them
         rows = message["row-ids"]
@@ -105,6 +109,10 @@ def handle_train(
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
     if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
         return _empty_secure_reply(config, state, device, download, n_items, server_round, bool(settings["send-signal"]))
+    if data.train.size == 0 and config.budget.stream_stages:  # none of the device's items has arrived yet
+        empty = RowUpdate(wire_row_ids(np.zeros(0, dtype=np.int64), n_items), np.zeros(0, dtype=np.float32), 1.0)
+        metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
+        return DeviceReply(empty.to_arrays(), {**state, **device.to_arrays()}, metrics)
     result = local_train(
         config, device, data, download, n_items, server_round,
         bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),

@@ -14,7 +14,8 @@ from fedsparse.devices import device_width, width_mask
 from fedsparse.federation import Server, validate_update
 from fedsparse.inprocess import run_inprocess
 from fedsparse.results import read_jsonl
-from fedsparse.sizes import prefix_sizes
+from fedsparse.sizes import prefix_mask, prefix_sizes
+from fedsparse.streaming import grow_item_table, present_share, revealed_items
 from fedsparse.wire import RowUpdate, row_id_dtype
 from tests.test_engine import small_config
 
@@ -114,3 +115,51 @@ def test_size_policies_keep_the_server_item_table_prefix_form_with_the_exact_bud
     assert server.download(None, 4).table.format == "prefix"
     run_dir, _ = run_inprocess(cfg, data)
     assert (run_dir / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_arrivals_are_staged_over_the_rounds_and_only_grow():
+    cfg = RunConfig.from_flat({"num-server-rounds": 9, "budget.stream-stages": 2, "budget.stream-start": 0.4})
+    shares = [present_share(cfg, r) for r in range(1, 10)]
+    assert shares[0] == 0.4 and shares[-1] == 1.0 and shares == sorted(shares)
+    assert len(set(shares)) == 3
+    items = [revealed_items(cfg, 100, r) for r in (1, 5, 9)]
+    assert [i.size for i in items] == [40, 70, 100]
+    assert np.isin(items[0], items[1]).all() and np.isin(items[1], items[2]).all()
+    assert revealed_items(RunConfig(), 100, 1) is None
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_growing_the_item_table_keeps_the_budget_exactly(prefix):
+    rng = np.random.default_rng(0)
+    present, new_rows = np.arange(0, 60), np.arange(60, 90)
+    mask = np.zeros((100, DIM), dtype=bool)
+    if prefix:
+        mask[present] = prefix_mask(rng.integers(1, DIM + 1, 60), DIM)
+    else:
+        mask[present] = rng.random((60, DIM)) < 0.3
+    weight = (rng.normal(size=mask.shape) * mask).astype(np.float32)
+    grown_weight, grown_mask = grow_item_table(weight, mask, present, new_rows, prefix, rng, 0.1)
+    assert grown_mask.sum() == mask.sum()
+    assert grown_mask[new_rows].any(axis=1).all() and not grown_mask[90:].any()
+    assert (grown_weight[~grown_mask] == 0).all() and (grown_weight[new_rows][grown_mask[new_rows]] != 0).all()
+    if prefix:
+        prefix_sizes(grown_mask)  # still prefix-form
+    else:
+        kept = grown_mask[present] & mask[present]
+        assert np.array_equal(grown_weight[present][kept], weight[present][kept])
+
+
+@pytest.mark.parametrize("policy", ["sparserec", "size-frequency"])
+def test_a_streaming_federation_keeps_the_item_budget_while_items_and_users_arrive(tmp_path, policy):
+    cfg = small_config(tmp_path, **{"sparse.policy": policy, "num-server-rounds": 6, "budget.stream-stages": 2,
+                                    "fed.fraction-train": 1.0, "fed.explore-every": 2})
+    run_dir, _ = run_inprocess(cfg, load_dataset(cfg.data, cfg.seed))
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert {r["item_active_entries"] for r in rounds} == {rounds[0]["item_active_entries"]}
+    assert sum(r["arrived_items"] for r in rounds) > 0
+    present = [r["present_users"] for r in rounds]
+    assert present == sorted(present) and present[0] < present[-1]
+    assert all(r["dropped_updates"] == 0 and r["failed_clients"] == 0 for r in rounds)
