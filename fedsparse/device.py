@@ -342,6 +342,19 @@ def fit_user_row(
         item_weight.requires_grad_(True)
 
 
+def set_user_prefix(config: RunConfig, state: DeviceState, share: float, server_round: int, user_id: int) -> None:
+    """Make the user row active on its first round(share * width) dimensions (at least one), in place: entries
+    leaving the prefix are zeroed with their moments, entries joining it start at normal(0, amgp-grow-std)."""
+    width = state.user_row.size
+    prefix = np.arange(width) < max(1, round(share * width))
+    grown = prefix & ~state.user_mask
+    for array in (state.user_row, state.exp_avg, state.exp_avg_sq):
+        array[~prefix | grown] = 0.0
+    rng = rng_for(config.seed, "device-grow", server_round, user_id)
+    state.user_row[grown] = rng.normal(0.0, config.sparse.amgp_grow_std, int(grown.sum())).astype(np.float32)
+    state.user_mask = prefix
+
+
 def explore_user_row(
     config: RunConfig, state: DeviceState, signal: np.ndarray, fraction: float, server_round: int, user_id: int
 ) -> None:

@@ -167,7 +167,11 @@ class Server:
 
     def train_settings(self, server_round: int) -> dict[str, float | bool]:
         """The scalars every training device receives this round."""
-        return {"send-signal": self.wants_signal(server_round), "user-swap-fraction": self.user_swap_fraction(server_round)}
+        settings: dict[str, float | bool] = {
+            "send-signal": self.wants_signal(server_round), "user-swap-fraction": self.user_swap_fraction(server_round),
+        }
+        share = self.policy.user_prefix_share(server_round - 1, self.config.num_server_rounds)  # the phase this round trains in
+        return {**settings, "user-prefix-share": share} if share else settings
 
     def decode_reply(self, arrays: dict[str, np.ndarray], width: int | None = None) -> RowUpdate:
         """Validate one device's upload against the current item mask cut to the device's ``width``

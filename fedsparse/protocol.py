@@ -14,7 +14,10 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.faults import inject_fault
-from fedsparse.device import DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view, rows_needed
+from fedsparse.device import (
+    DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view,
+    rows_needed, set_user_prefix,
+)
 from fedsparse.devices import device_width
 from fedsparse.nmf import user_factor_update
 from fedsparse.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
@@ -113,6 +116,8 @@ def handle_train(
         empty = RowUpdate(wire_row_ids(np.zeros(0, dtype=np.int64), n_items), np.zeros(0, dtype=np.float32), 1.0)
         metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
         return DeviceReply(empty.to_arrays(), {**state, **device.to_arrays()}, metrics)
+    if settings.get("user-prefix-share"):  # a structured policy (AMGP) sets the user row's width this round
+        set_user_prefix(config, device, float(settings["user-prefix-share"]), server_round, data.user_id)
     result = local_train(
         config, device, data, download, n_items, server_round,
         bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),

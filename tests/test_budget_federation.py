@@ -12,8 +12,9 @@ from fedsparse.data import load_dataset
 from fedsparse.device import DeviceData, init_device, local_train
 from fedsparse.devices import device_width, width_mask
 from fedsparse.federation import Server, validate_update
-from fedsparse.inprocess import run_inprocess
-from fedsparse.results import read_jsonl
+from fedsparse.engine import run_federation
+from fedsparse.inprocess import InProcessTransport, population_of, run_inprocess
+from fedsparse.results import new_run_dir, read_jsonl
 from fedsparse.sizes import prefix_mask, prefix_sizes
 from fedsparse.streaming import grow_item_table, present_share, revealed_items
 from fedsparse.wire import RowUpdate, row_id_dtype
@@ -163,3 +164,17 @@ def test_a_streaming_federation_keeps_the_item_budget_while_items_and_users_arri
     present = [r["present_users"] for r in rounds]
     assert present == sorted(present) and present[0] < present[-1]
     assert all(r["dropped_updates"] == 0 and r["failed_clients"] == 0 for r in rounds)
+
+
+def test_amgp_federation_alternates_item_and_user_widths_and_ends_full_size(tmp_path):
+    cfg = small_config(tmp_path, **{"sparse.policy": "amgp", "num-server-rounds": 4, "fed.fraction-train": 1.0,
+                                    "sparse.amgp-cycles": 1, "sparse.amgp-sparse-share": 0.5})
+    data = load_dataset(cfg.data, cfg.seed)
+    transport = InProcessTransport(cfg, data)
+    run_dir = new_run_dir(cfg.results_dir, "amgp")
+    summary = run_federation(cfg, population_of(data), transport, run_dir, data.train)
+    assert summary["item_active_entries"] == data.n_items * 8  # full-size at the end
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [r.get("grown", 0) for r in rounds] == [0, data.n_items * 6, 0, 0]  # grown back after round 2
+    masks = [state["user-mask"] for state in transport.states.values()]
+    assert masks and all(mask.all() for mask in masks)  # user rows full-size too

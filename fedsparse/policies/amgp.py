@@ -64,6 +64,11 @@ class AmgpPolicy(MaskPolicy):
     def active_target(self, rows: int, dim: int, step: int, total_steps: int) -> int:
         return rows * (self.pruned_width(dim) if self.is_pruned(step, total_steps) else dim)
 
+    def user_prefix_share(self, step: int, total_steps: int) -> float:
+        """Devices follow the same structure on their user rows: ``density`` of their leading dimensions
+        in a pruned phase, all of them in a full one."""
+        return self.settings.density if self.is_pruned(step, total_steps) else 1.0
+
     def initial_mask(
         self,
         table: str,

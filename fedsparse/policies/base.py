@@ -112,6 +112,11 @@ class MaskPolicy:
         """Entries pruned and regrown at ``step``: ceil(rho_t * K)."""
         return int(math.ceil(self.swap_fraction(step, total_steps) * active))
 
+    def user_prefix_share(self, step: int, total_steps: int) -> float:
+        """Share of its leading dimensions every device's user row keeps after ``step``, for structured
+        policies (AMGP); 0 = the device manages its own user mask."""
+        return 0.0
+
     # --- masks ----------------------------------------------------------------------------------
 
     def initial_mask(
