@@ -338,6 +338,7 @@ def run_federation(
         "policy": state.server.policy.name,
         "density": state.server.policy.settings.density,
         "item_active_entries": int(state.server.item_mask.sum()),
+        "item_table_bytes": state.server.download(None).table.nbytes,  # the final masked table as the server stores it
         "best_validation_round": state.best.get("round"),
         **{f"best_{key}": value for key, value in state.best.items() if key.startswith("test_")},
         **{f"total_{key}": value for key, value in state.totals.items()},
