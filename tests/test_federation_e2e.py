@@ -80,9 +80,12 @@ def run_both_engines(tmp_path: Path, config: RunConfig) -> tuple[Path, Path]:
         {"fed.downlink": "full", "fed.clients-per-node": 3},
         {"fed.downlink": "rows", "faults.failure-rate": 0.4, "faults.failure-mode": "exception"},
         {"fed.downlink": "full", "faults.failure-rate": 0.4, "faults.failure-mode": "crash"},
+        {"fed.downlink": "rows", "sparse.policy": "size-frequency", "sparse.mask-init": "nmf", "budget.device-widths": "2,4,8",
+         "budget.stream-stages": 1,
+         "fed.fraction-train": 1.0, "fed.eval-fraction": 1.0},
     ],
     ids=["one-device-per-supernode-rows-downlink", "three-devices-per-supernode-full-downlink",
-         "injected-exceptions", "injected-crashes"],
+         "injected-exceptions", "injected-crashes", "device-classes-size-policy-streaming"],
 )
 def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
     config = small_config(tmp_path, **overrides)
@@ -95,6 +98,10 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
         for key in EXACT_KEYS:
             assert flower[key] == local[key], key
         for key in METRIC_KEYS:
+            assert flower[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
+        per_class = [key for key in local if key.endswith(("_w2", "_w4", "_w8"))]  # prefixes agree between the shells
+        assert bool(per_class) == bool(config.budget.widths)
+        for key in per_class:
             assert flower[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
     if config.faults.failure_rate:
         assert sum(record["failed_clients"] for record in flower_rounds) > 0
