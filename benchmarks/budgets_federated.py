@@ -6,7 +6,8 @@ downlink, 10 % of devices per round. sparserec and dsl hold ``--density`` of the
 policies hold the density whose prefix-stored table takes no more bytes (as in benchmarks/budgets.py);
 size-bet applies the allocation the central benchmark's BET search found (budgets_central.csv). The
 heterogeneous cells give devices widths 16/32/64 (shares 0.3/0.4/0.3) and report accuracy, upload and
-memory per class. Finished cells are kept in ``<out>/budgets_federated.csv`` and skipped on a rerun.
+memory per class; the streaming cells start with half the items and users and let the rest arrive in
+four stages under the item table's initial budget. Finished cells are kept in ``<out>/budgets_federated.csv`` and skipped on a rerun.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/budgets_federated.py --datasets ml-1m
 """
@@ -35,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 WIDTHS, SHARES = "16,32,64", "0.3,0.4,0.3"
 NMF_START = ["--sparse.mask-init", "nmf"]  # a size policy started from the NMF factor (its values, its own prefix mask)
 HETEROGENEOUS = ["--budget.device-widths", WIDTHS, "--budget.device-shares", SHARES]
+STREAMING = ["--budget.stream-stages", "4", "--budget.stream-start", "0.5"]  # half the items and users at round 1, the rest in 4 stages
 COLUMNS = [
     "dataset", "variant", "policy", "density", "rounds", "recall@20", "ndcg@20", "recall_vs_sparserec", "item_table_bytes",
     "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "seconds_per_round",
@@ -55,6 +57,8 @@ def cells(density: float, size_density: float, bet_allocation: str | None) -> li
         ("amgp", "amgp", size_density, []),
         ("sparserec 16/32/64", "sparserec", density, HETEROGENEOUS),
         ("size-frequency NMF start 16/32/64", "size-frequency", size_density, [*NMF_START, *HETEROGENEOUS]),
+        ("sparserec streaming", "sparserec", density, STREAMING),
+        ("size-frequency NMF start streaming", "size-frequency", size_density, [*NMF_START, *STREAMING]),
     ]
     if bet_allocation:
         planned.insert(5, ("size-bet", "size-bet", size_density, ["--sparse.group-sizes", bet_allocation]))
