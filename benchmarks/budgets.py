@@ -36,9 +36,12 @@ HERE = Path(__file__).resolve().parent
 ELEMENT_WISE = ["sparserec", "dsl"]
 SIZE_POLICIES = ["size-frequency", "size-scall", "size-ciess", "size-bet"]
 DIM = 64
+SUMMARY_KEYS = ("recall@20", "ndcg@20", "stored_model_bytes", "training_state_bytes", "peak_grad_bytes", "peak_rss_bytes",
+                "seconds_per_epoch", "mask_updates")
 COLUMNS = [
     "dataset", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "recall_vs_sparserec",
-    "stored_model_bytes", "bytes_vs_sparserec", "mean_training_bytes", "seconds_per_epoch", "mask_updates", "group_sizes",
+    "stored_model_bytes", "bytes_vs_sparserec", "mean_training_bytes", "training_state_bytes", "peak_grad_bytes", "peak_rss_bytes",
+    "seconds_per_epoch", "mask_updates", "group_sizes",
 ]
 
 
@@ -97,7 +100,7 @@ def main() -> None:
             flags = [*timed, "--sparse.policy", policy, "--sparse.density", str(density), *backward, *extra]
             summary = run_training(flags, args.out / "runs")
             table.add(key, {"dataset": dataset, "policy": policy, "density": density,
-                            **{k: summary.get(k) for k in ("recall@20", "ndcg@20", "stored_model_bytes", "seconds_per_epoch", "mask_updates")},
+                            **{k: summary.get(k) for k in SUMMARY_KEYS},
                             **(extra_row or {})})
             print(f"{key:40s} recall@20={summary['recall@20']:.4f} bytes={summary['stored_model_bytes']:,}", flush=True)
 

@@ -29,6 +29,7 @@ class BetSettings:
     generations: int = 30
     population: int = 32
     mutation_std: float = 0.3  # std of the log-normal factor a mutation multiplies one group's size by
+    spread: float = 0.5  # std of log relative sizes of random candidates (around the uniform allocation)
     ridge: float = 1e-2  # L2 penalty of the fitness predictor
 
 
@@ -95,15 +96,18 @@ def bet_search(
         seen.add(key(candidate))
         measured.append((candidate, float(evaluate(candidate))))
 
+    def random_candidates(count: int) -> np.ndarray:
+        return np.exp(rng.normal(0.0, settings.spread, (count, groups)))
+
     measure(np.ones(groups))
-    for _ in range(settings.initial_measured):
-        measure(rng.gamma(1.0, 1.0, groups) + 1e-3)
+    for candidate in random_candidates(settings.initial_measured):
+        measure(candidate)
     weights = np.zeros(2 * groups + 1)
     for _ in range(settings.search_rounds):
         candidates = np.stack([c for c, _ in measured])
         scores = np.array([s for _, s in measured])
         weights = fit_predictor(means_of(candidates), scores, settings.ridge)
-        population = np.vstack([candidates, rng.gamma(1.0, 1.0, (settings.population, groups)) + 1e-3])
+        population = np.vstack([candidates, random_candidates(settings.population)])
         for _ in range(settings.generations):
             parents = population[rng.integers(0, len(population), (settings.population, 2))]
             crossover = np.where(rng.random((settings.population, groups)) < 0.5, parents[:, 0], parents[:, 1])

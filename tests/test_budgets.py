@@ -160,6 +160,6 @@ def test_bet_search_finds_the_best_allocation_of_a_known_fitness_and_meets_the_b
 
     result = bet_search(fitness, popularity, total, dim, 4, rng, BetSettings(initial_measured=8, search_rounds=3))
     uniform = fitness(np.ones(4))
-    assert result.best_score > uniform / 4  # four times closer to the optimum than the uniform start
+    assert result.best_score > uniform / 3  # three times closer to the optimum than the uniform start
     assert fit_sizes(result.best[groups], total, dim).sum() == total
     assert len(result.measured) == 1 + 8 + 3 * 2
