@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_training  # noqa: E402
@@ -29,6 +30,7 @@ from fedsparse.bet import BetSettings, bet_search  # noqa: E402
 from fedsparse.config import DataConfig  # noqa: E402
 from fedsparse.data import load_dataset  # noqa: E402
 from fedsparse.masks import budget  # noqa: E402
+from fedsparse.results import save_figure  # noqa: E402
 from fedsparse.storage import compact_nbytes  # noqa: E402
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
@@ -36,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 ELEMENT_WISE = ["sparserec", "dsl"]
 SIZE_POLICIES = ["size-frequency", "size-scall", "size-ciess", "size-bet"]
 DIM = 64
+BET_GROUPS = 8  # popularity groups of the size-bet allocation (sparse.size-groups' default)
 SUMMARY_KEYS = ("recall@20", "ndcg@20", "stored_model_bytes", "training_state_bytes", "peak_grad_bytes", "peak_rss_bytes",
                 "seconds_per_epoch", "mask_updates")
 COLUMNS = [
@@ -78,11 +81,15 @@ def main() -> None:
     parser.add_argument("--bet-rounds", type=int, default=2)
     parser.add_argument("--amgp-sparse-share", type=float, default=0.75)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and the plot from the CSV")
     args = parser.parse_args()
+    table = ResultTable(args.out / "budgets_central.csv")
+    if args.report_only:
+        write_report(args, table, 0.0)
+        return
     if not os.environ.get("FEDSPARSE_DATA"):
         parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
 
-    table = ResultTable(args.out / "budgets_central.csv")
     started = time.perf_counter()
     for dataset in args.datasets.split(","):
         data = load_dataset(DataConfig(dataset=dataset), 0)
@@ -92,14 +99,15 @@ def main() -> None:
                 "--train.patience", "0"]
         timed = [*base, "--epochs", str(args.epochs), "--train.eval-every", str(args.eval_every)]
 
-        def cell(policy: str, density: float, extra: list[str], extra_row: dict | None = None) -> None:
-            key = f"{dataset}/{policy}/{density}"
+        def cell(policy: str, density: float, extra: list[str], extra_row: dict | None = None, label: str = "") -> None:
+            label = label or policy
+            key = f"{dataset}/{label}/{density}"
             if table.has(key):
                 return
             backward = [] if policy == "dense" else ["--sparse.sparse-grad", "on"]
             flags = [*timed, "--sparse.policy", policy, "--sparse.density", str(density), *backward, *extra]
             summary = run_training(flags, args.out / "runs")
-            table.add(key, {"dataset": dataset, "policy": policy, "density": density,
+            table.add(key, {"dataset": dataset, "policy": label, "density": density,
                             **{k: summary.get(k) for k in SUMMARY_KEYS},
                             **(extra_row or {})})
             print(f"{key:40s} recall@20={summary['recall@20']:.4f} bytes={summary['stored_model_bytes']:,}", flush=True)
@@ -109,6 +117,9 @@ def main() -> None:
             cell(policy, args.density, [])
         for policy in SIZE_POLICIES[:-1]:
             cell(policy, size_density, [])
+        uniform = ",".join(["1"] * BET_GROUPS)  # the search's first candidate: every row the same size
+        cell("size-bet", size_density, ["--sparse.size-groups", str(BET_GROUPS), "--sparse.group-sizes", uniform],
+             {"group_sizes": uniform}, label="size-uniform")
         if not table.has(f"{dataset}/size-bet/{size_density}"):
             allocation = search_allocation(args, base, data, size_density)
             cell("size-bet", size_density, ["--sparse.group-sizes", allocation], {"group_sizes": allocation})
@@ -116,27 +127,61 @@ def main() -> None:
         cell("amgp", size_density, ["--sparse.amgp-sparse-share", str(args.amgp_sparse_share)],
              {"mean_training_bytes": amgp_mean_bytes(rows, width, args.amgp_sparse_share)})
 
+    write_report(args, table, time.perf_counter() - started)
+
+
+def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
+    """The Markdown table (ratios against dense and sparserec of the same dataset) and the plot."""
     frame = table.frame()
     for dataset, group in frame.groupby("dataset"):
         reference = group.set_index("policy")
-        frame.loc[group.index, "recall_vs_dense"] = group["recall@20"] / reference.loc["dense", "recall@20"]
-        frame.loc[group.index, "recall_vs_sparserec"] = group["recall@20"] / reference.loc["sparserec", "recall@20"]
-        frame.loc[group.index, "bytes_vs_sparserec"] = group["stored_model_bytes"] / reference.loc["sparserec", "stored_model_bytes"]
+
+        def ratio(column: str, policy: str) -> pd.Series:
+            return group[column] / (reference.loc[policy, column] if policy in reference.index else float("nan"))
+
+        frame.loc[group.index, "recall_vs_dense"] = ratio("recall@20", "dense")
+        frame.loc[group.index, "recall_vs_sparserec"] = ratio("recall@20", "sparserec")
+        frame.loc[group.index, "bytes_vs_sparserec"] = ratio("stored_model_bytes", "sparserec")
     frame["mean_training_bytes"] = frame["mean_training_bytes"].fillna(frame["stored_model_bytes"])
     frame = frame.reindex(columns=COLUMNS)
     header = (
         f"Measured by `python benchmarks/budgets.py --datasets {args.datasets} --density {args.density} --epochs {args.epochs} "
         f"--eval-every {args.eval_every} --lr {args.lr} --proxy-epochs {args.proxy_epochs} --bet-initial {args.bet_initial} "
         f"--bet-rounds {args.bet_rounds}` on {machine_description()}; this invocation took "
-        f"{time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun). Size policies run at the density "
+        f"{seconds:.0f} s (cells already in the CSV were not rerun). Size policies run at the density "
         "whose prefix-stored tables fit in the element-wise tables' bytes; amgp's stored bytes are its final full-size table.\n\n"
     )
     write_markdown_table(args.out / "budgets_central.md", header, frame)
+    plot_budgets(frame, args.out / "budgets_central.png")
+
+
+def plot_budgets(frame, path: Path) -> None:
+    """Test Recall@20 against stored table bytes, one panel per dataset, one marker per policy (amgp also
+    at its mean bytes over training, hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted(frame["dataset"].unique())
+    figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for _, row in frame[frame["dataset"] == dataset].iterrows():
+            line = axis.scatter(row["stored_model_bytes"], row["recall@20"], label=row["policy"])
+            if row["policy"] == "amgp":
+                axis.scatter(row["mean_training_bytes"], row["recall@20"], facecolors="none", edgecolors=line.get_facecolor())
+        axis.set_xscale("log")
+        axis.set_title(dataset)
+        axis.set_xlabel("stored user + item tables (bytes)")
+        axis.set_ylabel("test Recall@20")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=110)
 
 
 def search_allocation(args: argparse.Namespace, base: list[str], data, density: float) -> str:
     """BET-style search of relative group sizes scored by short proxy trainings; the best as a flag value."""
-    groups = 8
+    groups = BET_GROUPS
     popularity = np.bincount(data.train.indices, minlength=data.n_items).astype(np.float64)
     total = budget(density, data.n_items, DIM)
 
