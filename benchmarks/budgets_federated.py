@@ -29,7 +29,7 @@ from federated import cell_row, run_simulation, save_curve  # noqa: E402
 
 from fedsparse.config import DataConfig  # noqa: E402
 from fedsparse.data import load_dataset  # noqa: E402
-from fedsparse.results import read_jsonl  # noqa: E402
+from fedsparse.results import read_jsonl, save_figure  # noqa: E402
 from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -87,10 +87,14 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--cells", default="", help="only these comma-separated variants (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and the plot from the CSVs")
     args = parser.parse_args()
+    table = ResultTable(args.out / "budgets_federated.csv")
+    if args.report_only:
+        write_report(args, table, 0.0)
+        return
     if not os.environ.get("FEDSPARSE_DATA"):
         parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
-    table = ResultTable(args.out / "budgets_federated.csv")
     central = ResultTable(args.out / "budgets_central.csv").frame()
     started = time.perf_counter()
     for dataset in args.datasets.split(","):
@@ -112,6 +116,11 @@ def main() -> None:
             table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density, "rounds": args.rounds, **row})
             print(f"{cell:55s} recall@20={row['recall@20']:.4f} table={row['item_table_bytes']:,} B "
                   f"upload={row['upload_bytes_mean']:.0f} B", flush=True)
+    write_report(args, table, time.perf_counter() - started)
+
+
+def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
+    """The Markdown table (ratios against sparserec of the same dataset) and the plot."""
     frame = table.frame()
     for dataset, group in frame.groupby("dataset"):
         reference = group[group["variant"] == "sparserec"].iloc[0]
@@ -120,11 +129,44 @@ def main() -> None:
     header = (
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
         f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every}` on "
-        f"{machine_description()}; this invocation took {time.perf_counter() - started:.0f} s (cells already in the CSV were "
+        f"{machine_description()}; this invocation took {seconds:.0f} s (cells already in the CSV were "
         "not rerun). Recall@20 is the test value at the best validation round; item_table_bytes is the server's final "
         "masked table as stored; the _w16/_w32/_w64 columns are per device class.\n\n"
     )
     write_markdown_table(args.out / "budgets_federated.md", header, frame.reindex(columns=COLUMNS))
+    plot_report(frame, ResultTable(args.out / "budgets_federated_curves.csv").frame(), args.out / "budgets_federated.png")
+
+
+def plot_report(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
+    """Left: test Recall@20 against rounds per cell. Right: per-class Recall@20 and device memory of the
+    heterogeneous cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rounds_axis, recall_axis, memory_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for _, row in frame.iterrows():
+        curve = curves[curves["cell"] == row["cell"]] if len(curves) else curves
+        if len(curve):
+            rounds_axis.plot(curve["round"], curve["recall@20"], marker=".", label=f"{row['dataset']} {row['variant']}")
+    rounds_axis.set_xlabel("round")
+    rounds_axis.set_ylabel("test Recall@20")
+    rounds_axis.legend(fontsize=6)
+    classes = WIDTHS.split(",")
+    hetero = frame[frame["variant"].str.contains("16/32/64")]
+    for offset, (_, row) in enumerate(hetero.iterrows()):
+        positions = [i + 0.8 * offset / max(1, len(hetero)) for i in range(len(classes))]
+        label = f"{row['dataset']} {row['variant']}"
+        recall_axis.bar(positions, [row[f"recall@20_w{w}"] for w in classes], width=0.8 / max(1, len(hetero)), label=label)
+        memory_axis.bar(positions, [row[f"device_memory_bytes_mean_w{w}"] / 1e3 for w in classes],
+                        width=0.8 / max(1, len(hetero)), label=label)
+    for axis, ylabel in ((recall_axis, "test Recall@20 (best validation round)"), (memory_axis, "device memory per round (KB)")):
+        axis.set_xticks(range(len(classes)), [f"{w} dims" for w in classes])
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=110)
 
 
 if __name__ == "__main__":
