@@ -20,11 +20,11 @@ import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.devices import device_width
-from fedsparse.streaming import arrived_users
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, atomic_write_text, provenance, read_jsonl, write_json
+from fedsparse.streaming import arrived_users
 from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
 
 log = logging.getLogger("fedsparse")
