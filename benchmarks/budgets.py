@@ -117,6 +117,8 @@ def main() -> None:
             cell(policy, args.density, [])
         for policy in SIZE_POLICIES[:-1]:
             cell(policy, size_density, [])
+        # SparseRec's NMF start under a size mask: separates the start from the mask's structure.
+        cell("size-frequency", size_density, ["--sparse.mask-init", "nmf"], label="size-frequency NMF start")
         uniform = ",".join(["1"] * BET_GROUPS)  # the search's first candidate: every row the same size
         cell("size-bet", size_density, ["--sparse.size-groups", str(BET_GROUPS), "--sparse.group-sizes", uniform],
              {"group_sizes": uniform}, label="size-uniform")
