@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 ELEMENT_WISE = ["sparserec", "dsl"]
 SIZE_POLICIES = ["size-frequency", "size-scall", "size-ciess", "size-bet"]
 DIM = 64
+ROW_ORDER = ["dense", "sparserec", "dsl", "size-frequency", "size-frequency NMF start", "size-scall", "size-ciess",
+             "size-uniform", "size-bet", "amgp"]
 BET_GROUPS = 8  # popularity groups of the size-bet allocation (sparse.size-groups' default)
 SUMMARY_KEYS = ("recall@20", "ndcg@20", "stored_model_bytes", "training_state_bytes", "peak_grad_bytes", "peak_rss_bytes",
                 "seconds_per_epoch", "mask_updates")
@@ -132,6 +134,13 @@ def main() -> None:
     write_report(args, table, time.perf_counter() - started)
 
 
+def _timing(seconds: float) -> str:
+    """How the table's cells came about, for its header."""
+    if seconds == 0.0:
+        return "the table was rewritten from the CSV (--report-only); its cells ran over earlier invocations, each skipping finished cells"
+    return f"this invocation took {seconds:.0f} s (cells already in the CSV were not rerun)"
+
+
 def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
     """The Markdown table (ratios against dense and sparserec of the same dataset) and the plot."""
     frame = table.frame()
@@ -145,12 +154,13 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
         frame.loc[group.index, "recall_vs_sparserec"] = ratio("recall@20", "sparserec")
         frame.loc[group.index, "bytes_vs_sparserec"] = ratio("stored_model_bytes", "sparserec")
     frame["mean_training_bytes"] = frame["mean_training_bytes"].fillna(frame["stored_model_bytes"])
+    order = {policy: rank for rank, policy in enumerate(ROW_ORDER)}
+    frame = frame.sort_values(["dataset", "policy"], key=lambda c: c.map(order) if c.name == "policy" else c, ascending=[False, True])
     frame = frame.reindex(columns=COLUMNS)
     header = (
         f"Measured by `python benchmarks/budgets.py --datasets {args.datasets} --density {args.density} --epochs {args.epochs} "
         f"--eval-every {args.eval_every} --lr {args.lr} --proxy-epochs {args.proxy_epochs} --bet-initial {args.bet_initial} "
-        f"--bet-rounds {args.bet_rounds}` on {machine_description()}; this invocation took "
-        f"{seconds:.0f} s (cells already in the CSV were not rerun). Size policies run at the density "
+        f"--bet-rounds {args.bet_rounds}` on {machine_description()}; {_timing(seconds)}. Size policies run at the density "
         "whose prefix-stored tables fit in the element-wise tables' bytes; amgp's stored bytes are its final full-size table.\n\n"
     )
     write_markdown_table(args.out / "budgets_central.md", header, frame)

@@ -119,6 +119,13 @@ def main() -> None:
     write_report(args, table, time.perf_counter() - started)
 
 
+def _timing(seconds: float) -> str:
+    """How the table's cells came about, for its header."""
+    if seconds == 0.0:
+        return "the table was rewritten from the CSV (--report-only); its cells ran over earlier invocations, each skipping finished cells"
+    return f"this invocation took {seconds:.0f} s (cells already in the CSV were not rerun)"
+
+
 def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
     """The Markdown table (ratios against sparserec of the same dataset) and the plot."""
     frame = table.frame()
@@ -129,8 +136,7 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
     header = (
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
         f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every}` on "
-        f"{machine_description()}; this invocation took {seconds:.0f} s (cells already in the CSV were "
-        "not rerun). Recall@20 is the test value at the best validation round; item_table_bytes is the server's final "
+        f"{machine_description()}; {_timing(seconds)}. Recall@20 is the test value at the best validation round; item_table_bytes is the server's final "
         "masked table as stored; the _w16/_w32/_w64 columns are per device class.\n\n"
     )
     write_markdown_table(args.out / "budgets_federated.md", header, frame.reindex(columns=COLUMNS))
