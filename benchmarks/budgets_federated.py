@@ -36,9 +36,12 @@ HERE = Path(__file__).resolve().parent
 WIDTHS, SHARES = "16,32,64", "0.3,0.4,0.3"
 NMF_START = ["--sparse.mask-init", "nmf"]  # a size policy started from the NMF factor (its values, its own prefix mask)
 HETEROGENEOUS = ["--budget.device-widths", WIDTHS, "--budget.device-shares", SHARES]
+RANDOM_STARTS = ("dsl", "size-frequency", "size-scall", "size-ciess", "amgp")
+RANDOM_START_TAG = "random-start lr"
+RANDOM_START_LR = ["--fed.item-lr", "5.0", "--fed.local-lr", "0.05"]  # later flags win over the defaults below
 STREAMING = ["--budget.stream-stages", "4", "--budget.stream-start", "0.5"]  # half the items and users at round 1, the rest in 4 stages
 COLUMNS = [
-    "dataset", "variant", "policy", "density", "rounds", "recall@20", "ndcg@20", "recall_vs_sparserec", "item_table_bytes",
+    "dataset", "variant", "policy", "density", "rounds", "item_lr", "local_lr", "recall@20", "ndcg@20", "recall_vs_sparserec", "item_table_bytes",
     "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "seconds_per_round",
     *[f"recall@20_w{w}" for w in WIDTHS.split(",")], *[f"device_memory_bytes_mean_w{w}" for w in WIDTHS.split(",")],
     *[f"upload_bytes_mean_w{w}" for w in WIDTHS.split(",")],
@@ -62,7 +65,15 @@ def cells(density: float, size_density: float, bet_allocation: str | None) -> li
     ]
     if bet_allocation:
         planned.insert(5, ("size-bet", "size-bet", size_density, ["--sparse.group-sizes", bet_allocation]))
+    # Randomly started tables again with the step sizes tuned for them (dense FedMF's in benchmarks/federated.py).
+    planned += [(f"{variant} {RANDOM_START_TAG}", policy, d, [*extra, *RANDOM_START_LR])
+                for variant, policy, d, extra in list(planned) if variant in RANDOM_STARTS]
     return planned
+
+
+def last_value(flags: list[str], name: str) -> str:
+    """The value the command line gives ``name`` (the last occurrence wins, as in argparse)."""
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1]
 
 
 def class_columns(run_dir: Path) -> dict[str, float]:
@@ -113,7 +124,9 @@ def main() -> None:
             run_dir = run_simulation(flags, args.out / "runs")
             row = {**cell_row(run_dir), **class_columns(run_dir)}
             save_curve(args.out / "budgets_federated_curves.csv", cell, run_dir)
-            table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density, "rounds": args.rounds, **row})
+            table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density, "rounds": args.rounds,
+                             "item_lr": float(last_value(flags, "--fed.item-lr")), "local_lr": float(last_value(flags, "--fed.local-lr")),
+                             **row})
             print(f"{cell:55s} recall@20={row['recall@20']:.4f} table={row['item_table_bytes']:,} B "
                   f"upload={row['upload_bytes_mean']:.0f} B", flush=True)
     write_report(args, table, time.perf_counter() - started)
@@ -129,6 +142,9 @@ def _timing(seconds: float) -> str:
 def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
     """The Markdown table (ratios against sparserec of the same dataset) and the plot."""
     frame = table.frame()
+    # The first cells were recorded before the step sizes had columns; they all ran with these.
+    frame["item_lr"] = frame.get("item_lr", pd.Series(index=frame.index, dtype=float)).fillna(1.0)
+    frame["local_lr"] = frame.get("local_lr", pd.Series(index=frame.index, dtype=float)).fillna(0.01)
     for dataset, group in frame.groupby("dataset"):
         reference = group[group["variant"] == "sparserec"].iloc[0]
         frame.loc[group.index, "recall_vs_sparserec"] = group["recall@20"] / reference["recall@20"]
