@@ -204,11 +204,17 @@ def search_allocation(args: argparse.Namespace, base: list[str], data, density: 
                  "--sparse.group-sizes", allocation]
         score = run_training(flags, args.out / "runs" / "bet-proxy")["validation_recall@20"]
         print(f"  bet proxy {allocation}: validation recall@20 {score:.4f}", flush=True)
+        measured.append({"dataset": data.name, "order": len(measured), "allocation": allocation, "proxy_recall@20": score})
         return score
+
+    measured: list[dict] = []
 
     settings = BetSettings(initial_measured=args.bet_initial, search_rounds=args.bet_rounds)
     result = bet_search(proxy, popularity, total, DIM, groups, np.random.default_rng(0), settings)
     print(f"  bet best {result.best.round(3)} (proxy {result.best_score:.4f}, predictor rmse {result.predictor_rmse:.4f})", flush=True)
+    for row in measured:
+        row["predictor_rmse"] = result.predictor_rmse
+    ResultTable(args.out / "budgets_bet_search.csv").set_rows(data.name, measured)
     return ",".join(f"{v:.4f}" for v in result.best)
 
 
