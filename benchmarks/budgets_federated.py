@@ -168,13 +168,14 @@ def plot_report(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (rounds_axis, recall_axis, memory_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
+    rounds_axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # up to 20 cells without a repeated colour
     for _, row in frame.iterrows():
         curve = curves[curves["cell"] == row["cell"]] if len(curves) else curves
         if len(curve):
             rounds_axis.plot(curve["round"], curve["recall@20"], marker=".", label=f"{row['dataset']} {row['variant']}")
     rounds_axis.set_xlabel("round")
     rounds_axis.set_ylabel("test Recall@20")
-    rounds_axis.legend(fontsize=6)
+    rounds_axis.legend(fontsize=5, ncol=2)
     classes = WIDTHS.split(",")
     hetero = frame[frame["variant"].str.contains("16/32/64")]
     for offset, (_, row) in enumerate(hetero.iterrows()):
