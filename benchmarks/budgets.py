@@ -134,7 +134,7 @@ def main() -> None:
     write_report(args, table, time.perf_counter() - started)
 
 
-def _timing(seconds: float) -> str:
+def timing_note(seconds: float) -> str:
     """How the table's cells came about, for its header."""
     if seconds == 0.0:
         return "the table was rewritten from the CSV (--report-only); its cells ran over earlier invocations, each skipping finished cells"
@@ -160,7 +160,7 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
     header = (
         f"Measured by `python benchmarks/budgets.py --datasets {args.datasets} --density {args.density} --epochs {args.epochs} "
         f"--eval-every {args.eval_every} --lr {args.lr} --proxy-epochs {args.proxy_epochs} --bet-initial {args.bet_initial} "
-        f"--bet-rounds {args.bet_rounds}` on {machine_description()}; {_timing(seconds)}. Size policies run at the density "
+        f"--bet-rounds {args.bet_rounds}` on {machine_description()}; {timing_note(seconds)}. Size policies run at the density "
         "whose prefix-stored tables fit in the element-wise tables' bytes; amgp's stored bytes are its final full-size table.\n\n"
     )
     write_markdown_table(args.out / "budgets_central.md", header, frame)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budgets import equal_bytes_density  # noqa: E402
+from budgets import equal_bytes_density, timing_note  # noqa: E402
 from federated import cell_row, run_simulation, save_curve  # noqa: E402
 
 from fedsparse.config import DataConfig  # noqa: E402
@@ -132,13 +132,6 @@ def main() -> None:
     write_report(args, table, time.perf_counter() - started)
 
 
-def _timing(seconds: float) -> str:
-    """How the table's cells came about, for its header."""
-    if seconds == 0.0:
-        return "the table was rewritten from the CSV (--report-only); its cells ran over earlier invocations, each skipping finished cells"
-    return f"this invocation took {seconds:.0f} s (cells already in the CSV were not rerun)"
-
-
 def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
     """The Markdown table (ratios against sparserec of the same dataset) and the plot."""
     frame = table.frame()
@@ -152,7 +145,7 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
     header = (
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
         f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every}` on "
-        f"{machine_description()}; {_timing(seconds)}. Recall@20 is the test value at the best validation round; item_table_bytes is the server's final "
+        f"{machine_description()}; {timing_note(seconds)}. Recall@20 is the test value at the best validation round; item_table_bytes is the server's final "
         "masked table as stored; the _w16/_w32/_w64 columns are per device class.\n\n"
     )
     write_markdown_table(args.out / "budgets_federated.md", header, frame.reindex(columns=COLUMNS))
