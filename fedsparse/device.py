@@ -130,9 +130,8 @@ def round_view(config: RunConfig, data: DeviceData, n_items: int, server_round: 
     """The device's data as this round trains it: its training items inside ``round_items`` (all of them
     unless secure aggregation covers a subset of rows or items are still to arrive); held-out and
     interacted items unchanged."""
-    if secure_round_rows(config, n_items, server_round) is None and revealed_items(config, n_items, server_round) is None:
-        return data
-    return replace(data, train=np.intersect1d(data.train, round_items(config, n_items, server_round)))
+    items = round_items(config, n_items, server_round)
+    return data if items.size == n_items else replace(data, train=np.intersect1d(data.train, items))
 
 
 def round_padding(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:

@@ -23,7 +23,3 @@ def device_width(config: RunConfig, user_id: int) -> int:
     choice = rng_for(config.seed, "device-class", user_id).choice(len(widths), p=np.asarray(config.budget.shares))
     return int(widths[choice])
 
-
-def width_mask(mask: np.ndarray, width: int) -> np.ndarray:
-    """``mask`` bool [rows, dim] with every column from ``width`` on cleared: the entries a width-``width`` device holds."""
-    return mask if width >= mask.shape[1] else mask & (np.arange(mask.shape[1]) < width)

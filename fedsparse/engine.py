@@ -499,8 +499,9 @@ def evaluate_round(
     # round picked, on one fixed validation population, not on a new random subset each time.
     chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
     chosen = np.intersect1d(chosen, arrived_users(config, population.users, server_round))  # streaming: joined devices only
-    tables = {width: server.download(None, width).to_arrays() for width in sorted({device_width(config, int(u)) for u in chosen})}
-    messages = {int(u): {**tables[device_width(config, int(u))], **device_init.arrays(int(u))} for u in chosen}
+    widths = {int(u): device_width(config, int(u)) for u in chosen}
+    tables = {width: server.download(None, width).to_arrays() for width in sorted(set(widths.values()))}
+    messages = {user: {**tables[width], **device_init.arrays(user)} for user, width in widths.items()}
     replies = transport.send("evaluate", server_round, messages, {})
     collected: dict[str, list[float]] = {}
     for user, reply in replies.items():
@@ -508,11 +509,10 @@ def evaluate_round(
         if problem:
             log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
             continue
-        width = device_width(config, user)
         for name, value in reply.metrics.items():
             collected.setdefault(name, []).append(value)
             if config.budget.widths and name in (f"test-recall@{config.eval.k}", f"test-ndcg@{config.eval.k}"):  # per device class
-                collected.setdefault(f"{name}_w{width}", []).append(value)
+                collected.setdefault(f"{name}_w{widths[user]}", []).append(value)
     metrics = {name.replace("-", "_", 1): float(np.mean(values)) for name, values in sorted(collected.items())}
     # The headline keys (recall@20, ndcg@20, ...) are the test metrics.
     metrics.update({name.removeprefix("test_"): value for name, value in list(metrics.items()) if name.startswith("test_")})

@@ -14,7 +14,6 @@ import scipy.sparse as sp
 
 from fedsparse.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.config import RunConfig
-from fedsparse.devices import width_mask
 from fedsparse.nmf import (
     apply_item_update,
     item_update_contribution,
@@ -178,9 +177,7 @@ class Server:
         (None = all dimensions); raises PayloadError."""
         dim = self.item_weight.shape[1]
         width = dim if width is None else width
-        update = RowUpdate.from_arrays(arrays, width_mask(self.item_mask, width))
-        if update.signal_cols is not None and update.signal_cols.size and int(update.signal_cols.max()) >= width:
-            raise PayloadError(f"'signal-cols' holds {int(update.signal_cols.max())}, outside the device's width {width}")
+        update = RowUpdate.from_arrays(arrays, self.item_mask[:, :width])  # a view: the device's columns only
         return update if width == dim else replace(update, width=width)
 
     def secure_rows(self) -> np.ndarray:

@@ -32,6 +32,12 @@ def prefix_sizes(mask: np.ndarray) -> np.ndarray:
     return sizes
 
 
+def width_mask(mask: np.ndarray, width: int) -> np.ndarray:
+    """``mask`` bool [rows, dim] with every column from ``width`` on cleared: the entries a device holding
+    only the leading ``width`` dimensions has."""
+    return mask if width >= mask.shape[1] else mask & (np.arange(mask.shape[1]) < width)
+
+
 def fit_sizes(raw: np.ndarray, total: int, dim: int, min_size: int = 1) -> np.ndarray:
     """Integer sizes in [min_size, dim] proportional to ``raw`` (float >= 0, [rows]) summing to exactly ``total``.
 

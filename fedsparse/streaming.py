@@ -9,6 +9,7 @@ Every function is pure in (config, round), so devices and server agree without m
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -34,11 +35,18 @@ def present_share(config: RunConfig, server_round: int) -> float:
     return start + (1.0 - start) * stages_reached(config, server_round) / stages
 
 
+@functools.lru_cache(maxsize=8)
+def _arrival_order(seed: int, purpose: str, size: int) -> np.ndarray:
+    """The seeded arrival order of ``size`` ids (read-only; every device and round asks for the same one)."""
+    order = rng_for(seed, "stream", purpose).permutation(size)
+    order.setflags(write=False)
+    return order
+
+
 def _present(config: RunConfig, ids: np.ndarray, server_round: int, purpose: str) -> np.ndarray:
     """The first ceil(share * n) of ``ids`` in a seeded order, sorted."""
     count = math.ceil(present_share(config, server_round) * ids.size)
-    order = rng_for(config.seed, "stream", purpose).permutation(ids.size)
-    return np.sort(ids[order[:count]])
+    return np.sort(ids[_arrival_order(config.seed, purpose, ids.size)[:count]])
 
 
 def revealed_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedsparse.sizes import width_mask
 from fedsparse.storage import CompactTable
 
 
@@ -140,8 +141,7 @@ class RowUpdate:
 
     def carried_mask(self, item_mask: np.ndarray) -> np.ndarray:
         """bool [r, dim]: the entries of the update's rows its values stand for (the mask cut to ``width``)."""
-        rows = item_mask[self.row_ids]
-        return rows if not self.width or self.width >= rows.shape[1] else rows & (np.arange(rows.shape[1]) < self.width)
+        return width_mask(item_mask[self.row_ids], self.width or item_mask.shape[1])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for the transport."""

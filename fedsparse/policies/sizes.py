@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedsparse.config import SparseConfig
 from fedsparse.masks import MaskUpdate, cosine_drop_fraction
 from fedsparse.policies.base import MaskPolicy
 from fedsparse.sizes import fit_sizes, frequency_sizes, popularity_groups, prefix_mask, prefix_sizes, sampled_sizes
@@ -105,7 +106,7 @@ class SizeCiessPolicy(SizePolicy):
     name = "size-ciess"
     defaults = {**SizePolicy.defaults, "drop_fraction": 1.0, "end_fraction": 0.8, "grow_score": "abs-sum"}
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: SparseConfig) -> None:
         super().__init__(config)
         self._continuous: dict[str, np.ndarray] = {}
 
