@@ -31,6 +31,7 @@ ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
 AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
+NEGATIVE_RULES = ("non-train", "unrated")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,7 @@ class TrainConfig:
     l2_reg: float = 1e-4  # L2 penalty on the embeddings in each batch, LightGCN's `decay` (not Adam weight decay)
     loss: str = "bpr"
     negatives: int = 1  # sampled negatives per positive
+    negatives_from: str = "non-train"  # negative and padding pool: non-train items (held-out ones too), or unrated (PFedRec's rule)
     patience: int = 5  # evaluations without validation improvement before stopping (0 = never stop)
     eval_every: int = 1  # epochs between validation evaluations
 
@@ -301,6 +303,7 @@ class RunConfig:
             (t.l2_reg >= 0, "train.l2-reg", "must be >= 0"),
             (t.loss in LOSSES, "train.loss", f"must be one of {LOSSES}"),
             (t.negatives >= 1, "train.negatives", "must be >= 1"),
+            (t.negatives_from in NEGATIVE_RULES, "train.negatives-from", f"must be one of {NEGATIVE_RULES}"),
             (t.patience >= 0, "train.patience", "must be >= 0"),
             (t.eval_every >= 1, "train.eval-every", "must be >= 1"),
             (s.policy in POLICY_NAMES, "sparse.policy", f"must be one of {POLICY_NAMES}"),

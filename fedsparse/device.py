@@ -35,7 +35,8 @@ from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_i
 class DeviceData:
     """A user's interactions, item ids int64 sorted: what the device trains on and is evaluated on.
 
-    ``interacted`` is every item of the user (train, validation, test): never sampled as a negative.
+    ``interacted`` is every item of the user (train, validation, test): never an evaluation negative, and
+    never a training negative or fake positive under ``train.negatives-from = unrated``.
     """
 
     user_id: int
@@ -52,6 +53,12 @@ class DeviceData:
 
         parts = [row(train), row(validation), row(test)]
         return cls(user, *parts, np.unique(np.concatenate(parts)))
+
+    def not_sampled(self, negatives_from: str) -> np.ndarray:
+        """Sorted items training may not draw as a negative or fake positive: the training items
+        (``non-train``: held-out items stay drawable, as the device cannot know them) or every rated item
+        (``unrated``)."""
+        return self.interacted if negatives_from == "unrated" else self.train
 
 
 @dataclass
@@ -136,26 +143,29 @@ def round_view(config: RunConfig, data: DeviceData, n_items: int, server_round: 
 
 def round_padding(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
     """Fake items int64 sorted [round(padding-ratio * n_train)] this round trains as positives (empty
-    without padding): never an item of the user, drawn from the device's own stream."""
+    without padding): never a training item of the user (never a rated one under ``train.negatives-from =
+    unrated``), drawn from the device's own stream."""
     count = padding_count(config.privacy.padding_ratio, data.train.size)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     rng = rng_for(config.seed, "device-padding", server_round, data.user_id)
-    return sample_padding(rng, round_items(config, n_items, server_round), data.interacted, count)
+    return sample_padding(rng, round_items(config, n_items, server_round), data.not_sampled(config.train.negatives_from), count)
 
 
 def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
     """Negatives int64 [local_epochs, n_train + n_fake, negatives] for this round, drawn from this device's
-    own stream among this round's items that are neither the user's nor this round's fake positives.
+    own stream among this round's items that are neither this round's fake positives nor excluded by
+    ``train.negatives-from`` (the user's training items, or every rated item).
 
     Known before training, so a device can ask for exactly the rows it will touch ("rows" downlink).
     """
     fakes = round_padding(config, data, n_items, server_round)
     rng = rng_for(config.seed, "device-negatives", server_round, data.user_id)
     shape = (config.fed.local_epochs, data.train.size + fakes.size, config.train.negatives)
-    candidates = np.setdiff1d(round_items(config, n_items, server_round), np.union1d(data.interacted, fakes), assume_unique=True)
+    excluded = np.union1d(data.not_sampled(config.train.negatives_from), fakes)
+    candidates = np.setdiff1d(round_items(config, n_items, server_round), excluded, assume_unique=True)
     if candidates.size == 0:
-        raise ValueError(f"user {data.user_id} interacted with every item: no negative exists")
+        raise ValueError(f"user {data.user_id}: no item is left to draw as a negative")
     return candidates[rng.integers(0, candidates.size, size=shape)]
 
 

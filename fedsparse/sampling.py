@@ -1,7 +1,8 @@
-"""Negative sampling for implicit feedback: uniform items a user never interacted with.
+"""Negative sampling for implicit feedback: uniform items outside a per-user excluded set.
 
-The excluded set is every interaction the user has (train, validation and test), so a training
-negative is never a positive and never the held-out item.
+Which set is excluded is ``train.negatives-from`` (``negative_exclusions``): the user's training items
+(default: a held-out item may be drawn, as in RecBole and LightGCN, since training cannot know it) or
+every rated item (``unrated``, PFedRec's rule).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class NegativeSampler:
             seen = self._interacted.indices[self._interacted.indptr[user] : self._interacted.indptr[user + 1]]
             negatives[row, col] = rng.choice(np.setdiff1d(np.arange(self.n_items), seen))
         return negatives
+
+
+def negative_exclusions(train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, negatives_from: str) -> sp.csr_matrix:
+    """The binary CSR [n_users, n_items] of items a user's training negatives avoid under ``negatives_from``."""
+    excluded = train if negatives_from == "non-train" else train + validation + test
+    return excluded.tocsr()
 
 
 def training_pairs(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:

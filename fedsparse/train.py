@@ -25,7 +25,7 @@ from fedsparse.losses import batch_loss
 from fedsparse.models import build_model
 from fedsparse.results import append_jsonl, new_run_dir, provenance, write_json
 from fedsparse.rng import rng_for, torch_generator_for
-from fedsparse.sampling import NegativeSampler, training_pairs
+from fedsparse.sampling import NegativeSampler, negative_exclusions, training_pairs
 from fedsparse.sparse_training import SparseEmbeddingTraining
 
 
@@ -98,7 +98,7 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     pair_users, pair_items = training_pairs(data.train)
     steps_per_epoch = -(-len(pair_users) // config.train.batch_size)
     training = SparseEmbeddingTraining(model, config, data.train, steps_per_epoch * config.train.epochs)
-    sampler = NegativeSampler((data.train + data.validation + data.test).tocsr())
+    sampler = NegativeSampler(negative_exclusions(data.train, data.validation, data.test, config.train.negatives_from))
     select_key = f"recall@{config.eval.k}"
     has_validation = data.validation.nnz > 0
 

@@ -99,15 +99,25 @@ def test_from_interactions_slices_one_user() -> None:
     assert empty.validation.size == 0 and empty.test.size == 0 and empty.validation.dtype == np.int64
 
 
-def test_round_negatives_never_interacted_and_shaped() -> None:
+def test_round_negatives_default_pool_is_every_non_training_item() -> None:
+    """``non-train`` (the default): a held-out item is a possible negative, a training item never is."""
     cfg = config(**{"fed.local-epochs": 3, "train.negatives": 50})
+    assert cfg.train.negatives_from == "non-train"
     data = user_data()
     negatives = round_negatives(cfg, data, N_ITEMS, server_round=1)
     assert negatives.shape == (3, data.train.size, 50) and negatives.dtype == np.int64
-    assert not np.isin(negatives, data.interacted).any()  # train, validation and test items alike
-    assert not np.isin(negatives, data.test).any()
+    assert not np.isin(negatives, data.train).any()
     assert negatives.min() >= 0 and negatives.max() < N_ITEMS
-    # with 750 draws over 32 candidates, every candidate shows up: the sampler is not stuck on a few
+    # with 750 draws over 35 candidates, every candidate shows up, validation and test items included
+    np.testing.assert_array_equal(np.unique(negatives), np.setdiff1d(np.arange(N_ITEMS), data.train))
+    assert np.isin(data.test, negatives).all() and np.isin(data.validation, negatives).all()
+
+
+def test_round_negatives_unrated_never_draws_a_held_out_item() -> None:
+    cfg = config(**{"fed.local-epochs": 3, "train.negatives": 50, "train.negatives-from": "unrated"})
+    data = user_data()
+    negatives = round_negatives(cfg, data, N_ITEMS, server_round=1)
+    assert not np.isin(negatives, data.interacted).any()  # train, validation and test items alike
     np.testing.assert_array_equal(np.unique(negatives), np.setdiff1d(np.arange(N_ITEMS), data.interacted))
 
 
@@ -125,8 +135,11 @@ def test_round_negatives_deterministic_and_keyed_by_round_and_user() -> None:
 def test_round_negatives_none_available() -> None:
     everything = np.arange(N_ITEMS, dtype=np.int64)
     data = DeviceData(0, everything[:10], everything[10:], np.empty(0, np.int64), everything)
-    with pytest.raises(ValueError, match="no negative"):
-        round_negatives(config(), data, N_ITEMS, 1)
+    with pytest.raises(ValueError, match="no item is left"):
+        round_negatives(config(**{"train.negatives-from": "unrated"}), data, N_ITEMS, 1)
+    only_training = DeviceData(0, everything, np.empty(0, np.int64), np.empty(0, np.int64), everything)
+    with pytest.raises(ValueError, match="no item is left"):
+        round_negatives(config(), only_training, N_ITEMS, 1)
 
 
 # ---------------------------------------------------------------- init
@@ -177,7 +190,6 @@ def test_update_covers_exactly_positives_and_negatives() -> None:
     expected_rows = np.union1d(data.train, round_negatives(cfg, data, N_ITEMS, 1).ravel())
     np.testing.assert_array_equal(update.row_ids, expected_rows)
     np.testing.assert_array_equal(update.row_ids, rows_needed(data, round_negatives(cfg, data, N_ITEMS, 1)))
-    assert not np.isin(update.row_ids, np.union1d(data.validation, data.test)).any()
     assert update.values.dtype == np.float32 and update.row_ids.dtype == np.uint16  # 40 items: 2-byte ids
     assert update.values.size == int(mask[update.row_ids].sum())  # K_r of the touched rows
     assert update.weight == float(data.train.size)
@@ -306,9 +318,9 @@ def test_input_state_is_not_mutated() -> None:
 
 
 def full_bpr(user_row: np.ndarray, items: np.ndarray, data: DeviceData) -> float:
-    """Mean softplus(s_neg - s_pos) over every (train positive, non-interacted item) pair."""
+    """Mean softplus(s_neg - s_pos) over every (train positive, non-training item) pair: the default pool."""
     scores = items.astype(np.float64) @ user_row.astype(np.float64)
-    negatives = np.setdiff1d(np.arange(N_ITEMS), data.interacted)
+    negatives = np.setdiff1d(np.arange(N_ITEMS), data.train)
     margins = scores[negatives][None, :] - scores[data.train][:, None]
     return float(np.logaddexp(0.0, margins).mean())
 

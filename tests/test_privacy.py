@@ -115,6 +115,19 @@ def test_padding_never_includes_an_item_of_the_user() -> None:
     assert [padding_count(ratio, 10) for ratio in (0.0, 0.25, 0.5, 1.0, 2.0)] == [0, 3, 5, 10, 20]
 
 
+@pytest.mark.parametrize("negatives_from", ["non-train", "unrated"])
+def test_round_padding_follows_the_negative_rule(negatives_from: str) -> None:
+    """Fake positives avoid the training items; held-out items only under ``unrated`` (training never
+    knows them under the default)."""
+    config = RunConfig.from_flat({"privacy.padding-ratio": 4.0, "train.negatives-from": negatives_from})
+    train, held_out = np.arange(0, 10, dtype=np.int64), np.arange(10, 20, dtype=np.int64)
+    data = DeviceData(3, train, held_out[:5], held_out[5:], np.arange(20, dtype=np.int64))
+    drawn = np.unique(np.concatenate([round_padding(config, data, 25, server_round) for server_round in range(1, 40)]))
+    assert not np.isin(drawn, train).any()
+    assert np.isin(held_out, drawn).all() == (negatives_from == "non-train")
+    assert np.isin(held_out, drawn).any() == (negatives_from == "non-train")
+
+
 @pytest.mark.parametrize("mechanism, spread", [("gaussian", np.std), ("laplace", lambda x: np.abs(x).mean())])
 def test_noise_scale_follows_the_noise_multiplier(mechanism, spread) -> None:
     rng = np.random.default_rng(4)

@@ -1,10 +1,10 @@
-"""Negative sampling never returns an interacted item and stays uniform over the rest."""
+"""Negative sampling never returns an excluded item and stays uniform over the rest."""
 
 import numpy as np
 import scipy.sparse as sp
 
 from fedsparse.data.interactions import binary_csr
-from fedsparse.sampling import NegativeSampler, training_pairs
+from fedsparse.sampling import NegativeSampler, negative_exclusions, training_pairs
 
 
 def random_interactions(rng, n_users=50, n_items=30, density=0.5):
@@ -55,3 +55,15 @@ def test_training_pairs_list_every_nonzero_in_csr_order():
     users, items = training_pairs(matrix)
     np.testing.assert_array_equal(users, [0, 2, 2])
     np.testing.assert_array_equal(items, [3, 0, 1])
+
+
+def test_negative_exclusions_follow_the_rule():
+    """The central trainer's pool: under the default a held-out item can be drawn, under ``unrated`` never."""
+    train = binary_csr(np.array([0, 0]), np.array([0, 1]), 1, 6)
+    validation = binary_csr(np.array([0]), np.array([2]), 1, 6)
+    test = binary_csr(np.array([0]), np.array([3]), 1, 6)
+    users = np.zeros(4000, dtype=np.int64)
+    default = NegativeSampler(negative_exclusions(train, validation, test, "non-train")).sample(np.random.default_rng(0), users, 1)
+    np.testing.assert_array_equal(np.unique(default), [2, 3, 4, 5])
+    unrated = NegativeSampler(negative_exclusions(train, validation, test, "unrated")).sample(np.random.default_rng(0), users, 1)
+    np.testing.assert_array_equal(np.unique(unrated), [4, 5])

@@ -1,6 +1,7 @@
 """Device-side defences of an upload: fake-item padding and local DP (clip, then noise).
 
-Padding (FedRec's hybrid filling) picks items the user never interacted with and trains them as if
+Padding (FedRec's hybrid filling) picks items outside the user's training set (outside everything it
+rated under ``train.negatives-from = unrated``) and trains them as if
 they were positives, so their deltas look like real ones; it costs bytes (more rows) and accuracy
 (wrong positives). Local DP clips the upload's values to a norm bound and adds Gaussian or Laplace
 noise; it hides values, not the row ids.
@@ -18,10 +19,10 @@ def padding_count(ratio: float, positives: int) -> int:
     return int(np.floor(ratio * positives + 0.5))
 
 
-def sample_padding(rng: np.random.Generator, pool: np.ndarray, interacted: np.ndarray, count: int) -> np.ndarray:
-    """``count`` distinct items of ``pool`` (sorted int64 ids), sorted, none of them in ``interacted``
-    (all of a user's items); every such item when fewer remain (a heavy user pads with all it can)."""
-    candidates = np.setdiff1d(pool, interacted)
+def sample_padding(rng: np.random.Generator, pool: np.ndarray, excluded: np.ndarray, count: int) -> np.ndarray:
+    """``count`` distinct items of ``pool`` (sorted int64 ids), sorted, none of them in ``excluded`` (the
+    user's items padding may not use); every such item when fewer remain (a heavy user pads with all it can)."""
+    candidates = np.setdiff1d(pool, excluded)
     return np.sort(rng.choice(candidates, size=min(count, candidates.size), replace=False))
 
 
