@@ -1,8 +1,12 @@
-"""Per-row merge of sparse item updates: each row is averaged over the devices that touched it.
+"""Per-row merge of sparse item updates (``fed.aggregation``).
 
-Plain FedAvg divides by every sampled client, which shrinks the update of a row that few users touch
-towards zero; a sparse upload says exactly who touched which row, so each row gets the weighted mean
-of its own contributors' deltas.
+- ``weighted`` / ``uniform``: each row is averaged over the devices that touched it (weighted by
+  examples, or one vote each). A sparse upload says exactly who touched which row, so a rarely touched
+  row is not shrunk towards zero as plain FedAvg would.
+- ``sum``: each row gets the sum of its contributors' deltas, FedMF's rule (the server subtracts every
+  device's item gradient): a round with every device equals one pass of full-batch SGD.
+- ``client-mean``: the sum divided by the number of devices in the round, an untouched row counting
+  as a zero delta: FedAvg of whole tables with equal weights, as PFedRec's server does.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ class AggregatedRows:
     signal: np.ndarray
 
 
-def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weighted: bool = True) -> AggregatedRows:
-    """Weighted per-entry mean of the updates' deltas (weights = each update's ``weight``, or 1 each).
+def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, mode: str = "weighted") -> AggregatedRows:
+    """Per-entry merge of the updates' deltas under ``mode`` (see the module docstring).
 
-    Every entry is averaged over the devices that hold it: all of a row's contributors, unless devices
-    of smaller widths (``RowUpdate.width``) hold only the row's leading dimensions (prefix-aligned
-    aggregation). ``item_mask`` bool [n_items, dim] is the mask the updates were encoded against.
+    The means run over the devices that hold an entry: all of a row's contributors (``weighted``,
+    ``uniform``) or all of the round's devices (``client-mean``), unless devices of smaller widths
+    (``RowUpdate.width``) hold only a row's leading dimensions (prefix-aligned aggregation).
+    ``item_mask`` bool [n_items, dim] is the mask the updates were encoded against.
     """
     dim = item_mask.shape[1]
     if not updates:
@@ -43,15 +48,21 @@ def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, weigh
     contributors = np.zeros(rows.size, dtype=np.int64)
     signal = np.zeros((rows.size, dim), dtype=np.float64)
     columns = np.arange(dim)
+    holders = np.zeros(dim, dtype=np.float64)  # devices of the round holding each column
     for update in updates:
         index = np.searchsorted(rows, update.row_ids)
-        weight = update.weight if weighted else 1.0
+        weight = update.weight if mode == "weighted" else 1.0
         sums[index] += weight * scatter_active(update.values, update.carried_mask(item_mask))
         weights[index] += weight * (columns < (update.width or dim))
+        holders += columns < (update.width or dim)
         contributors[index] += 1
         if update.signal_rows is not None:
             signal_index = np.searchsorted(rows, update.signal_rows)
             np.add.at(signal, (signal_index[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
+    if mode == "sum":
+        weights = (weights > 0).astype(np.float64)
+    elif mode == "client-mean":
+        weights = np.where(weights > 0, holders[None, :], 0.0)
     deltas = np.divide(sums, weights, out=np.zeros_like(sums), where=weights > 0).astype(np.float32)
     return AggregatedRows(rows, deltas, contributors, signal.astype(np.float32))
 
@@ -65,15 +76,19 @@ def sum_secure_uploads(uploads: list[SecureUpload]) -> SecureUpload:
     return SecureUpload(values.astype(np.float32), weights.astype(np.float32), signal)
 
 
-def aggregate_secure_sum(total: SecureUpload, item_mask: np.ndarray, covered: np.ndarray | None = None) -> AggregatedRows:
-    """Per-row means from a summed secure upload over the ``covered`` rows (sorted int64; None = all):
-    (sum of weight * delta) / (sum of weights) on every row some device touched; the same result as
+def aggregate_secure_sum(
+    total: SecureUpload, item_mask: np.ndarray, covered: np.ndarray | None = None, mode: str = "weighted", devices: int = 1
+) -> AggregatedRows:
+    """Per-row merges from a summed secure upload over the ``covered`` rows (sorted int64; None = all):
+    (sum of weight * delta) / (sum of weights) on every row some device touched for the means, the sum
+    itself for ``sum``, the sum over the round's ``devices`` for ``client-mean``; the same result as
     ``aggregate_row_updates`` up to float rounding. Contributors per row are not revealed (reported as 0)."""
     dim = item_mask.shape[1]
     covered = np.arange(item_mask.shape[0], dtype=np.int64) if covered is None else covered
     touched = np.flatnonzero(total.weights > 0)
     sums = np.zeros((covered.size, dim), dtype=np.float32)
     sums[item_mask[covered]] = total.values
-    deltas = (sums[touched].astype(np.float64) / total.weights[touched, None]).astype(np.float32)
+    divisor = {"sum": np.ones(touched.size), "client-mean": np.full(touched.size, float(max(1, devices)))}.get(mode, total.weights[touched])
+    deltas = (sums[touched].astype(np.float64) / divisor[:, None]).astype(np.float32)
     signal = total.signal[touched] if total.signal is not None else np.zeros((touched.size, dim), dtype=np.float32)
     return AggregatedRows(covered[touched], deltas, np.zeros(touched.size, dtype=np.int64), signal)

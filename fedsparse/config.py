@@ -22,7 +22,7 @@ NMF_SELECT = ("global", "per-row")
 NMF_VALUES = ("random", "factors")
 DOWNLINKS = ("full", "rows")
 NMF_INITS = ("federated", "central", "none")
-AGGREGATIONS = ("weighted", "uniform")
+AGGREGATIONS = ("weighted", "uniform", "sum", "client-mean")
 SERVER_OPTIMIZERS = ("avg", "adam")
 ITEM_OPTIMIZERS = ("adam", "sgd")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
@@ -138,7 +138,7 @@ class FedConfig:
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
     server_beta2: float = 0.999  # adam: decay of the second moment
     server_eps: float = 1e-8  # adam: added to the root of the second moment
-    aggregation: str = "weighted"  # per-row mean weighted by examples, or uniform over contributors
+    aggregation: str = "weighted"  # per-row mean over contributors (weighted by examples, or uniform), sum (FedMF), client-mean (FedAvg)
     downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal

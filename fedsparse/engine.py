@@ -479,7 +479,8 @@ def _secure_protocol_round(
         except PayloadError as exc:
             dropped = 1
             log.warning("round %d: dropped the secure sum: %s", server_round, exc)
-    applied = server.apply_secure_sum(server_round, checked) if checked is not None else server.apply_round(server_round, [])
+    summed = len(memory)  # devices whose upload joined the sum
+    applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
     no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0}  # a secure upload names no rows
     return _round_record(state, server_round, started, len(chosen), len(failed), dropped, list(received.values()),
                          list(sent.values()), memory, applied, no_rows)

@@ -192,18 +192,18 @@ class Server:
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
         """Aggregate the round's accepted updates (with the ``robust.*`` defences), apply them, explore
         the mask if scheduled."""
-        weighted = self.config.fed.aggregation == "weighted"
-        return self.apply_merged(server_round, robust_aggregate(updates, self.item_mask, self.config.robust, weighted))
+        return self.apply_merged(server_round, robust_aggregate(updates, self.item_mask, self.config.robust, self.config.fed.aggregation))
 
     def apply_secure_round(self, server_round: int, uploads: list[SecureUpload]) -> dict[str, Any]:
         """The same from secure uploads, of which only the sum is used (all SecAgg reveals)."""
         if not uploads:
             return self.apply_round(server_round, [])
-        return self.apply_secure_sum(server_round, sum_secure_uploads(uploads))
+        return self.apply_secure_sum(server_round, sum_secure_uploads(uploads), len(uploads))
 
-    def apply_secure_sum(self, server_round: int, total: SecureUpload) -> dict[str, Any]:
-        """Apply the round from the validated sum of its secure uploads (what a SecAgg+ protocol reveals)."""
-        return self.apply_merged(server_round, aggregate_secure_sum(total, self.item_mask, self.secure_rows()))
+    def apply_secure_sum(self, server_round: int, total: SecureUpload, devices: int) -> dict[str, Any]:
+        """Apply the round from the validated sum of its ``devices`` secure uploads (what a SecAgg+ protocol reveals)."""
+        merged = aggregate_secure_sum(total, self.item_mask, self.secure_rows(), self.config.fed.aggregation, devices)
+        return self.apply_merged(server_round, merged)
 
     def apply_merged(self, server_round: int, merged: AggregatedRows) -> dict[str, Any]:
         """Apply per-row mean deltas (and the regrowth signal), then explore the mask if scheduled."""

@@ -42,13 +42,13 @@ def too_large(update: RowUpdate, settings: RobustConfig) -> str | None:
     return None
 
 
-def robust_aggregate(updates: list[RowUpdate], item_mask: np.ndarray, settings: RobustConfig, weighted: bool) -> AggregatedRows:
-    """Per-row combination of the (clipped) updates: the weighted mean, or a coordinate-wise median or
+def robust_aggregate(updates: list[RowUpdate], item_mask: np.ndarray, settings: RobustConfig, mode: str) -> AggregatedRows:
+    """Per-row combination of the (clipped) updates: ``fed.aggregation`` ``mode``, or a coordinate-wise median or
     trimmed mean over each row's contributors (unweighted: a robust statistic must not let one device's
     claimed example count decide). Regrowth signals are summed as in the mean."""
     if settings.clip_norm > 0:
         updates = [clip_rows(update, item_mask, settings.clip_norm) for update in updates]
-    merged = aggregate_row_updates(updates, item_mask, weighted)
+    merged = aggregate_row_updates(updates, item_mask, mode)
     if settings.aggregator == "mean" or not updates:
         return merged
     per_row: list[list[np.ndarray]] = [[] for _ in range(merged.rows.size)]

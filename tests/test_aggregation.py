@@ -36,11 +36,11 @@ def random_updates(mask: np.ndarray, n_devices: int, seed: int, signal: bool = F
     return updates
 
 
-def slow_aggregate(updates: list[RowUpdate], mask: np.ndarray, weighted: bool) -> dict[int, tuple[np.ndarray, int, np.ndarray]]:
-    """row -> (weighted mean of dense deltas, contributors, summed signal), with plain python loops."""
+def slow_aggregate(updates: list[RowUpdate], mask: np.ndarray, mode: str) -> dict[int, tuple[np.ndarray, int, np.ndarray]]:
+    """row -> (merged dense delta under ``mode``, contributors, summed signal), with plain python loops."""
     merged: dict[int, list] = {}
     for update in updates:
-        weight = update.weight if weighted else 1.0
+        weight = update.weight if mode == "weighted" else 1.0
         offset = 0
         for row in update.row_ids.tolist():
             dense = np.zeros(DIM)
@@ -57,16 +57,17 @@ def slow_aggregate(updates: list[RowUpdate], mask: np.ndarray, weighted: bool) -
             for i, row in enumerate(update.signal_rows.tolist()):
                 for j in range(update.signal_cols.shape[1]):
                     merged[row][3][int(update.signal_cols[i, j])] += float(update.signal_values[i, j])
-    return {row: (total / weight_sum, count, signal) for row, (total, weight_sum, count, signal) in merged.items()}
+    divisor = {"sum": lambda weight_sum: 1.0, "client-mean": lambda weight_sum: len(updates)}.get(mode, lambda weight_sum: weight_sum)
+    return {row: (total / divisor(weight_sum), count, signal) for row, (total, weight_sum, count, signal) in merged.items()}
 
 
-@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "uniform"])
+@pytest.mark.parametrize("mode", ["weighted", "uniform", "sum", "client-mean"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_slow_reference(weighted: bool, seed: int) -> None:
+def test_matches_slow_reference(mode: str, seed: int) -> None:
     mask = random_mask(seed)
     updates = random_updates(mask, n_devices=6, seed=seed, signal=True)
-    fast = aggregate_row_updates(updates, mask, weighted=weighted)
-    slow = slow_aggregate(updates, mask, weighted)
+    fast = aggregate_row_updates(updates, mask, mode)
+    slow = slow_aggregate(updates, mask, mode)
     np.testing.assert_array_equal(fast.rows, sorted(slow))
     assert fast.rows.dtype == np.int64 and fast.contributors.dtype == np.int64
     assert fast.deltas.dtype == np.float32 and fast.signal.dtype == np.float32
@@ -83,10 +84,13 @@ def test_weighted_and_uniform_differ_on_shared_row() -> None:
     row = np.array([5], dtype=np.int64)
     a = RowUpdate(row, np.full(DIM, 1.0, np.float32), 1.0)
     b = RowUpdate(row, np.full(DIM, 4.0, np.float32), 3.0)
-    weighted = aggregate_row_updates([a, b], mask, weighted=True)
-    uniform = aggregate_row_updates([a, b], mask, weighted=False)
+    other = RowUpdate(np.array([6], dtype=np.int64), np.full(DIM, 2.0, np.float32), 1.0)
+    weighted = aggregate_row_updates([a, b], mask, "weighted")
+    uniform = aggregate_row_updates([a, b], mask, "uniform")
     np.testing.assert_allclose(weighted.deltas[0], (1 * 1 + 3 * 4) / 4)
     np.testing.assert_allclose(uniform.deltas[0], (1 + 4) / 2)
+    np.testing.assert_allclose(aggregate_row_updates([a, b, other], mask, "sum").deltas[0], 1 + 4)
+    np.testing.assert_allclose(aggregate_row_updates([a, b, other], mask, "client-mean").deltas[:, 0], [(1 + 4) / 3, 2 / 3])
     assert weighted.contributors.tolist() == [2]
 
 
@@ -94,7 +98,7 @@ def test_single_contributor_rows_pass_through_exactly() -> None:
     """A row only one device touched gets that device's delta unchanged (not shrunk by other devices)."""
     mask = random_mask(7)
     updates = random_updates(mask, n_devices=5, seed=7)
-    merged = aggregate_row_updates(updates, mask, weighted=True)
+    merged = aggregate_row_updates(updates, mask, "weighted")
     owners: dict[int, list[int]] = {}
     for d, update in enumerate(updates):
         for row in update.row_ids.tolist():
@@ -176,13 +180,13 @@ def test_update_with_no_rows_is_harmless() -> None:
 # ---------------------------------------------------------------- secure aggregation
 
 
-@pytest.mark.parametrize("weighted", [True, False])
-def test_secure_sum_gives_the_same_means_and_signal_as_sparse_aggregation(weighted: bool) -> None:
+@pytest.mark.parametrize("mode", ["weighted", "uniform", "sum", "client-mean"])
+def test_secure_sum_gives_the_same_means_and_signal_as_sparse_aggregation(mode: str) -> None:
     mask = random_mask(7)
     updates = random_updates(mask, 6, 7, signal=True)
-    secure = [SecureUpload.from_update(update, mask, update.weight if weighted else 1.0) for update in updates]
-    merged = aggregate_secure_sum(sum_secure_uploads(secure), mask)
-    reference = aggregate_row_updates(updates, mask, weighted=weighted)
+    secure = [SecureUpload.from_update(update, mask, update.weight if mode == "weighted" else 1.0) for update in updates]
+    merged = aggregate_secure_sum(sum_secure_uploads(secure), mask, None, mode, len(updates))
+    reference = aggregate_row_updates(updates, mask, mode)
     np.testing.assert_array_equal(merged.rows, reference.rows)
     np.testing.assert_allclose(merged.deltas, reference.deltas, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(merged.signal, reference.signal, rtol=1e-5, atol=1e-6)

@@ -54,7 +54,7 @@ def test_prefix_aligned_aggregation_averages_each_entry_over_its_holders():
     rows = np.array([3, 5], dtype=row_id_dtype(N_ITEMS))
     narrow = RowUpdate(rows, np.full(2 * 2, 1.0, dtype=np.float32), 1.0, width=2)
     wide = RowUpdate(rows, np.full(2 * DIM, 4.0, dtype=np.float32), 3.0, width=DIM)
-    merged = aggregate_row_updates([narrow, wide], mask, weighted=True)
+    merged = aggregate_row_updates([narrow, wide], mask, "weighted")
     expected = np.full((2, DIM), 4.0)
     expected[:, :2] = (1.0 * 1 + 4.0 * 3) / 4  # both devices hold the first two dimensions
     np.testing.assert_allclose(merged.deltas, expected, rtol=1e-6)

@@ -119,14 +119,14 @@ def test_download_decodes_to_server_rows(rows: np.ndarray | None) -> None:
 # ---------------------------------------------------------------- applying a round
 
 
-@pytest.mark.parametrize("aggregation", ["weighted", "uniform"])
+@pytest.mark.parametrize("aggregation", ["weighted", "uniform", "sum", "client-mean"])
 def test_apply_round_moves_only_touched_rows(aggregation: str) -> None:
     cfg = config(**{"fed.server-lr": 0.5, "fed.aggregation": aggregation})
     server = Server.create(cfg, N_ITEMS)
     assert not server.is_explore_round(1)
     before_weight, before_mask = server.item_weight.copy(), server.item_mask.copy()
     updates = random_updates(server.item_mask, n_devices=3, seed=2)
-    merged = aggregate_row_updates(updates, server.item_mask, weighted=aggregation == "weighted")
+    merged = aggregate_row_updates(updates, server.item_mask, aggregation)
     record = server.apply_round(1, updates)
     assert record == {"rows_updated": merged.rows.size}
     assert server.round == 1

@@ -49,7 +49,7 @@ def test_robust_aggregators_match_a_per_row_reference(aggregator):
     mask = random_mask(rng)
     updates = [random_update(rng, mask) for _ in range(7)]
     settings = RobustConfig(aggregator=aggregator, trim_fraction=0.2)
-    merged = robust_aggregate(updates, mask, settings, weighted=True)
+    merged = robust_aggregate(updates, mask, settings, "weighted")
     for row, delta in zip(merged.rows, merged.deltas):
         contributions = np.stack([dense_rows(u, mask)[list(u.row_ids).index(row)] for u in updates if row in u.row_ids])
         if aggregator == "median":
@@ -65,9 +65,9 @@ def test_the_median_ignores_one_huge_delta_that_the_mean_follows():
     mask = np.ones((N_ITEMS, DIM), dtype=bool)
     honest = [RowUpdate(wire_row_ids(np.array([4]), N_ITEMS), rng.normal(0, 0.1, DIM).astype(np.float32), 1.0) for _ in range(4)]
     attacker = RowUpdate(wire_row_ids(np.array([4]), N_ITEMS), np.full(DIM, 100.0, dtype=np.float32), 1.0)
-    mean = robust_aggregate([*honest, attacker], mask, RobustConfig(), weighted=True).deltas[0]
-    median = robust_aggregate([*honest, attacker], mask, RobustConfig(aggregator="median"), weighted=True).deltas[0]
-    clipped = robust_aggregate([*honest, attacker], mask, RobustConfig(clip_norm=0.5), weighted=True).deltas[0]
+    mean = robust_aggregate([*honest, attacker], mask, RobustConfig(), "weighted").deltas[0]
+    median = robust_aggregate([*honest, attacker], mask, RobustConfig(aggregator="median"), "weighted").deltas[0]
+    clipped = robust_aggregate([*honest, attacker], mask, RobustConfig(clip_norm=0.5), "weighted").deltas[0]
     assert mean.min() > 15 and np.abs(median).max() < 0.5 and np.linalg.norm(clipped) < 0.5
 
 
