@@ -25,6 +25,8 @@ NMF_INITS = ("federated", "central", "none")
 AGGREGATIONS = ("weighted", "uniform", "sum", "client-mean")
 SERVER_OPTIMIZERS = ("avg", "adam")
 ITEM_OPTIMIZERS = ("adam", "sgd")
+USER_OPTIMIZERS = ("adam", "sgd")
+EVALUATE_MODELS = ("global", "local")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
 FAULT_MODES = ("exception", "crash", "timeout")
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
@@ -130,9 +132,11 @@ class FedConfig:
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     user_steps: int = 0  # Adam steps on the user row alone (items frozen) before the joint steps, each round
-    local_lr: float = 0.01  # Adam learning rate on the device (the user row; the item rows too with item-optimizer = adam)
+    local_lr: float = 0.01  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
+    user_optimizer: str = "adam"  # the user row's optimiser: adam (moments kept on the device), or sgd on the mean loss (PFedRec's head)
     item_optimizer: str = "sgd"  # the device's optimiser of its item-row copy: sgd, or adam (fresh each round: sign steps)
     item_lr: float = 1.0  # sgd: step per training example on the item rows (gradient of the summed loss); ml-1m study
+    item_init_std: float = 0.1  # std of the normal values the server's item rows start from without an NMF start
     server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
     server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
@@ -147,6 +151,7 @@ class FedConfig:
     nmf_rounds: int = 3  # federated multiplicative-update rounds before training (every device takes part)
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
     eval_fraction: float = 0.2  # share of devices evaluated
+    evaluate_model: str = "global"  # global: rank with the server's table; local: each trained device ranks with its own copy after training (PFedRec)
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
 
@@ -341,6 +346,11 @@ class RunConfig:
             (f.server_optimizer in SERVER_OPTIMIZERS, "fed.server-optimizer", f"must be one of {SERVER_OPTIMIZERS}"),
             (f.item_optimizer in ITEM_OPTIMIZERS, "fed.item-optimizer", f"must be one of {ITEM_OPTIMIZERS}"),
             (f.item_lr > 0, "fed.item-lr", "must be > 0"),
+            (f.user_optimizer in USER_OPTIMIZERS, "fed.user-optimizer", f"must be one of {USER_OPTIMIZERS}"),
+            (f.item_init_std > 0, "fed.item-init-std", "must be > 0"),
+            (f.evaluate_model in EVALUATE_MODELS, "fed.evaluate-model", f"must be one of {EVALUATE_MODELS}"),
+            (f.evaluate_model == "global" or f.downlink == "full", "fed.evaluate-model",
+             "local needs fed.downlink = full (a device ranks every item with its own copy of the table)"),
             (0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fed.server-beta1/2", "must be in [0, 1)"),
             (f.server_eps > 0, "fed.server-eps", "must be > 0"),
             (f.aggregation in AGGREGATIONS, "fed.aggregation", f"must be one of {AGGREGATIONS}"),

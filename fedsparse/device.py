@@ -201,6 +201,7 @@ class LocalResult:
     update: RowUpdate
     loss: float
     memory_bytes: int  # bytes the device held during the round (state, download, working copies)
+    evaluation: dict[str, float] | None = None  # ``validation-``/``test-`` metrics of the personal model, when asked
 
 
 def local_train(
@@ -212,15 +213,19 @@ def local_train(
     server_round: int,
     send_signal: bool,
     user_swap_fraction: float = 0.0,
+    evaluate: bool = False,
 ) -> LocalResult:
     """Train MF-BPR on the device's positives against the downloaded item rows; upload the item deltas.
+
+    With ``evaluate`` (``fed.evaluate-model = local``) the device also ranks with its personal model right
+    after training: its user row and the downloaded table with its own trained rows (PFedRec's evaluation).
 
     With ``user_swap_fraction`` > 0 the device also explores its own user-row mask after training:
     ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown by
     |accumulated gradient| (or at random for random-growth policies), starting at zero.
 
-    The user row follows ``MaskedAdam`` (masked entries stay zero; its optimiser state persists); the
-    item rows follow a fresh ``MaskedAdam`` each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD``
+    The user row follows ``MaskedAdam`` (masked entries stay zero; its optimiser state persists) or, with
+    ``fed.user-optimizer = sgd``, ``MaskedSGD`` on the mean loss; the item rows follow a fresh ``MaskedAdam`` each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD``
     on the summed loss (updates proportional to the gradient, as in MF-SGD and FedAvg). Gradients of inactive item entries
     are accumulated (signed sum) and, when ``send_signal``, each touched row reports its ``signal-topk``
     largest |sums| among inactive entries.
@@ -243,10 +248,7 @@ def local_train(
         model.item_embedding.weight.copy_(torch.from_numpy(item_start))
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     item_mask = torch.from_numpy(all_mask[local])
-    user_opt = MaskedAdam(model.user_embedding.weight.data, user_mask, config.fed.local_lr)
-    user_opt.exp_avg.copy_(torch.from_numpy(state.exp_avg).view(1, -1))
-    user_opt.exp_avg_sq.copy_(torch.from_numpy(state.exp_avg_sq).view(1, -1))
-    user_opt.steps = state.steps
+    user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
     item_weight = model.item_embedding.weight.data
     if config.fed.item_optimizer == "sgd":
         item_opt: MaskedAdam | MaskedSGD = MaskedSGD(item_weight, item_mask, config.fed.item_lr)
@@ -283,18 +285,35 @@ def local_train(
         row_ids, delta, float(trained.size),
         *(_top_signal(row_ids, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
     )
-    new_state = DeviceState(
-        user.numpy().astype(np.float32),
-        state.user_mask.copy(),
-        user_opt.exp_avg.view(-1).numpy().copy(),
-        user_opt.exp_avg_sq.view(-1).numpy().copy(),
-        user_opt.steps,
-    )
+    if isinstance(user_opt, MaskedAdam):
+        moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
+    else:
+        moments = (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
+    new_state = DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments)
     if user_swap_fraction > 0:
         explore_user_row(config, new_state, user_signal.view(-1).numpy(), user_swap_fraction, server_round, data.user_id)
     working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
     memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
-    return LocalResult(new_state, update, total_loss / steps, int(memory))
+    evaluation = None
+    if evaluate:
+        if download.row_ids is not None:
+            raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
+        personal = all_weights.copy()
+        personal[touched] = items.numpy()
+        evaluation = evaluate_splits(config, new_state, data, personal)
+    return LocalResult(new_state, update, total_loss / steps, int(memory), evaluation)
+
+
+def _user_optimizer(config: RunConfig, user_weight: torch.Tensor, user_mask: torch.Tensor, state: DeviceState) -> MaskedAdam | MaskedSGD:
+    """The user row's optimiser for this round (``fed.user-optimizer``): Adam resumed from the device's
+    stored moments, or SGD on the mean loss (no state)."""
+    if config.fed.user_optimizer == "sgd":
+        return MaskedSGD(user_weight, user_mask, config.fed.local_lr)
+    user_opt = MaskedAdam(user_weight, user_mask, config.fed.local_lr)
+    user_opt.exp_avg.copy_(torch.from_numpy(state.exp_avg).view(1, -1))
+    user_opt.exp_avg_sq.copy_(torch.from_numpy(state.exp_avg_sq).view(1, -1))
+    user_opt.steps = state.steps
+    return user_opt
 
 
 def _padded_step_backward(
@@ -327,13 +346,13 @@ def _padded_step_backward(
 def fit_user_row(
     config: RunConfig,
     model: MatrixFactorization,
-    user_opt: MaskedAdam,
+    user_opt: MaskedAdam | MaskedSGD,
     user_mask: torch.Tensor,
     users: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor,
 ) -> None:
-    """``fed.user-steps`` Adam steps on the user row alone against the downloaded item rows (frozen), before
+    """``fed.user-steps`` steps on the user row alone against the downloaded item rows (frozen), before
     the joint steps: the private row catches up with a table that moved since the device last took part
     (FedRecon's local reconstruction, kept across rounds here). Costs O(n * dim) per step, no item gradient.
     """
@@ -395,6 +414,17 @@ def _top_signal(
     order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]
     values = np.take_along_axis(signal, order, axis=1).astype(np.float32)
     return rows.copy(), order.astype(signal_col_dtype(signal.shape[1])), values
+
+
+def evaluate_splits(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> dict[str, float]:
+    """``evaluate_device`` on validation and test, keys prefixed ``validation-`` / ``test-`` (splits the
+    user has no held-out item in are left out)."""
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        result = evaluate_device(config, state, data, item_weights, split)
+        if result is not None:
+            metrics.update({f"{split}-{name}": value for name, value in result.items()})
+    return metrics
 
 
 def evaluate_device(

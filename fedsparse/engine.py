@@ -20,7 +20,9 @@ import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.devices import device_width
-from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
+from fedsparse.federation import (
+    Server, central_nmf_item_factor, clients_per_round, is_evaluation_round, sample_clients, validate_update,
+)
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, atomic_write_text, provenance, read_jsonl, write_json
@@ -318,9 +320,13 @@ def run_federation(
             **provenance(), **(metadata or {})})
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
         record = train_round(config, population, transport, state, server_round, observer)
-        if server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds:
-            metrics, eval_bytes = evaluate_round(config, state.server, population, transport, state.device_init, server_round)
-            state.totals["eval_download_bytes"] += eval_bytes
+        personal = record.pop("personal_metrics")
+        if is_evaluation_round(config, server_round):
+            if config.fed.evaluate_model == "local":  # the trained devices ranked with their own models
+                metrics = personal
+            else:
+                metrics, eval_bytes = evaluate_round(config, state.server, population, transport, state.device_init, server_round)
+                state.totals["eval_download_bytes"] += eval_bytes
             record.update(metrics)
             state.last_metrics = metrics
             key = f"validation_recall@{config.eval.k}"
@@ -388,6 +394,7 @@ def train_round(
     replies = transport.send("train", server_round, messages, server.train_settings(server_round))
     updates, uploads, downloads, memory, dropped = [], [], [], [], 0
     by_class: dict[int, list[tuple[int, float]]] = {}  # device width -> (upload bytes, memory bytes) of accepted devices
+    personal: dict[int, Mapping[str, float]] = {}  # fed.evaluate-model = local: each replying device's own metrics
     for user in sorted(messages):
         downloads.append(_bytes(messages[user]))
         reply = replies.get(user, "no reply")
@@ -398,6 +405,8 @@ def train_round(
         uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
         update, reason = validate_update(server, reply.arrays, secure, widths[user])
         reason = reason or metrics_problem(reply.metrics)
+        if not metrics_problem(reply.metrics):
+            personal[user] = {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
         if reason:
             dropped += 1
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
@@ -416,6 +425,7 @@ def train_round(
     floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
     dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
     return _round_record(state, server_round, started, len(chosen), len(failed), dropped, uploads, downloads, memory, applied, {
+        "personal_metrics": mean_device_metrics(config, personal, widths) if personal else {},
         "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
         "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
         **(_per_class(by_class) if config.budget.widths else {}),
@@ -481,7 +491,10 @@ def _secure_protocol_round(
             log.warning("round %d: dropped the secure sum: %s", server_round, exc)
     summed = len(memory)  # devices whose upload joined the sum
     applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
-    no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0}  # a secure upload names no rows
+    personal = {user: {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
+                for user, reply in replies.items() if isinstance(reply, Reply) and not metrics_problem(reply.metrics)}
+    no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0,  # a secure upload names no rows
+               "personal_metrics": mean_device_metrics(config, personal, {}) if personal else {}}
     return _round_record(state, server_round, started, len(chosen), len(failed), dropped, list(received.values()),
                          list(sent.values()), memory, applied, no_rows)
 
@@ -504,13 +517,22 @@ def evaluate_round(
     tables = {width: server.download(None, width).to_arrays() for width in sorted(set(widths.values()))}
     messages = {user: {**tables[width], **device_init.arrays(user)} for user, width in widths.items()}
     replies = transport.send("evaluate", server_round, messages, {})
-    collected: dict[str, list[float]] = {}
+    evaluated: dict[int, Mapping[str, float]] = {}
     for user, reply in replies.items():
         problem = reply if isinstance(reply, str) else metrics_problem(reply.metrics)
         if problem:
             log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
             continue
-        for name, value in reply.metrics.items():
+        evaluated[user] = reply.metrics
+    return mean_device_metrics(config, evaluated, widths), sum(_bytes(message) for message in messages.values())
+
+
+def mean_device_metrics(config: RunConfig, per_device: Mapping[int, Mapping[str, float]], widths: Mapping[int, int]) -> dict[str, float]:
+    """Per-user means of every metric the devices reported (``validation-x`` -> ``validation_x``), per
+    device class when there are several, with the test metrics also under their bare names (recall@20, ...)."""
+    collected: dict[str, list[float]] = {}
+    for user, reported in per_device.items():
+        for name, value in reported.items():
             collected.setdefault(name, []).append(value)
             if config.budget.widths and name in (f"test-recall@{config.eval.k}", f"test-ndcg@{config.eval.k}"):  # per device class
                 collected.setdefault(f"{name}_w{widths[user]}", []).append(value)
@@ -518,4 +540,4 @@ def evaluate_round(
     # The headline keys (recall@20, ndcg@20, ...) are the test metrics.
     metrics.update({name.removeprefix("test_"): value for name, value in list(metrics.items()) if name.startswith("test_")})
     metrics["evaluated_clients"] = len(collected.get(f"test-recall@{config.eval.k}", []))
-    return metrics, sum(_bytes(message) for message in messages.values())
+    return metrics

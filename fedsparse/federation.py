@@ -33,7 +33,6 @@ from fedsparse.streaming import grow_item_table, revealed_items
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 
 ITEM_TABLE = "item"
-INIT_STD = 0.1  # normal init of item rows, as the centralised MF
 
 
 def sample_clients(seed: int, server_round: int, n_clients: int, count: int, purpose: str = "train") -> np.ndarray:
@@ -50,6 +49,11 @@ def clients_per_round(config: RunConfig, n_clients: int) -> int:
     if config.fed.clients_per_round:
         return min(config.fed.clients_per_round, n_clients)
     return max(1, math.ceil(config.fed.fraction_train * n_clients))
+
+
+def is_evaluation_round(config: RunConfig, server_round: int) -> bool:
+    """Whether ``server_round`` is evaluated: every ``fed.eval-every`` rounds and the last one."""
+    return server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds
 
 
 def policy_for_rounds(config: RunConfig) -> MaskPolicy:
@@ -79,7 +83,7 @@ class Server:
         """A fresh server: item rows masked by the policy's initial mask (NMF scores, or item popularity for
         the size policies, if given).
 
-        Values are normal(0, 0.1), or the NMF item factor itself when ``sparse.nmf-values = factors``.
+        Values are normal(0, ``fed.item-init-std``), or the NMF item factor itself when ``sparse.nmf-values = factors``.
         """
         dim = config.model.dim
         policy = policy_for_rounds(config)
@@ -91,7 +95,7 @@ class Server:
             ITEM_TABLE, present.size, dim, rng,
             None if item_factor is None else item_factor[present], None if item_popularity is None else item_popularity[present],
         )
-        values = rng.normal(0.0, INIT_STD, (n_items, dim))
+        values = rng.normal(0.0, config.fed.item_init_std, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
             values = item_factor
         return cls(config, (values * mask).astype(np.float32), mask, policy)
@@ -137,7 +141,7 @@ class Server:
             old_mask = self.item_mask
             self.item_weight, self.item_mask = grow_item_table(
                 self.item_weight, self.item_mask, before, new_rows, self.policy.storage_format == "prefix",
-                rng_for(self.config.seed, "stream-grow", server_round), INIT_STD,
+                rng_for(self.config.seed, "stream-grow", server_round), self.config.fed.item_init_std,
             )
             self.optimizer.forget(np.flatnonzero((old_mask != self.item_mask).ravel()))
         return int(new_rows.size)
@@ -169,6 +173,8 @@ class Server:
         settings: dict[str, float | bool] = {
             "send-signal": self.wants_signal(server_round), "user-swap-fraction": self.user_swap_fraction(server_round),
         }
+        if self.config.fed.evaluate_model == "local" and is_evaluation_round(self.config, server_round):
+            settings["evaluate"] = True
         share = self.policy.user_prefix_share(server_round - 1, self.config.num_server_rounds)  # the phase this round trains in
         return {**settings, "user-prefix-share": share} if share else settings
 

@@ -18,16 +18,18 @@ def batch_loss(
     """Mean loss of a batch plus ``l2_reg`` times the batch embedding L2 (LightGCN's ``decay``).
 
     users, positives: int64 [b]; negatives: int64 [b, n]. ``loss`` is "bpr" (softplus of the score
-    margin, each positive against each of its negatives) or "bce" (positives labelled 1, negatives 0).
+    margin, each positive against each of its negatives) or "bce" (NCF's log loss: the mean binary
+    cross-entropy over all b * (1 + n) instances, positives labelled 1 and negatives 0, as NCF and
+    PFedRec train).
     """
     positive_scores = model.score(users, positives)
     negative_scores = model.score(users, negatives)
     if loss == "bpr":
         data_loss = F.softplus(negative_scores - positive_scores[:, None]).mean()
     elif loss == "bce":
-        data_loss = F.binary_cross_entropy_with_logits(
-            positive_scores, torch.ones_like(positive_scores)
-        ) + F.binary_cross_entropy_with_logits(negative_scores, torch.zeros_like(negative_scores))
+        total = F.binary_cross_entropy_with_logits(positive_scores, torch.ones_like(positive_scores), reduction="sum")
+        total = total + F.binary_cross_entropy_with_logits(negative_scores, torch.zeros_like(negative_scores), reduction="sum")
+        data_loss = total / (positive_scores.numel() + negative_scores.numel())
     else:
         raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
     return data_loss + l2_reg * model.batch_l2(users, positives, negatives.reshape(-1))

@@ -15,7 +15,7 @@ import numpy as np
 from fedsparse.config import RunConfig
 from fedsparse.faults import inject_fault
 from fedsparse.device import (
-    DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view,
+    DeviceData, DeviceState, evaluate_splits, init_device, local_train, round_items, round_negatives, round_padding, round_view,
     rows_needed, set_user_prefix,
 )
 from fedsparse.devices import device_width
@@ -102,8 +102,9 @@ def handle_train(
 ) -> DeviceReply:
     """Decode the item rows, train locally, return the sparse item update and the new private state.
 
-    ``settings``: ``send-signal`` (report a regrowth signal) and ``user-swap-fraction`` (explore the
-    user row's mask after training; 0 keeps it). A device drawn to fail (``faults.*``) raises
+    ``settings``: ``send-signal`` (report a regrowth signal), ``user-swap-fraction`` (explore the
+    user row's mask after training; 0 keeps it) and ``evaluate`` (report the personal model's
+    ``validation-``/``test-`` metrics, ``fed.evaluate-model = local``). A device drawn to fail (``faults.*``) raises
     ``InjectedFault`` / ``DeviceCrash`` here, or answers late.
     """
     inject_fault(config, server_round, data.user_id)
@@ -120,7 +121,7 @@ def handle_train(
         set_user_prefix(config, device, float(settings["user-prefix-share"]), server_round, data.user_id)
     result = local_train(
         config, device, data, download, n_items, server_round,
-        bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
+        bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)), bool(settings.get("evaluate", False)),
     )
     update = privatize(config, result.update, server_round, data.user_id)
     if is_malicious(config, data.user_id):  # only an attacker needs the rows' masks (a table decode)
@@ -129,6 +130,7 @@ def handle_train(
         "loss": result.loss,
         "memory-bytes": float(result.memory_bytes),
         "signal-bytes": float(update.signal_nbytes),
+        **(result.evaluation or {}),
     }
     arrays = update.to_arrays()
     if config.privacy.secure_aggregation:
@@ -193,11 +195,7 @@ def handle_evaluate(
         raise PayloadError("evaluation needs the full item table")
     device = _device_state(config, state, data, message)
     item_weights, _ = download.table.decode()
-    metrics: dict[str, float] = {}
-    for split in ("validation", "test"):
-        result = evaluate_device(config, device, data, item_weights, split)
-        if result is not None:
-            metrics.update({f"{split}-{name}": value for name, value in result.items()})
+    metrics = evaluate_splits(config, device, data, item_weights)
     if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
         exposed = target_exposed(config, data, item_weights @ device.user_row)
         if exposed is not None:

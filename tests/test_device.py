@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 from fedsparse.aggregation import scatter_active
 from fedsparse.config import RunConfig
@@ -13,6 +14,7 @@ from fedsparse.device import (
     DeviceData,
     DeviceState,
     evaluate_device,
+    evaluate_splits,
     init_device,
     local_batches,
     local_train,
@@ -533,3 +535,45 @@ def test_user_row_exploration_keeps_the_budget_and_starts_grown_entries_at_zero(
     np.testing.assert_array_equal(np.flatnonzero(state.user_mask), [0, 2, 5, 7])  # 0.01, 0.02 out; 3.0, 2.0 in
     assert state.user_row[5] == state.user_row[7] == 0.0 and state.user_row[1] == state.user_row[3] == 0.0
     assert state.exp_avg[[1, 3, 5, 7]].sum() == 0.0 and state.exp_avg[[0, 2]].sum() == 2.0
+
+
+# ---------------------------------------------------------------- user optimiser and personal evaluation
+
+
+def test_user_sgd_steps_the_row_by_the_mean_loss_gradient_and_keeps_no_moments() -> None:
+    """``fed.user-optimizer = sgd``: one full-batch step moves the user row by -lr * gradient of the
+    mean loss (computed here with torch on the same rows), and the stored Adam moments stay untouched."""
+    cfg = config(**{"sparse.policy": "dense", "sparse.density": 1.0, "fed.local-epochs": 1, "fed.user-optimizer": "sgd",
+                    "fed.local-lr": 0.3, "train.l2-reg": 0.0})
+    data = user_data()
+    weight = rng_for(9, "dense-items").normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
+    state = init_device(cfg, USER)
+    result = local_train(cfg, state, data, full_download(weight, np.ones_like(weight, dtype=bool)), N_ITEMS, 1, False)
+    negatives = torch.from_numpy(round_negatives(cfg, data, N_ITEMS, 1)[0])
+    user = torch.from_numpy(state.user_row.copy()).requires_grad_(True)
+    items = torch.from_numpy(weight)
+    margin = items[negatives] @ user - (items[torch.from_numpy(data.train)] @ user)[:, None]
+    torch.nn.functional.softplus(margin).mean().backward()
+    np.testing.assert_allclose(result.state.user_row, state.user_row - 0.3 * user.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(result.state.exp_avg, state.exp_avg)
+    assert result.state.steps == state.steps
+
+
+def test_personal_evaluation_ranks_with_the_device_s_own_trained_rows() -> None:
+    """``evaluate``: the metrics equal ``evaluate_splits`` on the downloaded table with the device's trained rows."""
+    cfg = config(**{"sparse.policy": "dense", "sparse.density": 1.0, "data.split": "loo"})
+    data = user_data()
+    weight = rng_for(9, "dense-items").normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
+    full = np.ones_like(weight, dtype=bool)
+    state = init_device(cfg, USER)
+    result = local_train(cfg, state, data, full_download(weight, full), N_ITEMS, 1, False, evaluate=True)
+    personal = weight.copy()
+    rows = result.update.row_ids.astype(np.int64)
+    personal[rows] += result.update.values.reshape(rows.size, DIM)
+    expected = evaluate_splits(cfg, result.state, data, personal)
+    assert result.evaluation.keys() == expected.keys() and "test-recall@20" in expected
+    for key, value in expected.items():
+        assert result.evaluation[key] == pytest.approx(value, abs=1e-6)
+    assert local_train(cfg, state, data, full_download(weight, full), N_ITEMS, 1, False).evaluation is None
+    with pytest.raises(ValueError, match="full item table"):
+        local_train(cfg, state, data, rows_download(weight, full, rows), N_ITEMS, 1, False, evaluate=True)

@@ -148,3 +148,32 @@ def test_a_reply_with_an_unusable_metric_is_dropped(tmp_path, bad_value):
     clean = [record["evaluated_clients"] for record in read_jsonl(clean_dir / "rounds.jsonl")]
     assert [record["evaluated_clients"] for record in rounds] == [count - 1 for count in clean]
     assert np.isfinite(summary["recall@20"])
+
+
+class CountingTransport(InProcessTransport):
+    """The in-process transport that records which message kinds it delivered, per round."""
+
+    def __init__(self, config, data):
+        super().__init__(config, data)
+        self.kinds = []
+
+    def send(self, kind, server_round, messages, settings):
+        self.kinds.append((kind, server_round, bool(settings.get("evaluate"))))
+        return super().send(kind, server_round, messages, settings)
+
+
+def test_local_evaluation_reports_the_trained_devices_own_models(tmp_path):
+    """``fed.evaluate-model = local``: no evaluation message is sent; each evaluated round's metrics are the
+    means of what the round's trained devices reported for their personal models (PFedRec's protocol)."""
+    config = small_config(tmp_path, **{"num-server-rounds": 3, "fed.eval-every": 2, "fed.evaluate-model": "local",
+                                       "sparse.policy": "dense", "sparse.density": 1.0, "fed.fraction-train": 1.0})
+    data = load_dataset(config.data, config.seed)
+    transport = CountingTransport(config, data)
+    run_dir = new_run_dir(tmp_path, "local-eval")
+    run_federation(config, population_of(data), transport, run_dir, data.train)
+    assert [kind for kind, _, _ in transport.kinds] == ["train"] * 3
+    assert [evaluate for _, _, evaluate in transport.kinds] == [False, True, True]  # rounds 2 and 3 (the last)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert "recall@20" not in rounds[0] and "recall@20" in rounds[1] and "validation_recall@20" in rounds[2]
+    devices_with_test = sum(1 for user in population_of(data).users if data.test[int(user)].nnz)
+    assert rounds[2]["evaluated_clients"] == devices_with_test

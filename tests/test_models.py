@@ -1,5 +1,7 @@
 """Models: pair scores, full-table scores and chunking agree; BPR training learns a planted signal."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from fedsparse.models import MatrixFactorization, NeuMF, build_model
 from fedsparse.sampling import NegativeSampler
 from fedsparse.data.interactions import binary_csr
 from fedsparse.losses import batch_loss
+from fedsparse.rng import torch_generator_for
 
 
 @pytest.mark.parametrize("name", ["mf", "neumf"])
@@ -72,3 +75,19 @@ def test_training_ranks_planted_positives_above_negatives(name, loss):
     scores = model.score_all(torch.arange(n_users)).numpy()
     in_block = np.where((np.arange(n_users)[:, None] % 2 == 0) == (np.arange(n_items)[None, :] < 15), 1, 0)
     assert scores[in_block == 1].mean() > scores[in_block == 0].mean() + 1.0
+
+
+def test_bce_is_the_mean_log_loss_over_every_instance():
+    """NCF's log loss: every positive and every negative weighs 1 / (b * (1 + n)), checked by hand."""
+    model = MatrixFactorization(3, 7, 4, torch_generator_for(0, "test-bce"))
+    users, positives = torch.tensor([0, 2]), torch.tensor([1, 5])
+    negatives = torch.tensor([[2, 3, 4], [0, 6, 3]])
+    user_rows, item_rows = model.user_embedding.weight.detach().double(), model.item_embedding.weight.detach().double()
+    terms = []
+    for b in range(2):
+        score = float(user_rows[users[b]] @ item_rows[positives[b]])
+        terms.append(math.log1p(math.exp(-score)))
+        for item in negatives[b].tolist():
+            terms.append(math.log1p(math.exp(float(user_rows[users[b]] @ item_rows[item]))))
+    loss = batch_loss(model, users, positives, negatives, "bce", 0.0)
+    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
