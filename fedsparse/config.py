@@ -26,6 +26,7 @@ AGGREGATIONS = ("weighted", "uniform", "sum", "client-mean")
 SERVER_OPTIMIZERS = ("avg", "adam")
 ITEM_OPTIMIZERS = ("adam", "sgd")
 USER_OPTIMIZERS = ("adam", "sgd")
+USER_STATES = ("keep", "reconstruct")
 EVALUATE_MODELS = ("global", "local")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
 FAULT_MODES = ("exception", "crash", "timeout")
@@ -131,7 +132,8 @@ class FedConfig:
     fraction_train: float = 0.1  # share of devices sampled per round when clients-per-round is 0
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
-    user_steps: int = 0  # Adam steps on the user row alone (items frozen) before the joint steps, each round
+    user_steps: int = 0  # steps on the user row alone (items frozen) before the joint steps, each round
+    user_state: str = "keep"  # keep: the device stores its user row; reconstruct: FedRecon, fit afresh by user-steps each round and evaluation
     local_lr: float = 0.01  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
     user_optimizer: str = "adam"  # the user row's optimiser: adam (moments kept on the device), or sgd on the mean loss (PFedRec's head)
     item_optimizer: str = "sgd"  # the device's optimiser of its item-row copy: sgd, or adam (fresh each round: sign steps)
@@ -347,6 +349,9 @@ class RunConfig:
             (f.item_optimizer in ITEM_OPTIMIZERS, "fed.item-optimizer", f"must be one of {ITEM_OPTIMIZERS}"),
             (f.item_lr > 0, "fed.item-lr", "must be > 0"),
             (f.user_optimizer in USER_OPTIMIZERS, "fed.user-optimizer", f"must be one of {USER_OPTIMIZERS}"),
+            (f.user_state in USER_STATES, "fed.user-state", f"must be one of {USER_STATES}"),
+            (f.user_state == "keep" or f.user_steps >= 1, "fed.user-state",
+             "reconstruct needs fed.user-steps >= 1 (the steps that fit the fresh user row)"),
             (f.item_init_std > 0, "fed.item-init-std", "must be > 0"),
             (f.evaluate_model in EVALUATE_MODELS, "fed.evaluate-model", f"must be one of {EVALUATE_MODELS}"),
             (f.evaluate_model == "global" or f.downlink == "full", "fed.evaluate-model",

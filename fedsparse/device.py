@@ -224,6 +224,9 @@ def local_train(
     ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown by
     |accumulated gradient| (or at random for random-growth policies), starting at zero.
 
+    Under ``fed.user-state = reconstruct`` (FedRecon) the caller passes a fresh row, which ``fit_user_row``
+    fits with the items frozen; the joint steps then train the item rows only.
+
     The user row follows ``MaskedAdam`` (masked entries stay zero; its optimiser state persists) or, with
     ``fed.user-optimizer = sgd``, ``MaskedSGD`` on the mean loss; the item rows follow a fresh ``MaskedAdam`` each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD``
     on the summed loss (updates proportional to the gradient, as in MF-SGD and FedAvg). Gradients of inactive item entries
@@ -270,7 +273,8 @@ def local_train(
         signal += item_gradient * ~item_mask
         user_gradient = model.user_embedding.weight.grad
         user_signal += user_gradient * ~user_mask
-        user_opt.step(user_gradient)
+        if config.fed.user_state == "keep":
+            user_opt.step(user_gradient)
         if isinstance(item_opt, MaskedSGD):
             item_opt.step(item_gradient, scale=float(batch.numel()))
         else:
@@ -368,6 +372,24 @@ def fit_user_row(
             user_opt.step(model.user_embedding.weight.grad)
     finally:
         item_weight.requires_grad_(True)
+
+
+def reconstruct_user_row(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> DeviceState:
+    """FedRecon's evaluation: the user row fitted by ``fed.user-steps`` steps against ``item_weights`` float32
+    [n_items, dim] (frozen) on the device's training positives and the negatives of stream round 0."""
+    n_items = item_weights.shape[0]
+    negatives = round_negatives(config, data, n_items, 0)[0]
+    touched = rows_needed(data, negatives)
+    model = MatrixFactorization(1, touched.size, state.user_row.size)
+    with torch.no_grad():
+        model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
+        model.item_embedding.weight.copy_(torch.from_numpy(np.ascontiguousarray(item_weights[touched, : state.user_row.size])))
+    user_mask = torch.from_numpy(state.user_mask).view(1, -1)
+    user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
+    users = torch.zeros(data.train.size, dtype=torch.int64)
+    positives = torch.from_numpy(np.searchsorted(touched, data.train))
+    fit_user_row(config, model, user_opt, user_mask, users, positives, torch.from_numpy(np.searchsorted(touched, negatives)))
+    return replace(state, user_row=model.user_embedding.weight.detach().view(-1).numpy().astype(np.float32))
 
 
 def set_user_prefix(config: RunConfig, state: DeviceState, share: float, server_round: int, user_id: int) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 from fedsparse.config import RunConfig
 from fedsparse.faults import inject_fault
 from fedsparse.device import (
-    DeviceData, DeviceState, evaluate_splits, init_device, local_train, round_items, round_negatives, round_padding, round_view,
-    rows_needed, set_user_prefix,
+    DeviceData, DeviceState, evaluate_splits, init_device, local_train, reconstruct_user_row, round_items, round_negatives,
+    round_padding, round_view, rows_needed, set_user_prefix,
 )
 from fedsparse.devices import device_width
 from fedsparse.nmf import user_factor_update
@@ -80,8 +80,9 @@ def _download_arrays(message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _device_state(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceState:
-    """The persisted device state, or a new one (its mask row from the NMF factor when one is known)."""
-    if "user-row" in state:
+    """The persisted device state, or a new one (its mask row from the NMF factor when one is known); always a
+    new one under ``fed.user-state = reconstruct``, where a device keeps no user row between rounds."""
+    if "user-row" in state and config.fed.user_state == "keep":
         return DeviceState.from_arrays(state)
     factor = None
     if "nmf-user-factor" in message:  # central NMF oracle: the server sends p_u
@@ -139,7 +140,12 @@ def handle_train(
         secure = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
         arrays = secure.to_arrays()
         metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)
-    return DeviceReply(arrays, {**state, **result.state.to_arrays()}, metrics)
+    return DeviceReply(arrays, _kept_state(config, state, result.state), metrics)
+
+
+def _kept_state(config: RunConfig, state: dict[str, np.ndarray], device: DeviceState) -> dict[str, np.ndarray]:
+    """What the device stores after a round: its user row and optimiser moments, unless it reconstructs them."""
+    return {**state, **device.to_arrays()} if config.fed.user_state == "keep" else state
 
 
 def _row_masks(download: RowsDownload, row_ids: np.ndarray) -> np.ndarray:
@@ -195,9 +201,11 @@ def handle_evaluate(
         raise PayloadError("evaluation needs the full item table")
     device = _device_state(config, state, data, message)
     item_weights, _ = download.table.decode()
+    if config.fed.user_state == "reconstruct":
+        device = reconstruct_user_row(config, device, data, item_weights)
     metrics = evaluate_splits(config, device, data, item_weights)
     if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
         exposed = target_exposed(config, data, item_weights @ device.user_row)
         if exposed is not None:
             metrics[f"exposure@{EXPOSURE_K}"] = exposed
-    return DeviceReply({}, {**state, **device.to_arrays()}, metrics)
+    return DeviceReply({}, _kept_state(config, state, device), metrics)

@@ -9,12 +9,13 @@ import scipy.sparse as sp
 import torch
 
 from fedsparse.aggregation import scatter_active
-from fedsparse.config import RunConfig
+from fedsparse.config import ConfigError, RunConfig
 from fedsparse.device import (
     DeviceData,
     DeviceState,
     evaluate_device,
     evaluate_splits,
+    reconstruct_user_row,
     init_device,
     local_batches,
     local_train,
@@ -22,6 +23,7 @@ from fedsparse.device import (
     rows_needed,
 )
 from fedsparse.masks import budget
+from fedsparse.protocol import handle_evaluate, handle_train
 from fedsparse.rng import rng_for
 from fedsparse.storage import CompactTable
 from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
@@ -577,3 +579,26 @@ def test_personal_evaluation_ranks_with_the_device_s_own_trained_rows() -> None:
     assert local_train(cfg, state, data, full_download(weight, full), N_ITEMS, 1, False).evaluation is None
     with pytest.raises(ValueError, match="full item table"):
         local_train(cfg, state, data, rows_download(weight, full, rows), N_ITEMS, 1, False, evaluate=True)
+
+
+def test_reconstruct_fits_the_user_row_then_trains_items_only() -> None:
+    """FedRecon: the joint steps leave the freshly fitted user row alone (more of them move only the items),
+    and the device stores no user row between rounds."""
+    flat = {"sparse.policy": "dense", "sparse.density": 1.0, "fed.user-state": "reconstruct", "fed.user-steps": 3}
+    weight = rng_for(9, "dense-items").normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
+    download = full_download(weight, np.ones_like(weight, dtype=bool))
+    data = user_data()
+    results = [local_train(config(**flat, **{"fed.local-epochs": epochs}), init_device(config(**flat), USER), data, download,
+                           N_ITEMS, 1, False) for epochs in (1, 4)]
+    np.testing.assert_array_equal(results[0].state.user_row, results[1].state.user_row)
+    assert not np.array_equal(results[0].update.values, results[1].update.values)
+    assert not np.array_equal(results[0].state.user_row, init_device(config(**flat), USER).user_row)  # it was fitted
+    cfg = config(**flat)
+    message = {**download.to_arrays()}
+    reply = handle_train(cfg, {}, data, message, N_ITEMS, 1, {"send-signal": False})
+    assert "user-row" not in reply.state
+    evaluated = handle_evaluate(cfg, {"user-row": np.full(DIM, 9.0, np.float32)}, data, message, N_ITEMS)
+    fitted = reconstruct_user_row(cfg, init_device(cfg, USER), data, weight)
+    assert evaluated.metrics == evaluate_splits(cfg, fitted, data, weight)  # the stored row plays no part
+    with pytest.raises(ConfigError, match="user-steps"):
+        config(**{"fed.user-state": "reconstruct"})
