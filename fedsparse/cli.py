@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import logging
 
-    from fedsparse.data import load_dataset
+    from fedsparse.data import load_run_data
     from fedsparse.engine import check_population, check_resumable
     from fedsparse.inprocess import population_of, run_inprocess
 
@@ -163,7 +163,7 @@ def _simulate(args: argparse.Namespace) -> int:
         config = replace(config, resume_dir=str(args.resume.resolve()))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Bad data, a config that cannot run or a run that cannot be resumed fail here, before Ray starts.
-    data = load_dataset(config.data, config.seed)
+    data = load_run_data(config)
     check_population(config, population_of(data))
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))

@@ -429,7 +429,7 @@ class RunConfig:
             raise ConfigError("budget.device-widths needs robust.aggregator = mean (per-entry contributors differ by width)")
 
 
-def sampled_protocol(config: RunConfig) -> bool:
+def uses_sampled_protocol(config: RunConfig) -> bool:
     """Whether the sampled protocol (HR@10 / NDCG@10 among ``eval.sampled-negatives``) is reported and picks
     the best epoch or round: under leave-one-out, or with a candidate file."""
     return config.data.split == "loo" or bool(config.eval.candidates)
