@@ -350,3 +350,16 @@ def test_a_candidate_federation_runs_end_to_end(data_root, tmp_path):
     best = max(records, key=lambda r: (r["validation_sampled_hr@10"], r["round"]))
     assert summary["best_validation_round"] == best["round"]
     assert summary["best_test_sampled_hr@10"] == best["test_sampled_hr@10"]
+
+
+def test_the_writer_refuses_what_it_cannot_split(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "ml-100k").mkdir(parents=True)
+    (root / "ml-100k" / "u.data").write_text("1\t1\t5\t10\n1\t2\t5\t11\n1\t3\t5\t12\n2\t1\t5\t10\n2\t4\t5\t11\n")
+    out = tmp_path / "c.csv"
+    assert main(["data", "candidates", "ml-100k", "--data-dir", str(root), "--out", str(out), "--negatives", "1"]) == 2
+    assert "user 2 with 2" in capsys.readouterr().err and not out.exists()
+    (root / "lastfm-2k").mkdir()
+    (root / "lastfm-2k" / "user_artists.dat").write_text("userID\tartistID\tweight\n1\t2\t3\n1\t3\t1\n1\t4\t9\n")
+    assert main(["data", "candidates", "lastfm-2k", "--data-dir", str(root), "--out", str(out)]) == 2
+    assert "timestamps" in capsys.readouterr().err and not out.exists()

@@ -142,18 +142,18 @@ def read_candidates(path: str | Path, data: Interactions, n_negatives: int) -> C
                 row[position] = item
             unique, counts = np.unique(row, return_counts=True)
             if unique.size != n_negatives:
-                raise fail(f"{column} repeats item {data.item_ids[unique[counts > 1][0]]!r}")
+                raise fail(f"{column} repeats item {_plain(data.item_ids[unique[counts > 1][0]])!r}")
             positive = np.flatnonzero(np.isin(row, positives))
             if positive.size:
                 raise fail(f"{column} holds item {tokens[positive[0]]!r}, an interaction of user {user_token!r} (negatives must be never-interacted items)")
             out[user] = row
         shared = np.intersect1d(validation_negatives[user], test_negatives[user])
         if shared.size:
-            raise fail(f"item {data.item_ids[shared[0]]!r} is in both val_negatives and test_negatives (they must be disjoint)")
+            raise fail(f"item {_plain(data.item_ids[shared[0]])!r} is in both val_negatives and test_negatives (they must be disjoint)")
     missing = np.flatnonzero(validation_items < 0)
     if missing.size:
         raise DataFormatError.at(
-            path, None, f"{missing.size} of the {data.n_users} users of {data.name} have no row; first: user {data.user_ids[missing[0]]!r}"
+            path, None, f"{missing.size} of the {data.n_users} users of {data.name} have no row; first: user {_plain(data.user_ids[missing[0]])!r}"
         )
     return Candidates(validation_items, test_items, validation_negatives, test_negatives)
 
@@ -207,7 +207,7 @@ def make_candidates(
     per_user = np.bincount(users, minlength=n_users)
     short = np.flatnonzero(per_user < 3)
     if short.size:
-        key = short[0] if user_keys is None else user_keys[short[0]]
+        key = _plain(short[0] if user_keys is None else user_keys[short[0]])
         raise ValueError(
             f"{short.size} users have fewer than 3 interactions (first: user {key!r} with {per_user[short[0]]}); "
             "leave-one-out needs a validation, a test and a training item per user (try data.k-core 3)"
@@ -222,7 +222,7 @@ def make_candidates(
     test_negatives = np.empty((n_users, n_negatives), dtype=np.int64)
     for user in range(n_users):
         seen = interacted.indices[interacted.indptr[user] : interacted.indptr[user + 1]]
-        key = user if user_keys is None else user_keys[user]
+        key = _plain(user if user_keys is None else user_keys[user])
         drawn = _never_interacted(rng_for(seed, "eval-candidates", key), seen, n_items, 2 * n_negatives, key)
         validation_negatives[user] = np.sort(drawn[:n_negatives])
         test_negatives[user] = np.sort(drawn[n_negatives:])
@@ -255,7 +255,7 @@ def write_candidates(
     for name, originals in (("user", ids.user_ids), ("item", ids.item_ids)):
         unsafe = [value for value in originals if _UNSAFE.search(str(value))]
         if unsafe:
-            raise ConfigError(f"{source}: {name} id {unsafe[0]!r} holds a comma or a space and cannot be written to a candidate file")
+            raise ConfigError(f"{source}: {name} id {_plain(unsafe[0])!r} holds a comma or a space and cannot be written to a candidate file")
     candidates = make_candidates(
         ids.users, ids.items, table["timestamp"].to_numpy(), len(ids.user_ids), len(ids.item_ids), ties, n_negatives, seed,
         ids.user_ids,
@@ -272,6 +272,11 @@ def write_candidates(
     out = Path(out)
     atomic_write_text(out, "\n".join(rows) + "\n")
     return out, len(ids.user_ids)
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds (``5``, not ``np.int64(5)``), for messages and seeds."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _member(sorted_items: np.ndarray, item: int) -> bool:
