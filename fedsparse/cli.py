@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
     info.add_argument("--split", default="auto")
     info.add_argument("--seed", type=int, default=0)
+    info.add_argument("--loo-ties", choices=LOO_TIES, default="file-last", help="data.loo-ties, for --split loo")
+    info.add_argument("--candidates", default="", help="a candidate file (eval.candidates) to check and split by")
+    info.add_argument("--negatives", type=int, default=99, help="eval.sampled-negatives the candidate file must hold")
     info.add_argument("--json", action="store_true", help="print JSON")
     verify = data.add_parser("verify", help="check a dataset's users, items and interactions against the published counts")
     verify.add_argument("name")
@@ -204,7 +207,7 @@ def _print_report(report: "Report") -> None:
 
 
 def _data_command(args: argparse.Namespace) -> int:
-    from fedsparse.data import DATASETS, load_dataset
+    from fedsparse.data import DATASETS, load_run_data
     from fedsparse.data.registry import get_dataset, resolve_dataset_dir
 
     if args.data_command == "list":
@@ -226,8 +229,10 @@ def _data_command(args: argparse.Namespace) -> int:
         path, users = write_candidates(data_config, args.out, args.seed, args.ties, args.negatives)
         print(f"wrote {users} users to {path} (ties {args.ties}, seed {args.seed}, {args.negatives} + {args.negatives} negatives each)")
         return 0
-    config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.split": args.split})
-    data = load_dataset(config.data, args.seed)
+    config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.split": args.split,
+                                  "data.loo-ties": args.loo_ties, "eval.candidates": args.candidates,
+                                  "eval.sampled-negatives": args.negatives, "seed": args.seed})
+    data = load_run_data(config)
     counts = {"name": data.name, **data.counts(), "repairs": data.repairs}
     if args.json:
         print(json.dumps(counts, indent=2))

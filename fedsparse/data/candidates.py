@@ -82,7 +82,7 @@ def read_candidates(path: str | Path, data: Interactions, n_negatives: int) -> C
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark from a spreadsheet is not part of the header
     except (OSError, UnicodeDecodeError) as exc:
         raise DataFormatError.at(path, None, f"cannot read the candidate file: {exc}") from exc
     lines = text.splitlines()
