@@ -17,7 +17,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from clients.records import forget_state, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
-from fedsparse.data import Interactions, load_dataset
+from fedsparse.data import Interactions, load_run_data
 from fedsparse.device import DeviceData
 from fedsparse.faults import DeviceCrash
 from fedsparse.grouping import users_of_partition
@@ -32,7 +32,7 @@ app = ClientApp()
 def _dataset(flat_items: tuple) -> Interactions:
     """The dataset, loaded once per worker process (the device keeps only its own rows of it)."""
     config = RunConfig.from_flat(dict(flat_items))
-    return load_dataset(config.data, config.seed)
+    return load_run_data(config)
 
 
 def _config_and_data(context: Context) -> tuple[RunConfig, Interactions]:
@@ -52,7 +52,7 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
         if user not in hosted:
             results[user] = f"user {user} is not hosted on this node"
             continue
-        device = DeviceData.from_interactions(data.train, data.validation, data.test, user)
+        device = DeviceData.of(data, user)
         incoming = to_arrays(message.content[key])
         state = load_state(context, user)
         try:
@@ -111,7 +111,7 @@ def _secure_train(message: Message, context: Context) -> Message:
     settings = dict(fitins.config)
     incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters)))
     (user,) = users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users)
-    device = DeviceData.from_interactions(data.train, data.validation, data.test, user)
+    device = DeviceData.of(data, user)
     try:
         reply = handle_train(config, load_state(context, user), device, incoming, data.n_items, int(settings["server-round"]), settings)
     except DeviceCrash:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from fedsparse.config import ConfigError, RunConfig, flat_defaults
+from fedsparse.config import LOO_TIES, ConfigError, RunConfig, flat_defaults
 
 if TYPE_CHECKING:
     from fedsparse.report import Report
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
     info.add_argument("--split", default="auto")
     info.add_argument("--seed", type=int, default=0)
+    info.add_argument("--loo-ties", choices=LOO_TIES, default="file-last", help="data.loo-ties, for --split loo")
+    info.add_argument("--candidates", default="", help="a candidate file (eval.candidates) to check and split by")
+    info.add_argument("--negatives", type=int, default=99, help="eval.sampled-negatives the candidate file must hold")
     info.add_argument("--json", action="store_true", help="print JSON")
     verify = data.add_parser("verify", help="check a dataset's users, items and interactions against the published counts")
     verify.add_argument("name")
@@ -76,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data.add_parser("fetch", help="find a dataset, downloading it into the cache when it is nowhere else")
     fetch.add_argument("name")
     fetch.add_argument("--data-dir", default="")
+    candidates = data.add_parser(
+        "candidates", help="write a leave-one-out candidate file (eval.candidates): per user the validation and test "
+        "item and their sampled negatives, PFedRec's rules, original ids")
+    candidates.add_argument("name")
+    candidates.add_argument("--out", type=Path, required=True, help="the CSV to write (atomically)")
+    candidates.add_argument("--seed", type=int, default=0, help="seeds the negatives (rng_for(seed, 'eval-candidates', user))")
+    candidates.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
+    candidates.add_argument("--ties", choices=LOO_TIES, default="file-last",
+                            help="equal timestamps (data.loo-ties): file-last = the later row in the file is later "
+                            "(fedsparse's loo split), file-first = the earlier one (PFedRec), item = the larger item id")
+    candidates.add_argument("--negatives", type=int, default=99, help="negatives per held-out item (eval.sampled-negatives)")
+    candidates.add_argument("--rating-threshold", type=float, default=0.0, help="data.rating-threshold of the runs that will read it")
+    candidates.add_argument("--k-core", type=int, default=0, help="data.k-core of the runs that will read it")
 
     train = commands.add_parser("train", help="centralised reference training (dense MF / NeuMF)")
     _add_config_flags(train)
@@ -141,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import logging
 
-    from fedsparse.data import load_dataset
+    from fedsparse.data import load_run_data
     from fedsparse.engine import check_population, check_resumable
     from fedsparse.inprocess import population_of, run_inprocess
 
@@ -150,7 +166,7 @@ def _simulate(args: argparse.Namespace) -> int:
         config = replace(config, resume_dir=str(args.resume.resolve()))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Bad data, a config that cannot run or a run that cannot be resumed fail here, before Ray starts.
-    data = load_dataset(config.data, config.seed)
+    data = load_run_data(config)
     check_population(config, population_of(data))
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))
@@ -191,7 +207,7 @@ def _print_report(report: "Report") -> None:
 
 
 def _data_command(args: argparse.Namespace) -> int:
-    from fedsparse.data import DATASETS, load_dataset
+    from fedsparse.data import DATASETS, load_run_data
     from fedsparse.data.registry import get_dataset, resolve_dataset_dir
 
     if args.data_command == "list":
@@ -203,8 +219,20 @@ def _data_command(args: argparse.Namespace) -> int:
         return 0
     if args.data_command == "verify":
         return _verify(args.name, args.data_dir)
-    config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.split": args.split})
-    data = load_dataset(config.data, args.seed)
+    if args.data_command == "candidates":
+        from fedsparse.data.candidates import write_candidates
+
+        if args.negatives < 1:
+            raise ConfigError("--negatives must be >= 1")
+        data_config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.loo-ties": args.ties,
+                                           "data.rating-threshold": args.rating_threshold, "data.k-core": args.k_core}).data
+        path, users = write_candidates(data_config, args.out, args.seed, args.ties, args.negatives)
+        print(f"wrote {users} users to {path} (ties {args.ties}, seed {args.seed}, {args.negatives} + {args.negatives} negatives each)")
+        return 0
+    config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.split": args.split,
+                                  "data.loo-ties": args.loo_ties, "eval.candidates": args.candidates,
+                                  "eval.sampled-negatives": args.negatives, "seed": args.seed})
+    data = load_run_data(config)
     counts = {"name": data.name, **data.counts(), "repairs": data.repairs}
     if args.json:
         print(json.dumps(counts, indent=2))

@@ -35,6 +35,7 @@ AUTO = -1.0  # a float knob set to this takes the policy's own default
 MODELS = ("mf", "neumf")
 LOSSES = ("bpr", "bce")
 NEGATIVE_RULES = ("non-train", "unrated")
+LOO_TIES = ("file-last", "file-first", "item")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class DataConfig:
     synthetic_users: int = 2000
     synthetic_items: int = 1000
     synthetic_interactions_per_user: int = 20
+    loo_ties: str = "file-last"  # loo, equal timestamps: file-last = the later row in the file is later; file-first = the earlier (PFedRec); item = the larger item id
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class EvalConfig:
     k: int = 20  # cut-off of the full-ranking metrics
     batch_users: int = 1024  # users scored at once; bounds memory to batch_users * n_items floats
     sampled_negatives: int = 99  # negatives per held-out item in the sampled (leave-one-out) protocol
+    candidates: str = ""  # CSV of each user's validation and test item and their negatives, original ids (replaces the split; "" = off)
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,9 @@ class RunConfig:
             (d.k_core >= 0, "data.k-core", "must be >= 0"),
             (d.synthetic_users > 0 and d.synthetic_items > 0, "data.synthetic-users/items", "must be > 0"),
             (d.synthetic_interactions_per_user > 0, "data.synthetic-interactions-per-user", "must be > 0"),
+            (d.loo_ties in LOO_TIES, "data.loo-ties", f"must be one of {LOO_TIES}"),
+            (not e.candidates or d.split in ("auto", "loo"), "eval.candidates",
+             "replaces the split: data.split must be auto or loo with it (the file names each user's validation and test item)"),
             (m.name in MODELS, "model.name", f"must be one of {MODELS}"),
             (m.dim > 0, "model.dim", "must be > 0"),
             (t.epochs >= 0, "train.epochs", "must be >= 0"),
@@ -436,6 +442,12 @@ class RunConfig:
             raise ConfigError("budget.stream-stages cannot be combined with privacy.secure-aggregation")
         if widths and self.robust.aggregator != "mean":
             raise ConfigError("budget.device-widths needs robust.aggregator = mean (per-entry contributors differ by width)")
+
+
+def uses_sampled_protocol(config: RunConfig) -> bool:
+    """Whether the sampled protocol (HR@10 / NDCG@10 among ``eval.sampled-negatives``) is reported and picks
+    the best epoch or round: under leave-one-out, or with a candidate file."""
+    return config.data.split == "loo" or bool(config.eval.candidates)
 
 
 def ranking_cutoffs(config: RunConfig, n_items: int) -> list[int]:

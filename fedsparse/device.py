@@ -17,7 +17,8 @@ import scipy.sparse as sp
 import torch
 
 from fedsparse import metrics
-from fedsparse.config import RunConfig, ranking_cutoffs
+from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
+from fedsparse.data.interactions import Interactions
 from fedsparse.devices import device_width
 from fedsparse.losses import batch_loss
 from fedsparse.masks import budget, largest, prune_and_grow
@@ -37,6 +38,8 @@ class DeviceData:
 
     ``interacted`` is every item of the user (train, validation, test): never an evaluation negative, and
     never a training negative or fake positive under ``train.negatives-from = unrated``.
+    ``validation_negatives`` / ``test_negatives`` (int64 [eval.sampled-negatives]) are the fixed negatives
+    of a candidate file (``eval.candidates``), part of the device's own partition; None otherwise.
     """
 
     user_id: int
@@ -44,6 +47,20 @@ class DeviceData:
     validation: np.ndarray
     test: np.ndarray
     interacted: np.ndarray
+    validation_negatives: np.ndarray | None = None
+    test_negatives: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, data: Interactions, user: int) -> "DeviceData":
+        """User ``user``'s partition of ``data``, with its candidate-file negatives when ``data`` has them."""
+        device = cls.from_interactions(data.train, data.validation, data.test, user)
+        if data.validation_negatives is None or data.test_negatives is None:
+            return device
+        return replace(
+            device,
+            validation_negatives=np.asarray(data.validation_negatives[user], dtype=np.int64),
+            test_negatives=np.asarray(data.test_negatives[user], dtype=np.int64),
+        )
 
     @classmethod
     def from_interactions(cls, train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, user: int) -> "DeviceData":
@@ -474,7 +491,7 @@ def evaluate_device(
         lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
     )
     result = {name: float(values[0]) for name, values in per_user.items()}
-    if config.data.split == "loo" and held_out.size == 1:
+    if uses_sampled_protocol(config) and held_out.size == 1:
         result.update(sampled_protocol(config, data, user, items, held_out, split))
     return result
 
@@ -483,12 +500,19 @@ def sampled_protocol(
     config: RunConfig, data: DeviceData, user: torch.Tensor, items: torch.Tensor, held_out: np.ndarray, split: str
 ) -> dict[str, float]:
     """Leave-one-out + ``eval.sampled-negatives`` protocol on the device: HR@10 and NDCG@10 of the held-out
-    item among negatives it never interacted with, drawn from the device's own seeded stream."""
+    item among negatives it never interacted with: the candidate file's (``eval.candidates``, carried in
+    the device's partition), else drawn from the device's own seeded stream."""
     n_items = items.shape[0]
-    candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), data.interacted, assume_unique=True)
-    count = min(config.eval.sampled_negatives, candidates.size)
-    rng = rng_for(config.seed, "device-eval-negatives", split, data.user_id)
-    negatives = np.sort(rng.choice(candidates, size=count, replace=False))[None, :]
+    fixed = data.validation_negatives if split == "validation" else data.test_negatives
+    if fixed is not None:
+        negatives = fixed[None, :]
+    elif config.eval.candidates:
+        raise ValueError(f"user {data.user_id}: eval.candidates is set but the device's partition holds no candidate negatives")
+    else:
+        candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), data.interacted, assume_unique=True)
+        count = min(config.eval.sampled_negatives, candidates.size)
+        rng = rng_for(config.seed, "device-eval-negatives", split, data.user_id)
+        negatives = np.sort(rng.choice(candidates, size=count, replace=False))[None, :]
     _, per_user = metrics.sampled_per_user(
         lambda _, candidates_of: items[torch.as_tensor(candidates_of)] @ user,
         sp.csr_matrix((np.ones(1, dtype=np.float32), held_out, [0, 1]), shape=(1, n_items)),

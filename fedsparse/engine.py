@@ -18,11 +18,12 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from fedsparse.config import ConfigError, RunConfig, flat_defaults
+from fedsparse.config import ConfigError, RunConfig, flat_defaults, uses_sampled_protocol
 from fedsparse.devices import device_width
 from fedsparse.federation import (
     Server, central_nmf_item_factor, clients_per_round, is_evaluation_round, sample_clients, validate_update,
 )
+from fedsparse.metrics import improves, selection_key
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, atomic_write_text, provenance, read_jsonl, write_json
@@ -302,6 +303,8 @@ def run_federation(
     written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
     ``metadata`` (dataset counts and checksum, ...) joins the code version and machine in config.json.
     ``on_round`` gets each round's record once it is saved (e.g. to advance a progress bar).
+    The summary's ``best_validation_round`` is picked on validation sampled HR@10 under the sampled
+    protocol (``data.split = loo`` or ``eval.candidates``), else on validation Recall@``eval.k``.
     """
     check_population(config, population)
     if resume:
@@ -318,6 +321,10 @@ def run_federation(
         write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
             "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items},
             **provenance(), **(metadata or {})})
+    # The best round: validation sampled HR@10 under the sampled protocol (a tie goes to the later round, as
+    # in PFedRec), else validation Recall@k; the summary's best_test_* are that round's test metrics.
+    sampled = uses_sampled_protocol(config)
+    select_key = "validation_" + selection_key(sampled, config.eval.k)
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
         record = train_round(config, population, transport, state, server_round, observer)
         personal = record.pop("personal_metrics")
@@ -329,8 +336,7 @@ def run_federation(
                 state.totals["eval_download_bytes"] += eval_bytes
             record.update(metrics)
             state.last_metrics = metrics
-            key = f"validation_recall@{config.eval.k}"
-            if key in metrics and metrics[key] > state.best.get(key, -1.0):
+            if select_key in metrics and improves(metrics[select_key], state.best.get(select_key, -1.0), sampled):
                 state.best = {"round": server_round, **metrics}
         record["seconds"] = time.perf_counter() - record.pop("started")
         append_jsonl(run_dir / "rounds.jsonl", record)
@@ -346,6 +352,8 @@ def run_federation(
         "item_active_entries": int(state.server.item_mask.sum()),
         "item_table_bytes": state.server.download(None).table.nbytes,  # the final masked table as the server stores it
         "best_validation_round": state.best.get("round"),
+        "selection": f"best {select_key}",
+        f"best_{select_key}": state.best.get(select_key),
         **{f"best_{key}": value for key, value in state.best.items() if key.startswith("test_")},
         **{f"total_{key}": value for key, value in state.totals.items()},
         "seconds": time.perf_counter() - started,

@@ -49,6 +49,8 @@ def run_config_overrides(config: RunConfig) -> str:
     flat["results-dir"] = str(Path(config.results_dir).expanduser().resolve())
     if config.data.data_dir:
         flat["data.data-dir"] = str(Path(config.data.data_dir).expanduser().resolve())
+    if config.eval.candidates:
+        flat["eval.candidates"] = str(Path(config.eval.candidates).expanduser().resolve())
     if config.resume_dir:
         flat["resume-dir"] = str(Path(config.resume_dir).expanduser().resolve())
     changed = {key: value for key, value in flat.items() if value != defaults[key] or key == "results-dir"}

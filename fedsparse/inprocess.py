@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedsparse.config import RunConfig
-from fedsparse.data import Interactions, load_dataset
+from fedsparse.data import Interactions, load_run_data
 from fedsparse.device import DeviceData
 from fedsparse.faults import DeviceCrash, InjectedFault
 from fedsparse.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
@@ -56,8 +56,8 @@ class InProcessTransport:
             self.states.setdefault(int(user), {})[key] = value
 
     def device_data(self, user: int) -> DeviceData:
-        """The user's partition of the interactions."""
-        return DeviceData.from_interactions(self.data.train, self.data.validation, self.data.test, user)
+        """The user's partition of the interactions (with its candidate-file negatives, if any)."""
+        return DeviceData.of(self.data, user)
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         replies: dict[int, Reply | str] = {}
@@ -108,7 +108,7 @@ def run_inprocess(
 
     ``observer`` records what the server sees of every accepted upload (the privacy study's attacker).
     ``show_progress``: a bar over rounds (None = only on a terminal, so CI logs stay quiet)."""
-    data = data if data is not None else load_dataset(config.data, config.seed)
+    data = data if data is not None else load_run_data(config)
     population = population_of(data)
     check_population(config, population)
     resume_dir = resume_dir or (Path(config.resume_dir) if config.resume_dir else None)

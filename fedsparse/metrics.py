@@ -25,6 +25,18 @@ _NEGATIVE_CHUNK_USERS = 4096
 
 SAMPLED_PROTOCOL_K = 10  # HR@10 / NDCG@10 of the leave-one-out + sampled-negatives protocol
 
+
+def selection_key(sampled: bool, k: int) -> str:
+    """The validation metric that picks the best epoch or round: sampled HR@10 under the sampled protocol
+    (as PFedRec and the FedRec papers report), else full-ranking Recall@``k``."""
+    return f"sampled_hr@{SAMPLED_PROTOCOL_K}" if sampled else f"recall@{k}"
+
+
+def improves(score: float, best: float, sampled: bool) -> bool:
+    """Whether a validation ``score`` replaces the ``best`` so far. Under the sampled protocol a tie goes
+    to the later epoch or round (PFedRec's ``>=``); under full ranking the earlier one is kept."""
+    return score >= best if sampled else score > best
+
 # --------------------------------------------------------------------------------------------------
 # Per-user metrics on a hits matrix
 # --------------------------------------------------------------------------------------------------
@@ -510,4 +522,6 @@ __all__ = [
     "sampled_per_user",
     "sampled_metrics",
     "SAMPLED_PROTOCOL_K",
+    "selection_key",
+    "improves",
 ]

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 HEADLINE = ["recall@20", "ndcg@20", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "rounds", "seconds"]
 # Keys that never define a line of the density plot: the x axis itself, seeds (averaged) and paths.
 NOT_A_SERIES = {"sparse.density", "sparse.policy", "seed", "results-dir", "data.data-dir", "resume-dir"}
-SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the round of best validation Recall@20
+SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the best validation round (by Recall@20; by HR@10 under the sampled protocol)
 ATTACK_AUC_SUFFIX = "_auc_uploaded"  # the privacy study's ROC-AUC among the uploaded rows, one column per attack
 NO_LEAKAGE_AUC = 0.5  # where a run with no per-device upload to attack (secure aggregation) is drawn
 # The privacy study's target (simulations/README.md): Recall@20 >= 90 % of undefended at attack AUC <= 0.55.

@@ -115,12 +115,12 @@ def run_cell(cell: SweepCell, app_dir: Path | None = None) -> dict[str, Any]:
 
 def _run_flower_cell(config: RunConfig, app_dir: Path) -> tuple[Path, dict[str, Any]]:
     """One ``flwr run`` (as ``fedsparse simulate --engine flower``); the local SuperLink is left running."""
-    from fedsparse.data import load_dataset
+    from fedsparse.data import load_run_data
     from fedsparse.engine import check_population
     from fedsparse.flower_run import run_flower
     from fedsparse.inprocess import population_of
 
-    data = load_dataset(config.data, config.seed)
+    data = load_run_data(config)
     check_population(config, population_of(data))  # before Flower starts, as simulate does
     run_dir = run_flower(config, app_dir.resolve(), data.n_users)
     return run_dir, json.loads((run_dir / "summary.json").read_text())

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fedsparse import metrics
-from fedsparse.config import RunConfig, ranking_cutoffs
-from fedsparse.data import Interactions, load_dataset
+from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
+from fedsparse.data import Interactions, load_run_data
 from fedsparse.losses import batch_loss
 from fedsparse.models import build_model
 from fedsparse.results import append_jsonl, new_run_dir, provenance, write_json
@@ -55,14 +55,24 @@ def evaluate(model: torch.nn.Module, data: Interactions, config: RunConfig, spli
 
 
 def evaluate_sampled(model: torch.nn.Module, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
-    """Leave-one-out protocol: rank each held-out item among ``eval.sampled-negatives`` never-seen items."""
+    """Leave-one-out protocol: rank each held-out item among ``eval.sampled-negatives`` never-seen items.
+
+    The negatives are the candidate file's (``data.validation_negatives`` / ``test_negatives``) when the
+    run has one, else drawn from ``rng_for(seed, "eval-negatives", split)``.
+    """
     model.eval()
     held_out = getattr(data, split)
     users = np.flatnonzero(np.diff(held_out.indptr) > 0)
-    interacted = (data.train + data.validation + data.test).tocsr()
-    negatives = metrics.sample_eval_negatives(
-        rng_for(config.seed, "eval-negatives", split), interacted, users, config.eval.sampled_negatives
-    )
+    fixed = data.validation_negatives if split == "validation" else data.test_negatives
+    if fixed is not None:
+        negatives = fixed[users]
+    elif config.eval.candidates:
+        raise ValueError(f"eval.candidates is set but {data.name} carries no candidate negatives (load it with load_run_data)")
+    else:
+        interacted = (data.train + data.validation + data.test).tocsr()
+        negatives = metrics.sample_eval_negatives(
+            rng_for(config.seed, "eval-negatives", split), interacted, users, config.eval.sampled_negatives
+        )
     with torch.no_grad():
         result = metrics.sampled_metrics(
             lambda u, items: model.score(torch.as_tensor(u), torch.as_tensor(items)),
@@ -84,12 +94,13 @@ def peak_rss_bytes() -> int:
 def train_centralised(config: RunConfig, data: Interactions | None = None, show_progress: bool | None = None) -> TrainResult:
     """Train ``config.model`` on ``config.data`` centrally and write a run directory under ``results_dir``.
 
-    The best epoch is chosen on validation recall@k (never on test); without a validation split the
-    last epoch is used. ``show_progress=None`` shows a progress bar only on a terminal.
+    The best epoch is chosen on validation (never on test): sampled HR@10 under the sampled protocol
+    (``data.split = loo`` or ``eval.candidates``; a tie goes to the later epoch), else Recall@``eval.k``;
+    without a validation split the last epoch is used. The test metrics are those of the best epoch. ``show_progress=None`` shows a progress bar only on a terminal.
     """
     started = time.perf_counter()
     if data is None:
-        data = load_dataset(config.data, config.seed)
+        data = load_run_data(config)
     run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
     write_json(run_dir / "config.json", {"config": config.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
                                          "repairs": data.repairs, **provenance()})
@@ -99,7 +110,8 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     steps_per_epoch = -(-len(pair_users) // config.train.batch_size)
     training = SparseEmbeddingTraining(model, config, data.train, steps_per_epoch * config.train.epochs)
     sampler = NegativeSampler(negative_exclusions(data.train, data.validation, data.test, config.train.negatives_from))
-    select_key = f"recall@{config.eval.k}"
+    sampled = uses_sampled_protocol(config)
+    select_key = metrics.selection_key(sampled, config.eval.k)
     has_validation = data.validation.nnz > 0
 
     best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
@@ -133,8 +145,10 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
         record: dict[str, Any] = {"epoch": epoch, "loss": total_loss / max(1, len(order)), "epoch_seconds": epoch_seconds}
         if has_validation and (epoch % config.train.eval_every == 0 or epoch == config.train.epochs):
             validation = evaluate(model, data, config, "validation")
+            if sampled:
+                validation.update(evaluate_sampled(model, data, config, "validation"))
             record.update({f"validation_{key}": value for key, value in validation.items()})
-            if validation[select_key] > best["score"]:
+            if metrics.improves(validation[select_key], best["score"], sampled):
                 best = {"score": validation[select_key], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
                 evaluations_without_gain = 0
             else:
@@ -173,7 +187,7 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     if has_validation:
         summary["validation_" + select_key] = float(best["score"])
     summary.update(evaluate(model, data, config, "test"))
-    if config.data.split == "loo":
+    if sampled:
         summary.update(evaluate_sampled(model, data, config, "test"))
     summary["total_seconds"] = time.perf_counter() - started
     summary["peak_rss_bytes"] = peak_rss_bytes()

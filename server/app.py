@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsparse.config import RunConfig
-from fedsparse.data import load_dataset
+from fedsparse.data import load_run_data
 from fedsparse.engine import check_population, check_resumable, run_federation
 from fedsparse.flower_run import check_flower_config
 from fedsparse.grouping import partitions_needed
@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         logger.addHandler(logging.StreamHandler(sys.stdout))
     config = RunConfig.from_flat(context.run_config)
     # The server reads the dataset only for its sizes (and for the central-NMF oracle, when chosen).
-    data = load_dataset(config.data, config.seed)
+    data = load_run_data(config)
     population = population_of(data)
     check_population(config, population)  # a config that cannot run stops here, before any output
     check_flower_config(config)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fedsparse.config import RunConfig, flat_defaults
-from fedsparse.data import load_dataset
+from fedsparse.data import load_run_data
 from fedsparse.inprocess import run_inprocess
 from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks
@@ -133,7 +133,7 @@ def main() -> None:
     started = time.perf_counter()
     base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds, "fed.fraction-train": args.fraction,
             "fed.eval-every": 5, "results-dir": str(args.out / "runs"), **dict(item.split("=", 1) for item in args.set)}
-    data = load_dataset(RunConfig.from_flat(base).data, int(base["seed"]))
+    data = load_run_data(RunConfig.from_flat(base))  # honours eval.candidates, like every run
     users = np.flatnonzero(np.diff(data.train.indptr) > 0)
     watch = set(rng_for(int(base["seed"]), "privacy-watch").choice(users, size=min(args.watch, users.size), replace=False).tolist())
     table = ResultTable(args.out / f"privacy-{args.dataset}.csv")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsparse.config import RunConfig, flat_defaults
-from fedsparse.data import load_dataset
+from fedsparse.data import load_run_data
 from fedsparse.federation import Server
 from fedsparse.inprocess import run_inprocess
 from fedsparse.results import read_jsonl
@@ -141,7 +141,7 @@ def main() -> None:
     base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds, "fed.fraction-train": args.fraction,
             "fed.eval-every": args.rounds, "fed.eval-fraction": 1.0, "results-dir": str(args.out / "runs"),
             **dict(item.split("=", 1) for item in args.set)}
-    data = load_dataset(RunConfig.from_flat(base).data, int(base["seed"]))
+    data = load_run_data(RunConfig.from_flat(base))  # honours eval.candidates, like every run
     command = (f"`python simulations/robustness.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction}"
                f" --studies {args.studies}` on {machine_description()}")
     if "failures" in args.studies:

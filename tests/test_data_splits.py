@@ -84,6 +84,35 @@ def test_leave_one_out_ties_follow_file_order_and_validation_off():
     assert leave_one_out_split(users, times, validation=False).tolist() == [TRAIN, TRAIN, TEST, TRAIN]
 
 
+def test_leave_one_out_tie_rules():
+    """Rows: items 5, 3, 7 share the latest timestamp, item 1 is older."""
+    users = np.array([0, 0, 0, 0])
+    times = np.array([9, 9, 9, 1])
+    items = np.array([5, 3, 7, 1])
+    assert leave_one_out_split(users, times, True, "file-last", items).tolist() == [TRAIN, VALIDATION, TEST, TRAIN]
+    assert leave_one_out_split(users, times, True, "file-first", items).tolist() == [TEST, VALIDATION, TRAIN, TRAIN]
+    assert leave_one_out_split(users, times, True, "item", items).tolist() == [VALIDATION, TRAIN, TEST, TRAIN]
+    with pytest.raises(ValueError, match="unknown tie rule"):
+        leave_one_out_split(users, times, True, "latest", items)
+
+
+@pytest.mark.parametrize("ties", ["file-first", "item"])
+def test_leave_one_out_tie_rules_against_per_user_reference(ties):
+    """file-first is pandas' rank(method="first", ascending=False) (PFedRec): earlier rows rank as later."""
+    rng = np.random.default_rng(6)
+    users = toy_users(rng, 40)
+    times = rng.integers(0, 10, size=len(users))
+    items = rng.integers(0, 1000, size=len(users))
+    labels = leave_one_out_split(users, times, True, ties, items)
+    for user in range(40):
+        rows = np.flatnonzero(users == user)
+        ordered = sorted(rows, key=lambda r: (-times[r], r) if ties == "file-first" else (-times[r], -items[r], r))
+        expected = np.full(len(rows), TRAIN)
+        if len(rows) >= 3 and not (ties == "item" and len({(times[r], items[r]) for r in ordered[:3]}) < 3):
+            expected[[list(rows).index(ordered[0]), list(rows).index(ordered[1])]] = [TEST, VALIDATION]
+            assert labels[rows].tolist() == expected.tolist()
+
+
 def test_leave_one_out_against_per_user_reference():
     rng = np.random.default_rng(5)
     users = toy_users(rng, 50)

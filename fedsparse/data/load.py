@@ -11,10 +11,12 @@ stay as columns with no interactions left; their 28 test rows are dropped and co
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import scipy.sparse as sp
 
-from fedsparse.config import ConfigError, DataConfig
+from fedsparse.config import ConfigError, DataConfig, RunConfig
 from fedsparse.data.interactions import Interactions, binary_csr
 from fedsparse.data.registry import Layout, get_dataset, resolve_dataset_dir
 from fedsparse.data.splits import (
@@ -90,7 +92,9 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
     else:
         if "timestamp" not in table:
             raise ConfigError(f"data.split='loo' needs timestamps, but {source} has none")
-        labels = leave_one_out_split(ids.users, table["timestamp"].to_numpy(), config.validation_ratio > 0)
+        labels = leave_one_out_split(
+            ids.users, table["timestamp"].to_numpy(), config.validation_ratio > 0, config.loo_ties, ids.items
+        )
 
     shape = (len(ids.user_ids), len(ids.item_ids))
 
@@ -109,6 +113,45 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
     )
 
 
+def load_timestamped_table(config: DataConfig) -> tuple[pd.DataFrame, str]:
+    """The dataset's cleaned interaction table with timestamps, before remapping and splitting.
+
+    Read as ``data.split = loo`` reads it (the raw, timestamped file: ml-100k ``u.data``, ml-1m
+    ``ratings.dat``), then deduplicated, thresholded and k-cored exactly like ``load_dataset``, rows in
+    file order, original ids. The candidate-file writer starts here, so its ids and rows are the ones a
+    run with ``eval.candidates`` loads.
+
+    Returns
+    -------
+    (table with ``user``, ``item``, ``timestamp`` [, ``rating``], a description of the source files)
+
+    Raises
+    ------
+    ConfigError when the dataset has no timestamped file (or is generated); DatasetNotFoundError.
+    """
+    spec = get_dataset(config.dataset)
+    if spec.generated:
+        raise ConfigError(f"{spec.name} is generated and has no timestamps")
+    directory = resolve_dataset_dir(spec.name, config.data_dir)
+    layout = spec.layout_for(directory, "loo")
+    table, _ = drop_duplicate_pairs(pd.concat(layout.read(directory), ignore_index=True))
+    table = k_core(to_implicit(table, config.rating_threshold), config.k_core)
+    return table, " + ".join(str(directory / name) for name in layout.files)
+
+
+def load_run_data(config: RunConfig) -> Interactions:
+    """The interactions a run trains and evaluates on: ``load_dataset``, or, with ``eval.candidates``,
+    the dataset read as for leave-one-out and re-split by the candidate file (its validation and test
+    items held out, its negatives fixed). Bad candidate files raise DataFormatError before any work."""
+    if not config.eval.candidates:
+        return load_dataset(config.data, config.seed)
+    from fedsparse.data.candidates import apply_candidates, read_candidates
+
+    data = load_dataset(replace(config.data, split="loo"), config.seed)
+    candidates = read_candidates(config.eval.candidates, data, config.eval.sampled_negatives)
+    return apply_candidates(data, candidates)
+
+
 def _resolve_split(split: str, layout: Layout | None, name: str) -> str:
     """``auto`` -> the layout's default; generated data supports only random (and auto)."""
     if layout is None:
@@ -118,4 +161,4 @@ def _resolve_split(split: str, layout: Layout | None, name: str) -> str:
     return layout.default_split if split == "auto" else split
 
 
-__all__ = ["load_dataset"]
+__all__ = ["load_dataset", "load_run_data", "load_timestamped_table"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fedsparse.config import LOO_TIES
 from fedsparse.data.errors import DataFormatError
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
@@ -45,10 +46,20 @@ def random_split(users: np.ndarray, test_ratio: float, validation_ratio: float, 
     return labels
 
 
-def leave_one_out_split(users: np.ndarray, timestamps: np.ndarray, validation: bool) -> np.ndarray:
+def leave_one_out_split(
+    users: np.ndarray, timestamps: np.ndarray, validation: bool, ties: str = "file-last", items: np.ndarray | None = None
+) -> np.ndarray:
     """Per user by time: last row to test, second-last to validation (if ``validation``), rest train.
 
-    Equal timestamps are ordered by row position (the file order), so the split is deterministic.
+    Equal timestamps need a rule (on ml-100k 415 of 943 users share their latest timestamp), set by
+    ``ties`` (``data.loo-ties``):
+
+    - ``file-last`` (default, fedsparse's rule since the first release): among equal timestamps the row
+      LATER in the file counts as later, so the last such row is test;
+    - ``file-first``: the row EARLIER in the file counts as later, PFedRec's rule (pandas
+      ``rank(method="first", ascending=False)`` ranks tied rows in file order);
+    - ``item``: the larger item id counts as later, whatever the file order.
+
     Users with fewer than 3 rows keep every row in train.
 
     Parameters
@@ -56,13 +67,26 @@ def leave_one_out_split(users: np.ndarray, timestamps: np.ndarray, validation: b
     users: int64 [n_rows] remapped user ids.
     timestamps: numeric [n_rows].
     validation: whether to hold out the second-last row.
+    ties: ``file-last``, ``file-first`` or ``item``.
+    items: int64 [n_rows] remapped item ids (sorted like the original ids); needed for ``item``.
 
     Returns
     -------
     labels: int8 [n_rows].
     """
     n_rows = len(users)
-    order = np.lexsort((np.arange(n_rows), timestamps, users))  # by user, then time, then file order
+    position = np.arange(n_rows)
+    if ties == "file-last":
+        tie_key = position
+    elif ties == "file-first":
+        tie_key = -position
+    elif ties == "item":
+        if items is None:
+            raise ValueError("leave_one_out_split: ties='item' needs the item ids")
+        tie_key = np.asarray(items, dtype=np.int64)
+    else:
+        raise ValueError(f"leave_one_out_split: unknown tie rule {ties!r}; known: {LOO_TIES}")
+    order = np.lexsort((tie_key, timestamps, users))  # by user, then time, then the tie key: the last is the latest
     per_user = np.bincount(users)
     end = np.cumsum(per_user)  # one past each user's last position in `order`
     from_end = np.empty(n_rows, dtype=np.int64)
@@ -155,6 +179,7 @@ __all__ = [
     "VALIDATION",
     "TEST",
     "DROPPED",
+    "LOO_TIES",
     "random_split",
     "leave_one_out_split",
     "provided_split",
