@@ -32,7 +32,7 @@ LDP_MECHANISMS = ("none", "gaussian", "laplace")
 FAULT_MODES = ("exception", "crash", "timeout")
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
 AUTO = -1.0  # a float knob set to this takes the policy's own default
-MODELS = ("mf", "neumf")
+MODELS = ("mf", "neumf", "popular")
 LOSSES = ("bpr", "bce")
 NEGATIVE_RULES = ("non-train", "unrated")
 LOO_TIES = ("file-last", "file-first", "item")
@@ -63,7 +63,7 @@ class DataConfig:
 class ModelConfig:
     """Recommender architecture on user and item embedding tables."""
 
-    name: str = "mf"
+    name: str = "mf"  # mf, neumf, or popular (most-popular ranking: the central trainer's untrained floor)
     dim: int = 64
     mlp_layers: str = "64,32,16"  # NeuMF MLP tower widths, comma-separated
 

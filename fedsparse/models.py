@@ -140,6 +140,24 @@ class NeuMF(nn.Module):
         return gmf + torch.cat(parts, dim=1)
 
 
+class MostPopular(nn.Module):
+    """score(u, i) = the number of training interactions of item i, the same for every user: the
+    non-personalised floor every learned model must clear. No trainable parameter."""
+
+    def __init__(self, item_counts: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("item_counts", item_counts.to(torch.float32))
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores for pairs: items int64 [b] or [b, c] -> float32 of the same shape."""
+        return self.item_counts[items]
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item: float32 [b, n_items], one row per user, all equal."""
+        return self.item_counts.expand(users.shape[0], -1)
+
+
 def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> nn.Module:
     """The model named by ``config.name`` ("mf" or "neumf") for the given table sizes."""
     if config.name == "mf":

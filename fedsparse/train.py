@@ -22,7 +22,7 @@ from fedsparse import metrics
 from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.losses import batch_loss
-from fedsparse.models import build_model
+from fedsparse.models import MostPopular, build_model
 from fedsparse.results import append_jsonl, new_run_dir, provenance, write_json
 from fedsparse.rng import rng_for, torch_generator_for
 from fedsparse.sampling import NegativeSampler, negative_exclusions, training_pairs
@@ -86,6 +86,23 @@ def evaluate_sampled(model: torch.nn.Module, data: Interactions, config: RunConf
     return {f"sampled_{key}": value for key, value in result.items()}
 
 
+def most_popular_run(config: RunConfig, data: Interactions, run_dir: Path, started: float) -> TrainResult:
+    """Score the most-popular ranking (items by training interactions, nothing trained) with the same
+    evaluations as a trained model, and write its summary into ``run_dir``."""
+    counts = torch.from_numpy(np.asarray(data.train.sum(axis=0)).ravel())
+    model = MostPopular(counts)
+    summary: dict[str, Any] = {"dataset": data.name, "model": "popular", "seed": config.seed, "epochs_run": 0,
+                               "selection": "none (nothing is trained)"}
+    for split in ("validation", "test") if data.validation.nnz else ("test",):
+        prefix = "validation_" if split == "validation" else ""
+        summary.update({prefix + key: value for key, value in evaluate(model, data, config, split).items()})
+        if uses_sampled_protocol(config):
+            summary.update({prefix + key: value for key, value in evaluate_sampled(model, data, config, split).items()})
+    summary["total_seconds"] = time.perf_counter() - started
+    write_json(run_dir / "summary.json", summary)
+    return TrainResult(run_dir=run_dir, summary=summary)
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -104,6 +121,8 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
     write_json(run_dir / "config.json", {"config": config.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
                                          "repairs": data.repairs, **provenance()})
+    if config.model.name == "popular":
+        return most_popular_run(config, data, run_dir, started)
 
     model = build_model(config.model, data.n_users, data.n_items, torch_generator_for(config.seed, "model-init"))
     pair_users, pair_items = training_pairs(data.train)

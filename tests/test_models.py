@@ -91,3 +91,10 @@ def test_bce_is_the_mean_log_loss_over_every_instance():
             terms.append(math.log1p(math.exp(float(user_rows[users[b]] @ item_rows[item]))))
     loss = batch_loss(model, users, positives, negatives, "bce", 0.0)
     assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_most_popular_scores_items_by_training_count_for_every_user():
+    model = models.MostPopular(torch.tensor([3, 0, 7, 1]))
+    np.testing.assert_array_equal(model.score_all(torch.tensor([0, 5])).numpy(), [[3, 0, 7, 1], [3, 0, 7, 1]])
+    np.testing.assert_array_equal(model.score(torch.tensor([2, 2]), torch.tensor([[2, 1], [0, 3]])).numpy(), [[7, 0], [3, 1]])
+    assert not list(model.parameters())

@@ -4,7 +4,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from fedsparse.cli import main as cli_main
 from fedsparse.config import RunConfig
@@ -78,3 +80,18 @@ def test_cli_data_info_and_loo_training_report_both_protocols(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.split("run directory:")[0])
     assert summary["users_evaluated"] == summary["sampled_users_evaluated"] == 943
     assert 0.0 <= summary["sampled_ndcg@10"] <= summary["sampled_hr@10"] <= 1.0
+
+
+def test_most_popular_run_is_scored_like_a_trained_model(tmp_path):
+    """``model.name = popular``: nothing trains, and its test Recall@20 equals a direct count-based ranking."""
+    from fedsparse.data import load_dataset
+    from fedsparse.metrics import full_ranking_metrics
+
+    config = RunConfig.from_flat({**SMALL, "model.name": "popular", "results-dir": str(tmp_path)})
+    result = train_centralised(config, show_progress=False)
+    assert result.summary["epochs_run"] == 0 and "validation_recall@20" in result.summary
+    data = load_dataset(config.data, config.seed)
+    counts = np.asarray(data.train.sum(axis=0)).ravel()
+    expected = full_ranking_metrics(lambda users: torch.from_numpy(np.tile(counts, (len(users), 1)).astype(np.float32)),
+                                    data.test, [data.train, data.validation], [10, 20], 1024)
+    assert result.summary["recall@20"] == pytest.approx(expected["recall@20"])
