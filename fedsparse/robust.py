@@ -45,7 +45,8 @@ def too_large(update: RowUpdate, settings: RobustConfig) -> str | None:
 def robust_aggregate(updates: list[RowUpdate], item_mask: np.ndarray, settings: RobustConfig, mode: str) -> AggregatedRows:
     """Per-row combination of the (clipped) updates: ``fed.aggregation`` ``mode``, or a coordinate-wise median or
     trimmed mean over each row's contributors (unweighted: a robust statistic must not let one device's
-    claimed example count decide). Regrowth signals are summed as in the mean."""
+    claimed example count decide), scaled by the row's contributors under ``sum`` and by contributors /
+    devices under ``client-mean``. Regrowth signals are summed as in the mean."""
     if settings.clip_norm > 0:
         updates = [clip_rows(update, item_mask, settings.clip_norm) for update in updates]
     merged = aggregate_row_updates(updates, item_mask, mode)
@@ -56,8 +57,13 @@ def robust_aggregate(updates: list[RowUpdate], item_mask: np.ndarray, settings: 
         dense = scatter_active(update.values, update.carried_mask(item_mask))
         for index, row_delta in zip(np.searchsorted(merged.rows, update.row_ids), dense):
             per_row[index].append(row_delta)
-    deltas = np.stack([_combine(np.stack(deltas), settings) for deltas in per_row]).astype(np.float32)
-    return replace(merged, deltas=deltas * item_mask[merged.rows])
+    deltas = np.stack([_combine(np.stack(deltas), settings) for deltas in per_row])
+    # The robust statistic stands for one contributor's delta: scale it as the mode scales a mean.
+    if mode == "sum":
+        deltas = deltas * merged.contributors[:, None]
+    elif mode == "client-mean":
+        deltas = deltas * (merged.contributors[:, None] / len(updates))
+    return replace(merged, deltas=(deltas * item_mask[merged.rows]).astype(np.float32))
 
 
 def _combine(deltas: np.ndarray, settings: RobustConfig) -> np.ndarray:

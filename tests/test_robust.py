@@ -130,3 +130,15 @@ def test_exposure_counts_the_target_in_a_benign_users_top_ten():
     assert exposed(12) == 0.0  # 11th
     assert exposed(7, np.where(np.arange(30) == 7, -100.0, scores)) == 0.0
     assert exposed(3) is None  # the user interacted with it (a test item): not counted in ER
+
+
+@pytest.mark.parametrize("mode, scale", [("weighted", 1.0), ("sum", 3.0), ("client-mean", 3.0 / 4.0)])
+def test_a_robust_statistic_is_scaled_like_the_aggregation_mode(mode: str, scale: float) -> None:
+    """The median stands for one contributor's delta: ``sum`` multiplies it by the row's contributors,
+    ``client-mean`` by contributors over the round's devices."""
+    mask = np.ones((4, 2), dtype=bool)
+    row = np.array([1], dtype=np.int64)
+    updates = [RowUpdate(row, np.array([v, -v], np.float32), 1.0) for v in (1.0, 2.0, 9.0)]
+    updates.append(RowUpdate(np.array([3], dtype=np.int64), np.array([5.0, 5.0], np.float32), 1.0))
+    merged = robust_aggregate(updates, mask, RobustConfig(aggregator="median"), mode)
+    np.testing.assert_allclose(merged.deltas[0], [2.0 * scale, -2.0 * scale])

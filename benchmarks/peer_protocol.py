@@ -1,0 +1,197 @@
+"""FedRec baselines and SparseRec under the peers' own protocol: HR@10 / NDCG@10 on fixed candidates.
+
+Every federated cell is a named configuration of ``simulations/configs/`` (its paper, what it sends and
+what stays on the device are in the file's header) run by ``fedsparse simulate`` in a subprocess with
+the protocol flags added: the candidate file (leave-one-out, 99 never-rated negatives per held-out
+item), every device evaluated, the test score at the round of best validation HR@10. The central cells
+(most-popular, central MF) run ``fedsparse train`` on the same file. Participation 1.0 runs ``--rounds``
+rounds; a lower participation runs rounds / fraction rounds, so every cell makes the same passes over
+the data.
+
+    FEDSPARSE_DATA=../shared/data python benchmarks/peer_protocol.py --candidates /tmp/pfedrec_candidates.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fedsparse.results import read_jsonl, save_figure
+from fedsparse.tables import ResultTable, machine_description, write_markdown_table
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE.parent / "simulations" / "configs"
+CURVES = "peer_protocol_curves.csv"
+PFEDREC_PUBLISHED_HR10 = 0.703  # PFedRec's public code on ml-100k, run here by an earlier session (issue 15)
+# (method, kind, named config or central flags): kind "federated" runs the named config, "central" the trainer.
+METHODS = [
+    ("most-popular", "central", ["--model", "popular"]),
+    ("central MF", "central", ["--sparse.policy", "dense", "--model", "mf", "--dim", "32", "--negatives", "4",
+                               "--train.patience", "0"]),
+    ("FedMF", "federated", "fedmf.toml"),
+    ("FedRecon", "federated", "fedrecon.toml"),
+    ("PFedRec", "federated", "pfedrec.toml"),
+    ("SparseRec 0.2", "federated", "sparserec-peer.toml"),
+    ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),
+]
+COLUMNS = [
+    "dataset", "method", "engine", "participation", "rounds", "negatives_from", "sampled_hr@10", "sampled_ndcg@10",
+    "recall@20", "ndcg@20", "best_round", "hr_vs_central", "upload_bytes_mean", "upload_vs_dense_table",
+    "download_bytes_mean", "seconds_per_round", "seconds_vs_fedmf",
+]
+
+
+def run_cli(command: str, flags: list[str], results_dir: Path) -> Path:
+    """``fedsparse COMMAND FLAGS`` in a subprocess (``simulate`` or ``train``); returns its run directory."""
+    extra = ["--engine", "inprocess"] if command == "simulate" else []
+    full = [sys.executable, "-m", "fedsparse.cli", command, *extra, "--no-progress", "--results-dir", str(results_dir), *flags]
+    completed = subprocess.run(full, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(full)} failed:\n{completed.stderr[-3000:]}")
+    return Path(completed.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+
+
+def federated_row(run_dir: Path) -> dict:
+    """Test metrics at the best-validation round, per-client-round bytes and seconds of a federation."""
+    rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    return {
+        "sampled_hr@10": summary["best_test_sampled_hr@10"],
+        "sampled_ndcg@10": summary["best_test_sampled_ndcg@10"],
+        "recall@20": summary["best_test_recall@20"],
+        "ndcg@20": summary["best_test_ndcg@20"],
+        "best_round": summary["best_validation_round"],
+        "negatives_from": config["train.negatives-from"],
+        "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
+        "upload_vs_dense_table": rounds["upload_bytes_mean"].mean() / rounds["dense_fedavg_upload_bytes"].mean(),
+        "download_bytes_mean": rounds["download_bytes_mean"].mean(),
+        # Training rounds only: an evaluated round also ranks every device's items.
+        "seconds_per_round": rounds.loc[rounds["sampled_hr@10"].isna(), "seconds"].median() if "sampled_hr@10" in rounds else float("nan"),
+        "run_dir": str(run_dir),
+    }
+
+
+def central_row(run_dir: Path) -> dict:
+    """The same columns from a central run's summary (its best epoch stands for the best round)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    return {
+        "sampled_hr@10": summary["sampled_hr@10"], "sampled_ndcg@10": summary["sampled_ndcg@10"],
+        "recall@20": summary["recall@20"], "ndcg@20": summary["ndcg@20"], "best_round": summary.get("best_epoch", 0),
+        "negatives_from": config["train.negatives-from"], "run_dir": str(run_dir),
+    }
+
+
+def save_curve(path: Path, cell: str, run_dir: Path, fraction: float) -> None:
+    """The cell's evaluated rounds (passes over the data, validation and test HR@10, Recall@20) into the curves CSV."""
+    rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl")).dropna(subset=["sampled_hr@10"])
+    rounds["passes"] = rounds["round"] * fraction
+    columns = ["round", "passes", "validation_sampled_hr@10", "sampled_hr@10", "sampled_ndcg@10", "recall@20"]
+    ResultTable(path).set_rows(cell, rounds.reindex(columns=columns).to_dict("records"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--candidates", type=Path, help="candidate file (fedsparse data candidates); default: written here, seed 0")
+    parser.add_argument("--rounds", type=int, default=60, help="rounds (epochs for central cells) at full participation")
+    parser.add_argument("--fractions", default="1.0,0.1", help="participations to run (devices per round / devices)")
+    parser.add_argument("--eval-every", type=int, default=5, help="passes between evaluations")
+    parser.add_argument("--methods", default="", help="only these comma-separated methods (default: all)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and plot from the CSVs")
+    args = parser.parse_args()
+    if args.report_only:
+        write_report(args, "", 0.0)
+        return
+    if not os.environ.get("FEDSPARSE_DATA"):
+        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+    candidates = args.candidates or args.out / "runs" / f"{args.dataset}-candidates.csv"
+    if not candidates.exists():
+        subprocess.run([sys.executable, "-m", "fedsparse.cli", "data", "candidates", args.dataset, "--out", str(candidates)], check=True)
+    candidates = candidates.resolve()
+    protocol = ["--dataset", args.dataset, "--eval.candidates", str(candidates)]
+    table = ResultTable(args.out / "peer_protocol.csv")
+    started = time.perf_counter()
+    chosen = set(filter(None, args.methods.split(",")))
+    for method, kind, source in METHODS:
+        if chosen and method not in chosen:
+            continue
+        for fraction in ([1.0] if kind == "central" else [float(f) for f in args.fractions.split(",")]):
+            rounds = round(args.rounds / fraction)
+            cell = f"{args.dataset}/{candidates.name}/{method}/p{fraction:g}/r{rounds}"
+            if table.has(cell):
+                continue
+            if kind == "central":
+                run_dir = run_cli("train", [*protocol, *source, "--epochs", str(rounds), "--train.eval-every", str(args.eval_every)],
+                                  args.out / "runs")
+                row = central_row(run_dir)
+            else:
+                flags = ["--config", str(CONFIGS / source), *protocol, "--num-server-rounds", str(rounds),
+                         "--fed.fraction-train", str(fraction), "--fed.eval-fraction", "1.0",
+                         "--fed.eval-every", str(max(1, round(args.eval_every / fraction)))]
+                run_dir = run_cli("simulate", flags, args.out / "runs")
+                row = federated_row(run_dir)
+                save_curve(args.out / CURVES, cell, run_dir, fraction)
+            table.add(cell, {"dataset": args.dataset, "method": method, "engine": "central" if kind == "central" else "inprocess",
+                             "participation": fraction, "rounds": rounds, "candidates": candidates.name, **row})
+            print(f"{cell:60s} HR@10={row['sampled_hr@10']:.4f} Recall@20={row['recall@20']:.4f}", flush=True)
+    command = (f"`python benchmarks/peer_protocol.py --dataset {args.dataset} --candidates {candidates.name} --rounds {args.rounds} "
+               f"--fractions {args.fractions} --eval-every {args.eval_every}`")
+    write_report(args, command, time.perf_counter() - started)
+
+
+def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
+    """The Markdown table (ratios against central MF and FedMF of the same dataset) and the HR@10 plot."""
+    frame = ResultTable(args.out / "peer_protocol.csv").frame()
+    central = frame[frame["method"] == "central MF"].groupby("dataset")["sampled_hr@10"].max()
+    fedmf = frame[(frame["method"] == "FedMF")].set_index(["dataset", "participation"])["seconds_per_round"]
+    frame["hr_vs_central"] = [row["sampled_hr@10"] / central.get(row["dataset"], float("nan")) for _, row in frame.iterrows()]
+    frame["seconds_vs_fedmf"] = [row["seconds_per_round"] / fedmf.get((row["dataset"], row["participation"]), float("nan"))
+                                 for _, row in frame.iterrows()]
+    header = (
+        f"Last invocation: {command or 'a report of the CSVs'} on {machine_description()}, {seconds:.0f} s. HR@10 / NDCG@10: "
+        "each held-out item among its 99 candidate negatives (the candidate file named in each row's cell), test at the "
+        "round (epoch) of best validation HR@10; Recall@20 / NDCG@20: full ranking at that round. Bytes are payload bytes per "
+        "client-round; `upload_vs_dense_table` is the upload over the whole dense item table (what PFedRec's code sends, "
+        f"d = 32: 215,296 B). PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on this split (issue 15). The "
+        "reading is in benchmarks/README.md.\n\n"
+    )
+    write_markdown_table(args.out / "peer_protocol.md", header, frame.reindex(columns=COLUMNS))
+    curves = ResultTable(args.out / CURVES).frame()
+    plot_curves(frame, curves, args.out / "peer_protocol.png")
+
+
+def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
+    """Test HR@10 against passes over the data, one line per federated cell, central MF as a level line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for _, row in frame[frame["engine"] != "central"].iterrows():
+        points = curves[curves["cell"] == row["cell"]]
+        if not points.empty:
+            style = "-" if row["participation"] == 1.0 else "--"
+            axis.plot(points["passes"], points["sampled_hr@10"], style, marker=".", label=f"{row['method']} ({row['participation']:g})")
+    for _, row in frame[frame["engine"] == "central"].iterrows():
+        axis.axhline(row["sampled_hr@10"], color="grey", linestyle=":", linewidth=1)
+        axis.annotate(row["method"], (0, row["sampled_hr@10"]), fontsize=7, color="grey")
+    axis.set_xlabel("passes over the training data (round x participation)")
+    axis.set_ylabel("test HR@10 (99 candidate negatives)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
