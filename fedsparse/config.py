@@ -134,19 +134,19 @@ class FedConfig:
     fraction_train: float = 0.1  # share of devices sampled per round when clients-per-round is 0
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
-    user_steps: int = 0  # steps on the user row alone (items frozen) before the joint steps, each round
+    user_steps: int = 5  # steps on the user row alone (items frozen) before the joint steps, each round (catch-up with the table)
     user_state: str = "keep"  # keep: the device stores its user row; reconstruct: FedRecon, fit afresh by user-steps each round and evaluation
-    local_lr: float = 0.01  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
+    local_lr: float = 0.05  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
     user_optimizer: str = "adam"  # the user row's optimiser: adam (moments kept on the device), or sgd on the mean loss (PFedRec's head)
     item_optimizer: str = "sgd"  # the device's optimiser of its item-row copy: sgd, or adam (fresh each round: sign steps)
-    item_lr: float = 1.0  # sgd: step per training example on the item rows (gradient of the summed loss); ml-1m study
+    item_lr: float = 0.01  # sgd: step per training example on the item rows (gradient of the summed loss)
     item_init_std: float = 0.1  # std of the normal values the server's item rows start from without an NMF start
     server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
     server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
     server_beta2: float = 0.999  # adam: decay of the second moment
     server_eps: float = 1e-8  # adam: added to the root of the second moment
-    aggregation: str = "weighted"  # per-row mean over contributors (weighted by examples, or uniform), sum (FedMF), client-mean (FedAvg)
+    aggregation: str = "sum"  # per-row mean over contributors (weighted by examples, or uniform), sum (FedMF), client-mean (FedAvg)
     downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal

@@ -42,6 +42,7 @@ def config(**overrides: object) -> RunConfig:
         "fed.local-lr": 0.05,
         "train.negatives": 2,
         "fed.signal-topk": 4,
+        "fed.user-steps": 0,  # the hand-written references below step user and items jointly from the start
     }
     flat.update(overrides)
     return RunConfig.from_flat(flat)
@@ -331,7 +332,8 @@ def full_bpr(user_row: np.ndarray, items: np.ndarray, data: DeviceData) -> float
 
 @pytest.mark.parametrize("policy, density", [("dense", 1.0), ("static", 0.5)])
 def test_bpr_loss_decreases_when_the_server_applies_updates(policy: str, density: float) -> None:
-    cfg = config(**{"sparse.policy": policy, "sparse.density": density, "fed.local-lr": 0.05, "train.negatives": 4})
+    cfg = config(**{"sparse.policy": policy, "sparse.density": density, "fed.local-lr": 0.05, "train.negatives": 4,
+                    "fed.item-lr": 1.0})  # one device alone: a large step per example shows the item side learning
     data = user_data()
     weight, mask = item_table(density=density)
     if policy == "dense":

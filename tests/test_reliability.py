@@ -179,7 +179,7 @@ def test_resuming_under_a_different_config_or_without_a_checkpoint_is_refused(tm
     data = load_dataset(config.data, config.seed)
     run_dir, _ = run_inprocess(config, data)
     changed = config.with_overrides({"fed.local-lr": 0.5, "num-server-rounds": 4})
-    with pytest.raises(ConfigError, match=r"fed.local-lr 0.01 -> 0.5"):
+    with pytest.raises(ConfigError, match=r"fed.local-lr 0.05 -> 0.5"):
         run_inprocess(changed, data, resume_dir=run_dir)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no checkpoint.npz"):
