@@ -16,7 +16,7 @@ from typing import Callable, Union
 
 import pandas as pd
 
-from fedsparse.config import ConfigError
+from fedsparse.config import ConfigError, did_you_mean
 from fedsparse.data.download import Network, UrlFiles, WheelMember, ZipMember
 from fedsparse.data.errors import DatasetNotFoundError
 from fedsparse.data.readers import (
@@ -158,7 +158,7 @@ DATASETS: dict[str, DatasetSpec] = {
 def get_dataset(name: str) -> DatasetSpec:
     """The registered spec for ``name``; ConfigError listing the known names otherwise."""
     if name not in DATASETS:
-        raise ConfigError(f"data.dataset {name!r} is not registered; known: {', '.join(DATASETS)}")
+        raise ConfigError(f"data.dataset {name!r} is not registered{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -195,6 +195,7 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
         state = f"lacks {spec.expected_files()}" if directory.is_dir() else "no such directory"
         tried.append(f"{label} {directory}: {state}")
     network = network or Network()
+    created_cache = not cache.exists()
     for download in spec.downloads:
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -205,6 +206,8 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
         if spec.present(cache):
             return cache
         tried.append(f"download {download.describe()}: finished, but {cache} still lacks {spec.expected_files()}")
+    if created_cache and cache.is_dir() and not any(cache.iterdir()):
+        cache.rmdir()  # an empty folder left behind would read as "lacks the files" in the next lookup's message
     lines = "\n".join(f"  - {attempt}" for attempt in tried)
     raise DatasetNotFoundError(
         f"dataset {name!r} not found. Tried:\n{lines}\n"
