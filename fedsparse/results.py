@@ -7,17 +7,25 @@ import os
 import platform
 import secrets
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+
+NEW_FILE_MODE = 0o666  # what open() asks for; the kernel removes the user's umask (tempfile's 0o600 would not)
+
+
+def new_temp_file(path: Path) -> tuple[int, Path]:
+    """Create ``.<name>.<random>.tmp`` beside ``path`` with the user's umask applied; returns (fd, its path)."""
+    temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE), temp
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp_name = new_temp_file(path)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
