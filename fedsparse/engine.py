@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
+from fedsparse.console import round_line
 from fedsparse.devices import device_width
 from fedsparse.federation import Server, central_nmf_item_factor, clients_per_round, sample_clients, validate_update
 from fedsparse.nmf import apply_item_update, multiplicative_init
@@ -83,7 +84,7 @@ def check_population(config: RunConfig, population: Population) -> None:
         raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id (the dataset has {population.n_items})")
 
 
-RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir"}  # keys a resumed run may change
+RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
 
 
 def check_resumable(config: RunConfig, run_dir: Path) -> None:
@@ -100,11 +101,13 @@ def check_resumable(config: RunConfig, run_dir: Path) -> None:
 
 
 def effective_config(config: RunConfig) -> RunConfig:
-    """The config as run: without an NMF source, an NMF-initialised policy falls back to a random mask."""
-    uses_nmf = build_policy(config.sparse).settings.mask_init == "nmf"
-    if uses_nmf and config.fed.nmf_init == "none":
-        return replace(config, sparse=replace(config.sparse, mask_init="random"))
-    return config
+    """The config as run: the density the policy trains at (1 for ``dense``, whatever was asked), and
+    without an NMF source, an NMF-initialised policy falls back to a random mask."""
+    settings = build_policy(config.sparse).settings
+    sparse = replace(config.sparse, density=settings.density)
+    if settings.mask_init == "nmf" and config.fed.nmf_init == "none":
+        sparse = replace(sparse, mask_init="random")
+    return replace(config, sparse=sparse)
 
 
 def _bytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -155,6 +158,7 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
         devices = sorted(rows_of)
     gram_users = np.zeros((rank, rank))
     for nmf_round in range(1, config.fed.nmf_rounds + 1):
+        round_started = time.perf_counter()
         factor32 = item_factor.astype(np.float32)
         shared = {"gram": (item_factor.T @ item_factor).astype(np.float32), "init-scale": init_scale}
         messages = {
@@ -179,6 +183,7 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
             numerator[rows] += factor
             gram_users += gram
         item_factor = apply_item_update(item_factor, numerator, gram_users)
+        log.info("NMF start %d/%d: %d devices, %.1f s", nmf_round, config.fed.nmf_rounds, len(devices), time.perf_counter() - round_started)
     user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None))
     item_norm = np.linalg.norm(item_factor, axis=0)
     scale = np.ones(rank)
@@ -279,6 +284,8 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
             totals.update(nmf_bytes)
     server = Server.create(config, population.n_items, item_factor, population.item_popularity)
     totals["init_seconds"] = time.perf_counter() - started
+    source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
+    log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
     return RunState(server, device_init, totals, {}, {})
 
 
@@ -315,7 +322,7 @@ def run_federation(
         state = start_run(config, population, transport, central_train)
         write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
             "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items},
-            **provenance(), **(metadata or {})})
+            **provenance(config.code_version), **(metadata or {})})
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
         record = train_round(config, population, transport, state, server_round, observer)
         if server_round % config.fed.eval_every == 0 or server_round == config.num_server_rounds:
@@ -329,7 +336,7 @@ def run_federation(
         record["seconds"] = time.perf_counter() - record.pop("started")
         append_jsonl(run_dir / "rounds.jsonl", record)
         save_checkpoint(run_dir, state, transport)
-        log.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
+        log.info(round_line(record, config.num_server_rounds))
         if on_round is not None:
             on_round(record)
 

@@ -83,9 +83,12 @@ def new_run_dir(results_dir: str | Path, label: str) -> Path:
     return run_dir
 
 
-def provenance() -> dict[str, Any]:
-    """What produced a result: code version (git commit, and whether the tree had local changes; None
-    outside a git checkout, e.g. in Flower's bundled app copy), host, Python and start time (UTC)."""
+MODIFIED_SUFFIX = "+modified"  # a code version whose checkout had local changes
+
+
+def code_version() -> str:
+    """The git commit of this checkout, with MODIFIED_SUFFIX when tracked files have local changes; ""
+    outside a git checkout (e.g. in Flower's bundled app copy, hence the launcher passes its own)."""
     here = Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -96,9 +99,19 @@ def provenance() -> dict[str, Any]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
+    if not commit:
+        return ""
+    return commit + (MODIFIED_SUFFIX if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def provenance(launched_from: str = "") -> dict[str, Any]:
+    """What produced a result: code version (git commit, and whether the tree had local changes; None
+    when unknown), host, Python and start time (UTC). ``launched_from``: the ``code_version()`` of the
+    process that launched the run (config key ``code-version``), used instead of asking git here."""
+    version = launched_from or code_version()
     return {
-        "code_version": commit,
-        "code_modified": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "code_version": version.removesuffix(MODIFIED_SUFFIX) or None,
+        "code_modified": version.endswith(MODIFIED_SUFFIX) if version else None,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "python": platform.python_version(),
         "started_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
