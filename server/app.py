@@ -55,6 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = run_federation(
         config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),
         # The Flower app's content hash names the exact code even when the launcher passed no code-version.
-        metadata={"dataset": data.counts(), "dataset_checksum": data.checksum(), "flower_app_hash": grid.run.fab_hash},
+        metadata={"engine": "flower", "dataset": data.counts(), "dataset_checksum": data.checksum(),
+                  "flower_app_hash": grid.run.fab_hash},
     )
     logger.info(summary_table(summary, run_dir))
