@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
-from fedsparse.config import SPLITS, ConfigError, KeyHelp, RunConfig, did_you_mean, flat_defaults, key_help, section_help
+from fedsparse.config import ConfigError, KeyHelp, RunConfig, did_you_mean, flat_defaults, key_help, section_help
 
 if TYPE_CHECKING:
     from fedsparse.report import Report
@@ -45,6 +45,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)  # `--num-server-round 20` must not pass as --num-server-rounds
         super().__init__(*args, **kwargs)
         self.set_defaults(parser=self)  # the deepest subcommand's parser wins: its usage goes with later errors
+        self.config_actions: list[argparse.Action] = []  # one flag per config key, summed up as [--KEY VALUE ...]
 
     def error(self, message: str) -> NoReturn:
         """Print this (sub)command's usage and the message with a suggestion, exit 2."""
@@ -56,7 +57,7 @@ class Parser(argparse.ArgumentParser):
     def shorten_usage(self) -> None:
         """Usage naming this command's own flags and ``[--KEY VALUE ...]`` for the config keys (not 200 flags)."""
         formatter = self._get_formatter()
-        formatter.add_usage(None, [action for action in self._actions if action.dest not in flat_defaults()], [])
+        formatter.add_usage(None, [action for action in self._actions if action not in self.config_actions], [])
         own = formatter.format_help().strip().removeprefix("usage: ")
         self.usage = f"{own} [--KEY VALUE ...]".replace("%", "%%")
 
@@ -79,18 +80,22 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per flat config key (plus its alias), grouped by section, each with its field's own description."""
+def _add_config_flags(parser: Parser, only: str | None = None) -> None:
+    """One flag per flat config key (plus its alias), grouped by section, each with its field's own description;
+    ``only``: just that section's keys."""
     parser.add_argument("--config", type=Path, help="TOML file of flat config keys; flags override it")
     reverse = {key: alias for alias, key in ALIASES.items()}
     sections = section_help()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, about in key_help().items():
+        if only is not None and about.section != only:
+            continue
         if about.section not in groups:
             groups[about.section] = parser.add_argument_group(f"{about.section} keys", sections[about.section])
         names = [f"--{key}"] + ([f"--{reverse[key]}"] if key in reverse else [])
         metavar = type(about.default).__name__.upper()
-        groups[about.section].add_argument(*names, dest=key, default=None, metavar=metavar, help=flag_help(about))
+        action = groups[about.section].add_argument(*names, dest=key, default=None, metavar=metavar, help=flag_help(about))
+        parser.config_actions.append(action)
 
 
 def flag_help(about: KeyHelp) -> str:
@@ -120,15 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", required=True)
     data.add_parser("list", help="list registered dataset names")
-    info = data.add_parser("info", help="users, items and train/validation/test counts of a dataset")
-    info.add_argument("name")
-    info.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
-    info.add_argument("--split", default="auto", choices=SPLITS, help="train/test split (as data.split)")
-    info.add_argument("--seed", type=int, default=0)
-    info.add_argument("--json", action="store_true", help="print JSON")
+    info = data.add_parser("info", help="users, items and train/validation/test counts of a dataset or of your own file")
     verify = data.add_parser("verify", help="check a dataset's users, items and interactions against the published counts")
-    verify.add_argument("name")
-    verify.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
+    for command in (info, verify):
+        command.add_argument("name", nargs="?", help="a registered dataset (`fedsparse data list`); leave out with --data.path")
+        _add_config_flags(command, only="data")
+    info.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    info.add_argument("--json", action="store_true", help="print JSON")
     fetch = data.add_parser("fetch", help="find a dataset, downloading it into the cache when it is nowhere else")
     fetch.add_argument("name")
     fetch.add_argument("--data-dir", default="")
@@ -156,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, required=True, help="folder for report.csv, report.md and the PNGs")
     report.add_argument("--privacy", type=Path, action="append", default=[], metavar="CSV",
                         help="a results CSV of simulations/privacy_frontier.py: draws privacy_frontier.png (repeatable)")
-    train.shorten_usage()
-    simulate.shorten_usage()
+    for command in (info, verify, train, simulate):
+        command.shorten_usage()
     superlink = commands.add_parser("superlink", help="the local Flower SuperLink that `flwr run` starts")
     superlink.add_argument("action", choices=("stop",))
     return parser
@@ -228,7 +231,7 @@ def _simulate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("fedsparse")
     # Bad data, a config that cannot run or a run that cannot be resumed fail here, before Ray starts.
-    log.info("loading dataset %s ...", config.data.dataset)
+    log.info("loading dataset %s ...", config.data.path or config.data.dataset)
     started = time.perf_counter()
     data = load_dataset(config.data, config.seed)
     log.info(dataset_line(data.name, data.counts(), time.perf_counter() - started))
@@ -283,9 +286,11 @@ def _data_command(args: argparse.Namespace) -> int:
     if args.data_command == "fetch":
         print(resolve_dataset_dir(get_dataset(args.name).name, args.data_dir))
         return 0
+    config = _config_from_args(args)
+    if args.name:
+        config = config.with_overrides({"data.dataset": args.name})
     if args.data_command == "verify":
-        return _verify(args.name, args.data_dir)
-    config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.split": args.split})
+        return _verify(config)
     data = load_dataset(config.data, args.seed)
     counts = {"name": data.name, **data.counts(), "repairs": data.repairs}
     if args.json:
@@ -296,15 +301,23 @@ def _data_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(name: str, data_dir: str) -> int:
-    """Exit 0 when the loaded dataset has the published users, items and interactions, else 1 (naming them)."""
+def _verify(config: RunConfig) -> int:
+    """Exit 0 when the loaded dataset has the published users, items and interactions, else 1 (naming them).
+
+    A user's own file (``data.path``) has no published counts: it passes when it reads cleanly, and what was
+    read and repaired is printed."""
     from fedsparse.data import load_dataset
     from fedsparse.data.registry import get_dataset
 
-    published = get_dataset(name).published
+    if config.data.path:
+        data = load_dataset(config.data, 0)
+        print(f"{config.data.path}: read cleanly; {data.n_users:,} users, {data.n_items:,} items, "
+              f"{data.counts()['interactions']:,} interactions; repairs: {data.repairs}")
+        return 0
+    published = get_dataset(config.data.dataset).published
     if published is None:
-        raise ConfigError(f"{name} has no published counts to verify against")
-    data = load_dataset(RunConfig.from_flat({"data.dataset": name, "data.data-dir": data_dir}).data, 0)
+        raise ConfigError(f"{config.data.dataset} has no published counts to verify against")
+    data = load_dataset(config.data, 0)
     counts = data.counts()
     # The files' pairs, before the loader dropped test pairs whose item never occurs in training.
     dropped = int(data.repairs.get("test_pairs_unseen_in_train", 0))

@@ -57,6 +57,13 @@ class DataConfig:
     synthetic_users: int = 2000  # synthetic: users generated
     synthetic_items: int = 1000  # synthetic: items generated
     synthetic_interactions_per_user: int = 20  # synthetic: mean interactions per user
+    path: str = ""  # your own interaction file (CSV, TSV or Parquet), read instead of data.dataset; runs are named after it
+    user_column: str = "user"  # data.path: the user id column, a header name or a 0-based position ("0")
+    item_column: str = "item"  # data.path: the item id column, a header name or a 0-based position ("1")
+    rating_column: str = ""  # data.path: a numeric rating column, for data.rating-threshold ("" = none)
+    timestamp_column: str = ""  # data.path: a numeric timestamp column, needed by data.split = loo ("" = none)
+    separator: str = ","  # data.path: field separator of a text file; "tab" (or "\t") for tabs, "space" for runs of blanks
+    header: bool = True  # data.path: the first line names the columns (false: data starts on line 1, columns by position)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ def run_config_overrides(config: RunConfig) -> str:
     flat["results-dir"] = str(Path(config.results_dir).expanduser().resolve())
     if config.data.data_dir:
         flat["data.data-dir"] = str(Path(config.data.data_dir).expanduser().resolve())
+    if config.data.path:
+        flat["data.path"] = str(Path(config.data.path).expanduser().resolve())
     if config.resume_dir:
         flat["resume-dir"] = str(Path(config.resume_dir).expanduser().resolve())
     if not config.code_version:  # the app runs from a bundled copy without git: tell it which commit launched it

@@ -79,7 +79,8 @@ def collect_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list
         rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
         upload = float(rounds["upload_bytes_mean"].mean()) if "upload_bytes_mean" in rounds else float("nan")
         download = float(rounds["download_bytes_mean"].mean()) if "download_bytes_mean" in rounds else float("nan")
-        identity = {"engine": recorded.get("engine") or _engine_from_name(run_dir.name), "dataset": config.get("data.dataset")}
+        dataset = Path(config["data.path"]).stem if config.get("data.path") else config.get("data.dataset")  # own file: its name
+        identity = {"engine": recorded.get("engine") or _engine_from_name(run_dir.name), "dataset": dataset}
         rows.append({"run": run_dir.name, **identity, **{f"config:{k}": v for k, v in config.items()}, **summary,
                      "upload_bytes_mean": upload, "download_bytes_mean": download, "run_dir": str(run_dir)})
         if "recall@20" in rounds:

@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
         logger.addHandler(logging.StreamHandler(sys.stdout))
     config = RunConfig.from_flat(context.run_config)
     # The server reads the dataset only for its sizes (and for the central-NMF oracle, when chosen).
-    logger.info("loading dataset %s ...", config.data.dataset)
+    logger.info("loading dataset %s ...", config.data.path or config.data.dataset)
     started = time.perf_counter()
     data = load_dataset(config.data, config.seed)
     logger.info(dataset_line(data.name, data.counts(), time.perf_counter() - started))

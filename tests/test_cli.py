@@ -189,3 +189,24 @@ def test_a_dense_run_records_the_density_it_trained_at(tmp_path):
     run_dir, summary = run_inprocess(config)
     recorded = json.loads((run_dir / "config.json").read_text())["config"]
     assert recorded["sparse.density"] == summary["density"] == 1.0
+
+
+def test_data_info_verify_and_simulate_take_a_users_own_file(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "reviews.tsv"
+    path.write_text("".join(f"A{u}\tB{(u * 3 + k) % 20:03d}\n" for u in range(15) for k in range(6)))
+    own = ["--data.path", str(path), "--data.header", "false", "--data.separator", "tab",
+           "--data.user-column", "0", "--data.item-column", "1"]
+    assert main(["data", "info", *own, "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert (counts["name"], counts["users"], counts["interactions"]) == ("reviews", 15, 90)
+    assert main(["data", "verify", *own]) == 0
+    assert "read cleanly; 15 users" in capsys.readouterr().out
+    flags = ["--dim", "8", "--num-server-rounds", "1", "--fed.nmf-rounds", "1", "--results-dir", str(tmp_path / "out")]
+    assert main(["simulate", *own, *flags, "--json"]) == 0
+    run_dir = Path(json.loads(capsys.readouterr().out)["run_dir"])
+    assert "-fed-reviews-" in run_dir.name
+    from fedsparse.flower_run import run_config_overrides
+
+    monkeypatch.chdir(tmp_path)  # under flwr run the app runs from a copy: a relative path is made absolute
+    relative = RunConfig.from_flat({"data.path": "reviews.tsv"})
+    assert f'"data.path"="{path}"' in run_config_overrides(relative)
