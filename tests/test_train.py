@@ -8,10 +8,11 @@ import pytest
 
 from fedsparse.cli import main as cli_main
 from fedsparse.config import RunConfig
+from fedsparse.data.registry import DATA_ENV
 from fedsparse.results import read_jsonl
 from fedsparse.train import train_centralised
 
-SHARED_DATA = Path(os.environ.get("FEDSPARSE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 SMALL = {
     "data.dataset": "synthetic",
