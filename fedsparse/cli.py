@@ -50,8 +50,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Print this (sub)command's usage and the message with a suggestion, exit 2."""
         unknown = UNKNOWN_CHOICE.search(message)
-        if unknown:
-            message += did_you_mean(unknown.group(1), ast.literal_eval(f"[{unknown.group(2)}]"))
+        if unknown:  # Python 3.11 quotes the choices ('a', 'b'), 3.12 does not (a, b)
+            message += did_you_mean(unknown.group(1), [choice.strip("'\"") for choice in unknown.group(2).split(", ")])
         super().error(message)
 
     def shorten_usage(self) -> None:

@@ -131,6 +131,12 @@ def test_simulate_prints_round_lines_and_a_table_or_json(tmp_path):
     scripted = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300, cwd=root)
     summary = json.loads(scripted.stdout)
     assert summary["rounds"] == 2 and Path(summary["run_dir"]).is_dir()
+    # With the bar drawn, every log line starts a line of its own: the bar is cleared before it is written
+    # (what follows the last carriage return is the line a terminal shows).
+    barred = subprocess.run([*command, "--progress"], capture_output=True, text=True, timeout=300, cwd=root)
+    shown = [line.rsplit("\r", 1)[-1] for line in barred.stderr.split("\n")]
+    assert sum(1 for line in shown if ROUND_LINE.match(line)) == 2, barred.stderr
+    assert "rounds synthetic" in barred.stderr
 
 
 def test_result_and_downloaded_files_follow_the_umask(tmp_path):
