@@ -36,6 +36,7 @@ ALIASES = {
     "resume": "resume-dir",
 }
 CHOICE_LIST = re.compile(r"must be one of (\(.*\))")  # validate()'s words for an enumerated key
+JSON_HELP = "print the summary as one JSON object (with run_dir) instead of a table"
 
 
 class Parser(argparse.ArgumentParser):
@@ -107,8 +108,8 @@ def flag_help(about: KeyHelp) -> str:
     elif isinstance(about.default, bool):
         accepted = "true or false"
     default = json.dumps(about.default) if isinstance(about.default, (str, bool)) else repr(about.default)
-    text = f"{about.description}. " + (f"Allowed: {accepted.removeprefix('must be ')}. " if accepted else "") + f"Default: {default}."
-    return text.replace("%", "%%")
+    allowed = f"Allowed: {accepted.removeprefix('must be ')}. " if accepted else ""
+    return f"{about.description}. {allowed}Default: {default}.".replace("%", "%%")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -139,15 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="centralised reference training (dense MF / NeuMF)")
     _add_config_flags(train)
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
-    train.add_argument("--json", action="store_true", help="print the summary as one JSON object (with run_dir) instead of a table")
+    train.add_argument("--json", action="store_true", help=JSON_HELP)
 
     simulate = commands.add_parser("simulate", help="federated simulation: in-process engine or Flower")
     _add_config_flags(simulate)
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
-                          help="inprocess: devices called in this process (fast); flower: a real `flwr run`, one supernode per device")
+                          help="inprocess: devices called in this process (fast); flower: a real flwr run, a supernode per device")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
     simulate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="round progress bar (default: on a terminal)")
-    simulate.add_argument("--json", action="store_true", help="print the summary as one JSON object (with run_dir) instead of a table")
+    simulate.add_argument("--json", action="store_true", help=JSON_HELP)
     sweep = commands.add_parser("sweep", help="a resumable grid of federations (in-process or Flower) from a TOML file")
     sweep.add_argument("file", type=Path, help="TOML with seeds, [base] keys, a [grid] of key = [values] and optionally engine")
     sweep.add_argument("--out", type=Path, help="sweep directory (default: results/sweeps/<file name>)")

@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which dataset, where to find it, and how to split it."""
 
-    dataset: str = "ml-100k"  # a registered name (`fedsparse data list`): ml-100k works offline; synthetic is generated
+    dataset: str = "ml-100k"  # a registered name (`fedsparse data list`); ml-100k and synthetic need no manual download
     data_dir: str = ""  # folder holding <dataset>/ ("" = $FEDSPARSE_DATA, then the user cache, then download)
     split: str = "auto"  # auto = the files' own train/test split if they have one, else random; loo on request
     test_ratio: float = 0.2  # per-user share held out for test by the random split
@@ -244,7 +244,7 @@ class RunConfig:
     results_dir: str = "results"  # folder that receives one run directory per run
     num_server_rounds: int = 3  # federated training rounds (after the NMF start)
     resume_dir: str = ""  # a run directory to continue from its checkpoint, under the same settings ("" = start a new run)
-    code_version: str = ""  # git commit that launched the run, "+modified" with local changes (set by simulate --engine flower; "" = ask git where the run executes)
+    code_version: str = ""  # git commit of the launcher, "+modified" with local changes ("" = ask git where the run executes)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -507,7 +507,7 @@ def _field_comments() -> dict[tuple[str, str], str]:
             owner = token.string
         elif previous is not None and token.string == ":" and previous.type == tokenize.NAME and previous.start == (row, 4):
             current, last_row = (owner, previous.string), row  # a field: "    name: type = default"
-        elif token.type == tokenize.COMMENT and current is not None and (row == last_row or (row == last_row + 1 and column == 4)):
+        elif token.type == tokenize.COMMENT and current is not None and (row == last_row or (row, column) == (last_row + 1, 4)):
             text = token.string.lstrip("#").strip()
             comments[current] = f"{comments[current]} {text}" if current in comments else text
             last_row = row

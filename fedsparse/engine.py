@@ -183,7 +183,8 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
             numerator[rows] += factor
             gram_users += gram
         item_factor = apply_item_update(item_factor, numerator, gram_users)
-        log.info("NMF start %d/%d: %d devices, %.1f s", nmf_round, config.fed.nmf_rounds, len(devices), time.perf_counter() - round_started)
+        log.info("NMF start %d/%d: %d devices, %.1f s", nmf_round, config.fed.nmf_rounds, len(devices),
+                 time.perf_counter() - round_started)
     user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None))
     item_norm = np.linalg.norm(item_factor, axis=0)
     scale = np.ones(rank)

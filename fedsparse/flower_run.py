@@ -40,7 +40,8 @@ OUTPUT_TAIL_CHARS = 4000  # of Flower's output, quoted when a run fails
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # Flower >= 1.32 prints these on every simulation start whatever the federation size (flwr/simulation/app.py);
 # the size actually used follows on its own line ("Federation `...` (943 simulated SuperNodes)").
-FLOWER_NOISE = ("default simulated SuperNodes changed from 10 to 2", "To change federation size", "flwr federation simulation-config")
+FLOWER_NOISE = ("default simulated SuperNodes changed from 10 to 2", "To change federation size",
+                "flwr federation simulation-config")
 
 
 def check_flower_config(config: RunConfig) -> None:

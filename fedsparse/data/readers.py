@@ -187,7 +187,8 @@ def read_table(
     labels = {out: _column_label(frame, col, header) for out, col in wanted.items()}
     missing = [str(wanted[out]) for out, label in labels.items() if label is None]
     if missing:
-        found = ", ".join(map(str, frame.columns)) if header else f"{len(frame.columns)} columns, positions 0-{len(frame.columns) - 1}"
+        count = len(frame.columns)
+        found = ", ".join(map(str, frame.columns)) if header else f"{count} columns, positions 0-{count - 1}"
         raise DataFormatError.at(path, first_line, f"missing column(s) {', '.join(missing)} (found {found})")
     if frame.empty:
         raise DataFormatError.at(path, first_line, "no rows")
