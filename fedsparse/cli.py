@@ -290,6 +290,8 @@ def _data_command(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.name:
         config = config.with_overrides({"data.dataset": args.name})
+    elif not (config.data.path or args.config or getattr(args, "data.dataset")):
+        raise ConfigError("name a dataset (`fedsparse data list`) or give your own file with --data.path")
     if args.data_command == "verify":
         return _verify(config)
     data = load_dataset(config.data, args.seed)

@@ -87,6 +87,8 @@ def test_config_errors_print_the_usage_and_suggest_the_closest_key_or_dataset(tm
     assert "unknown config key(s): sparse.densty (did you mean sparse.density?)" in err
     assert main(["data", "info", "ml100k"]) == 2
     assert "data.dataset 'ml100k' is not registered (did you mean ml-100k?)" in capsys.readouterr().err
+    assert main(["data", "info"]) == 2
+    assert "name a dataset (`fedsparse data list`) or give your own file with --data.path" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"num-server-round \(did you mean num-server-rounds\?\)"):
         RunConfig.from_flat({"num-server-round": 3})
 
