@@ -165,7 +165,8 @@ def test_the_flower_launcher_passes_its_code_version_which_the_run_records(tmp_p
     from fedsparse.results import code_version, provenance
 
     here = code_version()
-    assert here, "the tests run from a git checkout"
+    if not here:
+        pytest.skip("not a git checkout: there is no commit to pass")
     assert f'"code-version"="{here}"' in run_config_overrides(RunConfig())
     pinned = RunConfig.from_flat({"code-version": "abc123"})
     assert '"code-version"="abc123"' in run_config_overrides(pinned)  # an explicit value is passed as given
