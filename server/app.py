@@ -45,8 +45,10 @@ def main(grid: Grid, context: Context) -> None:
     if config.resume_dir:  # devices start with empty context.state: see README, "Resume"
         check_resumable(config, Path(config.resume_dir))
     expected = partitions_needed(data.n_users, config.fed.clients_per_node)
-    logger.info("waiting for %d supernodes to register ...", expected)
+    logger.info("waiting for %d supernodes to register and name their partition (one message each) ...", expected)
+    started = time.perf_counter()
     node_of_partition = discover_partitions(grid, expected, NODE_WAIT_SECONDS, NODE_POLL_SECONDS)
+    logger.info("%d supernodes ready, %.1f s", len(node_of_partition), time.perf_counter() - started)
     transport = FlowerTransport(
         grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
         config.privacy.secure_weight_bound,
