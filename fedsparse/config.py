@@ -523,10 +523,21 @@ def _accepted(key: str, default: Any) -> str:
     try:
         RunConfig.from_flat({key: _PROBES[type(default)]})
     except ConfigError as exc:
-        message = str(exc)
-        if message.startswith(f"{key} "):
-            return message.removeprefix(f"{key} ").split(", got ")[0]
+        named, _, rest = str(exc).partition(" ")
+        if key in _named_keys(named):
+            return rest.split(", got ")[0].split(": ")[0]  # without the probe value or the parser's complaint about it
     return ""
+
+
+def _named_keys(named: str) -> list[str]:
+    """The keys a check message names: ``fed.server-beta1/2`` -> fed.server-beta1, fed.server-beta2;
+    ``sparse.ciess-step/noise`` -> sparse.ciess-step, sparse.ciess-noise."""
+    first, *others = named.split("/")
+    keys = [first]
+    for other in others:
+        stem = first.rstrip("0123456789") if other.isdigit() else first.rsplit("-", 1)[0] + "-"
+        keys.append(stem + other)
+    return keys
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:

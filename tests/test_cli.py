@@ -219,3 +219,11 @@ def test_data_info_verify_and_simulate_take_a_users_own_file(tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)  # under flwr run the app runs from a copy: a relative path is made absolute
     relative = RunConfig.from_flat({"data.path": "reviews.tsv"})
     assert f'"data.path"="{path}"' in run_config_overrides(relative)
+
+
+def test_allowed_values_come_from_the_validator_even_for_checks_naming_two_keys():
+    helps = key_help()
+    assert helps["fed.server-beta2"].accepted == "must be in [0, 1)"
+    assert helps["sparse.ciess-noise"].accepted == "must be >= 0"
+    assert helps["budget.device-shares"].accepted == "must be comma-separated numbers"
+    assert helps["seed"].accepted == ""  # no check: any integer
