@@ -10,14 +10,13 @@ from pathlib import Path
 
 
 def run_training(flags: list[str], results_dir: Path) -> dict:
-    """Run ``fedsparse train FLAGS`` in its own process (so peak memory is its own); return summary.json."""
+    """Run ``fedsparse train FLAGS`` in its own process (so peak memory is its own); return summary.json (plus run_dir)."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "fedsparse.cli", "train", "--no-progress", "--results-dir", str(results_dir), *flags]
+    command = [sys.executable, "-m", "fedsparse.cli", "train", "--no-progress", "--json", "--results-dir", str(results_dir), *flags]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    run_dir = Path(completed.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads(completed.stdout)  # --json: summary.json's keys and run_dir
 
 
 def _rss_bytes(pid: int) -> int:

@@ -45,7 +45,7 @@ def run_case(engine: str, flags: list[str], results_dir: Path) -> tuple[Path, fl
     """``fedsparse simulate`` in a subprocess under a memory sampler; (run dir, wall seconds, peak RSS bytes)."""
     home = Path(tempfile.mkdtemp(prefix="fedsparse-flwr-home-"))
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
-    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", engine, "--app-dir", str(REPO),
+    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", engine, "--app-dir", str(REPO), "--json",
                "--results-dir", str(results_dir), *flags]
     started = time.perf_counter()
     try:
@@ -57,7 +57,7 @@ def run_case(engine: str, flags: list[str], results_dir: Path) -> tuple[Path, fl
     wall = time.perf_counter() - started
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    return Path(stdout.strip().splitlines()[-1].removeprefix("run directory: ")), wall, memory.peak_bytes
+    return Path(json.loads(stdout)["run_dir"]), wall, memory.peak_bytes
 
 
 def case_row(run_dir: Path, wall: float, peak: int) -> dict:

@@ -45,12 +45,12 @@ COLUMNS = [
 
 def run_simulation(flags: list[str], results_dir: Path) -> Path:
     """``fedsparse simulate --engine inprocess FLAGS`` in a subprocess; returns its run directory."""
-    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", "inprocess",
+    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", "inprocess", "--json",
                "--results-dir", str(results_dir), *flags]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    return Path(completed.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+    return Path(json.loads(completed.stdout)["run_dir"])
 
 
 def cell_row(run_dir: Path) -> dict:

@@ -51,11 +51,11 @@ COLUMNS = [
 def run_cli(command: str, flags: list[str], results_dir: Path) -> Path:
     """``fedsparse COMMAND FLAGS`` in a subprocess (``simulate`` or ``train``); returns its run directory."""
     extra = ["--engine", "inprocess"] if command == "simulate" else []
-    full = [sys.executable, "-m", "fedsparse.cli", command, *extra, "--no-progress", "--results-dir", str(results_dir), *flags]
+    full = [sys.executable, "-m", "fedsparse.cli", command, *extra, "--no-progress", "--json", "--results-dir", str(results_dir), *flags]
     completed = subprocess.run(full, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(full)} failed:\n{completed.stderr[-3000:]}")
-    return Path(completed.stdout.strip().splitlines()[-1].removeprefix("run directory: "))
+    return Path(json.loads(completed.stdout)["run_dir"])
 
 
 def federated_row(run_dir: Path) -> dict:

@@ -7,9 +7,15 @@ unknown keys and wrongly typed values before any work starts.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import io
 import math
+import sys
+import tokenize
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 SPLITS = ("auto", "provided", "random", "loo")
 POLICY_NAMES = ("dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec", "size-frequency", "size-scall", "size-bet", "size-ciess", "amgp")
@@ -46,16 +52,23 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which dataset, where to find it, and how to split it."""
 
-    dataset: str = "ml-100k"
-    data_dir: str = ""  # "" = $FEDSPARSE_DATA, then the user cache, then download
+    dataset: str = "ml-100k"  # a registered name (`fedsparse data list`); ml-100k and synthetic need no manual download
+    data_dir: str = ""  # folder holding <dataset>/ ("" = $FEDSPARSE_DATA, then the user cache, then download)
     split: str = "auto"  # auto = the files' own train/test split if they have one, else random; loo on request
     test_ratio: float = 0.2  # per-user share held out for test by the random split
     validation_ratio: float = 0.1  # per-user share of training data held out for validation
     rating_threshold: float = 0.0  # implicit conversion: keep ratings >= threshold (0 keeps all)
     k_core: int = 0  # iterative k-core filter on users and items (0 = off)
-    synthetic_users: int = 2000
-    synthetic_items: int = 1000
-    synthetic_interactions_per_user: int = 20
+    synthetic_users: int = 2000  # synthetic: users generated
+    synthetic_items: int = 1000  # synthetic: items generated
+    synthetic_interactions_per_user: int = 20  # synthetic: mean interactions per user
+    path: str = ""  # your own interaction file (CSV, TSV or Parquet), read instead of data.dataset; runs are named after it
+    user_column: str = "user"  # data.path: the user id column, a header name or a 0-based position ("0")
+    item_column: str = "item"  # data.path: the item id column, a header name or a 0-based position ("1")
+    rating_column: str = ""  # data.path: a numeric rating column, for data.rating-threshold ("" = none)
+    timestamp_column: str = ""  # data.path: a numeric timestamp column, needed by data.split = loo ("" = none)
+    separator: str = ","  # data.path: field separator of a text file; "tab" (or "\t") for tabs, "space" for runs of blanks
+    header: bool = True  # data.path: the first line names the columns (false: data starts on line 1, columns by position)
     loo_ties: str = "file-last"  # loo, equal timestamps: file-last = the later row in the file is later; file-first = the earlier (PFedRec); item = the larger item id
 
 
@@ -63,8 +76,8 @@ class DataConfig:
 class ModelConfig:
     """Recommender architecture on user and item embedding tables."""
 
-    name: str = "mf"  # mf, neumf, or popular (most-popular ranking: the central trainer's untrained floor)
-    dim: int = 64
+    name: str = "mf"  # matrix factorisation, NeuMF (GMF + MLP tower; centralised trainer), or popular (most-popular ranking)
+    dim: int = 64  # embedding width of users and items
     mlp_layers: str = "64,32,16"  # NeuMF MLP tower widths, comma-separated
 
     @property
@@ -77,11 +90,11 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation of the centralised reference trainer."""
 
-    epochs: int = 30
-    batch_size: int = 2048
-    lr: float = 0.001
+    epochs: int = 30  # passes over the training interactions (centralised trainer)
+    batch_size: int = 2048  # positives per optimiser step
+    lr: float = 0.001  # Adam learning rate
     l2_reg: float = 1e-4  # L2 penalty on the embeddings in each batch, LightGCN's `decay` (not Adam weight decay)
-    loss: str = "bpr"
+    loss: str = "bpr"  # pairwise BPR, or pointwise binary cross-entropy
     negatives: int = 1  # sampled negatives per positive
     negatives_from: str = "non-train"  # negative and padding pool: non-train items (held-out ones too), or unrated (PFedRec's rule)
     patience: int = 5  # evaluations without validation improvement before stopping (0 = never stop)
@@ -96,21 +109,21 @@ class SparseConfig:
     lists the SparseRec choices these flags ablate.
     """
 
-    policy: str = "sparserec"
+    policy: str = "sparserec"  # mask policy of the item (and user) tables; dense = every entry active
     density: float = 0.2  # active share of each embedding table, exact: K = round(density * rows * dim)
     update_every: int = 300  # optimiser steps between mask updates (Delta T); chosen by the ml-1m study
     drop_fraction: float = AUTO  # rho_0, share of K swapped at the first update
     drop_fraction_min: float = AUTO  # rho_min, the floor of the cosine annealing
     end_fraction: float = AUTO  # share of training after which the mask stops changing
-    mask_init: str = "auto"
-    grow_score: str = "auto"
+    mask_init: str = "auto"  # initial mask: random, or from NMF factors; auto = the policy's own choice
+    grow_score: str = "auto"  # what ranks inactive entries for growth; auto = the policy's own choice
     ema_decay: float = 0.9  # for grow-score "ema"
     regrow_pruned: bool = True  # may an entry pruned in an update be grown back in the same update
     sparse_grad: str = "auto"  # on = only the selected rows receive gradients (sparse backward)
     grad_rows: str = "batch"  # which batch rows get gradients when they exceed the row budget
     grad_row_budget: float = 0.0  # cap on rows * dim per step as a multiple of K (0 = no cap)
-    nmf_method: str = "sklearn"
-    nmf_iterations: int = 50
+    nmf_method: str = "sklearn"  # centralised NMF for the mask: scikit-learn, or the multiplicative updates the federation runs
+    nmf_iterations: int = 50  # NMF iterations of the centralised mask start
     nmf_select: str = "global"  # global = top-K over the table; per-row = equal quotas, kept by every later update
     nmf_rescale: bool = True  # balance the NMF factors' column norms before ranking entries
     nmf_min_per_row: int = 1  # active entries every row keeps from the NMF mask
@@ -239,10 +252,11 @@ class PoisonConfig:
 class RunConfig:
     """Everything a run needs; build it with ``from_flat`` or ``RunConfig()`` for the defaults."""
 
-    seed: int = 0
-    results_dir: str = "results"
-    num_server_rounds: int = 3
-    resume_dir: str = ""  # a run directory to continue from its checkpoint ("" = start a new run)
+    seed: int = 0  # seeds every random stream (sampling, splits, initialisation, faults)
+    results_dir: str = "results"  # folder that receives one run directory per run
+    num_server_rounds: int = 3  # federated training rounds (after the NMF start)
+    resume_dir: str = ""  # a run directory to continue from its checkpoint, under the same settings ("" = start a new run)
+    code_version: str = ""  # git commit of the launcher, "+modified" with local changes ("" = ask git where the run executes)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -261,7 +275,8 @@ class RunConfig:
         known = dict(flat_defaults())
         unknown = sorted(set(flat) - set(known))
         if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            named = ", ".join(key + did_you_mean(key, known) for key in unknown)
+            raise ConfigError(f"unknown config key(s): {named}; `fedsparse simulate --help` lists every key")
         sections: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for key, value in flat.items():
@@ -458,6 +473,101 @@ def ranking_cutoffs(config: RunConfig, n_items: int) -> list[int]:
 def flat_defaults() -> dict[str, Any]:
     """The default value of every flat key (what pyproject's [tool.flwr.app.config] mirrors)."""
     return RunConfig().to_flat()
+
+
+TOP_SECTION = "run"  # the section of the keys without a prefix (seed, results-dir, ...)
+# Values no key accepts, used to make validate() say in its own words what a key does accept.
+_PROBES: dict[type, Any] = {str: "\0", int: -(2**62), float: -1e300}
+
+
+@dataclass(frozen=True)
+class KeyHelp:
+    """What ``--help`` says about one flat key, all of it read from this file so it cannot drift."""
+
+    section: str  # the key's prefix ("sparse"), or TOP_SECTION
+    description: str  # the trailing comment of the key's field (and comment lines right below it)
+    accepted: str  # validate()'s message for a value out of range ("must be in (0, 1]"); "" = any value of the type
+    default: Any
+
+
+@functools.cache
+def key_help() -> dict[str, KeyHelp]:
+    """Help for every flat key, in field order: description from the field's comment, accepted values
+    from ``validate`` itself (probed with a value no key accepts)."""
+    comments = _field_comments()
+    base = RunConfig()
+    helps: dict[str, KeyHelp] = {}
+    for f in fields(base):
+        value = getattr(base, f.name)
+        members = [(f"{_kebab(f.name)}.{_kebab(sub.name)}", type(value).__name__, sub.name, getattr(value, sub.name))
+                   for sub in fields(value)] if is_dataclass(value) else [(_kebab(f.name), "RunConfig", f.name, value)]
+        for key, owner, name, default in members:
+            section = key.split(".", 1)[0] if "." in key else TOP_SECTION
+            helps[key] = KeyHelp(section, comments.get((owner, name), ""), _accepted(key, default), default)
+    return helps
+
+
+def section_help() -> dict[str, str]:
+    """The first docstring paragraph of each section's dataclass, by section prefix."""
+    base = RunConfig()
+    sections = {TOP_SECTION: "Seed, paths and number of rounds."}
+    sections.update({_kebab(f.name): _first_paragraph(type(getattr(base, f.name)).__doc__)
+                     for f in fields(base) if is_dataclass(getattr(base, f.name))})
+    return sections
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean X?)`` naming the known word most like ``word`` (a typo, an abbreviation), or ""."""
+    matches = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the field's trailing comment, joined with the comment-only lines right below it."""
+    source = inspect.getsource(sys.modules[__name__])
+    comments: dict[tuple[str, str], str] = {}
+    owner, current, last_row, previous = "", None, -1, None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        row, column = token.start
+        if previous is not None and previous.string == "class" and previous.start[1] == 0:
+            owner = token.string
+        elif previous is not None and token.string == ":" and previous.type == tokenize.NAME and previous.start == (row, 4):
+            current, last_row = (owner, previous.string), row  # a field: "    name: type = default"
+        elif token.type == tokenize.COMMENT and current is not None and (row == last_row or (row, column) == (last_row + 1, 4)):
+            text = token.string.lstrip("#").strip()
+            comments[current] = f"{comments[current]} {text}" if current in comments else text
+            last_row = row
+        if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            previous = token
+    return comments
+
+
+def _accepted(key: str, default: Any) -> str:
+    """validate()'s own words for the values ``key`` accepts, or "" when no check names it."""
+    if type(default) not in _PROBES:
+        return ""
+    try:
+        RunConfig.from_flat({key: _PROBES[type(default)]})
+    except ConfigError as exc:
+        named, _, rest = str(exc).partition(" ")
+        if key in _named_keys(named):
+            return rest.split(", got ")[0].split(": ")[0]  # without the probe value or the parser's complaint about it
+    return ""
+
+
+def _named_keys(named: str) -> list[str]:
+    """The keys a check message names: ``fed.server-beta1/2`` -> fed.server-beta1, fed.server-beta2;
+    ``sparse.ciess-step/noise`` -> sparse.ciess-step, sparse.ciess-noise."""
+    first, *others = named.split("/")
+    keys = [first]
+    for other in others:
+        stem = first.rstrip("0123456789") if other.isdigit() else first.rsplit("-", 1)[0] + "-"
+        keys.append(stem + other)
+    return keys
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults, uses_sampled_protocol
+from fedsparse.console import round_line
 from fedsparse.devices import device_width
 from fedsparse.federation import (
     Server, central_nmf_item_factor, clients_per_round, is_evaluation_round, sample_clients, validate_update,
@@ -86,7 +87,7 @@ def check_population(config: RunConfig, population: Population) -> None:
         raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id (the dataset has {population.n_items})")
 
 
-RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir"}  # keys a resumed run may change
+RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
 
 
 def check_resumable(config: RunConfig, run_dir: Path) -> None:
@@ -103,11 +104,13 @@ def check_resumable(config: RunConfig, run_dir: Path) -> None:
 
 
 def effective_config(config: RunConfig) -> RunConfig:
-    """The config as run: without an NMF source, an NMF-initialised policy falls back to a random mask."""
-    uses_nmf = build_policy(config.sparse).settings.mask_init == "nmf"
-    if uses_nmf and config.fed.nmf_init == "none":
-        return replace(config, sparse=replace(config.sparse, mask_init="random"))
-    return config
+    """The config as run: the density the policy trains at (1 for ``dense``, whatever was asked), and
+    without an NMF source, an NMF-initialised policy falls back to a random mask."""
+    settings = build_policy(config.sparse).settings
+    sparse = replace(config.sparse, density=settings.density)
+    if settings.mask_init == "nmf" and config.fed.nmf_init == "none":
+        sparse = replace(sparse, mask_init="random")
+    return replace(config, sparse=sparse)
 
 
 def _bytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -158,6 +161,7 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
         devices = sorted(rows_of)
     gram_users = np.zeros((rank, rank))
     for nmf_round in range(1, config.fed.nmf_rounds + 1):
+        round_started = time.perf_counter()
         factor32 = item_factor.astype(np.float32)
         shared = {"gram": (item_factor.T @ item_factor).astype(np.float32), "init-scale": init_scale}
         messages = {
@@ -182,6 +186,8 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
             numerator[rows] += factor
             gram_users += gram
         item_factor = apply_item_update(item_factor, numerator, gram_users)
+        log.info("NMF start %d/%d: %d devices, %.1f s", nmf_round, config.fed.nmf_rounds, len(devices),
+                 time.perf_counter() - round_started)
     user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None))
     item_norm = np.linalg.norm(item_factor, axis=0)
     scale = np.ones(rank)
@@ -282,6 +288,8 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
             totals.update(nmf_bytes)
     server = Server.create(config, population.n_items, item_factor, population.item_popularity)
     totals["init_seconds"] = time.perf_counter() - started
+    source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
+    log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
     return RunState(server, device_init, totals, {}, {})
 
 
@@ -320,7 +328,7 @@ def run_federation(
         state = start_run(config, population, transport, central_train)
         write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
             "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items},
-            **provenance(), **(metadata or {})})
+            **provenance(config.code_version), **(metadata or {})})
     # The best round: validation sampled HR@10 under the sampled protocol (a tie goes to the later round, as
     # in PFedRec), else validation Recall@k; the summary's best_test_* are that round's test metrics.
     sampled = uses_sampled_protocol(config)
@@ -341,7 +349,7 @@ def run_federation(
         record["seconds"] = time.perf_counter() - record.pop("started")
         append_jsonl(run_dir / "rounds.jsonl", record)
         save_checkpoint(run_dir, state, transport)
-        log.info(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
+        log.info(round_line(record, config.num_server_rounds))
         if on_round is not None:
             on_round(record)
 

@@ -122,6 +122,6 @@ def run_inprocess(
 
         summary = run_federation(
             config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer,
-            metadata={"dataset": data.counts(), "dataset_checksum": data.checksum()}, on_round=advance,
+            metadata={"engine": "inprocess", "dataset": data.counts(), "dataset_checksum": data.checksum()}, on_round=advance,
         )
     return run_dir, summary

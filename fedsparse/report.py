@@ -33,8 +33,13 @@ from fedsparse.tables import write_markdown_table
 log = logging.getLogger(__name__)
 
 HEADLINE = ["recall@20", "ndcg@20", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "rounds", "seconds"]
+IDENTITY = ["engine", "dataset"]  # columns every report shows, whether or not they vary
+# Keys that tell runs apart without changing what they compute: never in a legend.
+NOT_A_LABEL = {"results-dir", "data.data-dir", "resume-dir", "code-version"}
 # Keys that never define a line of the density plot: the x axis itself, seeds (averaged) and paths.
-NOT_A_SERIES = {"sparse.density", "sparse.policy", "seed", "results-dir", "data.data-dir", "resume-dir"}
+NOT_A_SERIES = {"sparse.density", "sparse.policy", "seed"} | NOT_A_LABEL
+# Runs with the same legend label are drawn with these styles in turn, so their lines stay apart.
+REPEAT_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the best validation round (by Recall@20; by HR@10 under the sampled protocol)
 ATTACK_AUC_SUFFIX = "_auc_uploaded"  # the privacy study's ROC-AUC among the uploaded rows, one column per attack
 NO_LEAKAGE_AUC = 0.5  # where a run with no per-device upload to attack (secure aggregation) is drawn
@@ -68,12 +73,15 @@ def collect_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list
     """(one row per run, one row per evaluated round of every run, the config keys that differ between runs)."""
     rows, curves = [], []
     for run_dir in run_dirs:
-        config = json.loads((run_dir / "config.json").read_text())["config"]
+        recorded = json.loads((run_dir / "config.json").read_text())
+        config = recorded["config"]
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
         upload = float(rounds["upload_bytes_mean"].mean()) if "upload_bytes_mean" in rounds else float("nan")
         download = float(rounds["download_bytes_mean"].mean()) if "download_bytes_mean" in rounds else float("nan")
-        rows.append({"run": run_dir.name, **{f"config:{k}": v for k, v in config.items()}, **summary,
+        dataset = Path(config["data.path"]).stem if config.get("data.path") else config.get("data.dataset")  # own file: its name
+        identity = {"engine": recorded.get("engine") or _engine_from_name(run_dir.name), "dataset": dataset}
+        rows.append({"run": run_dir.name, **identity, **{f"config:{k}": v for k, v in config.items()}, **summary,
                      "upload_bytes_mean": upload, "download_bytes_mean": download, "run_dir": str(run_dir)})
         if "recall@20" in rounds:
             evaluated = rounds.dropna(subset=["recall@20"])
@@ -115,7 +123,7 @@ def _write_run_report(run_dirs: list[Path], out: Path, report: Report) -> pd.Dat
     parquet = out / ".report.parquet.tmp"
     table.astype({column: str for column in table.columns if table[column].dtype == object}).to_parquet(parquet, index=False)
     parquet.replace(out / "report.parquet")
-    columns = ["run", *varying, *[c for c in HEADLINE if c in table]]
+    columns = ["run", *IDENTITY, *[key for key in varying if key not in NOT_A_LABEL], *[c for c in HEADLINE if c in table]]
     write_markdown_table(out / "report.md", f"{len(table)} runs collected by `fedsparse report`.\n\n", table[columns])
     _plot_curves(curves, table, varying, out / "recall_vs_rounds.png")
     _plot_tradeoff(table, varying, out / "recall_vs_upload.png")
@@ -150,16 +158,37 @@ def _finish(figure, axis, path: Path, fontsize: float = 6) -> None:
     save_figure(figure, path)
 
 
-def _label(row: pd.Series, varying: list[str]) -> str:
-    return ", ".join(f"{key}={row[key]}" for key in varying) or row["run"]
+def _engine_from_name(name: str) -> str:
+    """The engine of a run directory written before config.json recorded it: its name says fed- or flwr-."""
+    return "flower" if "-flwr-" in name else "inprocess"
+
+
+def labels(table: pd.DataFrame, varying: list[str]) -> list[str]:
+    """One short legend label per run: the varying keys without their section prefix (``density=0.2``),
+    engine and dataset when they differ, no paths; equal labels get ``#2``, ``#3``... in run order."""
+    keys = [key for key in IDENTITY if table[key].nunique() > 1] + [key for key in varying if key not in NOT_A_LABEL]
+    short = [", ".join(f"{key.rsplit('.', 1)[-1]}={row[key]}" for key in keys) or "run" for _, row in table.iterrows()]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in short:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+def _repeat_style(label: str) -> tuple[str, str]:
+    """(line style, marker) of a label's ``#n`` repeat, so equal runs are told apart."""
+    repeat = int(label.rsplit(" #", 1)[1]) - 1 if " #" in label else 0
+    return REPEAT_STYLES[repeat % len(REPEAT_STYLES)]
 
 
 def _plot_curves(curves: pd.DataFrame, table: pd.DataFrame, varying: list[str], path: Path) -> None:
     figure, axis = _axes()
-    for _, row in table.iterrows():
+    for label, (_, row) in zip(labels(table, varying), table.iterrows()):
         curve = curves[curves["run"] == row["run"]]
         if not curve.empty:
-            axis.plot(curve["round"], curve["recall@20"], marker=".", label=_label(row, varying))
+            linestyle, marker = _repeat_style(label)
+            axis.plot(curve["round"], curve["recall@20"], linestyle=linestyle, marker=marker, markersize=4, label=label)
     axis.set_xlabel("round")
     axis.set_ylabel("test Recall@20")
     _finish(figure, axis, path)
@@ -167,8 +196,8 @@ def _plot_curves(curves: pd.DataFrame, table: pd.DataFrame, varying: list[str], 
 
 def _plot_tradeoff(table: pd.DataFrame, varying: list[str], path: Path) -> None:
     figure, axis = _axes()
-    for _, row in table.iterrows():
-        axis.scatter(row["upload_bytes_mean"], row.get("recall@20", float("nan")), label=_label(row, varying))
+    for label, (_, row) in zip(labels(table, varying), table.iterrows()):
+        axis.scatter(row["upload_bytes_mean"], row.get("recall@20", float("nan")), marker=_repeat_style(label)[1], label=label)
     axis.set_xscale("log")
     axis.set_xlabel("upload bytes per client-round (mean)")
     axis.set_ylabel("final test Recall@20")

@@ -7,17 +7,25 @@ import os
 import platform
 import secrets
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+
+NEW_FILE_MODE = 0o666  # what open() asks for; the kernel removes the user's umask (tempfile's 0o600 would not)
+
+
+def new_temp_file(path: Path) -> tuple[int, Path]:
+    """Create ``.<name>.<random>.tmp`` beside ``path`` with the user's umask applied; returns (fd, its path)."""
+    temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE), temp
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp_name = new_temp_file(path)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
@@ -75,9 +83,12 @@ def new_run_dir(results_dir: str | Path, label: str) -> Path:
     return run_dir
 
 
-def provenance() -> dict[str, Any]:
-    """What produced a result: code version (git commit, and whether the tree had local changes; None
-    outside a git checkout, e.g. in Flower's bundled app copy), host, Python and start time (UTC)."""
+MODIFIED_SUFFIX = "+modified"  # a code version whose checkout had local changes
+
+
+def code_version() -> str:
+    """The git commit of this checkout, with MODIFIED_SUFFIX when tracked files have local changes; ""
+    outside a git checkout (e.g. in Flower's bundled app copy, hence the launcher passes its own)."""
     here = Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -88,9 +99,19 @@ def provenance() -> dict[str, Any]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
+    if not commit:
+        return ""
+    return commit + (MODIFIED_SUFFIX if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def provenance(launched_from: str = "") -> dict[str, Any]:
+    """What produced a result: code version (git commit, and whether the tree had local changes; None
+    when unknown), host, Python and start time (UTC). ``launched_from``: the ``code_version()`` of the
+    process that launched the run (config key ``code-version``), used instead of asking git here."""
+    version = launched_from or code_version()
     return {
-        "code_version": commit,
-        "code_modified": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "code_version": version.removesuffix(MODIFIED_SUFFIX) or None,
+        "code_modified": version.endswith(MODIFIED_SUFFIX) if version else None,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "python": platform.python_version(),
         "started_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

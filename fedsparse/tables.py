@@ -17,7 +17,7 @@ class ResultTable:
     """Rows keyed by a cell id, saved atomically after every cell so an interrupted grid resumes.
 
     Several processes may fill one table (e.g. shards of a grid by density): each write re-reads the
-    file under an exclusive lock, so no row is lost.
+    file under an exclusive lock on the table's folder (no lock file is left behind), so no row is lost.
     """
 
     def __init__(self, path: Path) -> None:
@@ -37,10 +37,15 @@ class ResultTable:
     def set_rows(self, cell: str, rows: list[dict]) -> None:
         """Replace every row of ``cell`` by ``rows`` (e.g. one per round of a curve) and rewrite the CSV."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # The folder is locked rather than a lock file (which would outlive the sweep) or the CSV (replaced by
+        # rename on every write, so a lock on it would guard a file nobody reads any more).
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
             kept = [existing for existing in self._read() if existing.get("cell") != cell]
             atomic_write_text(self.path, pd.DataFrame(kept + [{"cell": cell, **row} for row in rows]).to_csv(index=False))
+        finally:
+            os.close(folder)  # releases the lock
 
     def frame(self) -> pd.DataFrame:
         """All rows as a DataFrame."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsparse.config import RunConfig
+from fedsparse.console import dataset_line, summary_table
 from fedsparse.data import load_run_data
 from fedsparse.engine import check_population, check_resumable, run_federation
 from fedsparse.flower_run import check_flower_config
@@ -33,14 +35,20 @@ def main(grid: Grid, context: Context) -> None:
         logger.addHandler(logging.StreamHandler(sys.stdout))
     config = RunConfig.from_flat(context.run_config)
     # The server reads the dataset only for its sizes (and for the central-NMF oracle, when chosen).
+    logger.info("loading dataset %s ...", config.data.path or config.data.dataset)
+    started = time.perf_counter()
     data = load_run_data(config)
+    logger.info(dataset_line(data.name, data.counts(), time.perf_counter() - started))
     population = population_of(data)
     check_population(config, population)  # a config that cannot run stops here, before any output
     check_flower_config(config)
     if config.resume_dir:  # devices start with empty context.state: see README, "Resume"
         check_resumable(config, Path(config.resume_dir))
     expected = partitions_needed(data.n_users, config.fed.clients_per_node)
+    logger.info("waiting for %d supernodes to register and name their partition (one message each) ...", expected)
+    started = time.perf_counter()
     node_of_partition = discover_partitions(grid, expected, NODE_WAIT_SECONDS, NODE_POLL_SECONDS)
+    logger.info("%d supernodes ready, %.1f s", len(node_of_partition), time.perf_counter() - started)
     transport = FlowerTransport(
         grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
         config.privacy.secure_weight_bound,
@@ -48,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(config.resume_dir) if config.resume_dir else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}")
     summary = run_federation(
         config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),
-        metadata={"dataset": data.counts(), "dataset_checksum": data.checksum()},
+        # The Flower app's content hash names the exact code even when the launcher passed no code-version.
+        metadata={"engine": "flower", "dataset": data.counts(), "dataset_checksum": data.checksum(),
+                  "flower_app_hash": grid.run.fab_hash},
     )
-    logger.info("run directory: %s", run_dir)
-    logger.info("summary: %s", summary)
+    logger.info(summary_table(summary, run_dir))

@@ -152,3 +152,30 @@ def test_synthetic_through_load_dataset():
     assert (load_dataset(config, seed=0).train != data.train).nnz == 0
     with pytest.raises(ConfigError, match="impossible for synthetic"):
         load_dataset(DataConfig(dataset="synthetic", split="loo"), seed=0)
+
+
+OWN_FILE = "".join(f"U{u};ASIN{(u * 7 + k) % 25:04d};{1 + k % 5};{1000 + k}\n" for u in range(12) for k in range(6))
+
+
+def test_a_users_own_headerless_file_loads_with_columns_by_position(tmp_path):
+    path = tmp_path / "reviews.txt"
+    path.write_text(OWN_FILE)
+    config = DataConfig(path=str(path), user_column="0", item_column="1", rating_column="2", timestamp_column="3",
+                        separator=";", header=False, split="loo")
+    data = load_dataset(config, 0)
+    assert data.name == "reviews" and data.n_users == 12 and data.counts()["interactions"] == 72
+    assert str(data.user_ids[0]).startswith("U") and str(data.item_ids[0]).startswith("ASIN")  # string ids kept
+    assert data.counts()["test"] == 12  # leave-one-out by the timestamp column
+
+
+def test_own_file_settings_that_cannot_work_are_named(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("user,item\nA,B\n")
+    with pytest.raises(ConfigError, match="use positions instead of"):
+        load_dataset(DataConfig(path=str(path), header=False), 0)
+    with pytest.raises(ConfigError, match="two different columns"):
+        load_dataset(DataConfig(path=str(path), user_column="item"), 0)
+    from fedsparse.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="no such file"):
+        load_dataset(DataConfig(path=str(tmp_path / "absent.csv")), 0)

@@ -221,3 +221,16 @@ def test_parquet_reads_and_names_bad_row(tmp_path):
     columns = dict(user_col="uid", item_col="sku")
     assert_bad(read_table, bad, None, "row 3: non-numeric rating 'x'", rating_col="stars", **columns)
     assert_bad(read_table, bad, None, "missing column(s) ts", timestamp_col="ts", **columns)
+
+
+def test_csv_columns_by_position_with_or_without_a_header(tmp_path):
+    headerless = write(tmp_path, "events.csv", "B00X1,A1,5\nB00X2,A1,3\n")
+    table = read_table(headerless, user_col=1, item_col=0, rating_col=2, header=False)
+    assert table["user"].tolist() == ["A1", "A1"] and table["item"].tolist() == ["B00X1", "B00X2"]  # string ids
+    assert table["rating"].tolist() == [5.0, 3.0]
+    named = write(tmp_path, "named.csv", "asin,reviewer\nB00X1,A1\n")
+    assert read_table(named, user_col=1, item_col="asin")["user"].tolist() == ["A1"]  # positions work with a header too
+    # An integer column that is not there is named in the message (it raised a TypeError while building it).
+    assert_bad(read_table, headerless, 1, "missing column(s) 7 (found 3 columns, positions 0-2)", user_col=7, item_col=0,
+               header=False)
+    assert_bad(read_table, write(tmp_path, "gap.csv", "A1,B1\n,B2\n"), 2, "missing user", user_col=0, item_col=1, header=False)

@@ -1,6 +1,6 @@
 """The real datasets in shared/data load with exactly the counts verified in shared/data/README.md.
 
-The folder is found via $FEDSPARSE_SHARED_DATA, else ``shared/data`` next to the repository; the
+The folder is found via $FEDSPARSE_DATA (the variable the loader reads), else ``shared/data`` next to the repository; the
 tests skip when it is absent (e.g. on CI without the licensed files).
 """
 
@@ -15,8 +15,9 @@ import pytest
 from fedsparse.config import DataConfig
 from fedsparse.data import load_dataset
 from fedsparse.data.readers import read_lightgcn, read_movielens_udata, read_recbole_inter
+from fedsparse.data.registry import DATA_ENV
 
-SHARED = Path(os.environ.get("FEDSPARSE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def shared(name: str) -> Path:

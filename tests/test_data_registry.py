@@ -84,7 +84,11 @@ def test_not_found_lists_every_place_and_every_download_error(tmp_path, cache, m
     assert "https://files.grouplens.org/datasets/movielens/ml-100k.zip" in message and "URLError" in message
     assert "pip download recbole==1.2.1" in message and "no index in tests" in message
     assert offline.calls == ["https://files.grouplens.org/datasets/movielens/ml-100k.zip", "pip recbole==1.2.1"]
-    assert list((cache / "ml-100k").iterdir()) == []  # no temporary leftovers
+    # No folder left behind (with no temporary leftovers in it), so the next lookup says "no such directory" again.
+    assert not (cache / "ml-100k").exists()
+    with pytest.raises(DatasetNotFoundError) as again:
+        resolve_dataset_dir("ml-100k", network=offline.network())
+    assert f"cache {cache / 'ml-100k'}: no such directory" in str(again.value)
 
 
 def test_not_found_says_when_nothing_is_configured(cache):

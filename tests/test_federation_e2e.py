@@ -15,7 +15,7 @@ from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.flower_run import run_flower, stop_superlink
 from fedsparse.inprocess import run_inprocess
-from fedsparse.results import read_jsonl
+from fedsparse.results import MODIFIED_SUFFIX, code_version, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND_KEYS = {"round", "recall@20", "ndcg@20", "upload_bytes_mean", "upload_bytes_max", "download_bytes_mean",
@@ -107,6 +107,9 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
         assert sum(record["failed_clients"] for record in flower_rounds) > 0
     flower_summary = json.loads((flower_dir / "summary.json").read_text())
     assert flower_summary["total_nmf_upload_bytes"] > 0
+    # The bundled app copy has no git: the launcher passed its commit, and Flower's app hash is kept beside it.
+    recorded = json.loads((flower_dir / "config.json").read_text())
+    assert recorded["code_version"] == (code_version().removesuffix(MODIFIED_SUFFIX) or None) and recorded["flower_app_hash"]
 
 
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")

@@ -15,6 +15,7 @@ from fedsparse.report import (
     density_lines,
     find_run_dirs,
     frontier_points,
+    labels,
     read_privacy_tables,
     write_report,
 )
@@ -122,3 +123,21 @@ def test_the_command_reports_what_it_drew_and_skipped(tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "nothing")]) == 2
     assert "no finished run directory" in capsys.readouterr().err
+
+
+def test_the_report_shows_engine_and_dataset_and_short_distinct_legends(tmp_path):
+    first = fake_run(tmp_path / "a", "sparserec", 0.2, 0, best=0.1)
+    twin = fake_run(tmp_path / "b", "sparserec", 0.2, 0, best=0.1)  # an equal run from another results dir
+    other = fake_run(tmp_path / "c", "set", 0.2, 0, best=0.05)
+    recorded = json.loads((twin / "config.json").read_text())
+    (twin / "config.json").write_text(json.dumps({**recorded, "engine": "flower"}))
+    table, _, varying = collect_runs([first, twin, other])
+    assert table["engine"].tolist() == ["inprocess", "flower", "inprocess"]  # recorded, else from the dir name
+    assert set(table["dataset"]) == {"synthetic"}
+    assert labels(table, varying) == ["engine=inprocess, policy=sparserec", "engine=flower, policy=sparserec",
+                                      "engine=inprocess, policy=set"]  # no results-dir=..., no section prefixes
+    same = table.assign(engine="inprocess")
+    assert labels(same, varying) == ["policy=sparserec", "policy=sparserec #2", "policy=set"]
+    write_report([first, twin, other], tmp_path / "report")
+    header = (tmp_path / "report" / "report.md").read_text().splitlines()[2]
+    assert [cell.strip() for cell in header.strip("|").split("|")][:4] == ["run", "engine", "dataset", "sparse.policy"]

@@ -40,6 +40,7 @@ def test_a_sweep_runs_each_cell_once_resumes_without_recomputing_and_reports(tmp
     table = pd.read_csv(out / "sweep.csv")
     assert len(table) == 4 and set(table["sparse.policy"]) == {"sparserec", "set"}
     assert set(table["engine"]) == {"inprocess"}
+    assert not list(out.glob("*.lock"))  # the table's lock leaves no file behind
     runs = sorted(path.name for path in (out / "runs").iterdir())
     assert len(runs) == 4
 

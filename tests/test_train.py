@@ -10,10 +10,11 @@ import torch
 
 from fedsparse.cli import main as cli_main
 from fedsparse.config import RunConfig
+from fedsparse.data.registry import DATA_ENV
 from fedsparse.results import read_jsonl
 from fedsparse.train import train_centralised
 
-SHARED_DATA = Path(os.environ.get("FEDSPARSE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 SMALL = {
     "data.dataset": "synthetic",
@@ -74,10 +75,10 @@ def test_cli_data_info_and_loo_training_report_both_protocols(tmp_path, capsys):
 
     code = cli_main(
         ["train", "--no-progress", "--data-dir", str(SHARED_DATA), "--dataset", "ml-100k", "--split", "loo",
-         "--epochs", "2", "--dim", "16", "--results-dir", str(tmp_path)]
+         "--epochs", "2", "--dim", "16", "--results-dir", str(tmp_path), "--json"]
     )
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.split("run directory:")[0])
+    summary = json.loads(capsys.readouterr().out)  # --json: one object for scripts (the default is a short table)
     assert summary["users_evaluated"] == summary["sampled_users_evaluated"] == 943
     assert 0.0 <= summary["sampled_ndcg@10"] <= summary["sampled_hr@10"] <= 1.0
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from fedsparse.results import new_temp_file
+
 DEFAULT_TIMEOUT = 10.0  # seconds per network connection or read
 PIP_TIMEOUT = 120.0  # seconds for a whole `pip download`
 
@@ -76,16 +78,17 @@ def extract_member(archive: Path, member: str, dest: Path) -> None:
 
 
 def atomic_write(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Create ``dest`` with ``write(file)``: temporary file in the same directory, then ``os.replace``."""
+    """Create ``dest`` with ``write(file)``: temporary file in the same directory (mode from the user's
+    umask), then ``os.replace``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False) as out:
-        try:
+    handle, temp = new_temp_file(dest)
+    try:
+        with os.fdopen(handle, "wb") as out:
             write(out)
-        except BaseException:
-            out.close()
-            os.unlink(out.name)
-            raise
-    os.replace(out.name, dest)
+        os.replace(temp, dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ stay as columns with no interactions left; their 28 test rows are dropped and co
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import scipy.sparse as sp
 
 from fedsparse.config import ConfigError, DataConfig, RunConfig
 from fedsparse.data.interactions import Interactions, binary_csr
-from fedsparse.data.registry import Layout, get_dataset, resolve_dataset_dir
+from fedsparse.data.registry import Layout, file_spec, get_dataset, resolve_dataset_dir
 from fedsparse.data.splits import (
     TEST,
     TRAIN,
@@ -34,7 +35,7 @@ from fedsparse.rng import rng_for
 
 
 def load_dataset(config: DataConfig, seed: int) -> Interactions:
-    """Read (or generate), clean and split the configured dataset.
+    """Read (or generate), clean and split the configured dataset, or the user's own file (``data.path``).
 
     ``config.split="auto"`` is the files' own split when they provide one (gowalla, yelp2018, ml-1m
     from ``train.txt``/``test.txt``), else the per-user random split (ml-100k, ml-1m from
@@ -52,7 +53,7 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
     ConfigError for an unknown dataset or a split the files cannot support; DatasetNotFoundError;
     DataFormatError for malformed files or a provided split whose train and test overlap.
     """
-    spec = get_dataset(config.dataset)
+    spec = file_spec(config) if config.path else get_dataset(config.dataset)
     if spec.generated:
         layout: Layout | None = None
         rng = rng_for(seed, "synthetic")
@@ -63,7 +64,7 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
         )
         source = spec.name
     else:
-        directory = resolve_dataset_dir(spec.name, config.data_dir)
+        directory = Path(config.path).expanduser().parent if config.path else resolve_dataset_dir(spec.name, config.data_dir)
         layout = spec.layout_for(directory, config.split)
         tables = layout.read(directory)
         source = " + ".join(str(directory / name) for name in layout.files)

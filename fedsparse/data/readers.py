@@ -16,7 +16,7 @@ import io
 import math
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -147,19 +147,26 @@ def read_lastfm_user_artists(path: str | Path) -> pd.DataFrame:
     return _read_delimited(path, data, (("user", _ID), ("item", _ID), ("rating", _NUMBER)), header_lines=1)
 
 
+Column = Union[str, int]  # a header name, or a 0-based position
+WHITESPACE_SEPARATOR = r"\s+"  # pandas' C parser reads this pattern as "any run of spaces and tabs"
+
+
 def read_table(
     path: str | Path,
-    user_col: str = "user",
-    item_col: str = "item",
-    rating_col: str | None = None,
-    timestamp_col: str | None = None,
+    user_col: Column = "user",
+    item_col: Column = "item",
+    rating_col: Column | None = None,
+    timestamp_col: Column | None = None,
     sep: str = ",",
+    header: bool = True,
 ) -> pd.DataFrame:
-    """Read a generic CSV (or Parquet, by suffix ``.parquet``/``.pq``) with named columns.
+    """Read a generic CSV (or Parquet, by suffix ``.parquet``/``.pq``); columns by name or 0-based position.
 
-    CSV ids stay strings exactly as written ("007" stays "007"); Parquet ids keep their column type.
-    Ratings and timestamps must be numeric. CSV problems name the line (header = line 1; a blank line
-    is a row with missing ids); Parquet problems name the 1-based row.
+    CSV fields are read as text, so ids stay strings exactly as written ("007" stays "007"; ASINs work);
+    Parquet ids keep their column type. Ratings and timestamps must be numeric. ``header=False``: the
+    CSV's first line is data and columns can only be positions. ``sep``: the field separator (or
+    WHITESPACE_SEPARATOR for runs of blanks). CSV problems name the line (a blank line is a row with
+    missing ids); Parquet problems name the 1-based row.
 
     Returns
     -------
@@ -174,28 +181,38 @@ def read_table(
         first_line: int | None = None
         where = _parquet_row
     else:
-        frame = _read_csv_with_header(path, sep, ids=(user_col, item_col))
+        frame = _read_csv(path, sep, header)
         first_line = 1
-        where = _csv_line
-    missing = [col for col in wanted.values() if col not in frame.columns]
+        where = _csv_line if header else _headerless_line
+    labels = {out: _column_label(frame, col, header) for out, col in wanted.items()}
+    missing = [str(wanted[out]) for out, label in labels.items() if label is None]
     if missing:
-        found = ", ".join(map(str, frame.columns))
+        count = len(frame.columns)
+        found = ", ".join(map(str, frame.columns)) if header else f"{count} columns, positions 0-{count - 1}"
         raise DataFormatError.at(path, first_line, f"missing column(s) {', '.join(missing)} (found {found})")
     if frame.empty:
         raise DataFormatError.at(path, first_line, "no rows")
-    table = pd.DataFrame({out: frame[col] for out, col in wanted.items()}).reset_index(drop=True)
+    table = pd.DataFrame({out: frame[label] for out, label in labels.items()}).reset_index(drop=True)
     for out in wanted:
         table[out] = _checked_column(path, table[out], out, numeric=out in ("rating", "timestamp"), where=where)
     return table
 
 
-def _read_csv_with_header(path: Path, sep: str, ids: tuple[str, str]) -> pd.DataFrame:
-    """pandas' CSV read with ids as strings and blank lines kept, so row r is line r + 2."""
+def _column_label(frame: pd.DataFrame, column: Column, header: bool) -> object | None:
+    """The frame's label of ``column`` (a header name, or a 0-based position); None when it has none."""
+    if isinstance(column, int):
+        return frame.columns[column] if 0 <= column < len(frame.columns) else None
+    return column if header and column in frame.columns else None
+
+
+def _read_csv(path: Path, sep: str, header: bool) -> pd.DataFrame:
+    """pandas' CSV read, every field as text and blank lines kept, so row r is line r + 2 (r + 1 without a header)."""
     try:
         return pd.read_csv(
             path,
             sep=sep,
-            dtype={col: str for col in ids},
+            header=0 if header else None,
+            dtype=str,
             keep_default_na=False,
             na_values=[""],
             skip_blank_lines=False,
@@ -207,6 +224,11 @@ def _read_csv_with_header(path: Path, sep: str, ids: tuple[str, str]) -> pd.Data
         match = _PANDAS_LINE.search(str(exc))
         line = int(match.group(1)) if match else None
         raise DataFormatError.at(path, line, f"wrong number of fields ({exc})") from None
+
+
+def _headerless_line(row: int) -> tuple[int | None, str]:
+    """CSV row (0-based, blank lines kept) of a file without a header -> (line, message prefix)."""
+    return row + 1, ""
 
 
 def _csv_line(row: int) -> tuple[int | None, str]:

@@ -9,6 +9,7 @@ place and every download error.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +17,17 @@ from typing import Callable, Union
 
 import pandas as pd
 
-from fedsparse.config import ConfigError
+from fedsparse.config import ConfigError, DataConfig, did_you_mean
 from fedsparse.data.download import Network, UrlFiles, WheelMember, ZipMember
 from fedsparse.data.errors import DatasetNotFoundError
 from fedsparse.data.readers import (
+    WHITESPACE_SEPARATOR,
     read_lastfm_user_artists,
     read_lightgcn,
     read_movielens_dat,
     read_movielens_udata,
     read_recbole_inter,
+    read_table,
 )
 
 Download = Union[UrlFiles, ZipMember, WheelMember]
@@ -158,8 +161,40 @@ DATASETS: dict[str, DatasetSpec] = {
 def get_dataset(name: str) -> DatasetSpec:
     """The registered spec for ``name``; ConfigError listing the known names otherwise."""
     if name not in DATASETS:
-        raise ConfigError(f"data.dataset {name!r} is not registered; known: {', '.join(DATASETS)}")
+        raise ConfigError(f"data.dataset {name!r} is not registered{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+SEPARATORS = {"tab": "\t", "\\t": "\t", "space": WHITESPACE_SEPARATOR}  # data.separator words -> what the reader takes
+
+
+def file_spec(config: DataConfig) -> DatasetSpec:
+    """The user's own interaction file (``data.path``) as a one-file dataset named after the file (its stem).
+
+    Columns are header names or 0-based positions (digits); ids are read as text, so string ids work.
+    Raises ConfigError for contradictory column settings and DatasetNotFoundError when the file is absent.
+    """
+    path = Path(config.path).expanduser()
+    user, item, rating, timestamp = (_column(text) for text in (config.user_column, config.item_column,
+                                                                 config.rating_column, config.timestamp_column))
+    if user is None or item is None or user == item:
+        raise ConfigError(f"data.user-column and data.item-column must name two different columns, got {user!r} and {item!r}")
+    named = [column for column in (user, item, rating, timestamp) if isinstance(column, str)]
+    if named and not config.header:
+        raise ConfigError(f"data.header = false: a file without a header has no column names, use positions instead of {named}")
+    if not config.separator:
+        raise ConfigError("data.separator must not be empty")
+    if not path.is_file():
+        raise DatasetNotFoundError(f"data.path {path}: no such file")
+    reader = functools.partial(read_table, user_col=user, item_col=item, rating_col=rating, timestamp_col=timestamp,
+                               sep=SEPARATORS.get(config.separator, config.separator), header=config.header)
+    layout = Layout((path.name,), reader, provides_split=False, has_timestamps=timestamp is not None)
+    return DatasetSpec(path.stem, (layout,), downloads=())
+
+
+def _column(text: str) -> str | int | None:
+    """A column setting: digits are a 0-based position, other text a header name, "" none."""
+    return int(text) if text.isdigit() else (text or None)
 
 
 def cache_dir() -> Path:
@@ -195,6 +230,7 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
         state = f"lacks {spec.expected_files()}" if directory.is_dir() else "no such directory"
         tried.append(f"{label} {directory}: {state}")
     network = network or Network()
+    created_cache = not cache.exists()
     for download in spec.downloads:
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -205,6 +241,8 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
         if spec.present(cache):
             return cache
         tried.append(f"download {download.describe()}: finished, but {cache} still lacks {spec.expected_files()}")
+    if created_cache and cache.is_dir() and not any(cache.iterdir()):
+        cache.rmdir()  # an empty folder left behind would read as "lacks the files" in the next lookup's message
     lines = "\n".join(f"  - {attempt}" for attempt in tried)
     raise DatasetNotFoundError(
         f"dataset {name!r} not found. Tried:\n{lines}\n"
@@ -212,4 +250,4 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
     )
 
 
-__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "get_dataset", "resolve_dataset_dir"]
+__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "file_spec", "get_dataset", "resolve_dataset_dir"]
