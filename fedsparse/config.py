@@ -284,6 +284,9 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
+        for key, value in self.to_flat().items():  # also for configs built with dataclasses.replace, not from_flat
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
         d, m, t, e, s, f, p = self.data, self.model, self.train, self.eval, self.sparse, self.fed, self.privacy
         faults, robust, poison = self.faults, self.robust, self.poison
         checks = [
@@ -450,13 +453,19 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
             except ValueError:
                 pass
     elif expected is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):
+            # No float key gives inf or nan a meaning: they would drop every update or crash mid-round.
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif expected is str:
         if isinstance(value, str):
             return value

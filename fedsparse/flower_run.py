@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.grouping import partitions_needed
+from fedsparse.results import results_root
 
 # Without these, every `flwr run` rebuilds an environment from the app's dependencies (a CUDA torch),
 # reports telemetry and checks for updates; they must be set before the local SuperLink starts.
@@ -69,8 +70,7 @@ def run_flower(
     continues there. Raises RuntimeError with the tail of Flower's output when no complete run
     directory appears.
     """
-    results = Path(config.results_dir).expanduser().resolve()
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_root(config.results_dir)
     before = set(results.iterdir())
     started = time.time()
     env = {**os.environ, **FLOWER_ENV}

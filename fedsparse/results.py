@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsparse.config import ConfigError
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see either the old file or the whole new one."""
@@ -67,11 +69,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def results_root(results_dir: str | Path) -> Path:
+    """``results_dir`` made absolute and created; ConfigError when it (or a parent) is not a folder."""
+    root = Path(results_dir).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(f"results-dir {root} cannot be a folder: a file is in the way ({exc.strerror})") from exc
+    return root
+
+
 def new_run_dir(results_dir: str | Path, label: str) -> Path:
     """Create and return a fresh directory ``<results_dir>/<UTC time>-<label>-<random hex>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    run_dir = Path(results_dir).expanduser().resolve() / f"{stamp}-{label}-{secrets.token_hex(3)}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir = results_root(results_dir) / f"{stamp}-{label}-{secrets.token_hex(3)}"
+    run_dir.mkdir(exist_ok=False)
     return run_dir
 
 
