@@ -142,18 +142,22 @@ def _simulate(args: argparse.Namespace) -> int:
     import logging
 
     from fedsparse.data import load_dataset
-    from fedsparse.engine import check_population, check_resumable
+    from fedsparse.engine import check_population, check_resumable, resume_target
     from fedsparse.inprocess import population_of, run_inprocess
+    from fedsparse.results import check_unlocked
 
     config = _config_from_args(args)
     if args.resume:
         config = replace(config, resume_dir=str(args.resume.resolve()))
+        if getattr(args, "num-server-rounds") is None and "num-server-rounds" not in (read_config_file(args.config) if args.config else {}):
+            config = replace(config, num_server_rounds=resume_target(args.resume))  # the run's own target, not the default
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Bad data, a config that cannot run or a run that cannot be resumed fail here, before Ray starts.
     data = load_dataset(config.data, config.seed)
     check_population(config, population_of(data))
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))
+        check_unlocked(Path(config.resume_dir))
     if args.engine == "inprocess":
         run_dir, summary = run_inprocess(config, data, show_progress=args.progress)
     else:

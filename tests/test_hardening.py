@@ -5,16 +5,23 @@ The probe number of the issue is in each test's docstring; docs/guides/robustnes
 """
 
 import importlib.metadata
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsparse.config import ConfigError, RunConfig
+from fedsparse.data import load_dataset
+from fedsparse.inprocess import run_inprocess
+from fedsparse.results import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -92,3 +99,150 @@ def test_requires_python_admits_no_version_without_tomllib():
     uses_tomllib = [p for p in (REPO_ROOT / "fedsparse").rglob("*.py") if "import tomllib" in p.read_text()]
     assert uses_tomllib
     assert PYPROJECT["project"]["requires-python"] == ">=3.11"
+
+
+# --- 1-4, 6. rounds.jsonl, the run-directory lock, resume targets, checkpoints ----------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 3-round in-process run (with device states in its checkpoint); tests copy it."""
+    config = small_config(tmp_path_factory.mktemp("finished"))
+    run_dir, _ = run_inprocess(config, load_dataset(config.data, config.seed))
+    return run_dir
+
+
+def copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(finished_run, target)
+    return target
+
+
+def run_flags(tmp_path: Path) -> list[str]:
+    """``small_config`` as CLI flags, without the round count and resume dir (each test sets those)."""
+    return [f"--{key}={value}" for key, value in small_config(tmp_path).to_flat().items() if key not in ("num-server-rounds", "resume-dir")]
+
+
+def resume(run_dir: Path, tmp_path: Path, rounds: int) -> dict:
+    config = small_config(tmp_path, **{"num-server-rounds": rounds})
+    return run_inprocess(config, load_dataset(config.data, config.seed), resume_dir=run_dir)[1]
+
+
+def test_a_bad_line_in_rounds_jsonl_refuses_the_resume_and_keeps_every_record(finished_run, tmp_path):
+    """Probe 1: line 2 replaced by garbage made resume rewrite the file without rounds 2 and 3."""
+    run_dir = copy_run(finished_run, tmp_path)
+    lines = (run_dir / "rounds.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = "garbage\n"
+    (run_dir / "rounds.jsonl").write_text("".join(lines))
+    with pytest.raises(ResultFileError, match=r"rounds.jsonl:2: not a JSON record"):
+        resume(run_dir, tmp_path, 5)
+    assert (run_dir / "rounds.jsonl").read_text() == "".join(lines)
+
+
+def test_a_torn_last_line_is_repaired_on_resume(finished_run, tmp_path):
+    """Probe 1: the one repair allowed: a last line cut short by a crash is redone."""
+    run_dir = copy_run(finished_run, tmp_path)
+    with open(run_dir / "rounds.jsonl", "a") as stream:
+        stream.write('{"round": 4, "clie')
+    summary = resume(run_dir, tmp_path, 4)
+    assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2, 3, 4] and summary["rounds"] == 4
+
+
+def test_a_duplicated_round_refuses_the_resume(finished_run, tmp_path):
+    """Probe 1/2: rounds written twice (two writers) are not silently accepted."""
+    run_dir = copy_run(finished_run, tmp_path)
+    lines = (run_dir / "rounds.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "rounds.jsonl").write_text("".join([lines[0], lines[1], lines[1], lines[2]]))
+    with pytest.raises(ResultFileError, match=r"duplicated \[2\]"):
+        resume(run_dir, tmp_path, 5)
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from fedsparse.results import run_dir_lock
+with run_dir_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_and_a_stale_lock_is_taken_over(finished_run, tmp_path):
+    """Probe 2: two resumes at once wrote rounds twice; now the second is refused, naming the holder."""
+    run_dir = copy_run(finished_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirInUse, match=f"in use by process {holder.pid}"):
+            resume(run_dir, tmp_path, 4)
+        done = cli("simulate", *run_flags(tmp_path), "--resume", str(run_dir), "--num-server-rounds", "4")
+        assert done.returncode == 2 and f"in use by process {holder.pid}" in done.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert (run_dir / LOCK_FILE).read_text().strip() == str(holder.pid)  # left behind by a killed holder: stale
+    assert resume(run_dir, tmp_path, 4)["rounds"] == 4
+    assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_resume_below_the_checkpoint_is_refused_and_the_cli_continues_to_the_runs_own_target(finished_run, tmp_path):
+    """Probe 3: a checkpoint at round 5 resumed with the default 3 rounds wrote summary "rounds": 3."""
+    run_dir = copy_run(finished_run, tmp_path)
+    with pytest.raises(ConfigError, match=r"checkpoint is at round 3, past num-server-rounds = 2"):
+        resume(run_dir, tmp_path, 2)
+    stored = json.loads((run_dir / "config.json").read_text())
+    stored["config"]["num-server-rounds"] = 5  # as if the run had been killed after round 3 of 5
+    (run_dir / "config.json").write_text(json.dumps(stored))
+    (run_dir / "summary.json").unlink()
+    done = cli("simulate", *run_flags(tmp_path), "--resume", str(run_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2, 3, 4, 5]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 5
+
+
+def rewrite_checkpoint(path: Path, change) -> None:
+    """Load every array, let ``change`` edit the dict, save it back (a hostile edit of the file)."""
+    with np.load(path, allow_pickle=True) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+def flip_a_stored_byte(path: Path) -> None:
+    """Corrupt the data of the item table inside the archive so its CRC no longer matches."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("server.item-weight.npy")
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+DAMAGES = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "damaged archive"),
+    "empty": (lambda p: p.write_bytes(b""), "not a checkpoint archive (empty)"),
+    "random-bytes": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a checkpoint archive"),
+    "bad-crc": (flip_a_stored_byte, "Bad CRC-32"),
+    "missing-array": (lambda p: rewrite_checkpoint(p, lambda a: a.pop("server.item-weight")), "lacks 1 array(s) (server.item-weight)"),
+    "device-states-removed": (lambda p: rewrite_checkpoint(p, lambda a: [a.pop(k) for k in list(a) if k.startswith("transport.")]),
+                              "array(s) (transport."),
+    "bad-json": (lambda p: rewrite_checkpoint(p, lambda a: a.update({"json.totals": np.asarray("{not json")})), "json.totals is not valid JSON"),
+    "object-array": (lambda p: rewrite_checkpoint(p, lambda a: a.update({"json.best": np.asarray([{"x": 1}], dtype=object)})),
+                     "array 'json.best' holds Python objects"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_checkpoint_stops_the_resume_with_one_message_naming_the_file(finished_run, tmp_path, damage):
+    """Probes 4 and 6: a checkpoint without its device states resumed silently (worse recall); damaged files
+    ended in tracebacks, some advising numpy's allow_pickle."""
+    run_dir = copy_run(finished_run, tmp_path)
+    before = (run_dir / "rounds.jsonl").read_text()
+    apply, fragment = DAMAGES[damage]
+    apply(run_dir / "checkpoint.npz")
+    done = cli("simulate", *run_flags(tmp_path), "--num-server-rounds", "4", "--resume", str(run_dir))
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"fedsparse: error: {run_dir / 'checkpoint.npz'}: ") and fragment in message, message
+    assert "Traceback" not in done.stderr and "allow_pickle" not in done.stderr
+    assert (run_dir / "rounds.jsonl").read_text() == before and not (run_dir / "summary.json").read_text() == ""
