@@ -192,6 +192,8 @@ def _print_report(report: "Report") -> None:
         print(f"wrote {figure}")
     for name, reason in report.skipped.items():
         print(f"skipped {name}: {reason}")
+    for run_dir, reason in report.skipped_runs.items():
+        print(f"warning: skipped run directory {run_dir}: {reason}", file=sys.stderr)
 
 
 def _data_command(args: argparse.Namespace) -> int:

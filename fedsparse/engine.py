@@ -26,7 +26,7 @@ from fedsparse.federation import Server, central_nmf_item_factor, clients_per_ro
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
 from fedsparse.results import (
-    ResultFileError, append_jsonl, atomic_write_text, provenance, read_json_object, read_jsonl, run_dir_lock, write_json,
+    ResultFileError, append_jsonl, atomic_write_text, provenance, read_jsonl, read_run_config, round_gaps, run_dir_lock, write_json,
 )
 from fedsparse.streaming import arrived_users
 from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
@@ -90,19 +90,9 @@ def check_population(config: RunConfig, population: Population) -> None:
 RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir"}  # keys a resumed run may change
 
 
-def stored_run(run_dir: Path) -> dict[str, Any]:
-    """``run_dir/config.json`` (its ``config`` and ``population`` checked to be objects); ResultFileError names a damaged one."""
-    path = Path(run_dir) / "config.json"
-    stored = read_json_object(path, ("config", "population"))
-    for key in ("config", "population"):
-        if not isinstance(stored[key], dict):
-            raise ResultFileError(f"{path}: {key!r} must be a JSON object, got {type(stored[key]).__name__}")
-    return stored
-
-
 def resume_target(run_dir: Path) -> int:
     """The ``num-server-rounds`` the run in ``run_dir`` was started with (what a resume continues to by default)."""
-    target = stored_run(run_dir)["config"].get("num-server-rounds")
+    target = read_run_config(run_dir)["config"].get("num-server-rounds")
     if isinstance(target, bool) or not isinstance(target, int) or target < 0:
         raise ResultFileError(f"{Path(run_dir) / 'config.json'}: num-server-rounds must be an integer >= 0, got {target!r}")
     return target
@@ -116,7 +106,7 @@ def check_resumable(config: RunConfig, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).exists():
         raise ConfigError(f"cannot resume {run_dir}: it holds no {CHECKPOINT}")
-    stored_file = stored_run(run_dir)
+    stored_file = read_run_config(run_dir)
     stored = {**flat_defaults(), **stored_file["config"]}  # keys added since: defaults
     current = effective_config(config).to_flat()
     changed = sorted(key for key in current.keys() - RESUMABLE_CHANGES if stored.get(key) != current[key])
@@ -395,13 +385,10 @@ def resumed_rounds(path: Path, checkpoint_round: int) -> list[dict[str, Any]]:
     records = read_jsonl(path) if path.exists() else []
     rounds = [record.get("round") for record in records]
     kept = [record for record, number in zip(records, rounds) if isinstance(number, int) and number <= checkpoint_round]
-    if [record["round"] for record in kept] != list(range(1, checkpoint_round + 1)):
-        have = [record["round"] for record in kept]
-        missing = sorted(set(range(1, checkpoint_round + 1)) - set(have))
-        repeated = sorted({number for number in have if have.count(number) > 1})
-        raise ResultFileError(f"{path}: the checkpoint is at round {checkpoint_round}, but the file's rounds up to it are "
-                              f"missing {missing or 'none'}, duplicated {repeated or 'none'} (order {have[:20]}); "
-                              "it was edited or written by two processes: restore it before resuming")
+    problem = round_gaps(kept, checkpoint_round)
+    if problem or [record["round"] for record in kept] != list(range(1, checkpoint_round + 1)):
+        raise ResultFileError(f"{path}: the checkpoint is at round {checkpoint_round}, but the records up to it have "
+                              f"{problem or 'rounds out of order'}; it was edited or written by two processes: restore it before resuming")
     redone = len(records) - len(kept)
     if redone:
         log.warning("%s: %d record(s) after round %d predate no checkpoint and are redone", path, redone, checkpoint_round)

@@ -77,6 +77,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ResultFileError(f"{path}: missing") from exc
     except UnicodeDecodeError as exc:
         raise ResultFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     lines = text.split("\n")
@@ -119,6 +121,27 @@ def read_json_object(path: Path, required: tuple[str, ...] = ()) -> dict[str, An
     if missing:
         raise ResultFileError(f"{path}: lacks {', '.join(missing)}")
     return payload
+
+
+def read_run_config(run_dir: Path, sections: tuple[str, ...] = ("config", "population")) -> dict[str, Any]:
+    """``run_dir/config.json`` with its ``sections`` checked to be objects; ResultFileError names a damaged one."""
+    path = Path(run_dir) / "config.json"
+    stored = read_json_object(path, sections)
+    for key in sections:
+        if not isinstance(stored[key], dict):
+            raise ResultFileError(f"{path}: {key!r} must be a JSON object, got {type(stored[key]).__name__}")
+    return stored
+
+
+def round_gaps(records: list[dict[str, Any]], expected: int) -> str:
+    """What is wrong with the round numbers of a rounds.jsonl against rounds 1..``expected`` ("" when nothing)."""
+    have = [record.get("round") for record in records]
+    missing = sorted(set(range(1, expected + 1)) - set(have))
+    repeated = sorted({number for number in have if have.count(number) > 1})
+    extra = sorted({number for number in have if not isinstance(number, int) or not 1 <= number <= expected}, key=str)
+    problems = [f"missing rounds {missing}"] * bool(missing) + [f"duplicated rounds {repeated}"] * bool(repeated) + [
+        f"rounds outside 1..{expected}: {extra}"] * bool(extra)
+    return "; ".join(problems)
 
 
 LOCK_FILE = "run.lock"

@@ -16,8 +16,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.inprocess import run_inprocess
@@ -152,7 +154,7 @@ def test_a_duplicated_round_refuses_the_resume(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     lines = (run_dir / "rounds.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "rounds.jsonl").write_text("".join([lines[0], lines[1], lines[1], lines[2]]))
-    with pytest.raises(ResultFileError, match=r"duplicated \[2\]"):
+    with pytest.raises(ResultFileError, match=r"duplicated rounds \[2\]"):
         resume(run_dir, tmp_path, 5)
 
 
@@ -246,3 +248,46 @@ def test_a_damaged_checkpoint_stops_the_resume_with_one_message_naming_the_file(
     assert message.startswith(f"fedsparse: error: {run_dir / 'checkpoint.npz'}: ") and fragment in message, message
     assert "Traceback" not in done.stderr and "allow_pickle" not in done.stderr
     assert (run_dir / "rounds.jsonl").read_text() == before and not (run_dir / "summary.json").read_text() == ""
+
+
+# --- 7. fedsparse report -----------------------------------------------------------------------------
+
+def report_run(root: Path, name: str, rounds: list[int] | None = None) -> Path:
+    """A finished run directory as ``fedsparse report`` reads it (summary says 3 rounds)."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": {"seed": 0, "sparse.density": 0.2}}))
+    records = [{"round": r, "upload_bytes_mean": 10.0, "recall@20": 0.1} for r in (rounds or [1, 2, 3])]
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (run_dir / "summary.json").write_text(json.dumps({"rounds": 3, "recall@20": 0.1, "density": 0.2}))
+    return run_dir
+
+
+def test_the_report_skips_damaged_run_directories_by_name_and_flags_missing_or_duplicated_rounds(tmp_path, capsys):
+    """Probe 7: damaged runs were skipped silently, aborted the report with a JSON error naming no file, or
+    raised a traceback (config.json without `config`, a summary.json that is a list)."""
+    runs = tmp_path / "runs"
+    report_run(runs, "good")
+    report_run(runs, "missing-round", [1, 3])
+    report_run(runs, "duplicated-round", [1, 2, 2, 3])
+    damaged = {
+        "no-config-key": ("config.json", json.dumps({"population": {}}), "config.json: lacks config"),
+        "summary-list": ("summary.json", "[1, 2]", "summary.json: expected a JSON object, got list"),
+        "summary-not-json": ("summary.json", "{", "summary.json: not valid JSON"),
+        "rounds-garbage": ("rounds.jsonl", '{"round": 1}\ngarbage\n{"round": 3}\n', "rounds.jsonl:2: not a JSON record"),
+    }
+    for name, (file, text, _) in damaged.items():
+        (report_run(runs, name) / file).write_text(text)
+    (report_run(runs, "unfinished") / "summary.json").unlink()
+    damaged["unfinished"] = (None, None, "summary.json: missing")
+    assert main(["report", str(runs), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    for name, (_, _, fragment) in damaged.items():
+        assert f"warning: skipped run directory {runs / name}: {runs / name / fragment.split(':')[0]}" in err, name
+        assert fragment.split(": ", 1)[1] in err, name
+    table = pd.read_csv(tmp_path / "out" / "report.csv").set_index("run")
+    assert sorted(table.index) == ["duplicated-round", "good", "missing-round"]
+    assert table.loc["missing-round", "rounds_check"] == "missing rounds [2]"
+    assert table.loc["duplicated-round", "rounds_check"] == "duplicated rounds [2]"
+    assert pd.isna(table.loc["good", "rounds_check"])
+    assert "rounds_check" in (tmp_path / "out" / "report.md").read_text()
