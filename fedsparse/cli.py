@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from fedsparse.config import ConfigError, RunConfig, flat_defaults
+from fedsparse.config import ConfigError, RunConfig, check_flat_keys, flat_defaults, read_toml
 
 if TYPE_CHECKING:
     from fedsparse.report import Report
@@ -36,11 +35,10 @@ ALIASES = {
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Flat keys from a TOML file: its ``[tool.flwr.app.config]`` table if present, else its top level."""
-    try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    return document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
+    document, text = read_toml(path, "config file")
+    flat = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
+    check_flat_keys(flat, path, text)
+    return flat
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:

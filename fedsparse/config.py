@@ -8,7 +8,10 @@ unknown keys and wrongly typed values before any work starts.
 from __future__ import annotations
 
 import math
+import re
+import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 SPLITS = ("auto", "provided", "random", "loo")
@@ -421,6 +424,40 @@ class RunConfig:
             raise ConfigError("budget.stream-stages cannot be combined with privacy.secure-aggregation")
         if widths and self.robust.aggregator != "mean":
             raise ConfigError("budget.device-widths needs robust.aggregator = mean (per-entry contributors differ by width)")
+
+
+def read_toml(path: Path, kind: str) -> tuple[dict[str, Any], str]:
+    """(the parsed document, its text) of a TOML ``kind`` file ("config file", "sweep file"); ConfigError
+    names the file and the fix (not UTF-8, not TOML)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{kind} {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {kind} {path}: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot read {kind} {path}: not valid TOML: {exc}") from exc
+
+
+def check_flat_keys(flat: Mapping[str, Any], path: Path, text: str) -> None:
+    """Raise ConfigError when a flat-key table holds a nested table: an unquoted dotted key such as
+    ``sparse.density = 0.1`` is a TOML table ``sparse`` with key ``density``; flat keys must be quoted."""
+    for key, value in flat.items():
+        if not isinstance(value, dict):
+            continue
+        parts = [key]
+        while isinstance(value, dict) and value:
+            inner, value = next(iter(value.items()))
+            parts.append(inner)
+        dotted = ".".join(parts)
+        pattern = re.compile(r"^\s*" + r"\s*\.\s*".join(re.escape(part) for part in parts) + r"\s*=", re.MULTILINE)
+        found = pattern.search(text)
+        where = f"{path}:{text.count(chr(10), 0, found.start()) + 1}" if found else str(path)
+        raise ConfigError(f"{where}: {dotted} is read by TOML as a nested table, not the flat key {dotted!r}: "
+                          f"quote it, \"{dotted}\" = ...")
 
 
 def ranking_cutoffs(config: RunConfig, n_items: int) -> list[int]:

@@ -291,3 +291,30 @@ def test_the_report_skips_damaged_run_directories_by_name_and_flags_missing_or_d
     assert table.loc["duplicated-round", "rounds_check"] == "duplicated rounds [2]"
     assert pd.isna(table.loc["good", "rounds_check"])
     assert "rounds_check" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --- 8. Config files ---------------------------------------------------------------------------------
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
+    """Probe 8: a Latin-1 config file ended in a bare UnicodeDecodeError naming no file."""
+    path = tmp_path / "run.toml"
+    path.write_bytes('"data.dataset" = "caf\u00e9"\n'.encode("latin-1"))
+    done = cli("simulate", "--config", str(path))
+    assert done.returncode == 2
+    assert f"config file {path} is not UTF-8 text" in done.stderr and "save it as UTF-8" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["config", "sweep"])
+def test_an_unquoted_dotted_key_names_the_file_line_and_the_quoting_fix(tmp_path, kind):
+    """Probe 8: `sparse.density = 0.1` reads as a table `sparse`, rejected as an unknown key "sparse"."""
+    path = tmp_path / f"{kind}.toml"
+    if kind == "config":
+        path.write_text("seed = 1\nsparse.density = 0.1\n")
+        done = cli("simulate", "--config", str(path))
+    else:
+        path.write_text("seeds = [0]\n[base]\nseed = 1\n[grid]\nsparse.density = [0.1, 0.2]\n")
+        done = cli("sweep", str(path), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    line = 2 if kind == "config" else 5
+    assert f"{path}:{line}: sparse.density is read by TOML as a nested table" in done.stderr
+    assert '"sparse.density" = ...' in done.stderr
