@@ -4,6 +4,7 @@ The probe number of the issue is in each test's docstring; docs/guides/robustnes
 (written by simulations/robustness_probes.py).
 """
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -318,3 +319,39 @@ def test_an_unquoted_dotted_key_names_the_file_line_and_the_quoting_fix(tmp_path
     line = 2 if kind == "config" else 5
     assert f"{path}:{line}: sparse.density is read by TOML as a nested table" in done.stderr
     assert '"sparse.density" = ...' in done.stderr
+
+
+# --- 5. --data-dir is authoritative; fallbacks are printed ------------------------------------------
+
+def fake_ml100k(root: Path) -> Path:
+    """A small u.data (20 users x 10 items) in ``root/ml-100k``; returns the file."""
+    lines = [f"{user}\t{item}\t4\t{880000000 + user * 10 + item}" for user in range(1, 21) for item in range(1, 11)]
+    path = root / "ml-100k" / "u.data"
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("given", ["missing", "a-file", "empty"])
+def test_a_given_data_dir_without_the_dataset_is_an_error_even_when_the_cache_has_it(tmp_path, given):
+    """Probe 5: the run silently trained on another copy (cache or download) while config.json named the given dir."""
+    fake_ml100k(tmp_path / "xdg" / "fedsparse")  # a cached copy the old code fell back to
+    data_dir = tmp_path / "given"
+    if given == "a-file":
+        data_dir.write_text("not a folder\n")
+    elif given == "empty":
+        data_dir.mkdir()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "FEDSPARSE_DATA": ""}
+    done = cli("simulate", "--dataset", "ml-100k", "--data-dir", str(data_dir), "--results-dir", str(tmp_path / "out"), env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"data.data-dir {data_dir}: {data_dir / 'ml-100k'}" in done.stderr and "no cache or download is tried" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_a_data_dir_the_fallback_source_file_and_checksum_are_printed(tmp_path):
+    """Probe 5: a fallback to the cache (or a download) happened without a word."""
+    cached = fake_ml100k(tmp_path / "xdg" / "fedsparse")
+    done = cli("data", "info", "ml-100k", env={"XDG_CACHE_HOME": str(tmp_path / "xdg"), "FEDSPARSE_DATA": ""})
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.blake2b(cached.read_bytes(), digest_size=16).hexdigest()
+    assert f"ml-100k from cache: {cached} (blake2b {digest})" in done.stderr

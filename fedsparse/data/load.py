@@ -11,12 +11,14 @@ stay as columns with no interactions left; their 28 test rows are dropped and co
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import scipy.sparse as sp
 
 from fedsparse.config import ConfigError, DataConfig
 from fedsparse.data.interactions import Interactions, binary_csr
-from fedsparse.data.registry import Layout, get_dataset, resolve_dataset_dir
+from fedsparse.data.registry import Layout, file_checksum, get_dataset, locate_dataset
 from fedsparse.data.splits import (
     TEST,
     TRAIN,
@@ -29,6 +31,8 @@ from fedsparse.data.splits import (
 from fedsparse.data.synthetic import generate_synthetic
 from fedsparse.data.transforms import drop_duplicate_pairs, k_core, remap_ids, to_implicit
 from fedsparse.rng import rng_for
+
+log = logging.getLogger("fedsparse")
 
 
 def load_dataset(config: DataConfig, seed: int) -> Interactions:
@@ -61,8 +65,11 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
         )
         source = spec.name
     else:
-        directory = resolve_dataset_dir(spec.name, config.data_dir)
+        directory, origin = locate_dataset(spec.name, config.data_dir)
         layout = spec.layout_for(directory, config.split)
+        if origin != "data.data-dir":  # no dir given: say which copy this run trains on
+            files = ", ".join(f"{directory / name} (blake2b {file_checksum(directory / name)})" for name in layout.files)
+            log.warning("data: no data.data-dir given; %s from %s: %s", spec.name, origin, files)
         tables = layout.read(directory)
         source = " + ".join(str(directory / name) for name in layout.files)
     split = _resolve_split(config.split, layout, spec.name)
