@@ -23,7 +23,9 @@ import pytest
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
+from fedsparse.federation import Server, validate_update
 from fedsparse.inprocess import run_inprocess
+from fedsparse.wire import RowUpdate, row_id_dtype
 from fedsparse.results import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -355,3 +357,16 @@ def test_without_a_data_dir_the_fallback_source_file_and_checksum_are_printed(tm
     assert done.returncode == 0, done.stderr
     digest = hashlib.blake2b(cached.read_bytes(), digest_size=16).hexdigest()
     assert f"ml-100k from cache: {cached} (blake2b {digest})" in done.stderr
+
+
+# --- 11. Bounded sample weights ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("claimed", [1e30, 4.0, 2.5])
+def test_a_device_cannot_claim_more_examples_than_the_rows_it_sends(claimed):
+    """Probe 11: a claimed weight of 1e30 was accepted and dominated the per-row mean."""
+    server = Server.create(RunConfig.from_flat({"model.dim": 4, "sparse.policy": "dense"}), 10)
+    rows = np.asarray([1, 5, 7], dtype=row_id_dtype(10))
+    honest = RowUpdate(rows, np.zeros(12, np.float32), 3.0).to_arrays()
+    assert validate_update(server, honest)[1] is None
+    update, reason = validate_update(server, {**honest, "weight": np.float32([claimed])})
+    assert update is None and "not a whole number of training examples in [1, 3]" in reason
