@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from fedsparse import metrics
+from fedsparse.faults import DeviceError
 from fedsparse.config import RunConfig, ranking_cutoffs
 from fedsparse.devices import device_width
 from fedsparse.losses import batch_loss
@@ -155,7 +156,7 @@ def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_ro
     shape = (config.fed.local_epochs, data.train.size + fakes.size, config.train.negatives)
     candidates = np.setdiff1d(round_items(config, n_items, server_round), np.union1d(data.interacted, fakes), assume_unique=True)
     if candidates.size == 0:
-        raise ValueError(f"user {data.user_id} interacted with every item: no negative exists")
+        raise DeviceError(f"user {data.user_id} interacted with every item: no negative exists")
     return candidates[rng.integers(0, candidates.size, size=shape)]
 
 
@@ -220,10 +221,10 @@ def local_train(
     touched = rows_needed(data, negatives, fakes)
     trained = np.concatenate([data.train, fakes])  # real positives, then the fake ones
     if data.train.size == 0:
-        raise ValueError(f"user {data.user_id} has no training interactions")
+        raise DeviceError(f"user {data.user_id} has no training interactions")
     available = download.rows(n_items)
     if not np.isin(touched, available).all():
-        raise ValueError(f"user {data.user_id}: the download lacks rows the round needs")
+        raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
     all_weights, all_mask = download.table.decode()
     local = np.searchsorted(available, touched)
     item_start = all_weights[local]

@@ -10,6 +10,13 @@ import time
 
 from fedsparse.config import RunConfig
 from fedsparse.rng import rng_for
+from fedsparse.wire import PayloadError
+
+
+class DeviceError(ValueError):
+    """A device cannot serve the message it got (no training data, no negative item left, a download
+    without the rows it needs): the transport reports that device as failed. Any other exception in a
+    device handler is a bug and fails the run with its traceback."""
 
 
 class InjectedFault(RuntimeError):
@@ -18,6 +25,10 @@ class InjectedFault(RuntimeError):
 
 class DeviceCrash(RuntimeError):
     """The device crashed ("crash" mode): no reply, and the transport discards its private state."""
+
+
+# What a transport turns into a failed device (DeviceCrash, which also drops the device's state, aside).
+DEVICE_FAILURES = (PayloadError, DeviceError, InjectedFault)
 
 
 def device_fails(config: RunConfig, server_round: int, user: int) -> bool:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_dataset
 from fedsparse.device import DeviceData
-from fedsparse.faults import DeviceCrash, InjectedFault
+from fedsparse.faults import DEVICE_FAILURES, DeviceCrash
 from fedsparse.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.protocol import DeviceReply, handle_evaluate, handle_nmf, handle_query, handle_train
 from fedsparse.results import new_run_dir
@@ -70,7 +70,7 @@ class InProcessTransport:
                 self.states.pop(user, None)
                 replies[user] = f"{type(exc).__name__}: {exc}"
                 continue
-            except (ValueError, KeyError, InjectedFault) as exc:
+            except DEVICE_FAILURES as exc:  # anything else is a bug: it fails the run with its traceback
                 replies[user] = f"{type(exc).__name__}: {exc}"
                 continue
             if reply.state:

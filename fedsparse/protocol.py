@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.faults import inject_fault
+from fedsparse.faults import DeviceError, inject_fault
 from fedsparse.device import (
     DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view,
     rows_needed, set_user_prefix,
@@ -57,7 +57,7 @@ def handle_nmf(
         rows = message["row-ids"]
         items = np.searchsorted(rows, data.train)
         if items.size and (items.max() >= rows.size or not np.array_equal(rows[items], data.train)):
-            raise ValueError(f"user {data.user_id}: the NMF download lacks rows of the user's items")
+            raise DeviceError(f"user {data.user_id}: the NMF download lacks rows of the user's items")
     p_u = state.get(NMF_FACTOR)
     if p_u is None:
         scale = float(message["init-scale"][0])

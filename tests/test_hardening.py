@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import types
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
+from fedsparse.faults import DeviceError
 from fedsparse.federation import Server, validate_update
 from fedsparse.inprocess import run_inprocess
 from fedsparse.wire import RowUpdate, row_id_dtype
@@ -370,3 +372,46 @@ def test_a_device_cannot_claim_more_examples_than_the_rows_it_sends(claimed):
     assert validate_update(server, honest)[1] is None
     update, reason = validate_update(server, {**honest, "weight": np.float32([claimed])})
     assert update is None and "not a whole number of training examples in [1, 3]" in reason
+
+
+# --- 12. Only device errors are device failures ------------------------------------------------------
+
+def raiser(exc: Exception):
+    def handler(*args, **kwargs):
+        raise exc
+    return handler
+
+
+def test_a_programming_error_in_process_fails_the_run_loudly_while_a_device_error_is_a_failed_device(tmp_path, monkeypatch):
+    """Probe 12: every ValueError (and KeyError) counted as a failed device, so bugs looked like flaky devices."""
+    import fedsparse.inprocess as inprocess
+
+    config = small_config(tmp_path, **{"num-server-rounds": 1, "sparse.policy": "rigl"})
+    data = load_dataset(config.data, config.seed)
+    monkeypatch.setattr(inprocess, "handle_train", raiser(DeviceError("the download lacks rows the round needs")))
+    run_dir, _ = run_inprocess(config, data)
+    assert read_jsonl(run_dir / "rounds.jsonl")[0]["failed_clients"] == 15
+    for bug in (ValueError("operands could not be broadcast"), KeyError("item-weight"), TypeError("bad call")):
+        monkeypatch.setattr(inprocess, "handle_train", raiser(bug))
+        with pytest.raises(type(bug)):
+            run_inprocess(config, data)
+
+
+def test_a_programming_error_in_the_clientapp_fails_loudly_while_a_device_error_is_reported(monkeypatch):
+    """Probe 12, Flower shell: clients/app.py turned every ValueError into a per-user error record."""
+    pytest.importorskip("flwr")
+    import clients.app as client_app
+    from clients.records import to_record
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    content = RecordDict({"settings": ConfigRecord({"server-round": 1}), "arrays.3": to_record({"x": np.zeros(2, np.float32)})})
+    message = types.SimpleNamespace(content=content)  # a received message: only its content is read
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 3}, state=RecordDict(),
+                      run_config={"data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": 40})
+    monkeypatch.setattr(client_app, "Message", lambda reply, reply_to: reply)  # the reply's content, unsent
+    monkeypatch.setattr(client_app, "handle_train", raiser(DeviceError("no negative exists")))
+    reply = client_app._handle(message, context, "train")
+    assert "DeviceError: no negative exists" in str(reply["error.3"]["reason"])
+    monkeypatch.setattr(client_app, "handle_train", raiser(ValueError("operands could not be broadcast")))
+    with pytest.raises(ValueError, match="operands"):
+        client_app._handle(message, context, "train")
