@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.faults import DeviceError, inject_fault
+from fedsparse.faults import SIMULATED_TIME, DeviceError, inject_fault
 from fedsparse.device import (
     DeviceData, DeviceState, evaluate_device, init_device, local_train, round_items, round_negatives, round_padding, round_view,
     rows_needed, set_user_prefix,
@@ -104,9 +104,9 @@ def handle_train(
 
     ``settings``: ``send-signal`` (report a regrowth signal) and ``user-swap-fraction`` (explore the
     user row's mask after training; 0 keeps it). A device drawn to fail (``faults.*``) raises
-    ``InjectedFault`` / ``DeviceCrash`` here, or answers late.
+    ``InjectedFault`` / ``DeviceCrash`` here, or answers late (in process only in simulated time).
     """
-    inject_fault(config, server_round, data.user_id)
+    inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
     download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
     device = _device_state(config, state, data, message)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import types
 import zipfile
@@ -24,9 +25,9 @@ import pytest
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.faults import DeviceError
-from fedsparse.federation import Server, validate_update
-from fedsparse.inprocess import run_inprocess
+from fedsparse.faults import DeviceError, straggler_delay
+from fedsparse.federation import Server, clients_per_round, sample_clients, validate_update
+from fedsparse.inprocess import population_of, run_inprocess
 from fedsparse.wire import RowUpdate, row_id_dtype
 from fedsparse.results import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
 
@@ -415,3 +416,30 @@ def test_a_programming_error_in_the_clientapp_fails_loudly_while_a_device_error_
     monkeypatch.setattr(client_app, "handle_train", raiser(ValueError("operands could not be broadcast")))
     with pytest.raises(ValueError, match="operands"):
         client_app._handle(message, context, "train")
+
+
+# --- 15. Simulated device time in process ------------------------------------------------------------
+
+def test_in_process_timeouts_follow_simulated_time_not_the_machines_load(tmp_path, monkeypatch):
+    """Probe 15: an honest device once exceeded fed.round-timeout on a loaded machine (measured wall time)."""
+    import fedsparse.inprocess as inprocess
+
+    real_train = inprocess.handle_train
+
+    def loaded_machine(*args, **kwargs):
+        time.sleep(0.05)  # every device is slow here, 5x the round timeout
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(inprocess, "handle_train", loaded_machine)
+    config = small_config(tmp_path, **{"num-server-rounds": 2, "faults.failure-rate": 0.3, "faults.failure-mode": "timeout",
+                                       "faults.straggler-seconds": 30.0, "fed.round-timeout": 0.01})
+    data = load_dataset(config.data, config.seed)
+    started = time.monotonic()
+    run_dir, _ = run_inprocess(config, data)
+    assert time.monotonic() - started < 30.0  # stragglers are late in simulated time: nobody sleeps 30 s
+    population = population_of(data)
+    for record in read_jsonl(run_dir / "rounds.jsonl"):
+        chosen = population.users[sample_clients(config.seed, record["round"], population.users.size,
+                                                 clients_per_round(config, population.users.size))]
+        stragglers = [int(user) for user in chosen if straggler_delay(config, record["round"], int(user)) > 0]
+        assert record["failed_clients"] == len(stragglers) > 0  # exactly the drawn stragglers, no honest device
