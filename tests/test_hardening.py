@@ -25,6 +25,7 @@ import pytest
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
+from fedsparse.engine import Reply
 from fedsparse.faults import DeviceError, straggler_delay
 from fedsparse.federation import Server, clients_per_round, sample_clients, validate_update
 from fedsparse.inprocess import population_of, run_inprocess
@@ -443,3 +444,41 @@ def test_in_process_timeouts_follow_simulated_time_not_the_machines_load(tmp_pat
                                                  clients_per_round(config, population.users.size))]
         stragglers = [int(user) for user in chosen if straggler_delay(config, record["round"], int(user)) > 0]
         assert record["failed_clients"] == len(stragglers) > 0  # exactly the drawn stragglers, no honest device
+
+
+# --- 13. Flower transport: decode errors and timeouts on every send ----------------------------------
+
+class FakeGrid:
+    """Answers each message from the node it was sent to with ``answer(node)``, recording the timeouts."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.timeouts = answer, []
+
+    def send_and_receive(self, messages, timeout=None):
+        self.timeouts.append(timeout)
+        return [self.answer(message.dst_node_id) for message in messages]
+
+
+@pytest.mark.parametrize("kind", ["nmf", "query", "train", "evaluate"])
+def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies_into_failed_devices(monkeypatch, kind):
+    """Probe 13: evaluate and NMF sends waited forever for a lost node, and a malformed Array raised."""
+    pytest.importorskip("flwr")
+    import server.transport as transport_module
+    from clients.records import reply_content
+    from flwr.app import Array, ArrayRecord
+
+    monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
+        content=content, dst_node_id=dst_node_id))
+
+    def answer(node: int):
+        content = reply_content({node: ({"x": np.ones(2, np.float32)}, {"m": 1.0})})
+        if node == 2:  # this node's array claims 5 floats in 3 bytes
+            content["arrays.2"] = ArrayRecord({"x": Array(dtype="float32", shape=(5,), stype="numpy.ndarray", data=b"\x00\x01\x02")})
+        return types.SimpleNamespace(content=content, metadata=types.SimpleNamespace(src_node_id=node), has_error=lambda: False)
+
+    grid = FakeGrid(answer)
+    flower = transport_module.FlowerTransport(grid, {1: 1, 2: 2}, 1, 5.0)
+    replies = flower.send(kind, 1, {1: {}, 2: {}}, {})
+    assert grid.timeouts == [5.0]
+    assert isinstance(replies[1], Reply) and replies[1].arrays["x"].tolist() == [1.0, 1.0]
+    assert isinstance(replies[2], str) and "node 2: the reply of user 2 does not decode" in replies[2]
