@@ -126,9 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(report.table)} runs -> {args.out}")
             return 0
         if args.command == "superlink":
-            from fedsparse.flower_run import stop_superlink
+            from fedsparse.flower_run import SUPERLINK_RECORD, flower_home, stop_superlink
 
-            print(f"stopped {stop_superlink()} local SuperLink process(es) and their children")
+            stopped = stop_superlink()
+            for link in stopped:
+                print(f"stopped SuperLink pid {link['pid']} (ports {link['ports'] or 'default'}) and {len(link['children'])} child process(es)")
+            if not stopped:
+                print(f"no running SuperLink started by fedsparse in {flower_home() / SUPERLINK_RECORD}; others are left alone")
             return 0
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"fedsparse: error: {exc}", file=sys.stderr)

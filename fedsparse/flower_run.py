@@ -1,4 +1,4 @@
-"""Launch ``flwr run`` for a RunConfig and find what it wrote; stop the local SuperLink afterwards.
+"""Launch ``flwr run`` for a RunConfig and find what it wrote; stop the local SuperLink it started afterwards.
 
 Shells out to the ``flwr`` command (this module does not import flwr). ``flwr run --stream`` exits 0
 even when the run fails, so success is judged from the run directory the ServerApp wrote.
@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.grouping import partitions_needed
-from fedsparse.results import results_root
+from fedsparse.results import results_root, write_json
 
 # Without these, every `flwr run` rebuilds an environment from the app's dependencies (a CUDA torch),
 # reports telemetry and checks for updates; they must be set before the local SuperLink starts.
@@ -26,6 +28,13 @@ FLOWER_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 STOP_GRACE_SECONDS = 10.0
+STREAM_GRACE_SECONDS = 30.0  # how long `flwr run --stream` may stay open after the run wrote its summary
+POLL_SECONDS = 0.2
+OUTPUT_TAIL_CHARS = 4000  # of Flower's output, in the error when a run does not complete
+LAUNCH_ENV = "FEDSPARSE_LAUNCH"  # token in the environment of the processes one run_flower call starts
+HTTP_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"  # flwr 1.42: ports of the local SuperLink `flwr run` starts
+CONTROL_PORT_ENV = "FLWR_LOCAL_CONTROL_API_PORT"
+SUPERLINK_RECORD = "fedsparse-superlinks.json"  # in the Flower home: the SuperLinks fedsparse started (pid, start time)
 
 
 def check_flower_config(config: RunConfig) -> None:
@@ -56,6 +65,11 @@ def run_config_overrides(config: RunConfig) -> str:
     return " ".join(f'"{key}"={toml_value(value)}' for key, value in changed.items())
 
 
+def flower_home(flwr_home: Path | None = None) -> Path:
+    """The Flower home a ``flwr run`` uses: ``flwr_home``, else ``$FLWR_HOME``, else ``~/.flwr``."""
+    return Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser().resolve()
+
+
 def run_flower(
     config: RunConfig,
     app_dir: Path,
@@ -63,35 +77,73 @@ def run_flower(
     flwr_home: Path | None = None,
     cpus_per_client: int = 1,
     timeout: float | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> Path:
     """Run the app in ``app_dir`` under ``flwr run`` and return the run directory it wrote.
 
     One supernode per partition (``fed.clients-per-node`` users each). With ``resume-dir`` set, the run
-    continues there. Raises RuntimeError with the tail of Flower's output when no complete run
-    directory appears.
+    continues there. ``ports`` (SuperLink HTTP API, control API) start a SuperLink of its own instead of
+    reusing whatever listens on Flower's default ports. A SuperLink this call starts is recorded (pid) in
+    the Flower home, so ``stop_superlink`` stops exactly it. The run is judged by the run directory:
+    once its summary is written, a ``flwr run --stream`` that does not end within ``STREAM_GRACE_SECONDS``
+    is stopped. Raises RuntimeError with the tail of Flower's output when no complete run directory
+    appears (within ``timeout`` seconds, when given).
     """
     results = results_root(config.results_dir)
     before = set(results.iterdir())
     started = time.time()
-    env = {**os.environ, **FLOWER_ENV}
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
+    launch = secrets.token_hex(8)  # inherited by the SuperLink `flwr run` may start: how we recognise it
+    env = {**os.environ, **FLOWER_ENV, LAUNCH_ENV: launch}
+    home = flower_home(flwr_home)
+    env["FLWR_HOME"] = str(home)
+    if ports is not None:
+        env[HTTP_PORT_ENV], env[CONTROL_PORT_ENV] = (str(port) for port in ports)
     federation = f"num-supernodes={partitions_needed(n_users, config.fed.clients_per_node)} client-resources-num-cpus={cpus_per_client}"
     command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation,
                "--run-config", run_config_overrides(config)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    output = (completed.stdout + completed.stderr)[-4000:]
-    if config.resume_dir:  # the run continues in its own directory: done when it wrote a new summary
-        run_dir = Path(config.resume_dir).expanduser().resolve()
-        summary = run_dir / "summary.json"
-        done = summary.exists() and summary.stat().st_mtime >= started
-    else:
+
+    def finished() -> Path | None:
+        if config.resume_dir:  # the run continues in its own directory: done when it wrote a new summary
+            run_dir = Path(config.resume_dir).expanduser().resolve()
+            summary = run_dir / "summary.json"
+            return run_dir if summary.exists() and summary.stat().st_mtime >= started else None
         created = sorted(path for path in set(results.iterdir()) - before if path.name.split("-", 2)[-1].startswith("flwr-"))
-        run_dir = created[-1] if created else results
-        done = bool(created) and (run_dir / "summary.json").exists()
-    if completed.returncode != 0 or not done:
-        raise RuntimeError(f"flwr run did not complete (exit {completed.returncode}); output tail:\n{output}")
+        return created[-1] if created and (created[-1] / "summary.json").exists() else None
+
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        try:
+            ended = _wait(process, finished, timeout)
+        finally:
+            _record_superlinks(home, launch, ports)
+        log_file.seek(0)
+        output = log_file.read()[-OUTPUT_TAIL_CHARS:]
+    run_dir = finished()
+    if run_dir is None:
+        reason = "timed out" if not ended else f"exit {process.returncode}"
+        raise RuntimeError(f"flwr run did not complete ({reason}); output tail:\n{output}")
     return run_dir
+
+
+def _wait(process: subprocess.Popen, finished, timeout: float | None) -> bool:
+    """Wait for ``flwr run`` to end; stop it when the run directory is complete but the log stream stays
+    open past a grace period, or at ``timeout``. Returns False when it was stopped at the timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done_at = None
+    while process.poll() is None:
+        now = time.monotonic()
+        if done_at is None and finished() is not None:
+            done_at = now
+        if (done_at is not None and now - done_at > STREAM_GRACE_SECONDS) or (deadline is not None and now > deadline):
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            return done_at is not None
+        time.sleep(POLL_SECONDS)
+    return True
 
 
 def _children(pid: int) -> list[int]:
@@ -107,9 +159,19 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def superlink_pids(flwr_home: Path | None = None) -> list[int]:
-    """Pids of local SuperLink processes (started with FLWR_HOME = ``flwr_home``, when given)."""
-    pids = []
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), None if gone:
+    with the pid it identifies one process, even after the pid is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _record_superlinks(home: Path, launch: str, ports: tuple[int, int] | None) -> None:
+    """Add to ``home``'s record every SuperLink process that this launch started (its environment holds
+    the launch token)."""
+    started = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if b"flower-superlink" not in cmdline.read_bytes():
@@ -117,13 +179,25 @@ def superlink_pids(flwr_home: Path | None = None) -> list[int]:
             environ = (cmdline.parent / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if flwr_home is None or f"FLWR_HOME={flwr_home}".encode() in environ:
-            pids.append(int(cmdline.parent.name))
-    return pids
+        if f"{LAUNCH_ENV}={launch}".encode() in environ:
+            pid = int(cmdline.parent.name)
+            started.append({"pid": pid, "start_ticks": _start_ticks(pid), "ports": list(ports) if ports else None})
+    if started:
+        records = _read_records(home)
+        write_json(home / SUPERLINK_RECORD, records + started)
 
 
-def stop_process_tree(pid: int) -> None:
-    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after a grace period."""
+def _read_records(home: Path) -> list[dict]:
+    """The SuperLinks fedsparse started with this Flower home (an unreadable record counts as empty)."""
+    try:
+        records = json.loads((home / SUPERLINK_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("pid"), int)] if isinstance(records, list) else []
+
+
+def stop_process_tree(pid: int) -> list[int]:
+    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after a grace period; returns the tree's pids."""
     tree, frontier = [pid], [pid]
     while frontier:
         frontier = [child for parent in frontier for child in _children(parent)]
@@ -135,17 +209,26 @@ def stop_process_tree(pid: int) -> None:
             pass
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     while time.monotonic() < deadline and any(Path(f"/proc/{target}").exists() for target in tree):
-        time.sleep(0.2)
+        time.sleep(POLL_SECONDS)
     for target in tree:
         try:
             os.kill(target, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return tree
 
 
-def stop_superlink(flwr_home: Path | None = None) -> int:
-    """Stop the local SuperLink(s) of ``flwr_home`` with their Ray processes; returns how many."""
-    pids = superlink_pids(flwr_home)
-    for pid in pids:
-        stop_process_tree(pid)
-    return len(pids)
+def stop_superlink(flwr_home: Path | None = None) -> list[dict]:
+    """Stop the SuperLinks fedsparse started with this Flower home (see ``flower_home``), with their Ray
+    processes, and forget them; a recorded pid that now names another process is left alone. Returns
+    one entry per stopped SuperLink: its pid, ports and the pids of its stopped children."""
+    home = flower_home(flwr_home)
+    stopped = []
+    for record in _read_records(home):
+        pid = record["pid"]
+        if _start_ticks(pid) is None or _start_ticks(pid) != record.get("start_ticks"):
+            continue  # already gone, or the pid now belongs to another process
+        tree = stop_process_tree(pid)
+        stopped.append({**record, "children": tree[1:]})
+    (home / SUPERLINK_RECORD).unlink(missing_ok=True)
+    return stopped

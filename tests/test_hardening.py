@@ -482,3 +482,58 @@ def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies
     assert grid.timeouts == [5.0]
     assert isinstance(replies[1], Reply) and replies[1].arrays["x"].tolist() == [1.0, 1.0]
     assert isinstance(replies[2], str) and "node 2: the reply of user 2 does not decode" in replies[2]
+
+
+# --- 16, 17. SuperLinks: stop only what fedsparse started; tests on their own SuperLink ---------------
+
+DECOY = "import time; time.sleep(300)"  # argv carries "flower-superlink": what the old stop matched
+
+
+def decoy_superlink(env: dict | None = None) -> subprocess.Popen:
+    """A process whose command line names flower-superlink (someone else's SuperLink, as far as a
+    command-line match can tell)."""
+    return subprocess.Popen([sys.executable, "-c", DECOY, "flower-superlink"], env={**os.environ, **(env or {})})
+
+
+def test_superlink_stop_stops_only_the_superlinks_fedsparse_recorded(tmp_path):
+    """Probe 16: `fedsparse superlink stop` killed every flower-superlink on the machine."""
+    from fedsparse.flower_run import LAUNCH_ENV, _record_superlinks, stop_superlink
+
+    home = tmp_path / "flwr-home"
+    foreign = decoy_superlink()
+    ours = decoy_superlink({LAUNCH_ENV: "token-of-this-launch"})
+    try:
+        time.sleep(0.5)  # both processes exec'd, so /proc shows their command lines
+        done = cli("superlink", "stop", env={"FLWR_HOME": str(home)})
+        assert done.returncode == 0 and "no running SuperLink started by fedsparse" in done.stdout
+        assert foreign.poll() is None and ours.poll() is None
+        _record_superlinks(home, "token-of-this-launch", (40001, 40002))
+        done = cli("superlink", "stop", env={"FLWR_HOME": str(home)})
+        assert done.returncode == 0 and f"stopped SuperLink pid {ours.pid} (ports [40001, 40002])" in done.stdout
+        assert ours.wait(timeout=30) is not None and foreign.poll() is None
+        assert stop_superlink(home) == []  # the record is gone: nothing more to stop
+    finally:
+        for process in (foreign, ours):
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_a_flower_test_runs_its_own_superlink_on_free_ports_and_stops_exactly_it(tmp_path, isolated_flower):
+    """Probe 17: tests reused whatever local SuperLink was up (e.g. the quick start's) and stopped nothing."""
+    from fedsparse.flower_run import _read_records, run_flower, stop_superlink
+
+    foreign = decoy_superlink({"FLWR_HOME": str(isolated_flower.home)})  # even in our Flower home: not ours
+    try:
+        config = small_config(tmp_path, **{"num-server-rounds": 1, "data.synthetic-users": 12, "fed.nmf-rounds": 1})
+        run_dir = run_flower(config, REPO_ROOT, 12, flwr_home=isolated_flower.home, ports=isolated_flower.ports, timeout=600)
+        assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1]
+        (record,) = _read_records(isolated_flower.home)
+        assert record["ports"] == list(isolated_flower.ports)
+        command = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"flower-superlink" in command[1] and str(isolated_flower.ports[0]).encode() in command
+        (stopped,) = stop_superlink(isolated_flower.home)
+        assert stopped["pid"] == record["pid"] and not Path(f"/proc/{record['pid']}").exists()
+        assert foreign.poll() is None
+    finally:
+        foreign.kill()
+        foreign.wait(timeout=30)
