@@ -159,6 +159,14 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, which only waits to be reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _start_ticks(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), None if gone:
     with the pid it identifies one process, even after the pid is reused."""
@@ -208,7 +216,7 @@ def stop_process_tree(pid: int) -> list[int]:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and any(Path(f"/proc/{target}").exists() for target in tree):
+    while time.monotonic() < deadline and any(_alive(target) for target in tree):
         time.sleep(POLL_SECONDS)
     for target in tree:
         try:

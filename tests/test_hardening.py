@@ -350,7 +350,8 @@ def test_a_given_data_dir_without_the_dataset_is_an_error_even_when_the_cache_ha
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "FEDSPARSE_DATA": ""}
     done = cli("simulate", "--dataset", "ml-100k", "--data-dir", str(data_dir), "--results-dir", str(tmp_path / "out"), env=env)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"data.data-dir {data_dir}: {data_dir / 'ml-100k'}" in done.stderr and "no cache or download is tried" in done.stderr
+    shown = data_dir if given == "a-file" else data_dir / "ml-100k"
+    assert f"data.data-dir {data_dir}: {shown} " in done.stderr and "no cache or download is tried" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -199,16 +199,18 @@ def locate_dataset(name: str, data_dir: str = "", *, network: Network | None = N
         directory = Path(data_dir).expanduser() / name
         if spec.present(directory):
             return directory, "data.data-dir"
-        if directory.is_file() or Path(data_dir).expanduser().is_file():
-            state = "is a file, not a folder"
+        given = Path(data_dir).expanduser()
+        if given.is_file():
+            state = f"{given} is a file, not a folder"
+        elif directory.is_file():
+            state = f"{directory} is a file, not a folder"
         elif not directory.exists():
-            state = "does not exist"
+            state = f"{directory} does not exist"
         else:
-            state = f"lacks {spec.expected_files()}"
-        hint = (f" (the files are in {data_dir} itself: pass its parent, {Path(data_dir).expanduser().parent})"
-                if spec.present(Path(data_dir).expanduser()) else "")
+            state = f"{directory} lacks {spec.expected_files()}"
+        hint = f" (the files are in {given} itself: pass its parent, {given.parent})" if spec.present(given) else ""
         raise DatasetNotFoundError(
-            f"data.data-dir {data_dir}: {directory} {state}{hint}. A given data dir is authoritative: no cache or "
+            f"data.data-dir {data_dir}: {state}{hint}. A given data dir is authoritative: no cache or "
             f"download is tried. Put {name}'s files in {directory}, or leave data.data-dir empty to use "
             f"${DATA_ENV}, the cache or a download.")
     root = os.environ.get(DATA_ENV, "")
