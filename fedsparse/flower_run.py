@@ -159,7 +159,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, which only waits to be reaped by its parent, does not)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -216,7 +216,7 @@ def stop_process_tree(pid: int) -> list[int]:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and any(_alive(target) for target in tree):
+    while time.monotonic() < deadline and any(process_running(target) for target in tree):
         time.sleep(POLL_SECONDS)
     for target in tree:
         try:

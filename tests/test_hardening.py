@@ -521,7 +521,7 @@ def test_superlink_stop_stops_only_the_superlinks_fedsparse_recorded(tmp_path):
 
 def test_a_flower_test_runs_its_own_superlink_on_free_ports_and_stops_exactly_it(tmp_path, isolated_flower):
     """Probe 17: tests reused whatever local SuperLink was up (e.g. the quick start's) and stopped nothing."""
-    from fedsparse.flower_run import _read_records, run_flower, stop_superlink
+    from fedsparse.flower_run import _read_records, process_running, run_flower, stop_superlink
 
     foreign = decoy_superlink({"FLWR_HOME": str(isolated_flower.home)})  # even in our Flower home: not ours
     try:
@@ -533,7 +533,7 @@ def test_a_flower_test_runs_its_own_superlink_on_free_ports_and_stops_exactly_it
         command = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
         assert b"flower-superlink" in command[1] and str(isolated_flower.ports[0]).encode() in command
         (stopped,) = stop_superlink(isolated_flower.home)
-        assert stopped["pid"] == record["pid"] and not Path(f"/proc/{record['pid']}").exists()
+        assert stopped["pid"] == record["pid"] and not process_running(record["pid"])  # gone, or a zombie awaiting its reaper
         assert foreign.poll() is None
     finally:
         foreign.kill()
