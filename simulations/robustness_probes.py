@@ -56,7 +56,7 @@ def shown_command(probe: Probe, workspace: Path) -> str:
         text = "pytest " + probe.command[-1]
     else:
         text = " ".join(["fedsparse", *probe.command[3:]])
-    return text.replace(str(workspace), "$W")
+    return text.replace(" ".join(SMALL_RUN), "$SMALL").replace(str(workspace), "$W")
 
 
 def run(command: list[str], workspace: Path, env: dict[str, str] | None = None) -> tuple[int, str, float, str]:
@@ -232,7 +232,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedsparse-probes-") as temp:
         workspace = Path(temp)
         finished, env = prepare(workspace)
-        for probe in probes(workspace):
+        for probe in sorted(probes(workspace), key=lambda probe: int(probe.item)):
             shutil.rmtree(workspace / "run", ignore_errors=True)
             shutil.copytree(finished, workspace / "run")
             if probe.damage is not None:
@@ -241,12 +241,15 @@ def main() -> None:
             command = shown_command(probe, workspace)
             if code == 0 and probe.outcome is not None:
                 message = probe.outcome(workspace, output).replace(str(workspace), "$W")
+            if probe.command[2] == "pytest":  # the test is the probe: its verdict, without the timing
+                message = "the test passes" if code == 0 else f"the test FAILS: {message}"
             behaviour = f"exit {code}: {message}" if message else f"exit {code}"
             rows.append(f"| {probe.item} | {probe.probe} | `{_cell(command)}` | {_cell(behaviour)} |")
             print(f"{probe.item:>3} {seconds:6.1f} s  {probe.probe}: {behaviour}", flush=True)
     table = "\n".join([
         f"Written by `python simulations/robustness_probes.py` on {time.strftime('%Y-%m-%d', time.gmtime())}; `$W` is its "
-        "temporary folder, `$W/run` a copy of a finished 3-round synthetic run damaged as the probe says.\n",
+        "temporary folder, `$W/run` a copy of a finished 3-round synthetic run damaged as the probe says, and "
+        f"`$SMALL` that run's flags (`{' '.join(SMALL_RUN)}`).\n",
         "| item | probe | command | behaviour now |", "|---|---|---|---|", *rows,
     ])
     text = GUIDE.read_text()
