@@ -6,7 +6,7 @@ small finished run in a temporary folder (its path is shown as ``$W``); the othe
 process, and report whether it passed. The table replaces the part of ``docs/guides/robustness.md``
 between the two ``probes`` markers.
 
-    python simulations/robustness_probes.py            # about 3 minutes on 2 cores (one real `flwr run`)
+    python simulations/robustness_probes.py            # about 4 minutes on 2 cores (one real `flwr run`)
 """
 
 from __future__ import annotations
