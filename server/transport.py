@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from clients.records import to_arrays, to_record
@@ -18,6 +19,9 @@ from server.secagg import secure_train_round
 
 log = logging.getLogger("fedsparse")
 
+# Flower errors that mean the ClientApp's code raised (or could not load): clients/app.py returns every device
+# error as an error.<user> record, so these are bugs and stop the run; a lost or crashed node is a failed device.
+CODE_ERRORS = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
 MESSAGE_TYPES = {"nmf": "query.nmf", "query": "query.rows", "train": "train", "evaluate": "evaluate"}
 
 
@@ -71,6 +75,9 @@ class FlowerTransport:
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
+                if reply.error.code in CODE_ERRORS:  # device errors come back as error.<user> records, not as this
+                    raise RuntimeError(f"the ClientApp on node {node} raised (a bug, not a failed device; its traceback is "
+                                       f"in the ClientApp log): {reply.error.reason}")
                 for user in users_of_node.get(node, []):
                     replies[user] = f"node {node} error: {reply.error.reason}"
                 continue

@@ -538,3 +538,24 @@ def test_a_flower_test_runs_its_own_superlink_on_free_ports_and_stops_exactly_it
     finally:
         foreign.kill()
         foreign.wait(timeout=30)
+
+
+def test_a_clientapp_exception_stops_the_flower_run_while_a_lost_node_is_a_failed_device(monkeypatch):
+    """Probe 12 under Flower: Flower turns a ClientApp exception into an error reply, which the server
+    counted as a failed device, so a bug looked like a flaky node."""
+    pytest.importorskip("flwr")
+    import server.transport as transport_module
+    from flwr.common.constant import ErrorCode
+
+    monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
+        content=content, dst_node_id=dst_node_id))
+
+    def failing(code: int):
+        error = types.SimpleNamespace(code=code, reason="<class 'ValueError'>:<'operands could not be broadcast'>")
+        return lambda node: types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=node), has_error=lambda: True, error=error)
+
+    crashed = transport_module.FlowerTransport(FakeGrid(failing(ErrorCode.CLIENT_APP_CRASHED)), {1: 1}, 1, None)
+    assert "node 1 error" in crashed.send("train", 1, {1: {}}, {})[1]
+    raised = transport_module.FlowerTransport(FakeGrid(failing(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)), {1: 1}, 1, None)
+    with pytest.raises(RuntimeError, match="the ClientApp on node 1 raised .*operands could not be broadcast"):
+        raised.send("train", 1, {1: {}}, {})
