@@ -269,6 +269,7 @@ CHECKPOINT = "checkpoint.npz"
 MANIFEST = "json.manifest"  # every other array's name, shape and dtype, and the round: what a resume checks
 NPZ_MAGIC = b"PK\x03\x04"  # a .npz is a zip archive
 JSON_FIELDS = ("totals", "best", "last_metrics")
+NAMES_SHOWN = 5  # array names a checkpoint error lists before "..."
 
 
 class CheckpointError(ResultFileError):
@@ -342,8 +343,8 @@ def validate_checkpoint(arrays: Arrays, path: Path, config: RunConfig, n_items: 
     missing = sorted(set(listing) - set(arrays))
     extra = sorted(set(arrays) - set(listing) - {MANIFEST})
     if missing or extra:
-        problems = ([f"lacks {len(missing)} array(s) ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"] if missing else []) + (
-            [f"has {len(extra)} unlisted array(s) ({', '.join(extra[:5])})"] if extra else [])
+        problems = [f"{what} {len(names)} {kind}array(s) ({', '.join(names[:NAMES_SHOWN])}{', ...' if len(names) > NAMES_SHOWN else ''})"
+                    for what, kind, names in (("lacks", "", missing), ("has", "unlisted ", extra)) if names]
         raise CheckpointError(f"{path}: {'; '.join(problems)}")
     for name, value in arrays.items():
         if name != MANIFEST and listing[name] != _array_signature(value):
@@ -382,9 +383,11 @@ def resumed_rounds(path: Path, checkpoint_round: int) -> list[dict[str, Any]]:
     Records past the checkpoint (appended before a crash prevented their checkpoint) are redone;
     ResultFileError when a round the checkpoint covers is missing or duplicated (never silently dropped).
     """
-    records = read_jsonl(path) if path.exists() else []
-    rounds = [record.get("round") for record in records]
-    kept = [record for record, number in zip(records, rounds) if isinstance(number, int) and number <= checkpoint_round]
+    records = read_jsonl(path)
+    for line, record in enumerate(records, start=1):
+        if isinstance(record.get("round"), bool) or not isinstance(record.get("round"), int):
+            raise ResultFileError(f"{path}:{line}: the record has no integer 'round'")
+    kept = [record for record in records if record["round"] <= checkpoint_round]
     problem = round_gaps(kept, checkpoint_round)
     if problem or [record["round"] for record in kept] != list(range(1, checkpoint_round + 1)):
         raise ResultFileError(f"{path}: the checkpoint is at round {checkpoint_round}, but the records up to it have "
