@@ -498,10 +498,9 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
                 number = float(value)
             except ValueError:
                 pass
-        if number is not None and not math.isfinite(number):
-            # No float key gives inf or nan a meaning: they would drop every update or crash mid-round.
-            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
         if number is not None:
+            if not math.isfinite(number):  # no float key gives inf or nan a meaning: they drop updates or crash mid-round
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return number
     elif expected is str:
         if isinstance(value, str):

@@ -76,6 +76,7 @@ def read_run(run_dir: Path) -> tuple[dict, dict, pd.DataFrame, str]:
 
 
 def _rounds(summary: dict, run_dir: Path) -> int:
+    """The summary's round count, checked to be a count."""
     rounds = summary["rounds"]
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ResultFileError(f"{run_dir / 'summary.json'}: 'rounds' must be an integer >= 0, got {rounds!r}")
@@ -89,13 +90,14 @@ def collect_runs(run_dirs: list[Path], skipped_runs: dict[str, str] | None = Non
     (ValueError when none is left). ``rounds_check`` names missing or duplicated rounds ("" when complete).
     """
     rows, curves = [], []
+    skipped = {} if skipped_runs is None else skipped_runs
     for run_dir in run_dirs:
         try:
             config, summary, rounds, rounds_check = read_run(run_dir)
         except ResultFileError as exc:
-            log.warning("skipping run directory %s: %s", run_dir, exc)
-            if skipped_runs is not None:
-                skipped_runs[str(run_dir)] = str(exc)
+            if skipped_runs is None:  # nobody collects the skipped runs to report them: log each
+                log.warning("skipping run directory %s: %s", run_dir, exc)
+            skipped[str(run_dir)] = str(exc)
             continue
         upload = float(rounds["upload_bytes_mean"].mean()) if "upload_bytes_mean" in rounds else float("nan")
         download = float(rounds["download_bytes_mean"].mean()) if "download_bytes_mean" in rounds else float("nan")
@@ -107,7 +109,7 @@ def collect_runs(run_dirs: list[Path], skipped_runs: dict[str, str] | None = Non
             evaluated = rounds.dropna(subset=["recall@20"])
             curves.append(evaluated[["round", "recall@20"]].assign(run=run_dir.name))
     if not rows:
-        raise ValueError("no readable run directory: " + "; ".join(f"{d}: {why}" for d, why in (skipped_runs or {}).items()))
+        raise ValueError("no readable run directory: " + "; ".join(f"{d}: {why}" for d, why in skipped.items()))
     table = pd.DataFrame(rows)
     config_columns = [c for c in table.columns if c.startswith("config:")]
     varying = [c for c in config_columns if table[c].astype(str).nunique() > 1]
