@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.grouping import partitions_needed
@@ -125,7 +126,7 @@ def run_flower(
     return run_dir
 
 
-def _wait(process: subprocess.Popen, finished, timeout: float | None) -> bool:
+def _wait(process: subprocess.Popen, finished: Callable[[], Path | None], timeout: float | None) -> bool:
     """Wait for ``flwr run`` to end; stop it when the run directory is complete but the log stream stays
     open past a grace period, or at ``timeout``. Returns False when it was stopped at the timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
