@@ -19,7 +19,7 @@ from clients.records import forget_state, load_state, reply_content, save_state,
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.device import DeviceData
-from fedsparse.faults import DeviceCrash
+from fedsparse.faults import DEVICE_FAILURES, DeviceCrash
 from fedsparse.grouping import users_of_partition
 from fedsparse.privacy.secagg_vectors import to_secagg_vectors
 from fedsparse.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
@@ -68,7 +68,7 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
             forget_state(context, user)
             results[user] = f"{type(exc).__name__}: {exc}"
             continue
-        except ValueError as exc:
+        except DEVICE_FAILURES as exc:  # anything else is a bug: it fails the ClientApp loudly, with its traceback
             results[user] = f"{type(exc).__name__}: {exc}"
             continue
         save_state(context, user, reply.state)

@@ -12,12 +12,13 @@ import ast
 import json
 import re
 import sys
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
-from fedsparse.config import LOO_TIES, ConfigError, KeyHelp, RunConfig, did_you_mean, flat_defaults, key_help, section_help
+from fedsparse.config import (
+    LOO_TIES, ConfigError, KeyHelp, RunConfig, check_flat_keys, did_you_mean, flat_defaults, key_help, read_toml, section_help,
+)
 
 if TYPE_CHECKING:
     from fedsparse.report import Report
@@ -74,11 +75,10 @@ UNKNOWN_CHOICE = re.compile(r"invalid choice: '(.*?)' \(choose from (.*)\)")
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Flat keys from a TOML file: its ``[tool.flwr.app.config]`` table if present, else its top level."""
-    try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    return document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
+    document, text = read_toml(path, "config file")
+    flat = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
+    check_flat_keys(flat, path, text)
+    return flat
 
 
 def _add_config_flags(parser: Parser, only: str | None = None) -> None:
@@ -208,9 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(report.table)} runs -> {args.out}")
             return 0
         if args.command == "superlink":
-            from fedsparse.flower_run import stop_superlink
+            from fedsparse.flower_run import SUPERLINK_RECORD, flower_home, stop_superlink
 
-            print(f"stopped {stop_superlink()} local SuperLink process(es) and their children")
+            stopped = stop_superlink()
+            for link in stopped:
+                print(f"stopped SuperLink pid {link['pid']} (ports {link['ports'] or 'default'}) and {len(link['children'])} child process(es)")
+            if not stopped:
+                print(f"no running SuperLink started by fedsparse in {flower_home() / SUPERLINK_RECORD}; others are left alone")
             return 0
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         if isinstance(exc, ConfigError):  # a setting the user gave: show how this command is called
@@ -238,12 +242,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from fedsparse.console import dataset_line
     from fedsparse.data import load_run_data
-    from fedsparse.engine import check_population, check_resumable
+    from fedsparse.engine import check_population, check_resumable, resume_target
     from fedsparse.inprocess import population_of, run_inprocess
+    from fedsparse.results import check_unlocked
 
     config = _config_from_args(args)
     if config.resume_dir:
-        config = replace(config, resume_dir=str(Path(config.resume_dir).expanduser().resolve()))
+        resume_dir = Path(config.resume_dir).expanduser().resolve()
+        config = replace(config, resume_dir=str(resume_dir))
+        if getattr(args, "num-server-rounds") is None and "num-server-rounds" not in (read_config_file(args.config) if args.config else {}):
+            config = replace(config, num_server_rounds=resume_target(resume_dir))  # the run's own target, not the default
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("fedsparse")
     # Bad data, a config that cannot run or a run that cannot be resumed fail here, before Ray starts.
@@ -254,6 +262,7 @@ def _simulate(args: argparse.Namespace) -> int:
     check_population(config, population_of(data))
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))
+        check_unlocked(Path(config.resume_dir))
     with logging_redirect_tqdm():  # log lines go above the progress bar, never onto its line
         if args.engine == "inprocess":
             run_dir, summary = run_inprocess(config, data, show_progress=args.progress)
@@ -289,6 +298,8 @@ def _print_report(report: "Report") -> None:
         print(f"wrote {figure}")
     for name, reason in report.skipped.items():
         print(f"skipped {name}: {reason}")
+    for run_dir, reason in report.skipped_runs.items():
+        print(f"warning: skipped run directory {run_dir}: {reason}", file=sys.stderr)
 
 
 def _data_command(args: argparse.Namespace) -> int:

@@ -12,9 +12,12 @@ import functools
 import inspect
 import io
 import math
+import re
 import sys
 import tokenize
+import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 SPLITS = ("auto", "provided", "random", "loo")
@@ -311,6 +314,9 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
+        for key, value in self.to_flat().items():  # also for configs built with dataclasses.replace, not from_flat
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
         d, m, t, e, s, f, p = self.data, self.model, self.train, self.eval, self.sparse, self.fed, self.privacy
         faults, robust, poison = self.faults, self.robust, self.poison
         checks = [
@@ -465,6 +471,40 @@ def uses_sampled_protocol(config: RunConfig) -> bool:
     return config.data.split == "loo" or bool(config.eval.candidates)
 
 
+def read_toml(path: Path, kind: str) -> tuple[dict[str, Any], str]:
+    """(the parsed document, its text) of a TOML ``kind`` file ("config file", "sweep file"); ConfigError
+    names the file and the fix (not UTF-8, not TOML)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{kind} {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {kind} {path}: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot read {kind} {path}: not valid TOML: {exc}") from exc
+
+
+def check_flat_keys(flat: Mapping[str, Any], path: Path, text: str) -> None:
+    """Raise ConfigError when a flat-key table holds a nested table: an unquoted dotted key such as
+    ``sparse.density = 0.1`` is a TOML table ``sparse`` with key ``density``; flat keys must be quoted."""
+    for key, value in flat.items():
+        if not isinstance(value, dict):
+            continue
+        parts = [key]
+        while isinstance(value, dict) and value:
+            inner, value = next(iter(value.items()))
+            parts.append(inner)
+        dotted = ".".join(parts)
+        pattern = re.compile(r"^\s*" + r"\s*\.\s*".join(re.escape(part) for part in parts) + r"\s*=", re.MULTILINE)
+        found = pattern.search(text)
+        where = f"{path}:{text.count(chr(10), 0, found.start()) + 1}" if found else str(path)
+        raise ConfigError(f"{where}: {dotted} is read by TOML as a nested table, not the flat key {dotted!r}: "
+                          f"quote it, \"{dotted}\" = ...")
+
+
 def ranking_cutoffs(config: RunConfig, n_items: int) -> list[int]:
     """The K values every evaluation reports: 10, 20 and ``eval.k``, none above the catalogue size."""
     return sorted({min(k, n_items) for k in (10, 20, config.eval.k)})
@@ -590,13 +630,18 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
             except ValueError:
                 pass
     elif expected is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no float key gives inf or nan a meaning: they drop updates or crash mid-round
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+            return number
     elif expected is str:
         if isinstance(value, str):
             return value

@@ -19,6 +19,7 @@ import torch
 from fedsparse import metrics
 from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
+from fedsparse.faults import DeviceError
 from fedsparse.devices import device_width
 from fedsparse.losses import batch_loss
 from fedsparse.masks import budget, largest, prune_and_grow
@@ -182,7 +183,7 @@ def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_ro
     excluded = np.union1d(data.not_sampled(config.train.negatives_from), fakes)
     candidates = np.setdiff1d(round_items(config, n_items, server_round), excluded, assume_unique=True)
     if candidates.size == 0:
-        raise ValueError(f"user {data.user_id}: no item is left to draw as a negative")
+        raise DeviceError(f"user {data.user_id}: no item is left to draw as a negative")
     return candidates[rng.integers(0, candidates.size, size=shape)]
 
 
@@ -255,10 +256,10 @@ def local_train(
     touched = rows_needed(data, negatives, fakes)
     trained = np.concatenate([data.train, fakes])  # real positives, then the fake ones
     if data.train.size == 0:
-        raise ValueError(f"user {data.user_id} has no training interactions")
+        raise DeviceError(f"user {data.user_id} has no training interactions")
     available = download.rows(n_items)
     if not np.isin(touched, available).all():
-        raise ValueError(f"user {data.user_id}: the download lacks rows the round needs")
+        raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
     all_weights, all_mask = download.table.decode()
     local = np.searchsorted(available, touched)
     item_start = all_weights[local]

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -27,7 +29,9 @@ from fedsparse.federation import (
 from fedsparse.metrics import improves, selection_key
 from fedsparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.policies import build_policy
-from fedsparse.results import append_jsonl, atomic_write_text, provenance, read_jsonl, write_json
+from fedsparse.results import (
+    ResultFileError, append_jsonl, atomic_write_text, provenance, read_jsonl, read_run_config, round_gaps, run_dir_lock, write_json,
+)
 from fedsparse.streaming import arrived_users
 from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
 
@@ -90,17 +94,35 @@ def check_population(config: RunConfig, population: Population) -> None:
 RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
 
 
+def resume_target(run_dir: Path) -> int:
+    """The ``num-server-rounds`` the run in ``run_dir`` was started with (what a resume continues to by default)."""
+    target = read_run_config(run_dir)["config"].get("num-server-rounds")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+        raise ResultFileError(f"{Path(run_dir) / 'config.json'}: num-server-rounds must be an integer >= 0, got {target!r}")
+    return target
+
+
 def check_resumable(config: RunConfig, run_dir: Path) -> None:
-    """Raise ConfigError unless ``run_dir`` holds a checkpoint of a run with this config (up to the number
-    of rounds and paths): resuming under other settings would silently mix two experiments."""
+    """Raise ConfigError unless ``run_dir`` holds a valid checkpoint of a run with this config (up to the
+    number of rounds and paths) that ``num-server-rounds`` reaches: resuming under other settings would
+    silently mix two experiments, and a target below the checkpoint would label its metrics wrongly.
+    A damaged config.json or checkpoint raises ResultFileError naming the file and the problem."""
+    run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).exists():
         raise ConfigError(f"cannot resume {run_dir}: it holds no {CHECKPOINT}")
-    stored = {**flat_defaults(), **json.loads((run_dir / "config.json").read_text())["config"]}  # keys added since: defaults
+    stored_file = read_run_config(run_dir)
+    stored = {**flat_defaults(), **stored_file["config"]}  # keys added since: defaults
     current = effective_config(config).to_flat()
-    changed = sorted(key for key in current.keys() - RESUMABLE_CHANGES if stored[key] != current[key])
+    changed = sorted(key for key in current.keys() - RESUMABLE_CHANGES if stored.get(key) != current[key])
     if changed:
-        details = ", ".join(f"{key} {stored[key]!r} -> {current[key]!r}" for key in changed)
+        details = ", ".join(f"{key} {stored.get(key)!r} -> {current[key]!r}" for key in changed)
         raise ConfigError(f"cannot resume {run_dir} under a different config: {details}")
+    arrays = read_checkpoint(run_dir / CHECKPOINT)
+    done = validate_checkpoint(arrays, run_dir / CHECKPOINT, config, stored_file["population"].get("n_items"))
+    if done > config.num_server_rounds:
+        raise ConfigError(
+            f"cannot resume {run_dir}: its checkpoint is at round {done}, past num-server-rounds = {config.num_server_rounds}; "
+            f"pass --num-server-rounds {max(done, resume_target(run_dir))} (the run's own target) or more")
 
 
 def effective_config(config: RunConfig) -> RunConfig:
@@ -253,25 +275,136 @@ class RunState:
 
 
 CHECKPOINT = "checkpoint.npz"
+MANIFEST = "json.manifest"  # every other array's name, shape and dtype, and the round: what a resume checks
+NPZ_MAGIC = b"PK\x03\x04"  # a .npz is a zip archive
+JSON_FIELDS = ("totals", "best", "last_metrics")
+NAMES_SHOWN = 5  # array names a checkpoint error lists before "..."
+
+
+class CheckpointError(ResultFileError):
+    """``checkpoint.npz`` is damaged or does not fit the run's config; the message names the file."""
 
 
 def save_checkpoint(run_dir: Path, state: RunState, transport: Transport) -> None:
-    """Atomically write the run state (and the transport's device states, when it can export them)."""
-    arrays = state.to_arrays()
+    """Atomically write the run state (and the transport's device states, when it can export them) with a
+    manifest of every array, so a resume notices any array that went missing or changed shape."""
+    arrays = {name: np.asarray(value) for name, value in state.to_arrays().items()}
     if hasattr(transport, "state_arrays"):
-        arrays.update({f"transport.{key}": value for key, value in transport.state_arrays().items()})
+        arrays.update({f"transport.{key}": np.asarray(value) for key, value in transport.state_arrays().items()})
+    listing = {name: _array_signature(value) for name, value in arrays.items()}
+    arrays[MANIFEST] = np.asarray(json.dumps({"round": state.server.round, "arrays": listing}, sort_keys=True))
     temporary = run_dir / f".{CHECKPOINT}.tmp.npz"
     np.savez(temporary, **arrays)
     os.replace(temporary, run_dir / CHECKPOINT)
 
 
-def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport) -> RunState:
-    """Read ``checkpoint.npz``; device states go back into the transport when it can hold them."""
-    with np.load(run_dir / CHECKPOINT) as stored:
-        arrays = {key: stored[key] for key in stored.files}
+def _array_signature(value: np.ndarray) -> list:
+    """[shape, dtype] as the manifest lists it; text arrays (JSON fields) by kind only, their length varies."""
+    return [list(value.shape), "text" if value.dtype.kind == "U" else value.dtype.str]
+
+
+def read_checkpoint(path: Path) -> Arrays:
+    """Every array of a checkpoint file; CheckpointError (one line, naming the file) when it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(len(NPZ_MAGIC))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
+    if head != NPZ_MAGIC:
+        raise CheckpointError(f"{path}: not a checkpoint archive ({'empty' if not head else 'no .npz header'})")
+    arrays: Arrays = {}
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            for name in stored.files:
+                try:
+                    arrays[name] = stored[name]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc):  # an object array: a checkpoint only ever holds numbers and text
+                        raise CheckpointError(f"{path}: array {name!r} holds Python objects, which a checkpoint never does") from None
+                    raise
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: damaged archive ({exc}); it cannot be resumed") from exc
+    return arrays
+
+
+def _json_array(arrays: Arrays, name: str, path: Path) -> Any:
+    """The JSON text stored as the 0-d string array ``name``, parsed."""
+    value = arrays[name]
+    if value.shape != () or value.dtype.kind != "U":
+        raise CheckpointError(f"{path}: {name} must be one JSON text, got a {value.dtype} array of shape {value.shape}")
+    try:
+        return json.loads(str(value))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: {name} is not valid JSON ({exc.msg})") from exc
+
+
+def validate_checkpoint(arrays: Arrays, path: Path, config: RunConfig, n_items: int) -> int:
+    """Check a checkpoint against its manifest and the config (table shapes, dtypes, finite values, the
+    round); returns the round it holds. CheckpointError names the first problem."""
+    if MANIFEST not in arrays:
+        raise CheckpointError(f"{path}: has no {MANIFEST} (damaged, or written before checkpoints carried one)")
+    manifest = _json_array(arrays, MANIFEST, path)
+    listing = manifest.get("arrays") if isinstance(manifest, dict) else None
+    if not isinstance(listing, dict) or not isinstance(manifest.get("round"), int):
+        raise CheckpointError(f"{path}: {MANIFEST} must hold 'round' and 'arrays'")
+    missing = sorted(set(listing) - set(arrays))
+    extra = sorted(set(arrays) - set(listing) - {MANIFEST})
+    if missing or extra:
+        problems = [f"{what} {len(names)} {kind}array(s) ({', '.join(names[:NAMES_SHOWN])}{', ...' if len(names) > NAMES_SHOWN else ''})"
+                    for what, kind, names in (("lacks", "", missing), ("has", "unlisted ", extra)) if names]
+        raise CheckpointError(f"{path}: {'; '.join(problems)}")
+    for name, value in arrays.items():
+        if name != MANIFEST and listing[name] != _array_signature(value):
+            raise CheckpointError(f"{path}: array {name} has shape and dtype {_array_signature(value)}, the manifest says {listing[name]}")
+    shape = (n_items, config.model.dim)
+    weight, mask, done = arrays.get("server.item-weight"), arrays.get("server.item-mask"), arrays.get("server.round")
+    if weight is None or mask is None or done is None:
+        raise CheckpointError(f"{path}: lacks the server's item table, mask or round")
+    if weight.shape != shape or weight.dtype != np.float32 or mask.shape != shape or mask.dtype != bool:
+        raise CheckpointError(f"{path}: item table {weight.dtype} {weight.shape} and mask {mask.dtype} {mask.shape} "
+                              f"do not fit this run (float32 and bool, {shape}: n_items x model.dim)")
+    if not np.isfinite(weight).all():
+        raise CheckpointError(f"{path}: the item table holds non-finite values")
+    if done.shape != (1,) or done.dtype.kind not in "iu" or int(done[0]) != manifest["round"] or done[0] < 0:
+        raise CheckpointError(f"{path}: server.round {done.tolist()} does not match the manifest's round {manifest['round']}")
+    for name in JSON_FIELDS:
+        if f"json.{name}" not in arrays or not isinstance(_json_array(arrays, f"json.{name}", path), dict):
+            raise CheckpointError(f"{path}: json.{name} must be a JSON object")
+    return int(done[0])
+
+
+def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport, n_items: int) -> RunState:
+    """Read and validate ``checkpoint.npz``; device states go back into the transport when it can hold them."""
+    path = run_dir / CHECKPOINT
+    arrays = read_checkpoint(path)
+    validate_checkpoint(arrays, path, config, n_items)
+    arrays.pop(MANIFEST)
     if hasattr(transport, "load_state_arrays"):
         transport.load_state_arrays({k.removeprefix("transport."): v for k, v in arrays.items() if k.startswith("transport.")})
     return RunState.from_arrays(config, arrays)
+
+
+def resumed_rounds(path: Path, checkpoint_round: int) -> list[dict[str, Any]]:
+    """The rounds.jsonl records a resume keeps: exactly rounds 1..``checkpoint_round``, once each.
+
+    Records past the checkpoint (appended before a crash prevented their checkpoint) are redone;
+    ResultFileError when a round the checkpoint covers is missing or duplicated (never silently dropped).
+    """
+    records = read_jsonl(path)
+    for line, record in enumerate(records, start=1):
+        if isinstance(record.get("round"), bool) or not isinstance(record.get("round"), int):
+            raise ResultFileError(f"{path}:{line}: the record has no integer 'round'")
+    kept = [record for record in records if record["round"] <= checkpoint_round]
+    problem = round_gaps(kept, checkpoint_round)
+    if problem or [record["round"] for record in kept] != list(range(1, checkpoint_round + 1)):
+        raise ResultFileError(f"{path}: the checkpoint is at round {checkpoint_round}, but the records up to it have "
+                              f"{problem or 'rounds out of order'}; it was edited or written by two processes: restore it before resuming")
+    redone = len(records) - len(kept)
+    if redone:
+        log.warning("%s: %d record(s) after round %d predate no checkpoint and are redone", path, redone, checkpoint_round)
+    return kept
 
 
 def start_run(config: RunConfig, population: Population, transport: Transport, central_train=None) -> RunState:
@@ -315,15 +448,24 @@ def run_federation(
     protocol (``data.split = loo`` or ``eval.candidates``), else on validation Recall@``eval.k``.
     """
     check_population(config, population)
+    with run_dir_lock(run_dir):  # one writer per run directory: a second resume is refused, not interleaved
+        return _run_locked(config, population, transport, run_dir, central_train, resume, observer, metadata, on_round)
+
+
+def _run_locked(
+    config: RunConfig, population: Population, transport: Transport, run_dir: Path, central_train, resume: bool,
+    observer: UploadObserver | None, metadata: Mapping[str, Any] | None, on_round: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """``run_federation`` once the run directory's lock is held."""
     if resume:
         check_resumable(config, run_dir)
     config = effective_config(config)
     started = time.perf_counter()
     if resume:
-        state = load_checkpoint(run_dir, config, transport)
-        kept = [record for record in read_jsonl(run_dir / "rounds.jsonl") if record["round"] <= state.server.round]
+        state = load_checkpoint(run_dir, config, transport, population.n_items)
+        kept = resumed_rounds(run_dir / "rounds.jsonl", state.server.round)
         atomic_write_text(run_dir / "rounds.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        log.info("resuming %s after round %d", run_dir, state.server.round)
+        log.info("resuming %s after round %d, to round %d", run_dir, state.server.round, config.num_server_rounds)
     else:
         state = start_run(config, population, transport, central_train)
         write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
@@ -354,7 +496,7 @@ def run_federation(
             on_round(record)
 
     summary = {
-        "rounds": config.num_server_rounds,
+        "rounds": state.server.round,  # the rounds behind these metrics (equals num-server-rounds: check_resumable)
         "policy": state.server.policy.name,
         "density": state.server.policy.settings.density,
         "item_active_entries": int(state.server.item_mask.sum()),

@@ -1,4 +1,4 @@
-"""Launch ``flwr run`` for a RunConfig and find what it wrote; stop the local SuperLink afterwards.
+"""Launch ``flwr run`` for a RunConfig and find what it wrote; stop the local SuperLink it started afterwards.
 
 Shells out to the ``flwr`` command (this module does not import flwr). ``flwr run --stream`` exits 0
 even when the run fails, so success is judged from the run directory the ServerApp wrote.
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from fedsparse.config import ConfigError, RunConfig, flat_defaults
 from fedsparse.console import ROUND_LINE, SUMMARY_HEADER
 from fedsparse.grouping import partitions_needed
-from fedsparse.results import code_version
+from fedsparse.results import code_version, results_root, write_json
 
 # Without these, every `flwr run` rebuilds an environment from the app's dependencies (a CUDA torch),
 # reports telemetry and checks for updates; they must be set before the local SuperLink starts.
@@ -36,12 +37,18 @@ FLOWER_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 STOP_GRACE_SECONDS = 10.0
-OUTPUT_TAIL_CHARS = 4000  # of Flower's output, quoted when a run fails
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # Flower >= 1.32 prints these on every simulation start whatever the federation size (flwr/simulation/app.py);
 # the size actually used follows on its own line ("Federation `...` (943 simulated SuperNodes)").
 FLOWER_NOISE = ("default simulated SuperNodes changed from 10 to 2", "To change federation size",
                 "flwr federation simulation-config")
+STREAM_GRACE_SECONDS = 30.0  # how long `flwr run --stream` may stay open after the run wrote its summary
+POLL_SECONDS = 0.2
+OUTPUT_TAIL_CHARS = 4000  # of Flower's output, in the error when a run does not complete
+LAUNCH_ENV = "FEDSPARSE_LAUNCH"  # token in the environment of the processes one run_flower call starts
+HTTP_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"  # flwr 1.42: ports of the local SuperLink `flwr run` starts
+CONTROL_PORT_ENV = "FLWR_LOCAL_CONTROL_API_PORT"
+SUPERLINK_RECORD = "fedsparse-superlinks.json"  # in the Flower home: the SuperLinks fedsparse started (pid, start time)
 
 
 def check_flower_config(config: RunConfig) -> None:
@@ -78,6 +85,11 @@ def run_config_overrides(config: RunConfig) -> str:
     return " ".join(f'"{key}"={toml_value(value)}' for key, value in changed.items())
 
 
+def flower_home(flwr_home: Path | None = None) -> Path:
+    """The Flower home a ``flwr run`` uses: ``flwr_home``, else ``$FLWR_HOME``, else ``~/.flwr``."""
+    return Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser().resolve()
+
+
 def run_flower(
     config: RunConfig,
     app_dir: Path,
@@ -86,6 +98,7 @@ def run_flower(
     cpus_per_client: int = 1,
     timeout: float | None = None,
     show_progress: bool | None = False,
+    ports: tuple[int, int] | None = None,
 ) -> Path:
     """Run the app in ``app_dir`` under ``flwr run`` and return the run directory it wrote.
 
@@ -93,16 +106,22 @@ def run_flower(
     continues there. Each line of Flower's log stream is logged (logger ``fedsparse``) as it arrives,
     colours removed, without Flower's size notices that do not apply and up to the ServerApp's summary
     table (the caller prints its own). ``show_progress``: a bar over rounds, advanced by the ServerApp's
-    round lines (None = only on a terminal). Raises RuntimeError with the tail of Flower's output when
-    no complete run directory appears.
+    round lines (None = only on a terminal). ``ports`` (SuperLink HTTP API, control API) start a SuperLink of its own instead of
+    reusing whatever listens on Flower's default ports. A SuperLink this call starts is recorded (pid) in
+    the Flower home, so ``stop_superlink`` stops exactly it. The run is judged by the run directory:
+    once its summary is written, a ``flwr run --stream`` that does not end within ``STREAM_GRACE_SECONDS``
+    is stopped. Raises RuntimeError with the tail of Flower's output when no complete run directory
+    appears (within ``timeout`` seconds, when given).
     """
-    results = Path(config.results_dir).expanduser().resolve()
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_root(config.results_dir)
     before = set(results.iterdir())
     started = time.time()
-    env = {**os.environ, **FLOWER_ENV}
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
+    launch = secrets.token_hex(8)  # inherited by the SuperLink `flwr run` may start: how we recognise it
+    env = {**os.environ, **FLOWER_ENV, LAUNCH_ENV: launch}
+    home = flower_home(flwr_home)
+    env["FLWR_HOME"] = str(home)
+    if ports is not None:
+        env[HTTP_PORT_ENV], env[CONTROL_PORT_ENV] = (str(port) for port in ports)
     federation = f"num-supernodes={partitions_needed(n_users, config.fed.clients_per_node)} client-resources-num-cpus={cpus_per_client}"
     command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation,
                "--run-config", run_config_overrides(config)]
@@ -116,60 +135,78 @@ def run_flower(
             if summary_reached:
                 return
             log.info(line)
-            finished = ROUND_LINE.match(line)
-            if finished:
-                progress.n = int(finished.group(1))
+            round_done = ROUND_LINE.match(line)
+            if round_done:
+                progress.n = int(round_done.group(1))
                 progress.refresh()
 
-        returncode, output = _run_streaming(command, env, timeout, follow)
-    if config.resume_dir:  # the run continues in its own directory: done when it wrote a new summary
-        run_dir = Path(config.resume_dir).expanduser().resolve()
-        summary = run_dir / "summary.json"
-        done = summary.exists() and summary.stat().st_mtime >= started
-    else:
-        created = sorted(path for path in set(results.iterdir()) - before if path.name.split("-", 2)[-1].startswith("flwr-"))
-        run_dir = created[-1] if created else results
-        done = bool(created) and (run_dir / "summary.json").exists()
-    if returncode != 0 or not done:
-        raise RuntimeError(f"flwr run did not complete (exit {returncode}); output tail:\n{output}")
+        def finished() -> Path | None:
+            if config.resume_dir:  # the run continues in its own directory: done when it wrote a new summary
+                run_dir = Path(config.resume_dir).expanduser().resolve()
+                summary = run_dir / "summary.json"
+                return run_dir if summary.exists() and summary.stat().st_mtime >= started else None
+            created = sorted(path for path in set(results.iterdir()) - before if path.name.split("-", 2)[-1].startswith("flwr-"))
+            return created[-1] if created and (created[-1] / "summary.json").exists() else None
+
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail = OutputTail()
+        reader = threading.Thread(target=tail.follow, args=(process, follow), daemon=True)
+        reader.start()
+        try:
+            ended = _wait(process, finished, timeout)
+        finally:
+            _record_superlinks(home, launch, ports)
+        reader.join(timeout=STOP_GRACE_SECONDS)
+    run_dir = finished()
+    if run_dir is None:
+        reason = "timed out" if not ended else f"exit {process.returncode}"
+        raise RuntimeError(f"flwr run did not complete ({reason}); output tail:\n{tail.text()}")
     return run_dir
 
 
-def _run_streaming(
-    command: list[str], env: dict[str, str], timeout: float | None, on_line: Callable[[str], None] | None
-) -> tuple[int, str]:
-    """Run ``command`` with stdout and stderr merged, handing each cleaned line to ``on_line`` as it comes;
-    returns (exit code, the output's last OUTPUT_TAIL_CHARS). Raises subprocess.TimeoutExpired after
-    ``timeout`` seconds (the process is killed)."""
-    tail: deque[str] = deque()
-    tail_chars = 0
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-        timed_out = threading.Event()
+class OutputTail:
+    """Reads ``flwr run``'s merged output line by line: each cleaned line (colours removed) goes to a
+    callback unless it is one of Flower's misleading size notices; the last OUTPUT_TAIL_CHARS are kept."""
 
-        def stop() -> None:
-            timed_out.set()
-            process.kill()
+    def __init__(self) -> None:
+        self._lines: deque[str] = deque()
+        self._chars = 0
 
-        timer = threading.Timer(timeout, stop) if timeout else None
-        if timer is not None:
-            timer.start()
-        try:
-            for raw in process.stdout or ():
-                line = ANSI_ESCAPE.sub("", raw.rstrip("\n"))
-                tail.append(line)
-                tail_chars += len(line) + 1
-                while tail_chars > OUTPUT_TAIL_CHARS and len(tail) > 1:
-                    tail_chars -= len(tail.popleft()) + 1
-                if on_line is not None and not any(noise in line for noise in FLOWER_NOISE):
-                    on_line(line)
-            returncode = process.wait()
-        finally:
-            if timer is not None:
-                timer.cancel()
-    output = "\n".join(tail)
-    if timed_out.is_set():
-        raise subprocess.TimeoutExpired(command, timeout, output=output)
-    return returncode, output
+    def follow(self, process: subprocess.Popen, on_line: Callable[[str], None] | None) -> None:
+        """Consume the process's stdout until it closes."""
+        for raw in process.stdout or ():
+            line = ANSI_ESCAPE.sub("", raw.rstrip("\n"))
+            self._lines.append(line)
+            self._chars += len(line) + 1
+            while self._chars > OUTPUT_TAIL_CHARS and len(self._lines) > 1:
+                self._chars -= len(self._lines.popleft()) + 1
+            if on_line is not None and not any(noise in line for noise in FLOWER_NOISE):
+                on_line(line)
+
+    def text(self) -> str:
+        """The kept tail of the output."""
+        return "\n".join(self._lines)
+
+
+def _wait(process: subprocess.Popen, finished: Callable[[], Path | None], timeout: float | None) -> bool:
+    """Wait for ``flwr run`` to end; stop it when the run directory is complete but the log stream stays
+    open past a grace period, or at ``timeout``. Returns False when it was stopped at the timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done_at = None
+    while process.poll() is None:
+        now = time.monotonic()
+        if done_at is None and finished() is not None:
+            done_at = now
+        if (done_at is not None and now - done_at > STREAM_GRACE_SECONDS) or (deadline is not None and now > deadline):
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            return done_at is not None
+        time.sleep(POLL_SECONDS)
+    return True
 
 
 def _children(pid: int) -> list[int]:
@@ -185,9 +222,27 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def superlink_pids(flwr_home: Path | None = None) -> list[int]:
-    """Pids of local SuperLink processes (started with FLWR_HOME = ``flwr_home``, when given)."""
-    pids = []
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, which only waits to be reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), None if gone:
+    with the pid it identifies one process, even after the pid is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _record_superlinks(home: Path, launch: str, ports: tuple[int, int] | None) -> None:
+    """Add to ``home``'s record every SuperLink process that this launch started (its environment holds
+    the launch token)."""
+    started = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if b"flower-superlink" not in cmdline.read_bytes():
@@ -195,13 +250,25 @@ def superlink_pids(flwr_home: Path | None = None) -> list[int]:
             environ = (cmdline.parent / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if flwr_home is None or f"FLWR_HOME={flwr_home}".encode() in environ:
-            pids.append(int(cmdline.parent.name))
-    return pids
+        if f"{LAUNCH_ENV}={launch}".encode() in environ:
+            pid = int(cmdline.parent.name)
+            started.append({"pid": pid, "start_ticks": _start_ticks(pid), "ports": list(ports) if ports else None})
+    if started:
+        records = _read_records(home)
+        write_json(home / SUPERLINK_RECORD, records + started)
 
 
-def stop_process_tree(pid: int) -> None:
-    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after a grace period."""
+def _read_records(home: Path) -> list[dict]:
+    """The SuperLinks fedsparse started with this Flower home (an unreadable record counts as empty)."""
+    try:
+        records = json.loads((home / SUPERLINK_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("pid"), int)] if isinstance(records, list) else []
+
+
+def stop_process_tree(pid: int) -> list[int]:
+    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after a grace period; returns the tree's pids."""
     tree, frontier = [pid], [pid]
     while frontier:
         frontier = [child for parent in frontier for child in _children(parent)]
@@ -212,18 +279,27 @@ def stop_process_tree(pid: int) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and any(Path(f"/proc/{target}").exists() for target in tree):
-        time.sleep(0.2)
+    while time.monotonic() < deadline and any(process_running(target) for target in tree):
+        time.sleep(POLL_SECONDS)
     for target in tree:
         try:
             os.kill(target, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return tree
 
 
-def stop_superlink(flwr_home: Path | None = None) -> int:
-    """Stop the local SuperLink(s) of ``flwr_home`` with their Ray processes; returns how many."""
-    pids = superlink_pids(flwr_home)
-    for pid in pids:
-        stop_process_tree(pid)
-    return len(pids)
+def stop_superlink(flwr_home: Path | None = None) -> list[dict]:
+    """Stop the SuperLinks fedsparse started with this Flower home (see ``flower_home``), with their Ray
+    processes, and forget them; a recorded pid that now names another process is left alone. Returns
+    one entry per stopped SuperLink: its pid, ports and the pids of its stopped children."""
+    home = flower_home(flwr_home)
+    stopped = []
+    for record in _read_records(home):
+        pid = record["pid"]
+        if _start_ticks(pid) is None or _start_ticks(pid) != record.get("start_ticks"):
+            continue  # already gone, or the pid now belongs to another process
+        tree = stop_process_tree(pid)
+        stopped.append({**record, "children": tree[1:]})
+    (home / SUPERLINK_RECORD).unlink(missing_ok=True)
+    return stopped

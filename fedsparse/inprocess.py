@@ -7,7 +7,6 @@ state lives in a dict keyed by user id (the counterpart of Flower's ``context.st
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.device import DeviceData
-from fedsparse.faults import DeviceCrash, InjectedFault
+from fedsparse.faults import DEVICE_FAILURES, SIMULATED_TIME, DeviceCrash, straggler_delay
 from fedsparse.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.protocol import DeviceReply, handle_evaluate, handle_nmf, handle_query, handle_train
 from fedsparse.results import new_run_dir
@@ -35,9 +34,11 @@ def population_of(data: Interactions) -> Population:
 class InProcessTransport:
     """Delivers messages by calling the device handlers; a handler's exception is a failed device.
 
-    Devices run one after another here, so ``fed.round-timeout`` applies to each device's own time in a
-    training round: a slower device's reply is dropped (its private state still advances, as on a real
-    device that finished after the server stopped waiting)."""
+    Devices run one after another here, and their time is simulated, not measured: an honest device
+    answers at once, a straggler (``faults.failure-mode = timeout``) after ``faults.straggler-seconds``.
+    ``fed.round-timeout`` drops a reply later than that (its private state still advances, as on a real
+    device that finished after the server stopped waiting), so a seeded run drops the same devices on a
+    loaded machine as on an idle one."""
 
     def __init__(self, config: RunConfig, data: Interactions) -> None:
         self.config = config
@@ -62,20 +63,21 @@ class InProcessTransport:
     def send(self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         replies: dict[int, Reply | str] = {}
         timeout = self.config.fed.round_timeout if kind == "train" else 0.0
+        if kind == "train":
+            settings = {**settings, SIMULATED_TIME: True}
         for user, message in messages.items():
-            started = time.perf_counter()
             try:
                 reply = self._handle(kind, server_round, user, message, settings)
             except DeviceCrash as exc:
                 self.states.pop(user, None)
                 replies[user] = f"{type(exc).__name__}: {exc}"
                 continue
-            except (ValueError, KeyError, InjectedFault) as exc:
+            except DEVICE_FAILURES as exc:  # anything else is a bug: it fails the run with its traceback
                 replies[user] = f"{type(exc).__name__}: {exc}"
                 continue
             if reply.state:
                 self.states[user] = reply.state
-            if timeout and time.perf_counter() - started > timeout:
+            if timeout and straggler_delay(self.config, server_round, user) > timeout:
                 replies[user] = f"device {user} did not reply within {timeout:g} s"
                 continue
             replies[user] = Reply(reply.arrays, reply.metrics)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.faults import inject_fault
+from fedsparse.faults import SIMULATED_TIME, DeviceError, inject_fault
 from fedsparse.device import (
     DeviceData, DeviceState, evaluate_splits, init_device, local_train, reconstruct_user_row, round_items, round_negatives,
     round_padding, round_view, rows_needed, set_user_prefix,
@@ -57,7 +57,7 @@ def handle_nmf(
         rows = message["row-ids"]
         items = np.searchsorted(rows, data.train)
         if items.size and (items.max() >= rows.size or not np.array_equal(rows[items], data.train)):
-            raise ValueError(f"user {data.user_id}: the NMF download lacks rows of the user's items")
+            raise DeviceError(f"user {data.user_id}: the NMF download lacks rows of the user's items")
     p_u = state.get(NMF_FACTOR)
     if p_u is None:
         scale = float(message["init-scale"][0])
@@ -105,10 +105,10 @@ def handle_train(
 
     ``settings``: ``send-signal`` (report a regrowth signal), ``user-swap-fraction`` (explore the
     user row's mask after training; 0 keeps it) and ``evaluate`` (report the personal model's
-    ``validation-``/``test-`` metrics, ``fed.evaluate-model = local``). A device drawn to fail (``faults.*``) raises
-    ``InjectedFault`` / ``DeviceCrash`` here, or answers late.
+    ``validation-``/``test-`` metrics, ``fed.evaluate-model = local``). A device drawn to fail (``faults.*``)
+    raises ``InjectedFault`` / ``DeviceCrash`` here, or answers late (in process only in simulated time).
     """
-    inject_fault(config, server_round, data.user_id)
+    inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
     download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
     device = _device_state(config, state, data, message)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)

@@ -18,7 +18,6 @@ upload bytes per client-round. Plots, each drawn when the runs hold what it need
 
 from __future__ import annotations
 
-import json
 import logging
 import textwrap
 from dataclasses import dataclass, field
@@ -27,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsparse.results import atomic_write_text, read_jsonl, save_figure
+from fedsparse.results import (
+    ResultFileError, atomic_write_text, read_json_object, read_jsonl, read_run_config, round_gaps, save_figure,
+)
 from fedsparse.tables import write_markdown_table
 
 log = logging.getLogger(__name__)
@@ -58,34 +59,64 @@ class Report:
     table: pd.DataFrame
     figures: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    skipped_runs: dict[str, str] = field(default_factory=dict)  # run directory -> why it could not be read
 
 
 def find_run_dirs(roots: list[Path]) -> list[Path]:
-    """Every directory under ``roots`` (or a root itself) holding a finished federated run."""
+    """Every directory under ``roots`` (or a root itself) holding a federated run (a ``rounds.jsonl``);
+    ``collect_runs`` skips, with a warning naming it, one whose other files are missing or damaged."""
     found = set()
     for root in roots:
-        candidates = [root] if (root / "summary.json").exists() else [path.parent for path in root.rglob("summary.json")]
-        found.update(path for path in candidates if (path / "rounds.jsonl").exists() and (path / "config.json").exists())
+        found.update([root] if (root / "rounds.jsonl").exists() else [path.parent for path in root.rglob("rounds.jsonl")])
     return sorted(found)
 
 
-def collect_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """(one row per run, one row per evaluated round of every run, the config keys that differ between runs)."""
+def read_run(run_dir: Path) -> tuple[dict, dict, pd.DataFrame, str]:
+    """(config keys, summary, rounds, what is wrong with the round numbers or "") of one run directory;
+    ResultFileError names the damaged file."""
+    config = read_run_config(run_dir, ("config",))["config"]
+    summary = read_json_object(run_dir / "summary.json", ("rounds",))
+    records = read_jsonl(run_dir / "rounds.jsonl")
+    return config, summary, pd.DataFrame(records), round_gaps(records, _rounds(summary, run_dir))
+
+
+def _rounds(summary: dict, run_dir: Path) -> int:
+    """The summary's round count, checked to be a count."""
+    rounds = summary["rounds"]
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ResultFileError(f"{run_dir / 'summary.json'}: 'rounds' must be an integer >= 0, got {rounds!r}")
+    return rounds
+
+
+def collect_runs(run_dirs: list[Path], skipped_runs: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(one row per run, one row per evaluated round of every run, the config keys that differ between runs).
+
+    A run directory whose files cannot be read is left out and recorded in ``skipped_runs`` with the reason
+    (ValueError when none is left). ``rounds_check`` names missing or duplicated rounds ("" when complete).
+    """
     rows, curves = [], []
+    skipped = {} if skipped_runs is None else skipped_runs
     for run_dir in run_dirs:
-        recorded = json.loads((run_dir / "config.json").read_text())
-        config = recorded["config"]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
+        try:
+            config, summary, rounds, rounds_check = read_run(run_dir)
+            engine = read_run_config(run_dir, ("config",)).get("engine")
+        except ResultFileError as exc:
+            if skipped_runs is None:  # nobody collects the skipped runs to report them: log each
+                log.warning("skipping run directory %s: %s", run_dir, exc)
+            skipped[str(run_dir)] = str(exc)
+            continue
         upload = float(rounds["upload_bytes_mean"].mean()) if "upload_bytes_mean" in rounds else float("nan")
         download = float(rounds["download_bytes_mean"].mean()) if "download_bytes_mean" in rounds else float("nan")
         dataset = Path(config["data.path"]).stem if config.get("data.path") else config.get("data.dataset")  # own file: its name
-        identity = {"engine": recorded.get("engine") or _engine_from_name(run_dir.name), "dataset": dataset}
+        identity = {"engine": engine or _engine_from_name(run_dir.name), "dataset": dataset}
         rows.append({"run": run_dir.name, **identity, **{f"config:{k}": v for k, v in config.items()}, **summary,
-                     "upload_bytes_mean": upload, "download_bytes_mean": download, "run_dir": str(run_dir)})
+                     "upload_bytes_mean": upload, "download_bytes_mean": download, "rounds_check": rounds_check,
+                     "run_dir": str(run_dir)})
         if "recall@20" in rounds:
             evaluated = rounds.dropna(subset=["recall@20"])
             curves.append(evaluated[["round", "recall@20"]].assign(run=run_dir.name))
+    if not rows:
+        raise ValueError("no readable run directory: " + "; ".join(f"{d}: {why}" for d, why in skipped.items()))
     table = pd.DataFrame(rows)
     config_columns = [c for c in table.columns if c.startswith("config:")]
     varying = [c for c in config_columns if table[c].astype(str).nunique() > 1]
@@ -118,12 +149,14 @@ def write_report(run_dirs: list[Path], out: Path, privacy: list[Path] | None = N
 
 
 def _write_run_report(run_dirs: list[Path], out: Path, report: Report) -> pd.DataFrame:
-    table, curves, varying = collect_runs(run_dirs)
+    table, curves, varying = collect_runs(run_dirs, report.skipped_runs)
     atomic_write_text(out / "report.csv", table.to_csv(index=False))
     parquet = out / ".report.parquet.tmp"
     table.astype({column: str for column in table.columns if table[column].dtype == object}).to_parquet(parquet, index=False)
     parquet.replace(out / "report.parquet")
-    columns = ["run", *IDENTITY, *[key for key in varying if key not in NOT_A_LABEL], *[c for c in HEADLINE if c in table]]
+    flagged = table["rounds_check"].astype(bool).any()  # a run with missing or duplicated rounds gets the column
+    columns = ["run", *IDENTITY, *[key for key in varying if key not in NOT_A_LABEL], *[c for c in HEADLINE if c in table],
+               *(["rounds_check"] if flagged else [])]
     write_markdown_table(out / "report.md", f"{len(table)} runs collected by `fedsparse report`.\n\n", table[columns])
     _plot_curves(curves, table, varying, out / "recall_vs_rounds.png")
     _plot_tradeoff(table, varying, out / "recall_vs_upload.png")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import tomllib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from fedsparse.config import ConfigError, RunConfig
+from fedsparse.config import ConfigError, RunConfig, check_flat_keys, read_toml
 from fedsparse.flower_run import check_flower_config
 from fedsparse.tables import ResultTable
 
@@ -60,10 +59,9 @@ class SweepCell:
 
 def read_sweep(path: Path) -> SweepSpec:
     """The sweep in a TOML file; ConfigError names what is wrong."""
-    try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read sweep file {path}: {exc}") from exc
+    document, text = read_toml(path, "sweep file")
+    for table in ("base", "grid"):
+        check_flat_keys(document.get(table, {}), path, text)
     unknown = sorted(set(document) - {"base", "grid", "seeds", "engine"})
     if unknown:
         raise ConfigError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; expected base, grid, seeds, engine")

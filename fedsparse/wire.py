@@ -124,7 +124,8 @@ class RowUpdate:
 
     row_ids: [r] in ``row_id_dtype(n_items)``, sorted, unique; values: float32 [K_r], the deltas of the active entries of
     those rows in row-major mask order (server and device share the mask, so no column indices);
-    weight: float, the device's weight in the per-row mean (its number of training examples).
+    weight: float, the device's weight in the per-row mean: its number of training examples, a whole number
+    in [1, max(1, r)] (each example trains one of the rows sent; the server rejects larger claims).
     Optional regrowth signal for mask exploration: signal_rows [s] (same dtype, sorted, unique, a subset
     of row_ids), signal_cols (uint8 when dim <= 256, else uint16) [s, k] and signal_values float32 [s, k]:
     per row, the k inactive entries with the largest accumulated |gradient|, with their signed sums.
@@ -184,6 +185,12 @@ class RowUpdate:
         weight = _expect(arrays, "weight", np.float32, 1)
         if weight.size != 1 or not np.isfinite(weight[0]) or weight[0] <= 0:
             raise PayloadError(f"'weight' must be one positive finite number, got {weight.tolist()}")
+        # The weight counts the device's training examples, and every example trains one of the rows it
+        # sends: a larger (or fractional) claim would let one device outweigh the others in the mean.
+        most = max(1, row_ids.size)
+        if not float(weight[0]).is_integer() or weight[0] > most:
+            raise PayloadError(f"'weight' {float(weight[0]):g} is not a whole number of training examples in [1, {most}] "
+                               f"(each example trains one of the {row_ids.size} rows sent)")
         signal = [key in arrays for key in ("signal-cols", "signal-values")]
         if any(signal) and not all(signal) or ("signal-rows" in arrays and not any(signal)):
             raise PayloadError("a regrowth signal needs 'signal-cols' and 'signal-values' together ('signal-rows' is optional)")

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from clients.records import to_arrays, to_record
@@ -18,6 +19,9 @@ from server.secagg import secure_train_round
 
 log = logging.getLogger("fedsparse")
 
+# Flower errors that mean the ClientApp's code raised (or could not load): clients/app.py returns every device
+# error as an error.<user> record, so these are bugs and stop the run; a lost or crashed node is a failed device.
+CODE_ERRORS = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
 MESSAGE_TYPES = {"nmf": "query.nmf", "query": "query.rows", "train": "train", "evaluate": "evaluate"}
 
 
@@ -25,13 +29,15 @@ class FlowerTransport:
     """Sends each kind of message to the nodes hosting the addressed users and unpacks the replies."""
 
     def __init__(
-        self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, train_timeout: float | None,
+        self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, timeout: float | None,
         context: Context | None = None, secure_weight_bound: float = 1.0,
     ) -> None:
         self.grid = grid
         self.node_of_partition = node_of_partition
         self.clients_per_node = clients_per_node
-        self.train_timeout = train_timeout  # seconds to wait for a training round's replies (None = no limit)
+        # Seconds to wait for the replies of any send (NMF, rows, training, evaluation; None = no limit): a
+        # lost node must not block the ServerApp outside training rounds either.
+        self.timeout = timeout
         self.context = context  # the ServerApp's context, which SecAgg+'s legacy workflow needs
         self.secure_weight_bound = secure_weight_bound
 
@@ -43,7 +49,7 @@ class FlowerTransport:
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
         return secure_train_round(
-            self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.train_timeout
+            self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.timeout
         )
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
@@ -65,21 +71,18 @@ class FlowerTransport:
             for node, content in by_node.items()
         ]
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(outgoing, timeout=self.train_timeout if kind == "train" else None):
+        for reply in self.grid.send_and_receive(outgoing, timeout=self.timeout):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
+                if reply.error.code in CODE_ERRORS:  # device errors come back as error.<user> records, not as this
+                    raise RuntimeError(f"the ClientApp on node {node} raised (a bug, not a failed device; its traceback is "
+                                       f"in the ClientApp log): {reply.error.reason}")
                 for user in users_of_node.get(node, []):
                     replies[user] = f"node {node} error: {reply.error.reason}"
                 continue
-            content = reply.content
             for user in users_of_node.get(node, []):
-                if f"error.{user}" in content:
-                    replies[user] = str(content[f"error.{user}"]["reason"])
-                elif f"arrays.{user}" in content:
-                    replies[user] = _decode_reply(content, user)
-                else:
-                    replies[user] = f"node {node} sent no record for user {user}"
+                replies[user] = _decode_reply(reply.content, user, node)
         for node, users in users_of_node.items():
             if node not in answered:
                 for user in users:
@@ -87,13 +90,21 @@ class FlowerTransport:
         return replies
 
 
-def _decode_reply(content: RecordDict, user: int) -> Reply | str:
-    """One user's arrays and metrics from a reply, or why they cannot be read (a record of the wrong
-    kind); metric values are checked by the engine."""
-    arrays, metrics = content[f"arrays.{user}"], content[f"metrics.{user}"] if f"metrics.{user}" in content else {}
-    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, (MetricRecord, dict)):
-        return f"user {user}: expected an ArrayRecord and a MetricRecord, got {type(arrays).__name__}, {type(metrics).__name__}"
-    return Reply(to_arrays(arrays), dict(metrics))
+def _decode_reply(content: RecordDict, user: int, node: int) -> Reply | str:
+    """One user's arrays and metrics from a node's reply, or why they cannot be read (a missing record,
+    a record of the wrong kind, an array that does not decode); the engine then validates the arrays and
+    metric values as for any reply."""
+    try:
+        if f"error.{user}" in content:
+            return str(content[f"error.{user}"]["reason"])
+        if f"arrays.{user}" not in content:
+            return f"node {node} sent no record for user {user}"
+        arrays, metrics = content[f"arrays.{user}"], content[f"metrics.{user}"] if f"metrics.{user}" in content else {}
+        if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, (MetricRecord, dict)):
+            return f"user {user}: expected an ArrayRecord and a MetricRecord, got {type(arrays).__name__}, {type(metrics).__name__}"
+        return Reply(to_arrays(arrays), dict(metrics))
+    except (KeyError, TypeError, ValueError, EOFError) as exc:  # a malformed record or Array from the node
+        return f"node {node}: the reply of user {user} does not decode: {type(exc).__name__}: {exc}"
 
 
 def discover_partitions(grid: Grid, expected_nodes: int, wait_seconds: float, poll_seconds: float) -> dict[int, int]:
@@ -107,7 +118,10 @@ def discover_partitions(grid: Grid, expected_nodes: int, wait_seconds: float, po
         log.warning("only %d of %d supernodes registered after %.0f s", len(nodes), expected_nodes, wait_seconds)
     hello = [Message(RecordDict(), dst_node_id=node, message_type="query.hello") for node in nodes]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(hello):
-        if not reply.has_error():
-            mapping[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+    for reply in grid.send_and_receive(hello, timeout=wait_seconds):  # a node lost after registering must not block
+        try:
+            if not reply.has_error():
+                mapping[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("node %d answered hello with an unreadable record (%s): not used", reply.metadata.src_node_id, exc)
     return mapping

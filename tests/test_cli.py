@@ -176,17 +176,20 @@ def test_the_flower_launcher_passes_its_code_version_which_the_run_records(tmp_p
 
 
 def test_flower_output_is_streamed_line_by_line_without_the_size_notice(tmp_path):
-    from fedsparse.flower_run import _run_streaming
+    from fedsparse.flower_run import OutputTail, _wait
 
     script = ("import sys; print('\\x1b[93mWARNING \\x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.');"
               "print('INFO :      Federation `@none/default` (943 simulated SuperNodes)'); print('round 1/3: 5 devices'); sys.exit(3)")
     seen: list[str] = []
-    code, tail = _run_streaming([sys.executable, "-c", script], dict(os.environ), 60, seen.append)
-    assert code == 3
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = OutputTail()
+    tail.follow(process, seen.append)
+    assert _wait(process, lambda: None, 60) and process.returncode == 3
     assert seen == ["INFO :      Federation `@none/default` (943 simulated SuperNodes)", "round 1/3: 5 devices"]
-    assert "SuperNodes changed" in tail  # the failure tail keeps everything
-    with pytest.raises(subprocess.TimeoutExpired):
-        _run_streaming([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), 0.5, seen.append)
+    assert "SuperNodes changed" in tail.text()  # the failure tail keeps everything
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    assert not _wait(sleeper, lambda: None, 0.5)  # stopped at the timeout
+    assert sleeper.poll() is not None
 
 
 def test_a_dense_run_records_the_density_it_trained_at(tmp_path):

@@ -66,10 +66,14 @@ def test_data_dir_beats_env_var_beats_cache(tmp_path, cache, monkeypatch):
     assert offline.calls == []
 
 
-def test_incomplete_configured_dir_falls_through_to_cache(tmp_path, cache):
+def test_an_incomplete_given_data_dir_is_an_error_not_a_fallback_to_the_cache(tmp_path, cache):
+    # Issue 18 item 5 changed this: the cache copy used to be taken silently while config.json named the given dir.
     put(tmp_path / "configured", "gowalla", {"train.txt": "0 1\n"})  # test.txt missing
-    cached = put(cache, "gowalla", {"train.txt": "0 1\n", "test.txt": "0 2\n"})
-    assert resolve_dataset_dir("gowalla", str(tmp_path / "configured"), network=Offline().network()) == cached
+    put(cache, "gowalla", {"train.txt": "0 1\n", "test.txt": "0 2\n"})
+    offline = Offline()
+    with pytest.raises(DatasetNotFoundError, match=r"lacks train.txt \+ test.txt.*no cache or download is tried"):
+        resolve_dataset_dir("gowalla", str(tmp_path / "configured"), network=offline.network())
+    assert offline.calls == []
 
 
 def test_not_found_lists_every_place_and_every_download_error(tmp_path, cache, monkeypatch):

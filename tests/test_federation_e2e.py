@@ -13,7 +13,7 @@ import pytest
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.flower_run import run_flower, stop_superlink
+from fedsparse.flower_run import run_flower
 from fedsparse.inprocess import run_inprocess
 from fedsparse.results import MODIFIED_SUFFIX, code_version, read_jsonl
 
@@ -60,19 +60,15 @@ def summary_items(run_dir: Path) -> int:
     return json.loads((run_dir / "config.json").read_text())["population"]["n_items"]
 
 
-def run_both_engines(tmp_path: Path, config: RunConfig) -> tuple[Path, Path]:
-    """The same config under `flwr run` (its SuperLink stopped afterwards) and in process: both run dirs."""
+def run_both_engines(flower, config: RunConfig) -> tuple[Path, Path]:
+    """The same config under `flwr run` (on the test's own SuperLink, see conftest.isolated_flower) and in
+    process: both run dirs."""
     data = load_dataset(config.data, config.seed)
-    flwr_home = tmp_path / "flwr-home"
-    try:
-        flower_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600)
-    finally:
-        stop_superlink(flwr_home)
+    flower_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flower.home, ports=flower.ports, timeout=600)
     inprocess_dir, _ = run_inprocess(config, data)
     return flower_dir, inprocess_dir
 
 
-@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -87,9 +83,9 @@ def run_both_engines(tmp_path: Path, config: RunConfig) -> tuple[Path, Path]:
     ids=["one-device-per-supernode-rows-downlink", "three-devices-per-supernode-full-downlink",
          "injected-exceptions", "injected-crashes", "device-classes-size-policy-streaming"],
 )
-def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
+def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, overrides):
     config = small_config(tmp_path, **overrides)
-    flower_dir, inprocess_dir = run_both_engines(tmp_path, config)
+    flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
     assert len(flower_rounds) == len(inprocess_rounds) == 2
@@ -112,10 +108,9 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, overrides):
     assert recorded["code_version"] == (code_version().removesuffix(MODIFIED_SUFFIX) or None) and recorded["flower_app_hash"]
 
 
-@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
-def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulated_sum(tmp_path):
+def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulated_sum(tmp_path, isolated_flower):
     config = small_config(tmp_path, **{"privacy.secure-aggregation": True, "fed.downlink": "full", "fed.fraction-train": 0.5})
-    flower_dir, inprocess_dir = run_both_engines(tmp_path, config)
+    flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
     for flower, local in zip(flower_rounds, inprocess_rounds, strict=True):

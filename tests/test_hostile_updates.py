@@ -9,7 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsparse.config import RunConfig
-from fedsparse.federation import Server, validate_update
+from fedsparse.data import load_dataset
+from fedsparse.engine import Reply, RunState, effective_config, start_run, train_round
+from fedsparse.federation import Server, sample_clients, validate_update
+from fedsparse.inprocess import InProcessTransport, population_of
 from fedsparse.rng import rng_for
 from fedsparse.wire import RowUpdate, row_id_dtype, signal_col_dtype
 
@@ -49,6 +52,8 @@ def is_valid(arrays: dict) -> bool:
     if np.sqrt(sum(float(v) ** 2 for v in values)) > MAX_NORM:
         return False
     if weight.dtype != np.float32 or weight.shape != (1,) or not np.isfinite(weight[0]) or weight[0] <= 0:
+        return False
+    if not float(weight[0]).is_integer() or weight[0] > max(1, len(ids)):  # a count of examples, one per row at most
         return False
     has = [key in arrays for key in ("signal-cols", "signal-values")]
     if not any(has):
@@ -134,3 +139,130 @@ def test_hostile_uploads_are_rejected_cleanly_and_leave_the_server_untouched(see
     assert update is not None or reason
     np.testing.assert_array_equal(SERVER.item_weight, weight_before)
     np.testing.assert_array_equal(SERVER.item_mask, mask_before)
+
+
+# --- Through the engine's real apply path (issue 18 item 14) -----------------------------------------
+# The property test above only calls validate_update, which never applies anything. Here hostile replies
+# travel the whole training round (engine.train_round: validation, metrics check, aggregation, server
+# optimiser, mask exploration), and the whole server state must equal that of a run where those devices
+# did not reply at all.
+
+HOSTILE_ROUNDS = 10
+HOSTILE_PER_ROUND = 100  # 1,000 hostile replies in all
+HONEST_PER_ROUND = 20
+APPLY_CONFIG = effective_config(RunConfig.from_flat({
+    "seed": 3, "num-server-rounds": HOSTILE_ROUNDS, "data.dataset": "synthetic", "data.synthetic-users": 400,
+    "data.synthetic-items": 60, "data.synthetic-interactions-per-user": 6, "model.dim": DIM, "sparse.policy": "sparserec",
+    "sparse.density": 0.25, "fed.clients-per-round": HOSTILE_PER_ROUND + HONEST_PER_ROUND, "fed.explore-every": 2,
+    "fed.server-optimizer": "adam", "fed.server-lr": 0.01, "fed.nmf-init": "none", "robust.max-update-norm": MAX_NORM,
+}))  # a random initial mask: no NMF messages
+
+
+def corrupt(arrays: dict, kind: str, rng: np.random.Generator) -> tuple[dict, dict]:
+    """One hostile reply (arrays, metrics) made from a valid upload: every ``kind`` must be rejected."""
+    arrays, metrics = dict(arrays), {"memory-bytes": 1.0}
+    rows, values = arrays["row-ids"], arrays["values"]
+    if kind == "nan-value":
+        arrays["values"] = np.where(np.arange(values.size) == 0, np.float32(np.nan), values).astype(np.float32)
+    elif kind == "inf-value":
+        arrays["values"] = np.concatenate([values[:-1], np.float32([np.inf])])
+    elif kind == "huge-norm":
+        arrays["values"] = (values + np.float32(1.0)) * np.float32(1e30)
+    elif kind == "float64-values":
+        arrays["values"] = values.astype(np.float64)
+    elif kind == "values-short":
+        arrays["values"] = values[:-1]
+    elif kind == "values-long":
+        arrays["values"] = np.concatenate([values, values[:1]])
+    elif kind == "row-out-of-range":
+        arrays["row-ids"] = np.concatenate([rows[:-1], [rows.dtype.type(N_HOSTILE_ITEMS + int(rng.integers(0, 1000)))]]).astype(rows.dtype)
+    elif kind == "rows-unsorted":
+        arrays["row-ids"] = rows[::-1].copy()
+    elif kind == "rows-duplicated":
+        arrays["row-ids"] = np.concatenate([rows[:1], rows[:-1]]).astype(rows.dtype)
+    elif kind == "weight-absurd":
+        arrays["weight"] = np.float32([1e30])
+    elif kind == "weight-above-rows":
+        arrays["weight"] = np.float32([rows.size + 1])
+    elif kind == "weight-fraction":
+        arrays["weight"] = np.float32([0.5])
+    elif kind == "weight-zero":
+        arrays["weight"] = np.float32([0.0])
+    elif kind == "weight-missing":
+        arrays.pop("weight")
+    elif kind == "extra-array":
+        arrays["backdoor"] = np.ones(3, np.float32)
+    elif kind == "list-not-array":
+        arrays["values"] = values.tolist()
+    elif kind == "string-not-array":
+        arrays["row-ids"] = "all rows"
+    elif kind == "metric-nan":
+        metrics["memory-bytes"] = float("nan")
+    elif kind == "metric-string":
+        metrics["memory-bytes"] = "lots"
+    return arrays, metrics
+
+
+HOSTILE_KINDS = ["nan-value", "inf-value", "huge-norm", "float64-values", "values-short", "values-long", "row-out-of-range",
+                 "rows-unsorted", "rows-duplicated", "weight-absurd", "weight-above-rows", "weight-fraction", "weight-zero",
+                 "weight-missing", "extra-array", "list-not-array", "string-not-array", "metric-nan", "metric-string"]
+N_HOSTILE_ITEMS = 60
+
+
+class HostileTransport:
+    """The in-process transport for honest devices; the hostile ones either send a corrupt training reply
+    (``hostile=True``) or do not reply at all (the reference run)."""
+
+    def __init__(self, inner, server_of, hostile_users: set[int], hostile: bool) -> None:
+        self.inner, self.server_of, self.hostile_users, self.hostile = inner, server_of, hostile_users, hostile
+        self.sent = 0
+
+    def send(self, kind, server_round, messages, settings):
+        honest = {user: message for user, message in messages.items() if user not in self.hostile_users}
+        replies = self.inner.send(kind, server_round, honest, settings)
+        for user in sorted(set(messages) - set(honest)):
+            if not self.hostile:
+                replies[user] = "no reply"
+                continue
+            rng = rng_for(0, "hostile-reply", server_round, user)
+            mask = self.server_of().item_mask
+            active = np.flatnonzero(mask.any(axis=1))  # rows with values, so every corruption of the values bites
+            rows = np.sort(rng.choice(active, size=int(rng.integers(2, 6)), replace=False)).astype(row_id_dtype(N_HOSTILE_ITEMS))
+            valid = RowUpdate(rows, rng.normal(size=int(mask[rows].sum())).astype(np.float32), float(rows.size)).to_arrays()
+            arrays, metrics = corrupt(valid, HOSTILE_KINDS[(server_round * 7 + user) % len(HOSTILE_KINDS)], rng)
+            replies[user] = Reply(arrays, metrics)
+            self.sent += 1
+        return replies
+
+
+def run_rounds(hostile: bool) -> tuple[RunState, HostileTransport, list[dict]]:
+    data = load_dataset(APPLY_CONFIG.data, APPLY_CONFIG.seed)
+    population = population_of(data)
+    assert data.n_items == N_HOSTILE_ITEMS
+    chosen = set()
+    for server_round in range(1, HOSTILE_ROUNDS + 1):
+        picked = population.users[sample_clients(APPLY_CONFIG.seed, server_round, population.users.size, HOSTILE_PER_ROUND + HONEST_PER_ROUND)]
+        chosen |= {int(user) for user in picked[:HOSTILE_PER_ROUND]}  # the hostile devices of each round
+    holder: dict[str, RunState] = {}
+    transport = HostileTransport(InProcessTransport(APPLY_CONFIG, data), lambda: holder["state"].server, chosen, hostile)
+    holder["state"] = state = start_run(APPLY_CONFIG, population, transport)
+    records = [train_round(APPLY_CONFIG, population, transport, state, r) for r in range(1, HOSTILE_ROUNDS + 1)]
+    return state, transport, records
+
+
+def test_a_thousand_hostile_replies_through_the_apply_path_leave_the_server_as_if_they_never_replied():
+    attacked, hostile, attacked_records = run_rounds(hostile=True)
+    reference, silent, reference_records = run_rounds(hostile=False)
+    rejected = sum(record["dropped_updates"] for record in attacked_records)
+    assert hostile.sent >= 1000 and rejected == hostile.sent  # every hostile reply reached validation and was dropped
+    assert sum(record["failed_clients"] for record in reference_records) == hostile.sent  # the same devices stayed silent
+    assert all(record["dropped_updates"] == 0 for record in reference_records)
+    assert sum(record["rows_updated"] for record in attacked_records) > 0  # honest updates were applied meanwhile
+    after, expected = attacked.server.state_arrays(), reference.server.state_arrays()
+    assert set(after) == set(expected) and {"item-weight", "item-mask", "round"} <= set(after)
+    assert any(key.startswith("policy.") for key in after) and any(key.startswith("optimizer.") for key in after)
+    for key in expected:
+        assert after[key].dtype == expected[key].dtype and after[key].tobytes() == expected[key].tobytes(), key
+    for user in silent.inner.states:  # honest devices' private state, which the rounds' RNG streams shaped
+        for name, value in silent.inner.states[user].items():
+            assert hostile.inner.states[user][name].tobytes() == value.tobytes(), (user, name)

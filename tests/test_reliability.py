@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.faults import device_fails
 from fedsparse.federation import clients_per_round, sample_clients
-from fedsparse.flower_run import run_flower, stop_superlink
+from fedsparse.flower_run import run_flower
 from fedsparse.inprocess import InProcessTransport, population_of, run_inprocess
 from fedsparse.results import read_jsonl
 
@@ -188,19 +187,15 @@ def test_resuming_under_a_different_config_or_without_a_checkpoint_is_refused(tm
     assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2, 3] and resumed["rounds"] == 3
 
 
-@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
-def test_a_flower_run_resumes_from_its_checkpoint_with_fresh_devices(tmp_path):
+def test_a_flower_run_resumes_from_its_checkpoint_with_fresh_devices(tmp_path, isolated_flower):
     config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.downlink": "rows"})
     data = load_dataset(config.data, config.seed)
-    flwr_home = tmp_path / "flwr-home"
-    try:
-        run_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600)
-        first = read_jsonl(run_dir / "rounds.jsonl")
-        before = json.loads((run_dir / "summary.json").read_text())
-        resumed_config = config.with_overrides({"num-server-rounds": 3, "resume-dir": str(run_dir)})
-        assert run_flower(resumed_config, REPO_ROOT, data.n_users, flwr_home=flwr_home, timeout=600) == run_dir
-    finally:
-        stop_superlink(flwr_home)
+    flower = {"flwr_home": isolated_flower.home, "ports": isolated_flower.ports, "timeout": 600}
+    run_dir = run_flower(config, REPO_ROOT, data.n_users, **flower)
+    first = read_jsonl(run_dir / "rounds.jsonl")
+    before = json.loads((run_dir / "summary.json").read_text())
+    resumed_config = config.with_overrides({"num-server-rounds": 3, "resume-dir": str(run_dir)})
+    assert run_flower(resumed_config, REPO_ROOT, data.n_users, **flower) == run_dir
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     assert rounds[:2] == first and [record["round"] for record in rounds] == [1, 2, 3]
     after = json.loads((run_dir / "summary.json").read_text())

@@ -11,6 +11,7 @@ stay as columns with no interactions left; their 28 test rows are dropped and co
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import scipy.sparse as sp
 
 from fedsparse.config import ConfigError, DataConfig, RunConfig
 from fedsparse.data.interactions import Interactions, binary_csr
-from fedsparse.data.registry import Layout, file_spec, get_dataset, resolve_dataset_dir
+from fedsparse.data.registry import Layout, file_checksum, file_spec, get_dataset, locate_dataset
 from fedsparse.data.splits import (
     TEST,
     TRAIN,
@@ -32,6 +33,8 @@ from fedsparse.data.splits import (
 from fedsparse.data.synthetic import generate_synthetic
 from fedsparse.data.transforms import drop_duplicate_pairs, k_core, remap_ids, to_implicit
 from fedsparse.rng import rng_for
+
+log = logging.getLogger("fedsparse")
 
 
 def load_dataset(config: DataConfig, seed: int) -> Interactions:
@@ -64,8 +67,14 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
         )
         source = spec.name
     else:
-        directory = Path(config.path).expanduser().parent if config.path else resolve_dataset_dir(spec.name, config.data_dir)
+        if config.path:  # the user's own file: it is its own source
+            directory, origin = Path(config.path).expanduser().parent, "data.data-dir"
+        else:
+            directory, origin = locate_dataset(spec.name, config.data_dir)
         layout = spec.layout_for(directory, config.split)
+        if origin != "data.data-dir":  # no dir given: say which copy this run trains on
+            files = ", ".join(f"{directory / name} (blake2b {file_checksum(directory / name)})" for name in layout.files)
+            log.warning("data: no data.data-dir given; %s from %s: %s", spec.name, origin, files)
         tables = layout.read(directory)
         source = " + ".join(str(directory / name) for name in layout.files)
     split = _resolve_split(config.split, layout, spec.name)
@@ -133,7 +142,7 @@ def load_timestamped_table(config: DataConfig) -> tuple[pd.DataFrame, str]:
     spec = get_dataset(config.dataset)
     if spec.generated:
         raise ConfigError(f"{spec.name} is generated and has no timestamps")
-    directory = resolve_dataset_dir(spec.name, config.data_dir)
+    directory, _ = locate_dataset(spec.name, config.data_dir)
     layout = spec.layout_for(directory, "loo")
     table, _ = drop_duplicate_pairs(pd.concat(layout.read(directory), ignore_index=True))
     table = k_core(to_implicit(table, config.rating_threshold), config.k_core)

@@ -1,15 +1,16 @@
 """Which datasets exist, how their files look on disk, and where to find or fetch them.
 
 A dataset lives in a directory ``<root>/<name>/``. ``resolve_dataset_dir`` looks, in order, in
-(1) the ``data_dir`` config value or, when it is empty, ``$FEDSPARSE_DATA``; (2) the user cache
-(``$XDG_CACHE_HOME/fedsparse`` or ``~/.cache/fedsparse``); (3) the cache again after downloading
-from the dataset's sources, tried in order. If all fail, one ``DatasetNotFoundError`` lists every
-place and every download error.
+the ``data_dir`` config value alone when it is given (missing files there are an error, never a
+fallback); otherwise in (1) ``$FEDSPARSE_DATA``; (2) the user cache (``$XDG_CACHE_HOME/fedsparse`` or
+``~/.cache/fedsparse``); (3) the cache again after downloading from the dataset's sources, tried in
+order. If all fail, one ``DatasetNotFoundError`` lists every place and every download error.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from fedsparse.data.readers import (
 Download = Union[UrlFiles, ZipMember, WheelMember]
 
 DATA_ENV = "FEDSPARSE_DATA"
+CHECKSUM_BLOCK_BYTES = 1 << 20  # read size while hashing a data file
 
 
 @dataclass(frozen=True)
@@ -204,29 +206,56 @@ def cache_dir() -> Path:
 
 
 def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | None = None) -> Path:
-    """The directory holding dataset ``name``'s files, downloading them into the cache if needed.
+    """The directory holding dataset ``name``'s files (see ``locate_dataset``)."""
+    return locate_dataset(name, data_dir, network=network)[0]
+
+
+def locate_dataset(name: str, data_dir: str = "", *, network: Network | None = None) -> tuple[Path, str]:
+    """(the directory holding dataset ``name``'s files, where it came from: "data.data-dir", "$FEDSPARSE_DATA",
+    "cache" or "download").
 
     Parameters
     ----------
     name: a key of ``DATASETS`` (not ``synthetic``, which has no files).
-    data_dir: root holding ``<name>/``; empty means ``$FEDSPARSE_DATA`` (itself optional).
+    data_dir: root holding ``<name>/``. When given it is authoritative: the files must be there, and
+        nothing else is tried (a silent fallback would train on other data than the config records).
+        Empty means ``$FEDSPARSE_DATA`` (itself optional), then the cache, then a download.
     network: how to download; the default uses urllib and pip with short timeouts.
 
     Raises
     ------
-    DatasetNotFoundError listing every directory tried and every download error.
+    DatasetNotFoundError naming the given directory and what is wrong with it, or listing every
+    directory tried and every download error.
     """
     spec = get_dataset(name)
     if spec.generated:
         raise ConfigError(f"data.dataset {name!r} is generated in memory and has no directory")
-    root, origin = (data_dir, "data_dir") if data_dir else (os.environ.get(DATA_ENV, ""), f"${DATA_ENV}")
-    candidates = [(origin, Path(root).expanduser() / name)] if root else []
+    if data_dir:
+        directory = Path(data_dir).expanduser() / name
+        if spec.present(directory):
+            return directory, "data.data-dir"
+        given = Path(data_dir).expanduser()
+        if given.is_file():
+            state = f"{given} is a file, not a folder"
+        elif directory.is_file():
+            state = f"{directory} is a file, not a folder"
+        elif not directory.exists():
+            state = f"{directory} does not exist"
+        else:
+            state = f"{directory} lacks {spec.expected_files()}"
+        hint = f" (the files are in {given} itself: pass its parent, {given.parent})" if spec.present(given) else ""
+        raise DatasetNotFoundError(
+            f"data.data-dir {data_dir}: {state}{hint}. A given data dir is authoritative: no cache or "
+            f"download is tried. Put {name}'s files in {directory}, or leave data.data-dir empty to use "
+            f"${DATA_ENV}, the cache or a download.")
+    root = os.environ.get(DATA_ENV, "")
+    candidates = [(f"${DATA_ENV}", Path(root).expanduser() / name)] if root else []
     cache = cache_dir() / name
     candidates.append(("cache", cache))
     tried = [] if root else [f"data_dir and ${DATA_ENV}: not set"]
     for label, directory in candidates:
         if spec.present(directory):
-            return directory
+            return directory, label
         state = f"lacks {spec.expected_files()}" if directory.is_dir() else "no such directory"
         tried.append(f"{label} {directory}: {state}")
     network = network or Network()
@@ -239,7 +268,7 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
             tried.append(f"download {download.describe()}: {type(exc).__name__}: {exc}")
             continue
         if spec.present(cache):
-            return cache
+            return cache, f"download ({download.describe()})"
         tried.append(f"download {download.describe()}: finished, but {cache} still lacks {spec.expected_files()}")
     if created_cache and cache.is_dir() and not any(cache.iterdir()):
         cache.rmdir()  # an empty folder left behind would read as "lacks the files" in the next lookup's message
@@ -250,4 +279,14 @@ def resolve_dataset_dir(name: str, data_dir: str = "", *, network: Network | Non
     )
 
 
-__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "file_spec", "get_dataset", "resolve_dataset_dir"]
+def file_checksum(path: Path) -> str:
+    """BLAKE2b-128 hex digest of a file's bytes (printed with a fallback data source, to tell copies apart)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(CHECKSUM_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "file_checksum", "file_spec", "get_dataset", "locate_dataset",
+           "resolve_dataset_dir"]

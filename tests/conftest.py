@@ -1,0 +1,42 @@
+"""Shared fixtures: a Flower home and ports of a test's own, so a real `flwr run` never reuses (or stops)
+a SuperLink that someone else started."""
+
+import shutil
+import socket
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedsparse.flower_run import stop_superlink
+
+
+@dataclass(frozen=True)
+class IsolatedFlower:
+    """Where a test's `flwr run` keeps its state and which ports its SuperLink listens on (HTTP, control)."""
+
+    home: Path
+    ports: tuple[int, int]
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """Ports the kernel reports free on 127.0.0.1 (held together while picked, so they differ)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return tuple(sock.getsockname()[1] for sock in sockets)
+
+
+@pytest.fixture
+def isolated_flower(tmp_path) -> IsolatedFlower:
+    """A fresh Flower home and free ports; afterwards the SuperLink(s) started there are stopped by their
+    recorded pids (nothing else). Skips when the `flwr` command is not installed."""
+    if shutil.which("flwr") is None:
+        pytest.skip("the flwr command is not installed")
+    flower = IsolatedFlower(tmp_path / "flwr-home", free_ports(2))
+    try:
+        yield flower
+    finally:
+        stop_superlink(flower.home)
