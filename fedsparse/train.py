@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.losses import batch_loss
 from fedsparse.models import MostPopular, build_model
+from fedsparse.policies import build_policy
 from fedsparse.results import append_jsonl, new_run_dir, provenance, write_json
 from fedsparse.rng import rng_for, torch_generator_for
 from fedsparse.sampling import NegativeSampler, negative_exclusions, training_pairs
@@ -119,7 +120,8 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     if data is None:
         data = load_run_data(config)
     run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
-    write_json(run_dir / "config.json", {"config": config.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
+    as_run = replace(config, sparse=replace(config.sparse, density=build_policy(config.sparse).settings.density))  # dense: 1.0
+    write_json(run_dir / "config.json", {"config": as_run.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
                                          "repairs": data.repairs, **provenance()})
     if config.model.name == "popular":
         return most_popular_run(config, data, run_dir, started)

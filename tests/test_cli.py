@@ -201,6 +201,10 @@ def test_a_dense_run_records_the_density_it_trained_at(tmp_path):
     run_dir, summary = run_inprocess(config)
     recorded = json.loads((run_dir / "config.json").read_text())["config"]
     assert recorded["sparse.density"] == summary["density"] == 1.0
+    from fedsparse.train import train_centralised
+
+    central = train_centralised(config.with_overrides({"train.epochs": 1}), show_progress=False)
+    assert json.loads((central.run_dir / "config.json").read_text())["config"]["sparse.density"] == central.summary["density"] == 1.0
 
 
 def test_data_info_verify_and_simulate_take_a_users_own_file(tmp_path, capsys, monkeypatch):
