@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+ERROR_LINE = re.compile(r"fedsparse( [a-z]+)*: error:")  # the CLI's error line, with or without its subcommand
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "guides" / "robustness.md"
 START, END = "<!-- probes:start -->", "<!-- probes:end -->"
@@ -70,7 +72,7 @@ def run(command: list[str], workspace: Path, env: dict[str, str] | None = None) 
         return -1, f"did not finish within {COMMAND_SECONDS} s", time.perf_counter() - started, ""
     output = done.stderr + done.stdout
     lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
-    errors = [line for line in lines if line.startswith(("fedsparse: error:", "warning:"))]
+    errors = [line for line in lines if ERROR_LINE.match(line) or line.startswith("warning:")]
     last = (errors or lines or [""])[-1].replace(str(workspace), "$W")
     return done.returncode, last[:MESSAGE_CHARS], time.perf_counter() - started, output
 

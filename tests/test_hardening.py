@@ -252,7 +252,7 @@ def test_a_damaged_checkpoint_stops_the_resume_with_one_message_naming_the_file(
     done = cli("simulate", *run_flags(tmp_path), "--num-server-rounds", "4", "--resume", str(run_dir))
     assert done.returncode == 2, done.stderr[-2000:]
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"fedsparse: error: {run_dir / 'checkpoint.npz'}: ") and fragment in message, message
+    assert message.startswith(f"fedsparse simulate: error: {run_dir / 'checkpoint.npz'}: ") and fragment in message, message
     assert "Traceback" not in done.stderr and "allow_pickle" not in done.stderr
     assert (run_dir / "rounds.jsonl").read_text() == before and not (run_dir / "summary.json").read_text() == ""
 
