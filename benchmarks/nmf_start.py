@@ -34,13 +34,10 @@ METHODS = {
     "central": ["--fed.nmf-init", "central"],
     "mu-30 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "30", "--fed.nmf-cohort", "1.0"],
     "mu-3 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "3", "--fed.nmf-cohort", "1.0"],
-    "range c0.1": ["--fed.nmf-start", "range", "--fed.nmf-cohort", "0.1"],
-    "range c0.2": ["--fed.nmf-start", "range", "--fed.nmf-cohort", "0.2"],
-    "range c0.4": ["--fed.nmf-start", "range", "--fed.nmf-cohort", "0.4"],
-    "range c1.0": ["--fed.nmf-start", "range", "--fed.nmf-cohort", "1.0"],
-    "range p1 c0.1": ["--fed.nmf-start", "range", "--fed.nmf-power", "1", "--fed.nmf-cohort", "0.1"],
-    "range p1 c0.2": ["--fed.nmf-start", "range", "--fed.nmf-power", "1", "--fed.nmf-cohort", "0.2"],
     "random mask": ["--fed.nmf-init", "none"],
+    **{f"range c{cohort} r{refine}": ["--fed.nmf-start", "range", "--fed.nmf-cohort", str(cohort), "--fed.nmf-refine", str(refine)]
+       for cohort in (0.05, 0.1, 0.2, 0.4, 1.0) for refine in (0, 1, 2, 3)},
+    **{f"svd c{cohort}": ["--fed.nmf-start", "svd", "--fed.nmf-cohort", str(cohort)] for cohort in (0.1, 0.2, 1.0)},
 }
 COLUMNS = [
     "dataset", "method", "rounds", "density", "dim", "start_rounds", "start_cohort", "start_bytes_per_device",
@@ -76,7 +73,9 @@ def main() -> None:
     parser.add_argument("--dim", default="64")
     parser.add_argument("--fraction", default="0.1")
     parser.add_argument("--eval-every", default="5")
-    parser.add_argument("--methods", default="central,range c0.2,range c0.1,mu-3 all", help=f"comma-separated, from {list(METHODS)}")
+    parser.add_argument("--methods", default="central,range c0.05 r2,range c0.1 r1,svd c0.1",
+                        help="comma-separated: central, mu-30 all, mu-3 all, random mask, range cC rR (C in 0.05 0.1 0.2 0.4 1.0, "
+                             "R in 0-3), svd cC")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if not os.environ.get("FEDSPARSE_DATA"):

@@ -30,6 +30,7 @@ from fedsparse.secure_start import (
     nystrom_svd, orthonormal_basis, sketch_matrix, solve_item_factor, svd_item_factor,
 )
 from fedsparse.policies import build_policy
+from fedsparse.rng import rng_for
 from fedsparse.results import append_jsonl, atomic_write_text, provenance, read_jsonl, write_json
 from fedsparse.streaming import arrived_users
 from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
@@ -177,6 +178,13 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
         else:
             item_factor = balance_columns(nndsvd_item_factor(W, sigma), W, sigma)
         if config.fed.nmf_refine and config.fed.nmf_start == "range":
+            # NNDSVDa: multiplicative steps never move a zero, so zeros start at the mean of R (as scikit-learn's)
+            # (seeded jitter, so that columns a low-rank cohort left empty are not identical, a tie SecAgg+'s
+            # rounding would break at random)
+            tiny = item_factor <= 1e-6 * item_factor.max(initial=0.0)  # zero up to SecAgg+'s rounding
+            mean = population.n_train_interactions / (population.n_users * n_items)
+            fill = mean * (0.5 + rng_for(config.seed, "nmf-fill").random(item_factor.shape))
+            item_factor = np.where(tiny, fill, item_factor)
             item_factor, gram_users = _multiplicative_rounds(
                 config, transport, cohort, item_factor, config.fed.nmf_refine, 2 + config.fed.nmf_power, True, accounting)
             item_factor = item_factor / _column_scale(item_factor, gram_users, len(cohort) / devices.size)
@@ -210,7 +218,12 @@ def _multiplicative_rounds(
                   "init-scale": np.asarray([init_scale], dtype=np.float32), **({"nmf-fit": np.ones(1, dtype=np.int64)} if fit else {})}
         total = _secure_start_sum(transport, nmf_round, {user: shared for user in cohort}, n_items * rank + rank * rank, accounting)
         numerator, gram_users = total[: n_items * rank].reshape(n_items, rank), total[n_items * rank :].reshape(rank, rank)
-        item_factor = solve_item_factor(item_factor, numerator, gram_users) if fit else apply_item_update(item_factor, numerator, gram_users)
+        if fit:  # an item no cohort device holds has no information in this round: its row is kept
+            mass = numerator.sum(axis=1)
+            seen = mass > 1e-4 * mass.max(initial=0.0)  # not just SecAgg+'s rounding noise
+            item_factor = np.where(seen[:, None], solve_item_factor(item_factor, numerator, gram_users), item_factor)
+        else:
+            item_factor = apply_item_update(item_factor, numerator, gram_users)
     return item_factor, gram_users
 
 

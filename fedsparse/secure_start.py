@@ -32,6 +32,7 @@ from fedsparse.rng import rng_for
 MIN_SECURE_COHORT = 5  # SecAgg+'s reconstruction threshold (server/secagg.py): fewer devices cannot run it
 START_VALUE_BOUND = 8.0  # public scale: a device's start vector divided by it stays inside SecAgg+'s ±4 clipping range
 SECURE_SUM = "secure-sum"  # the one array of every start reply
+RELATIVE_EIGEN_FLOOR = 1e-4  # eigenvalues of RᵀR below this share of the largest are treated as zero
 
 
 class StartRefused(RuntimeError):
@@ -107,6 +108,8 @@ def nystrom_svd(test: np.ndarray, sample: np.ndarray, rank: int) -> tuple[np.nda
     inv_root = vectors[:, keep] / np.sqrt(values[keep])
     left, singular, _ = np.linalg.svd(shifted @ inv_root, full_matrices=False)
     eigen = np.clip(singular**2 - nu, 0.0, None)
+    # Directions at the noise level (a cohort of lower rank than k, or SecAgg+'s rounding) are arbitrary: drop them.
+    eigen[eigen < RELATIVE_EIGEN_FLOOR * eigen.max(initial=0.0)] = 0.0
     W = np.zeros((n, rank))
     sigma = np.zeros(rank)
     take = min(rank, eigen.size)
