@@ -186,8 +186,9 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
             fill = mean * (0.5 + rng_for(config.seed, "nmf-fill").random(item_factor.shape))
             item_factor = np.where(tiny, fill, item_factor)
             item_factor, gram_users = _multiplicative_rounds(
-                config, transport, cohort, item_factor, config.fed.nmf_refine, 2 + config.fed.nmf_power, True, accounting)
-            item_factor = item_factor / _column_scale(item_factor, gram_users, len(cohort) / devices.size)
+                config, transport, cohort, item_factor, config.fed.nmf_refine, 2 + config.fed.nmf_power, True, accounting,
+                devices=devices)
+            item_factor = item_factor / _column_scale(item_factor, gram_users, config.fed.nmf_refine * len(cohort) / devices.size)
         device_init = DeviceInit()
     else:
         mean = population.n_train_interactions / max(1, population.n_users * population.n_items)
@@ -202,23 +203,31 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
 
 def _multiplicative_rounds(
     config: RunConfig, transport: Transport, cohort: list[int], item_factor: np.ndarray, rounds: int, first_round: int,
-    fit: bool, accounting: dict, init_scale: float = 0.0,
+    fit: bool, accounting: dict, init_scale: float = 0.0, devices: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``rounds`` secure multiplicative item updates over the cohort: (new Q, the last summed PᵀP).
+    """``rounds`` secure multiplicative item updates over the cohort: (new Q, the summed PᵀP it used).
 
     Each round sends Q and QᵀQ (public to the cohort) and sums [Rᵀ P, PᵀP]. A device takes one
     multiplicative step on its kept p_u (``fit`` False: central multiplicative NMF, round for round), or
     fits p_u afresh by non-negative least squares on Q (``fit`` True: the refinement after a range start).
+    With ``fit``, each round draws a fresh public cohort of the same size from ``devices`` and Q is solved
+    from the sums of every round so far: more devices cover more items at the same bytes per device.
     ``init_scale``: the scale of a device's first p_u (multiplicative start only).
     """
     n_items, rank = item_factor.shape
     gram_users = np.zeros((rank, rank))
+    numerators, grams = np.zeros((n_items, rank)), np.zeros((rank, rank))
     for nmf_round in range(first_round, first_round + rounds):
+        if fit and devices is not None:
+            cohort = [int(u) for u in devices[sample_clients(config.seed, nmf_round, devices.size, len(cohort), "nmf-start")]]
         shared = {"item-factor": item_factor.astype(np.float32), "gram": (item_factor.T @ item_factor).astype(np.float32),
                   "init-scale": np.asarray([init_scale], dtype=np.float32), **({"nmf-fit": np.ones(1, dtype=np.int64)} if fit else {})}
         total = _secure_start_sum(transport, nmf_round, {user: shared for user in cohort}, n_items * rank + rank * rank, accounting)
         numerator, gram_users = total[: n_items * rank].reshape(n_items, rank), total[n_items * rank :].reshape(rank, rank)
-        if fit:  # an item no cohort device holds has no information in this round: its row is kept
+        if fit:  # an item no cohort device holds so far has no information: its row is kept
+            numerators += numerator
+            grams += gram_users
+            numerator, gram_users = numerators, grams
             mass = numerator.sum(axis=1)
             seen = mass > 1e-4 * mass.max(initial=0.0)  # not just SecAgg+'s rounding noise
             item_factor = np.where(seen[:, None], solve_item_factor(item_factor, numerator, gram_users), item_factor)
