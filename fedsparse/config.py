@@ -155,7 +155,7 @@ class FedConfig:
     nmf_init: str = "federated"  # where the NMF mask comes from, when the policy uses one
     nmf_rounds: int = 3  # nmf-start = mu: secure multiplicative-update rounds before training
     nmf_start: str = "range"  # federated start: range (seeded range finder, NNDSVD, nmf-refine rounds), svd (the same, signed factors, no refinement) or mu (secure multiplicative updates)
-    nmf_cohort: float = 0.2  # share of devices in the federated start's secure sums (a public seeded sample, at least SecAgg+'s threshold of 5)
+    nmf_cohort: float = 0.1  # share of devices in the federated start's secure sums (a public seeded sample, at least SecAgg+'s threshold of 5)
     nmf_power: int = 0  # nmf-start = range: power passes after the seeded one (each sends an [n_items, dim] basis and sums A V)
     nmf_sketch: int = 0  # nmf-start = range/svd: columns of the seeded test matrix (0 = model.dim; more = oversampling, a longer vector)
     nmf_refine: int = 1  # nmf-start = range: secure multiplicative refinements of the item factor after it (devices fit p_u, none keeps it)
