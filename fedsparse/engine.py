@@ -152,8 +152,9 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
 
     The server sees only secure sums over a public seeded cohort (``fed.nmf-cohort``): never an item id,
     a p_u or a single device's vector (``fedsparse.secure_start`` says what each sum holds). Devices
-    outside the cohort, and all devices under ``fed.nmf-start = range``, fit p_u themselves from the item
-    rows they download with a public scale. Raises StartRefused when a sum cannot be formed securely.
+    outside the cohort, and all devices under ``fed.nmf-start = range | svd``, fit p_u themselves from the
+    item rows they download and the public gram (``DeviceInit``). Raises StartRefused when a sum cannot be
+    formed securely.
     """
     devices = arrived_users(config, population.users, 1)  # streaming: the devices of round 1
     count = cohort_size(config.fed.nmf_cohort, int(devices.size))

@@ -174,7 +174,11 @@ def project_user_factor(
     gram = np.asarray(gram, dtype=np.float64)[:width, :width]
     if signed:
         return numerator @ np.linalg.pinv(gram)
-    p_u = np.ones(width) if rows.shape[0] else np.zeros(width)
+    # A column the gram says is empty (or a negative sum: rows grown since the gram was sent) carries no
+    # usable information for a non-negative fit: its entry stays 0 rather than dividing by nothing.
+    live = np.diag(gram) > NMF_EPS
+    numerator = np.where(live, np.clip(numerator, 0.0, None), 0.0)
+    p_u = np.where(live, 1.0, 0.0) if rows.shape[0] else np.zeros(width)
     for _ in range(iterations):
         p_u = user_factor_update_from_sums(p_u, numerator, gram)
     return p_u

@@ -168,3 +168,13 @@ def test_devices_fit_their_start_row_from_the_first_download_only() -> None:
     assert set(first) == {"nmf-project"} and first["nmf-project"].shape == (4, 4) and second == {}
     table = state.server.item_weight.astype(np.float64)
     np.testing.assert_allclose(first["nmf-project"], table.T @ table, rtol=1e-6)
+
+
+def test_projection_ignores_columns_the_gram_says_are_empty() -> None:
+    # Streaming grows rows (random signed values) after the gram was sent: a column empty in the gram, or a
+    # negative sum, must not divide by nothing (it did: inf and NaN in the device's first update).
+    rows = np.array([[0.5, 0.2, 0.3], [0.1, -0.9, 0.4]])
+    gram = np.diag([1.0, 0.5, 0.0])
+    p_u = project_user_factor(rows, gram)
+    assert np.isfinite(p_u).all() and (p_u >= 0).all()
+    assert p_u[2] == 0.0 and p_u[1] == 0.0 and p_u[0] > 0
