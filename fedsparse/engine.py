@@ -199,6 +199,8 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
         scale = _column_scale(item_factor, gram_users, 1.0)  # cohort devices keep p_u: balance against the cohort's own P
         item_factor, device_init = item_factor / scale, DeviceInit(column_scale=scale)
     accounting["nmf_start_bytes_per_device"] = (accounting["nmf_download_bytes"] + accounting["nmf_upload_bytes"]) / max(1, population.users.size)
+    if not np.isfinite(item_factor).all():  # never mask from a broken factor: the run stops, saying why
+        raise StartRefused("the start's item factor is not finite (the secure sums were unusable)")
     return item_factor.astype(np.float32), device_init, accounting
 
 
@@ -233,7 +235,8 @@ def _multiplicative_rounds(
             seen = mass > 1e-4 * mass.max(initial=0.0)  # not just SecAgg+'s rounding noise
             item_factor = np.where(seen[:, None], solve_item_factor(item_factor, numerator, gram_users), item_factor)
         else:
-            item_factor = apply_item_update(item_factor, numerator, gram_users)
+            # clipped: SecAgg+'s rounding noise on sums that are exactly >= 0 (a no-op on the exact in-process sums)
+            item_factor = apply_item_update(item_factor, np.clip(numerator, 0.0, None), np.clip(gram_users, 0.0, None))
     return item_factor, gram_users
 
 

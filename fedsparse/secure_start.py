@@ -184,6 +184,7 @@ def project_user_factor(
     return p_u
 
 
+LIVE_COLUMN = 1e-6  # a column of PᵀP whose diagonal is below this share of the largest holds only noise
 ITEM_ITERATIONS = 100  # multiplicative steps the server takes on Q per refinement round (P fixed: no bytes)
 
 
@@ -195,8 +196,17 @@ def solve_item_factor(item_factor: np.ndarray, numerator: np.ndarray, gram: np.n
     least squares, which converges in far fewer rounds than one multiplicative step per round.
     """
     Q = np.asarray(item_factor, dtype=np.float64)
+    # SecAgg+'s rounding leaves tiny signed noise where the sums are zero. Rᵀ P and PᵀP of non-negative
+    # factors are non-negative, so negative noise is clipped; a column no device's p_u uses (its diagonal at
+    # the noise level) keeps its values instead of dividing by noise.
+    gram = np.clip(np.asarray(gram, dtype=np.float64), 0.0, None)
+    live = np.diag(gram) > LIVE_COLUMN * float(np.diag(gram).max(initial=0.0))
+    numerator = np.clip(np.asarray(numerator, dtype=np.float64), 0.0, None)
+    solved = Q[:, live]
     for _ in range(iterations):
-        Q = Q * numerator / (Q @ gram + NMF_EPS)
+        solved = solved * numerator[:, live] / (solved @ gram[np.ix_(live, live)] + NMF_EPS)
+    Q = Q.copy()
+    Q[:, live] = solved
     return Q
 
 

@@ -178,3 +178,19 @@ def test_projection_ignores_columns_the_gram_says_are_empty() -> None:
     p_u = project_user_factor(rows, gram)
     assert np.isfinite(p_u).all() and (p_u >= 0).all()
     assert p_u[2] == 0.0 and p_u[1] == 0.0 and p_u[0] > 0
+
+
+def test_the_item_solve_ignores_secaggplus_noise_on_an_unused_column() -> None:
+    from fedsparse.secure_start import solve_item_factor
+
+    rng = rng_for(0, "test-solve-noise")
+    P = rng.random((20, 3))
+    P[:, 2] = 0.0  # no device's p_u uses column 2
+    R = (rng.random((20, 15)) < 0.3).astype(float)
+    Q = rng.random((15, 3))
+    noise = lambda shape: rng.uniform(-3e-7, 3e-7, shape)  # noqa: E731  (SecAgg+'s rounding, summed)
+    solved = solve_item_factor(Q, R.T @ P + noise((15, 3)), P.T @ P + noise((3, 3)))
+    assert np.isfinite(solved).all() and (solved >= 0).all()
+    np.testing.assert_array_equal(solved[:, 2], Q[:, 2])  # kept, not divided by noise
+    exact = solve_item_factor(Q, R.T @ P, P.T @ P)
+    np.testing.assert_allclose(solved[:, :2], exact[:, :2], rtol=1e-3, atol=1e-5)
