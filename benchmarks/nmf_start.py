@@ -36,7 +36,7 @@ METHODS = {
     "mu-3 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "3", "--fed.nmf-cohort", "1.0"],
     "random mask": ["--fed.nmf-init", "none"],
     **{f"range c{cohort} r{refine}": ["--fed.nmf-start", "range", "--fed.nmf-cohort", str(cohort), "--fed.nmf-refine", str(refine)]
-       for cohort in (0.05, 0.1, 0.2, 0.4, 1.0) for refine in (0, 1, 2, 3)},
+       for cohort in (0.05, 0.07, 0.1, 0.2, 0.4, 1.0) for refine in (0, 1, 2, 3)},
     **{f"svd c{cohort}": ["--fed.nmf-start", "svd", "--fed.nmf-cohort", str(cohort)] for cohort in (0.1, 0.2, 1.0)},
 }
 COLUMNS = [
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--fraction", default="0.1")
     parser.add_argument("--eval-every", default="5")
     parser.add_argument("--methods", default="central,range c0.05 r2,range c0.1 r1,svd c0.1",
-                        help="comma-separated: central, mu-30 all, mu-3 all, random mask, range cC rR (C in 0.05 0.1 0.2 0.4 1.0, "
+                        help="comma-separated: central, mu-30 all, mu-3 all, random mask, range cC rR (C in 0.05 0.07 0.1 0.2 0.4 1.0, "
                              "R in 0-3), svd cC")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
