@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
@@ -23,6 +25,7 @@ from fedsparse.faults import DEVICE_FAILURES, DeviceCrash
 from fedsparse.grouping import users_of_partition
 from fedsparse.privacy.secagg_vectors import to_secagg_vectors
 from fedsparse.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
+from fedsparse.secure_start import SECURE_SUM
 from fedsparse.wire import SecureUpload
 
 app = ClientApp()
@@ -83,12 +86,6 @@ def hello(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"partition-id": partition})}), reply_to=message)
 
 
-@app.query("nmf")
-def nmf(message: Message, context: Context) -> Message:
-    """One federated NMF round on the hosted devices."""
-    return _handle(message, context, "nmf")
-
-
 @app.query("rows")
 def rows(message: Message, context: Context) -> Message:
     """The item rows each hosted device will train on this round ("rows" downlink)."""
@@ -105,13 +102,21 @@ def train(message: Message, context: Context) -> Message:
 
 
 def _secure_train(message: Message, context: Context) -> Message:
-    """Train the node's one device on a legacy FitIns and return its SecureUpload as SecAgg+ vectors."""
+    """Train the node's one device on a legacy FitIns and return its SecureUpload as SecAgg+ vectors; in a
+    round of the NMF start, its start vector instead."""
     config, data = _config_and_data(context)
     fitins = recorddict_to_fitins(message.content, keep_input=True)
     settings = dict(fitins.config)
     incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters)))
     (user,) = users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users)
     device = DeviceData.of(data, user)
+    if settings.pop("secure-start", 0):  # a round of the NMF start: its one vector, scaled by the public bound
+        bound = float(settings.pop("secure-bound"))
+        reply = handle_nmf(config, load_state(context, user), device, incoming, data.n_items)
+        save_state(context, user, reply.state)
+        vectors = [np.asarray(reply.arrays[SECURE_SUM], dtype=np.float64) / bound]
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, {})
+        return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
     try:
         reply = handle_train(config, load_state(context, user), device, incoming, data.n_items, int(settings["server-round"]), settings)
     except DeviceCrash:

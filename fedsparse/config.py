@@ -31,6 +31,7 @@ NMF_SELECT = ("global", "per-row")
 NMF_VALUES = ("random", "factors")
 DOWNLINKS = ("full", "rows")
 NMF_INITS = ("federated", "central", "none")
+NMF_STARTS = ("range", "svd", "mu")
 AGGREGATIONS = ("weighted", "uniform", "sum", "client-mean")
 SERVER_OPTIMIZERS = ("avg", "adam")
 ITEM_OPTIMIZERS = ("adam", "sgd")
@@ -168,7 +169,12 @@ class FedConfig:
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal
     signal_every_round: bool = False  # accumulate signals from every round (costs bytes) or send them only at exploration rounds
     nmf_init: str = "federated"  # where the NMF mask comes from, when the policy uses one
-    nmf_rounds: int = 3  # federated multiplicative-update rounds before training (every device takes part)
+    nmf_rounds: int = 3  # nmf-start = mu: secure multiplicative-update rounds before training
+    nmf_start: str = "range"  # federated start: range (seeded range finder, NNDSVD, nmf-refine rounds), svd (the same, signed factors, no refinement) or mu (secure multiplicative updates)
+    nmf_cohort: float = 0.1  # share of devices in the federated start's secure sums (a public seeded sample, at least SecAgg+'s threshold of 5)
+    nmf_power: int = 0  # nmf-start = range: power passes after the seeded one (each sends an [n_items, dim] basis and sums A V)
+    nmf_sketch: int = 0  # nmf-start = range/svd: columns of the seeded test matrix (0 = model.dim; more = oversampling, a longer vector)
+    nmf_refine: int = 1  # nmf-start = range: secure multiplicative refinements of the item factor after it (devices fit p_u, none keeps it)
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
     eval_fraction: float = 0.2  # share of devices evaluated
     evaluate_model: str = "global"  # global: rank with the server's table; local: each trained device ranks with its own copy after training (PFedRec)
@@ -391,6 +397,11 @@ class RunConfig:
             (f.signal_topk >= 0, "fed.signal-topk", "must be >= 0"),
             (f.nmf_init in NMF_INITS, "fed.nmf-init", f"must be one of {NMF_INITS}"),
             (f.nmf_rounds >= 1, "fed.nmf-rounds", "must be >= 1"),
+            (f.nmf_start in NMF_STARTS, "fed.nmf-start", f"must be one of {NMF_STARTS}"),
+            (0 < f.nmf_cohort <= 1, "fed.nmf-cohort", "must be in (0, 1]"),
+            (f.nmf_power >= 0, "fed.nmf-power", "must be >= 0"),
+            (f.nmf_refine >= 0, "fed.nmf-refine", "must be >= 0"),
+            (f.nmf_sketch >= 0, "fed.nmf-sketch", "must be >= 0 (0 = model.dim)"),
             (f.eval_every >= 1, "fed.eval-every", "must be >= 1"),
             (0.0 < f.eval_fraction <= 1.0, "fed.eval-fraction", "must be in (0, 1]"),
             (f.clients_per_node >= 1, "fed.clients-per-node", "must be >= 1"),

@@ -28,10 +28,15 @@ from fedsparse.federation import (
 )
 from fedsparse.metrics import improves, selection_key
 from fedsparse.nmf import apply_item_update, multiplicative_init
+from fedsparse.secure_start import (
+    MIN_SECURE_COHORT, SECURE_SUM, balance_columns, START_VALUE_BOUND, StartRefused, check_start_vector, cohort_size, nndsvd_item_factor,
+    nystrom_svd, orthonormal_basis, sketch_matrix, solve_item_factor, svd_item_factor,
+)
 from fedsparse.policies import build_policy
 from fedsparse.results import (
     ResultFileError, append_jsonl, atomic_write_text, provenance, read_jsonl, read_run_config, round_gaps, run_dir_lock, write_json,
 )
+from fedsparse.rng import rng_for
 from fedsparse.streaming import arrived_users
 from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
 
@@ -140,94 +145,177 @@ def _bytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 class DeviceInit:
-    """Per-device fields the server adds to its first messages so devices initialise from NMF."""
+    """Per-device fields the server adds to its messages so devices initialise from NMF: the user factor
+    (central oracle only), the column scale of a multiplicative start, and the public gram QᵀQ of the
+    masked item table from which a device fits its own p_u (``fedsparse.secure_start.project_user_factor``),
+    sent once per device, with its first message."""
 
-    def __init__(self, user_factors: np.ndarray | None = None, column_scale: np.ndarray | None = None) -> None:
+    def __init__(
+        self, user_factors: np.ndarray | None = None, column_scale: np.ndarray | None = None,
+        projection: np.ndarray | None = None, projected: np.ndarray | None = None,
+    ) -> None:
         self.user_factors = user_factors
         self.column_scale = column_scale
+        self.projection = projection  # float [dim, dim]
+        self.projected: set[int] = set() if projected is None else {int(u) for u in projected}  # devices it was sent to
 
     def arrays(self, user: int) -> Arrays:
-        """The init fields for ``user``: its factor (central oracle) or the column scale (federated)."""
+        """The init fields for ``user``: its factor (central oracle) or public scales (federated)."""
         if self.user_factors is not None:
             return {"nmf-user-factor": self.user_factors[user].astype(np.float32)}
+        fields = {}
         if self.column_scale is not None:
-            return {"nmf-scale": self.column_scale.astype(np.float32)}
-        return {}
+            fields["nmf-scale"] = self.column_scale.astype(np.float32)
+        if self.projection is not None and user not in self.projected:
+            fields["nmf-project"] = self.projection.astype(np.float32)
+            self.projected.add(user)
+        return fields
 
 
 def federated_nmf(config: RunConfig, population: Population, transport: Transport) -> tuple[np.ndarray, DeviceInit, dict]:
-    """Multiplicative-update NMF over every device: returns (balanced item factor, device init, bytes).
+    """The federated NMF start: returns (item factor, device init, accounting).
 
-    The server never sees an interaction matrix: each round it sends Q and QᵀQ and receives, per device,
-    its item ids, its p_u and p_u p_uᵀ. Column balancing uses diag(Σ p_u p_uᵀ) = ||P_j||², so it also
-    needs no user factor.
+    The server sees only secure sums over a public seeded cohort (``fed.nmf-cohort``): never an item id,
+    a p_u or a single device's vector (``fedsparse.secure_start`` says what each sum holds). Devices
+    outside the cohort, and all devices under ``fed.nmf-start = range | svd``, fit p_u themselves from the
+    item rows they download and the public gram (``DeviceInit``). Raises StartRefused when a sum cannot be
+    formed securely.
     """
-    rank = config.model.dim
-    mean = population.n_train_interactions / max(1, population.n_users * population.n_items)
-    _, item_factor = multiplicative_init(population.n_users, population.n_items, rank, config.seed, mean)
-    init_scale = np.asarray([np.sqrt(mean / rank)], dtype=np.float32)
-    download = upload = 0
-    devices = [int(u) for u in arrived_users(config, population.users, 1)]  # streaming: the devices of round 1
-    rows_of: dict[int, np.ndarray] = {}
-    if config.fed.downlink == "rows":
-        # Each device asks for the rows of its round-0 training set (positives hidden among negatives)
-        # and then receives only those rows of Q each NMF round.
-        for user, reply in transport.send("query", 0, {u: {} for u in devices}, {}).items():
-            try:
-                if isinstance(reply, str):
-                    raise PayloadError(reply)
-                rows_of[user] = _requested_rows(reply.arrays, population.n_items)
-                upload += _bytes(reply.arrays)
-            except PayloadError as exc:
-                log.warning("nmf: row request of device %d failed: %s", user, exc)
-        devices = sorted(rows_of)
+    devices = arrived_users(config, population.users, 1)  # streaming: the devices of round 1
+    count = cohort_size(config.fed.nmf_cohort, int(devices.size))
+    cohort = [int(u) for u in devices[sample_clients(config.seed, 0, devices.size, count, "nmf-start")]]
+    accounting = {"nmf_download_bytes": 0, "nmf_upload_bytes": 0, "nmf_rounds": 0, "nmf_cohort": len(cohort),
+                  "nmf_start_bytes_per_device": 0.0}
+    n_items, rank = population.n_items, config.model.dim
+    if config.fed.nmf_start in ("range", "svd"):
+        width = max(rank, config.fed.nmf_sketch)
+        test = sketch_matrix(config.seed, n_items, width).astype(np.float64)
+        messages = {user: {"nmf-sketch": np.asarray([config.seed, width], dtype=np.int64)} for user in cohort}
+        sample = _secure_start_sum(transport, 1, messages, n_items * width, accounting).reshape(n_items, width)
+        for power_pass in range(config.fed.nmf_power):
+            test = orthonormal_basis(sample)
+            basis = test.astype(np.float32)
+            messages = {user: {"nmf-test": basis} for user in cohort}
+            sample = _secure_start_sum(transport, 2 + power_pass, messages, n_items * width, accounting).reshape(n_items, width)
+        W, sigma = nystrom_svd(test, sample, rank)
+        sigma = sigma * np.sqrt(devices.size / len(cohort))  # the cohort's spectrum scaled to the whole federation
+        if config.fed.nmf_start == "svd":
+            item_factor = svd_item_factor(W, sigma)
+        else:
+            item_factor = balance_columns(nndsvd_item_factor(W, sigma), W, sigma)
+        if config.fed.nmf_refine and config.fed.nmf_start == "range":
+            # NNDSVDa: multiplicative steps never move a zero, so zeros start at the mean of R (as scikit-learn's)
+            # (seeded jitter, so that columns a low-rank cohort left empty are not identical, a tie SecAgg+'s
+            # rounding would break at random)
+            tiny = item_factor <= 1e-6 * item_factor.max(initial=0.0)  # zero up to SecAgg+'s rounding
+            mean = population.n_train_interactions / (population.n_users * n_items)
+            fill = mean * (0.5 + rng_for(config.seed, "nmf-fill").random(item_factor.shape))
+            item_factor = np.where(tiny, fill, item_factor)
+            item_factor, gram_users = _multiplicative_rounds(
+                config, transport, cohort, item_factor, config.fed.nmf_refine, 2 + config.fed.nmf_power, True, accounting,
+                devices=devices)
+            item_factor = item_factor / _column_scale(item_factor, gram_users, config.fed.nmf_refine * len(cohort) / devices.size)
+        device_init = DeviceInit()
+    else:
+        mean = population.n_train_interactions / max(1, population.n_users * population.n_items)
+        _, item_factor = multiplicative_init(population.n_users, n_items, rank, config.seed, mean)
+        item_factor, gram_users = _multiplicative_rounds(
+            config, transport, cohort, item_factor, config.fed.nmf_rounds, 1, False, accounting, float(np.sqrt(mean / rank)))
+        scale = _column_scale(item_factor, gram_users, 1.0)  # cohort devices keep p_u: balance against the cohort's own P
+        item_factor, device_init = item_factor / scale, DeviceInit(column_scale=scale)
+    accounting["nmf_start_bytes_per_device"] = (accounting["nmf_download_bytes"] + accounting["nmf_upload_bytes"]) / max(1, population.users.size)
+    if not np.isfinite(item_factor).all():  # never mask from a broken factor: the run stops, saying why
+        raise StartRefused("the start's item factor is not finite (the secure sums were unusable)")
+    return item_factor.astype(np.float32), device_init, accounting
+
+
+def _multiplicative_rounds(
+    config: RunConfig, transport: Transport, cohort: list[int], item_factor: np.ndarray, rounds: int, first_round: int,
+    fit: bool, accounting: dict, init_scale: float = 0.0, devices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rounds`` secure multiplicative item updates over the cohort: (new Q, the summed PᵀP it used).
+
+    Each round sends Q and QᵀQ (public to the cohort) and sums [Rᵀ P, PᵀP]. A device takes one
+    multiplicative step on its kept p_u (``fit`` False: central multiplicative NMF, round for round), or
+    fits p_u afresh by non-negative least squares on Q (``fit`` True: the refinement after a range start).
+    With ``fit``, each round draws a fresh public cohort of the same size from ``devices`` and Q is solved
+    from the sums of every round so far: more devices cover more items at the same bytes per device.
+    ``init_scale``: the scale of a device's first p_u (multiplicative start only).
+    """
+    n_items, rank = item_factor.shape
     gram_users = np.zeros((rank, rank))
-    for nmf_round in range(1, config.fed.nmf_rounds + 1):
-        round_started = time.perf_counter()
-        factor32 = item_factor.astype(np.float32)
-        shared = {"gram": (item_factor.T @ item_factor).astype(np.float32), "init-scale": init_scale}
-        messages = {
-            user: {**shared, "item-factor": factor32[rows_of[user]], "row-ids": rows_of[user]} if rows_of
-            else {**shared, "item-factor": factor32}
-            for user in devices
-        }
-        replies = transport.send("nmf", nmf_round, messages, {})
-        numerator = np.zeros((population.n_items, rank))
-        gram_users = np.zeros((rank, rank))
+    numerators, grams = np.zeros((n_items, rank)), np.zeros((rank, rank))
+    for nmf_round in range(first_round, first_round + rounds):
+        if fit and devices is not None:
+            cohort = [int(u) for u in devices[sample_clients(config.seed, nmf_round, devices.size, len(cohort), "nmf-start")]]
+        shared = {"item-factor": item_factor.astype(np.float32), "gram": (item_factor.T @ item_factor).astype(np.float32),
+                  "init-scale": np.asarray([init_scale], dtype=np.float32), **({"nmf-fit": np.ones(1, dtype=np.int64)} if fit else {})}
+        total = _secure_start_sum(transport, nmf_round, {user: shared for user in cohort}, n_items * rank + rank * rank, accounting)
+        numerator, gram_users = total[: n_items * rank].reshape(n_items, rank), total[n_items * rank :].reshape(rank, rank)
+        if fit:  # an item no cohort device holds so far has no information: its row is kept
+            numerators += numerator
+            grams += gram_users
+            numerator, gram_users = numerators, grams
+            mass = numerator.sum(axis=1)
+            seen = mass > 1e-4 * mass.max(initial=0.0)  # not just SecAgg+'s rounding noise
+            item_factor = np.where(seen[:, None], solve_item_factor(item_factor, numerator, gram_users), item_factor)
+        else:
+            # clipped: SecAgg+'s rounding noise on sums that are exactly >= 0 (a no-op on the exact in-process sums)
+            item_factor = apply_item_update(item_factor, np.clip(numerator, 0.0, None), np.clip(gram_users, 0.0, None))
+    return item_factor, gram_users
+
+
+def _column_scale(item_factor: np.ndarray, gram_users: np.ndarray, users_share: float) -> np.ndarray:
+    """c_j = sqrt(||Q_j|| / ||P_j||), with ||P_j||² = diag(PᵀP) of the cohort divided by its share of the devices."""
+    user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None) / users_share)
+    item_norm = np.linalg.norm(item_factor, axis=0)
+    scale = np.ones(item_factor.shape[1])
+    ok = (user_norm > 0) & (item_norm > 0)
+    scale[ok] = np.sqrt(item_norm[ok] / user_norm[ok])
+    return scale
+
+
+def _secure_start_sum(transport: Transport, nmf_round: int, messages: Mapping[int, Arrays], length: int, accounting: dict) -> np.ndarray:
+    """The secure sum float64 [length] of the cohort's start vectors, its bytes added to ``accounting``.
+
+    Under Flower (a transport with ``secure_sum``) SecAgg+ returns only the sum, with every byte of the
+    protocol counted per device. In process, each reply is checked (length, dtype, finite, bound) and the
+    valid ones summed exactly; a bad vector is dropped with its reason logged. Fewer than SecAgg+'s
+    threshold of valid vectors, or an unusable sum, raises StartRefused: there is no plaintext fallback.
+    """
+    round_started = time.perf_counter()
+    if hasattr(transport, "secure_sum"):
+        total, replies, sent, received = transport.secure_sum(nmf_round, messages, START_VALUE_BOUND, length)
         for user, reply in replies.items():
-            download += _bytes(messages[user])
+            if isinstance(reply, str):
+                log.warning("nmf round %d: device %d left the secure sum: %s", nmf_round, user, reply)
+        summed = sum(1 for reply in replies.values() if not isinstance(reply, str))
+        accounting["nmf_download_bytes"] += sum(sent.values())
+        accounting["nmf_upload_bytes"] += sum(received.values())
+    else:
+        replies = transport.send("nmf", nmf_round, messages, {})
+        total, summed = np.zeros(length), 0
+        for user, reply in replies.items():
+            accounting["nmf_download_bytes"] += _bytes(messages[user])
             if isinstance(reply, str):
                 log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
                 continue
-            upload += _bytes(reply.arrays)
-            try:
-                rows, factor, gram = _nmf_reply(reply.arrays, population.n_items, rank)
-            except PayloadError as exc:
-                log.warning("nmf round %d: dropped device %d: %s", nmf_round, user, exc)
+            accounting["nmf_upload_bytes"] += _bytes(reply.arrays)
+            vector = reply.arrays.get(SECURE_SUM)
+            problem = check_start_vector(vector, length) if vector is not None and len(reply.arrays) == 1 else (
+                f"expected only {SECURE_SUM!r}, got {sorted(reply.arrays)}")
+            if problem:
+                log.warning("nmf round %d: dropped the vector of device %d: %s", nmf_round, user, problem)
                 continue
-            numerator[rows] += factor
-            gram_users += gram
-        item_factor = apply_item_update(item_factor, numerator, gram_users)
-        log.info("NMF start %d/%d: %d devices, %.1f s", nmf_round, config.fed.nmf_rounds, len(devices),
-                 time.perf_counter() - round_started)
-    user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None))
-    item_norm = np.linalg.norm(item_factor, axis=0)
-    scale = np.ones(rank)
-    ok = (user_norm > 0) & (item_norm > 0)
-    scale[ok] = np.sqrt(item_norm[ok] / user_norm[ok])
-    accounting = {"nmf_download_bytes": download, "nmf_upload_bytes": upload}
-    return (item_factor / scale).astype(np.float32), DeviceInit(column_scale=scale), accounting
-
-
-def _nmf_reply(arrays: Arrays, n_items: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = read_row_ids(arrays, "rows", n_items).astype(np.int64)
-    factor = np.asarray(arrays.get("user-factor"))
-    gram = np.asarray(arrays.get("gram"))
-    if factor.shape != (rank,) or gram.shape != (rank, rank):
-        raise PayloadError(f"expected user-factor [{rank}] and gram [{rank}, {rank}], got {factor.shape}, {gram.shape}")
-    if not (np.isfinite(factor).all() and np.isfinite(gram).all()) or factor.min() < 0:
-        raise PayloadError("NMF factors must be finite and non-negative")
-    return rows, factor.astype(np.float64), gram.astype(np.float64)
+            total += vector
+            summed += 1
+    accounting["nmf_rounds"] = nmf_round
+    if summed < MIN_SECURE_COHORT:
+        raise StartRefused(f"nmf round {nmf_round}: {summed} valid vectors, below SecAgg+'s threshold of {MIN_SECURE_COHORT}")
+    if total is None or np.shape(total) != (length,) or not np.isfinite(total).all():
+        raise StartRefused(f"nmf round {nmf_round}: the secure sum is unusable (shape {np.shape(total)} or non-finite values)")
+    log.info("NMF start round %d: %d devices in the secure sum, %.1f s", nmf_round, summed, time.perf_counter() - round_started)
+    return np.asarray(total, dtype=np.float64)
 
 
 def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
@@ -261,6 +349,9 @@ class RunState:
             arrays["init.user-factors"] = self.device_init.user_factors
         if self.device_init.column_scale is not None:
             arrays["init.column-scale"] = self.device_init.column_scale
+        if self.device_init.projection is not None:
+            arrays["init.projection"] = self.device_init.projection
+            arrays["init.projected"] = np.asarray(sorted(self.device_init.projected), dtype=np.int64)
         for name in ("totals", "best", "last_metrics"):
             arrays[f"json.{name}"] = np.asarray(json.dumps(getattr(self, name)))
         return arrays
@@ -269,7 +360,7 @@ class RunState:
     def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> "RunState":
         """Rebuild from ``to_arrays`` output."""
         server_arrays = {key.removeprefix("server."): value for key, value in arrays.items() if key.startswith("server.")}
-        device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"))
+        device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"), arrays.get("init.projection"), arrays.get("init.projected"))
         loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
         return cls(Server.restore(config, server_arrays), device_init, **loads)
 
@@ -420,6 +511,10 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
             item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
             totals.update(nmf_bytes)
     server = Server.create(config, population.n_items, item_factor, population.item_popularity)
+    if device_init.user_factors is None and item_factor is not None:  # federated: devices fit p_u from the masked table
+        table = server.item_weight.astype(np.float64)
+        device_init.projection = table.T @ table
+        totals["nmf_project_bytes_per_device"] = device_init.projection.astype(np.float32).nbytes  # once, in its first download
     totals["init_seconds"] = time.perf_counter() - started
     source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
     log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])

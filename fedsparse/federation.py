@@ -1,6 +1,6 @@
 """The server side of a federated round as plain calls, shared by the Flower ServerApp and the
 in-process engine: seeded sampling, downloads, reply validation, per-row aggregation, item-mask
-exploration, federated NMF, per-round records and checkpoints.
+exploration, the central NMF oracle, per-round records and checkpoints.
 """
 
 from __future__ import annotations
@@ -14,15 +14,7 @@ import scipy.sparse as sp
 
 from fedsparse.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.config import RunConfig
-from fedsparse.nmf import (
-    apply_item_update,
-    item_update_contribution,
-    multiplicative_init,
-    nmf_factors,
-    rebalance_columns,
-    sum_item_contributions,
-    user_factor_update,
-)
+from fedsparse.nmf import nmf_factors, rebalance_columns
 from fedsparse.policies import MaskPolicy, build_policy
 from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
@@ -80,8 +72,8 @@ class Server:
     def create(
         cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None, item_popularity: np.ndarray | None = None
     ) -> "Server":
-        """A fresh server: item rows masked by the policy's initial mask (NMF scores, or item popularity for
-        the size policies, if given).
+        """A fresh server: item rows masked by the policy's initial mask (NMF scores |item_factor|, or item
+        popularity for the size policies, if given).
 
         Values are normal(0, ``fed.item-init-std``), or the NMF item factor itself when ``sparse.nmf-values = factors``.
         """
@@ -93,7 +85,8 @@ class Server:
         mask = np.zeros((n_items, dim), dtype=bool)
         mask[present] = policy.initial_mask(
             ITEM_TABLE, present.size, dim, rng,
-            None if item_factor is None else item_factor[present], None if item_popularity is None else item_popularity[present],
+            # the entries of largest magnitude: a signed (SVD) start ranks like a non-negative one
+            None if item_factor is None else np.abs(item_factor[present]), None if item_popularity is None else item_popularity[present],
         )
         values = rng.normal(0.0, config.fed.item_init_std, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
@@ -263,46 +256,3 @@ def central_nmf_item_factor(config: RunConfig, train: sp.csr_matrix) -> tuple[np
     """Oracle NMF on the full matrix (scikit-learn): (P, Q) after the optional column rebalance."""
     users, items = nmf_factors(train, config.model.dim, config.sparse.nmf_iterations, config.seed, config.sparse.nmf_method)
     return rebalance_columns(users, items) if config.sparse.nmf_rescale else (users, items)
-
-
-@dataclass
-class FederatedNmf:
-    """Multiplicative-update NMF where each device keeps p_u and the server only sees sums.
-
-    Per round: the server sends Q and QᵀQ; each device updates p_u = p_u ⊙ (r_u Q)/(p_u QᵀQ) and returns
-    its item rows and p_u p_uᵀ; the server sums them and updates Q. Bytes are counted per device.
-    """
-
-    item_factor: np.ndarray  # float64 [n_items, rank]
-    user_factors: dict[int, np.ndarray]  # device-held p_u (kept here only for the simulation)
-    download_bytes: int = 0
-    upload_bytes: int = 0
-
-    @classmethod
-    def start(cls, config: RunConfig, n_users: int, n_items: int, n_interactions: int) -> "FederatedNmf":
-        """The seeded initial factors (the server knows only the interaction count, for the scale)."""
-        mean = n_interactions / max(1, n_users * n_items)
-        users, items = multiplicative_init(n_users, n_items, config.model.dim, config.seed, mean)
-        return cls(items, {user: users[user] for user in range(n_users)})
-
-    def round(self, train_items: dict[int, np.ndarray]) -> None:
-        """One multiplicative round over every device (exact MU needs them all)."""
-        gram_q = self.item_factor.T @ self.item_factor
-        contributions = []
-        for user, items in train_items.items():
-            self.download_bytes += self.item_factor.astype(np.float32).nbytes + gram_q.astype(np.float32).nbytes
-            p_u = user_factor_update(items, self.user_factors[user], self.item_factor, gram_q)
-            self.user_factors[user] = p_u
-            contribution = item_update_contribution(items, p_u)
-            rows, _, gram = contribution
-            # On the wire: the row ids, p_u once (every numerator row equals it) and the gram matrix.
-            self.upload_bytes += rows.nbytes + p_u.astype(np.float32).nbytes + gram.astype(np.float32).nbytes
-            contributions.append(contribution)
-        numerator, gram = sum_item_contributions(self.item_factor.shape[0], self.item_factor.shape[1], contributions)
-        self.item_factor = apply_item_update(self.item_factor, numerator, gram)
-
-    def balanced(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """Column-rebalanced (user factors, item factor): the scale c_j is sent to devices (dim floats)."""
-        users = np.stack([self.user_factors[u] for u in sorted(self.user_factors)])
-        users, items = rebalance_columns(users, self.item_factor)
-        return {u: users[i] for i, u in enumerate(sorted(self.user_factors))}, items

@@ -55,6 +55,16 @@ def check_flower_config(config: RunConfig) -> None:
     """Raise ConfigError for settings the Flower engine cannot run (the in-process engine can)."""
     if config.privacy.secure_aggregation and config.fed.clients_per_node != 1:
         raise ConfigError("privacy.secure-aggregation under Flower runs SecAgg+ between supernodes: needs fed.clients-per-node = 1")
+    if federated_start(config) and config.fed.clients_per_node != 1:
+        raise ConfigError("the federated NMF start (fed.nmf-init = federated) runs SecAgg+ between supernodes: needs "
+                          "fed.clients-per-node = 1 (or fed.nmf-init = central / none)")
+
+
+def federated_start(config: RunConfig) -> bool:
+    """Whether the run starts with the federated NMF start (its policy needs an NMF mask and fed.nmf-init = federated)."""
+    from fedsparse.policies import build_policy
+
+    return config.fed.nmf_init == "federated" and build_policy(config.sparse).settings.mask_init == "nmf"
 
 
 def toml_value(value: object) -> str:

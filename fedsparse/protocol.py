@@ -22,6 +22,9 @@ from fedsparse.devices import device_width
 from fedsparse.nmf import user_factor_update
 from fedsparse.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.rng import rng_for
+from fedsparse.secure_start import (
+    SECURE_SUM, check_start_vector, mu_contribution, project_user_factor, range_contribution, sketch_matrix,
+)
 from fedsparse.streaming import revealed_items
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
@@ -41,30 +44,46 @@ class DeviceReply:
 def handle_nmf(
     config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
 ) -> DeviceReply:
-    """One federated multiplicative-update round on the device.
+    """The device's term of one secure sum of the federated NMF start (``fedsparse.secure_start``).
 
-    Receives Q float32 (all rows [n_items, rank], or only the rows ``row-ids`` it asked for), QᵀQ
-    [rank, rank] and the init scale; updates its private p_u and returns its item ids, p_u (once: every
-    row of r_uᵀ p_u equals it for binary r_u) and p_u p_uᵀ.
+    Receives the sketch seed (``nmf-sketch`` int64 [2]: seed, width), a test basis (``nmf-test`` float32
+    [n_items, k]) or, for a multiplicative round, Q (``item-factor`` float32 [n_items, rank]), QᵀQ and the
+    init scale. Returns only ``secure-sum``: one dense float32 vector whose length depends on public sizes,
+    zero off the device's items; no item id and no p_u (which stays in the private state) leaves the device.
+    A vector outside the public value bound raises ValueError (the device is dropped, never clipped silently).
     """
-    item_factor = message["item-factor"].astype(np.float64)
-    gram_q = message["gram"].astype(np.float64)
+    items = data.train
     present = revealed_items(config, n_items, 1)
     if present is not None:  # streaming: the NMF start knows only the items of round 1
-        data = replace(data, train=np.intersect1d(data.train, present))
-    items = data.train
-    if "row-ids" in message:  # only some rows of Q came: index the device's items within them
-        rows = message["row-ids"]
-        items = np.searchsorted(rows, data.train)
-        if items.size and (items.max() >= rows.size or not np.array_equal(rows[items], data.train)):
-            raise DeviceError(f"user {data.user_id}: the NMF download lacks rows of the user's items")
-    p_u = state.get(NMF_FACTOR)
-    if p_u is None:
-        scale = float(message["init-scale"][0])
-        p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
-    p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram_q)
-    arrays = {"rows": wire_row_ids(data.train, n_items), "user-factor": p_u.astype(np.float32), "gram": np.outer(p_u, p_u).astype(np.float32)}
-    return DeviceReply(arrays, {**state, NMF_FACTOR: p_u}, {})
+        items = np.intersect1d(items, present)
+    new_state = state
+    if "nmf-sketch" in message:
+        seed, width = (int(value) for value in message["nmf-sketch"])
+        vector = range_contribution(items, sketch_matrix(seed, n_items, width))
+    elif "nmf-test" in message:
+        test = np.asarray(message["nmf-test"], dtype=np.float32)
+        if test.ndim != 2 or test.shape[0] != n_items:
+            raise PayloadError(f"nmf-test must be [{n_items}, k], got {list(test.shape)}")
+        vector = range_contribution(items, test)
+    else:
+        item_factor = message["item-factor"].astype(np.float64)
+        if item_factor.shape[0] != n_items:
+            raise PayloadError(f"item-factor must cover all {n_items} items (the start never sends some rows)")
+        gram = message["gram"].astype(np.float64)
+        if "nmf-fit" in message:  # refinement of a range start: p_u fitted afresh on Q, never kept
+            p_u = project_user_factor(item_factor[items], gram)
+        else:  # multiplicative start: one step on the kept p_u, as one central iteration
+            p_u = state.get(NMF_FACTOR)
+            if p_u is None:
+                scale = float(message["init-scale"][0])
+                p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
+            p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram)
+            new_state = {**state, NMF_FACTOR: p_u}
+        vector = mu_contribution(items, p_u, n_items)
+    problem = check_start_vector(vector, vector.size)
+    if problem:
+        raise DeviceError(f"user {data.user_id}: start vector refused before masking: {problem}")
+    return DeviceReply({SECURE_SUM: vector}, new_state, {})
 
 
 def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
@@ -79,7 +98,9 @@ def _download_arrays(message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
 
 
-def _device_state(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray]) -> DeviceState:
+def _device_state(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], download: RowsDownload
+) -> DeviceState:
     """The persisted device state, or a new one (its mask row from the NMF factor when one is known); always a
     new one under ``fed.user-state = reconstruct``, where a device keeps no user row between rounds."""
     if "user-row" in state and config.fed.user_state == "keep":
@@ -87,9 +108,29 @@ def _device_state(config: RunConfig, state: dict[str, np.ndarray], data: DeviceD
     factor = None
     if "nmf-user-factor" in message:  # central NMF oracle: the server sends p_u
         factor = message["nmf-user-factor"]
-    elif NMF_FACTOR in state and "nmf-scale" in message:  # federated NMF: p_u is local, the scale is sent
+    elif NMF_FACTOR in state and "nmf-scale" in message:  # federated multiplicative start: p_u is local, the scale is sent
         factor = state[NMF_FACTOR] * message["nmf-scale"]
-    return init_device(config, data.user_id, factor)
+    elif "nmf-project" in message:  # federated start: p_u fitted here from the rows of the device's items
+        factor = project_user_factor(_item_rows(download, data.train), message["nmf-project"], signed=config.fed.nmf_start == "svd")
+    if factor is None or (np.asarray(factor) >= 0).all():
+        return init_device(config, data.user_id, factor)
+    # A signed (SVD) factor: the mask keeps the entries of largest magnitude, the values keep their signs.
+    device = init_device(config, data.user_id, np.abs(factor))
+    if config.sparse.nmf_values == "factors":
+        width = device.user_row.size
+        device.user_row = (np.asarray(factor, dtype=np.float64)[:width] * device.user_mask).astype(np.float32)
+    return device
+
+
+def _item_rows(download: RowsDownload, items: np.ndarray) -> np.ndarray:
+    """The downloaded (masked) item rows float32 [m, w] of those ``items`` the download holds."""
+    weights, _ = download.table.decode()
+    if download.row_ids is None:
+        return weights[items]
+    if download.row_ids.size == 0:
+        return weights[:0]
+    position = np.searchsorted(download.row_ids, items).clip(max=download.row_ids.size - 1)
+    return weights[position[download.row_ids[position] == items]]
 
 
 def handle_train(
@@ -110,7 +151,7 @@ def handle_train(
     """
     inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
     download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
-    device = _device_state(config, state, data, message)
+    device = _device_state(config, state, data, message, download)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
     if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
         return _empty_secure_reply(config, state, device, download, n_items, server_round, bool(settings["send-signal"]))
@@ -199,7 +240,7 @@ def handle_evaluate(
     download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
     if download.row_ids is not None:
         raise PayloadError("evaluation needs the full item table")
-    device = _device_state(config, state, data, message)
+    device = _device_state(config, state, data, message, download)
     item_weights, _ = download.table.decode()
     if config.fed.user_state == "reconstruct":
         device = reconstruct_user_row(config, device, data, item_weights)

@@ -89,17 +89,17 @@ class OneRoundStrategy:
         return None, {}
 
 
-def secure_train_round(
+def _run_secaggplus(
     grid: Grid,
     context: Context,
     node_of_user: Mapping[int, int],
     server_round: int,
     messages: Mapping[int, dict[str, np.ndarray]],
     settings: Mapping[str, Any],
-    weight_bound: float,
     timeout: float | None,
-) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
-    """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, bytes down, bytes up)."""
+) -> tuple[OneRoundStrategy, dict[int, int], CountingGrid]:
+    """One SecAgg+ round of the legacy workflow over the users' nodes: (strategy holding the revealed mean
+    and per-node metrics, node -> user, the counting grid)."""
     counting = CountingGrid(grid)
     user_of_node = {node_of_user[user]: user for user in messages if user in node_of_user}
     fitins = []
@@ -117,11 +117,55 @@ def secure_train_round(
         quantization_range=SECAGG_QUANTIZATION_RANGE, modulus_range=SECAGG_MODULUS_RANGE, timeout=timeout,
     )
     workflow(counting, legacy)
-    replies: dict[int, Reply | str] = {user: "no supernode hosts this user" for user in messages if user not in node_of_user}
+    return strategy, user_of_node, counting
+
+
+def _replies_and_bytes(
+    messages: Mapping[int, Any], user_of_node: Mapping[int, int], strategy: OneRoundStrategy, counting: CountingGrid
+) -> tuple[dict[int, Reply | str], dict[int, int], dict[int, int]]:
+    """Per-user reply metrics or failure, and the bytes each user's node received and sent in every stage."""
+    replies: dict[int, Reply | str] = {user: "no supernode hosts this user" for user in messages if user not in user_of_node.values()}
     for node, user in user_of_node.items():
         metrics = strategy.metrics.get(node)
         replies[user] = Reply({}, metrics) if metrics is not None else f"node {node} left the SecAgg+ round before its vector counted"
-    total = from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound) if strategy.mean is not None else None
     sent = {user: counting.sent.get(node, 0) for node, user in user_of_node.items()}
     received = {user: counting.received.get(node, 0) for node, user in user_of_node.items()}
+    return replies, sent, received
+
+
+def secure_sum_round(
+    grid: Grid,
+    context: Context,
+    node_of_user: Mapping[int, int],
+    server_round: int,
+    messages: Mapping[int, dict[str, np.ndarray]],
+    bound: float,
+    length: int,
+    timeout: float | None,
+) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
+    """One SecAgg+ round of the NMF start: each device's ``secure-sum`` vector divided by the public
+    ``bound`` is masked, and the server learns only the sum (None when no usable sum came back)."""
+    settings = {"secure-start": 1, "secure-bound": float(bound)}
+    strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
+    replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
+    total = None
+    if strategy.mean is not None and len(strategy.mean) == 1 and np.shape(strategy.mean[0]) == (length,):
+        total = np.asarray(strategy.mean[0], dtype=np.float64) * len(strategy.metrics) * bound
+    return total, replies, sent, received
+
+
+def secure_train_round(
+    grid: Grid,
+    context: Context,
+    node_of_user: Mapping[int, int],
+    server_round: int,
+    messages: Mapping[int, dict[str, np.ndarray]],
+    settings: Mapping[str, Any],
+    weight_bound: float,
+    timeout: float | None,
+) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
+    """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, bytes down, bytes up)."""
+    strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
+    replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
+    total = from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound) if strategy.mean is not None else None
     return total, replies, sent, received

@@ -15,7 +15,7 @@ from clients.records import to_arrays, to_record
 from fedsparse.engine import Reply
 from fedsparse.grouping import partition_of_user
 from fedsparse.wire import SecureUpload
-from server.secagg import secure_train_round
+from server.secagg import secure_sum_round, secure_train_round
 
 log = logging.getLogger("fedsparse")
 
@@ -51,6 +51,15 @@ class FlowerTransport:
         return secure_train_round(
             self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.timeout
         )
+
+    def secure_sum(
+        self, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], bound: float, length: int
+    ) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
+        """A round of the NMF start through Flower's SecAgg+ (one device per supernode): the summed
+        vector float64 [length] (or None), each user's reply or failure, and every byte per device."""
+        nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
+        node_of_user = {user: node for user, node in nodes.items() if node is not None}
+        return secure_sum_round(self.grid, self.context, node_of_user, server_round, messages, bound, length, self.train_timeout)
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         by_node: dict[int, RecordDict] = {}

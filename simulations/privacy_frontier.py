@@ -5,8 +5,11 @@ devices; the attacks (fedsparse.privacy) then score them. Defences are written `
 (fake positives per real one), ``ldp:Z`` (Gaussian local DP, noise multiplier Z, clipped at the median
 upload norm of the undefended cell of the same density), ``secagg`` or ``secagg:F`` (secure
 aggregation over all rows or over a public random share F of them per round: dense masked uploads whose
-sum alone the server sees, so no per-device attack has an input: its attack columns are empty and the
-plot puts it at AUC 0.5) and combinations joined by ``+``.
+sum alone the server sees, so no per-device attack has an input: its per-upload attack columns are empty)
+and combinations joined by ``+``. What the server holds as sums is attacked too, in every cell: the NMF
+start's cohort sums (``start_*``: the members of the start's cohort scored by the sums' row mass) and,
+under secure aggregation, the training rounds' cohort sums (``differencing_*``: consecutive cohorts share
+devices, so a device's rows stand out in the rounds it joined against those it did not).
 
     python simulations/privacy_frontier.py --dataset ml-100k            # quick
     python simulations/privacy_frontier.py --dataset ml-1m --rounds 40  # the study's main table
@@ -23,7 +26,12 @@ import pandas as pd
 
 from fedsparse.config import RunConfig, flat_defaults
 from fedsparse.data import load_run_data
-from fedsparse.inprocess import run_inprocess
+from fedsparse.engine import run_federation
+from fedsparse.inprocess import InProcessTransport, population_of
+from fedsparse.privacy.attacks import differencing_guess
+from fedsparse.privacy.leakage import membership_metrics, mean_metrics
+from fedsparse.privacy.observe import ObservingTransport
+from fedsparse.results import new_run_dir
 from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks
 from fedsparse.privacy.observe import UploadLog
@@ -37,6 +45,7 @@ COLUMNS = [
     "dataset", "density", "defence", "recall@20", "ndcg@20", "recall_vs_undefended", "upload_bytes_mean",
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
     *[f"{attack}_{metric}" for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")],
+    "differencing_auc", "differencing_f1", "start_auc", "start_f1",
     "random_f1", "targets", "seconds",
 ]
 
@@ -65,12 +74,17 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
     config = RunConfig.from_flat({**base, **defence_overrides(defence, clip_norm)})
     log = UploadLog(users=watch, per_user=1)
     started = time.perf_counter()
-    run_dir, summary = run_inprocess(config, data, observer=log)
+    transport = ObservingTransport(InProcessTransport(config, data), config, data.n_items)
+    run_dir = new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
+    summary = run_federation(config, population_of(data), transport, run_dir, data.train, observer=log)
     members = {user: np.sort(data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]).astype(np.int64) for user in log.uploads}
     if config.privacy.secure_aggregation:  # the server saw only sums: no attack has a per-device input
         leakage = {name: {metric: np.nan for metric in ("auc", "auc_uploaded", "f1", "targets")} for name in (*ATTACKS, "random")}
     else:
         leakage = evaluate_attacks(config, log.all(), members)
+    for phase in ("train", "start"):  # the sums the server held, attacked for every watched device
+        leakage[{"train": "differencing", "start": "start"}[phase]] = sum_attack(
+            [item for item in transport.sums if item.phase == phase], data, watch)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     counts = np.array(list(log.counts.values()))
     privacy = config.privacy
@@ -87,12 +101,29 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
         "epsilon_max": float(np.max(epsilons)) if epsilons else np.nan,  # nan: the server saw no upload
         "epsilon_mean": float(np.mean(epsilons)) if epsilons else np.nan,
         **{f"{attack}_{metric}": leakage[attack][metric] for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")},
+        **{f"{attack}_{metric}": leakage[attack][metric] for attack in ("differencing", "start") for metric in ("auc", "f1")},
         "random_f1": leakage["random"]["f1"],
         "targets": leakage["random"]["targets"],
         "seconds": time.perf_counter() - started,
         "run_dir": str(run_dir),
     }
     return row, float(np.median(log.value_norms)) if log.value_norms else np.nan
+
+
+def sum_attack(sums: list, data, watch: set[int]) -> dict[str, float]:
+    """Mean AUC (over all items) and F1 of ``differencing_guess`` on the watched devices that joined a sum;
+    NaN when the server held no such sum. The guess names as many items as the mean device holds (public)."""
+    if not sums:
+        return {"auc": np.nan, "f1": np.nan}
+    predicted = int(round(data.train.nnz / max(1, np.count_nonzero(np.diff(data.train.indptr)))))
+    rows = []
+    for user in sorted(watch):
+        guess = differencing_guess(sums, user, predicted)
+        if guess is not None:
+            members = data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]].astype(np.int64)
+            rows.append(membership_metrics(guess, members, np.arange(data.n_items)))
+    metrics = mean_metrics(rows) if rows else {"auc": np.nan, "f1": np.nan}
+    return {"auc": metrics["auc"], "f1": metrics["f1"]}
 
 
 def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
@@ -102,7 +133,8 @@ def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    leakage = frame[[f"{attack}_auc_uploaded" for attack in ATTACKS]].max(axis=1).fillna(0.5)  # secagg: no input
+    measured = [f"{attack}_auc_uploaded" for attack in ATTACKS] + [c for c in ("differencing_auc", "start_auc") if c in frame]
+    leakage = frame[measured].max(axis=1).fillna(0.5)  # the strongest attack on anything the server saw
     figure, axes = plt.subplots(figsize=(7, 5))
     for density, group in frame.groupby("density"):
         sizes = 60 * group["upload_vs_undefended"]

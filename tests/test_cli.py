@@ -128,7 +128,7 @@ def test_simulate_prints_round_lines_and_a_table_or_json(tmp_path):
     rounds = [line for line in human.stderr.splitlines() if ROUND_LINE.match(line)]
     assert [ROUND_LINE.match(line).group(1) for line in rounds] == ["1", "2"]
     assert all(len(line) < 120 for line in rounds)
-    assert "dataset synthetic: 20 users, " in human.stderr and "NMF start 1/1" in human.stderr
+    assert "dataset synthetic: 20 users, " in human.stderr and "NMF start round 1: " in human.stderr
     assert human.stdout.startswith(SUMMARY_HEADER) and "{" not in human.stdout
     scripted = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300, cwd=root)
     summary = json.loads(scripted.stdout)

@@ -84,7 +84,9 @@ def run_both_engines(flower, config: RunConfig) -> tuple[Path, Path]:
          "injected-exceptions", "injected-crashes", "device-classes-size-policy-streaming"],
 )
 def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, overrides):
-    config = small_config(tmp_path, **overrides)
+    # The central start: rounds must agree to 1e-5, which SecAgg+'s stochastic rounding of the secure
+    # start's sums would not allow (that start has its own test below).
+    config = small_config(tmp_path, **{"fed.nmf-init": "central", **overrides})
     flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
@@ -101,15 +103,14 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, over
             assert flower[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
     if config.faults.failure_rate:
         assert sum(record["failed_clients"] for record in flower_rounds) > 0
-    flower_summary = json.loads((flower_dir / "summary.json").read_text())
-    assert flower_summary["total_nmf_upload_bytes"] > 0
     # The bundled app copy has no git: the launcher passed its commit, and Flower's app hash is kept beside it.
     recorded = json.loads((flower_dir / "config.json").read_text())
     assert recorded["code_version"] == (code_version().removesuffix(MODIFIED_SUFFIX) or None) and recorded["flower_app_hash"]
 
 
 def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulated_sum(tmp_path, isolated_flower):
-    config = small_config(tmp_path, **{"privacy.secure-aggregation": True, "fed.downlink": "full", "fed.fraction-train": 0.5})
+    config = small_config(tmp_path, **{"privacy.secure-aggregation": True, "fed.downlink": "full", "fed.fraction-train": 0.5,
+                                       "fed.nmf-init": "central"})
     flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
@@ -138,3 +139,33 @@ def test_a_run_records_its_code_version_dataset_checksum_and_machine(tmp_path):
     if shutil.which("git") and (REPO_ROOT / ".git").exists():
         assert len(recorded["code_version"]) == 40 and isinstance(recorded["code_modified"], bool)
     assert recorded["machine"] and recorded["started_at_utc"].endswith("Z")
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
+def test_federated_start_under_flower_refuses_several_devices_per_supernode(tmp_path):
+    from fedsparse.config import ConfigError
+    from fedsparse.flower_run import check_flower_config
+
+    with pytest.raises(ConfigError, match="clients-per-node = 1"):
+        check_flower_config(small_config(tmp_path, **{"fed.clients-per-node": 3}))
+    check_flower_config(small_config(tmp_path, **{"fed.clients-per-node": 3, "fed.nmf-init": "central"}))
+
+
+def test_secure_nmf_start_under_flower_runs_secaggplus_and_matches_the_inprocess_start(tmp_path, isolated_flower):
+    # The whole federation as cohort: a cohort of 5 of these 12 devices has rank 5 < model.dim 8, and the
+    # start of such a degenerate cohort is decided by ties that SecAgg+'s random rounding breaks differently.
+    config = small_config(tmp_path, **{"num-server-rounds": 1, "fed.nmf-refine": 1, "fed.downlink": "full", "fed.nmf-cohort": 1.0})
+    flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
+    summaries = [json.loads((directory / "summary.json").read_text()) for directory in (flower_dir, inprocess_dir)]
+    flower, local = summaries
+    assert flower["total_nmf_rounds"] == local["total_nmf_rounds"] == 2  # the seeded pass and one refinement
+    assert flower["total_nmf_cohort"] == local["total_nmf_cohort"] == 12
+    # Every start byte went through SecAgg+ (key exchange, shares, masked vectors): more than the vectors alone.
+    assert flower["total_nmf_upload_bytes"] > local["total_nmf_upload_bytes"] > 0
+    # The same start up to SecAgg+'s stochastic rounding (a step of 6e-8 per device and entry).
+    tables = [np.load(directory / "checkpoint.npz") for directory in (flower_dir, inprocess_dir)]
+    masks = [table["server.item-mask"] for table in tables]
+    assert (masks[0] == masks[1]).mean() > 0.95
+    agree = masks[0] & masks[1]
+    np.testing.assert_allclose(tables[0]["server.item-weight"][agree], tables[1]["server.item-weight"][agree], atol=1e-3)
+    assert flower["recall@20"] == pytest.approx(local["recall@20"], abs=0.05)

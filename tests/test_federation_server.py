@@ -11,9 +11,8 @@ import scipy.sparse as sp
 from fedsparse.aggregation import aggregate_row_updates
 from fedsparse.config import RunConfig
 from fedsparse.device import DeviceData, init_device, local_train
-from fedsparse.federation import FederatedNmf, Server, clients_per_round, sample_clients, validate_update
+from fedsparse.federation import Server, clients_per_round, sample_clients, validate_update
 from fedsparse.masks import budget
-from fedsparse.nmf import multiplicative_init, multiplicative_update
 from fedsparse.rng import rng_for
 from fedsparse.wire import RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype
 
@@ -225,39 +224,3 @@ def test_validate_update_drops_bad_reply_with_reason() -> None:
     arrays["values"] = arrays["values"].astype(np.float64)
     update, reason = validate_update(server, arrays)
     assert update is None and "'values' must be float32" in reason
-
-
-# ---------------------------------------------------------------- federated NMF
-
-
-def binary_matrix(n_users: int, n_items: int, seed: int) -> sp.csr_matrix:
-    dense = rng_for(seed, "test-server-nmf-R").random((n_users, n_items)) < 0.25
-    dense[2] = False  # a user with no interactions
-    dense[:, 5] = False  # an item nobody interacted with
-    return sp.csr_matrix(dense.astype(np.float64))
-
-
-def test_federated_nmf_round_equals_central_multiplicative_update() -> None:
-    n_users, rank = 9, 4
-    R = binary_matrix(n_users, N_ITEMS, 0)
-    P, Q = multiplicative_init(n_users, N_ITEMS, rank, seed=5, mean=R.sum() / (n_users * N_ITEMS))
-    federated = FederatedNmf(Q.copy(), {u: P[u].copy() for u in range(n_users)})
-    train_items = {u: R[u].indices.astype(np.int64) for u in range(n_users)}
-    for _ in range(3):
-        federated.round(train_items)
-        P, Q = multiplicative_update(R, P, Q)
-        np.testing.assert_allclose(federated.item_factor, Q, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(np.stack([federated.user_factors[u] for u in range(n_users)]), P, rtol=1e-10, atol=1e-12)
-    assert np.all(federated.item_factor[5] == 0) and np.all(federated.user_factors[2] == 0)
-    # bytes per device per round: Q and QᵀQ down; row ids, p_u and p_u p_uᵀ up (float32 on the wire)
-    assert federated.download_bytes == 3 * n_users * (N_ITEMS * rank * 4 + rank * rank * 4)
-    assert federated.upload_bytes == 3 * (8 * R.nnz + n_users * (4 * rank + 4 * rank * rank))
-
-
-def test_federated_nmf_start_matches_multiplicative_init() -> None:
-    cfg = config(**{"model.dim": 4})
-    n_users = 6
-    federated = FederatedNmf.start(cfg, n_users, N_ITEMS, n_interactions=40)
-    P, Q = multiplicative_init(n_users, N_ITEMS, 4, cfg.seed, 40 / (n_users * N_ITEMS))
-    np.testing.assert_array_equal(federated.item_factor, Q)
-    np.testing.assert_array_equal(np.stack([federated.user_factors[u] for u in range(n_users)]), P)

@@ -206,6 +206,7 @@ def test_attacks_on_a_real_in_process_run(tmp_path) -> None:
         "results-dir": str(tmp_path), "num-server-rounds": 2, "data.dataset": "synthetic", "data.synthetic-users": 40,
         "data.synthetic-items": 120, "data.synthetic-interactions-per-user": 15, "model.dim": 8, "sparse.density": 0.5,
         "fed.fraction-train": 1.0, "fed.item-optimizer": "sgd", "fed.item-lr": 0.2,
+        "fed.nmf-start": "mu", "fed.nmf-cohort": 1.0,  # the attacks are under test here, not the start
     })
     data = load_dataset(config.data, config.seed)
     log = UploadLog(per_user=1)
@@ -311,3 +312,50 @@ def test_secure_aggregation_over_row_subsets_costs_their_share_and_every_device_
     assert first["upload_bytes_mean"] < 0.35 * (4 * summary["item_active_entries"] + 4 * data.n_items)
     assert first["upload_bytes_mean"] >= 4 * covered.size  # at least the per-row weights of the covered rows
     assert np.isfinite(summary["recall@20"])
+
+
+# ---------------------------------------------------------------- attacks on the sums the server holds
+
+
+def test_differencing_attack_isolates_a_device_from_overlapping_cohort_sums() -> None:
+    from fedsparse.privacy.attacks import differencing_guess
+    from fedsparse.privacy.observe import ObservedSum
+
+    n_items = 40
+    items = {user: np.arange(5 * user, 5 * user + 5) for user in range(8)}
+    sums = []
+    for server_round in range(1, 9):  # consecutive cohorts of 4 devices share 3
+        cohort = np.array([(server_round + k) % 8 for k in range(4)])
+        mass = np.zeros(n_items)
+        for user in cohort:
+            mass[items[int(user)]] += 1.0
+        sums.append(ObservedSum("train", server_round, np.sort(cohort), mass))
+    guess = differencing_guess(sums, 3, 5)
+    metrics = membership_metrics(guess, items[3], np.arange(n_items))
+    assert metrics["auc"] == pytest.approx(1.0) and metrics["f1"] == pytest.approx(1.0)
+    assert differencing_guess(sums[:1], 7, 5) is None  # device 7 joined no sum here: no guess
+
+
+def test_the_server_s_sums_are_recorded_in_every_phase_and_attacked(tmp_path) -> None:
+    from fedsparse.engine import run_federation
+    from fedsparse.inprocess import InProcessTransport, population_of
+    from fedsparse.privacy.attacks import differencing_guess
+    from fedsparse.privacy.observe import ObservingTransport
+
+    config = RunConfig.from_flat({
+        "results-dir": str(tmp_path), "num-server-rounds": 4, "data.dataset": "synthetic", "data.synthetic-users": 30,
+        "data.synthetic-items": 60, "data.synthetic-interactions-per-user": 10, "model.dim": 8, "sparse.density": 0.5,
+        "fed.fraction-train": 0.3, "privacy.secure-aggregation": True,
+    })
+    data = load_dataset(config.data, config.seed)
+    transport = ObservingTransport(InProcessTransport(config, data), config, data.n_items)
+    run_federation(config, population_of(data), transport, tmp_path / "run", data.train)
+    phases = [item.phase for item in transport.sums]
+    assert phases[:2] == ["start", "start"] and phases.count("train") == 4  # the seeded pass, one refinement, 4 rounds
+    assert all(item.row_mass.shape == (data.n_items,) and np.isfinite(item.row_mass).all() for item in transport.sums)
+    train = [item for item in transport.sums if item.phase == "train"]
+    aucs = []
+    for user in sorted({int(u) for item in train for u in item.users}):
+        members = data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]
+        aucs.append(membership_metrics(differencing_guess(train, user, 10), members, np.arange(data.n_items))["auc"])
+    assert np.isfinite(np.nanmean(aucs)) and np.nanmean(aucs) > 0.5  # a number, not "nan": sums of overlapping cohorts leak

@@ -7,6 +7,9 @@
 - ``imia_guess``: IMIA-style (Yuan et al., WWW 2023): the server fits its own user row under a guessed
   labelling, re-runs the device's BPR step for each row as a positive and as a negative, relabels each
   row by the closer hypothesis, and breaks the labelling's sign symmetry by popularity.
+- ``differencing_guess``: under secure aggregation the server holds only per-round cohort sums, with
+  public cohorts; consecutive rounds share devices, so the difference between the rounds a device
+  joined and the rounds it did not isolates its rows: score = mean row mass with it - mean without it.
 Rows outside the upload score below every uploaded row: the server knows the device did not touch them.
 """
 
@@ -20,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fedsparse.privacy.leakage import AttackGuess
-from fedsparse.privacy.observe import ObservedUpload
+from fedsparse.privacy.observe import ObservedSum, ObservedUpload
 
 UNTOUCHED_SCORE = -1e9  # score of every row the upload does not carry
 _TINY = 1e-12
@@ -175,3 +178,17 @@ def _distance(observed: np.ndarray, simulated: np.ndarray) -> np.ndarray:
     dot = (observed * simulated).sum(axis=1)
     norms = np.linalg.norm(observed, axis=1) * np.linalg.norm(simulated, axis=1) + _TINY
     return 1.0 - dot / norms
+
+
+def differencing_guess(sums: list[ObservedSum], user: int, predicted: int) -> AttackGuess | None:
+    """Score each item by its mean row mass over the sums ``user`` joined minus the mean over those it did
+    not (consecutive cohorts overlap: the difference isolates the user's rows); predict the ``predicted``
+    best. None when the user joined no sum. A single sum (or a user in every sum) leaves only the
+    cohort's own mass: the membership the aggregate alone reveals."""
+    joined = [item.row_mass for item in sums if user in set(item.users.tolist())]
+    if not joined:
+        return None
+    others = [item.row_mass for item in sums if user not in set(item.users.tolist())]
+    scores = np.mean(joined, axis=0) - (np.mean(others, axis=0) if others else 0.0)
+    order = np.argsort(-scores, kind="stable")[: max(0, predicted)]
+    return AttackGuess(scores.astype(np.float64), np.sort(order).astype(np.int64))
