@@ -59,7 +59,7 @@ class FlowerTransport:
         vector float64 [length] (or None), each user's reply or failure, and every byte per device."""
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
-        return secure_sum_round(self.grid, self.context, node_of_user, server_round, messages, bound, length, self.train_timeout)
+        return secure_sum_round(self.grid, self.context, node_of_user, server_round, messages, bound, length, self.timeout)
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         by_node: dict[int, RecordDict] = {}
