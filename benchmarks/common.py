@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 
-def run_training(flags: list[str], results_dir: Path) -> dict:
-    """Run ``fedsparse train FLAGS`` in its own process (so peak memory is its own); return summary.json (plus run_dir)."""
+def run_fedsparse(command: str, flags: list[str], results_dir: Path) -> dict:
+    """Run ``fedsparse COMMAND FLAGS`` (``train``, or ``simulate`` in process) in its own process, so peak
+    memory is its own; return summary.json's keys plus ``run_dir``."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "fedsparse.cli", "train", "--no-progress", "--json", "--results-dir", str(results_dir), *flags]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    engine = ["--engine", "inprocess"] if command == "simulate" else []
+    full = [sys.executable, "-m", "fedsparse.cli", command, *engine, "--no-progress", "--json", "--results-dir", str(results_dir), *flags]
+    completed = subprocess.run(full, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(full)} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout)  # --json: summary.json's keys and run_dir
+
+
+def add_result_flags(parser: argparse.ArgumentParser, results: Path) -> None:
+    """``--out`` (folder of the CSVs, tables and plots) and ``--report-only`` (redraw them, run nothing)."""
+    parser.add_argument("--out", type=Path, default=results)
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and the plot from the CSVs")
+
+
+def require_data(parser: argparse.ArgumentParser) -> None:
+    """Stop with the parser's usage when the real datasets' folder is not set."""
+    if not os.environ.get("FEDSPARSE_DATA"):
+        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+
+
+def run_training(flags: list[str], results_dir: Path) -> dict:
+    """``fedsparse train FLAGS`` in its own process; summary.json's keys plus ``run_dir``."""
+    return run_fedsparse("train", flags, results_dir)
 
 
 def _rss_bytes(pid: int) -> int:

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.config import flat_defaults
-from fedsparse.results import read_jsonl, save_figure
-from fedsparse.tables import ResultTable, machine_description, write_markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+
+from fedsparse.config import flat_defaults  # noqa: E402
+from fedsparse.results import read_jsonl, save_figure  # noqa: E402
+from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURVES = "default_rounds_curves.csv"
@@ -35,12 +36,8 @@ SETTINGS = ("fed.aggregation", "fed.item-lr", "fed.local-lr", "fed.user-steps", 
 
 def run_default(dataset: str, rounds: int, results_dir: Path) -> Path:
     """``fedsparse simulate`` at the defaults, evaluated every round; returns its run directory."""
-    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", "inprocess", "--no-progress", "--json",
-               "--results-dir", str(results_dir), "--dataset", dataset, "--num-server-rounds", str(rounds), "--fed.eval-every", "1"]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    return Path(json.loads(completed.stdout)["run_dir"])
+    flags = ["--dataset", dataset, "--num-server-rounds", str(rounds), "--fed.eval-every", "1"]
+    return Path(run_fedsparse("simulate", flags, results_dir)["run_dir"])
 
 
 def cell_row(run_dir: Path) -> dict:
@@ -66,14 +63,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="ml-100k,ml-1m,gowalla")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and plot from the CSVs")
+    add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
     started = time.perf_counter()
     table = ResultTable(args.out / "default_rounds.csv")
     if not args.report_only:
-        if not os.environ.get("FEDSPARSE_DATA"):
-            parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+        require_data(parser)
         for dataset in args.datasets.split(","):
             cell = f"{dataset}/r{args.rounds}"
             if table.has(cell):

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.results import read_jsonl, save_figure
-from fedsparse.tables import ResultTable, machine_description, write_markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+
+from fedsparse.results import read_jsonl, save_figure  # noqa: E402
+from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURVES = "federated_curves.csv"  # per-cell test Recall@20 by round (run directories are not committed)
@@ -45,12 +46,7 @@ COLUMNS = [
 
 def run_simulation(flags: list[str], results_dir: Path) -> Path:
     """``fedsparse simulate --engine inprocess FLAGS`` in a subprocess; returns its run directory."""
-    command = [sys.executable, "-m", "fedsparse.cli", "simulate", "--engine", "inprocess", "--json",
-               "--results-dir", str(results_dir), *flags]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
-    return Path(json.loads(completed.stdout)["run_dir"])
+    return Path(run_fedsparse("simulate", flags, results_dir)["run_dir"])
 
 
 def cell_row(run_dir: Path) -> dict:
@@ -96,14 +92,12 @@ def main() -> None:
     parser.add_argument("--downlink", default="full", choices=("full", "rows"))
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--cells", default="", help="only these comma-separated variant/density cells (default: all)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and the plot from the CSVs")
+    add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
     if args.report_only:
         write_report(args, "", 0.0)
         return
-    if not os.environ.get("FEDSPARSE_DATA"):
-        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+    require_data(parser)
     table = ResultTable(args.out / "federated.csv")
     started = time.perf_counter()
     for dataset in args.datasets.split(","):

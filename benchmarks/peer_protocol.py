@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,8 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.results import read_jsonl, save_figure
-from fedsparse.tables import ResultTable, machine_description, write_markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+
+from fedsparse.results import read_jsonl, save_figure  # noqa: E402
+from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "simulations" / "configs"
@@ -48,14 +50,9 @@ COLUMNS = [
 ]
 
 
-def run_cli(command: str, flags: list[str], results_dir: Path) -> Path:
-    """``fedsparse COMMAND FLAGS`` in a subprocess (``simulate`` or ``train``); returns its run directory."""
-    extra = ["--engine", "inprocess"] if command == "simulate" else []
-    full = [sys.executable, "-m", "fedsparse.cli", command, *extra, "--no-progress", "--json", "--results-dir", str(results_dir), *flags]
-    completed = subprocess.run(full, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(full)} failed:\n{completed.stderr[-3000:]}")
-    return Path(json.loads(completed.stdout)["run_dir"])
+def run_dir_of(command: str, flags: list[str], results_dir: Path) -> Path:
+    """The run directory of ``fedsparse COMMAND FLAGS`` run in its own process."""
+    return Path(run_fedsparse(command, flags, results_dir)["run_dir"])
 
 
 def federated_row(run_dir: Path) -> dict:
@@ -106,14 +103,12 @@ def main() -> None:
     parser.add_argument("--fractions", default="1.0,0.1", help="participations to run (devices per round / devices)")
     parser.add_argument("--eval-every", type=int, default=5, help="passes between evaluations")
     parser.add_argument("--methods", default="", help="only these comma-separated methods (default: all)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and plot from the CSVs")
+    add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
     if args.report_only:
         write_report(args, "", 0.0)
         return
-    if not os.environ.get("FEDSPARSE_DATA"):
-        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+    require_data(parser)
     candidates = args.candidates or args.out / "runs" / f"{args.dataset}-candidates.csv"
     if not candidates.exists():
         subprocess.run([sys.executable, "-m", "fedsparse.cli", "data", "candidates", args.dataset, "--out", str(candidates)], check=True)
@@ -131,14 +126,14 @@ def main() -> None:
             if table.has(cell):
                 continue
             if kind == "central":
-                run_dir = run_cli("train", [*protocol, *source, "--epochs", str(rounds), "--train.eval-every", str(args.eval_every)],
+                run_dir = run_dir_of("train", [*protocol, *source, "--epochs", str(rounds), "--train.eval-every", str(args.eval_every)],
                                   args.out / "runs")
                 row = central_row(run_dir)
             else:
                 flags = ["--config", str(CONFIGS / source), *protocol, "--num-server-rounds", str(rounds),
                          "--fed.fraction-train", str(fraction), "--fed.eval-fraction", "1.0",
                          "--fed.eval-every", str(max(1, round(args.eval_every / fraction)))]
-                run_dir = run_cli("simulate", flags, args.out / "runs")
+                run_dir = run_dir_of("simulate", flags, args.out / "runs")
                 row = federated_row(run_dir)
                 save_curve(args.out / CURVES, cell, run_dir, fraction)
             table.add(cell, {"dataset": args.dataset, "method": method, "engine": "central" if kind == "central" else "inprocess",
@@ -183,9 +178,10 @@ def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
         if not points.empty:
             style = "-" if row["participation"] == 1.0 else "--"
             axis.plot(points["passes"], points["sampled_hr@10"], style, marker=".", label=f"{row['method']} ({row['participation']:g})")
+    left = axis.get_xlim()[0]
     for _, row in frame[frame["engine"] == "central"].iterrows():
         axis.axhline(row["sampled_hr@10"], color="grey", linestyle=":", linewidth=1)
-        axis.annotate(row["method"], (0, row["sampled_hr@10"]), fontsize=7, color="grey")
+        axis.annotate(row["method"], (left, row["sampled_hr@10"]), xytext=(2, 2), textcoords="offset points", fontsize=7, color="grey")
     axis.set_xlabel("passes over the training data (round x participation)")
     axis.set_ylabel("test HR@10 (99 candidate negatives)")
     axis.legend(fontsize=7)
