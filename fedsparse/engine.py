@@ -644,10 +644,10 @@ def train_round(
     secure = config.privacy.secure_aggregation
     if secure and hasattr(transport, "secure_train"):  # Flower's SecAgg+: the transport returns only the sum
         return _secure_protocol_round(config, transport, state, server_round, messages, chosen, failed, started)
-    replies = transport.send("train", server_round, messages, server.train_settings(server_round))
+    settings = server.train_settings(server_round)
+    replies = transport.send("train", server_round, messages, settings)
     updates, uploads, downloads, memory, dropped = [], [], [], [], 0
     by_class: dict[int, list[tuple[int, float]]] = {}  # device width -> (upload bytes, memory bytes) of accepted devices
-    personal: dict[int, Mapping[str, float]] = {}  # fed.evaluate-model = local: each replying device's own metrics
     for user in sorted(messages):
         downloads.append(_bytes(messages[user]))
         reply = replies.get(user, "no reply")
@@ -658,8 +658,6 @@ def train_round(
         uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
         update, reason = validate_update(server, reply.arrays, secure, widths[user])
         reason = reason or metrics_problem(reply.metrics)
-        if not metrics_problem(reply.metrics):
-            personal[user] = {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
         if reason:
             dropped += 1
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
@@ -678,7 +676,7 @@ def train_round(
     floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
     dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
     return _round_record(state, server_round, started, len(chosen), len(failed), dropped, uploads, downloads, memory, applied, {
-        "personal_metrics": mean_device_metrics(config, personal, widths) if personal else {},
+        "personal_metrics": _personal_metrics(config, replies, widths) if settings.get("evaluate") else {},
         "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
         "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
         **(_per_class(by_class) if config.budget.widths else {}),
@@ -729,7 +727,8 @@ def _secure_protocol_round(
     ``secure_train`` returns the summed upload, per-device metrics or failures, and every byte of the
     protocol per device (key exchange included)."""
     server = state.server
-    total, replies, sent, received = transport.secure_train(server_round, messages, server.train_settings(server_round))
+    settings = server.train_settings(server_round)
+    total, replies, sent, received = transport.secure_train(server_round, messages, settings)
     for user, reply in replies.items():
         if isinstance(reply, str):
             failed.append(user)
@@ -744,10 +743,8 @@ def _secure_protocol_round(
             log.warning("round %d: dropped the secure sum: %s", server_round, exc)
     summed = len(memory)  # devices whose upload joined the sum
     applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
-    personal = {user: {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
-                for user, reply in replies.items() if isinstance(reply, Reply) and not metrics_problem(reply.metrics)}
     no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0,  # a secure upload names no rows
-               "personal_metrics": mean_device_metrics(config, personal, {}) if personal else {}}
+               "personal_metrics": _personal_metrics(config, replies, {}) if settings.get("evaluate") else {}}
     return _round_record(state, server_round, started, len(chosen), len(failed), dropped, list(received.values()),
                          list(sent.values()), memory, applied, no_rows)
 
@@ -778,6 +775,13 @@ def evaluate_round(
             continue
         evaluated[user] = reply.metrics
     return mean_device_metrics(config, evaluated, widths), sum(_bytes(message) for message in messages.values())
+
+
+def _personal_metrics(config: RunConfig, replies: Mapping[int, Reply | str], widths: Mapping[int, int]) -> dict[str, float]:
+    """``fed.evaluate-model = local``: the means of what the replying devices reported for their own models."""
+    reported = {user: {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
+                for user, reply in replies.items() if isinstance(reply, Reply) and not metrics_problem(reply.metrics)}
+    return mean_device_metrics(config, reported, widths)
 
 
 def mean_device_metrics(config: RunConfig, per_device: Mapping[int, Mapping[str, float]], widths: Mapping[int, int]) -> dict[str, float]:

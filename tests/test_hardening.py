@@ -31,26 +31,10 @@ from fedsparse.federation import Server, clients_per_round, sample_clients, vali
 from fedsparse.inprocess import population_of, run_inprocess
 from fedsparse.wire import RowUpdate, row_id_dtype
 from fedsparse.results import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
+from test_reliability import small_config  # the same 30-device synthetic federation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-
-
-def small_config(tmp_path: Path, **overrides) -> RunConfig:
-    """A 30-device synthetic federation that runs in about a second."""
-    return RunConfig.from_flat({
-        "results-dir": str(tmp_path / "results"),
-        "num-server-rounds": 3,
-        "data.dataset": "synthetic",
-        "data.synthetic-users": 30,
-        "data.synthetic-items": 40,
-        "data.synthetic-interactions-per-user": 8,
-        "model.dim": 8,
-        "sparse.density": 0.25,
-        "fed.fraction-train": 0.5,
-        "fed.nmf-rounds": 2,
-        **overrides,
-    })
 
 
 def cli(*args: str, cwd: Path = REPO_ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
