@@ -6,7 +6,7 @@ cells use the sparse backward, so only the mask differs. The element-wise polici
 the element-wise tables do (a prefix mask costs one count per row instead of a column index per entry,
 so it holds more values in the same bytes). AMGP prunes to that same width and ends full-size, so its
 bytes are reported as it holds them: the final table, and the mean over training. size-bet's allocation
-comes from the BET-style search of fedsparse/bet.py, each candidate scored by a short proxy training's
+comes from the BET-style search of fedsparse/sparse/bet.py, each candidate scored by a short proxy training's
 validation Recall@20. Finished cells are kept in ``<out>/budgets_central.csv`` and skipped on a rerun.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/budgets.py --datasets ml-1m,gowalla
@@ -26,13 +26,13 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_training  # noqa: E402
 
-from fedsparse.bet import BetSettings, bet_search  # noqa: E402
+from fedsparse.sparse.bet import BetSettings, bet_search  # noqa: E402
 from fedsparse.config import DataConfig  # noqa: E402
 from fedsparse.data import load_dataset  # noqa: E402
-from fedsparse.masks import budget  # noqa: E402
-from fedsparse.results import save_figure  # noqa: E402
-from fedsparse.storage import compact_nbytes  # noqa: E402
-from fedsparse.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.sparse.masks import budget  # noqa: E402
+from fedsparse.run_files import save_figure  # noqa: E402
+from fedsparse.sparse.storage import compact_nbytes  # noqa: E402
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ELEMENT_WISE = ["sparserec", "dsl"]

@@ -25,7 +25,7 @@ import pandas as pd
 from fedsparse.config import LOO_TIES, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.data.load import load_timestamped_table
-from fedsparse.results import atomic_write_text
+from fedsparse.run_files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 

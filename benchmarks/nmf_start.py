@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedsparse.tables import ResultTable, machine_description, write_markdown_table
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federated import run_simulation  # noqa: E402  (the sibling benchmark's subprocess runner)

@@ -21,7 +21,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_training  # noqa: E402
 
-from fedsparse.tables import ResultTable, machine_description  # noqa: E402
+from fedsparse.experiments.tables import ResultTable, machine_description  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ["static", "magnitude", "set", "rigl", "dsl", "sparserec"]

@@ -1,1 +1,1 @@
-"""Flower ClientApp: decodes messages, calls the device handlers of ``fedsparse.protocol``, encodes replies."""
+"""Flower ClientApp: decodes messages, calls the device handlers of ``fedsparse.federation.protocol``, encodes replies."""

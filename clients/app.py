@@ -20,13 +20,13 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from clients.records import forget_state, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
-from fedsparse.device import DeviceData
-from fedsparse.faults import DEVICE_FAILURES, DeviceCrash
-from fedsparse.grouping import users_of_partition
-from fedsparse.privacy.secagg_vectors import to_secagg_vectors
-from fedsparse.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
-from fedsparse.secure_start import SECURE_SUM
-from fedsparse.wire import SecureUpload
+from fedsparse.federation.device import DeviceData
+from fedsparse.federation.faults import DEVICE_FAILURES, DeviceCrash
+from fedsparse.federation.grouping import users_of_partition
+from fedsparse.federation.secagg_vectors import to_secagg_vectors
+from fedsparse.federation.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
+from fedsparse.federation.secure_start import SECURE_SUM
+from fedsparse.federation.wire import SecureUpload
 
 app = ClientApp()
 

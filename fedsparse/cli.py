@@ -21,7 +21,7 @@ from fedsparse.config import (
 )
 
 if TYPE_CHECKING:
-    from fedsparse.report import Report
+    from fedsparse.experiments.report import Report
 
 ALIASES = {
     "dataset": "data.dataset",
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             return _data_command(args)
         if args.command == "train":
-            from fedsparse.train import train_centralised
+            from fedsparse.central.train import train_centralised
 
             result = train_centralised(_config_from_args(args), show_progress=args.progress)
             _print_summary(result.summary, result.run_dir, args.json)
@@ -201,14 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
-            from fedsparse.report import find_run_dirs, write_report
+            from fedsparse.experiments.report import find_run_dirs, write_report
 
             report = write_report(find_run_dirs(args.runs), args.out, args.privacy)
             _print_report(report)
             print(f"{len(report.table)} runs -> {args.out}")
             return 0
         if args.command == "superlink":
-            from fedsparse.flower_run import SUPERLINK_RECORD, flower_home, stop_superlink
+            from fedsparse.experiments.flower_run import SUPERLINK_RECORD, flower_home, stop_superlink
 
             stopped = stop_superlink()
             for link in stopped:
@@ -242,9 +242,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from fedsparse.console import dataset_line
     from fedsparse.data import load_run_data
-    from fedsparse.engine import check_population, check_resumable, resume_target
-    from fedsparse.inprocess import population_of, run_inprocess
-    from fedsparse.results import check_unlocked
+    from fedsparse.federation.engine import check_population, check_resumable, resume_target
+    from fedsparse.federation.inprocess import population_of, run_inprocess
+    from fedsparse.run_files import check_unlocked
 
     config = _config_from_args(args)
     if config.resume_dir:
@@ -267,7 +267,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.engine == "inprocess":
             run_dir, summary = run_inprocess(config, data, show_progress=args.progress)
         else:
-            from fedsparse.flower_run import check_flower_config, run_flower
+            from fedsparse.experiments.flower_run import check_flower_config, run_flower
 
             check_flower_config(config)
             log.info("starting flwr run (Flower's SuperLink and Ray take 15-30 s before the ServerApp's first line)")
@@ -278,8 +278,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fedsparse.report import write_report
-    from fedsparse.sweep import run_sweep
+    from fedsparse.experiments.report import write_report
+    from fedsparse.experiments.sweep import run_sweep
 
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")

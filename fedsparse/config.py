@@ -184,8 +184,8 @@ class FedConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Heterogeneous devices (each class's embedding width, fedsparse/devices.py) and streaming arrivals of
-    items and users under a fixed item-table budget (fedsparse/streaming.py)."""
+    """Heterogeneous devices (each class's embedding width, fedsparse/federation/device_classes.py) and streaming arrivals of
+    items and users under a fixed item-table budget (fedsparse/federation/streaming.py)."""
 
     device_widths: str = ""  # leading dimensions per device class, e.g. "16,32,64" ("" = every device holds model.dim)
     device_shares: str = ""  # share of devices in each class, e.g. "0.3,0.4,0.3" ("" = equal shares)
@@ -240,7 +240,7 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class RobustConfig:
-    """Server-side defences against hostile or poisoned updates (see fedsparse/robust.py)."""
+    """Server-side defences against hostile or poisoned updates (see fedsparse/federation/robust.py)."""
 
     max_update_norm: float = 0.0  # reject an upload whose delta values have a larger L2 norm (0 = no limit)
     clip_norm: float = 0.0  # scale each device's per-row delta down to this L2 norm before aggregation (0 = off)
@@ -250,7 +250,7 @@ class RobustConfig:
 
 @dataclass(frozen=True)
 class PoisonConfig:
-    """An item-promotion attack by malicious devices (see fedsparse/poisoning.py); off by default."""
+    """An item-promotion attack by malicious devices (see fedsparse/federation/poisoning.py); off by default."""
 
     target_item: int = -1  # the item the attacker promotes (-1 = no attack, no exposure metric)
     fraction: float = 0.0  # share of devices the attacker controls (seeded per device)
@@ -453,7 +453,7 @@ class RunConfig:
             raise ConfigError(f"sparse.group-sizes must be comma-separated numbers, got {s.group_sizes!r}") from exc
         if s.policy == "size-bet" and len(group_sizes) != s.size_groups:
             raise ConfigError(f"sparse.group-sizes must give sparse.size-groups = {s.size_groups} sizes for size-bet "
-                              f"(the allocation a BET search found, see fedsparse/bet.py), got {s.group_sizes!r}")
+                              f"(the allocation a BET search found, see fedsparse/sparse/bet.py), got {s.group_sizes!r}")
         if group_sizes and (min(group_sizes) < 0 or not all(math.isfinite(v) for v in group_sizes)):
             raise ConfigError("sparse.group-sizes must be finite and >= 0")
         try:

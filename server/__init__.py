@@ -1,1 +1,1 @@
-"""Flower ServerApp: runs ``fedsparse.engine.run_federation`` with Flower messages as its transport."""
+"""Flower ServerApp: runs ``fedsparse.federation.engine.run_federation`` with Flower messages as its transport."""

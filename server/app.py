@@ -1,4 +1,4 @@
-"""The ServerApp: the federated run loop of ``fedsparse.engine`` over Flower messages."""
+"""The ServerApp: the federated run loop of ``fedsparse.federation.engine`` over Flower messages."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedsparse.config import RunConfig
 from fedsparse.console import dataset_line, summary_table
 from fedsparse.data import load_run_data
-from fedsparse.engine import check_population, check_resumable, run_federation
-from fedsparse.flower_run import check_flower_config
-from fedsparse.grouping import partitions_needed
-from fedsparse.inprocess import population_of
-from fedsparse.results import new_run_dir
+from fedsparse.federation.engine import check_population, check_resumable, run_federation
+from fedsparse.experiments.flower_run import check_flower_config
+from fedsparse.federation.grouping import partitions_needed
+from fedsparse.federation.inprocess import population_of
+from fedsparse.run_files import new_run_dir
 from server.transport import FlowerTransport, discover_partitions
 
 NODE_WAIT_SECONDS = 300.0  # how long to wait for every supernode to register before round 1

@@ -1,6 +1,6 @@
 """One secure training round through Flower's SecAgg+ (legacy workflow): the server learns only the sum.
 
-The devices' ``SecureUpload``s become SecAgg+ vectors (``fedsparse.privacy.secagg_vectors``); the
+The devices' ``SecureUpload``s become SecAgg+ vectors (``fedsparse.federation.secagg_vectors``); the
 workflow runs its four stages (setup, key sharing, masked vectors, unmasking) over the Grid, and a
 one-round legacy strategy keeps the mean it reveals. Every byte of every stage is counted per device.
 """
@@ -18,14 +18,14 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from fedsparse.engine import Reply
-from fedsparse.privacy.secagg_vectors import (
+from fedsparse.federation.engine import Reply
+from fedsparse.federation.secagg_vectors import (
     SECAGG_CLIPPING_RANGE,
     SECAGG_MODULUS_RANGE,
     SECAGG_QUANTIZATION_RANGE,
     from_secagg_mean,
 )
-from fedsparse.wire import SecureUpload
+from fedsparse.federation.wire import SecureUpload
 
 NEIGHBOURS = 9  # SecAgg+'s sparse graph: each device shares its keys with 8 others (all of them in a smaller round)
 RECONSTRUCTION_THRESHOLD = 5  # shares that must survive to unmask a device: a majority of its neighbourhood

@@ -1,4 +1,4 @@
-"""Flower messages as a ``fedsparse.engine.Transport``: one message per node, per-user records inside."""
+"""Flower messages as a ``fedsparse.federation.engine.Transport``: one message per node, per-user records inside."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from clients.records import to_arrays, to_record
-from fedsparse.engine import Reply
-from fedsparse.grouping import partition_of_user
-from fedsparse.wire import SecureUpload
+from fedsparse.federation.engine import Reply
+from fedsparse.federation.grouping import partition_of_user
+from fedsparse.federation.wire import SecureUpload
 from server.secagg import secure_sum_round, secure_train_round
 
 log = logging.getLogger("fedsparse")

@@ -26,18 +26,18 @@ import pandas as pd
 
 from fedsparse.config import RunConfig, flat_defaults
 from fedsparse.data import load_run_data
-from fedsparse.engine import run_federation
-from fedsparse.inprocess import InProcessTransport, population_of
+from fedsparse.federation.engine import run_federation
+from fedsparse.federation.inprocess import InProcessTransport, population_of
 from fedsparse.privacy.attacks import differencing_guess
 from fedsparse.privacy.leakage import membership_metrics, mean_metrics
-from fedsparse.privacy.observe import ObservingTransport
-from fedsparse.results import new_run_dir
+from fedsparse.federation.observer import ObservingTransport
+from fedsparse.run_files import new_run_dir
 from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks
-from fedsparse.privacy.observe import UploadLog
-from fedsparse.results import read_jsonl, save_figure
+from fedsparse.federation.observer import UploadLog
+from fedsparse.run_files import read_jsonl, save_figure
 from fedsparse.rng import rng_for
-from fedsparse.tables import ResultTable, machine_description, write_markdown_table
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
 
 HERE = Path(__file__).resolve().parent
 DEFENCES = "none,pad:0.5,pad:1,ldp:0.5,ldp:1,ldp:2,pad:1+ldp:1,secagg,secagg:0.15,secagg:0.1"

@@ -259,7 +259,7 @@ def main() -> None:
     text = GUIDE.read_text()
     head, rest = text.split(START, 1) if START in text else (text.rstrip() + "\n\n", END)
     tail = rest.split(END, 1)[1]
-    from fedsparse.results import atomic_write_text
+    from fedsparse.run_files import atomic_write_text
 
     atomic_write_text(GUIDE, f"{head}{START}\n{table}\n{END}{tail}")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsparse.flower_run import stop_superlink
+from fedsparse.experiments.flower_run import stop_superlink
 
 
 @dataclass(frozen=True)

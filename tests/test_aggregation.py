@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsparse.aggregation import aggregate_row_updates, aggregate_secure_sum, scatter_active, sum_secure_uploads
+from fedsparse.federation.aggregation import aggregate_row_updates, aggregate_secure_sum, scatter_active, sum_secure_uploads
 from fedsparse.rng import rng_for
-from fedsparse.wire import PayloadError, RowUpdate, SecureUpload, signal_col_dtype
+from fedsparse.federation.wire import PayloadError, RowUpdate, SecureUpload, signal_col_dtype
 
 N_ITEMS, DIM = 20, 6
 

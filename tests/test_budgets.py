@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsparse.bet import BetSettings, bet_search, group_mean_sizes
-from fedsparse.masks import budget
-from fedsparse.sizes import (
+from fedsparse.sparse.bet import BetSettings, bet_search, group_mean_sizes
+from fedsparse.sparse.masks import budget
+from fedsparse.sparse.embedding_sizes import (
     fit_sizes,
     frequency_sizes,
     grown_sizes,
@@ -18,7 +18,7 @@ from fedsparse.sizes import (
     prefix_sizes,
     sampled_sizes,
 )
-from fedsparse.storage import CompactTable, compact_nbytes
+from fedsparse.sparse.storage import CompactTable, compact_nbytes
 from tests.test_policies import STEPS, make_training, run_steps
 
 

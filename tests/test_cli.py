@@ -143,7 +143,7 @@ def test_simulate_prints_round_lines_and_a_table_or_json(tmp_path):
 
 def test_result_and_downloaded_files_follow_the_umask(tmp_path):
     from fedsparse.data.download import atomic_write
-    from fedsparse.results import atomic_write_text, write_json
+    from fedsparse.run_files import atomic_write_text, write_json
 
     previous = os.umask(0o022)
     try:
@@ -161,8 +161,8 @@ def test_result_and_downloaded_files_follow_the_umask(tmp_path):
 
 
 def test_the_flower_launcher_passes_its_code_version_which_the_run_records(tmp_path):
-    from fedsparse.flower_run import run_config_overrides
-    from fedsparse.results import code_version, provenance
+    from fedsparse.experiments.flower_run import run_config_overrides
+    from fedsparse.run_files import code_version, provenance
 
     here = code_version()
     if not here:
@@ -176,7 +176,7 @@ def test_the_flower_launcher_passes_its_code_version_which_the_run_records(tmp_p
 
 
 def test_flower_output_is_streamed_line_by_line_without_the_size_notice(tmp_path):
-    from fedsparse.flower_run import OutputTail, _wait
+    from fedsparse.experiments.flower_run import OutputTail, _wait
 
     script = ("import sys; print('\\x1b[93mWARNING \\x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.');"
               "print('INFO :      Federation `@none/default` (943 simulated SuperNodes)'); print('round 1/3: 5 devices'); sys.exit(3)")
@@ -193,7 +193,7 @@ def test_flower_output_is_streamed_line_by_line_without_the_size_notice(tmp_path
 
 
 def test_a_dense_run_records_the_density_it_trained_at(tmp_path):
-    from fedsparse.inprocess import run_inprocess
+    from fedsparse.federation.inprocess import run_inprocess
 
     config = RunConfig.from_flat({"data.dataset": "synthetic", "data.synthetic-users": 20, "data.synthetic-items": 30,
                                   "model.dim": 8, "num-server-rounds": 1, "sparse.policy": "dense", "sparse.density": 0.2,
@@ -201,7 +201,7 @@ def test_a_dense_run_records_the_density_it_trained_at(tmp_path):
     run_dir, summary = run_inprocess(config)
     recorded = json.loads((run_dir / "config.json").read_text())["config"]
     assert recorded["sparse.density"] == summary["density"] == 1.0
-    from fedsparse.train import train_centralised
+    from fedsparse.central.train import train_centralised
 
     central = train_centralised(config.with_overrides({"train.epochs": 1}), show_progress=False)
     assert json.loads((central.run_dir / "config.json").read_text())["config"]["sparse.density"] == central.summary["density"] == 1.0
@@ -221,7 +221,7 @@ def test_data_info_verify_and_simulate_take_a_users_own_file(tmp_path, capsys, m
     assert main(["simulate", *own, *flags, "--json"]) == 0
     run_dir = Path(json.loads(capsys.readouterr().out)["run_dir"])
     assert "-fed-reviews-" in run_dir.name
-    from fedsparse.flower_run import run_config_overrides
+    from fedsparse.experiments.flower_run import run_config_overrides
 
     monkeypatch.chdir(tmp_path)  # under flwr run the app runs from a copy: a relative path is made absolute
     relative = RunConfig.from_flat({"data.path": "reviews.tsv"})

@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from fedsparse.aggregation import scatter_active
+from fedsparse.federation.aggregation import scatter_active
 from fedsparse.config import ConfigError, RunConfig
-from fedsparse.device import (
+from fedsparse.federation.device import (
     DeviceData,
     DeviceState,
     evaluate_device,
@@ -22,11 +22,11 @@ from fedsparse.device import (
     round_negatives,
     rows_needed,
 )
-from fedsparse.masks import budget
-from fedsparse.protocol import handle_evaluate, handle_train
+from fedsparse.sparse.masks import budget
+from fedsparse.federation.protocol import handle_evaluate, handle_train
 from fedsparse.rng import rng_for
-from fedsparse.storage import CompactTable
-from fedsparse.wire import RowsDownload, RowUpdate, signal_col_dtype
+from fedsparse.sparse.storage import CompactTable
+from fedsparse.federation.wire import RowsDownload, RowUpdate, signal_col_dtype
 
 N_USERS, N_ITEMS, DIM = 4, 40, 8
 USER = 2
@@ -527,7 +527,7 @@ def test_evaluate_device_planted_perfect_table() -> None:
 
 
 def test_user_row_exploration_keeps_the_budget_and_starts_grown_entries_at_zero():
-    from fedsparse.device import DeviceState, explore_user_row
+    from fedsparse.federation.device import DeviceState, explore_user_row
 
     config = RunConfig.from_flat({"model.dim": 8, "sparse.policy": "sparserec", "sparse.density": 0.5})
     mask = np.array([True, True, True, True, False, False, False, False])

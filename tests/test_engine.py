@@ -7,9 +7,9 @@ import pytest
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.engine import Reply, run_federation
-from fedsparse.inprocess import InProcessTransport, population_of, run_inprocess
-from fedsparse.results import new_run_dir, read_jsonl
+from fedsparse.federation.engine import Reply, run_federation
+from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
+from fedsparse.run_files import new_run_dir, read_jsonl
 
 VOLATILE = {"seconds"}
 

@@ -13,9 +13,9 @@ import pytest
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.flower_run import run_flower
-from fedsparse.inprocess import run_inprocess
-from fedsparse.results import MODIFIED_SUFFIX, code_version, read_jsonl
+from fedsparse.experiments.flower_run import run_flower
+from fedsparse.federation.inprocess import run_inprocess
+from fedsparse.run_files import MODIFIED_SUFFIX, code_version, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND_KEYS = {"round", "recall@20", "ndcg@20", "upload_bytes_mean", "upload_bytes_max", "download_bytes_mean",
@@ -144,7 +144,7 @@ def test_a_run_records_its_code_version_dataset_checksum_and_machine(tmp_path):
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr command not installed")
 def test_federated_start_under_flower_refuses_several_devices_per_supernode(tmp_path):
     from fedsparse.config import ConfigError
-    from fedsparse.flower_run import check_flower_config
+    from fedsparse.experiments.flower_run import check_flower_config
 
     with pytest.raises(ConfigError, match="clients-per-node = 1"):
         check_flower_config(small_config(tmp_path, **{"fed.clients-per-node": 3}))

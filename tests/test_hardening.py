@@ -25,12 +25,12 @@ import pytest
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.engine import Reply
-from fedsparse.faults import DeviceError, straggler_delay
-from fedsparse.federation import Server, clients_per_round, sample_clients, validate_update
-from fedsparse.inprocess import population_of, run_inprocess
-from fedsparse.wire import RowUpdate, row_id_dtype
-from fedsparse.results import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
+from fedsparse.federation.engine import Reply
+from fedsparse.federation.faults import DeviceError, straggler_delay
+from fedsparse.federation.server_state import Server, clients_per_round, sample_clients, validate_update
+from fedsparse.federation.inprocess import population_of, run_inprocess
+from fedsparse.federation.wire import RowUpdate, row_id_dtype
+from fedsparse.run_files import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
 from test_reliability import small_config  # the same 30-device synthetic federation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_a_duplicated_round_refuses_the_resume(finished_run, tmp_path):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from fedsparse.results import run_dir_lock
+from fedsparse.run_files import run_dir_lock
 with run_dir_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)
@@ -371,7 +371,7 @@ def raiser(exc: Exception):
 
 def test_a_programming_error_in_process_fails_the_run_loudly_while_a_device_error_is_a_failed_device(tmp_path, monkeypatch):
     """Probe 12: every ValueError (and KeyError) counted as a failed device, so bugs looked like flaky devices."""
-    import fedsparse.inprocess as inprocess
+    import fedsparse.federation.inprocess as inprocess
 
     config = small_config(tmp_path, **{"num-server-rounds": 1, "sparse.policy": "rigl"})
     data = load_dataset(config.data, config.seed)
@@ -408,7 +408,7 @@ def test_a_programming_error_in_the_clientapp_fails_loudly_while_a_device_error_
 
 def test_in_process_timeouts_follow_simulated_time_not_the_machines_load(tmp_path, monkeypatch):
     """Probe 15: an honest device once exceeded fed.round-timeout on a loaded machine (measured wall time)."""
-    import fedsparse.inprocess as inprocess
+    import fedsparse.federation.inprocess as inprocess
 
     real_train = inprocess.handle_train
 
@@ -482,7 +482,7 @@ def decoy_superlink(env: dict | None = None) -> subprocess.Popen:
 
 def test_superlink_stop_stops_only_the_superlinks_fedsparse_recorded(tmp_path):
     """Probe 16: `fedsparse superlink stop` killed every flower-superlink on the machine."""
-    from fedsparse.flower_run import LAUNCH_ENV, _record_superlinks, stop_superlink
+    from fedsparse.experiments.flower_run import LAUNCH_ENV, _record_superlinks, stop_superlink
 
     home = tmp_path / "flwr-home"
     foreign = decoy_superlink()
@@ -505,7 +505,7 @@ def test_superlink_stop_stops_only_the_superlinks_fedsparse_recorded(tmp_path):
 
 def test_a_flower_test_runs_its_own_superlink_on_free_ports_and_stops_exactly_it(tmp_path, isolated_flower):
     """Probe 17: tests reused whatever local SuperLink was up (e.g. the quick start's) and stopped nothing."""
-    from fedsparse.flower_run import _read_records, process_running, run_flower, stop_superlink
+    from fedsparse.experiments.flower_run import _read_records, process_running, run_flower, stop_superlink
 
     foreign = decoy_superlink({"FLWR_HOME": str(isolated_flower.home)})  # even in our Flower home: not ours
     try:

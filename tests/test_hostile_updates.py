@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.engine import Reply, RunState, effective_config, start_run, train_round
-from fedsparse.federation import Server, sample_clients, validate_update
-from fedsparse.inprocess import InProcessTransport, population_of
+from fedsparse.federation.engine import Reply, RunState, effective_config, start_run, train_round
+from fedsparse.federation.server_state import Server, sample_clients, validate_update
+from fedsparse.federation.inprocess import InProcessTransport, population_of
 from fedsparse.rng import rng_for
-from fedsparse.wire import RowUpdate, row_id_dtype, signal_col_dtype
+from fedsparse.federation.wire import RowUpdate, row_id_dtype, signal_col_dtype
 
 N_ITEMS, DIM = 30, 8
 MAX_NORM = 1e3  # robust.max-update-norm: honest uploads here have norms below 50
@@ -36,7 +36,7 @@ def valid_arrays(seed: int, signal: bool) -> dict[str, np.ndarray]:
 
 
 def is_valid(arrays: dict) -> bool:
-    """The wire contract, checked slowly and independently of fedsparse.wire."""
+    """The wire contract, checked slowly and independently of fedsparse.federation.wire."""
     if not set(arrays) <= set(KEYS) or not {"row-ids", "values", "weight"} <= set(arrays):
         return False
     if any(not isinstance(value, np.ndarray) for value in arrays.values()):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fedsparse.masks import (
+from fedsparse.sparse.masks import (
     budget,
     cosine_drop_fraction,
     largest,

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from fedsparse.data.interactions import binary_csr
-from fedsparse.metrics import (
+from fedsparse.eval.metrics import (
     average_per_user,
     full_ranking_metrics,
     full_ranking_per_user,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedsparse import models
+from fedsparse.central import models
 from fedsparse.config import ModelConfig
-from fedsparse.models import MatrixFactorization, NeuMF, build_model
-from fedsparse.sampling import NegativeSampler
+from fedsparse.central.models import MatrixFactorization, NeuMF, build_model
+from fedsparse.central.sampling import NegativeSampler
 from fedsparse.data.interactions import binary_csr
-from fedsparse.losses import batch_loss
+from fedsparse.central.losses import batch_loss
 from fedsparse.rng import torch_generator_for
 
 

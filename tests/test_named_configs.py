@@ -12,7 +12,7 @@ from flwr.common.config import parse_config_args
 
 from fedsparse.cli import read_config_file
 from fedsparse.config import ConfigError, RunConfig
-from fedsparse.sweep import expand_grid, read_sweep
+from fedsparse.experiments.sweep import expand_grid, read_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "simulations" / "configs"
 FILES = sorted(CONFIGS.glob("*.toml"))

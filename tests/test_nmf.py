@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from fedsparse.nmf import (
+from fedsparse.sparse.nmf import (
     NMF_EPS,
     apply_item_update,
     item_update_contribution,

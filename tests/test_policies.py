@@ -6,12 +6,12 @@ import torch
 
 from fedsparse.config import RunConfig
 from fedsparse.data.interactions import binary_csr
-from fedsparse.losses import batch_loss
-from fedsparse.masks import budget
-from fedsparse.models import build_model
-from fedsparse.policies import POLICIES, build_policy
-from fedsparse.sampling import NegativeSampler, training_pairs
-from fedsparse.sparse_training import SparseEmbeddingTraining
+from fedsparse.central.losses import batch_loss
+from fedsparse.sparse.masks import budget
+from fedsparse.central.models import build_model
+from fedsparse.sparse.policies import POLICIES, build_policy
+from fedsparse.central.sampling import NegativeSampler, training_pairs
+from fedsparse.sparse.masked_training import SparseEmbeddingTraining
 
 N_USERS, N_ITEMS, DIM, STEPS, BATCH = 40, 30, 8, 24, 32
 

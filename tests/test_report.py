@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedsparse.cli import main
-from fedsparse.report import (
+from fedsparse.experiments.report import (
     NO_LEAKAGE_AUC,
     collect_runs,
     density_lines,

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from fedsparse.config import ConfigError, RobustConfig, RunConfig
-from fedsparse.device import DeviceData
-from fedsparse.federation import Server, validate_update
-from fedsparse.poisoning import boost_target, is_malicious, poisoned_view, target_exposed
-from fedsparse.robust import clip_rows, robust_aggregate, row_delta_norms
-from fedsparse.wire import RowUpdate, scatter_active, wire_row_ids
+from fedsparse.federation.device import DeviceData
+from fedsparse.federation.server_state import Server, validate_update
+from fedsparse.federation.poisoning import boost_target, is_malicious, poisoned_view, target_exposed
+from fedsparse.federation.robust import clip_rows, robust_aggregate, row_delta_norms
+from fedsparse.federation.wire import RowUpdate, scatter_active, wire_row_ids
 
 N_ITEMS, DIM = 12, 6
 

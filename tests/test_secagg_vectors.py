@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedsparse.privacy.secagg_vectors import SECAGG_CLIPPING_RANGE, from_secagg_mean, to_secagg_vectors
-from fedsparse.wire import SecureUpload
+from fedsparse.federation.secagg_vectors import SECAGG_CLIPPING_RANGE, from_secagg_mean, to_secagg_vectors
+from fedsparse.federation.wire import SecureUpload
 
 WEIGHT_BOUND = 1000.0
 

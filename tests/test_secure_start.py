@@ -11,12 +11,12 @@ import scipy.optimize
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_run_data
-from fedsparse.engine import Reply, federated_nmf, start_run
-from fedsparse.inprocess import InProcessTransport, population_of
-from fedsparse.nmf import multiplicative_init, multiplicative_update
-from fedsparse.protocol import NMF_FACTOR
+from fedsparse.federation.engine import Reply, federated_nmf, start_run
+from fedsparse.federation.inprocess import InProcessTransport, population_of
+from fedsparse.sparse.nmf import multiplicative_init, multiplicative_update
+from fedsparse.federation.protocol import NMF_FACTOR
 from fedsparse.rng import rng_for
-from fedsparse.secure_start import (
+from fedsparse.federation.secure_start import (
     SECURE_SUM, StartRefused, nndsvd_item_factor, nystrom_svd, project_user_factor, sketch_matrix,
 )
 
@@ -181,7 +181,7 @@ def test_projection_ignores_columns_the_gram_says_are_empty() -> None:
 
 
 def test_the_item_solve_ignores_secaggplus_noise_on_an_unused_column() -> None:
-    from fedsparse.secure_start import solve_item_factor
+    from fedsparse.federation.secure_start import solve_item_factor
 
     rng = rng_for(0, "test-solve-noise")
     P = rng.random((20, 3))

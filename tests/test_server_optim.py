@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsparse.config import RunConfig
-from fedsparse.server_optim import ServerOptimizer
+from fedsparse.federation.server_optim import ServerOptimizer
 
 N_ITEMS, DIM = 6, 4
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedsparse.rng import rng_for
-from fedsparse.storage import CompactTable, compact_nbytes, count_dtype, dense_nbytes, index_dtype
+from fedsparse.sparse.storage import CompactTable, compact_nbytes, count_dtype, dense_nbytes, index_dtype
 
 N_ROWS = 37
 

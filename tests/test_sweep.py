@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fedsparse.config import ConfigError
-from fedsparse.sweep import expand_grid, read_sweep, run_sweep
+from fedsparse.experiments.sweep import expand_grid, read_sweep, run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = """seeds = [0]

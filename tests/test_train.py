@@ -11,8 +11,8 @@ import torch
 from fedsparse.cli import main as cli_main
 from fedsparse.config import RunConfig
 from fedsparse.data.registry import DATA_ENV
-from fedsparse.results import read_jsonl
-from fedsparse.train import train_centralised
+from fedsparse.run_files import read_jsonl
+from fedsparse.central.train import train_centralised
 
 SHARED_DATA = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -86,7 +86,7 @@ def test_cli_data_info_and_loo_training_report_both_protocols(tmp_path, capsys):
 def test_most_popular_run_is_scored_like_a_trained_model(tmp_path):
     """``model.name = popular``: nothing trains, and its test Recall@20 equals a direct count-based ranking."""
     from fedsparse.data import load_dataset
-    from fedsparse.metrics import full_ranking_metrics
+    from fedsparse.eval.metrics import full_ranking_metrics
 
     config = RunConfig.from_flat({**SMALL, "model.name": "popular", "results-dir": str(tmp_path)})
     result = train_centralised(config, show_progress=False)

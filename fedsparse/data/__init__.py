@@ -2,7 +2,8 @@
 
 ``load_dataset(config, seed)`` is the entry point (``load_run_data(run_config)`` when a run may name a
 candidate file, ``eval.candidates``); ``DATASETS`` lists what it can load and
-``resolve_dataset_dir`` where it looks. Nothing is read or downloaded at import time.
+``resolve_dataset_dir`` where it looks. Nothing is read or downloaded at import time. May import
+only the base modules (``config``, ``rng``, ``run_files``).
 """
 
 from fedsparse.data.errors import DataFormatError, DatasetNotFoundError

@@ -31,7 +31,7 @@ from fedsparse.data.errors import DataFormatError
 from fedsparse.data.interactions import Interactions, binary_csr
 from fedsparse.data.splits import TEST, VALIDATION, leave_one_out_split
 from fedsparse.data.transforms import remap_ids
-from fedsparse.results import atomic_write_text
+from fedsparse.run_files import atomic_write_text
 from fedsparse.rng import rng_for
 
 HEADER = ("user", "val_item", "test_item", "val_negatives", "test_negatives")

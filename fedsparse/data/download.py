@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from fedsparse.results import new_temp_file
+from fedsparse.run_files import new_temp_file
 
 DEFAULT_TIMEOUT = 10.0  # seconds per network connection or read
 PIP_TIMEOUT = 120.0  # seconds for a whole `pip download`

@@ -1,18 +1,12 @@
-"""The honest-but-curious server's record: every accepted upload of the watched devices, decoded, and
-every secure sum it holds (the NMF start's cohort sums, the secure training rounds' sums) with its cohort."""
+"""What the honest-but-curious server records, as plain data the attacks read: decoded uploads of the
+watched devices and the secure sums it holds with their cohorts (``fedsparse.federation.observer``
+fills them in)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-
-from fedsparse.aggregation import scatter_active
-from fedsparse.config import RunConfig
-from fedsparse.federation import Server
-from fedsparse.privacy.secure_rows import secure_round_rows
-from fedsparse.secure_start import SECURE_SUM, check_start_vector
-from fedsparse.wire import RowUpdate
 
 
 @dataclass(frozen=True)
@@ -28,35 +22,6 @@ class ObservedUpload:
     n_items: int
 
 
-@dataclass
-class UploadLog:
-    """Keeps the uploads of ``users`` (all users when None), at most ``per_user`` each (the earliest),
-    and counts every device's accepted uploads (for privacy accounting) and their value norms."""
-
-    users: set[int] | None = None
-    per_user: int = 1
-    uploads: dict[int, list[ObservedUpload]] = field(default_factory=dict)
-    counts: dict[int, int] = field(default_factory=dict)
-    value_norms: list[float] = field(default_factory=list)  # L2 norm of each upload's delta values
-
-    def observe(self, server_round: int, user: int, update: RowUpdate, server: Server) -> None:
-        """Record one accepted upload (the engine's ``UploadObserver``)."""
-        self.counts[user] = self.counts.get(user, 0) + 1
-        self.value_norms.append(float(np.linalg.norm(update.values)))
-        if self.users is not None and user not in self.users:
-            return
-        kept = self.uploads.setdefault(user, [])
-        if len(kept) >= self.per_user:
-            return
-        rows = update.row_ids.astype(np.int64)
-        deltas = scatter_active(update.values, update.carried_mask(server.item_mask))
-        kept.append(ObservedUpload(server_round, user, rows, deltas, server.item_weight[rows].copy(), server.n_items))
-
-    def all(self) -> list[ObservedUpload]:
-        """Every recorded upload, ordered by user then round."""
-        return [upload for user in sorted(self.uploads) for upload in self.uploads[user]]
-
-
 @dataclass(frozen=True)
 class ObservedSum:
     """One secure sum as the server holds it: its phase ("start" or "train"), round, the (public) cohort
@@ -67,53 +32,3 @@ class ObservedSum:
     server_round: int
     users: np.ndarray
     row_mass: np.ndarray
-
-
-class ObservingTransport:
-    """A transport that records, next to the engine, the sums a secure-aggregation server holds.
-
-    Wraps the in-process transport: per start round the sum of the valid start vectors, per training
-    round under ``privacy.secure-aggregation`` the sum of the devices' secure weights (what SecAgg+
-    reveals; the engine itself sums the same vectors). Other messages pass through unrecorded.
-    """
-
-    def __init__(self, inner, config: RunConfig, n_items: int) -> None:
-        self.inner = inner
-        self.config = config
-        self.n_items = n_items
-        self.sums: list[ObservedSum] = []
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def send(self, kind, server_round, messages, settings):
-        replies = self.inner.send(kind, server_round, messages, settings)
-        if kind == "nmf":
-            self._record_start(server_round, replies)
-        elif kind == "train" and self.config.privacy.secure_aggregation:
-            self._record_train(server_round, replies)
-        return replies
-
-    def _record_start(self, server_round: int, replies) -> None:
-        vectors = {user: reply.arrays.get(SECURE_SUM) for user, reply in replies.items() if not isinstance(reply, str)}
-        length = next((vector.size for vector in vectors.values() if vector is not None), 0)
-        valid = {user: vector for user, vector in vectors.items() if vector is not None and check_start_vector(vector, length) is None}
-        if not valid:
-            return
-        total = np.sum([vector.astype(np.float64) for vector in valid.values()], axis=0)
-        n = self.n_items
-        # a seeded or power pass sums [n_items, k]; a refinement [n_items, k] then [k, k]: n k + k² = size
-        width = total.size // n if total.size % n == 0 else int(round((-n + np.sqrt(n * n + 4 * total.size)) / 2))
-        mass = np.linalg.norm(total[: self.n_items * width].reshape(self.n_items, width), axis=1)
-        self.sums.append(ObservedSum("start", server_round, np.array(sorted(valid), dtype=np.int64), mass))
-
-    def _record_train(self, server_round: int, replies) -> None:
-        weights = {user: reply.arrays.get("secure-weights") for user, reply in replies.items() if not isinstance(reply, str)}
-        weights = {user: w for user, w in weights.items() if w is not None}
-        if not weights:
-            return
-        rows = secure_round_rows(self.config, self.n_items, server_round)
-        rows = np.arange(self.n_items) if rows is None else rows
-        mass = np.zeros(self.n_items)
-        mass[rows] = np.sum([w.astype(np.float64) for w in weights.values()], axis=0)
-        self.sums.append(ObservedSum("train", server_round, np.array(sorted(weights), dtype=np.int64), mass))

@@ -1,0 +1,167 @@
+"""Recommenders on user and item embedding tables: matrix factorisation and NeuMF (GMF + MLP).
+
+Both score (user, item) pairs and rank all items for a batch of users in bounded memory. Embedding
+tables are ``RowEmbedding`` modules (an ``nn.Embedding`` whose trainable rows can be restricted per
+step) so the sparse core can mask them element-wise and run a sparse backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedsparse.config import ModelConfig
+from fedsparse.sparse.row_gradients import RowEmbedding
+
+EMBEDDING_INIT_STD = 0.1  # normal init of embedding tables, as LightGCN-PyTorch's MF
+SCORE_CHUNK_ELEMENTS = 1 << 24  # bound on users x items x width floats materialised while ranking
+
+
+class MatrixFactorization(nn.Module):
+    """score(u, i) = <p_u, q_i>; user table [n_users, dim], item table [n_items, dim]."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.user_embedding = RowEmbedding(n_users, dim)
+        self.item_embedding = RowEmbedding(n_items, dim)
+        for table in (self.user_embedding, self.item_embedding):
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
+
+    def embedding_tables(self) -> dict[str, RowEmbedding]:
+        """The per-user and per-item tables, by name (what sparse policies mask)."""
+        return {"user": self.user_embedding, "item": self.item_embedding}
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores for pairs: users int64 [b], items int64 [b] or [b, c] -> float32 [b] or [b, c]."""
+        user_vectors = self.user_embedding(users)
+        item_vectors = self.item_embedding(items)
+        if items.dim() == 2:
+            return torch.einsum("bd,bcd->bc", user_vectors, item_vectors)
+        return (user_vectors * item_vectors).sum(-1)
+
+    def batch_l2(self, users: torch.Tensor, *item_batches: torch.Tensor) -> torch.Tensor:
+        """Half the squared L2 norm of the embeddings a batch uses, divided by the batch size."""
+        total = self.user_embedding(users).pow(2).sum()
+        for items in item_batches:
+            total = total + self.item_embedding(items).pow(2).sum()
+        return 0.5 * total / users.shape[0]
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for some users: users int64 [b] -> float32 [b, n_items]."""
+        return self.user_embedding(users) @ self.item_embedding.weight.T
+
+
+class NeuMF(nn.Module):
+    """NeuMF (He et al. 2017): a GMF branch and an MLP branch on separate embeddings, fused linearly.
+
+    GMF tables are [n, dim]; MLP tables are [n, widths[0] // 2] so their concatenation feeds a tower of
+    ``widths``; the output layer maps [dim + widths[-1]] to one logit.
+    """
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        widths: tuple[int, ...],
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        mlp_dim = max(1, widths[0] // 2)
+        self.user_embedding = RowEmbedding(n_users, dim)
+        self.item_embedding = RowEmbedding(n_items, dim)
+        self.user_mlp_embedding = RowEmbedding(n_users, mlp_dim)
+        self.item_mlp_embedding = RowEmbedding(n_items, mlp_dim)
+        for table in (self.user_embedding, self.item_embedding, self.user_mlp_embedding, self.item_mlp_embedding):
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
+        layers: list[nn.Module] = []
+        in_width = 2 * mlp_dim
+        for width in widths:
+            layers += [nn.Linear(in_width, width), nn.ReLU()]
+            in_width = width
+        self.mlp = nn.Sequential(*layers)
+        self.output = nn.Linear(dim + in_width, 1)
+        for module in [*self.mlp, self.output]:
+            if isinstance(module, nn.Linear):
+                bound = (6.0 / (module.in_features + module.out_features)) ** 0.5
+                nn.init.uniform_(module.weight, -bound, bound, generator=generator)
+                nn.init.zeros_(module.bias)
+
+    def embedding_tables(self) -> dict[str, RowEmbedding]:
+        """The per-user and per-item tables, by name (what sparse policies mask)."""
+        return {
+            "user": self.user_embedding,
+            "item": self.item_embedding,
+            "user_mlp": self.user_mlp_embedding,
+            "item_mlp": self.item_mlp_embedding,
+        }
+
+    def _fuse(self, gmf_user, gmf_item, mlp_user, mlp_item) -> torch.Tensor:
+        hidden = self.mlp(torch.cat([mlp_user, mlp_item], dim=-1))
+        return self.output(torch.cat([gmf_user * gmf_item, hidden], dim=-1)).squeeze(-1)
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits for pairs: users int64 [b], items int64 [b] or [b, c] -> float32 [b] or [b, c]."""
+        gmf_user, mlp_user = self.user_embedding(users), self.user_mlp_embedding(users)
+        gmf_item, mlp_item = self.item_embedding(items), self.item_mlp_embedding(items)
+        if items.dim() == 2:
+            gmf_user = gmf_user.unsqueeze(1).expand_as(gmf_item)
+            mlp_user = mlp_user.unsqueeze(1).expand_as(mlp_item)
+        return self._fuse(gmf_user, gmf_item, mlp_user, mlp_item)
+
+    def batch_l2(self, users: torch.Tensor, *item_batches: torch.Tensor) -> torch.Tensor:
+        """Half the squared L2 norm of the embeddings a batch uses, divided by the batch size."""
+        total = self.user_embedding(users).pow(2).sum() + self.user_mlp_embedding(users).pow(2).sum()
+        for items in item_batches:
+            total = total + self.item_embedding(items).pow(2).sum() + self.item_mlp_embedding(items).pow(2).sum()
+        return 0.5 * total / users.shape[0]
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Logits of every item for some users: users int64 [b] -> float32 [b, n_items], chunked over items.
+
+        Same function as ``score``, rearranged for ranking: the first MLP layer acts on [u; i], so its
+        user and item halves are applied once per user and once per item and only added per pair, and
+        the GMF part of the output layer is one matrix product. Only the deeper MLP layers run per pair.
+        """
+        mlp_dim = self.user_mlp_embedding.embedding_dim
+        first, deeper = self.mlp[0], self.mlp[2:]
+        user_part = self.user_mlp_embedding(users) @ first.weight[:, :mlp_dim].T + first.bias  # [b, w0]
+        item_part = self.item_mlp_embedding.weight @ first.weight[:, mlp_dim:].T  # [n_items, w0]
+        gmf_dim = self.item_embedding.embedding_dim
+        gmf_weight, hidden_weight = self.output.weight[0, :gmf_dim], self.output.weight[0, gmf_dim:]
+        gmf = (self.user_embedding(users) * gmf_weight) @ self.item_embedding.weight.T + self.output.bias  # [b, n]
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, users.shape[0] * first.out_features))
+        parts = []
+        for start in range(0, item_part.shape[0], chunk):
+            hidden = deeper(torch.relu(user_part[:, None, :] + item_part[None, start : start + chunk, :]))
+            parts.append(hidden @ hidden_weight)
+        return gmf + torch.cat(parts, dim=1)
+
+
+class MostPopular(nn.Module):
+    """score(u, i) = the number of training interactions of item i, the same for every user: the
+    non-personalised floor every learned model must clear. No trainable parameter."""
+
+    def __init__(self, item_counts: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("item_counts", item_counts.to(torch.float32))
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores for pairs: items int64 [b] or [b, c] -> float32 of the same shape."""
+        return self.item_counts[items]
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item: float32 [b, n_items], one row per user, all equal."""
+        return self.item_counts.expand(users.shape[0], -1)
+
+
+def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> nn.Module:
+    """The model named by ``config.name`` ("mf" or "neumf") for the given table sizes."""
+    if config.name == "mf":
+        return MatrixFactorization(n_users, n_items, config.dim, generator)
+    if config.name == "neumf":
+        return NeuMF(n_users, n_items, config.dim, config.mlp_widths, generator)
+    raise ValueError(f"unknown model {config.name!r}; known: mf, neumf")

@@ -1,0 +1,66 @@
+"""Result tables of sweeps and benchmarks: one CSV row per finished cell, resumable, shareable by processes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fedsparse.run_files import atomic_write_text
+
+
+class ResultTable:
+    """Rows keyed by a cell id, saved atomically after every cell so an interrupted grid resumes.
+
+    Several processes may fill one table (e.g. shards of a grid by density): each write re-reads the
+    file under an exclusive lock on the table's folder (no lock file is left behind), so no row is lost.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> list[dict]:
+        return pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
+
+    def has(self, cell: str) -> bool:
+        """Whether the cell already has a row (and is skipped)."""
+        return any(row.get("cell") == cell for row in self._read())
+
+    def add(self, cell: str, row: dict) -> None:
+        """Record a finished cell and rewrite the CSV."""
+        self.set_rows(cell, [row])
+
+    def set_rows(self, cell: str, rows: list[dict]) -> None:
+        """Replace every row of ``cell`` by ``rows`` (e.g. one per round of a curve) and rewrite the CSV."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The folder is locked rather than a lock file (which would outlive the sweep) or the CSV (replaced by
+        # rename on every write, so a lock on it would guard a file nobody reads any more).
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            kept = [existing for existing in self._read() if existing.get("cell") != cell]
+            atomic_write_text(self.path, pd.DataFrame(kept + [{"cell": cell, **row} for row in rows]).to_csv(index=False))
+        finally:
+            os.close(folder)  # releases the lock
+
+    def frame(self) -> pd.DataFrame:
+        """All rows as a DataFrame."""
+        return pd.DataFrame(self._read())
+
+
+def write_markdown_table(path: Path, header: str, frame: pd.DataFrame) -> None:
+    """Write ``header`` and ``frame`` as a Markdown table, atomically, and print the frame."""
+    atomic_write_text(path, header + frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(frame.to_string(index=False))
+
+
+def machine_description() -> str:
+    """CPU, cores and torch version/threads, for the header of a results table."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({os.environ.get('OMP_NUM_THREADS', 'default')} threads per run)"
+    )

@@ -1,0 +1,524 @@
+"""One user's device: its private state and its local round (train, upload, evaluate).
+
+The device holds its interactions, its user embedding row (with its mask row and Adam moments) and
+never sends any of them. Each round it receives item rows, trains MF-BPR locally on its positives
+and sampled negatives, and returns only the deltas of the active entries of the item rows it touched
+(plus, when asked, a top-k regrowth signal of inactive entries). Pure numpy/torch: the Flower client
+and the in-process engine both call these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedsparse.eval import metrics
+from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
+from fedsparse.data.interactions import Interactions
+from fedsparse.federation.faults import DeviceError
+from fedsparse.federation.device_classes import device_width
+from fedsparse.central.losses import batch_loss
+from fedsparse.sparse.masks import budget, largest, prune_and_grow
+from fedsparse.central.models import MatrixFactorization
+from fedsparse.sparse.policies import build_policy
+from fedsparse.privacy.defences import padding_count, sample_padding
+from fedsparse.privacy.secure_rows import secure_round_rows
+from fedsparse.rng import rng_for
+from fedsparse.sparse.masked_training import MaskedAdam, MaskedSGD
+from fedsparse.federation.streaming import revealed_items
+from fedsparse.federation.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A user's interactions, item ids int64 sorted: what the device trains on and is evaluated on.
+
+    ``interacted`` is every item of the user (train, validation, test): never an evaluation negative, and
+    never a training negative or fake positive under ``train.negatives-from = unrated``.
+    ``validation_negatives`` / ``test_negatives`` (int64 [eval.sampled-negatives]) are the fixed negatives
+    of a candidate file (``eval.candidates``), part of the device's own partition; None otherwise.
+    """
+
+    user_id: int
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    interacted: np.ndarray
+    validation_negatives: np.ndarray | None = None
+    test_negatives: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, data: Interactions, user: int) -> "DeviceData":
+        """User ``user``'s partition of ``data``, with its candidate-file negatives when ``data`` has them."""
+        device = cls.from_interactions(data.train, data.validation, data.test, user)
+        if data.validation_negatives is None or data.test_negatives is None:
+            return device
+        return replace(
+            device,
+            validation_negatives=np.asarray(data.validation_negatives[user], dtype=np.int64),
+            test_negatives=np.asarray(data.test_negatives[user], dtype=np.int64),
+        )
+
+    @classmethod
+    def from_interactions(cls, train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, user: int) -> "DeviceData":
+        """Slice one user's rows out of the split matrices (the partition of user ``user``)."""
+        def row(matrix: sp.csr_matrix) -> np.ndarray:
+            return np.sort(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]].astype(np.int64))
+
+        parts = [row(train), row(validation), row(test)]
+        return cls(user, *parts, np.unique(np.concatenate(parts)))
+
+    def not_sampled(self, negatives_from: str) -> np.ndarray:
+        """Sorted items training may not draw as a negative or fake positive: the training items
+        (``non-train``: held-out items stay drawable, as the device cannot know them) or every rated item
+        (``unrated``)."""
+        return self.interacted if negatives_from == "unrated" else self.train
+
+
+@dataclass
+class DeviceState:
+    """Private, persistent across rounds: user row float32 [dim], its mask bool [dim], Adam moments."""
+
+    user_row: np.ndarray
+    user_mask: np.ndarray
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    steps: int = 0
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays to persist (Flower's ``context.state``)."""
+        return {
+            "user-row": self.user_row,
+            "user-mask": self.user_mask,
+            "exp-avg": self.exp_avg,
+            "exp-avg-sq": self.exp_avg_sq,
+            "steps": np.asarray([self.steps], dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "DeviceState":
+        """Inverse of ``to_arrays``."""
+        return cls(
+            arrays["user-row"].astype(np.float32),
+            arrays["user-mask"].astype(bool),
+            arrays["exp-avg"].astype(np.float32),
+            arrays["exp-avg-sq"].astype(np.float32),
+            int(arrays["steps"][0]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the private state the device keeps between rounds."""
+        return sum(array.nbytes for array in self.to_arrays().values())
+
+
+def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None = None) -> DeviceState:
+    """A fresh device: normal(0, 0.1) user row of the device's width w (``model.dim`` unless its class
+    holds fewer dimensions) masked to round(density * w) entries.
+
+    With an NMF user factor (rank = dim, cut to its first w entries), the mask row keeps the factor's
+    largest entries (a per-row quota: each device decides alone) and, with ``sparse.nmf-values =
+    factors``, starts from the factor's values; otherwise a seeded random choice and normal(0, 0.1) values.
+    """
+    dim = device_width(config, user_id)
+    rng = rng_for(config.seed, "device-init", user_id)
+    active = budget(build_policy(config.sparse).settings.density, 1, dim)
+    if nmf_factor is not None:
+        nmf_factor = np.asarray(nmf_factor)[:dim]
+        columns = largest(nmf_factor, active)
+    else:
+        columns = np.sort(rng.choice(dim, size=active, replace=False))
+    mask = np.zeros(dim, dtype=bool)
+    mask[columns] = True
+    values = rng.normal(0.0, 0.1, dim)
+    if nmf_factor is not None and config.sparse.nmf_values == "factors":
+        values = np.asarray(nmf_factor, dtype=np.float64)
+    row = (values * mask).astype(np.float32)
+    zeros = np.zeros(dim, dtype=np.float32)
+    return DeviceState(row, mask, zeros.copy(), zeros.copy())
+
+
+def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
+    """Sorted int64 ids of the items this round may touch: all of them, the public secure-aggregation
+    subset, or (streaming) the items that exist by this round."""
+    rows = secure_round_rows(config, n_items, server_round)
+    if rows is None:
+        rows = revealed_items(config, n_items, server_round)
+    return np.arange(n_items, dtype=np.int64) if rows is None else rows
+
+
+def round_view(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceData:
+    """The device's data as this round trains it: its training items inside ``round_items`` (all of them
+    unless secure aggregation covers a subset of rows or items are still to arrive); held-out and
+    interacted items unchanged."""
+    items = round_items(config, n_items, server_round)
+    return data if items.size == n_items else replace(data, train=np.intersect1d(data.train, items))
+
+
+def round_padding(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
+    """Fake items int64 sorted [round(padding-ratio * n_train)] this round trains as positives (empty
+    without padding): never a training item of the user (never a rated one under ``train.negatives-from =
+    unrated``), drawn from the device's own stream."""
+    count = padding_count(config.privacy.padding_ratio, data.train.size)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = rng_for(config.seed, "device-padding", server_round, data.user_id)
+    return sample_padding(rng, round_items(config, n_items, server_round), data.not_sampled(config.train.negatives_from), count)
+
+
+def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
+    """Negatives int64 [local_epochs, n_train + n_fake, negatives] for this round, drawn from this device's
+    own stream among this round's items that are neither this round's fake positives nor excluded by
+    ``train.negatives-from`` (the user's training items, or every rated item).
+
+    Known before training, so a device can ask for exactly the rows it will touch ("rows" downlink).
+    """
+    fakes = round_padding(config, data, n_items, server_round)
+    rng = rng_for(config.seed, "device-negatives", server_round, data.user_id)
+    shape = (config.fed.local_epochs, data.train.size + fakes.size, config.train.negatives)
+    excluded = np.union1d(data.not_sampled(config.train.negatives_from), fakes)
+    candidates = np.setdiff1d(round_items(config, n_items, server_round), excluded, assume_unique=True)
+    if candidates.size == 0:
+        raise DeviceError(f"user {data.user_id}: no item is left to draw as a negative")
+    return candidates[rng.integers(0, candidates.size, size=shape)]
+
+
+def local_batches(
+    config: RunConfig, data: DeviceData, server_round: int, n_train: int | None = None
+) -> list[tuple[int, torch.Tensor]]:
+    """(epoch, positions int64 [b]) of every local step: each epoch a seeded shuffle of the device's
+    ``n_train`` positives (default: its training items) cut into ``fed.local-batch-size`` pieces, or all
+    of them in one step when it is 0."""
+    n_train = data.train.size if n_train is None else n_train
+    size = config.fed.local_batch_size or n_train
+    if size >= n_train:
+        return [(epoch, torch.arange(n_train)) for epoch in range(config.fed.local_epochs)]
+    rng = rng_for(config.seed, "device-batches", server_round, data.user_id)
+    batches = []
+    for epoch in range(config.fed.local_epochs):
+        order = torch.from_numpy(rng.permutation(n_train))
+        batches += [(epoch, order[start : start + size]) for start in range(0, n_train, size)]
+    return batches
+
+
+def rows_needed(data: DeviceData, negatives: np.ndarray, fakes: np.ndarray | None = None) -> np.ndarray:
+    """Sorted unique item rows a round touches: the positives, the fake positives and the negatives."""
+    rows = np.union1d(data.train, negatives.ravel())
+    return rows if fakes is None else np.union1d(rows, fakes)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What a local round produced: the new private state, the upload, and measured figures."""
+
+    state: DeviceState
+    update: RowUpdate
+    loss: float
+    memory_bytes: int  # bytes the device held during the round (state, download, working copies)
+    evaluation: dict[str, float] | None = None  # ``validation-``/``test-`` metrics of the personal model, when asked
+
+
+def local_train(
+    config: RunConfig,
+    state: DeviceState,
+    data: DeviceData,
+    download: RowsDownload,
+    n_items: int,
+    server_round: int,
+    send_signal: bool,
+    user_swap_fraction: float = 0.0,
+    evaluate: bool = False,
+) -> LocalResult:
+    """Train MF-BPR on the device's positives against the downloaded item rows; upload the item deltas.
+
+    With ``evaluate`` (``fed.evaluate-model = local``) the device also ranks with its personal model right
+    after training: its user row and the downloaded table with its own trained rows (PFedRec's evaluation).
+
+    With ``user_swap_fraction`` > 0 the device also explores its own user-row mask after training:
+    ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown by
+    |accumulated gradient| (or at random for random-growth policies), starting at zero.
+
+    Under ``fed.user-state = reconstruct`` (FedRecon) the caller passes a fresh row, which ``fit_user_row``
+    fits with the items frozen; the joint steps then train the item rows only.
+
+    The user row follows ``MaskedAdam`` (masked entries stay zero; its optimiser state persists) or, with
+    ``fed.user-optimizer = sgd``, ``MaskedSGD`` on the mean loss; the item rows follow a fresh ``MaskedAdam`` each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD``
+    on the summed loss (updates proportional to the gradient, as in MF-SGD and FedAvg). Gradients of inactive item entries
+    are accumulated (signed sum) and, when ``send_signal``, each touched row reports its ``signal-topk``
+    largest |sums| among inactive entries.
+    """
+    negatives = round_negatives(config, data, n_items, server_round)
+    fakes = round_padding(config, data, n_items, server_round)
+    touched = rows_needed(data, negatives, fakes)
+    trained = np.concatenate([data.train, fakes])  # real positives, then the fake ones
+    if data.train.size == 0:
+        raise DeviceError(f"user {data.user_id} has no training interactions")
+    available = download.rows(n_items)
+    if not np.isin(touched, available).all():
+        raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
+    all_weights, all_mask = download.table.decode()
+    local = np.searchsorted(available, touched)
+    item_start = all_weights[local]
+    model = MatrixFactorization(1, touched.size, state.user_row.size)  # the device's width
+    with torch.no_grad():
+        model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
+        model.item_embedding.weight.copy_(torch.from_numpy(item_start))
+    user_mask = torch.from_numpy(state.user_mask).view(1, -1)
+    item_mask = torch.from_numpy(all_mask[local])
+    user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
+    item_weight = model.item_embedding.weight.data
+    if config.fed.item_optimizer == "sgd":
+        item_opt: MaskedAdam | MaskedSGD = MaskedSGD(item_weight, item_mask, config.fed.item_lr)
+    else:
+        item_opt = MaskedAdam(item_weight, item_mask, config.fed.local_lr)
+    signal = torch.zeros(item_mask.shape)
+    user_signal = torch.zeros(user_mask.shape)
+    positives = torch.from_numpy(np.searchsorted(touched, trained))
+    users = torch.zeros(trained.size, dtype=torch.int64)
+    real = slice(0, data.train.size)
+    fit_user_row(config, model, user_opt, user_mask, users[real], positives[real], torch.from_numpy(np.searchsorted(touched, negatives[0][real])))
+    total_loss = 0.0
+    steps = 0
+    for epoch, batch in local_batches(config, data, server_round, trained.size):
+        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch][batch.numpy()]))
+        model.zero_grad(set_to_none=True)
+        loss = _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < data.train.size)
+        item_gradient = model.item_embedding.weight.grad
+        signal += item_gradient * ~item_mask
+        user_gradient = model.user_embedding.weight.grad
+        user_signal += user_gradient * ~user_mask
+        if config.fed.user_state == "keep":
+            user_opt.step(user_gradient)
+        if isinstance(item_opt, MaskedSGD):
+            item_opt.step(item_gradient, scale=float(batch.numel()))
+        else:
+            item_opt.step(item_gradient)
+        total_loss += float(loss.detach())
+        steps += 1
+    items = model.item_embedding.weight.detach()
+    user = model.user_embedding.weight.detach().view(-1)
+    delta = (items - torch.from_numpy(item_start))[item_mask].numpy().astype(np.float32)
+    row_ids = wire_row_ids(touched, n_items)
+    update = RowUpdate(
+        row_ids, delta, float(trained.size),
+        *(_top_signal(row_ids, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
+    )
+    if isinstance(user_opt, MaskedAdam):
+        moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
+    else:
+        moments = (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
+    new_state = DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments)
+    if user_swap_fraction > 0:
+        explore_user_row(config, new_state, user_signal.view(-1).numpy(), user_swap_fraction, server_round, data.user_id)
+    working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
+    memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
+    evaluation = None
+    if evaluate:
+        if download.row_ids is not None:
+            raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
+        personal = all_weights.copy()
+        personal[touched] = items.numpy()
+        evaluation = evaluate_splits(config, new_state, data, personal)
+    return LocalResult(new_state, update, total_loss / steps, int(memory), evaluation)
+
+
+def _user_optimizer(config: RunConfig, user_weight: torch.Tensor, user_mask: torch.Tensor, state: DeviceState) -> MaskedAdam | MaskedSGD:
+    """The user row's optimiser for this round (``fed.user-optimizer``): Adam resumed from the device's
+    stored moments, or SGD on the mean loss (no state)."""
+    if config.fed.user_optimizer == "sgd":
+        return MaskedSGD(user_weight, user_mask, config.fed.local_lr)
+    user_opt = MaskedAdam(user_weight, user_mask, config.fed.local_lr)
+    user_opt.exp_avg.copy_(torch.from_numpy(state.exp_avg).view(1, -1))
+    user_opt.exp_avg_sq.copy_(torch.from_numpy(state.exp_avg_sq).view(1, -1))
+    user_opt.steps = state.steps
+    return user_opt
+
+
+def _padded_step_backward(
+    config: RunConfig,
+    model: MatrixFactorization,
+    users: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    is_real: torch.Tensor,
+) -> torch.Tensor:
+    """Backward the batch's mean loss; fake positives (``~is_real``) reach the item rows only.
+
+    Padding must make fake rows' deltas look real, but the private user row learns from real
+    positives alone. Without fakes this is one plain backward of ``batch_loss``.
+    """
+    loss = torch.zeros(())
+    user_weight = model.user_embedding.weight
+    for part in (is_real, ~is_real):
+        share = float(part.sum()) / part.numel()
+        if share == 0:
+            continue
+        user_weight.requires_grad_(part is is_real)
+        part_loss = share * batch_loss(model, users[part], positives[part], negatives[part], config.train.loss, config.train.l2_reg)
+        part_loss.backward()
+        loss = loss + part_loss.detach()
+    user_weight.requires_grad_(True)
+    return loss
+
+
+def fit_user_row(
+    config: RunConfig,
+    model: MatrixFactorization,
+    user_opt: MaskedAdam | MaskedSGD,
+    user_mask: torch.Tensor,
+    users: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+) -> None:
+    """``fed.user-steps`` steps on the user row alone against the downloaded item rows (frozen), before
+    the joint steps: the private row catches up with a table that moved since the device last took part
+    (FedRecon's local reconstruction, kept across rounds here). Costs O(n * dim) per step, no item gradient.
+    """
+    if config.fed.user_steps == 0:
+        return
+    item_weight = model.item_embedding.weight
+    item_weight.requires_grad_(False)
+    try:
+        for _ in range(config.fed.user_steps):
+            loss = batch_loss(model, users, positives, negatives, config.train.loss, config.train.l2_reg)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            user_opt.step(model.user_embedding.weight.grad)
+    finally:
+        item_weight.requires_grad_(True)
+
+
+def reconstruct_user_row(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> DeviceState:
+    """FedRecon's evaluation: the user row fitted by ``fed.user-steps`` steps against ``item_weights`` float32
+    [n_items, dim] (frozen) on the device's training positives and the negatives of stream round 0."""
+    n_items = item_weights.shape[0]
+    negatives = round_negatives(config, data, n_items, 0)[0]
+    touched = rows_needed(data, negatives)
+    model = MatrixFactorization(1, touched.size, state.user_row.size)
+    with torch.no_grad():
+        model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
+        model.item_embedding.weight.copy_(torch.from_numpy(np.ascontiguousarray(item_weights[touched, : state.user_row.size])))
+    user_mask = torch.from_numpy(state.user_mask).view(1, -1)
+    user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
+    users = torch.zeros(data.train.size, dtype=torch.int64)
+    positives = torch.from_numpy(np.searchsorted(touched, data.train))
+    fit_user_row(config, model, user_opt, user_mask, users, positives, torch.from_numpy(np.searchsorted(touched, negatives)))
+    return replace(state, user_row=model.user_embedding.weight.detach().view(-1).numpy().astype(np.float32))
+
+
+def set_user_prefix(config: RunConfig, state: DeviceState, share: float, server_round: int, user_id: int) -> None:
+    """Make the user row active on its first round(share * width) dimensions (at least one), in place: entries
+    leaving the prefix are zeroed with their moments, entries joining it start at normal(0, amgp-grow-std)."""
+    width = state.user_row.size
+    prefix = np.arange(width) < max(1, round(share * width))
+    grown = prefix & ~state.user_mask
+    for array in (state.user_row, state.exp_avg, state.exp_avg_sq):
+        array[~prefix | grown] = 0.0
+    rng = rng_for(config.seed, "device-grow", server_round, user_id)
+    state.user_row[grown] = rng.normal(0.0, config.sparse.amgp_grow_std, int(grown.sum())).astype(np.float32)
+    state.user_mask = prefix
+
+
+def explore_user_row(
+    config: RunConfig, state: DeviceState, signal: np.ndarray, fraction: float, server_round: int, user_id: int
+) -> None:
+    """Prune and regrow the user row's mask in place (the row's budget is unchanged)."""
+    active = int(state.user_mask.sum())
+    if build_policy(config.sparse).settings.grow_score == "random":
+        score = rng_for(config.seed, "device-explore", server_round, user_id).random(signal.shape)
+    else:
+        score = np.abs(signal)
+    update = prune_and_grow(state.user_row[None, :], state.user_mask[None, :], score[None, :], math.ceil(fraction * active))
+    changed = np.concatenate([update.pruned, update.grown])
+    state.user_mask = update.mask[0]
+    for array in (state.user_row, state.exp_avg, state.exp_avg_sq):
+        array[changed] = 0.0
+
+
+def _top_signal(
+    rows: np.ndarray, signal: np.ndarray, mask: np.ndarray, config: RunConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per touched row, the ``signal-topk`` inactive entries with the largest |accumulated gradient|.
+
+    ``mask`` bool [r, dim] is the rows' item mask; active entries fill a row only when it has fewer
+    than k inactive ones.
+    """
+    k = min(config.fed.signal_topk, signal.shape[1])
+    # Active entries rank after every inactive one: an inactive entry whose gradient is exactly zero
+    # (off the user's mask) would otherwise tie with them and lose to a lower active column.
+    magnitude = np.where(mask, -1.0, np.abs(signal))
+    order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(signal, order, axis=1).astype(np.float32)
+    return rows.copy(), order.astype(signal_col_dtype(signal.shape[1])), values
+
+
+def evaluate_splits(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> dict[str, float]:
+    """``evaluate_device`` on validation and test, keys prefixed ``validation-`` / ``test-`` (splits the
+    user has no held-out item in are left out)."""
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        result = evaluate_device(config, state, data, item_weights, split)
+        if result is not None:
+            metrics.update({f"{split}-{name}": value for name, value in result.items()})
+    return metrics
+
+
+def evaluate_device(
+    config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray, split: str = "test"
+) -> dict[str, float] | None:
+    """Full-ranking metrics of this user on ``split`` ("validation" or "test"); None without held-out items.
+
+    ``item_weights`` float32 [n_items, dim] is the masked item table, of which a device of width w uses
+    the first w dimensions; the user's training items (and validation items when testing) are excluded
+    from the ranking.
+    """
+    held_out = data.test if split == "test" else data.validation
+    if held_out.size == 0:
+        return None
+    n_items = item_weights.shape[0]
+    excluded = data.train if split == "validation" else np.union1d(data.train, data.validation)
+
+    def one_row(items: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((np.ones(items.size, dtype=np.float32), items, [0, items.size]), shape=(1, n_items))
+
+    user = torch.from_numpy(state.user_row)
+    items = torch.from_numpy(np.ascontiguousarray(item_weights[:, : state.user_row.size]))
+    cutoffs = ranking_cutoffs(config, n_items)
+    _, per_user = metrics.full_ranking_per_user(
+        lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
+    )
+    result = {name: float(values[0]) for name, values in per_user.items()}
+    if uses_sampled_protocol(config) and held_out.size == 1:
+        result.update(sampled_protocol(config, data, user, items, held_out, split))
+    return result
+
+
+def sampled_protocol(
+    config: RunConfig, data: DeviceData, user: torch.Tensor, items: torch.Tensor, held_out: np.ndarray, split: str
+) -> dict[str, float]:
+    """Leave-one-out + ``eval.sampled-negatives`` protocol on the device: HR@10 and NDCG@10 of the held-out
+    item among negatives it never interacted with: the candidate file's (``eval.candidates``, carried in
+    the device's partition), else drawn from the device's own seeded stream."""
+    n_items = items.shape[0]
+    fixed = data.validation_negatives if split == "validation" else data.test_negatives
+    if fixed is not None:
+        negatives = fixed[None, :]
+    elif config.eval.candidates:
+        raise ValueError(f"user {data.user_id}: eval.candidates is set but the device's partition holds no candidate negatives")
+    else:
+        candidates = np.setdiff1d(np.arange(n_items, dtype=np.int64), data.interacted, assume_unique=True)
+        count = min(config.eval.sampled_negatives, candidates.size)
+        rng = rng_for(config.seed, "device-eval-negatives", split, data.user_id)
+        negatives = np.sort(rng.choice(candidates, size=count, replace=False))[None, :]
+    _, per_user = metrics.sampled_per_user(
+        lambda _, candidates_of: items[torch.as_tensor(candidates_of)] @ user,
+        sp.csr_matrix((np.ones(1, dtype=np.float32), held_out, [0, 1]), shape=(1, n_items)),
+        negatives,
+        np.zeros(1, dtype=np.int64),
+        metrics.SAMPLED_PROTOCOL_K,
+    )
+    return {f"sampled_{name}": float(values[0]) for name, values in per_user.items()}

@@ -1,0 +1,800 @@
+"""The federated run loop, independent of how messages travel.
+
+``run_federation`` drives federated NMF, the training rounds and evaluation through a ``Transport``:
+the in-process engine calls the device handlers directly, the Flower ServerApp sends Flower messages.
+Everything else (sampling, downloads, validation, aggregation, accounting, result files) is this one
+loop, so both engines produce the same per-round metrics and byte counts for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from fedsparse.config import ConfigError, RunConfig, flat_defaults, uses_sampled_protocol
+from fedsparse.console import round_line
+from fedsparse.federation.device_classes import device_width
+from fedsparse.federation.server_state import (
+    Server, central_nmf_item_factor, clients_per_round, is_evaluation_round, sample_clients, validate_update,
+)
+from fedsparse.eval.metrics import improves, selection_key
+from fedsparse.sparse.nmf import apply_item_update, multiplicative_init
+from fedsparse.federation.secure_start import (
+    MIN_SECURE_COHORT, SECURE_SUM, balance_columns, START_VALUE_BOUND, StartRefused, check_start_vector, cohort_size, nndsvd_item_factor,
+    nystrom_svd, orthonormal_basis, sketch_matrix, solve_item_factor, svd_item_factor,
+)
+from fedsparse.sparse.policies import build_policy
+from fedsparse.run_files import (
+    ResultFileError, append_jsonl, atomic_write_text, provenance, read_jsonl, read_run_config, round_gaps, run_dir_lock, write_json,
+)
+from fedsparse.rng import rng_for
+from fedsparse.federation.streaming import arrived_users
+from fedsparse.federation.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
+
+log = logging.getLogger("fedsparse")
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One device's answer: arrays and scalar metrics."""
+
+    arrays: Arrays
+    metrics: dict[str, float]
+
+
+class Transport(Protocol):
+    """Delivers one kind of message ("nmf", "query", "train", "evaluate") to some devices.
+
+    ``messages`` maps a user id to its arrays; ``settings`` are scalars every device gets. The result
+    maps each user id to its ``Reply``, or to a string saying why no usable reply came back.
+    """
+
+    def send(
+        self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]
+    ) -> dict[int, Reply | str]: ...
+
+
+class UploadObserver(Protocol):
+    """What an honest-but-curious server records: each accepted upload, with the server's state before
+    the round (the item rows it sent). Called before the round's updates are applied."""
+
+    def observe(self, server_round: int, user: int, update: RowUpdate, server: Server) -> None: ...
+
+
+@dataclass(frozen=True)
+class Population:
+    """What the server may know about the federation: the device ids, table sizes, interaction count."""
+
+    users: np.ndarray  # int64 ids of devices with at least one training item
+    n_users: int
+    n_items: int
+    n_train_interactions: int
+    # Training interactions per item, float [n_items], read by the size policies. A server receiving
+    # sparse uploads learns these counts from their row ids; the simulation hands them over up front.
+    item_popularity: np.ndarray | None = None
+
+
+def check_population(config: RunConfig, population: Population) -> None:
+    """Raise ConfigError, before any work or output, when the config cannot run on this federation."""
+    devices = int(population.users.size)
+    if devices == 0:
+        raise ConfigError("the dataset has no user with a training interaction: no device to federate")
+    if config.fed.clients_per_round > devices:
+        raise ConfigError(f"fed.clients-per-round = {config.fed.clients_per_round} exceeds the {devices} devices of this dataset")
+    if config.poison.target_item >= population.n_items:
+        raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id (the dataset has {population.n_items})")
+
+
+RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
+
+
+def resume_target(run_dir: Path) -> int:
+    """The ``num-server-rounds`` the run in ``run_dir`` was started with (what a resume continues to by default)."""
+    target = read_run_config(run_dir)["config"].get("num-server-rounds")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+        raise ResultFileError(f"{Path(run_dir) / 'config.json'}: num-server-rounds must be an integer >= 0, got {target!r}")
+    return target
+
+
+def check_resumable(config: RunConfig, run_dir: Path) -> None:
+    """Raise ConfigError unless ``run_dir`` holds a valid checkpoint of a run with this config (up to the
+    number of rounds and paths) that ``num-server-rounds`` reaches: resuming under other settings would
+    silently mix two experiments, and a target below the checkpoint would label its metrics wrongly.
+    A damaged config.json or checkpoint raises ResultFileError naming the file and the problem."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).exists():
+        raise ConfigError(f"cannot resume {run_dir}: it holds no {CHECKPOINT}")
+    stored_file = read_run_config(run_dir)
+    stored = {**flat_defaults(), **stored_file["config"]}  # keys added since: defaults
+    current = effective_config(config).to_flat()
+    changed = sorted(key for key in current.keys() - RESUMABLE_CHANGES if stored.get(key) != current[key])
+    if changed:
+        details = ", ".join(f"{key} {stored.get(key)!r} -> {current[key]!r}" for key in changed)
+        raise ConfigError(f"cannot resume {run_dir} under a different config: {details}")
+    arrays = read_checkpoint(run_dir / CHECKPOINT)
+    done = validate_checkpoint(arrays, run_dir / CHECKPOINT, config, stored_file["population"].get("n_items"))
+    if done > config.num_server_rounds:
+        raise ConfigError(
+            f"cannot resume {run_dir}: its checkpoint is at round {done}, past num-server-rounds = {config.num_server_rounds}; "
+            f"pass --num-server-rounds {max(done, resume_target(run_dir))} (the run's own target) or more")
+
+
+def effective_config(config: RunConfig) -> RunConfig:
+    """The config as run: the density the policy trains at (1 for ``dense``, whatever was asked), and
+    without an NMF source, an NMF-initialised policy falls back to a random mask."""
+    settings = build_policy(config.sparse).settings
+    sparse = replace(config.sparse, density=settings.density)
+    if settings.mask_init == "nmf" and config.fed.nmf_init == "none":
+        sparse = replace(sparse, mask_init="random")
+    return replace(config, sparse=sparse)
+
+
+def _bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(array).nbytes for array in arrays.values()))
+
+
+class DeviceInit:
+    """Per-device fields the server adds to its messages so devices initialise from NMF: the user factor
+    (central oracle only), the column scale of a multiplicative start, and the public gram QᵀQ of the
+    masked item table from which a device fits its own p_u (``fedsparse.federation.secure_start.project_user_factor``),
+    sent once per device, with its first message."""
+
+    def __init__(
+        self, user_factors: np.ndarray | None = None, column_scale: np.ndarray | None = None,
+        projection: np.ndarray | None = None, projected: np.ndarray | None = None,
+    ) -> None:
+        self.user_factors = user_factors
+        self.column_scale = column_scale
+        self.projection = projection  # float [dim, dim]
+        self.projected: set[int] = set() if projected is None else {int(u) for u in projected}  # devices it was sent to
+
+    def arrays(self, user: int) -> Arrays:
+        """The init fields for ``user``: its factor (central oracle) or public scales (federated)."""
+        if self.user_factors is not None:
+            return {"nmf-user-factor": self.user_factors[user].astype(np.float32)}
+        fields = {}
+        if self.column_scale is not None:
+            fields["nmf-scale"] = self.column_scale.astype(np.float32)
+        if self.projection is not None and user not in self.projected:
+            fields["nmf-project"] = self.projection.astype(np.float32)
+            self.projected.add(user)
+        return fields
+
+
+def federated_nmf(config: RunConfig, population: Population, transport: Transport) -> tuple[np.ndarray, DeviceInit, dict]:
+    """The federated NMF start: returns (item factor, device init, accounting).
+
+    The server sees only secure sums over a public seeded cohort (``fed.nmf-cohort``): never an item id,
+    a p_u or a single device's vector (``fedsparse.federation.secure_start`` says what each sum holds). Devices
+    outside the cohort, and all devices under ``fed.nmf-start = range | svd``, fit p_u themselves from the
+    item rows they download and the public gram (``DeviceInit``). Raises StartRefused when a sum cannot be
+    formed securely.
+    """
+    devices = arrived_users(config, population.users, 1)  # streaming: the devices of round 1
+    count = cohort_size(config.fed.nmf_cohort, int(devices.size))
+    cohort = [int(u) for u in devices[sample_clients(config.seed, 0, devices.size, count, "nmf-start")]]
+    accounting = {"nmf_download_bytes": 0, "nmf_upload_bytes": 0, "nmf_rounds": 0, "nmf_cohort": len(cohort),
+                  "nmf_start_bytes_per_device": 0.0}
+    n_items, rank = population.n_items, config.model.dim
+    if config.fed.nmf_start in ("range", "svd"):
+        width = max(rank, config.fed.nmf_sketch)
+        test = sketch_matrix(config.seed, n_items, width).astype(np.float64)
+        messages = {user: {"nmf-sketch": np.asarray([config.seed, width], dtype=np.int64)} for user in cohort}
+        sample = _secure_start_sum(transport, 1, messages, n_items * width, accounting).reshape(n_items, width)
+        for power_pass in range(config.fed.nmf_power):
+            test = orthonormal_basis(sample)
+            basis = test.astype(np.float32)
+            messages = {user: {"nmf-test": basis} for user in cohort}
+            sample = _secure_start_sum(transport, 2 + power_pass, messages, n_items * width, accounting).reshape(n_items, width)
+        W, sigma = nystrom_svd(test, sample, rank)
+        sigma = sigma * np.sqrt(devices.size / len(cohort))  # the cohort's spectrum scaled to the whole federation
+        if config.fed.nmf_start == "svd":
+            item_factor = svd_item_factor(W, sigma)
+        else:
+            item_factor = balance_columns(nndsvd_item_factor(W, sigma), W, sigma)
+        if config.fed.nmf_refine and config.fed.nmf_start == "range":
+            # NNDSVDa: multiplicative steps never move a zero, so zeros start at the mean of R (as scikit-learn's)
+            # (seeded jitter, so that columns a low-rank cohort left empty are not identical, a tie SecAgg+'s
+            # rounding would break at random)
+            tiny = item_factor <= 1e-6 * item_factor.max(initial=0.0)  # zero up to SecAgg+'s rounding
+            mean = population.n_train_interactions / (population.n_users * n_items)
+            fill = mean * (0.5 + rng_for(config.seed, "nmf-fill").random(item_factor.shape))
+            item_factor = np.where(tiny, fill, item_factor)
+            item_factor, gram_users = _multiplicative_rounds(
+                config, transport, cohort, item_factor, config.fed.nmf_refine, 2 + config.fed.nmf_power, True, accounting,
+                devices=devices)
+            item_factor = item_factor / _column_scale(item_factor, gram_users, config.fed.nmf_refine * len(cohort) / devices.size)
+        device_init = DeviceInit()
+    else:
+        mean = population.n_train_interactions / max(1, population.n_users * population.n_items)
+        _, item_factor = multiplicative_init(population.n_users, n_items, rank, config.seed, mean)
+        item_factor, gram_users = _multiplicative_rounds(
+            config, transport, cohort, item_factor, config.fed.nmf_rounds, 1, False, accounting, float(np.sqrt(mean / rank)))
+        scale = _column_scale(item_factor, gram_users, 1.0)  # cohort devices keep p_u: balance against the cohort's own P
+        item_factor, device_init = item_factor / scale, DeviceInit(column_scale=scale)
+    accounting["nmf_start_bytes_per_device"] = (accounting["nmf_download_bytes"] + accounting["nmf_upload_bytes"]) / max(1, population.users.size)
+    if not np.isfinite(item_factor).all():  # never mask from a broken factor: the run stops, saying why
+        raise StartRefused("the start's item factor is not finite (the secure sums were unusable)")
+    return item_factor.astype(np.float32), device_init, accounting
+
+
+def _multiplicative_rounds(
+    config: RunConfig, transport: Transport, cohort: list[int], item_factor: np.ndarray, rounds: int, first_round: int,
+    fit: bool, accounting: dict, init_scale: float = 0.0, devices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rounds`` secure multiplicative item updates over the cohort: (new Q, the summed PᵀP it used).
+
+    Each round sends Q and QᵀQ (public to the cohort) and sums [Rᵀ P, PᵀP]. A device takes one
+    multiplicative step on its kept p_u (``fit`` False: central multiplicative NMF, round for round), or
+    fits p_u afresh by non-negative least squares on Q (``fit`` True: the refinement after a range start).
+    With ``fit``, each round draws a fresh public cohort of the same size from ``devices`` and Q is solved
+    from the sums of every round so far: more devices cover more items at the same bytes per device.
+    ``init_scale``: the scale of a device's first p_u (multiplicative start only).
+    """
+    n_items, rank = item_factor.shape
+    gram_users = np.zeros((rank, rank))
+    numerators, grams = np.zeros((n_items, rank)), np.zeros((rank, rank))
+    for nmf_round in range(first_round, first_round + rounds):
+        if fit and devices is not None:
+            cohort = [int(u) for u in devices[sample_clients(config.seed, nmf_round, devices.size, len(cohort), "nmf-start")]]
+        shared = {"item-factor": item_factor.astype(np.float32), "gram": (item_factor.T @ item_factor).astype(np.float32),
+                  "init-scale": np.asarray([init_scale], dtype=np.float32), **({"nmf-fit": np.ones(1, dtype=np.int64)} if fit else {})}
+        total = _secure_start_sum(transport, nmf_round, {user: shared for user in cohort}, n_items * rank + rank * rank, accounting)
+        numerator, gram_users = total[: n_items * rank].reshape(n_items, rank), total[n_items * rank :].reshape(rank, rank)
+        if fit:  # an item no cohort device holds so far has no information: its row is kept
+            numerators += numerator
+            grams += gram_users
+            numerator, gram_users = numerators, grams
+            mass = numerator.sum(axis=1)
+            seen = mass > 1e-4 * mass.max(initial=0.0)  # not just SecAgg+'s rounding noise
+            item_factor = np.where(seen[:, None], solve_item_factor(item_factor, numerator, gram_users), item_factor)
+        else:
+            # clipped: SecAgg+'s rounding noise on sums that are exactly >= 0 (a no-op on the exact in-process sums)
+            item_factor = apply_item_update(item_factor, np.clip(numerator, 0.0, None), np.clip(gram_users, 0.0, None))
+    return item_factor, gram_users
+
+
+def _column_scale(item_factor: np.ndarray, gram_users: np.ndarray, users_share: float) -> np.ndarray:
+    """c_j = sqrt(||Q_j|| / ||P_j||), with ||P_j||² = diag(PᵀP) of the cohort divided by its share of the devices."""
+    user_norm = np.sqrt(np.clip(np.diag(gram_users), 0.0, None) / users_share)
+    item_norm = np.linalg.norm(item_factor, axis=0)
+    scale = np.ones(item_factor.shape[1])
+    ok = (user_norm > 0) & (item_norm > 0)
+    scale[ok] = np.sqrt(item_norm[ok] / user_norm[ok])
+    return scale
+
+
+def _secure_start_sum(transport: Transport, nmf_round: int, messages: Mapping[int, Arrays], length: int, accounting: dict) -> np.ndarray:
+    """The secure sum float64 [length] of the cohort's start vectors, its bytes added to ``accounting``.
+
+    Under Flower (a transport with ``secure_sum``) SecAgg+ returns only the sum, with every byte of the
+    protocol counted per device. In process, each reply is checked (length, dtype, finite, bound) and the
+    valid ones summed exactly; a bad vector is dropped with its reason logged. Fewer than SecAgg+'s
+    threshold of valid vectors, or an unusable sum, raises StartRefused: there is no plaintext fallback.
+    """
+    round_started = time.perf_counter()
+    if hasattr(transport, "secure_sum"):
+        total, replies, sent, received = transport.secure_sum(nmf_round, messages, START_VALUE_BOUND, length)
+        for user, reply in replies.items():
+            if isinstance(reply, str):
+                log.warning("nmf round %d: device %d left the secure sum: %s", nmf_round, user, reply)
+        summed = sum(1 for reply in replies.values() if not isinstance(reply, str))
+        accounting["nmf_download_bytes"] += sum(sent.values())
+        accounting["nmf_upload_bytes"] += sum(received.values())
+    else:
+        replies = transport.send("nmf", nmf_round, messages, {})
+        total, summed = np.zeros(length), 0
+        for user, reply in replies.items():
+            accounting["nmf_download_bytes"] += _bytes(messages[user])
+            if isinstance(reply, str):
+                log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
+                continue
+            accounting["nmf_upload_bytes"] += _bytes(reply.arrays)
+            vector = reply.arrays.get(SECURE_SUM)
+            problem = check_start_vector(vector, length) if vector is not None and len(reply.arrays) == 1 else (
+                f"expected only {SECURE_SUM!r}, got {sorted(reply.arrays)}")
+            if problem:
+                log.warning("nmf round %d: dropped the vector of device %d: %s", nmf_round, user, problem)
+                continue
+            total += vector
+            summed += 1
+    accounting["nmf_rounds"] = nmf_round
+    if summed < MIN_SECURE_COHORT:
+        raise StartRefused(f"nmf round {nmf_round}: {summed} valid vectors, below SecAgg+'s threshold of {MIN_SECURE_COHORT}")
+    if total is None or np.shape(total) != (length,) or not np.isfinite(total).all():
+        raise StartRefused(f"nmf round {nmf_round}: the secure sum is unusable (shape {np.shape(total)} or non-finite values)")
+    log.info("NMF start round %d: %d devices in the secure sum, %.1f s", nmf_round, summed, time.perf_counter() - round_started)
+    return np.asarray(total, dtype=np.float64)
+
+
+def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
+    """Why a reply's scalar metrics are unusable (a value that is not a finite real number), or None."""
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+            return f"metric {name!r} is not a finite number: {value!r}"
+    return None
+
+
+def _summary_stats(values: list[float], name: str) -> dict[str, float]:
+    if not values:
+        return {f"{name}_mean": 0.0, f"{name}_max": 0.0}
+    return {f"{name}_mean": float(np.mean(values)), f"{name}_max": float(np.max(values))}
+
+
+@dataclass
+class RunState:
+    """Everything the loop carries between rounds; checkpointed after every round."""
+
+    server: Server
+    device_init: DeviceInit
+    totals: dict[str, float]
+    best: dict[str, Any]
+    last_metrics: dict[str, float]
+
+    def to_arrays(self) -> Arrays:
+        """Flat arrays for ``checkpoint.npz`` (JSON for the small dicts)."""
+        arrays = {f"server.{key}": value for key, value in self.server.state_arrays().items()}
+        if self.device_init.user_factors is not None:
+            arrays["init.user-factors"] = self.device_init.user_factors
+        if self.device_init.column_scale is not None:
+            arrays["init.column-scale"] = self.device_init.column_scale
+        if self.device_init.projection is not None:
+            arrays["init.projection"] = self.device_init.projection
+            arrays["init.projected"] = np.asarray(sorted(self.device_init.projected), dtype=np.int64)
+        for name in ("totals", "best", "last_metrics"):
+            arrays[f"json.{name}"] = np.asarray(json.dumps(getattr(self, name)))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> "RunState":
+        """Rebuild from ``to_arrays`` output."""
+        server_arrays = {key.removeprefix("server."): value for key, value in arrays.items() if key.startswith("server.")}
+        device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"), arrays.get("init.projection"), arrays.get("init.projected"))
+        loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
+        return cls(Server.restore(config, server_arrays), device_init, **loads)
+
+
+CHECKPOINT = "checkpoint.npz"
+MANIFEST = "json.manifest"  # every other array's name, shape and dtype, and the round: what a resume checks
+NPZ_MAGIC = b"PK\x03\x04"  # a .npz is a zip archive
+JSON_FIELDS = ("totals", "best", "last_metrics")
+NAMES_SHOWN = 5  # array names a checkpoint error lists before "..."
+
+
+class CheckpointError(ResultFileError):
+    """``checkpoint.npz`` is damaged or does not fit the run's config; the message names the file."""
+
+
+def save_checkpoint(run_dir: Path, state: RunState, transport: Transport) -> None:
+    """Atomically write the run state (and the transport's device states, when it can export them) with a
+    manifest of every array, so a resume notices any array that went missing or changed shape."""
+    arrays = {name: np.asarray(value) for name, value in state.to_arrays().items()}
+    if hasattr(transport, "state_arrays"):
+        arrays.update({f"transport.{key}": np.asarray(value) for key, value in transport.state_arrays().items()})
+    listing = {name: _array_signature(value) for name, value in arrays.items()}
+    arrays[MANIFEST] = np.asarray(json.dumps({"round": state.server.round, "arrays": listing}, sort_keys=True))
+    temporary = run_dir / f".{CHECKPOINT}.tmp.npz"
+    np.savez(temporary, **arrays)
+    os.replace(temporary, run_dir / CHECKPOINT)
+
+
+def _array_signature(value: np.ndarray) -> list:
+    """[shape, dtype] as the manifest lists it; text arrays (JSON fields) by kind only, their length varies."""
+    return [list(value.shape), "text" if value.dtype.kind == "U" else value.dtype.str]
+
+
+def read_checkpoint(path: Path) -> Arrays:
+    """Every array of a checkpoint file; CheckpointError (one line, naming the file) when it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(len(NPZ_MAGIC))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
+    if head != NPZ_MAGIC:
+        raise CheckpointError(f"{path}: not a checkpoint archive ({'empty' if not head else 'no .npz header'})")
+    arrays: Arrays = {}
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            for name in stored.files:
+                try:
+                    arrays[name] = stored[name]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc):  # an object array: a checkpoint only ever holds numbers and text
+                        raise CheckpointError(f"{path}: array {name!r} holds Python objects, which a checkpoint never does") from None
+                    raise
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: damaged archive ({exc}); it cannot be resumed") from exc
+    return arrays
+
+
+def _json_array(arrays: Arrays, name: str, path: Path) -> Any:
+    """The JSON text stored as the 0-d string array ``name``, parsed."""
+    value = arrays[name]
+    if value.shape != () or value.dtype.kind != "U":
+        raise CheckpointError(f"{path}: {name} must be one JSON text, got a {value.dtype} array of shape {value.shape}")
+    try:
+        return json.loads(str(value))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: {name} is not valid JSON ({exc.msg})") from exc
+
+
+def validate_checkpoint(arrays: Arrays, path: Path, config: RunConfig, n_items: int) -> int:
+    """Check a checkpoint against its manifest and the config (table shapes, dtypes, finite values, the
+    round); returns the round it holds. CheckpointError names the first problem."""
+    if MANIFEST not in arrays:
+        raise CheckpointError(f"{path}: has no {MANIFEST} (damaged, or written before checkpoints carried one)")
+    manifest = _json_array(arrays, MANIFEST, path)
+    listing = manifest.get("arrays") if isinstance(manifest, dict) else None
+    if not isinstance(listing, dict) or not isinstance(manifest.get("round"), int):
+        raise CheckpointError(f"{path}: {MANIFEST} must hold 'round' and 'arrays'")
+    missing = sorted(set(listing) - set(arrays))
+    extra = sorted(set(arrays) - set(listing) - {MANIFEST})
+    if missing or extra:
+        problems = [f"{what} {len(names)} {kind}array(s) ({', '.join(names[:NAMES_SHOWN])}{', ...' if len(names) > NAMES_SHOWN else ''})"
+                    for what, kind, names in (("lacks", "", missing), ("has", "unlisted ", extra)) if names]
+        raise CheckpointError(f"{path}: {'; '.join(problems)}")
+    for name, value in arrays.items():
+        if name != MANIFEST and listing[name] != _array_signature(value):
+            raise CheckpointError(f"{path}: array {name} has shape and dtype {_array_signature(value)}, the manifest says {listing[name]}")
+    shape = (n_items, config.model.dim)
+    weight, mask, done = arrays.get("server.item-weight"), arrays.get("server.item-mask"), arrays.get("server.round")
+    if weight is None or mask is None or done is None:
+        raise CheckpointError(f"{path}: lacks the server's item table, mask or round")
+    if weight.shape != shape or weight.dtype != np.float32 or mask.shape != shape or mask.dtype != bool:
+        raise CheckpointError(f"{path}: item table {weight.dtype} {weight.shape} and mask {mask.dtype} {mask.shape} "
+                              f"do not fit this run (float32 and bool, {shape}: n_items x model.dim)")
+    if not np.isfinite(weight).all():
+        raise CheckpointError(f"{path}: the item table holds non-finite values")
+    if done.shape != (1,) or done.dtype.kind not in "iu" or int(done[0]) != manifest["round"] or done[0] < 0:
+        raise CheckpointError(f"{path}: server.round {done.tolist()} does not match the manifest's round {manifest['round']}")
+    for name in JSON_FIELDS:
+        if f"json.{name}" not in arrays or not isinstance(_json_array(arrays, f"json.{name}", path), dict):
+            raise CheckpointError(f"{path}: json.{name} must be a JSON object")
+    return int(done[0])
+
+
+def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport, n_items: int) -> RunState:
+    """Read and validate ``checkpoint.npz``; device states go back into the transport when it can hold them."""
+    path = run_dir / CHECKPOINT
+    arrays = read_checkpoint(path)
+    validate_checkpoint(arrays, path, config, n_items)
+    arrays.pop(MANIFEST)
+    if hasattr(transport, "load_state_arrays"):
+        transport.load_state_arrays({k.removeprefix("transport."): v for k, v in arrays.items() if k.startswith("transport.")})
+    return RunState.from_arrays(config, arrays)
+
+
+def resumed_rounds(path: Path, checkpoint_round: int) -> list[dict[str, Any]]:
+    """The rounds.jsonl records a resume keeps: exactly rounds 1..``checkpoint_round``, once each.
+
+    Records past the checkpoint (appended before a crash prevented their checkpoint) are redone;
+    ResultFileError when a round the checkpoint covers is missing or duplicated (never silently dropped).
+    """
+    records = read_jsonl(path)
+    for line, record in enumerate(records, start=1):
+        if isinstance(record.get("round"), bool) or not isinstance(record.get("round"), int):
+            raise ResultFileError(f"{path}:{line}: the record has no integer 'round'")
+    kept = [record for record in records if record["round"] <= checkpoint_round]
+    problem = round_gaps(kept, checkpoint_round)
+    if problem or [record["round"] for record in kept] != list(range(1, checkpoint_round + 1)):
+        raise ResultFileError(f"{path}: the checkpoint is at round {checkpoint_round}, but the records up to it have "
+                              f"{problem or 'rounds out of order'}; it was edited or written by two processes: restore it before resuming")
+    redone = len(records) - len(kept)
+    if redone:
+        log.warning("%s: %d record(s) after round %d predate no checkpoint and are redone", path, redone, checkpoint_round)
+    return kept
+
+
+def start_run(config: RunConfig, population: Population, transport: Transport, central_train=None) -> RunState:
+    """NMF (when the policy needs it) and the initial server; ``totals["init_seconds"]`` times it."""
+    started = time.perf_counter()
+    totals: dict[str, float] = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
+    item_factor, device_init = None, DeviceInit()
+    if build_policy(config.sparse).settings.mask_init == "nmf":
+        if config.fed.nmf_init == "central":
+            users, item_factor = central_nmf_item_factor(config, central_train)
+            device_init = DeviceInit(user_factors=users)
+        else:
+            item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
+            totals.update(nmf_bytes)
+    server = Server.create(config, population.n_items, item_factor, population.item_popularity)
+    if device_init.user_factors is None and item_factor is not None:  # federated: devices fit p_u from the masked table
+        table = server.item_weight.astype(np.float64)
+        device_init.projection = table.T @ table
+        totals["nmf_project_bytes_per_device"] = device_init.projection.astype(np.float32).nbytes  # once, in its first download
+    totals["init_seconds"] = time.perf_counter() - started
+    source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
+    log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
+    return RunState(server, device_init, totals, {}, {})
+
+
+def run_federation(
+    config: RunConfig,
+    population: Population,
+    transport: Transport,
+    run_dir: Path,
+    central_train=None,
+    resume: bool = False,
+    observer: UploadObserver | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run NMF (if the policy needs it) and ``num-server-rounds`` rounds; write rounds.jsonl and summary.json.
+
+    ``central_train`` (the training CSR) is needed only for ``fed.nmf-init = central``, the oracle. With
+    ``resume``, the run continues after the last round of ``run_dir/checkpoint.npz``; rounds.jsonl lines
+    written after that checkpoint are dropped and redone. ``observer`` sees every accepted upload.
+    ``metadata`` (dataset counts and checksum, ...) joins the code version and machine in config.json.
+    ``on_round`` gets each round's record once it is saved (e.g. to advance a progress bar).
+    The summary's ``best_validation_round`` is picked on validation sampled HR@10 under the sampled
+    protocol (``data.split = loo`` or ``eval.candidates``), else on validation Recall@``eval.k``.
+    """
+    check_population(config, population)
+    with run_dir_lock(run_dir):  # one writer per run directory: a second resume is refused, not interleaved
+        return _run_locked(config, population, transport, run_dir, central_train, resume, observer, metadata, on_round)
+
+
+def _run_locked(
+    config: RunConfig, population: Population, transport: Transport, run_dir: Path, central_train, resume: bool,
+    observer: UploadObserver | None, metadata: Mapping[str, Any] | None, on_round: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """``run_federation`` once the run directory's lock is held."""
+    if resume:
+        check_resumable(config, run_dir)
+    config = effective_config(config)
+    started = time.perf_counter()
+    if resume:
+        state = load_checkpoint(run_dir, config, transport, population.n_items)
+        kept = resumed_rounds(run_dir / "rounds.jsonl", state.server.round)
+        atomic_write_text(run_dir / "rounds.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        log.info("resuming %s after round %d, to round %d", run_dir, state.server.round, config.num_server_rounds)
+    else:
+        state = start_run(config, population, transport, central_train)
+        write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
+            "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items},
+            **provenance(config.code_version), **(metadata or {})})
+    # The best round: validation sampled HR@10 under the sampled protocol (a tie goes to the later round, as
+    # in PFedRec), else validation Recall@k; the summary's best_test_* are that round's test metrics.
+    sampled = uses_sampled_protocol(config)
+    select_key = "validation_" + selection_key(sampled, config.eval.k)
+    for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
+        record = train_round(config, population, transport, state, server_round, observer)
+        personal = record.pop("personal_metrics")
+        if is_evaluation_round(config, server_round):
+            if config.fed.evaluate_model == "local":  # the trained devices ranked with their own models
+                metrics = personal
+            else:
+                metrics, eval_bytes = evaluate_round(config, state.server, population, transport, state.device_init, server_round)
+                state.totals["eval_download_bytes"] += eval_bytes
+            record.update(metrics)
+            state.last_metrics = metrics
+            if select_key in metrics and improves(metrics[select_key], state.best.get(select_key, -1.0), sampled):
+                state.best = {"round": server_round, **metrics}
+        record["seconds"] = time.perf_counter() - record.pop("started")
+        append_jsonl(run_dir / "rounds.jsonl", record)
+        save_checkpoint(run_dir, state, transport)
+        log.info(round_line(record, config.num_server_rounds))
+        if on_round is not None:
+            on_round(record)
+
+    summary = {
+        "rounds": state.server.round,  # the rounds behind these metrics (equals num-server-rounds: check_resumable)
+        "policy": state.server.policy.name,
+        "density": state.server.policy.settings.density,
+        "item_active_entries": int(state.server.item_mask.sum()),
+        "item_table_bytes": state.server.download(None).table.nbytes,  # the final masked table as the server stores it
+        "best_validation_round": state.best.get("round"),
+        "selection": f"best {select_key}",
+        f"best_{select_key}": state.best.get(select_key),
+        **{f"best_{key}": value for key, value in state.best.items() if key.startswith("test_")},
+        **{f"total_{key}": value for key, value in state.totals.items()},
+        "seconds": time.perf_counter() - started,
+        **{key: value for key, value in state.last_metrics.items() if key.startswith("validation_") or "_" not in key},
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def train_round(
+    config: RunConfig,
+    population: Population,
+    transport: Transport,
+    state: RunState,
+    server_round: int,
+    observer: UploadObserver | None = None,
+) -> dict[str, Any]:
+    """Sample, (query,) download, train, validate and aggregate one round; returns its record."""
+    started = time.perf_counter()
+    server = state.server
+    arrived_items = server.reveal(server_round)
+    present = arrived_users(config, population.users, server_round)
+    per_round = clients_per_round(config, present.size)
+    chosen = present[sample_clients(config.seed, server_round, present.size, per_round)]
+    rows: dict[int, np.ndarray | None] = {int(u): None for u in chosen}
+    query_bytes: dict[int, int] = {}
+    failed: list[int] = []
+    if config.fed.downlink == "rows":
+        for user, reply in transport.send("query", server_round, {int(u): {} for u in chosen}, {}).items():
+            try:
+                if isinstance(reply, str):
+                    raise PayloadError(reply)
+                rows[user] = _requested_rows(reply.arrays, population.n_items)
+                query_bytes[user] = _bytes(reply.arrays)
+            except PayloadError as exc:
+                rows.pop(user)
+                failed.append(user)
+                log.warning("round %d: row request of device %d failed: %s", server_round, user, exc)
+    widths = {user: device_width(config, user) for user in rows}
+    messages = {
+        user: {**server.download(wanted, widths[user]).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()
+    }
+    secure = config.privacy.secure_aggregation
+    if secure and hasattr(transport, "secure_train"):  # Flower's SecAgg+: the transport returns only the sum
+        return _secure_protocol_round(config, transport, state, server_round, messages, chosen, failed, started)
+    settings = server.train_settings(server_round)
+    replies = transport.send("train", server_round, messages, settings)
+    updates, uploads, downloads, memory, dropped = [], [], [], [], 0
+    by_class: dict[int, list[tuple[int, float]]] = {}  # device width -> (upload bytes, memory bytes) of accepted devices
+    for user in sorted(messages):
+        downloads.append(_bytes(messages[user]))
+        reply = replies.get(user, "no reply")
+        if isinstance(reply, str):
+            failed.append(user)
+            log.warning("round %d: device %d failed: %s", server_round, user, reply)
+            continue
+        uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
+        update, reason = validate_update(server, reply.arrays, secure, widths[user])
+        reason = reason or metrics_problem(reply.metrics)
+        if reason:
+            dropped += 1
+            log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
+            continue
+        updates.append(update)
+        if observer is not None and not secure:  # under secure aggregation the server sees only the sum
+            observer.observe(server_round, user, update, server)
+        memory.append(reply.metrics.get("memory-bytes", 0.0))
+        by_class.setdefault(widths[user], []).append((uploads[-1], memory[-1]))
+    applied = server.apply_secure_round(server_round, updates) if secure else server.apply_round(server_round, updates)
+    if secure:  # a secure upload names no rows: the sparse references do not apply
+        updates = []
+    dim = server.item_weight.shape[1]
+    # Reference points for the upload, per accepted update: its information floor (row ids + the active
+    # values of the rows touched) and the same rows sent dense.
+    floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
+    dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
+    return _round_record(state, server_round, started, len(chosen), len(failed), dropped, uploads, downloads, memory, applied, {
+        "personal_metrics": _personal_metrics(config, replies, widths) if settings.get("evaluate") else {},
+        "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
+        "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
+        **(_per_class(by_class) if config.budget.widths else {}),
+        **({"present_users": int(present.size), "arrived_items": arrived_items,
+            "item_active_entries": int(server.item_mask.sum())} if config.budget.stream_stages else {}),
+    })
+
+
+def _per_class(by_class: Mapping[int, list[tuple[int, float]]]) -> dict[str, float]:
+    """Mean upload and device memory bytes of each device class (keys suffixed ``_w<width>``)."""
+    record = {}
+    for width, pairs in sorted(by_class.items()):
+        uploads, memory = zip(*pairs)
+        record[f"upload_bytes_mean_w{width}"] = float(np.mean(uploads))
+        record[f"device_memory_bytes_mean_w{width}"] = float(np.mean(memory))
+    return record
+
+
+def _round_record(
+    state: RunState, server_round: int, started: float, clients: int, failed: int, dropped: int,
+    uploads: list[int], downloads: list[int], memory: list[float], applied: dict[str, Any], references: dict[str, float],
+) -> dict[str, Any]:
+    """Add the round's bytes to the run totals and build its rounds.jsonl record (``seconds`` added later);
+    dense FedAvg of the whole item table is the third reference point of the upload."""
+    server = state.server
+    state.totals["upload_bytes"] += sum(uploads)
+    state.totals["download_bytes"] += sum(downloads)
+    return {
+        "round": server_round,
+        "started": started,
+        "clients": clients,
+        "failed_clients": failed,
+        "dropped_updates": dropped,
+        **_summary_stats(uploads, "upload_bytes"),
+        **_summary_stats(downloads, "download_bytes"),
+        **_summary_stats(memory, "device_memory_bytes"),
+        **references,
+        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4,
+        **applied,
+    }
+
+
+def _secure_protocol_round(
+    config: RunConfig, transport: Transport, state: RunState, server_round: int, messages: dict[int, Arrays],
+    chosen: np.ndarray, failed: list[int], started: float,
+) -> dict[str, Any]:
+    """A training round whose uploads only a secure-aggregation protocol sees: the transport's
+    ``secure_train`` returns the summed upload, per-device metrics or failures, and every byte of the
+    protocol per device (key exchange included)."""
+    server = state.server
+    settings = server.train_settings(server_round)
+    total, replies, sent, received = transport.secure_train(server_round, messages, settings)
+    for user, reply in replies.items():
+        if isinstance(reply, str):
+            failed.append(user)
+            log.warning("round %d: device %d failed: %s", server_round, user, reply)
+    memory = [reply.metrics.get("memory-bytes", 0.0) for reply in replies.values() if isinstance(reply, Reply)]
+    dropped, checked = 0, None
+    if total is not None:
+        try:
+            checked = SecureUpload.from_arrays(total.to_arrays(), server.item_mask[server.secure_rows()])
+        except PayloadError as exc:
+            dropped = 1
+            log.warning("round %d: dropped the secure sum: %s", server_round, exc)
+    summed = len(memory)  # devices whose upload joined the sum
+    applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
+    no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0,  # a secure upload names no rows
+               "personal_metrics": _personal_metrics(config, replies, {}) if settings.get("evaluate") else {}}
+    return _round_record(state, server_round, started, len(chosen), len(failed), dropped, list(received.values()),
+                         list(sent.values()), memory, applied, no_rows)
+
+
+def _requested_rows(arrays: Arrays, n_items: int) -> np.ndarray:
+    """The validated item rows a device asked for, int64 [r] sorted."""
+    return read_row_ids(arrays, "row-ids", n_items).astype(np.int64)
+
+
+def evaluate_round(
+    config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit, server_round: int
+) -> tuple[dict[str, float], int]:
+    """Evaluate sampled devices on the full masked table; per-user means of every reported metric."""
+    count = max(1, int(round(config.fed.eval_fraction * population.users.size)))
+    # The same devices at every evaluation (keyed by the seed alone): rounds are compared, and the best
+    # round picked, on one fixed validation population, not on a new random subset each time.
+    chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
+    chosen = np.intersect1d(chosen, arrived_users(config, population.users, server_round))  # streaming: joined devices only
+    widths = {int(u): device_width(config, int(u)) for u in chosen}
+    tables = {width: server.download(None, width).to_arrays() for width in sorted(set(widths.values()))}
+    messages = {user: {**tables[width], **device_init.arrays(user)} for user, width in widths.items()}
+    replies = transport.send("evaluate", server_round, messages, {})
+    evaluated: dict[int, Mapping[str, float]] = {}
+    for user, reply in replies.items():
+        problem = reply if isinstance(reply, str) else metrics_problem(reply.metrics)
+        if problem:
+            log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
+            continue
+        evaluated[user] = reply.metrics
+    return mean_device_metrics(config, evaluated, widths), sum(_bytes(message) for message in messages.values())
+
+
+def _personal_metrics(config: RunConfig, replies: Mapping[int, Reply | str], widths: Mapping[int, int]) -> dict[str, float]:
+    """``fed.evaluate-model = local``: the means of what the replying devices reported for their own models."""
+    reported = {user: {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
+                for user, reply in replies.items() if isinstance(reply, Reply) and not metrics_problem(reply.metrics)}
+    return mean_device_metrics(config, reported, widths)
+
+
+def mean_device_metrics(config: RunConfig, per_device: Mapping[int, Mapping[str, float]], widths: Mapping[int, int]) -> dict[str, float]:
+    """Per-user means of every metric the devices reported (``validation-x`` -> ``validation_x``), per
+    device class when there are several, with the test metrics also under their bare names (recall@20, ...)."""
+    collected: dict[str, list[float]] = {}
+    for user, reported in per_device.items():
+        for name, value in reported.items():
+            collected.setdefault(name, []).append(value)
+            if config.budget.widths and name in (f"test-recall@{config.eval.k}", f"test-ndcg@{config.eval.k}"):  # per device class
+                collected.setdefault(f"{name}_w{widths[user]}", []).append(value)
+    metrics = {name.replace("-", "_", 1): float(np.mean(values)) for name, values in sorted(collected.items())}
+    # The headline keys (recall@20, ndcg@20, ...) are the test metrics.
+    metrics.update({name.removeprefix("test_"): value for name, value in list(metrics.items()) if name.startswith("test_")})
+    metrics["evaluated_clients"] = len(collected.get(f"test-recall@{config.eval.k}", []))
+    return metrics

@@ -1,0 +1,252 @@
+"""Device-side message handlers: arrays in, arrays out, private state carried between calls.
+
+Both the Flower ClientApp and the in-process engine call exactly these functions; they only differ in
+how the arrays travel and where the device's private state is kept (``context.state`` vs a dict).
+Message arrays are plain ``dict[str, np.ndarray]`` (what an ``ArrayRecord`` holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from fedsparse.config import RunConfig
+from fedsparse.federation.faults import SIMULATED_TIME, DeviceError, inject_fault
+from fedsparse.federation.device import (
+    DeviceData, DeviceState, evaluate_splits, init_device, local_train, reconstruct_user_row, round_items, round_negatives,
+    round_padding, round_view, rows_needed, set_user_prefix,
+)
+from fedsparse.federation.device_classes import device_width
+from fedsparse.sparse.nmf import user_factor_update
+from fedsparse.federation.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
+from fedsparse.rng import rng_for
+from fedsparse.federation.secure_start import (
+    SECURE_SUM, check_start_vector, mu_contribution, project_user_factor, range_contribution, sketch_matrix,
+)
+from fedsparse.federation.streaming import revealed_items
+from fedsparse.privacy.defences import clip_and_noise
+from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+
+NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its private state
+
+
+@dataclass
+class DeviceReply:
+    """A handler's result: arrays to send, the device's new private state, scalar metrics to send."""
+
+    arrays: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def handle_nmf(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
+) -> DeviceReply:
+    """The device's term of one secure sum of the federated NMF start (``fedsparse.federation.secure_start``).
+
+    Receives the sketch seed (``nmf-sketch`` int64 [2]: seed, width), a test basis (``nmf-test`` float32
+    [n_items, k]) or, for a multiplicative round, Q (``item-factor`` float32 [n_items, rank]), QᵀQ and the
+    init scale. Returns only ``secure-sum``: one dense float32 vector whose length depends on public sizes,
+    zero off the device's items; no item id and no p_u (which stays in the private state) leaves the device.
+    A vector outside the public value bound raises ValueError (the device is dropped, never clipped silently).
+    """
+    items = data.train
+    present = revealed_items(config, n_items, 1)
+    if present is not None:  # streaming: the NMF start knows only the items of round 1
+        items = np.intersect1d(items, present)
+    new_state = state
+    if "nmf-sketch" in message:
+        seed, width = (int(value) for value in message["nmf-sketch"])
+        vector = range_contribution(items, sketch_matrix(seed, n_items, width))
+    elif "nmf-test" in message:
+        test = np.asarray(message["nmf-test"], dtype=np.float32)
+        if test.ndim != 2 or test.shape[0] != n_items:
+            raise PayloadError(f"nmf-test must be [{n_items}, k], got {list(test.shape)}")
+        vector = range_contribution(items, test)
+    else:
+        item_factor = message["item-factor"].astype(np.float64)
+        if item_factor.shape[0] != n_items:
+            raise PayloadError(f"item-factor must cover all {n_items} items (the start never sends some rows)")
+        gram = message["gram"].astype(np.float64)
+        if "nmf-fit" in message:  # refinement of a range start: p_u fitted afresh on Q, never kept
+            p_u = project_user_factor(item_factor[items], gram)
+        else:  # multiplicative start: one step on the kept p_u, as one central iteration
+            p_u = state.get(NMF_FACTOR)
+            if p_u is None:
+                scale = float(message["init-scale"][0])
+                p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
+            p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram)
+            new_state = {**state, NMF_FACTOR: p_u}
+        vector = mu_contribution(items, p_u, n_items)
+    problem = check_start_vector(vector, vector.size)
+    if problem:
+        raise DeviceError(f"user {data.user_id}: start vector refused before masking: {problem}")
+    return DeviceReply({SECURE_SUM: vector}, new_state, {})
+
+
+def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
+    """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
+    data = round_view(config, poisoned_view(config, data), n_items, server_round)
+    rows = rows_needed(data, round_negatives(config, data, n_items, server_round), round_padding(config, data, n_items, server_round))
+    return DeviceReply({"row-ids": wire_row_ids(rows, n_items)}, {}, {})
+
+
+def _download_arrays(message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The item-row arrays of a message (the rest are NMF init fields)."""
+    return {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
+
+
+def _device_state(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], download: RowsDownload
+) -> DeviceState:
+    """The persisted device state, or a new one (its mask row from the NMF factor when one is known); always a
+    new one under ``fed.user-state = reconstruct``, where a device keeps no user row between rounds."""
+    if "user-row" in state and config.fed.user_state == "keep":
+        return DeviceState.from_arrays(state)
+    factor = None
+    if "nmf-user-factor" in message:  # central NMF oracle: the server sends p_u
+        factor = message["nmf-user-factor"]
+    elif NMF_FACTOR in state and "nmf-scale" in message:  # federated multiplicative start: p_u is local, the scale is sent
+        factor = state[NMF_FACTOR] * message["nmf-scale"]
+    elif "nmf-project" in message:  # federated start: p_u fitted here from the rows of the device's items
+        factor = project_user_factor(_item_rows(download, data.train), message["nmf-project"], signed=config.fed.nmf_start == "svd")
+    if factor is None or (np.asarray(factor) >= 0).all():
+        return init_device(config, data.user_id, factor)
+    # A signed (SVD) factor: the mask keeps the entries of largest magnitude, the values keep their signs.
+    device = init_device(config, data.user_id, np.abs(factor))
+    if config.sparse.nmf_values == "factors":
+        width = device.user_row.size
+        device.user_row = (np.asarray(factor, dtype=np.float64)[:width] * device.user_mask).astype(np.float32)
+    return device
+
+
+def _item_rows(download: RowsDownload, items: np.ndarray) -> np.ndarray:
+    """The downloaded (masked) item rows float32 [m, w] of those ``items`` the download holds."""
+    weights, _ = download.table.decode()
+    if download.row_ids is None:
+        return weights[items]
+    if download.row_ids.size == 0:
+        return weights[:0]
+    position = np.searchsorted(download.row_ids, items).clip(max=download.row_ids.size - 1)
+    return weights[position[download.row_ids[position] == items]]
+
+
+def handle_train(
+    config: RunConfig,
+    state: dict[str, np.ndarray],
+    data: DeviceData,
+    message: dict[str, np.ndarray],
+    n_items: int,
+    server_round: int,
+    settings: Mapping[str, Any],
+) -> DeviceReply:
+    """Decode the item rows, train locally, return the sparse item update and the new private state.
+
+    ``settings``: ``send-signal`` (report a regrowth signal), ``user-swap-fraction`` (explore the
+    user row's mask after training; 0 keeps it) and ``evaluate`` (report the personal model's
+    ``validation-``/``test-`` metrics, ``fed.evaluate-model = local``). A device drawn to fail (``faults.*``)
+    raises ``InjectedFault`` / ``DeviceCrash`` here, or answers late (in process only in simulated time).
+    """
+    inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
+    download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
+    device = _device_state(config, state, data, message, download)
+    data = round_view(config, poisoned_view(config, data), n_items, server_round)
+    if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
+        return _empty_secure_reply(config, state, device, download, n_items, server_round, bool(settings["send-signal"]))
+    if data.train.size == 0 and config.budget.stream_stages:  # none of the device's items has arrived yet
+        empty = RowUpdate(wire_row_ids(np.zeros(0, dtype=np.int64), n_items), np.zeros(0, dtype=np.float32), 1.0)
+        metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
+        return DeviceReply(empty.to_arrays(), {**state, **device.to_arrays()}, metrics)
+    if settings.get("user-prefix-share"):  # a structured policy (AMGP) sets the user row's width this round
+        set_user_prefix(config, device, float(settings["user-prefix-share"]), server_round, data.user_id)
+    result = local_train(
+        config, device, data, download, n_items, server_round,
+        bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)), bool(settings.get("evaluate", False)),
+    )
+    update = privatize(config, result.update, server_round, data.user_id)
+    if is_malicious(config, data.user_id):  # only an attacker needs the rows' masks (a table decode)
+        update = boost_target(config, data.user_id, update, _row_masks(download, update.row_ids))
+    metrics = {
+        "loss": result.loss,
+        "memory-bytes": float(result.memory_bytes),
+        "signal-bytes": float(update.signal_nbytes),
+        **(result.evaluation or {}),
+    }
+    arrays = update.to_arrays()
+    if config.privacy.secure_aggregation:
+        _, item_mask = download.table.decode()
+        weight = min(update.weight, config.privacy.secure_weight_bound) if config.fed.aggregation == "weighted" else 1.0
+        secure = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
+        arrays = secure.to_arrays()
+        metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)
+    return DeviceReply(arrays, _kept_state(config, state, result.state), metrics)
+
+
+def _kept_state(config: RunConfig, state: dict[str, np.ndarray], device: DeviceState) -> dict[str, np.ndarray]:
+    """What the device stores after a round: its user row and optimiser moments, unless it reconstructs them."""
+    return {**state, **device.to_arrays()} if config.fed.user_state == "keep" else state
+
+
+def _row_masks(download: RowsDownload, row_ids: np.ndarray) -> np.ndarray:
+    """The masks bool [r, dim] of the downloaded rows ``row_ids`` (a subset of the download)."""
+    _, mask = download.table.decode()
+    return mask[row_ids] if download.row_ids is None else mask[np.searchsorted(download.row_ids, row_ids)]
+
+
+def _empty_secure_reply(
+    config: RunConfig,
+    state: dict[str, np.ndarray],
+    device: DeviceState,
+    download: RowsDownload,
+    n_items: int,
+    server_round: int,
+    send_signal: bool,
+) -> DeviceReply:
+    """A device with nothing to train this round still sends its (all-zero) secure vectors: the cohort's
+    sum must not reveal who had items in the round's rows (same arrays, signal included when asked)."""
+    _, item_mask = download.table.decode()
+    no_rows = np.zeros(0, dtype=np.int64)
+    signal = (no_rows, np.zeros((0, 1), dtype=np.uint8), np.zeros((0, 1), dtype=np.float32)) if send_signal else ()
+    empty = RowUpdate(no_rows, np.zeros(0, dtype=np.float32), 1.0, *signal)
+    secure = SecureUpload.from_update(empty, item_mask, 1.0, round_items(config, n_items, server_round))
+    metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
+    return DeviceReply(secure.to_arrays(), {**state, **device.to_arrays()}, metrics)
+
+
+def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: int) -> RowUpdate:
+    """Apply ``privacy.ldp`` to every value the upload carries (the deltas and the regrowth signal,
+    clipped together as one vector); the row ids and shapes are unchanged. Identity without local DP."""
+    privacy = config.privacy
+    if privacy.ldp == "none":
+        return update
+    signal = update.signal_values if update.signal_values is not None else np.zeros((0, 0), dtype=np.float32)
+    joined = np.concatenate([update.values, signal.ravel()])
+    rng = rng_for(config.seed, "device-ldp", server_round, user_id)
+    noised = clip_and_noise(joined, privacy.ldp, privacy.clip_norm, privacy.noise_multiplier, rng)
+    values, signal_values = noised[: update.values.size], noised[update.values.size :].reshape(signal.shape)
+    return replace(update, values=values, signal_values=signal_values if update.signal_values is not None else None)
+
+
+def handle_evaluate(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
+) -> DeviceReply:
+    """Rank all items for this user on validation and test; metrics prefixed ``validation-``/``test-``.
+
+    A device that never trained evaluates its freshly initialised row (initialised exactly as its first
+    training round would, since evaluation messages carry the same NMF fields).
+    """
+    download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
+    if download.row_ids is not None:
+        raise PayloadError("evaluation needs the full item table")
+    device = _device_state(config, state, data, message, download)
+    item_weights, _ = download.table.decode()
+    if config.fed.user_state == "reconstruct":
+        device = reconstruct_user_row(config, device, data, item_weights)
+    metrics = evaluate_splits(config, device, data, item_weights)
+    if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
+        exposed = target_exposed(config, data, item_weights @ device.user_row)
+        if exposed is not None:
+            metrics[f"exposure@{EXPOSURE_K}"] = exposed
+    return DeviceReply({}, _kept_state(config, state, device), metrics)
