@@ -26,13 +26,13 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_training  # noqa: E402
 
-from fedsparse.sparse.bet import BetSettings, bet_search  # noqa: E402
 from fedsparse.config import DataConfig  # noqa: E402
 from fedsparse.data import load_dataset  # noqa: E402
-from fedsparse.sparse.masks import budget  # noqa: E402
-from fedsparse.run_files import save_figure  # noqa: E402
-from fedsparse.sparse.storage import compact_nbytes  # noqa: E402
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.run_files import save_figure  # noqa: E402
+from fedsparse.sparse.bet import BetSettings, bet_search  # noqa: E402
+from fedsparse.sparse.masks import budget  # noqa: E402
+from fedsparse.sparse.storage import compact_nbytes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ELEMENT_WISE = ["sparserec", "dsl"]

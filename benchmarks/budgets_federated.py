@@ -29,8 +29,8 @@ from federated import cell_row, run_simulation, save_curve  # noqa: E402
 
 from fedsparse.config import DataConfig  # noqa: E402
 from fedsparse.data import load_dataset  # noqa: E402
-from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WIDTHS, SHARES = "16,32,64", "0.3,0.4,0.3"

@@ -85,7 +85,7 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, self._sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 

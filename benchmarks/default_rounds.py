@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
 
 from fedsparse.config import flat_defaults  # noqa: E402
-from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURVES = "default_rounds_curves.csv"

@@ -27,9 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory  # noqa: E402
 
-from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
-
 from fedsparse.experiments.flower_run import FLOWER_ENV, stop_superlink  # noqa: E402
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 from fedsparse.run_files import read_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

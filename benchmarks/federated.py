@@ -21,8 +21,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
 
-from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURVES = "federated_curves.csv"  # per-cell test Recall@20 by round (run directories are not committed)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
@@ -23,8 +22,8 @@ from fedsparse.data import Interactions, load_run_data
 from fedsparse.federation.device import DeviceData
 from fedsparse.federation.faults import DEVICE_FAILURES, DeviceCrash
 from fedsparse.federation.grouping import users_of_partition
-from fedsparse.federation.secagg_vectors import to_secagg_vectors
 from fedsparse.federation.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
+from fedsparse.federation.secagg_vectors import to_secagg_vectors
 from fedsparse.federation.secure_start import SECURE_SUM
 from fedsparse.federation.wire import SecureUpload
 

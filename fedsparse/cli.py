@@ -12,12 +12,22 @@ import ast
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fedsparse.config import (
-    LOO_TIES, ConfigError, KeyHelp, RunConfig, check_flat_keys, did_you_mean, flat_defaults, key_help, read_toml, section_help,
+    LOO_TIES,
+    ConfigError,
+    KeyHelp,
+    RunConfig,
+    check_flat_keys,
+    did_you_mean,
+    flat_defaults,
+    key_help,
+    read_toml,
+    section_help,
 )
 
 if TYPE_CHECKING:
@@ -292,7 +302,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(report: "Report") -> None:
+def _print_report(report: Report) -> None:
     """One line per figure written and per figure skipped (with the reason)."""
     for figure in report.figures:
         print(f"wrote {figure}")

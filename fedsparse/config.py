@@ -16,9 +16,10 @@ import re
 import sys
 import tokenize
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 SPLITS = ("auto", "provided", "random", "loo")
 POLICY_NAMES = ("dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec", "size-frequency", "size-scall", "size-bet", "size-ciess", "amgp")
@@ -279,7 +280,7 @@ class RunConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from flat kebab-case keys; missing keys take defaults, unknown keys raise ConfigError."""
         known = dict(flat_defaults())
         unknown = sorted(set(flat) - set(known))
@@ -314,7 +315,7 @@ class RunConfig:
                 flat[_kebab(f.name)] = value
         return flat
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "RunConfig":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
         """A copy with some flat keys replaced (validated like ``from_flat``)."""
         return RunConfig.from_flat({**self.to_flat(), **overrides})
 

@@ -8,7 +8,8 @@ sees only as text (``flwr run``'s log stream).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 BYTES_PER_KB = 1000
 BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")  # decimal: each 1,000 times the one before

@@ -10,9 +10,10 @@ import platform
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedsparse.config import ConfigError
 

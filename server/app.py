@@ -13,8 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedsparse.config import RunConfig
 from fedsparse.console import dataset_line, summary_table
 from fedsparse.data import load_run_data
-from fedsparse.federation.engine import check_population, check_resumable, run_federation
 from fedsparse.experiments.flower_run import check_flower_config
+from fedsparse.federation.engine import check_population, check_resumable, run_federation
 from fedsparse.federation.grouping import partitions_needed
 from fedsparse.federation.inprocess import population_of
 from fedsparse.run_files import new_run_dir

@@ -7,7 +7,8 @@ one-round legacy strategy keeps the mean it reveals. Every byte of every stage i
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict

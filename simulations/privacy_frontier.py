@@ -26,18 +26,16 @@ import pandas as pd
 
 from fedsparse.config import RunConfig, flat_defaults
 from fedsparse.data import load_run_data
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
 from fedsparse.federation.engine import run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of
-from fedsparse.privacy.attacks import differencing_guess
-from fedsparse.privacy.leakage import membership_metrics, mean_metrics
-from fedsparse.federation.observer import ObservingTransport
-from fedsparse.run_files import new_run_dir
+from fedsparse.federation.observer import ObservingTransport, UploadLog
 from fedsparse.privacy.accounting import ldp_epsilon
+from fedsparse.privacy.attacks import differencing_guess
 from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks
-from fedsparse.federation.observer import UploadLog
-from fedsparse.run_files import read_jsonl, save_figure
+from fedsparse.privacy.leakage import mean_metrics, membership_metrics
 from fedsparse.rng import rng_for
-from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
+from fedsparse.run_files import new_run_dir, read_jsonl, save_figure
 
 HERE = Path(__file__).resolve().parent
 DEFENCES = "none,pad:0.5,pad:1,ldp:0.5,ldp:1,ldp:2,pad:1+ldp:1,secagg,secagg:0.15,secagg:0.1"

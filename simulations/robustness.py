@@ -22,13 +22,13 @@ import numpy as np
 
 from fedsparse.config import RunConfig, flat_defaults
 from fedsparse.data import load_run_data
-from fedsparse.federation.server_state import Server
-from fedsparse.federation.inprocess import run_inprocess
-from fedsparse.run_files import read_jsonl
-from fedsparse.rng import rng_for
-from fedsparse.federation.robust import row_delta_norms
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
+from fedsparse.federation.inprocess import run_inprocess
+from fedsparse.federation.robust import row_delta_norms
+from fedsparse.federation.server_state import Server
 from fedsparse.federation.wire import RowUpdate
+from fedsparse.rng import rng_for
+from fedsparse.run_files import read_jsonl
 
 HERE = Path(__file__).resolve().parent
 CLIP_QUANTILE = 95  # percentile of honest per-row delta norms used as the clipping bound

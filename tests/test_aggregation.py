@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fedsparse.federation.aggregation import aggregate_row_updates, aggregate_secure_sum, scatter_active, sum_secure_uploads
-from fedsparse.rng import rng_for
 from fedsparse.federation.wire import PayloadError, RowUpdate, SecureUpload, signal_col_dtype
+from fedsparse.rng import rng_for
 
 N_ITEMS, DIM = 20, 6
 

@@ -6,18 +6,18 @@ import json
 import numpy as np
 import pytest
 
-from fedsparse.federation.aggregation import aggregate_row_updates
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
+from fedsparse.federation.aggregation import aggregate_row_updates
 from fedsparse.federation.device import DeviceData, init_device, local_train
 from fedsparse.federation.device_classes import device_width
-from fedsparse.federation.server_state import Server, validate_update
 from fedsparse.federation.engine import run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
-from fedsparse.run_files import new_run_dir, read_jsonl
-from fedsparse.sparse.embedding_sizes import prefix_mask, prefix_sizes, width_mask
+from fedsparse.federation.server_state import Server, validate_update
 from fedsparse.federation.streaming import grow_item_table, present_share, revealed_items
 from fedsparse.federation.wire import RowUpdate, row_id_dtype
+from fedsparse.run_files import new_run_dir, read_jsonl
+from fedsparse.sparse.embedding_sizes import prefix_mask, prefix_sizes, width_mask
 from tests.test_engine import small_config
 
 N_ITEMS, DIM = 30, 8

@@ -6,7 +6,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsparse.sparse.bet import BetSettings, bet_search, group_mean_sizes
-from fedsparse.sparse.masks import budget
 from fedsparse.sparse.embedding_sizes import (
     fit_sizes,
     frequency_sizes,
@@ -18,6 +17,7 @@ from fedsparse.sparse.embedding_sizes import (
     prefix_sizes,
     sampled_sizes,
 )
+from fedsparse.sparse.masks import budget
 from fedsparse.sparse.storage import CompactTable, compact_nbytes
 from tests.test_policies import STEPS, make_training, run_steps
 

@@ -13,17 +13,17 @@ import pytest
 import torch
 
 import fedsparse.central.train as train_module
+from fedsparse.central.models import build_model
+from fedsparse.central.train import evaluate_sampled, train_centralised
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import DataFormatError, load_dataset, load_run_data
+from fedsparse.experiments.flower_run import run_config_overrides
 from fedsparse.federation.device import DeviceData, DeviceState, evaluate_device
 from fedsparse.federation.engine import Reply, evaluate_round, run_federation, start_run
-from fedsparse.experiments.flower_run import run_config_overrides
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
-from fedsparse.central.models import build_model
-from fedsparse.run_files import read_jsonl
 from fedsparse.rng import torch_generator_for
-from fedsparse.central.train import evaluate_sampled, train_centralised
+from fedsparse.run_files import read_jsonl
 
 N_NEGATIVES = 20  # > 10, so HR@10 depends on which negatives are ranked
 N_USERS, N_ITEMS, PER_USER = 12, 80, 9

@@ -8,25 +8,25 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from fedsparse.federation.aggregation import scatter_active
 from fedsparse.config import ConfigError, RunConfig
+from fedsparse.federation.aggregation import scatter_active
 from fedsparse.federation.device import (
     DeviceData,
     DeviceState,
     evaluate_device,
     evaluate_splits,
-    reconstruct_user_row,
     init_device,
     local_batches,
     local_train,
+    reconstruct_user_row,
     round_negatives,
     rows_needed,
 )
-from fedsparse.sparse.masks import budget
 from fedsparse.federation.protocol import handle_evaluate, handle_train
-from fedsparse.rng import rng_for
-from fedsparse.sparse.storage import CompactTable
 from fedsparse.federation.wire import RowsDownload, RowUpdate, signal_col_dtype
+from fedsparse.rng import rng_for
+from fedsparse.sparse.masks import budget
+from fedsparse.sparse.storage import CompactTable
 
 N_USERS, N_ITEMS, DIM = 4, 40, 8
 USER = 2

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from fedsparse.federation.aggregation import aggregate_row_updates
 from fedsparse.config import RunConfig
+from fedsparse.federation.aggregation import aggregate_row_updates
 from fedsparse.federation.device import DeviceData, init_device, local_train
 from fedsparse.federation.server_state import Server, clients_per_round, sample_clients, validate_update
-from fedsparse.sparse.masks import budget
-from fedsparse.rng import rng_for
 from fedsparse.federation.wire import RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype
+from fedsparse.rng import rng_for
+from fedsparse.sparse.masks import budget
 
 N_ITEMS, DIM = 30, 8
 

@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_reliability import small_config  # the same 30-device synthetic federation
 
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.federation.engine import Reply
 from fedsparse.federation.faults import DeviceError, straggler_delay
-from fedsparse.federation.server_state import Server, clients_per_round, sample_clients, validate_update
 from fedsparse.federation.inprocess import population_of, run_inprocess
+from fedsparse.federation.server_state import Server, clients_per_round, sample_clients, validate_update
 from fedsparse.federation.wire import RowUpdate, row_id_dtype
 from fedsparse.run_files import LOCK_FILE, ResultFileError, RunDirInUse, read_jsonl
-from test_reliability import small_config  # the same 30-device synthetic federation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -387,9 +387,10 @@ def test_a_programming_error_in_process_fails_the_run_loudly_while_a_device_erro
 def test_a_programming_error_in_the_clientapp_fails_loudly_while_a_device_error_is_reported(monkeypatch):
     """Probe 12, Flower shell: clients/app.py turned every ValueError into a per-user error record."""
     pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, RecordDict
+
     import clients.app as client_app
     from clients.records import to_record
-    from flwr.app import ConfigRecord, Context, RecordDict
 
     content = RecordDict({"settings": ConfigRecord({"server-round": 1}), "arrays.3": to_record({"x": np.zeros(2, np.float32)})})
     message = types.SimpleNamespace(content=content)  # a received message: only its content is read
@@ -448,9 +449,10 @@ class FakeGrid:
 def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies_into_failed_devices(monkeypatch, kind):
     """Probe 13: evaluate and NMF sends waited forever for a lost node, and a malformed Array raised."""
     pytest.importorskip("flwr")
+    from flwr.app import Array, ArrayRecord
+
     import server.transport as transport_module
     from clients.records import reply_content
-    from flwr.app import Array, ArrayRecord
 
     monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
         content=content, dst_node_id=dst_node_id))
@@ -528,8 +530,9 @@ def test_a_clientapp_exception_stops_the_flower_run_while_a_lost_node_is_a_faile
     """Probe 12 under Flower: Flower turns a ClientApp exception into an error reply, which the server
     counted as a failed device, so a bug looked like a flaky node."""
     pytest.importorskip("flwr")
-    import server.transport as transport_module
     from flwr.common.constant import ErrorCode
+
+    import server.transport as transport_module
 
     monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
         content=content, dst_node_id=dst_node_id))

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.federation.engine import Reply, RunState, effective_config, start_run, train_round
-from fedsparse.federation.server_state import Server, sample_clients, validate_update
 from fedsparse.federation.inprocess import InProcessTransport, population_of
-from fedsparse.rng import rng_for
+from fedsparse.federation.server_state import Server, sample_clients, validate_update
 from fedsparse.federation.wire import RowUpdate, row_id_dtype, signal_col_dtype
+from fedsparse.rng import rng_for
 
 N_ITEMS, DIM = 30, 8
 MAX_NORM = 1e3  # robust.max-update-norm: honest uploads here have norms below 50

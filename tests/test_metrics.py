@@ -25,7 +25,6 @@ from fedsparse.eval.metrics import (
 )
 from fedsparse.rng import rng_for
 
-
 # ---------------------------------------------------------------- closed-form per-user metrics
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from fedsparse.central import models
-from fedsparse.config import ModelConfig
+from fedsparse.central.losses import batch_loss
 from fedsparse.central.models import MatrixFactorization, NeuMF, build_model
 from fedsparse.central.sampling import NegativeSampler
+from fedsparse.config import ModelConfig
 from fedsparse.data.interactions import binary_csr
-from fedsparse.central.losses import batch_loss
 from fedsparse.rng import torch_generator_for
 
 

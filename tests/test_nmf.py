@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from fedsparse.rng import rng_for
 from fedsparse.sparse.nmf import (
     NMF_EPS,
     apply_item_update,
@@ -23,7 +24,6 @@ from fedsparse.sparse.nmf import (
     top_k_mask,
     user_factor_update,
 )
-from fedsparse.rng import rng_for
 
 
 def random_binary(n_users: int, n_items: int, density: float, seed: int) -> sp.csr_matrix:

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedsparse.central.losses import batch_loss
+from fedsparse.central.models import build_model
+from fedsparse.central.sampling import NegativeSampler, training_pairs
 from fedsparse.config import RunConfig
 from fedsparse.data.interactions import binary_csr
-from fedsparse.central.losses import batch_loss
-from fedsparse.sparse.masks import budget
-from fedsparse.central.models import build_model
-from fedsparse.sparse.policies import POLICIES, build_policy
-from fedsparse.central.sampling import NegativeSampler, training_pairs
 from fedsparse.sparse.masked_training import SparseEmbeddingTraining
+from fedsparse.sparse.masks import budget
+from fedsparse.sparse.policies import POLICIES, build_policy
 
 N_USERS, N_ITEMS, DIM, STEPS, BATCH = 40, 30, 8, 24, 32
 

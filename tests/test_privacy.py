@@ -12,17 +12,17 @@ from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.federation.device import DeviceData, init_device, local_train, round_negatives, round_padding, rows_needed
 from fedsparse.federation.inprocess import run_inprocess
+from fedsparse.federation.observer import UploadLog
+from fedsparse.federation.protocol import privatize
+from fedsparse.federation.wire import RowsDownload, RowUpdate
 from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.attacks import ValueAttack, imia_guess, row_id_guess
 from fedsparse.privacy.defences import clip_and_noise, padding_count, sample_padding
 from fedsparse.privacy.evaluate import evaluate_attacks
 from fedsparse.privacy.leakage import AttackGuess, membership_metrics, random_guess_metrics
-from fedsparse.federation.observer import UploadLog
 from fedsparse.privacy.observe import ObservedUpload
-from fedsparse.federation.protocol import privatize
 from fedsparse.run_files import read_jsonl
 from fedsparse.sparse.storage import CompactTable
-from fedsparse.federation.wire import RowsDownload, RowUpdate
 
 N_ITEMS, DIM = 200, 8
 
@@ -340,8 +340,8 @@ def test_differencing_attack_isolates_a_device_from_overlapping_cohort_sums() ->
 def test_the_server_s_sums_are_recorded_in_every_phase_and_attacked(tmp_path) -> None:
     from fedsparse.federation.engine import run_federation
     from fedsparse.federation.inprocess import InProcessTransport, population_of
-    from fedsparse.privacy.attacks import differencing_guess
     from fedsparse.federation.observer import ObservingTransport
+    from fedsparse.privacy.attacks import differencing_guess
 
     config = RunConfig.from_flat({
         "results-dir": str(tmp_path), "num-server-rounds": 4, "data.dataset": "synthetic", "data.synthetic-users": 30,

@@ -13,10 +13,10 @@ import pytest
 
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.federation.faults import device_fails
-from fedsparse.federation.server_state import clients_per_round, sample_clients
 from fedsparse.experiments.flower_run import run_flower
+from fedsparse.federation.faults import device_fails
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
+from fedsparse.federation.server_state import clients_per_round, sample_clients
 from fedsparse.run_files import read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import pytest
 
 from fedsparse.config import ConfigError, RobustConfig, RunConfig
 from fedsparse.federation.device import DeviceData
-from fedsparse.federation.server_state import Server, validate_update
 from fedsparse.federation.poisoning import boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.federation.robust import clip_rows, robust_aggregate, row_delta_norms
+from fedsparse.federation.server_state import Server, validate_update
 from fedsparse.federation.wire import RowUpdate, scatter_active, wire_row_ids
 
 N_ITEMS, DIM = 12, 6

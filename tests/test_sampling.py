@@ -3,8 +3,8 @@
 import numpy as np
 import scipy.sparse as sp
 
-from fedsparse.data.interactions import binary_csr
 from fedsparse.central.sampling import NegativeSampler, negative_exclusions, training_pairs
+from fedsparse.data.interactions import binary_csr
 
 
 def random_interactions(rng, n_users=50, n_items=30, density=0.5):

@@ -13,12 +13,17 @@ from fedsparse.config import RunConfig
 from fedsparse.data import load_run_data
 from fedsparse.federation.engine import Reply, federated_nmf, start_run
 from fedsparse.federation.inprocess import InProcessTransport, population_of
-from fedsparse.sparse.nmf import multiplicative_init, multiplicative_update
 from fedsparse.federation.protocol import NMF_FACTOR
-from fedsparse.rng import rng_for
 from fedsparse.federation.secure_start import (
-    SECURE_SUM, StartRefused, nndsvd_item_factor, nystrom_svd, project_user_factor, sketch_matrix,
+    SECURE_SUM,
+    StartRefused,
+    nndsvd_item_factor,
+    nystrom_svd,
+    project_user_factor,
+    sketch_matrix,
 )
+from fedsparse.rng import rng_for
+from fedsparse.sparse.nmf import multiplicative_init, multiplicative_update
 
 
 def config(**overrides) -> RunConfig:

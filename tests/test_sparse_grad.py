@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedsparse.config import ModelConfig
 from fedsparse.central.losses import batch_loss
 from fedsparse.central.models import build_model
-from fedsparse.sparse.row_gradients import RowEmbedding, gradient_nbytes, row_gradient, select_gradient_rows
+from fedsparse.config import ModelConfig
 from fedsparse.sparse.masked_training import MaskedAdam
+from fedsparse.sparse.row_gradients import RowEmbedding, gradient_nbytes, row_gradient, select_gradient_rows
 
 
 def toy_batch(n_users=20, n_items=50, batch=16, seed=0):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedsparse.central.train import train_centralised
 from fedsparse.cli import main as cli_main
 from fedsparse.config import RunConfig
 from fedsparse.data.registry import DATA_ENV
 from fedsparse.run_files import read_jsonl
-from fedsparse.central.train import train_centralised
 
 SHARED_DATA = Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype, wire_row_ids
 from fedsparse.rng import rng_for
 from fedsparse.sparse.storage import CompactTable, compact_nbytes
-from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype, wire_row_ids
 
 N_ITEMS, DIM, K_SIGNAL = 12, 8, 3
 ID = row_id_dtype(N_ITEMS)  # uint16: row ids cross the wire in 2 bytes

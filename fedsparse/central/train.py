@@ -18,17 +18,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedsparse.eval import metrics
-from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
-from fedsparse.data import Interactions, load_run_data
 from fedsparse.central.losses import batch_loss
 from fedsparse.central.models import MostPopular, build_model
-from fedsparse.sparse.policies import build_policy
-from fedsparse.run_files import append_jsonl, new_run_dir, provenance, write_json
-from fedsparse.rng import rng_for, torch_generator_for
 from fedsparse.central.sampling import NegativeSampler, negative_exclusions, training_pairs
+from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
+from fedsparse.data import Interactions, load_run_data
+from fedsparse.eval import metrics
+from fedsparse.rng import rng_for, torch_generator_for
+from fedsparse.run_files import append_jsonl, new_run_dir, provenance, write_json
 from fedsparse.sparse.masked_training import SparseEmbeddingTraining
-
+from fedsparse.sparse.policies import build_policy
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from fedsparse.data.errors import DataFormatError
 from fedsparse.data.interactions import Interactions, binary_csr
 from fedsparse.data.splits import TEST, VALIDATION, leave_one_out_split
 from fedsparse.data.transforms import remap_ids
-from fedsparse.run_files import atomic_write_text
 from fedsparse.rng import rng_for
+from fedsparse.run_files import atomic_write_text
 
 HEADER = ("user", "val_item", "test_item", "val_negatives", "test_negatives")
 _INTEGER = re.compile(r"[+-]?[0-9]+")

@@ -13,7 +13,7 @@ class DataFormatError(ValueError):
     """
 
     @classmethod
-    def at(cls, path: str | Path, line: int | None, problem: str) -> "DataFormatError":
+    def at(cls, path: str | Path, line: int | None, problem: str) -> DataFormatError:
         """An error located at ``path`` and 1-based ``line`` (``None`` when no single line is at fault)."""
         location = f"{path}:{line}" if line is not None else str(path)
         return cls(f"{location}: {problem}")

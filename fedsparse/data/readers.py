@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import numpy as np
 import pandas as pd

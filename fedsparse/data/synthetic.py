@@ -86,7 +86,7 @@ class _ItemSampler(NamedTuple):
     affinity: float
 
     @classmethod
-    def build(cls, weight: np.ndarray, item_cluster: np.ndarray, affinity: float) -> "_ItemSampler":
+    def build(cls, weight: np.ndarray, item_cluster: np.ndarray, affinity: float) -> _ItemSampler:
         """Tables for item weights float64 [n_items] and clusters int64 [n_items] (every cluster non-empty)."""
         n_clusters = int(item_cluster.max()) + 1
         by_cluster = np.argsort(item_cluster, kind="stable")

@@ -9,7 +9,8 @@ per-user values so a federated simulator can pool users across clients before av
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
 
 import numpy as np
 import scipy.sparse as sp

@@ -26,10 +26,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsparse.run_files import (
-    ResultFileError, atomic_write_text, read_json_object, read_jsonl, read_run_config, round_gaps, save_figure,
-)
 from fedsparse.experiments.tables import write_markdown_table
+from fedsparse.run_files import (
+    ResultFileError,
+    atomic_write_text,
+    read_json_object,
+    read_jsonl,
+    read_run_config,
+    round_gaps,
+    save_figure,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -114,8 +115,8 @@ def run_cell(cell: SweepCell, app_dir: Path | None = None) -> dict[str, Any]:
 def _run_flower_cell(config: RunConfig, app_dir: Path) -> tuple[Path, dict[str, Any]]:
     """One ``flwr run`` (as ``fedsparse simulate --engine flower``); the local SuperLink is left running."""
     from fedsparse.data import load_run_data
-    from fedsparse.federation.engine import check_population
     from fedsparse.experiments.flower_run import run_flower
+    from fedsparse.federation.engine import check_population
     from fedsparse.federation.inprocess import population_of
 
     data = load_run_data(config)

@@ -16,21 +16,21 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedsparse.eval import metrics
+from fedsparse.central.losses import batch_loss
+from fedsparse.central.models import MatrixFactorization
 from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
-from fedsparse.federation.faults import DeviceError
+from fedsparse.eval import metrics
 from fedsparse.federation.device_classes import device_width
-from fedsparse.central.losses import batch_loss
-from fedsparse.sparse.masks import budget, largest, prune_and_grow
-from fedsparse.central.models import MatrixFactorization
-from fedsparse.sparse.policies import build_policy
+from fedsparse.federation.faults import DeviceError
+from fedsparse.federation.streaming import revealed_items
+from fedsparse.federation.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 from fedsparse.privacy.defences import padding_count, sample_padding
 from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
 from fedsparse.sparse.masked_training import MaskedAdam, MaskedSGD
-from fedsparse.federation.streaming import revealed_items
-from fedsparse.federation.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
+from fedsparse.sparse.masks import budget, largest, prune_and_grow
+from fedsparse.sparse.policies import build_policy
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class DeviceData:
     test_negatives: np.ndarray | None = None
 
     @classmethod
-    def of(cls, data: Interactions, user: int) -> "DeviceData":
+    def of(cls, data: Interactions, user: int) -> DeviceData:
         """User ``user``'s partition of ``data``, with its candidate-file negatives when ``data`` has them."""
         device = cls.from_interactions(data.train, data.validation, data.test, user)
         if data.validation_negatives is None or data.test_negatives is None:
@@ -64,7 +64,7 @@ class DeviceData:
         )
 
     @classmethod
-    def from_interactions(cls, train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, user: int) -> "DeviceData":
+    def from_interactions(cls, train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, user: int) -> DeviceData:
         """Slice one user's rows out of the split matrices (the partition of user ``user``)."""
         def row(matrix: sp.csr_matrix) -> np.ndarray:
             return np.sort(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]].astype(np.int64))
@@ -100,7 +100,7 @@ class DeviceState:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "DeviceState":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> DeviceState:
         """Inverse of ``to_arrays``."""
         return cls(
             arrays["user-row"].astype(np.float32),

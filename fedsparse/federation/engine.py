@@ -14,31 +14,56 @@ import os
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from fedsparse.config import ConfigError, RunConfig, flat_defaults, uses_sampled_protocol
 from fedsparse.console import round_line
-from fedsparse.federation.device_classes import device_width
-from fedsparse.federation.server_state import (
-    Server, central_nmf_item_factor, clients_per_round, is_evaluation_round, sample_clients, validate_update,
-)
 from fedsparse.eval.metrics import improves, selection_key
-from fedsparse.sparse.nmf import apply_item_update, multiplicative_init
+from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.secure_start import (
-    MIN_SECURE_COHORT, SECURE_SUM, balance_columns, START_VALUE_BOUND, StartRefused, check_start_vector, cohort_size, nndsvd_item_factor,
-    nystrom_svd, orthonormal_basis, sketch_matrix, solve_item_factor, svd_item_factor,
+    MIN_SECURE_COHORT,
+    SECURE_SUM,
+    START_VALUE_BOUND,
+    StartRefused,
+    balance_columns,
+    check_start_vector,
+    cohort_size,
+    nndsvd_item_factor,
+    nystrom_svd,
+    orthonormal_basis,
+    sketch_matrix,
+    solve_item_factor,
+    svd_item_factor,
 )
-from fedsparse.sparse.policies import build_policy
-from fedsparse.run_files import (
-    ResultFileError, append_jsonl, atomic_write_text, provenance, read_jsonl, read_run_config, round_gaps, run_dir_lock, write_json,
+from fedsparse.federation.server_state import (
+    Server,
+    central_nmf_item_factor,
+    clients_per_round,
+    is_evaluation_round,
+    sample_clients,
+    validate_update,
 )
-from fedsparse.rng import rng_for
 from fedsparse.federation.streaming import arrived_users
 from fedsparse.federation.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
+from fedsparse.rng import rng_for
+from fedsparse.run_files import (
+    ResultFileError,
+    append_jsonl,
+    atomic_write_text,
+    provenance,
+    read_jsonl,
+    read_run_config,
+    round_gaps,
+    run_dir_lock,
+    write_json,
+)
+from fedsparse.sparse.nmf import apply_item_update, multiplicative_init
+from fedsparse.sparse.policies import build_policy
 
 log = logging.getLogger("fedsparse")
 
@@ -357,7 +382,7 @@ class RunState:
         return arrays
 
     @classmethod
-    def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> "RunState":
+    def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> RunState:
         """Rebuild from ``to_arrays`` output."""
         server_arrays = {key.removeprefix("server."): value for key, value in arrays.items() if key.startswith("server.")}
         device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"), arrays.get("init.projection"), arrays.get("init.projected"))

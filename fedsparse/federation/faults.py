@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 from fedsparse.config import RunConfig
-from fedsparse.rng import rng_for
 from fedsparse.federation.wire import PayloadError
+from fedsparse.rng import rng_for
 
 
 class DeviceError(ValueError):

@@ -7,8 +7,9 @@ state lives in a dict keyed by user id (the counterpart of Flower's ``context.st
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -16,8 +17,8 @@ from tqdm.auto import tqdm
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.federation.device import DeviceData
-from fedsparse.federation.faults import DEVICE_FAILURES, SIMULATED_TIME, DeviceCrash, straggler_delay
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
+from fedsparse.federation.faults import DEVICE_FAILURES, SIMULATED_TIME, DeviceCrash, straggler_delay
 from fedsparse.federation.protocol import DeviceReply, handle_evaluate, handle_nmf, handle_query, handle_train
 from fedsparse.run_files import new_run_dir
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.federation.device import DeviceData
-from fedsparse.rng import rng_for
 from fedsparse.federation.wire import RowUpdate
+from fedsparse.rng import rng_for
 
 EXPOSURE_K = 10  # the cut-off of ER@K, as in the item-promotion literature (PipAttack, FedRecAttack)
 

@@ -7,27 +7,43 @@ Message arrays are plain ``dict[str, np.ndarray]`` (what an ``ArrayRecord`` hold
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.federation.faults import SIMULATED_TIME, DeviceError, inject_fault
 from fedsparse.federation.device import (
-    DeviceData, DeviceState, evaluate_splits, init_device, local_train, reconstruct_user_row, round_items, round_negatives,
-    round_padding, round_view, rows_needed, set_user_prefix,
+    DeviceData,
+    DeviceState,
+    evaluate_splits,
+    init_device,
+    local_train,
+    reconstruct_user_row,
+    round_items,
+    round_negatives,
+    round_padding,
+    round_view,
+    rows_needed,
+    set_user_prefix,
 )
 from fedsparse.federation.device_classes import device_width
-from fedsparse.sparse.nmf import user_factor_update
+from fedsparse.federation.faults import SIMULATED_TIME, DeviceError, inject_fault
 from fedsparse.federation.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
-from fedsparse.rng import rng_for
 from fedsparse.federation.secure_start import (
-    SECURE_SUM, check_start_vector, mu_contribution, project_user_factor, range_contribution, sketch_matrix,
+    SECURE_SUM,
+    check_start_vector,
+    mu_contribution,
+    project_user_factor,
+    range_contribution,
+    sketch_matrix,
 )
 from fedsparse.federation.streaming import revealed_items
-from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+from fedsparse.privacy.defences import clip_and_noise
+from fedsparse.rng import rng_for
+from fedsparse.sparse.nmf import user_factor_update
 
 NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its private state
 

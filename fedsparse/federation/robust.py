@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from fedsparse.federation.aggregation import AggregatedRows, aggregate_row_updates
 from fedsparse.config import RobustConfig
+from fedsparse.federation.aggregation import AggregatedRows, aggregate_row_updates
 from fedsparse.federation.wire import RowUpdate, scatter_active
 
 

@@ -26,8 +26,8 @@ import math
 
 import numpy as np
 
-from fedsparse.sparse.nmf import NMF_EPS
 from fedsparse.rng import rng_for
+from fedsparse.sparse.nmf import NMF_EPS
 
 MIN_SECURE_COHORT = 5  # SecAgg+'s reconstruction threshold (server/secagg.py): fewer devices cannot run it
 START_VALUE_BOUND = 8.0  # public scale: a device's start vector divided by it stays inside SecAgg+'s ±4 clipping range

@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from fedsparse.federation.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.config import RunConfig
-from fedsparse.sparse.nmf import nmf_factors, rebalance_columns
-from fedsparse.sparse.policies import MaskPolicy, build_policy
-from fedsparse.privacy.secure_rows import secure_round_rows
-from fedsparse.rng import rng_for
+from fedsparse.federation.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
 from fedsparse.federation.robust import robust_aggregate, too_large
 from fedsparse.federation.server_optim import ServerOptimizer
-from fedsparse.sparse.storage import CompactTable
 from fedsparse.federation.streaming import grow_item_table, revealed_items
 from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+from fedsparse.privacy.secure_rows import secure_round_rows
+from fedsparse.rng import rng_for
+from fedsparse.sparse.nmf import nmf_factors, rebalance_columns
+from fedsparse.sparse.policies import MaskPolicy, build_policy
+from fedsparse.sparse.storage import CompactTable
 
 ITEM_TABLE = "item"
 
@@ -71,7 +71,7 @@ class Server:
     @classmethod
     def create(
         cls, config: RunConfig, n_items: int, item_factor: np.ndarray | None = None, item_popularity: np.ndarray | None = None
-    ) -> "Server":
+    ) -> Server:
         """A fresh server: item rows masked by the policy's initial mask (NMF scores |item_factor|, or item
         popularity for the size policies, if given).
 
@@ -94,7 +94,7 @@ class Server:
         return cls(config, (values * mask).astype(np.float32), mask, policy)
 
     @classmethod
-    def restore(cls, config: RunConfig, arrays: dict[str, np.ndarray]) -> "Server":
+    def restore(cls, config: RunConfig, arrays: dict[str, np.ndarray]) -> Server:
         """Rebuild a server from ``state_arrays`` output (a checkpoint)."""
         policy = policy_for_rounds(config)
         policy.load_state_arrays({k.removeprefix("policy."): v for k, v in arrays.items() if k.startswith("policy.")})

@@ -15,9 +15,9 @@ import math
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.sparse.masks import smallest_active
 from fedsparse.rng import rng_for
 from fedsparse.sparse.embedding_sizes import grown_sizes, prefix_mask, prefix_sizes
+from fedsparse.sparse.masks import smallest_active
 
 
 def stages_reached(config: RunConfig, server_round: int) -> int:

@@ -91,7 +91,7 @@ class RowsDownload:
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int, dim: int) -> "RowsDownload":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int, dim: int) -> RowsDownload:
         """Decode and validate a download for a table of ``n_items`` rows of width ``dim``."""
         # Unknown "table.*" keys are rejected by CompactTable.from_arrays; anything else must not be dropped silently.
         extra = sorted(key for key in arrays if key != "row-ids" and not key.startswith("table."))
@@ -169,7 +169,7 @@ class RowUpdate:
         return sum(arrays[key].nbytes for key in ("signal-rows", "signal-cols", "signal-values") if key in arrays)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> "RowUpdate":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> RowUpdate:
         """Decode and validate an upload against the server's item mask bool [n_items, dim]."""
         n_items, dim = item_mask.shape
         known = {"row-ids", "values", "weight", "signal-rows", "signal-cols", "signal-values"}
@@ -234,7 +234,7 @@ class SecureUpload:
     signal: np.ndarray | None = None
 
     @classmethod
-    def from_update(cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None) -> "SecureUpload":
+    def from_update(cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None) -> SecureUpload:
         """Spread a sparse update (encoded against ``item_mask`` bool [n_items, dim]) over the covered rows
         (sorted int64, None = all; they must include every row of the update)."""
         covered = np.arange(item_mask.shape[0], dtype=np.int64) if covered is None else covered
@@ -262,7 +262,7 @@ class SecureUpload:
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], covered_mask: np.ndarray) -> "SecureUpload":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], covered_mask: np.ndarray) -> SecureUpload:
         """Decode and validate against the covered rows' mask bool [|S|, dim] (shapes, dtypes, finite, weights >= 0)."""
         extra = sorted(set(arrays) - {"secure-values", "secure-weights", "secure-signal"})
         if extra:

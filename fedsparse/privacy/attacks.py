@@ -79,7 +79,7 @@ class ValueAttack:
 
     seed: int = 0
 
-    def fit(self, uploads: list[ObservedUpload], members: list[np.ndarray]) -> "ValueAttack":
+    def fit(self, uploads: list[ObservedUpload], members: list[np.ndarray]) -> ValueAttack:
         """Learn from shadow uploads (the attacker's own simulated devices, labels known)."""
         features = np.vstack([row_features(upload) for upload in uploads])
         labels = np.concatenate([np.isin(upload.rows, member) for upload, member in zip(uploads, members)])

@@ -11,7 +11,7 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.privacy.attacks import ValueAttack, imia_guess, row_id_guess
-from fedsparse.privacy.leakage import membership_metrics, mean_metrics, random_guess_metrics
+from fedsparse.privacy.leakage import mean_metrics, membership_metrics, random_guess_metrics
 from fedsparse.privacy.observe import ObservedUpload
 from fedsparse.rng import rng_for
 

@@ -11,8 +11,8 @@ rows are grouped); ``evaluate`` is the expensive measurement (e.g. a short train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

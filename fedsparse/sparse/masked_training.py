@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from fedsparse.config import RunConfig
+from fedsparse.rng import rng_for
 from fedsparse.sparse.nmf import nmf_factors, rebalance_columns
 from fedsparse.sparse.policies import MaskPolicy, build_policy
-from fedsparse.rng import rng_for
 from fedsparse.sparse.row_gradients import RowEmbedding, gradient_nbytes, row_gradient, select_gradient_rows
 from fedsparse.sparse.storage import CompactTable
 

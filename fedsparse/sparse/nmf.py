@@ -17,13 +17,13 @@ users first from the current Q, then items from the new P::
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import scipy.sparse as sp
 
-from fedsparse.sparse.masks import largest
 from fedsparse.rng import rng_for
+from fedsparse.sparse.masks import largest
 
 NMF_EPS = 1e-10  # added to every multiplicative-update denominator (central and federated alike)
 NMF_METHODS = ("sklearn", "multiplicative")

@@ -90,7 +90,7 @@ class CompactTable:
     row_sizes: np.ndarray | None = None
 
     @classmethod
-    def encode(cls, weight: np.ndarray, mask: np.ndarray, format: str = "auto") -> "CompactTable":
+    def encode(cls, weight: np.ndarray, mask: np.ndarray, format: str = "auto") -> CompactTable:
         """Store ``weight`` [n, d] under ``mask`` bool [n, d]; off-mask weights are dropped.
 
         ``format="auto"`` picks the layout with fewer bytes for this mask (ties → "row-index").
@@ -167,7 +167,7 @@ class CompactTable:
         return {"values": self.values, "bitmask": self.bitmask}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], n_rows: int, dim: int) -> "CompactTable":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_rows: int, dim: int) -> CompactTable:
         """Rebuild from ``to_arrays()`` output, validated; the keys decide the format.
 
         Raises ValueError naming the first problem (keys, dtypes, shapes, counts, indices, values).

@@ -3,12 +3,12 @@
 from fedsparse.config import SparseConfig
 from fedsparse.sparse.policies.amgp import AmgpPolicy
 from fedsparse.sparse.policies.base import MaskPolicy, PolicySettings
+from fedsparse.sparse.policies.budgeted_sizes import SizeBetPolicy, SizeCiessPolicy, SizeFrequencyPolicy, SizeScallPolicy
 from fedsparse.sparse.policies.dense import DensePolicy
 from fedsparse.sparse.policies.dsl import DslPolicy
 from fedsparse.sparse.policies.magnitude import MagnitudePolicy
 from fedsparse.sparse.policies.rigl import RiglPolicy
 from fedsparse.sparse.policies.set import SetPolicy
-from fedsparse.sparse.policies.budgeted_sizes import SizeBetPolicy, SizeCiessPolicy, SizeFrequencyPolicy, SizeScallPolicy
 from fedsparse.sparse.policies.sparserec import SparseRecPolicy
 from fedsparse.sparse.policies.static import StaticPolicy
 

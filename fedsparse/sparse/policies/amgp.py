@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
+from fedsparse.sparse.embedding_sizes import prefix_mask
 from fedsparse.sparse.masks import MaskUpdate
 from fedsparse.sparse.policies.base import MaskPolicy
-from fedsparse.sparse.embedding_sizes import prefix_mask
 
 
 class AmgpPolicy(MaskPolicy):

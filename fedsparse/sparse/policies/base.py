@@ -15,7 +15,14 @@ from typing import ClassVar
 import numpy as np
 
 from fedsparse.config import AUTO, SparseConfig
-from fedsparse.sparse.masks import MaskUpdate, budget, cosine_drop_fraction, prune_and_grow, prune_and_grow_within_rows, random_mask
+from fedsparse.sparse.masks import (
+    MaskUpdate,
+    budget,
+    cosine_drop_fraction,
+    prune_and_grow,
+    prune_and_grow_within_rows,
+    random_mask,
+)
 from fedsparse.sparse.nmf import top_k_mask
 
 

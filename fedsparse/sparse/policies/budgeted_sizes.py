@@ -11,9 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from fedsparse.config import SparseConfig
+from fedsparse.sparse.embedding_sizes import (
+    fit_sizes,
+    frequency_sizes,
+    popularity_groups,
+    prefix_mask,
+    prefix_sizes,
+    sampled_sizes,
+)
 from fedsparse.sparse.masks import MaskUpdate, cosine_drop_fraction
 from fedsparse.sparse.policies.base import MaskPolicy
-from fedsparse.sparse.embedding_sizes import fit_sizes, frequency_sizes, popularity_groups, prefix_mask, prefix_sizes, sampled_sizes
 
 RANK_TIE_EPSILON = 1e-12  # added before taking logs of pressures that may be exactly zero
 
