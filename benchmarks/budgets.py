@@ -94,44 +94,48 @@ def main() -> None:
 
     started = time.perf_counter()
     for dataset in args.datasets.split(","):
-        data = load_dataset(DataConfig(dataset=dataset), 0)
-        rows = [data.n_users, data.n_items]
-        size_density = equal_bytes_density(rows, args.density)
-        base = ["--dataset", dataset, "--model", "mf", "--dim", str(DIM), "--loss", "bpr", "--negatives", "1", "--lr", args.lr,
-                "--train.patience", "0"]
-        timed = [*base, "--epochs", str(args.epochs), "--train.eval-every", str(args.eval_every)]
-
-        def cell(policy: str, density: float, extra: list[str], extra_row: dict | None = None, label: str = "") -> None:
-            label = label or policy
-            key = f"{dataset}/{label}/{density}"
-            if table.has(key):
-                return
-            backward = [] if policy == "dense" else ["--sparse.sparse-grad", "on"]
-            flags = [*timed, "--sparse.policy", policy, "--sparse.density", str(density), *backward, *extra]
-            summary = run_training(flags, args.out / "runs")
-            table.add(key, {"dataset": dataset, "policy": label, "density": density,
-                            **{k: summary.get(k) for k in SUMMARY_KEYS},
-                            **(extra_row or {})})
-            print(f"{key:40s} recall@20={summary['recall@20']:.4f} bytes={summary['stored_model_bytes']:,}", flush=True)
-
-        cell("dense", 1.0, [])
-        for policy in ELEMENT_WISE:
-            cell(policy, args.density, [])
-        for policy in SIZE_POLICIES[:-1]:
-            cell(policy, size_density, [])
-        # SparseRec's NMF start under a size mask: separates the start from the mask's structure.
-        cell("size-frequency", size_density, ["--sparse.mask-init", "nmf"], label="size-frequency NMF start")
-        uniform = ",".join(["1"] * BET_GROUPS)  # the search's first candidate: every row the same size
-        cell("size-bet", size_density, ["--sparse.size-groups", str(BET_GROUPS), "--sparse.group-sizes", uniform],
-             {"group_sizes": uniform}, label="size-uniform")
-        if not table.has(f"{dataset}/size-bet/{size_density}"):
-            allocation = search_allocation(args, base, data, size_density)
-            cell("size-bet", size_density, ["--sparse.group-sizes", allocation], {"group_sizes": allocation})
-        width = max(1, round(size_density * DIM))
-        cell("amgp", size_density, ["--sparse.amgp-sparse-share", str(args.amgp_sparse_share)],
-             {"mean_training_bytes": amgp_mean_bytes(rows, width, args.amgp_sparse_share)})
-
+        run_dataset(args, table, dataset)
     write_report(args, table, time.perf_counter() - started)
+
+
+def run_dataset(args: argparse.Namespace, table: ResultTable, dataset: str) -> None:
+    """Every policy's cell on one dataset (finished cells are skipped)."""
+    data = load_dataset(DataConfig(dataset=dataset), 0)
+    rows = [data.n_users, data.n_items]
+    size_density = equal_bytes_density(rows, args.density)
+    base = ["--dataset", dataset, "--model", "mf", "--dim", str(DIM), "--loss", "bpr", "--negatives", "1", "--lr", args.lr,
+            "--train.patience", "0"]
+    timed = [*base, "--epochs", str(args.epochs), "--train.eval-every", str(args.eval_every)]
+
+    def cell(policy: str, density: float, extra: list[str], extra_row: dict | None = None, label: str = "") -> None:
+        label = label or policy
+        key = f"{dataset}/{label}/{density}"
+        if table.has(key):
+            return
+        backward = [] if policy == "dense" else ["--sparse.sparse-grad", "on"]
+        flags = [*timed, "--sparse.policy", policy, "--sparse.density", str(density), *backward, *extra]
+        summary = run_training(flags, args.out / "runs")
+        table.add(key, {"dataset": dataset, "policy": label, "density": density,
+                        **{k: summary.get(k) for k in SUMMARY_KEYS},
+                        **(extra_row or {})})
+        print(f"{key:40s} recall@20={summary['recall@20']:.4f} bytes={summary['stored_model_bytes']:,}", flush=True)
+
+    cell("dense", 1.0, [])
+    for policy in ELEMENT_WISE:
+        cell(policy, args.density, [])
+    for policy in SIZE_POLICIES[:-1]:
+        cell(policy, size_density, [])
+    # SparseRec's NMF start under a size mask: separates the start from the mask's structure.
+    cell("size-frequency", size_density, ["--sparse.mask-init", "nmf"], label="size-frequency NMF start")
+    uniform = ",".join(["1"] * BET_GROUPS)  # the search's first candidate: every row the same size
+    cell("size-bet", size_density, ["--sparse.size-groups", str(BET_GROUPS), "--sparse.group-sizes", uniform],
+         {"group_sizes": uniform}, label="size-uniform")
+    if not table.has(f"{dataset}/size-bet/{size_density}"):
+        allocation = search_allocation(args, base, data, size_density)
+        cell("size-bet", size_density, ["--sparse.group-sizes", allocation], {"group_sizes": allocation})
+    width = max(1, round(size_density * DIM))
+    cell("amgp", size_density, ["--sparse.amgp-sparse-share", str(args.amgp_sparse_share)],
+         {"mean_training_bytes": amgp_mean_bytes(rows, width, args.amgp_sparse_share)})
 
 
 def timing_note(seconds: float) -> str:
@@ -141,18 +145,19 @@ def timing_note(seconds: float) -> str:
     return f"this invocation took {seconds:.0f} s (cells already in the CSV were not rerun)"
 
 
+def ratio_to(group: pd.DataFrame, column: str, policy: str) -> pd.Series:
+    """``column`` of every row of one dataset's ``group`` over that of ``policy`` (nan when it did not run)."""
+    reference = group.set_index("policy")
+    return group[column] / (reference.loc[policy, column] if policy in reference.index else float("nan"))
+
+
 def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
     """The Markdown table (ratios against dense and sparserec of the same dataset) and the plot."""
     frame = table.frame()
-    for dataset, group in frame.groupby("dataset"):
-        reference = group.set_index("policy")
-
-        def ratio(column: str, policy: str) -> pd.Series:
-            return group[column] / (reference.loc[policy, column] if policy in reference.index else float("nan"))
-
-        frame.loc[group.index, "recall_vs_dense"] = ratio("recall@20", "dense")
-        frame.loc[group.index, "recall_vs_sparserec"] = ratio("recall@20", "sparserec")
-        frame.loc[group.index, "bytes_vs_sparserec"] = ratio("stored_model_bytes", "sparserec")
+    for _, group in frame.groupby("dataset"):
+        frame.loc[group.index, "recall_vs_dense"] = ratio_to(group, "recall@20", "dense")
+        frame.loc[group.index, "recall_vs_sparserec"] = ratio_to(group, "recall@20", "sparserec")
+        frame.loc[group.index, "bytes_vs_sparserec"] = ratio_to(group, "stored_model_bytes", "sparserec")
     frame["mean_training_bytes"] = frame["mean_training_bytes"].fillna(frame["stored_model_bytes"])
     order = {policy: rank for rank, policy in enumerate(ROW_ORDER)}
     frame = frame.sort_values(["dataset", "policy"], key=lambda c: c.map(order) if c.name == "policy" else c, ascending=[False, True])
@@ -177,7 +182,7 @@ def plot_budgets(frame, path: Path) -> None:
 
     datasets = sorted(frame["dataset"].unique())
     figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
+    for axis, dataset in zip(axes[0], datasets, strict=True):
         for _, row in frame[frame["dataset"] == dataset].iterrows():
             line = axis.scatter(row["stored_model_bytes"], row["recall@20"], label=row["policy"])
             if row["policy"] == "amgp":

@@ -7,7 +7,8 @@ policies hold the density whose prefix-stored table takes no more bytes (as in b
 size-bet applies the allocation the central benchmark's BET search found (budgets_central.csv). The
 heterogeneous cells give devices widths 16/32/64 (shares 0.3/0.4/0.3) and report accuracy, upload and
 memory per class; the streaming cells start with half the items and users and let the rest arrive in
-four stages under the item table's initial budget. Finished cells are kept in ``<out>/budgets_federated.csv`` and skipped on a rerun.
+four stages under the item table's initial budget. Finished cells are kept in ``<out>/budgets_federated.csv`` and skipped on a
+rerun.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/budgets_federated.py --datasets ml-1m
 """
@@ -39,7 +40,8 @@ HETEROGENEOUS = ["--budget.device-widths", WIDTHS, "--budget.device-shares", SHA
 RANDOM_STARTS = ("dsl", "size-frequency", "size-scall", "size-ciess", "amgp")
 RANDOM_START_TAG = "random-start lr"
 RANDOM_START_LR = ["--fed.item-lr", "5.0", "--fed.local-lr", "0.05"]  # later flags win over the defaults below
-STREAMING = ["--budget.stream-stages", "4", "--budget.stream-start", "0.5"]  # half the items and users at round 1, the rest in 4 stages
+STREAMING = ["--budget.stream-stages", "4", "--budget.stream-start", "0.5"]  # half the items and users at round 1,
+# the rest in 4 stages
 COLUMNS = [
     "dataset", "variant", "policy", "density", "rounds", "item_lr", "local_lr", "recall@20", "ndcg@20", "recall_vs_sparserec", "item_table_bytes",
     "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "seconds_per_round",

@@ -95,7 +95,7 @@ def plot(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, max(1, len(frame)), figsize=(5 * max(1, len(frame)), 4), squeeze=False)
-    for axis, (_, row) in zip(axes[0], frame.iterrows()):
+    for axis, (_, row) in zip(axes[0], frame.iterrows(), strict=False):
         points = curves[curves["cell"] == row["cell"]]
         axis.plot(points["round"], points["recall@20"], marker=".", label="test")
         axis.plot(points["round"], points["validation_recall@20"], marker=".", label="validation")

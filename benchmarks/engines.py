@@ -4,7 +4,8 @@ Same config, same seed, ml-1m (6,040 user devices), for 100 and 1,000 sampled cl
 in-process engine; Flower with one device per supernode (6,040 supernodes); Flower with 10 devices
 per supernode (604 supernodes, `fed.clients-per-node`). Then the scale run the federation issue asks
 for: Flower, 6,040 supernodes, 10 % participation, federated NMF, and the "rows" downlink (each
-device receives only the rows it trains on, so an NMF round does not push 6,040 copies of the table). Rounds train only, except the last,
+device receives only the rows it trains on, so an NMF round does not push 6,040 copies of the table). Rounds train only, except
+the last,
 which also evaluates (`fed.eval-fraction` of the devices): train seconds per round are the mean over
 the rounds before the last. Peak memory is the sampled RSS sum of every process of the run (for
 Flower: the `flwr` command, the SuperLink, the ServerApp and the Ray workers). Each Flower case starts

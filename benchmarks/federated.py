@@ -171,7 +171,7 @@ def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
 
     datasets = sorted(frame["dataset"].unique())
     figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
+    for axis, dataset in zip(axes[0], datasets, strict=True):
         for _, row in frame[frame["dataset"] == dataset].iterrows():
             rounds = curves[curves["cell"] == row["cell"]]
             if rounds.empty:

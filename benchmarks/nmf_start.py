@@ -100,7 +100,7 @@ def main() -> None:
     for column, source in (("recall_vs_central", "recall@20"), ("final_vs_central", "final_recall@20")):
         frame[column] = [row[source] / central.loc[key, source] if key in central.index else float("nan")
                          for key, row in zip(frame[["dataset", "rounds", "density", "dim"]].itertuples(index=False, name=None),
-                                             frame.to_dict("records"))]
+                                             frame.to_dict("records"), strict=True)]
     frame.to_csv(args.out / "nmf_start.csv", index=False)
     command = "OMP_NUM_THREADS=1 FEDSPARSE_DATA=... python benchmarks/nmf_start.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     header = (f"Last invocation: `{command}` on {machine_description()}, {time.perf_counter() - started:.0f} s. "

@@ -372,7 +372,7 @@ def _verify(config: RunConfig) -> int:
     # The files' pairs, before the loader dropped test pairs whose item never occurs in training.
     dropped = int(data.repairs.get("test_pairs_unseen_in_train", 0))
     found = (data.n_users, data.n_items, counts["train"] + counts["validation"] + counts["test"] + dropped)
-    for label, have, want in zip(("users", "items", "interactions"), found, published):
+    for label, have, want in zip(("users", "items", "interactions"), found, published, strict=True):
         print(f"{label:>13}: {have:,} ({'ok' if have == want else f'published {want:,}'})")
     if dropped:
         print(f"  ({dropped:,} test pairs of items unseen in training are in the files but not in the loaded splits)")

@@ -74,7 +74,8 @@ class DataConfig:
     timestamp_column: str = ""  # data.path: a numeric timestamp column, needed by data.split = loo ("" = none)
     separator: str = ","  # data.path: field separator of a text file; "tab" (or "\t") for tabs, "space" for runs of blanks
     header: bool = True  # data.path: the first line names the columns (false: data starts on line 1, columns by position)
-    loo_ties: str = "file-last"  # loo, equal timestamps: file-last = the later row in the file is later; file-first = the earlier (PFedRec); item = the larger item id
+    loo_ties: str = "file-last"  # loo, equal timestamps: file-last = the later row in the file is later;
+    # file-first = the earlier (PFedRec); item = the larger item id
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class TrainConfig:
     l2_reg: float = 1e-4  # L2 penalty on the embeddings in each batch, LightGCN's `decay` (not Adam weight decay)
     loss: str = "bpr"  # pairwise BPR, or pointwise binary cross-entropy
     negatives: int = 1  # sampled negatives per positive
-    negatives_from: str = "non-train"  # negative and padding pool: non-train items (held-out ones too), or unrated (PFedRec's rule)
+    negatives_from: str = "non-train"  # negative and padding pool: non-train items (held-out ones too),
+    # or unrated (PFedRec's rule)
     patience: int = 5  # evaluations without validation improvement before stopping (0 = never stop)
     eval_every: int = 1  # epochs between validation evaluations
 
@@ -153,9 +155,11 @@ class FedConfig:
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     user_steps: int = 5  # steps on the user row alone (items frozen) before the joint steps, each round (catch-up with the table)
-    user_state: str = "keep"  # keep: the device stores its user row; reconstruct: FedRecon, fit afresh by user-steps each round and evaluation
+    user_state: str = "keep"  # keep: the device stores its user row; reconstruct:
+    # FedRecon, fit afresh by user-steps each round and evaluation
     local_lr: float = 0.05  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
-    user_optimizer: str = "adam"  # the user row's optimiser: adam (moments kept on the device), or sgd on the mean loss (PFedRec's head)
+    user_optimizer: str = "adam"  # the user row's optimiser: adam (moments kept on the device),
+    # or sgd on the mean loss (PFedRec's head)
     item_optimizer: str = "sgd"  # the device's optimiser of its item-row copy: sgd, or adam (fresh each round: sign steps)
     item_lr: float = 0.01  # sgd: step per training example on the item rows (gradient of the summed loss)
     item_init_std: float = 0.1  # std of the normal values the server's item rows start from without an NMF start
@@ -164,21 +168,27 @@ class FedConfig:
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
     server_beta2: float = 0.999  # adam: decay of the second moment
     server_eps: float = 1e-8  # adam: added to the root of the second moment
-    aggregation: str = "sum"  # per-row mean over contributors (weighted by examples, or uniform), sum (FedMF), client-mean (FedAvg)
+    aggregation: str = "sum"  # per-row mean over contributors (weighted by examples, or uniform), sum (FedMF),
+    # client-mean (FedAvg)
     downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal
     signal_every_round: bool = False  # accumulate signals from every round (costs bytes) or send them only at exploration rounds
     nmf_init: str = "federated"  # where the NMF mask comes from, when the policy uses one
     nmf_rounds: int = 3  # nmf-start = mu: secure multiplicative-update rounds before training
-    nmf_start: str = "range"  # federated start: range (seeded range finder, NNDSVD, nmf-refine rounds), svd (the same, signed factors, no refinement) or mu (secure multiplicative updates)
-    nmf_cohort: float = 0.1  # share of devices in the federated start's secure sums (a public seeded sample, at least SecAgg+'s threshold of 5)
+    nmf_start: str = "range"  # federated start: range (seeded range finder, NNDSVD, nmf-refine rounds), svd (the same,
+    # signed factors, no refinement) or mu (secure multiplicative updates)
+    nmf_cohort: float = 0.1  # share of devices in the federated start's secure sums (a public seeded sample,
+    # at least SecAgg+'s threshold of 5)
     nmf_power: int = 0  # nmf-start = range: power passes after the seeded one (each sends an [n_items, dim] basis and sums A V)
-    nmf_sketch: int = 0  # nmf-start = range/svd: columns of the seeded test matrix (0 = model.dim; more = oversampling, a longer vector)
-    nmf_refine: int = 1  # nmf-start = range: secure multiplicative refinements of the item factor after it (devices fit p_u, none keeps it)
+    nmf_sketch: int = 0  # nmf-start = range/svd: columns of the seeded test matrix (0 = model.dim;
+    # more = oversampling, a longer vector)
+    nmf_refine: int = 1  # nmf-start = range: secure multiplicative refinements of the item factor after it (devices fit p_u,
+    # none keeps it)
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
     eval_fraction: float = 0.2  # share of devices evaluated
-    evaluate_model: str = "global"  # global: rank with the server's table; local: each trained device ranks with its own copy after training (PFedRec)
+    evaluate_model: str = "global"  # global: rank with the server's table; local: each
+    # trained device ranks with its own copy after training (PFedRec)
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
 
@@ -212,7 +222,8 @@ class EvalConfig:
     k: int = 20  # cut-off of the full-ranking metrics
     batch_users: int = 1024  # users scored at once; bounds memory to batch_users * n_items floats
     sampled_negatives: int = 99  # negatives per held-out item in the sampled (leave-one-out) protocol
-    candidates: str = ""  # CSV of each user's validation and test item and their negatives, original ids (replaces the split; "" = off)
+    candidates: str = ""  # CSV of each user's validation and test item and their negatives, original ids (replaces the split;
+    # "" = off)
 
 
 @dataclass(frozen=True)
@@ -226,7 +237,8 @@ class PrivacyConfig:
     delta: float = 1e-5  # the delta at which epsilon is reported
     secure_aggregation: bool = False  # devices upload dense masked vectors; the server sees only their sum
     secure_row_fraction: float = 1.0  # with secure aggregation: share of rows each round covers (a public random subset)
-    secure_weight_bound: float = 10000.0  # with secure aggregation: public cap on a device's weight (Flower's SecAgg+ scales by it)
+    secure_weight_bound: float = 10000.0  # with secure aggregation: public cap on a
+    # device's weight (Flower's SecAgg+ scales by it)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class NegativeSampler:
             negatives[rejected] = rng.integers(0, self.n_items, size=int(rejected.sum()), dtype=np.int64)
             rejected = self.is_interacted(row_users, negatives)
         # Users with almost every item interacted: draw exactly from their complement.
-        for row, col in zip(*np.nonzero(rejected)):
+        for row, col in zip(*np.nonzero(rejected), strict=True):
             user = row_users[row, col]
             seen = self._interacted.indices[self._interacted.indptr[user] : self._interacted.indptr[user + 1]]
             negatives[row, col] = rng.choice(np.setdiff1d(np.arange(self.n_items), seen))

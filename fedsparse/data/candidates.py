@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +103,7 @@ def read_candidates(path: str | Path, data: Interactions, n_negatives: int) -> C
         if not line.strip():
             continue
 
-        def fail(problem: str) -> DataFormatError:
-            return DataFormatError.at(path, number, problem)
-
+        fail = partial(DataFormatError.at, path, number)
         fields = [field.strip() for field in line.split(",")]
         if len(fields) != len(HEADER):
             raise fail(f"expected {len(HEADER)} comma-separated fields ({','.join(HEADER)}), found {len(fields)}")

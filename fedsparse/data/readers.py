@@ -17,7 +17,6 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -148,7 +147,7 @@ def read_lastfm_user_artists(path: str | Path) -> pd.DataFrame:
     return _read_delimited(path, data, (("user", _ID), ("item", _ID), ("rating", _NUMBER)), header_lines=1)
 
 
-Column = Union[str, int]  # a header name, or a 0-based position
+Column = str | int  # a header name, or a 0-based position
 WHITESPACE_SEPARATOR = r"\s+"  # pandas' C parser reads this pattern as "any run of spaces and tabs"
 
 
@@ -318,7 +317,7 @@ def _first_bad_delimited_line(
         fields = line.split(b"\t")
         if len(fields) != len(columns):
             return DataFormatError.at(path, number, f"expected {len(columns)} fields, found {len(fields)}")
-        for field, (name, kind) in zip(fields, columns):
+        for field, (name, kind) in zip(fields, columns, strict=True):
             problem = _field_problem(field.decode("latin-1").strip(), name, kind)
             if problem:
                 return DataFormatError.at(path, number, problem)

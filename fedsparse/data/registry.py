@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import pandas as pd
 
@@ -32,7 +31,7 @@ from fedsparse.data.readers import (
     read_table,
 )
 
-Download = Union[UrlFiles, ZipMember, WheelMember]
+Download = UrlFiles | ZipMember | WheelMember
 
 DATA_ENV = "FEDSPARSE_DATA"
 CHECKSUM_BLOCK_BYTES = 1 << 20  # read size while hashing a data file

@@ -10,14 +10,13 @@ per-user values so a federated simulator can pool users across clients before av
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-SparseRows = Union[sp.csr_matrix, sp.csr_array]
-Exclude = Union[SparseRows, Sequence[SparseRows]]
+SparseRows = sp.csr_matrix | sp.csr_array
+Exclude = SparseRows | Sequence[SparseRows]
 ScoreFn = Callable[[np.ndarray], torch.Tensor]
 CandidateScoreFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 

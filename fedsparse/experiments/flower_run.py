@@ -6,6 +6,7 @@ even when the run fails, so success is judged from the run directory the ServerA
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -284,18 +285,14 @@ def stop_process_tree(pid: int) -> list[int]:
         frontier = [child for parent in frontier for child in _children(parent)]
         tree += frontier
     for target in tree:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     while time.monotonic() < deadline and any(process_running(target) for target in tree):
         time.sleep(POLL_SECONDS)
     for target in tree:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return tree
 
 

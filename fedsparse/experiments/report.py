@@ -47,7 +47,8 @@ NOT_A_LABEL = {"results-dir", "data.data-dir", "resume-dir", "code-version"}
 NOT_A_SERIES = {"sparse.density", "sparse.policy", "seed"} | NOT_A_LABEL
 # Runs with the same legend label are drawn with these styles in turn, so their lines stay apart.
 REPEAT_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
-SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the best validation round (by Recall@20; by HR@10 under the sampled protocol)
+SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the best validation round (by Recall@20;
+# by HR@10 under the sampled protocol)
 ATTACK_AUC_SUFFIX = "_auc_uploaded"  # the privacy study's ROC-AUC among the uploaded rows, one column per attack
 NO_LEAKAGE_AUC = 0.5  # where a run with no per-device upload to attack (secure aggregation) is drawn
 # The privacy study's target (simulations/README.md): Recall@20 >= 90 % of undefended at attack AUC <= 0.55.

@@ -86,7 +86,7 @@ def expand_grid(spec: SweepSpec, results_dir: Path) -> list[SweepCell]:
     cells = []
     for combination in itertools.product(*(spec.grid[key] for key in keys)):
         for seed in spec.seeds:
-            values = {**dict(zip(keys, combination)), "seed": seed}
+            values = {**dict(zip(keys, combination, strict=True)), "seed": seed}
             cell = ",".join(f"{key}={value}" for key, value in values.items()) + suffix
             flat = {**spec.base, **values, "results-dir": str(results_dir / "runs")}
             config = RunConfig.from_flat(flat)  # a bad key or value stops the sweep before any work
@@ -150,7 +150,7 @@ def run_sweep(
         tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {Path(path).stem}", unit="cell", disable=disable) as progress,
     ):
         rows = pool.map(run_cell, todo, itertools.repeat(app_dir)) if pool else (run_cell(cell, app_dir) for cell in todo)
-        for cell, row in zip(todo, rows):  # in grid order; each row is saved as soon as its turn comes
+        for cell, row in zip(todo, rows, strict=True):  # in grid order; each row is saved as soon as its turn comes
             table.add(cell.cell, row)
             progress.update()
             if on_cell:

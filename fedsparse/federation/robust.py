@@ -55,7 +55,7 @@ def robust_aggregate(updates: list[RowUpdate], item_mask: np.ndarray, settings: 
     per_row: list[list[np.ndarray]] = [[] for _ in range(merged.rows.size)]
     for update in updates:
         dense = scatter_active(update.values, update.carried_mask(item_mask))
-        for index, row_delta in zip(np.searchsorted(merged.rows, update.row_ids), dense):
+        for index, row_delta in zip(np.searchsorted(merged.rows, update.row_ids), dense, strict=True):
             per_row[index].append(row_delta)
     deltas = np.stack([_combine(np.stack(deltas), settings) for deltas in per_row])
     # The robust statistic stands for one contributor's delta: scale it as the mode scales a mean.

@@ -82,7 +82,7 @@ class ValueAttack:
     def fit(self, uploads: list[ObservedUpload], members: list[np.ndarray]) -> ValueAttack:
         """Learn from shadow uploads (the attacker's own simulated devices, labels known)."""
         features = np.vstack([row_features(upload) for upload in uploads])
-        labels = np.concatenate([np.isin(upload.rows, member) for upload, member in zip(uploads, members)])
+        labels = np.concatenate([np.isin(upload.rows, member) for upload, member in zip(uploads, members, strict=True)])
         if labels.all() or not labels.any():
             raise ValueError("the shadow uploads need both member and non-member rows to train the value attack")
         self.model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=self.seed))
