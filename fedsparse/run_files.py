@@ -145,8 +145,8 @@ def read_run_config(run_dir: Path, sections: tuple[str, ...] = ("config", "popul
 def round_gaps(records: list[dict[str, Any]], expected: int) -> str:
     """What is wrong with the round numbers of a rounds.jsonl against rounds 1..``expected`` ("" when nothing)."""
     have = [record.get("round") for record in records]
-    missing = sorted(set(range(1, expected + 1)) - set(have))
-    repeated = sorted({number for number in have if have.count(number) > 1})
+    missing = sorted(number for number in range(1, expected + 1) if number not in have)
+    repeated = sorted({number for number in have if have.count(number) > 1}, key=str)
     extra = sorted({number for number in have if not isinstance(number, int) or not 1 <= number <= expected}, key=str)
     problems = [f"missing rounds {missing}"] * bool(missing) + [f"duplicated rounds {repeated}"] * bool(repeated) + [
         f"rounds outside 1..{expected}: {extra}"] * bool(extra)

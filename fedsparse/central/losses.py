@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from fedsparse.central.models import EmbeddingRecommender
 
 
 def batch_loss(
-    model: nn.Module,
+    model: EmbeddingRecommender,
     users: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor,

@@ -7,6 +7,8 @@ step) so the sparse core can mask them element-wise and run a sparse backward.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -17,7 +19,31 @@ EMBEDDING_INIT_STD = 0.1  # normal init of embedding tables, as LightGCN-PyTorch
 SCORE_CHUNK_ELEMENTS = 1 << 24  # bound on users x items x width floats materialised while ranking
 
 
-class MatrixFactorization(nn.Module):
+class Recommender(nn.Module, ABC):
+    """What the trainers and metrics ask of every model: scores for (user, item) pairs and for every item."""
+
+    @abstractmethod
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores for pairs: users int64 [b], items int64 [b] or [b, c] -> float32 [b] or [b, c]."""
+
+    @abstractmethod
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for some users: users int64 [b] -> float32 [b, n_items]."""
+
+
+class EmbeddingRecommender(Recommender):
+    """A recommender on embedding tables the sparse core trains: it names its tables and their penalty."""
+
+    @abstractmethod
+    def embedding_tables(self) -> dict[str, RowEmbedding]:
+        """The per-user and per-item tables, by name (what sparse policies mask)."""
+
+    @abstractmethod
+    def batch_l2(self, users: torch.Tensor, *item_batches: torch.Tensor) -> torch.Tensor:
+        """Half the squared L2 norm of the embeddings a batch uses, divided by the batch size."""
+
+
+class MatrixFactorization(EmbeddingRecommender):
     """score(u, i) = <p_u, q_i>; user table [n_users, dim], item table [n_items, dim]."""
 
     def __init__(self, n_users: int, n_items: int, dim: int, generator: torch.Generator | None = None) -> None:
@@ -52,7 +78,7 @@ class MatrixFactorization(nn.Module):
         return self.user_embedding(users) @ self.item_embedding.weight.T
 
 
-class NeuMF(nn.Module):
+class NeuMF(EmbeddingRecommender):
     """NeuMF (He et al. 2017): a GMF branch and an MLP branch on separate embeddings, fused linearly.
 
     GMF tables are [n, dim]; MLP tables are [n, widths[0] // 2] so their concatenation feeds a tower of
@@ -127,6 +153,7 @@ class NeuMF(nn.Module):
         """
         mlp_dim = self.user_mlp_embedding.embedding_dim
         first, deeper = self.mlp[0], self.mlp[2:]
+        assert isinstance(first, nn.Linear)  # the MLP opens with a Linear layer (built in __init__)
         user_part = self.user_mlp_embedding(users) @ first.weight[:, :mlp_dim].T + first.bias  # [b, w0]
         item_part = self.item_mlp_embedding.weight @ first.weight[:, mlp_dim:].T  # [n_items, w0]
         gmf_dim = self.item_embedding.embedding_dim
@@ -140,12 +167,13 @@ class NeuMF(nn.Module):
         return gmf + torch.cat(parts, dim=1)
 
 
-class MostPopular(nn.Module):
+class MostPopular(Recommender):
     """score(u, i) = the number of training interactions of item i, the same for every user: the
     non-personalised floor every learned model must clear. No trainable parameter."""
 
     def __init__(self, item_counts: torch.Tensor) -> None:
         super().__init__()
+        self.item_counts: torch.Tensor
         self.register_buffer("item_counts", item_counts.to(torch.float32))
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -158,7 +186,7 @@ class MostPopular(nn.Module):
         return self.item_counts.expand(users.shape[0], -1)
 
 
-def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> nn.Module:
+def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> EmbeddingRecommender:
     """The model named by ``config.name`` ("mf" or "neumf") for the given table sizes."""
     if config.name == "mf":
         return MatrixFactorization(n_users, n_items, config.dim, generator)

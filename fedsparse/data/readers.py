@@ -174,8 +174,8 @@ def read_table(
     ``timestamp`` (numeric [n]).
     """
     path = Path(path)
-    wanted = {"user": user_col, "item": item_col, "rating": rating_col, "timestamp": timestamp_col}
-    wanted = {out: col for out, col in wanted.items() if col is not None}
+    named = {"user": user_col, "item": item_col, "rating": rating_col, "timestamp": timestamp_col}
+    wanted = {out: col for out, col in named.items() if col is not None}
     if path.suffix.lower() in _PARQUET_SUFFIXES:
         frame = pd.read_parquet(path)
         first_line: int | None = None

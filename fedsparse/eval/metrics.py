@@ -10,13 +10,14 @@ per-user values so a federated simulator can pool users across clients before av
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-SparseRows = sp.csr_matrix | sp.csr_array
-Exclude = SparseRows | Sequence[SparseRows]
+SparseRows: TypeAlias = sp.csr_matrix | sp.csr_array
+Exclude: TypeAlias = SparseRows | Sequence[SparseRows]
 ScoreFn = Callable[[np.ndarray], torch.Tensor]
 CandidateScoreFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 
@@ -154,13 +155,13 @@ def _contains(rows: sp.csr_matrix, columns: np.ndarray) -> np.ndarray:
 
 
 def _normalise_ks(k: int | Sequence[int]) -> list[int]:
-    ks = sorted({int(x) for x in ([k] if np.isscalar(k) else k)})
+    ks = sorted({int(x) for x in ([k] if isinstance(k, int | np.integer) else k)})
     if not ks or ks[0] < 1:
         raise ValueError(f"every k must be >= 1, got {k!r}")
     return ks
 
 
-def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.LongTensor:
+def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.Tensor:
     """The k best items per row after excluding known items, with a deterministic tie rule.
 
     Excluded entries are set to -inf (on a copy; ``scores`` is not modified), then the top k are
@@ -182,7 +183,7 @@ def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.LongTens
 
     Returns
     -------
-    torch.LongTensor [b, k]
+    int64 [b, k]
         Item ids, best first.
     """
     if scores.ndim != 2:

@@ -56,7 +56,7 @@ def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, mode:
         weights[index] += weight * (columns < (update.width or dim))
         holders += columns < (update.width or dim)
         contributors[index] += 1
-        if update.signal_rows is not None:
+        if update.signal_rows is not None and update.signal_cols is not None and update.signal_values is not None:
             signal_index = np.searchsorted(rows, update.signal_rows)
             np.add.at(signal, (signal_index[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
     if mode == "sum":
@@ -72,8 +72,8 @@ def sum_secure_uploads(uploads: list[SecureUpload]) -> SecureUpload:
     values = np.sum([upload.values for upload in uploads], axis=0, dtype=np.float64)
     weights = np.sum([upload.weights for upload in uploads], axis=0, dtype=np.float64)
     signals = [upload.signal for upload in uploads if upload.signal is not None]
-    signal = np.sum(signals, axis=0, dtype=np.float64).astype(np.float32) if signals else None
-    return SecureUpload(values.astype(np.float32), weights.astype(np.float32), signal)
+    signal = np.asarray(np.sum(signals, axis=0, dtype=np.float64), dtype=np.float32) if signals else None
+    return SecureUpload(np.asarray(values, dtype=np.float32), np.asarray(weights, dtype=np.float32), signal)
 
 
 def aggregate_secure_sum(

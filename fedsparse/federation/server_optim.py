@@ -36,32 +36,36 @@ class ServerOptimizer:
         """
         if self.kind == "avg":
             return (self.config.server_lr * mean_deltas * row_mask).astype(np.float32)
-        if self.exp_avg is None:
-            dim = mean_deltas.shape[1]
-            self.exp_avg = np.zeros((n_items, dim), dtype=np.float32)
-            self.exp_avg_sq = np.zeros((n_items, dim), dtype=np.float32)
-            self.row_steps = np.zeros(n_items, dtype=np.int64)
+        exp_avg, exp_avg_sq, row_steps = self._moments(n_items, mean_deltas.shape[1])
         beta1, beta2 = self.config.server_beta1, self.config.server_beta2
         deltas = mean_deltas * row_mask
-        self.row_steps[rows] += 1
-        first = beta1 * self.exp_avg[rows] + (1.0 - beta1) * deltas
-        second = beta2 * self.exp_avg_sq[rows] + (1.0 - beta2) * deltas**2
-        self.exp_avg[rows], self.exp_avg_sq[rows] = first, second
-        steps = self.row_steps[rows][:, None].astype(np.float64)
+        row_steps[rows] += 1
+        first = beta1 * exp_avg[rows] + (1.0 - beta1) * deltas
+        second = beta2 * exp_avg_sq[rows] + (1.0 - beta2) * deltas**2
+        exp_avg[rows], exp_avg_sq[rows] = first, second
+        steps = row_steps[rows][:, None].astype(np.float64)
         corrected_first = first / (1.0 - beta1**steps)
         corrected_second = second / (1.0 - beta2**steps)
         change = self.config.server_lr * corrected_first / (np.sqrt(corrected_second) + self.config.server_eps)
         return (change * row_mask).astype(np.float32)
 
+    def _moments(self, n_items: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The moments and row step counts, allocated (zeros) at the first step."""
+        if self.exp_avg is None or self.exp_avg_sq is None or self.row_steps is None:
+            self.exp_avg = np.zeros((n_items, dim), dtype=np.float32)
+            self.exp_avg_sq = np.zeros((n_items, dim), dtype=np.float32)
+            self.row_steps = np.zeros(n_items, dtype=np.int64)
+        return self.exp_avg, self.exp_avg_sq, self.row_steps
+
     def forget(self, flat_entries: np.ndarray) -> None:
         """Zero the moments of entries that were pruned or grown (a grown entry starts afresh)."""
-        if self.exp_avg is not None:
+        if self.exp_avg is not None and self.exp_avg_sq is not None:
             self.exp_avg.reshape(-1)[flat_entries] = 0.0
             self.exp_avg_sq.reshape(-1)[flat_entries] = 0.0
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The moments and row step counts, to checkpoint (nothing for ``avg`` or before the first step)."""
-        if self.exp_avg is None:
+        if self.exp_avg is None or self.exp_avg_sq is None or self.row_steps is None:
             return {}
         return {"exp-avg": self.exp_avg, "exp-avg-sq": self.exp_avg_sq, "row-steps": self.row_steps}
 

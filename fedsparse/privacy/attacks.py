@@ -147,7 +147,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _fit_user_row(items: np.ndarray, positive: np.ndarray, rng: np.random.Generator, steps: int, lr: float) -> np.ndarray:
     """A re-initialised user row fitted by gradient descent on the mean BPR loss softplus(s_neg - s_pos)
     over all labelled pairs (left at its initial value when one label is empty)."""
-    user = rng.normal(0.0, 0.1, items.shape[1])
+    user = rng.normal(0.0, 0.1, size=(items.shape[1],))
     if positive.all() or not positive.any():
         return user
     pos, neg = items[positive], items[~positive]

@@ -9,7 +9,9 @@ and moments), and at the policy's update steps prunes and grows with the exact b
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -119,12 +121,20 @@ class StepAccounting:
     mask_init_seconds: float = 0.0  # NMF factorisation before the first epoch (not in seconds per epoch)
 
 
+class TableModel(Protocol):
+    """A model whose embedding tables the sparse core masks (``central.models.EmbeddingRecommender``)."""
+
+    def embedding_tables(self) -> dict[str, RowEmbedding]: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+
 class SparseEmbeddingTraining:
     """Drives one model's embedding tables under a mask policy; other parameters use plain Adam."""
 
     def __init__(
         self,
-        model: nn.Module,
+        model: TableModel,
         config: RunConfig,
         train: sp.csr_matrix,
         total_steps: int,
@@ -218,7 +228,7 @@ class SparseEmbeddingTraining:
                 continue
             if gradient.is_sparse or self.policy.uses_gradients:
                 rows, values = row_gradient(gradient)
-                self.policy.observe_gradient(name, rows.numpy(), values.numpy(), tuple(table.weight.shape))
+                self.policy.observe_gradient(name, rows.numpy(), values.numpy(), (table.weight.shape[0], table.weight.shape[1]))
             if gradient.is_sparse:
                 self.optimizers[name].step(values, rows)
             else:
@@ -270,8 +280,8 @@ class SparseEmbeddingTraining:
     def state_nbytes(self) -> int:
         """Bytes of optimiser moments and policy statistics (training-time memory besides the model)."""
         if self.unmasked:
+            moments = self.dense_optimizer.state.values() if self.dense_optimizer is not None else []
             return sum(
-                tensor.nbytes for state in self.dense_optimizer.state.values() for tensor in state.values()
-                if isinstance(tensor, torch.Tensor)
+                int(tensor.nbytes) for state in moments for tensor in state.values() if isinstance(tensor, torch.Tensor)
             )
         return sum(opt.nbytes for opt in self.optimizers.values()) + self.policy.statistics_nbytes()

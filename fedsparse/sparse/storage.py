@@ -133,13 +133,20 @@ class CompactTable:
     def mask(self) -> np.ndarray:
         """The mask alone, bool [n_rows, dim] (cheaper than ``decode`` when values are not needed)."""
         if self.format == "bitmask":
-            return np.unpackbits(self.bitmask, axis=1, count=self.dim).astype(bool).reshape(self.n_rows, self.dim)
+            return np.unpackbits(self._part("bitmask"), axis=1, count=self.dim).astype(bool).reshape(self.n_rows, self.dim)
         if self.format == "prefix":
-            return prefix_mask(self.row_sizes.astype(np.int64), self.dim)
+            return prefix_mask(self._part("row_sizes").astype(np.int64), self.dim)
         mask = np.zeros((self.n_rows, self.dim), dtype=bool)
-        rows = np.repeat(np.arange(self.n_rows), self.row_counts.astype(np.int64))
-        mask[rows, self.col_indices.astype(np.int64)] = True
+        rows = np.repeat(np.arange(self.n_rows), self._part("row_counts").astype(np.int64))
+        mask[rows, self._part("col_indices").astype(np.int64)] = True
         return mask
+
+    def _part(self, name: str) -> np.ndarray:
+        """The structure array ``name`` of this table's format; ValueError when the format holds none."""
+        array = getattr(self, name)
+        if array is None:
+            raise ValueError(f"a {self.format} table holds no {name}")
+        return array
 
     @property
     def nnz(self) -> int:
@@ -161,10 +168,10 @@ class CompactTable:
         """The arrays to store or send: {"values", "row_counts", "col_indices"}, {"values", "bitmask"} or
         {"values", "row_sizes"}."""
         if self.format == "row-index":
-            return {"values": self.values, "row_counts": self.row_counts, "col_indices": self.col_indices}
+            return {"values": self.values, "row_counts": self._part("row_counts"), "col_indices": self._part("col_indices")}
         if self.format == "prefix":
-            return {"values": self.values, "row_sizes": self.row_sizes}
-        return {"values": self.values, "bitmask": self.bitmask}
+            return {"values": self.values, "row_sizes": self._part("row_sizes")}
+        return {"values": self.values, "bitmask": self._part("bitmask")}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], n_rows: int, dim: int) -> CompactTable:
@@ -207,7 +214,7 @@ class CompactTable:
         nnz = values.size
         if self.format == "prefix":
             _check_none(self, ("row_counts", "col_indices", "bitmask"))
-            sizes = self.row_sizes
+            sizes = self._part("row_sizes")
             _check_dtype("row_sizes", sizes, count_dtype(dim), dim)
             if sizes.shape != (n_rows,):
                 raise ValueError(f"row_sizes length must be n_rows = {n_rows}, got shape {sizes.shape}")
@@ -218,7 +225,7 @@ class CompactTable:
             return
         if self.format == "bitmask":
             _check_none(self, ("row_counts", "col_indices", "row_sizes"))
-            bitmask = self.bitmask
+            bitmask = self._part("bitmask")
             width = _bitmask_width(dim)
             _check_dtype("bitmask", bitmask, np.dtype(np.uint8), dim)
             if bitmask.shape != (n_rows, width):
@@ -233,7 +240,7 @@ class CompactTable:
                 raise ValueError(f"bitmask has {active} set bits but values has length {nnz}")
             return
         _check_none(self, ("bitmask", "row_sizes"))
-        counts, indices = self.row_counts, self.col_indices
+        counts, indices = self._part("row_counts"), self._part("col_indices")
         _check_dtype("row_counts", counts, count_dtype(dim), dim)
         _check_dtype("col_indices", indices, index_dtype(dim), dim)
         if counts.shape != (n_rows,):

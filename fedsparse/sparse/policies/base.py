@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class MaskPolicy:
     @classmethod
     def resolve(cls, config: SparseConfig) -> PolicySettings:
         """Fill "auto" (or -1) knobs of ``config`` with this policy's defaults."""
-        def pick(key: str, value: object, auto: object) -> object:
+        def pick(key: str, value: Any, auto: Any) -> Any:
             return cls.defaults[key] if value == auto else value
 
         return PolicySettings(
