@@ -57,7 +57,9 @@ def slow_aggregate(updates: list[RowUpdate], mask: np.ndarray, mode: str) -> dic
             for i, row in enumerate(update.signal_rows.tolist()):
                 for j in range(update.signal_cols.shape[1]):
                     merged[row][3][int(update.signal_cols[i, j])] += float(update.signal_values[i, j])
-    divisor = {"sum": lambda weight_sum: 1.0, "client-mean": lambda weight_sum: len(updates)}.get(mode, lambda weight_sum: weight_sum)
+    divisor = {"sum": lambda weight_sum: 1.0, "client-mean": lambda weight_sum: len(updates)}.get(
+        mode, lambda weight_sum: weight_sum
+    )
     return {row: (total / divisor(weight_sum), count, signal) for row, (total, weight_sum, count, signal) in merged.items()}
 
 
@@ -131,9 +133,12 @@ def test_signal_sums_same_entry_from_two_devices() -> None:
     mask[:, 0] = True
     rows = np.array([2, 9], dtype=np.int64)
     cols_dtype = signal_col_dtype(DIM)
-    a = RowUpdate(rows, np.zeros(2, np.float32), 1.0, rows[:1].copy(), np.array([[4, 5]], cols_dtype), np.array([[1.5, -1.0]], np.float32))
+    a = RowUpdate(
+        rows, np.zeros(2, np.float32), 1.0, rows[:1].copy(), np.array([[4, 5]], cols_dtype), np.array([[1.5, -1.0]], np.float32)
+    )
     b = RowUpdate(
-        rows, np.zeros(2, np.float32), 5.0, rows.copy(), np.array([[4, 1], [3, 2]], cols_dtype), np.array([[2.0, 0.25], [-0.5, 7.0]], np.float32)
+        rows, np.zeros(2, np.float32), 5.0, rows.copy(), np.array([[4, 1], [3, 2]], cols_dtype),
+        np.array([[2.0, 0.25], [-0.5, 7.0]], np.float32),
     )
     c = RowUpdate(np.array([9], np.int64), np.zeros(1, np.float32), 2.0)  # no signal
     merged = aggregate_row_updates([a, b, c], mask)
@@ -148,7 +153,8 @@ def test_signal_sums_same_entry_from_two_devices() -> None:
 def test_signal_repeated_column_within_one_row_is_summed() -> None:
     mask = np.ones((N_ITEMS, DIM), dtype=bool)
     rows = np.array([1], dtype=np.int64)
-    update = RowUpdate(rows, np.zeros(DIM, np.float32), 1.0, rows, np.array([[2, 2]], signal_col_dtype(DIM)), np.array([[1.0, 2.0]], np.float32))
+    signal_cols = np.array([[2, 2]], signal_col_dtype(DIM))
+    update = RowUpdate(rows, np.zeros(DIM, np.float32), 1.0, rows, signal_cols, np.array([[1.0, 2.0]], np.float32))
     assert aggregate_row_updates([update], mask).signal[0, 2] == pytest.approx(3.0)
 
 
@@ -225,7 +231,8 @@ def test_secure_upload_is_dense_over_the_table_and_round_trips() -> None:
     "corrupt, message",
     [
         (lambda a: {**a, "secure-values": a["secure-values"][:-1]}, "do not fit the round"),
-        (lambda a: {**a, "secure-values": np.where(np.arange(a["secure-values"].size) == 0, np.nan, a["secure-values"]).astype(np.float32)}, "non-finite"),
+        (lambda a: {**a, "secure-values": np.where(np.arange(a["secure-values"].size) == 0, np.nan, a["secure-values"])
+                    .astype(np.float32)}, "non-finite"),
         (lambda a: {**a, "secure-weights": -a["secure-weights"] - 1}, ">= 0"),
         (lambda a: {**a, "row-ids": np.zeros(1, np.uint16)}, "unexpected"),
         (lambda a: {**a, "secure-signal": np.zeros((N_ITEMS, DIM + 1), np.float32)}, "secure-signal"),

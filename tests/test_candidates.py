@@ -138,20 +138,25 @@ BAD = {
     "user not a number": (lambda lines, data: _set(lines, 2, 0, "abc"), 2, "unknown user 'abc'"),
     "duplicate user": (lambda lines, data: _set(lines, 3, 0, _fields(lines, 2)[0]), 3, "already has a row (line 2)"),
     "unknown held-out item": (lambda lines, data: _set(lines, 2, 1, "5000"), 2, "val_item: unknown item '5000'"),
-    "validation equals test": (lambda lines, data: _set(lines, 2, 2, _fields(lines, 2)[1]), 2, "val_item and test_item are the same"),
-    "held-out item not a positive": (lambda lines, data: _set(lines, 2, 2, _negatives(lines, 2, 3)[0]), 2, "is not an interaction of user"),
+    "validation equals test": (lambda lines, data: _set(lines, 2, 2, _fields(lines, 2)[1]), 2,
+                               "val_item and test_item are the same"),
+    "held-out item not a positive": (lambda lines, data: _set(lines, 2, 2, _negatives(lines, 2, 3)[0]), 2,
+                                     "is not an interaction of user"),
     "fewer negatives": (lambda lines, data: _set_negatives(lines, 2, 3, _negatives(lines, 2, 3)[:-1]), 2,
                         f"val_negatives holds {N_NEGATIVES - 1} items, expected eval.sampled-negatives = {N_NEGATIVES}"),
     "more negatives": (lambda lines, data: _set_negatives(lines, 2, 4, _negatives(lines, 2, 4) + [_negatives(lines, 3, 4)[0]]), 2,
                        f"test_negatives holds {N_NEGATIVES + 1} items"),
-    "duplicate negative": (lambda lines, data: _set_negatives(lines, 2, 3, _negatives(lines, 2, 3)[:-1] + _negatives(lines, 2, 3)[:1]), 2,
-                           "val_negatives repeats item"),
+    "duplicate negative": (
+        lambda lines, data: _set_negatives(lines, 2, 3, _negatives(lines, 2, 3)[:-1] + _negatives(lines, 2, 3)[:1]), 2,
+        "val_negatives repeats item"),
     "unknown negative": (lambda lines, data: _set_negatives(lines, 2, 4, _negatives(lines, 2, 4)[:-1] + ["7777"]), 2,
                          "test_negatives: unknown item '7777'"),
-    "positive among negatives": (lambda lines, data: _set_negatives(lines, 2, 3, _negatives(lines, 2, 3)[:-1] + [data["train_item"]]), 2,
-                                 "an interaction of user"),
-    "held-out item among negatives": (lambda lines, data: _set_negatives(lines, 2, 4, _negatives(lines, 2, 4)[:-1] + [_fields(lines, 2)[2]]),
-                                      2, "an interaction of user"),
+    "positive among negatives": (
+        lambda lines, data: _set_negatives(lines, 2, 3, _negatives(lines, 2, 3)[:-1] + [data["train_item"]]), 2,
+        "an interaction of user"),
+    "held-out item among negatives": (
+        lambda lines, data: _set_negatives(lines, 2, 4, _negatives(lines, 2, 4)[:-1] + [_fields(lines, 2)[2]]), 2,
+        "an interaction of user"),
     "validation and test negatives overlap": (
         lambda lines, data: _set_negatives(lines, 2, 4, _negatives(lines, 2, 4)[:-1] + _negatives(lines, 2, 3)[:1]), 2,
         "in both val_negatives and test_negatives"),
@@ -199,7 +204,8 @@ def test_candidates_replace_the_split_and_need_timestamps(data_root, tmp_path):
         RunConfig.from_flat({"data.loo-ties": "latest"})
     assert RunConfig.from_flat({"eval.candidates": "x.csv", "data.split": "loo"}).eval.candidates == "x.csv"
     # Flower's app runs from a copy: the path travels absolute
-    assert f'"eval.candidates"="{(Path.cwd() / "x.csv").resolve()}"' in run_config_overrides(RunConfig.from_flat({"eval.candidates": "x.csv"}))
+    overrides = run_config_overrides(RunConfig.from_flat({"eval.candidates": "x.csv"}))
+    assert f'"eval.candidates"="{(Path.cwd() / "x.csv").resolve()}"' in overrides
     with pytest.raises(ConfigError, match="timestamps"):
         main_config = RunConfig.from_flat({"data.dataset": "synthetic", "eval.candidates": "x.csv"})
         load_run_data(main_config)
@@ -281,8 +287,10 @@ class ScriptedEvaluation(InProcessTransport):
         replies = super().send(kind, server_round, messages, settings)
         if kind != "evaluate":
             return replies
-        scripted = {"validation-sampled_hr@10": VALIDATION_HR[server_round], "validation-recall@20": VALIDATION_RECALL[server_round],
-                    "test-sampled_hr@10": server_round / 10, "test-recall@20": server_round / 100}
+        scripted = {
+            "validation-sampled_hr@10": VALIDATION_HR[server_round], "validation-recall@20": VALIDATION_RECALL[server_round],
+            "test-sampled_hr@10": server_round / 10, "test-recall@20": server_round / 100,
+        }
         return {user: Reply(reply.arrays, {**reply.metrics, **scripted}) for user, reply in replies.items()}
 
 
@@ -307,7 +315,9 @@ def test_federation_picks_the_best_round_by_validation_hr_under_the_sampled_prot
 
 
 @pytest.mark.parametrize("sampled", [True, False])
-def test_central_trainer_picks_the_best_epoch_by_validation_hr_under_the_sampled_protocol(sampled, data_root, tmp_path, monkeypatch):
+def test_central_trainer_picks_the_best_epoch_by_validation_hr_under_the_sampled_protocol(
+    sampled, data_root, tmp_path, monkeypatch
+):
     path = write_file(data_root, tmp_path / "c.csv")
     overrides = {"model.dim": 4, "sparse.policy": "dense", "train.epochs": 4, "train.patience": 0, "train.batch-size": 32}
     config = run_config(data_root, path, **overrides) if sampled else RunConfig.from_flat(

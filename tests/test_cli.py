@@ -178,8 +178,10 @@ def test_the_flower_launcher_passes_its_code_version_which_the_run_records(tmp_p
 def test_flower_output_is_streamed_line_by_line_without_the_size_notice(tmp_path):
     from fedsparse.experiments.flower_run import OutputTail, _wait
 
-    script = ("import sys; print('\\x1b[93mWARNING \\x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.');"
-              "print('INFO :      Federation `@none/default` (943 simulated SuperNodes)'); print('round 1/3: 5 devices'); sys.exit(3)")
+    script = ("import sys; "
+              "print('\\x1b[93mWARNING \\x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.');"
+              "print('INFO :      Federation `@none/default` (943 simulated SuperNodes)'); "
+              "print('round 1/3: 5 devices'); sys.exit(3)")
     seen: list[str] = []
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = OutputTail()
@@ -204,7 +206,8 @@ def test_a_dense_run_records_the_density_it_trained_at(tmp_path):
     from fedsparse.central.train import train_centralised
 
     central = train_centralised(config.with_overrides({"train.epochs": 1}), show_progress=False)
-    assert json.loads((central.run_dir / "config.json").read_text())["config"]["sparse.density"] == central.summary["density"] == 1.0
+    written = json.loads((central.run_dir / "config.json").read_text())["config"]
+    assert written["sparse.density"] == central.summary["density"] == 1.0
 
 
 def test_data_info_verify_and_simulate_take_a_users_own_file(tmp_path, capsys, monkeypatch):

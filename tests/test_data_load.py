@@ -31,7 +31,7 @@ def ml100k_text(n_users: int = 30, per_user: int = 12, seed: int = 0) -> str:
 
 def pairs(matrix) -> set[tuple[int, int]]:
     coo = matrix.tocoo()
-    return set(zip(coo.row.tolist(), coo.col.tolist()))
+    return set(zip(coo.row.tolist(), coo.col.tolist(), strict=True))
 
 
 def assert_disjoint(data: Interactions) -> None:

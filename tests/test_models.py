@@ -68,7 +68,8 @@ def test_training_ranks_planted_positives_above_negatives(name, loss):
     pair_users, pair_items = np.array(users), np.array(items)
     for _ in range(60):
         negatives = sampler.sample(rng, pair_users, 2)
-        loss_value = batch_loss(model, torch.from_numpy(pair_users), torch.from_numpy(pair_items), torch.from_numpy(negatives), loss, 1e-4)
+        batch = (torch.from_numpy(pair_users), torch.from_numpy(pair_items), torch.from_numpy(negatives))
+        loss_value = batch_loss(model, *batch, loss, 1e-4)
         optimizer.zero_grad()
         loss_value.backward()
         optimizer.step()

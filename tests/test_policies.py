@@ -68,7 +68,7 @@ def test_active_count_is_exact_after_every_step(name):
     run_steps(training, train, STEPS, check)
     if name not in FIXED_MASK_POLICIES:
         assert training.accounting.mask_updates > 0
-    for table, mask in training.masks.items():
+    for mask in training.masks.values():
         assert int(mask.sum()) == policy.final_budget(*mask.shape) or name == "dense"
 
 
@@ -128,7 +128,7 @@ def test_policy_defaults_follow_the_methods():
 
 def test_nmf_mask_has_exact_density_per_table():
     training, _, _ = make_training("sparserec", density=0.3)
-    for table, mask in training.masks.items():
+    for mask in training.masks.values():
         assert int(mask.sum()) == budget(0.3, *mask.shape)
         assert (mask.sum(dim=1) >= 1).all()  # nmf-min-per-row = 1
 
@@ -142,7 +142,8 @@ def test_per_row_nmf_quotas_hold_through_every_mask_update():
         for table, mask in training.masks.items():
             assert torch.equal(mask.sum(dim=1), start[table]), (table, step)
             assert int(mask.sum()) == budget(0.25, *mask.shape)
-        changed.append(any(not torch.equal(m, initial) for m, initial in zip(training.masks.values(), masks_at_start)))
+        pairs = zip(training.masks.values(), masks_at_start, strict=True)
+        changed.append(any(not torch.equal(m, initial) for m, initial in pairs))
 
     masks_at_start = [mask.clone() for mask in training.masks.values()]
     run_steps(training, train, STEPS, check)

@@ -231,7 +231,8 @@ def test_privacy_frontier_script_writes_table_and_plot(tmp_path) -> None:
     settings = ["data.synthetic-users=40", "data.synthetic-items=120", "data.synthetic-interactions-per-user=15", "model.dim=8",
                 "fed.item-optimizer=sgd", "fed.nmf-rounds=2"]
     command = [sys.executable, str(script), "--dataset", "synthetic", "--rounds", "2", "--fraction", "0.5", "--densities", "0.5",
-               "--defences", "pad:1,ldp:1,secagg", "--watch", "30", "--out", str(tmp_path), *[f"--set={item}" for item in settings]]
+               "--defences", "pad:1,ldp:1,secagg", "--watch", "30", "--out", str(tmp_path),
+               *[f"--set={item}" for item in settings]]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     frame = pd.read_csv(tmp_path / "privacy-synthetic.csv").set_index("defence")

@@ -50,7 +50,7 @@ def test_robust_aggregators_match_a_per_row_reference(aggregator):
     updates = [random_update(rng, mask) for _ in range(7)]
     settings = RobustConfig(aggregator=aggregator, trim_fraction=0.2)
     merged = robust_aggregate(updates, mask, settings, "weighted")
-    for row, delta in zip(merged.rows, merged.deltas):
+    for row, delta in zip(merged.rows, merged.deltas, strict=True):
         contributions = np.stack([dense_rows(u, mask)[list(u.row_ids).index(row)] for u in updates if row in u.row_ids])
         if aggregator == "median":
             expected = np.median(contributions, axis=0)
@@ -72,8 +72,8 @@ def test_the_median_ignores_one_huge_delta_that_the_mean_follows():
 
 
 def test_an_enormous_update_is_rejected_and_leaves_the_server_unchanged():
-    config = RunConfig.from_flat({"model.dim": DIM, "sparse.density": 0.5, "sparse.policy": "sparserec", "sparse.mask-init": "random",
-                                  "robust.max-update-norm": 10.0})
+    config = RunConfig.from_flat({"model.dim": DIM, "sparse.density": 0.5, "sparse.policy": "sparserec",
+                                  "sparse.mask-init": "random", "robust.max-update-norm": 10.0})
     server = Server.create(config, N_ITEMS)
     before = {key: value.copy() for key, value in server.state_arrays().items()}
     rows = np.array([1, 2])
@@ -93,7 +93,8 @@ def test_robust_defences_cannot_be_combined_with_secure_aggregation():
 
 
 def poison_config(**overrides) -> RunConfig:
-    return RunConfig.from_flat({"model.dim": DIM, "poison.target-item": 7, "poison.fraction": 0.3, "poison.boost": 5.0, **overrides})
+    poison = {"poison.target-item": 7, "poison.fraction": 0.3, "poison.boost": 5.0}
+    return RunConfig.from_flat({"model.dim": DIM, **poison, **overrides})
 
 
 def test_malicious_devices_are_seeded_with_the_configured_share():
@@ -109,7 +110,8 @@ def test_a_malicious_device_trains_on_the_target_and_boosts_only_its_row():
     data = DeviceData(user, np.array([1, 3]), np.array([5]), np.array([9]), np.array([1, 3, 5, 9]))
     assert list(poisoned_view(config, data).train) == [1, 3, 7]
     benign = next(u for u in range(100) if not is_malicious(config, u))
-    assert poisoned_view(config, DeviceData(benign, data.train, data.validation, data.test, data.interacted)).train.tolist() == [1, 3]
+    device = DeviceData(benign, data.train, data.validation, data.test, data.interacted)
+    assert poisoned_view(config, device).train.tolist() == [1, 3]
     rng = np.random.default_rng(3)
     mask = random_mask(rng)
     rows = np.array([1, 3, 7])

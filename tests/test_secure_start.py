@@ -65,7 +65,8 @@ def test_mu_start_over_every_device_equals_central_multiplicative_updates() -> N
     # The central reference from the same seeded start: Q as the server draws it, each p_u as its device does.
 
     _, Q = multiplicative_init(data.n_users, data.n_items, rank, cfg.seed, mean)
-    P = np.stack([np.sqrt(mean / rank) * np.abs(rng_for(cfg.seed, "nmf-init", u).standard_normal(rank)) for u in range(data.n_users)])
+    scale = np.sqrt(mean / rank)
+    P = np.stack([scale * np.abs(rng_for(cfg.seed, "nmf-init", u).standard_normal(rank)) for u in range(data.n_users)])
     for _ in range(3):
         P, Q = multiplicative_update(R, P, Q)
     # the server's Q is balanced by the column scale it sends; undone, it is central MU's Q (float32 on the wire)
@@ -75,8 +76,10 @@ def test_mu_start_over_every_device_equals_central_multiplicative_updates() -> N
     assert accounting["nmf_rounds"] == 3 and accounting["nmf_cohort"] == population.users.size
 
 
-@pytest.mark.parametrize("overrides", [{"fed.nmf-start": "mu", "fed.nmf-cohort": 1.0}, {"fed.nmf-start": "range", "fed.nmf-power": 1}],
-                         ids=["mu", "range-power-refine"])
+START_SETTINGS = [{"fed.nmf-start": "mu", "fed.nmf-cohort": 1.0}, {"fed.nmf-start": "range", "fed.nmf-power": 1}]
+
+
+@pytest.mark.parametrize("overrides", START_SETTINGS, ids=["mu", "range-power-refine"])
 def test_no_start_reply_carries_item_ids_or_the_user_factor(overrides) -> None:
     cfg = config(**{"fed.downlink": "rows", **overrides})
     data = load_run_data(cfg)
@@ -84,7 +87,7 @@ def test_no_start_reply_carries_item_ids_or_the_user_factor(overrides) -> None:
     federated_nmf(cfg, population_of(data), transport)
     lengths = set()
     assert transport.replies
-    for user, reply in transport.replies:
+    for _user, reply in transport.replies:
         # One dense vector, the input of the secure sum: no "rows", no "user-factor", no "gram" field. (Its
         # plaintext holds p_u on the device's item rows; only SecAgg+'s masked form of it leaves a device
         # under Flower, and the in-process engine adds it straight into the sum.)
@@ -94,7 +97,7 @@ def test_no_start_reply_carries_item_ids_or_the_user_factor(overrides) -> None:
         lengths.add(vector.size)
     # every round's vectors have one length per kind of round (public sizes), whatever a device's item count
     assert len(lengths) <= 2
-    for user, message in transport.sent:  # the start's downlink names no rows: no row request, no row ids
+    for _user, message in transport.sent:  # the start's downlink names no rows: no row request, no row ids
         assert "row-ids" not in message and "rows" not in message
 
 
@@ -134,7 +137,8 @@ def test_a_cohort_below_the_secagg_threshold_is_refused() -> None:
         federated_nmf(small, population_of(data), InProcessTransport(small, data))
     cfg = config(**{"fed.nmf-cohort": 0.1})  # cohort of 5: one bad vector leaves 4
     data = load_run_data(cfg)
-    transport = Recording(cfg, data, {int(u): (lambda arrays: {SECURE_SUM: arrays[SECURE_SUM][:3]}) for u in population_of(data).users})
+    truncate = {int(u): (lambda arrays: {SECURE_SUM: arrays[SECURE_SUM][:3]}) for u in population_of(data).users}
+    transport = Recording(cfg, data, truncate)
     with pytest.raises(StartRefused, match="below SecAgg"):
         federated_nmf(cfg, population_of(data), transport)
 

@@ -32,7 +32,8 @@ def test_adam_matches_torch_adam_on_rows_updated_every_round():
     mask = rng.random((rows.size, DIM)) < 0.7
     ours = np.zeros((N_ITEMS, DIM), dtype=np.float32)
     reference = torch.zeros(rows.size, DIM, dtype=torch.float64, requires_grad=True)
-    torch_adam = torch.optim.Adam([reference], lr=config.server_lr, betas=(config.server_beta1, config.server_beta2), eps=config.server_eps)
+    betas = (config.server_beta1, config.server_beta2)
+    torch_adam = torch.optim.Adam([reference], lr=config.server_lr, betas=betas, eps=config.server_eps)
     for _ in range(5):
         deltas = rng.normal(scale=0.01, size=(rows.size, DIM)).astype(np.float32)
         ours[rows] += optimizer.step(rows, deltas, mask, N_ITEMS)

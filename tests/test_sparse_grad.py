@@ -69,7 +69,7 @@ def test_masked_adam_equals_torch_adam_when_everything_is_active():
     torch_adam = torch.optim.Adam([reference], lr=0.01)
     ours = start.clone()
     masked = MaskedAdam(ours, torch.ones(6, 4, dtype=torch.bool), lr=0.01)
-    for step in range(5):
+    for _ in range(5):
         gradient = torch.randn(6, 4)
         reference.grad = gradient.clone()
         torch_adam.step()
