@@ -45,8 +45,8 @@ SUMMARY_KEYS = ("recall@20", "ndcg@20", "stored_model_bytes", "training_state_by
                 "seconds_per_epoch", "mask_updates")
 COLUMNS = [
     "dataset", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "recall_vs_sparserec",
-    "stored_model_bytes", "bytes_vs_sparserec", "mean_training_bytes", "training_state_bytes", "peak_grad_bytes", "peak_rss_bytes",
-    "seconds_per_epoch", "mask_updates", "group_sizes",
+    "stored_model_bytes", "bytes_vs_sparserec", "mean_training_bytes", "training_state_bytes", "peak_grad_bytes",
+    "peak_rss_bytes", "seconds_per_epoch", "mask_updates", "group_sizes",
 ]
 
 
@@ -141,7 +141,8 @@ def run_dataset(args: argparse.Namespace, table: ResultTable, dataset: str) -> N
 def timing_note(seconds: float) -> str:
     """How the table's cells came about, for its header."""
     if seconds == 0.0:
-        return "the table was rewritten from the CSV (--report-only); its cells ran over earlier invocations, each skipping finished cells"
+        return ("the table was rewritten from the CSV (--report-only); its cells ran over earlier invocations, "
+                "each skipping finished cells")
     return f"this invocation took {seconds:.0f} s (cells already in the CSV were not rerun)"
 
 
@@ -160,7 +161,8 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
         frame.loc[group.index, "bytes_vs_sparserec"] = ratio_to(group, "stored_model_bytes", "sparserec")
     frame["mean_training_bytes"] = frame["mean_training_bytes"].fillna(frame["stored_model_bytes"])
     order = {policy: rank for rank, policy in enumerate(ROW_ORDER)}
-    frame = frame.sort_values(["dataset", "policy"], key=lambda c: c.map(order) if c.name == "policy" else c, ascending=[False, True])
+    frame = frame.sort_values(["dataset", "policy"], key=lambda c: c.map(order) if c.name == "policy" else c,
+                              ascending=[False, True])
     frame = frame.reindex(columns=COLUMNS)
     header = (
         f"Measured by `python benchmarks/budgets.py --datasets {args.datasets} --density {args.density} --epochs {args.epochs} "
@@ -204,7 +206,8 @@ def search_allocation(args: argparse.Namespace, base: list[str], data, density: 
 
     def proxy(candidate: np.ndarray) -> float:
         allocation = ",".join(f"{v:.4f}" for v in candidate / candidate.max())
-        flags = [*base, "--sparse.sparse-grad", "on", "--epochs", str(args.proxy_epochs), "--train.eval-every", str(args.proxy_epochs),
+        flags = [*base, "--sparse.sparse-grad", "on", "--epochs", str(args.proxy_epochs),
+                 "--train.eval-every", str(args.proxy_epochs),
                  "--sparse.policy", "size-bet", "--sparse.density", str(density), "--sparse.size-groups", str(groups),
                  "--sparse.group-sizes", allocation]
         score = run_training(flags, args.out / "runs" / "bet-proxy")["validation_recall@20"]
@@ -216,7 +219,8 @@ def search_allocation(args: argparse.Namespace, base: list[str], data, density: 
 
     settings = BetSettings(initial_measured=args.bet_initial, search_rounds=args.bet_rounds)
     result = bet_search(proxy, popularity, total, DIM, groups, np.random.default_rng(0), settings)
-    print(f"  bet best {result.best.round(3)} (proxy {result.best_score:.4f}, predictor rmse {result.predictor_rmse:.4f})", flush=True)
+    print(f"  bet best {result.best.round(3)} (proxy {result.best_score:.4f}, "
+          f"predictor rmse {result.predictor_rmse:.4f})", flush=True)
     for row in measured:
         row["predictor_rmse"] = result.predictor_rmse
     ResultTable(args.out / "budgets_bet_search.csv").set_rows(data.name, measured)

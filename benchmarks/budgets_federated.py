@@ -43,8 +43,9 @@ RANDOM_START_LR = ["--fed.item-lr", "5.0", "--fed.local-lr", "0.05"]  # later fl
 STREAMING = ["--budget.stream-stages", "4", "--budget.stream-start", "0.5"]  # half the items and users at round 1,
 # the rest in 4 stages
 COLUMNS = [
-    "dataset", "variant", "policy", "density", "rounds", "item_lr", "local_lr", "recall@20", "ndcg@20", "recall_vs_sparserec", "item_table_bytes",
-    "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean", "seconds_per_round",
+    "dataset", "variant", "policy", "density", "rounds", "item_lr", "local_lr", "recall@20", "ndcg@20", "recall_vs_sparserec",
+    "item_table_bytes", "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean",
+    "seconds_per_round",
     *[f"recall@20_w{w}" for w in WIDTHS.split(",")], *[f"device_memory_bytes_mean_w{w}" for w in WIDTHS.split(",")],
     *[f"upload_bytes_mean_w{w}" for w in WIDTHS.split(",")],
 ]
@@ -127,8 +128,8 @@ def main() -> None:
             row = {**cell_row(run_dir), **class_columns(run_dir)}
             save_curve(args.out / "budgets_federated_curves.csv", cell, run_dir)
             table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density, "rounds": args.rounds,
-                             "item_lr": float(last_value(flags, "--fed.item-lr")), "local_lr": float(last_value(flags, "--fed.local-lr")),
-                             **row})
+                             "item_lr": float(last_value(flags, "--fed.item-lr")),
+                             "local_lr": float(last_value(flags, "--fed.local-lr")), **row})
             print(f"{cell:55s} recall@20={row['recall@20']:.4f} table={row['item_table_bytes']:,} B "
                   f"upload={row['upload_bytes_mean']:.0f} B", flush=True)
     write_report(args, table, time.perf_counter() - started)
@@ -140,15 +141,15 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
     # The first cells were recorded before the step sizes had columns; they all ran with these.
     frame["item_lr"] = frame.get("item_lr", pd.Series(index=frame.index, dtype=float)).fillna(1.0)
     frame["local_lr"] = frame.get("local_lr", pd.Series(index=frame.index, dtype=float)).fillna(0.01)
-    for dataset, group in frame.groupby("dataset"):
+    for _, group in frame.groupby("dataset"):
         reference = group[group["variant"] == "sparserec"].iloc[0]
         frame.loc[group.index, "recall_vs_sparserec"] = group["recall@20"] / reference["recall@20"]
         frame.loc[group.index, "bytes_vs_sparserec"] = group["item_table_bytes"] / reference["item_table_bytes"]
     header = (
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
         f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every}` on "
-        f"{machine_description()}; {timing_note(seconds)}. Recall@20 is the test value at the best validation round; item_table_bytes is the server's final "
-        "masked table as stored; the _w16/_w32/_w64 columns are per device class.\n\n"
+        f"{machine_description()}; {timing_note(seconds)}. Recall@20 is the test value at the best validation round; "
+        "item_table_bytes is the server's final masked table as stored; the _w16/_w32/_w64 columns are per device class.\n\n"
     )
     write_markdown_table(args.out / "budgets_federated.md", header, frame.reindex(columns=COLUMNS))
     plot_report(frame, ResultTable(args.out / "budgets_federated_curves.csv").frame(), args.out / "budgets_federated.png")

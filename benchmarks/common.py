@@ -16,7 +16,8 @@ def run_fedsparse(command: str, flags: list[str], results_dir: Path) -> dict:
     memory is its own; return summary.json's keys plus ``run_dir``."""
     results_dir.mkdir(parents=True, exist_ok=True)
     engine = ["--engine", "inprocess"] if command == "simulate" else []
-    full = [sys.executable, "-m", "fedsparse.cli", command, *engine, "--no-progress", "--json", "--results-dir", str(results_dir), *flags]
+    full = [sys.executable, "-m", "fedsparse.cli", command, *engine, "--no-progress", "--json", "--results-dir", str(results_dir),
+            *flags]
     completed = subprocess.run(full, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(full)} failed:\n{completed.stderr[-3000:]}")

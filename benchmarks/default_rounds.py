@@ -76,10 +76,13 @@ def main() -> None:
             run_dir = run_default(dataset, args.rounds, args.out / "runs")
             row = cell_row(run_dir)
             rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
-            ResultTable(args.out / CURVES).set_rows(cell, rounds.reindex(columns=["round", "recall@20", "validation_recall@20"]).to_dict("records"))
+            curve = rounds.reindex(columns=["round", "recall@20", "validation_recall@20"]).to_dict("records")
+            ResultTable(args.out / CURVES).set_rows(cell, curve)
             table.add(cell, {"dataset": dataset, **row})
-            print(f"{cell}: last {row['last_recall@20']:.4f} vs best of rounds 1-10 {row['best_recall@20_rounds_1_10']:.4f}", flush=True)
-    command = "a report of the CSVs" if args.report_only else f"`python benchmarks/default_rounds.py --datasets {args.datasets} --rounds {args.rounds}`"
+            print(f"{cell}: last {row['last_recall@20']:.4f} vs best of rounds 1-10 "
+                  f"{row['best_recall@20_rounds_1_10']:.4f}", flush=True)
+    command = ("a report of the CSVs" if args.report_only
+               else f"`python benchmarks/default_rounds.py --datasets {args.datasets} --rounds {args.rounds}`")
     header = (f"Last invocation: {command} on {machine_description()}, {time.perf_counter() - started:.0f} s. Defaults of "
               "the code at the time of each row (its settings column); test Recall@20 of the evaluated devices "
               "(fed.eval-fraction of them, the same devices every round).\n\n")

@@ -31,8 +31,10 @@ CELLS = [
     ("yelp2018", "yelp2018", "provided", True),
 ]
 MODEL_FLAGS = {
-    "mf": ["--sparse.policy", "dense", "--model", "mf", "--loss", "bpr", "--negatives", "1", "--lr", "0.005", "--train.l2-reg", "1e-4"],
-    "neumf": ["--sparse.policy", "dense", "--model", "neumf", "--loss", "bce", "--negatives", "4", "--lr", "0.001", "--train.l2-reg", "0"],
+    "mf": ["--sparse.policy", "dense", "--model", "mf", "--loss", "bpr", "--negatives", "1", "--lr", "0.005",
+           "--train.l2-reg", "1e-4"],
+    "neumf": ["--sparse.policy", "dense", "--model", "neumf", "--loss", "bce", "--negatives", "4", "--lr", "0.001",
+              "--train.l2-reg", "0"],
 }
 COLUMNS = [
     "dataset", "split", "model", "epochs_run", "best_epoch", "recall@20", "ndcg@20", "hr@20",
@@ -75,8 +77,8 @@ def main() -> None:
               f"{summary['seconds_per_epoch']:.2f} s/epoch, {summary['epochs_run']} epochs", flush=True)
     header = (
         f"Measured by `python benchmarks/dense_reference.py --epochs {args.epochs} --large-epochs {args.large_epochs} "
-        f"--eval-every {args.eval_every} --large-eval-every {args.large_eval_every}` on {machine_description()}; this invocation took "
-        f"{time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).\n\n"
+        f"--eval-every {args.eval_every} --large-eval-every {args.large_eval_every}` on {machine_description()}; "
+        f"this invocation took {time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).\n\n"
     )
     frame = table.frame().reindex(columns=COLUMNS)
     (args.out / "dense_reference.md").write_text(header + frame.to_markdown(index=False, floatfmt=".4f") + "\n")

@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--negatives", default="1,4", help="sampled negatives per positive to compare")
     parser.add_argument("--local-lr", default="0.01", help="device Adam learning rate of the user row (sparse cells)")
-    parser.add_argument("--dense-local-lr", default="0.05", help="the same for dense FedMF (tuned apart: it starts from random rows)")
+    parser.add_argument("--dense-local-lr", default="0.05",
+                        help="the same for dense FedMF (tuned apart: it starts from random rows)")
     parser.add_argument("--item-optimizer", default="sgd", choices=("sgd", "adam"), help="the devices' optimiser of item rows")
     parser.add_argument("--item-lr", default="1.0", help="sgd step per example on item rows (sparse cells)")
     parser.add_argument("--dense-item-lr", default="1.0", help="the same for dense FedMF")
@@ -105,7 +106,8 @@ def main() -> None:
             for variant, policy, density, extra in CELLS:
                 item_lr = args.dense_item_lr if policy == "dense" else args.item_lr
                 optimizer = args.item_optimizer if args.item_optimizer == "adam" else f"sgd{item_lr}"
-                cell = f"{dataset}/{variant}/{density}/neg{negatives}/nmf{args.nmf_rounds}/{args.downlink}/{optimizer}/r{args.rounds}"
+                cell = (f"{dataset}/{variant}/{density}/neg{negatives}/nmf{args.nmf_rounds}/{args.downlink}/{optimizer}"
+                        f"/r{args.rounds}")
                 if args.cells and f"{variant}/{density}" not in args.cells.split(","):
                     continue
                 if table.has(cell):
@@ -122,14 +124,16 @@ def main() -> None:
                 save_curve(args.out / CURVES, cell, run_dir)
                 table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density,
                                  "negatives": int(negatives), "rounds": args.rounds, "local_lr": float(local_lr),
-                                 "item_optimizer": args.item_optimizer, "item_lr": float(item_lr) if args.item_optimizer == "sgd" else float("nan"),
+                                 "item_optimizer": args.item_optimizer,
+                                 "item_lr": float(item_lr) if args.item_optimizer == "sgd" else float("nan"),
                                  "nmf_rounds": args.nmf_rounds if policy != "dense" else 0, "downlink": args.downlink, **row})
                 print(f"{cell:35s} recall@20={row['recall@20']:.4f} upload={row['upload_bytes_mean']:.0f} B "
                       f"({row['dense_fedavg_vs_upload']:.0f}x below dense FedAvg)", flush=True)
     command = (
         f"`python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
         f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr} --dense-local-lr "
-        f"{args.dense_local_lr} --item-optimizer {args.item_optimizer} --item-lr {args.item_lr} --dense-item-lr {args.dense_item_lr} "
+        f"{args.dense_local_lr} --item-optimizer {args.item_optimizer} --item-lr {args.item_lr} "
+        f"--dense-item-lr {args.dense_item_lr} "
         f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink {args.downlink}`"
     )
     write_report(args, command, time.perf_counter() - started)

@@ -35,7 +35,8 @@ METHODS = {
     "mu-30 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "30", "--fed.nmf-cohort", "1.0"],
     "mu-3 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "3", "--fed.nmf-cohort", "1.0"],
     "random mask": ["--fed.nmf-init", "none"],
-    **{f"range c{cohort} r{refine}": ["--fed.nmf-start", "range", "--fed.nmf-cohort", str(cohort), "--fed.nmf-refine", str(refine)]
+    **{f"range c{cohort} r{refine}": ["--fed.nmf-start", "range", "--fed.nmf-cohort", str(cohort),
+                                      "--fed.nmf-refine", str(refine)]
        for cohort in (0.05, 0.07, 0.1, 0.2, 0.4, 1.0) for refine in (0, 1, 2, 3)},
     **{f"svd c{cohort}": ["--fed.nmf-start", "svd", "--fed.nmf-cohort", str(cohort)] for cohort in (0.1, 0.2, 1.0)},
 }
@@ -74,8 +75,8 @@ def main() -> None:
     parser.add_argument("--fraction", default="0.1")
     parser.add_argument("--eval-every", default="5")
     parser.add_argument("--methods", default="central,range c0.05 r2,range c0.1 r1,svd c0.1",
-                        help="comma-separated: central, mu-30 all, mu-3 all, random mask, range cC rR (C in 0.05 0.07 0.1 0.2 0.4 1.0, "
-                             "R in 0-3), svd cC")
+                        help="comma-separated: central, mu-30 all, mu-3 all, random mask, range cC rR "
+                             "(C in 0.05 0.07 0.1 0.2 0.4 1.0, R in 0-3), svd cC")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if not os.environ.get("FEDSPARSE_DATA"):
@@ -87,7 +88,8 @@ def main() -> None:
         if table.has(cell):
             continue
         flags = ["--dataset", args.dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", "sparserec",
-                 "--sparse.density", args.density, "--model.dim", args.dim, "--negatives", "1", "--fed.fraction-train", args.fraction,
+                 "--sparse.density", args.density, "--model.dim", args.dim, "--negatives", "1",
+                 "--fed.fraction-train", args.fraction,
                  "--fed.local-lr", "0.01", "--fed.eval-every", args.eval_every, "--fed.downlink", "rows",
                  "--fed.item-optimizer", "sgd", "--fed.item-lr", "1.0", *METHODS[method]]
         row = cell_row(run_simulation(flags, args.out / "runs"))
@@ -102,7 +104,8 @@ def main() -> None:
                          for key, row in zip(frame[["dataset", "rounds", "density", "dim"]].itertuples(index=False, name=None),
                                              frame.to_dict("records"), strict=True)]
     frame.to_csv(args.out / "nmf_start.csv", index=False)
-    command = "OMP_NUM_THREADS=1 FEDSPARSE_DATA=... python benchmarks/nmf_start.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    arguments = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 FEDSPARSE_DATA=... python benchmarks/nmf_start.py " + arguments
     header = (f"Last invocation: `{command}` on {machine_description()}, {time.perf_counter() - started:.0f} s. "
               "In-process engine, sparserec, rows downlink, 1 negative, sgd item rows (lr 1.0), device Adam 0.01. "
               "Bytes per device = the run's total over all devices / devices (start: exact secure-sum vectors and messages, "

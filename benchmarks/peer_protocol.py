@@ -71,7 +71,8 @@ def federated_row(run_dir: Path) -> dict:
         "upload_vs_dense_table": rounds["upload_bytes_mean"].mean() / rounds["dense_fedavg_upload_bytes"].mean(),
         "download_bytes_mean": rounds["download_bytes_mean"].mean(),
         # Training rounds only: an evaluated round also ranks every device's items.
-        "seconds_per_round": rounds.loc[rounds["sampled_hr@10"].isna(), "seconds"].median() if "sampled_hr@10" in rounds else float("nan"),
+        "seconds_per_round": (rounds.loc[rounds["sampled_hr@10"].isna(), "seconds"].median() if "sampled_hr@10" in rounds
+                              else float("nan")),
         "run_dir": str(run_dir),
     }
 
@@ -98,7 +99,8 @@ def save_curve(path: Path, cell: str, run_dir: Path, fraction: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--candidates", type=Path, help="candidate file (fedsparse data candidates); default: written here, seed 0")
+    parser.add_argument("--candidates", type=Path,
+                        help="candidate file (fedsparse data candidates); default: written here, seed 0")
     parser.add_argument("--rounds", type=int, default=60, help="rounds (epochs for central cells) at full participation")
     parser.add_argument("--fractions", default="1.0,0.1", help="participations to run (devices per round / devices)")
     parser.add_argument("--eval-every", type=int, default=5, help="passes between evaluations")
@@ -111,7 +113,8 @@ def main() -> None:
     require_data(parser)
     candidates = args.candidates or args.out / "runs" / f"{args.dataset}-candidates.csv"
     if not candidates.exists():
-        subprocess.run([sys.executable, "-m", "fedsparse.cli", "data", "candidates", args.dataset, "--out", str(candidates)], check=True)
+        subprocess.run([sys.executable, "-m", "fedsparse.cli", "data", "candidates", args.dataset, "--out", str(candidates)],
+                       check=True)
     candidates = candidates.resolve()
     protocol = ["--dataset", args.dataset, "--eval.candidates", str(candidates)]
     table = ResultTable(args.out / "peer_protocol.csv")
@@ -126,8 +129,8 @@ def main() -> None:
             if table.has(cell):
                 continue
             if kind == "central":
-                run_dir = run_dir_of("train", [*protocol, *source, "--epochs", str(rounds), "--train.eval-every", str(args.eval_every)],
-                                  args.out / "runs")
+                flags = [*protocol, *source, "--epochs", str(rounds), "--train.eval-every", str(args.eval_every)]
+                run_dir = run_dir_of("train", flags, args.out / "runs")
                 row = central_row(run_dir)
             else:
                 flags = ["--config", str(CONFIGS / source), *protocol, "--num-server-rounds", str(rounds),
@@ -139,8 +142,8 @@ def main() -> None:
             table.add(cell, {"dataset": args.dataset, "method": method, "engine": "central" if kind == "central" else "inprocess",
                              "participation": fraction, "rounds": rounds, "candidates": candidates.name, **row})
             print(f"{cell:60s} HR@10={row['sampled_hr@10']:.4f} Recall@20={row['recall@20']:.4f}", flush=True)
-    command = (f"`python benchmarks/peer_protocol.py --dataset {args.dataset} --candidates {candidates.name} --rounds {args.rounds} "
-               f"--fractions {args.fractions} --eval-every {args.eval_every}`")
+    command = (f"`python benchmarks/peer_protocol.py --dataset {args.dataset} --candidates {candidates.name} "
+               f"--rounds {args.rounds} --fractions {args.fractions} --eval-every {args.eval_every}`")
     write_report(args, command, time.perf_counter() - started)
 
 
@@ -177,11 +180,13 @@ def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
         points = curves[curves["cell"] == row["cell"]]
         if not points.empty:
             style = "-" if row["participation"] == 1.0 else "--"
-            axis.plot(points["passes"], points["sampled_hr@10"], style, marker=".", label=f"{row['method']} ({row['participation']:g})")
+            axis.plot(points["passes"], points["sampled_hr@10"], style, marker=".",
+                      label=f"{row['method']} ({row['participation']:g})")
     left = axis.get_xlim()[0]
     for _, row in frame[frame["engine"] == "central"].iterrows():
         axis.axhline(row["sampled_hr@10"], color="grey", linestyle=":", linewidth=1)
-        axis.annotate(row["method"], (left, row["sampled_hr@10"]), xytext=(2, 2), textcoords="offset points", fontsize=7, color="grey")
+        axis.annotate(row["method"], (left, row["sampled_hr@10"]), xytext=(2, 2), textcoords="offset points", fontsize=7,
+                      color="grey")
     axis.set_xlabel("passes over the training data (round x participation)")
     axis.set_ylabel("test HR@10 (99 candidate negatives)")
     axis.legend(fontsize=7)

@@ -61,7 +61,8 @@ def defence_overrides(defence: str, clip_norm: float) -> dict[str, object]:
             overrides.update({"privacy.secure-aggregation": True, "fed.downlink": "full",
                               "privacy.secure-row-fraction": float(strength or 1.0)})
         elif name == "ldp":
-            overrides.update({"privacy.ldp": "gaussian", "privacy.noise-multiplier": float(strength), "privacy.clip-norm": clip_norm})
+            overrides.update({"privacy.ldp": "gaussian", "privacy.noise-multiplier": float(strength),
+                              "privacy.clip-norm": clip_norm})
         else:
             raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z, secagg or secagg:F joined by +")
     return overrides
@@ -75,7 +76,8 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
     transport = ObservingTransport(InProcessTransport(config, data), config, data.n_items)
     run_dir = new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     summary = run_federation(config, population_of(data), transport, run_dir, data.train, observer=log)
-    members = {user: np.sort(data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]).astype(np.int64) for user in log.uploads}
+    members = {user: np.sort(data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]).astype(np.int64)
+               for user in log.uploads}
     if config.privacy.secure_aggregation:  # the server saw only sums: no attack has a per-device input
         leakage = {name: {metric: np.nan for metric in ("auc", "auc_uploaded", "f1", "targets")} for name in (*ATTACKS, "random")}
     else:
@@ -138,7 +140,8 @@ def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
         sizes = 60 * group["upload_vs_undefended"]
         axes.scatter(leakage[group.index], group["recall_vs_undefended"], s=sizes, alpha=0.6, label=f"density {density}")
         for index, row in group.iterrows():
-            axes.annotate(row["defence"], (leakage[index], row["recall_vs_undefended"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            axes.annotate(row["defence"], (leakage[index], row["recall_vs_undefended"]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
     axes.axvline(0.55, color="grey", linestyle=":", linewidth=1)
     axes.axhline(0.9, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("strongest attack's ROC-AUC among uploaded rows (0.5 = no leakage)")
@@ -156,16 +159,19 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--densities", default="0.2,0.5")
     parser.add_argument("--defences", default=DEFENCES, help="comma list of none, pad:RHO, ldp:Z and +-joined combinations")
-    parser.add_argument("--watch", type=int, default=200, help="devices whose first upload the attacks score (half shadow, half targets)")
+    parser.add_argument("--watch", type=int, default=200,
+                        help="devices whose first upload the attacks score (half shadow, half targets)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key for every cell")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     started = time.perf_counter()
-    base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds, "fed.fraction-train": args.fraction,
-            "fed.eval-every": 5, "results-dir": str(args.out / "runs"), **dict(item.split("=", 1) for item in args.set)}
+    base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds,
+            "fed.fraction-train": args.fraction, "fed.eval-every": 5, "results-dir": str(args.out / "runs"),
+            **dict(item.split("=", 1) for item in args.set)}
     data = load_run_data(RunConfig.from_flat(base))  # honours eval.candidates, like every run
     users = np.flatnonzero(np.diff(data.train.indptr) > 0)
-    watch = set(rng_for(int(base["seed"]), "privacy-watch").choice(users, size=min(args.watch, users.size), replace=False).tolist())
+    watch_rng = rng_for(int(base["seed"]), "privacy-watch")
+    watch = set(watch_rng.choice(users, size=min(args.watch, users.size), replace=False).tolist())
     table = ResultTable(args.out / f"privacy-{args.dataset}.csv")
     defences = args.defences.split(",")
     if "none" not in defences:
@@ -181,7 +187,8 @@ def main() -> None:
             else:
                 clip_norm = reference["median_norm"] if reference else 1.0
                 row, median_norm = run_cell(cell_base, data, defence, clip_norm, watch)
-                row.update({"dataset": args.dataset, "density": density, "defence": defence, "rounds": args.rounds, "median_norm": median_norm})
+                row.update({"dataset": args.dataset, "density": density, "defence": defence, "rounds": args.rounds,
+                            "median_norm": median_norm})
                 baseline = reference or row
                 row["recall_vs_undefended"] = row["recall@20"] / baseline["recall@20"]
                 row["upload_vs_undefended"] = row["upload_bytes_mean"] / baseline["upload_bytes_mean"]

@@ -115,8 +115,8 @@ def poisoning_study(args, base: dict, data, table: ResultTable) -> None:
         table.add(cell, {
             "dataset": args.dataset, "attack_fraction": fraction, "boost": boost, "defence": defence,
             "target_item": target, "target_train_count": target_count, "exposure@10": summary.get("exposure@10", np.nan),
-            "recall@20": summary["recall@20"], "ndcg@20": summary["ndcg@20"], "recall_vs_clean": summary["recall@20"] / clean_recall,
-            "clip_norm": clip_norm if defence == "clip" else np.nan,
+            "recall@20": summary["recall@20"], "ndcg@20": summary["ndcg@20"],
+            "recall_vs_clean": summary["recall@20"] / clean_recall, "clip_norm": clip_norm if defence == "clip" else np.nan,
             "dropped_updates": int(sum(r["dropped_updates"] for r in rounds)), "seconds": seconds,
         })
         print(f"{cell:50s} ER@10={summary.get('exposure@10', np.nan):.4f} recall@20={summary['recall@20']:.4f}", flush=True)
@@ -138,9 +138,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     started = time.perf_counter()
-    base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds, "fed.fraction-train": args.fraction,
-            "fed.eval-every": args.rounds, "fed.eval-fraction": 1.0, "results-dir": str(args.out / "runs"),
-            **dict(item.split("=", 1) for item in args.set)}
+    base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds,
+            "fed.fraction-train": args.fraction, "fed.eval-every": args.rounds, "fed.eval-fraction": 1.0,
+            "results-dir": str(args.out / "runs"), **dict(item.split("=", 1) for item in args.set)}
     data = load_run_data(RunConfig.from_flat(base))  # honours eval.candidates, like every run
     command = (f"`python simulations/robustness.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction}"
                f" --studies {args.studies}` on {machine_description()}")
@@ -157,7 +157,8 @@ def main() -> None:
         frame = table.frame()
         write_markdown_table(args.out / f"poisoning-{args.dataset}.md",
                              f"Measured by {command}; this invocation took {time.perf_counter() - started:.0f} s. ER@10 over "
-                             "benign users who never interacted with the target, every device evaluated after the last round.\n\n",
+                             "benign users who never interacted with the target, "
+                             "every device evaluated after the last round.\n\n",
                              frame.reindex(columns=POISON_COLUMNS))
 
 
