@@ -153,33 +153,42 @@ def build_parser() -> argparse.ArgumentParser:
         "item and their sampled negatives, PFedRec's rules, original ids")
     candidates.add_argument("name")
     candidates.add_argument("--out", type=Path, required=True, help="the CSV to write (atomically)")
-    candidates.add_argument("--seed", type=int, default=0, help="seeds the negatives (rng_for(seed, 'eval-candidates', user))")
-    candidates.add_argument("--data-dir", default="", help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
+    candidates.add_argument("--seed", type=int, default=0,
+                            help="seeds the negatives (rng_for(seed, 'eval-candidates', user))")
+    candidates.add_argument("--data-dir", default="",
+                            help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
     candidates.add_argument("--ties", choices=LOO_TIES, default="file-last",
                             help="equal timestamps (data.loo-ties): file-last = the later row in the file is later "
                             "(fedsparse's loo split), file-first = the earlier one (PFedRec), item = the larger item id")
-    candidates.add_argument("--negatives", type=int, default=99, help="negatives per held-out item (eval.sampled-negatives)")
-    candidates.add_argument("--rating-threshold", type=float, default=0.0, help="data.rating-threshold of the runs that will read it")
+    candidates.add_argument("--negatives", type=int, default=99,
+                            help="negatives per held-out item (eval.sampled-negatives)")
+    candidates.add_argument("--rating-threshold", type=float, default=0.0,
+                            help="data.rating-threshold of the runs that will read it")
     candidates.add_argument("--k-core", type=int, default=0, help="data.k-core of the runs that will read it")
 
     train = commands.add_parser("train", help="centralised reference training (dense MF / NeuMF)")
     _add_config_flags(train)
-    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar (default: on a terminal)")
     train.add_argument("--json", action="store_true", help=JSON_HELP)
 
     simulate = commands.add_parser("simulate", help="federated simulation: in-process engine or Flower")
     _add_config_flags(simulate)
     simulate.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
-                          help="inprocess: devices called in this process (fast); flower: a real flwr run, a supernode per device")
+                          help="inprocess: devices called in this process (fast); "
+                          "flower: a real flwr run, a supernode per device")
     simulate.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root)")
-    simulate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="round progress bar (default: on a terminal)")
+    simulate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                          help="round progress bar (default: on a terminal)")
     simulate.add_argument("--json", action="store_true", help=JSON_HELP)
     sweep = commands.add_parser("sweep", help="a resumable grid of federations (in-process or Flower) from a TOML file")
     sweep.add_argument("file", type=Path, help="TOML with seeds, [base] keys, a [grid] of key = [values] and optionally engine")
     sweep.add_argument("--out", type=Path, help="sweep directory (default: results/sweeps/<file name>)")
     sweep.add_argument("--jobs", type=int, default=1, help="cells run at once (processes; 1 for engine = \"flower\")")
-    sweep.add_argument("--app-dir", type=Path, default=Path.cwd(), help="the Flower app (repository root), for engine = \"flower\"")
-    sweep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="cell progress bar (default: on a terminal)")
+    sweep.add_argument("--app-dir", type=Path, default=Path.cwd(),
+                       help="the Flower app (repository root), for engine = \"flower\"")
+    sweep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="cell progress bar (default: on a terminal)")
     report = commands.add_parser("report", help="collect run directories into a table and plots")
     report.add_argument("runs", type=Path, nargs="*", help="run directories, or folders searched for them")
     report.add_argument("--out", type=Path, required=True, help="folder for report.csv, report.md and the PNGs")
@@ -222,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             stopped = stop_superlink()
             for link in stopped:
-                print(f"stopped SuperLink pid {link['pid']} (ports {link['ports'] or 'default'}) and {len(link['children'])} child process(es)")
+                print(f"stopped SuperLink pid {link['pid']} (ports {link['ports'] or 'default'}) "
+                      f"and {len(link['children'])} child process(es)")
             if not stopped:
                 print(f"no running SuperLink started by fedsparse in {flower_home() / SUPERLINK_RECORD}; others are left alone")
             return 0
@@ -260,7 +270,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if config.resume_dir:
         resume_dir = Path(config.resume_dir).expanduser().resolve()
         config = replace(config, resume_dir=str(resume_dir))
-        if getattr(args, "num-server-rounds") is None and "num-server-rounds" not in (read_config_file(args.config) if args.config else {}):
+        if (getattr(args, "num-server-rounds") is None
+                and "num-server-rounds" not in (read_config_file(args.config) if args.config else {})):
             config = replace(config, num_server_rounds=resume_target(resume_dir))  # the run's own target, not the default
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("fedsparse")
@@ -294,7 +305,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     out = (args.out or Path("results") / "sweeps" / args.file.stem).resolve()
-    table = run_sweep(args.file, out, args.jobs, on_cell=lambda cell, row: print(f"{cell}: recall@20={row.get('recall@20')}", flush=True),
+    table = run_sweep(args.file, out, args.jobs,
+                      on_cell=lambda cell, row: print(f"{cell}: recall@20={row.get('recall@20')}", flush=True),
                       show_progress=args.progress, app_dir=args.app_dir)
     frame = table.frame()
     _print_report(write_report([Path(run_dir) for run_dir in frame["run_dir"]], out))
@@ -331,7 +343,8 @@ def _data_command(args: argparse.Namespace) -> int:
         data_config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.loo-ties": args.ties,
                                            "data.rating-threshold": args.rating_threshold, "data.k-core": args.k_core}).data
         path, users = write_candidates(data_config, args.out, args.seed, args.ties, args.negatives)
-        print(f"wrote {users} users to {path} (ties {args.ties}, seed {args.seed}, {args.negatives} + {args.negatives} negatives each)")
+        print(f"wrote {users} users to {path} (ties {args.ties}, seed {args.seed}, "
+              f"{args.negatives} + {args.negatives} negatives each)")
         return 0
     config = _config_from_args(args)
     if args.name:
@@ -340,7 +353,8 @@ def _data_command(args: argparse.Namespace) -> int:
         raise ConfigError("name a dataset (`fedsparse data list`) or give your own file with --data.path")
     if args.data_command == "verify":
         return _verify(config)
-    config = config.with_overrides({"eval.candidates": args.candidates, "eval.sampled-negatives": args.negatives, "seed": args.seed})
+    config = config.with_overrides({"eval.candidates": args.candidates, "eval.sampled-negatives": args.negatives,
+                                    "seed": args.seed})
     data = load_run_data(config)
     counts = {"name": data.name, **data.counts(), "repairs": data.repairs}
     if args.json:

@@ -186,7 +186,8 @@ class MostPopular(Recommender):
         return self.item_counts.expand(users.shape[0], -1)
 
 
-def build_model(config: ModelConfig, n_users: int, n_items: int, generator: torch.Generator | None = None) -> EmbeddingRecommender:
+def build_model(config: ModelConfig, n_users: int, n_items: int,
+                generator: torch.Generator | None = None) -> EmbeddingRecommender:
     """The model named by ``config.name`` ("mf" or "neumf") for the given table sizes."""
     if config.name == "mf":
         return MatrixFactorization(n_users, n_items, config.dim, generator)

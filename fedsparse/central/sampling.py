@@ -59,7 +59,8 @@ class NegativeSampler:
         return negatives
 
 
-def negative_exclusions(train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix, negatives_from: str) -> sp.csr_matrix:
+def negative_exclusions(train: sp.csr_matrix, validation: sp.csr_matrix, test: sp.csr_matrix,
+                        negatives_from: str) -> sp.csr_matrix:
     """The binary CSR [n_users, n_items] of items a user's training negatives avoid under ``negatives_from``."""
     excluded = train if negatives_from == "non-train" else train + validation + test
     return excluded.tocsr()

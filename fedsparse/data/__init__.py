@@ -11,4 +11,5 @@ from fedsparse.data.interactions import Interactions
 from fedsparse.data.load import load_dataset, load_run_data
 from fedsparse.data.registry import DATASETS, resolve_dataset_dir
 
-__all__ = ["load_dataset", "load_run_data", "DATASETS", "DataFormatError", "DatasetNotFoundError", "Interactions", "resolve_dataset_dir"]
+__all__ = ["load_dataset", "load_run_data", "DATASETS", "DataFormatError", "DatasetNotFoundError", "Interactions",
+           "resolve_dataset_dir"]

@@ -144,15 +144,18 @@ def read_candidates(path: str | Path, data: Interactions, n_negatives: int) -> C
                 raise fail(f"{column} repeats item {_plain(data.item_ids[unique[counts > 1][0]])!r}")
             positive = np.flatnonzero(np.isin(row, positives))
             if positive.size:
-                raise fail(f"{column} holds item {tokens[positive[0]]!r}, an interaction of user {user_token!r} (negatives must be never-interacted items)")
+                raise fail(f"{column} holds item {tokens[positive[0]]!r}, an interaction of user {user_token!r} "
+                           "(negatives must be never-interacted items)")
             out[user] = row
         shared = np.intersect1d(validation_negatives[user], test_negatives[user])
         if shared.size:
-            raise fail(f"item {_plain(data.item_ids[shared[0]])!r} is in both val_negatives and test_negatives (they must be disjoint)")
+            raise fail(f"item {_plain(data.item_ids[shared[0]])!r} is in both val_negatives and test_negatives "
+                       "(they must be disjoint)")
     missing = np.flatnonzero(validation_items < 0)
     if missing.size:
         raise DataFormatError.at(
-            path, None, f"{missing.size} of the {data.n_users} users of {data.name} have no row; first: user {_plain(data.user_ids[missing[0]])!r}"
+            path, None, f"{missing.size} of the {data.n_users} users of {data.name} have no row; "
+            f"first: user {_plain(data.user_ids[missing[0]])!r}"
         )
     return Candidates(validation_items, test_items, validation_negatives, test_negatives)
 
@@ -254,7 +257,8 @@ def write_candidates(
     for name, originals in (("user", ids.user_ids), ("item", ids.item_ids)):
         unsafe = [value for value in originals if _UNSAFE.search(str(value))]
         if unsafe:
-            raise ConfigError(f"{source}: {name} id {_plain(unsafe[0])!r} holds a comma or a space and cannot be written to a candidate file")
+            raise ConfigError(f"{source}: {name} id {_plain(unsafe[0])!r} holds a comma or a space "
+                              "and cannot be written to a candidate file")
     candidates = make_candidates(
         ids.users, ids.items, table["timestamp"].to_numpy(), len(ids.user_ids), len(ids.item_ids), ties, n_negatives, seed,
         ids.user_ids,

@@ -288,5 +288,5 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "file_checksum", "file_spec", "get_dataset", "locate_dataset",
-           "resolve_dataset_dir"]
+__all__ = ["DATA_ENV", "DATASETS", "DatasetSpec", "Layout", "cache_dir", "file_checksum", "file_spec", "get_dataset",
+           "locate_dataset", "resolve_dataset_dir"]

@@ -55,7 +55,8 @@ SUPERLINK_RECORD = "fedsparse-superlinks.json"  # in the Flower home: the SuperL
 def check_flower_config(config: RunConfig) -> None:
     """Raise ConfigError for settings the Flower engine cannot run (the in-process engine can)."""
     if config.privacy.secure_aggregation and config.fed.clients_per_node != 1:
-        raise ConfigError("privacy.secure-aggregation under Flower runs SecAgg+ between supernodes: needs fed.clients-per-node = 1")
+        raise ConfigError("privacy.secure-aggregation under Flower runs SecAgg+ between supernodes: "
+                          "needs fed.clients-per-node = 1")
     if federated_start(config) and config.fed.clients_per_node != 1:
         raise ConfigError("the federated NMF start (fed.nmf-init = federated) runs SecAgg+ between supernodes: needs "
                           "fed.clients-per-node = 1 (or fed.nmf-init = central / none)")
@@ -133,7 +134,8 @@ def run_flower(
     env["FLWR_HOME"] = str(home)
     if ports is not None:
         env[HTTP_PORT_ENV], env[CONTROL_PORT_ENV] = (str(port) for port in ports)
-    federation = f"num-supernodes={partitions_needed(n_users, config.fed.clients_per_node)} client-resources-num-cpus={cpus_per_client}"
+    federation = (f"num-supernodes={partitions_needed(n_users, config.fed.clients_per_node)} "
+                  f"client-resources-num-cpus={cpus_per_client}")
     command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation,
                "--run-config", run_config_overrides(config)]
     disable = None if show_progress is None else not show_progress

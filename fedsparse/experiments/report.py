@@ -95,7 +95,8 @@ def _rounds(summary: dict, run_dir: Path) -> int:
     return rounds
 
 
-def collect_runs(run_dirs: list[Path], skipped_runs: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def collect_runs(run_dirs: list[Path],
+                 skipped_runs: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(one row per run, one row per evaluated round of every run, the config keys that differ between runs).
 
     A run directory whose files cannot be read is left out and recorded in ``skipped_runs`` with the reason
@@ -127,7 +128,8 @@ def collect_runs(run_dirs: list[Path], skipped_runs: dict[str, str] | None = Non
     table = pd.DataFrame(rows)
     config_columns = [c for c in table.columns if c.startswith("config:")]
     varying = [c for c in config_columns if table[c].astype(str).nunique() > 1]
-    table = table.drop(columns=[c for c in config_columns if c not in varying]).rename(columns={c: c.removeprefix("config:") for c in varying})
+    table = table.drop(columns=[c for c in config_columns if c not in varying]).rename(
+        columns={c: c.removeprefix("config:") for c in varying})
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["round", "recall@20", "run"])
     return table, curve_frame, [c.removeprefix("config:") for c in varying]
 
@@ -140,7 +142,8 @@ def write_report(run_dirs: list[Path], out: Path, privacy: list[Path] | None = N
     """
     privacy = privacy or []
     if not run_dirs and not privacy:
-        raise ValueError("no finished run directory (with config.json, rounds.jsonl and summary.json) and no --privacy table was given")
+        raise ValueError("no finished run directory (with config.json, rounds.jsonl and summary.json) "
+                         "and no --privacy table was given")
     out.mkdir(parents=True, exist_ok=True)
     report = Report(table=pd.DataFrame())
     if run_dirs:
@@ -224,7 +227,7 @@ def _repeat_style(label: str) -> tuple[str, str]:
 
 def _plot_curves(curves: pd.DataFrame, table: pd.DataFrame, varying: list[str], path: Path) -> None:
     figure, axis = _axes()
-    for label, (_, row) in zip(labels(table, varying), table.iterrows()):
+    for label, (_, row) in zip(labels(table, varying), table.iterrows(), strict=True):
         curve = curves[curves["run"] == row["run"]]
         if not curve.empty:
             linestyle, marker = _repeat_style(label)
@@ -236,7 +239,7 @@ def _plot_curves(curves: pd.DataFrame, table: pd.DataFrame, varying: list[str], 
 
 def _plot_tradeoff(table: pd.DataFrame, varying: list[str], path: Path) -> None:
     figure, axis = _axes()
-    for label, (_, row) in zip(labels(table, varying), table.iterrows()):
+    for label, (_, row) in zip(labels(table, varying), table.iterrows(), strict=True):
         axis.scatter(row["upload_bytes_mean"], row.get("recall@20", float("nan")), marker=_repeat_style(label)[1], label=label)
     axis.set_xscale("log")
     axis.set_xlabel("upload bytes per client-round (mean)")
@@ -257,7 +260,7 @@ def density_lines(table: pd.DataFrame, varying: list[str]) -> dict[str, pd.DataF
     series = ["policy", *[key for key in varying if key not in NOT_A_SERIES]]
     lines = {}
     for keys, group in frame.groupby(series, sort=True, dropna=False):
-        label = ", ".join(f"{key}={value}" if key != "policy" else str(value) for key, value in zip(series, keys))
+        label = ", ".join(f"{key}={value}" if key != "policy" else str(value) for key, value in zip(series, keys, strict=True))
         lines[label] = group.groupby("density")["selected"].agg(["mean", "min", "max"]).sort_index()
     return lines
 
@@ -281,7 +284,8 @@ def read_privacy_tables(paths: list[Path]) -> pd.DataFrame:
         attacks = [column for column in frame.columns if column.endswith(ATTACK_AUC_SUFFIX)]
         missing = [column for column in ("recall@20", "defence") if column not in frame]
         if missing or not attacks:
-            raise ValueError(f"{path} is not a privacy-study table: it lacks {', '.join(missing) or f'*{ATTACK_AUC_SUFFIX} columns'}")
+            raise ValueError(f"{path} is not a privacy-study table: "
+                             f"it lacks {', '.join(missing) or f'*{ATTACK_AUC_SUFFIX} columns'}")
         frames.append(frame.assign(table=Path(path).stem))
     return pd.concat(frames, ignore_index=True)
 

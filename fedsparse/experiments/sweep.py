@@ -147,7 +147,8 @@ def run_sweep(
     disable = None if show_progress is None else not show_progress
     with (
         ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else nullcontext() as pool,
-        tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {Path(path).stem}", unit="cell", disable=disable) as progress,
+        tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {Path(path).stem}", unit="cell",
+             disable=disable) as progress,
     ):
         rows = pool.map(run_cell, todo, itertools.repeat(app_dir)) if pool else (run_cell(cell, app_dir) for cell in todo)
         for cell, row in zip(todo, rows, strict=True):  # in grid order; each row is saved as soon as its turn comes

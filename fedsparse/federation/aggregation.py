@@ -88,7 +88,8 @@ def aggregate_secure_sum(
     touched = np.flatnonzero(total.weights > 0)
     sums = np.zeros((covered.size, dim), dtype=np.float32)
     sums[item_mask[covered]] = total.values
-    divisor = {"sum": np.ones(touched.size), "client-mean": np.full(touched.size, float(max(1, devices)))}.get(mode, total.weights[touched])
+    divisor = {"sum": np.ones(touched.size),
+               "client-mean": np.full(touched.size, float(max(1, devices)))}.get(mode, total.weights[touched])
     deltas = (sums[touched].astype(np.float64) / divisor[:, None]).astype(np.float32)
     signal = total.signal[touched] if total.signal is not None else np.zeros((touched.size, dim), dtype=np.float32)
     return AggregatedRows(covered[touched], deltas, np.zeros(touched.size, dtype=np.int64), signal)
