@@ -7,6 +7,7 @@ unknown keys and wrongly typed values before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
@@ -22,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("auto", "provided", "random", "loo")
-POLICY_NAMES = ("dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec", "size-frequency", "size-scall", "size-bet", "size-ciess", "amgp")
+POLICY_NAMES = (
+    "dense", "static", "magnitude", "set", "rigl", "dsl", "sparserec",
+    "size-frequency", "size-scall", "size-bet", "size-ciess", "amgp",
+)
 MASK_INITS = ("auto", "random", "nmf")
 GROW_SCORES = ("auto", "last-batch", "signed-sum", "abs-sum", "ema", "random")
 SPARSE_GRAD = ("auto", "on", "off")
@@ -363,7 +367,8 @@ class RunConfig:
             (0.0 < s.density <= 1.0, "sparse.density", "must be in (0, 1]"),
             (s.update_every >= 1, "sparse.update-every", "must be >= 1"),
             (s.drop_fraction == AUTO or 0.0 <= s.drop_fraction <= 1.0, "sparse.drop-fraction", "must be in [0, 1] or -1"),
-            (s.drop_fraction_min == AUTO or 0.0 <= s.drop_fraction_min <= 1.0, "sparse.drop-fraction-min", "must be in [0, 1] or -1"),
+            (s.drop_fraction_min == AUTO or 0.0 <= s.drop_fraction_min <= 1.0, "sparse.drop-fraction-min",
+             "must be in [0, 1] or -1"),
             (s.end_fraction == AUTO or 0.0 <= s.end_fraction <= 1.0, "sparse.end-fraction", "must be in [0, 1] or -1"),
             (s.mask_init in MASK_INITS, "sparse.mask-init", f"must be one of {MASK_INITS}"),
             (s.grow_score in GROW_SCORES, "sparse.grow-score", f"must be one of {GROW_SCORES}"),
@@ -430,7 +435,8 @@ class RunConfig:
             (not p.secure_aggregation or f.downlink == "full", "privacy.secure-aggregation",
              "needs fed.downlink = full (a rows download request names the device's rows)"),
             (0 < p.secure_row_fraction <= 1, "privacy.secure-row-fraction", "must be in (0, 1]"),
-            (p.secure_row_fraction == 1 or p.secure_aggregation, "privacy.secure-row-fraction", "< 1 needs privacy.secure-aggregation"),
+            (p.secure_row_fraction == 1 or p.secure_aggregation, "privacy.secure-row-fraction",
+             "< 1 needs privacy.secure-aggregation"),
             (p.secure_weight_bound >= 1, "privacy.secure-weight-bound", "must be >= 1 (a weight counts examples)"),
             (0 <= faults.failure_rate < 1, "faults.failure-rate", "must be in [0, 1)"),
             (faults.failure_mode in FAULT_MODES, "faults.failure-mode", f"must be one of {FAULT_MODES}"),
@@ -480,7 +486,9 @@ class RunConfig:
         if shares and (min(shares) < 0 or not math.isclose(sum(shares), 1.0, abs_tol=1e-6)):
             raise ConfigError(f"budget.device-shares must be >= 0 and sum to 1, got {b.device_shares!r}")
         if widths and self.privacy.secure_aggregation:
-            raise ConfigError("budget.device-widths cannot be combined with privacy.secure-aggregation (secure vectors are full width)")
+            raise ConfigError(
+                "budget.device-widths cannot be combined with privacy.secure-aggregation (secure vectors are full width)"
+            )
         if b.stream_stages < 0 or not 0 < b.stream_start <= 1:
             raise ConfigError("budget.stream-stages must be >= 0 and budget.stream-start in (0, 1]")
         if b.stream_stages and self.privacy.secure_aggregation:
@@ -658,17 +666,14 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)
-            except ValueError:
-                pass
         if number is not None:
             if not math.isfinite(number):  # no float key gives inf or nan a meaning: they drop updates or crash mid-round
                 raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return number
-    elif expected is str:
-        if isinstance(value, str):
-            return value
+    elif expected is str and isinstance(value, str):
+        return value
     raise ConfigError(f"config key {key!r} expects {expected.__name__}, got {value!r}")
 
 
@@ -680,4 +685,7 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig", "FaultConfig", "RobustConfig", "PoisonConfig", "BudgetConfig", "RunConfig", "flat_defaults"]
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "SparseConfig", "FedConfig", "EvalConfig", "PrivacyConfig",
+    "FaultConfig", "RobustConfig", "PoisonConfig", "BudgetConfig", "RunConfig", "flat_defaults",
+]
