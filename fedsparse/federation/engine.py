@@ -82,16 +82,18 @@ log = logging.getLogger("fedsparse")
 
 @dataclass(frozen=True)
 class Reply:
-    """One device's answer: arrays and scalar metrics."""
+    """One device's answer as it arrived: arrays (still to be decoded and validated by the reply's message
+    class, since a device may send anything) and scalar metrics."""
 
     arrays: Arrays
     metrics: dict[str, float]
 
 
 class Transport(Protocol):
-    """Delivers one kind of message ("nmf", "query", "train", "evaluate") to some devices.
+    """Delivers one kind of message (``messages.KINDS``: "nmf", "query", "train", "evaluate") to some devices.
 
-    ``messages`` maps a user id to its arrays; ``settings`` are scalars every device gets. The result
+    ``messages`` maps a user id to its message's arrays (``to_arrays()`` of the kind's request class);
+    ``settings`` are scalars every device gets. The result
     maps each user id to its ``Reply``, or to a string saying why no usable reply came back.
     """
 
