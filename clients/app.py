@@ -1,6 +1,7 @@
 """The ClientApp: each supernode hosts one user's device (or a group of them, ``fed.clients-per-node``).
 
-Every handler decodes the message, calls one core function per hosted user, persists that user's
+Every handler unpacks the message, serves each hosted user through the core's one handler table
+(``fedsparse.federation.dispatch.serve``, which the in-process engine uses too), persists that user's
 private state in ``context.state`` and replies with arrays and metrics.
 """
 
@@ -20,12 +21,10 @@ from clients.records import forget_state, load_state, reply_content, save_state,
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.federation.device import DeviceData
-from fedsparse.federation.faults import DEVICE_FAILURES, DeviceCrash
+from fedsparse.federation.dispatch import DeviceCall, Outcome, serve
 from fedsparse.federation.grouping import users_of_partition
-from fedsparse.federation.protocol import handle_evaluate, handle_nmf, handle_query, handle_train
+from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.secagg_vectors import to_secagg_vectors
-from fedsparse.federation.secure_start import SECURE_SUM
-from fedsparse.federation.wire import SecureUpload
 
 app = ClientApp()
 
@@ -43,9 +42,22 @@ def _config_and_data(context: Context) -> tuple[RunConfig, Interactions]:
     return config, _dataset(tuple(sorted(config.to_flat().items())))
 
 
+def _serve(kind: str, context: Context, config: RunConfig, data: Interactions, user: int, incoming: dict, server_round: int,
+           settings: dict) -> Outcome:
+    """Serve one hosted user's message through the core's handler table, keeping its state in ``context.state``
+    (dropped when the device crashed); a bug raises out of the ClientApp."""
+    call = DeviceCall(config, DeviceData.of(data, user), load_state(context, user), data.n_items, server_round, settings)
+    outcome = serve(kind, call, incoming)
+    if outcome.lost_state:
+        forget_state(context, user)
+    if outcome.reply is not None:
+        save_state(context, user, outcome.reply.state)
+    return outcome
+
+
 def _handle(message: Message, context: Context, kind: str) -> Message:
     config, data = _config_and_data(context)
-    settings = message.content["settings"]
+    settings = dict(message.content["settings"])
     server_round = int(settings["server-round"])
     hosted = set(users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users))
     results: dict[int, tuple[dict, dict] | str] = {}
@@ -54,27 +66,9 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
         if user not in hosted:
             results[user] = f"user {user} is not hosted on this node"
             continue
-        device = DeviceData.of(data, user)
-        incoming = to_arrays(message.content[key])
-        state = load_state(context, user)
-        try:
-            if kind == "nmf":
-                reply = handle_nmf(config, state, device, incoming, data.n_items)
-            elif kind == "rows":
-                reply = handle_query(config, device, data.n_items, server_round)
-            elif kind == "train":
-                reply = handle_train(config, state, device, incoming, data.n_items, server_round, dict(settings))
-            else:
-                reply = handle_evaluate(config, state, device, incoming, data.n_items)
-        except DeviceCrash as exc:  # the device lost its memory: drop what this node kept for it
-            forget_state(context, user)
-            results[user] = f"{type(exc).__name__}: {exc}"
-            continue
-        except DEVICE_FAILURES as exc:  # anything else is a bug: it fails the ClientApp loudly, with its traceback
-            results[user] = f"{type(exc).__name__}: {exc}"
-            continue
-        save_state(context, user, reply.state)
-        results[user] = (reply.arrays, reply.metrics)
+        outcome = _serve(kind, context, config, data, user, to_arrays(message.content[key]), server_round, settings)
+        reply = outcome.reply
+        results[user] = outcome.reason if reply is None else (reply.message.to_arrays(), reply.metrics)
     return Message(reply_content(results), reply_to=message)
 
 
@@ -85,10 +79,16 @@ def hello(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"partition-id": partition})}), reply_to=message)
 
 
+@app.query("nmf")
+def start(message: Message, context: Context) -> Message:
+    """A round of the NMF start outside SecAgg+ (each hosted device's start vector in the clear)."""
+    return _handle(message, context, START)
+
+
 @app.query("rows")
 def rows(message: Message, context: Context) -> Message:
     """The item rows each hosted device will train on this round ("rows" downlink)."""
-    return _handle(message, context, "rows")
+    return _handle(message, context, QUERY)
 
 
 @app.train()
@@ -97,38 +97,34 @@ def train(message: Message, context: Context) -> Message:
     SecAgg+ protocol (its mod runs the key exchange and masks what ``_secure_train`` returns)."""
     if RECORD_KEY_CONFIGS in message.content.config_records:
         return secaggplus_mod(message, context, _secure_train)
-    return _handle(message, context, "train")
+    return _handle(message, context, TRAIN)
 
 
 def _secure_train(message: Message, context: Context) -> Message:
     """Train the node's one device on a legacy FitIns and return its SecureUpload as SecAgg+ vectors; in a
-    round of the NMF start, its start vector instead."""
+    round of the NMF start, its start vector instead. A failed device leaves the SecAgg+ round the only way
+    the protocol offers, by raising its failure (its state handled first, as in ``_handle``)."""
     config, data = _config_and_data(context)
     fitins = recorddict_to_fitins(message.content, keep_input=True)
     settings = dict(fitins.config)
     incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters)))
     (user,) = users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users)
-    device = DeviceData.of(data, user)
-    if settings.pop("secure-start", 0):  # a round of the NMF start: its one vector, scaled by the public bound
-        bound = float(settings.pop("secure-bound"))
-        reply = handle_nmf(config, load_state(context, user), device, incoming, data.n_items)
-        save_state(context, user, reply.state)
-        vectors = [np.asarray(reply.arrays[SECURE_SUM], dtype=np.float64) / bound]
-        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, {})
-        return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
-    try:
-        reply = handle_train(config, load_state(context, user), device, incoming, data.n_items, int(settings["server-round"]), settings)
-    except DeviceCrash:
-        forget_state(context, user)
-        raise
-    save_state(context, user, reply.state)
-    upload = SecureUpload(reply.arrays["secure-values"], reply.arrays["secure-weights"], reply.arrays.get("secure-signal"))
-    vectors = to_secagg_vectors(upload, config.privacy.secure_weight_bound)
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, {k: float(v) for k, v in reply.metrics.items()})
+    start = bool(settings.pop("secure-start", 0))  # a round of the NMF start: its one vector, scaled by the public bound
+    bound = float(settings.pop("secure-bound", 1.0))
+    outcome = _serve(START if start else TRAIN, context, config, data, user, incoming, int(settings["server-round"]), settings)
+    if outcome.reply is None:
+        raise outcome.failure
+    if start:
+        vectors = [np.asarray(outcome.reply.message.vector, dtype=np.float64) / bound]
+        metrics = {}
+    else:
+        vectors = to_secagg_vectors(outcome.reply.message, config.privacy.secure_weight_bound)
+        metrics = {key: float(value) for key, value in outcome.reply.metrics.items()}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, metrics)
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Full-ranking evaluation on the hosted devices."""
-    return _handle(message, context, "evaluate")
+    return _handle(message, context, EVALUATE)

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from clients.records import to_arrays, to_record
 from fedsparse.federation.engine import Reply
 from fedsparse.federation.grouping import partition_of_user
+from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.wire import SecureUpload
 from server.secagg import secure_sum_round, secure_train_round
 
@@ -23,7 +24,8 @@ log = logging.getLogger("fedsparse")
 # Flower errors that mean the ClientApp's code raised (or could not load): clients/app.py returns every device
 # error as an error.<user> record, so these are bugs and stop the run; a lost or crashed node is a failed device.
 CODE_ERRORS = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
-MESSAGE_TYPES = {"nmf": "query.nmf", "query": "query.rows", "train": "train", "evaluate": "evaluate"}
+# Message kind -> Flower message type (the ClientApp's handler: @app.query("nmf"), @app.query("rows"), @app.train(), @app.evaluate()).
+MESSAGE_TYPES = {START: "query.nmf", QUERY: "query.rows", TRAIN: "train", EVALUATE: "evaluate"}
 
 
 class FlowerTransport:

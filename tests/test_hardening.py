@@ -371,15 +371,15 @@ def raiser(exc: Exception):
 
 def test_a_programming_error_in_process_fails_the_run_loudly_while_a_device_error_is_a_failed_device(tmp_path, monkeypatch):
     """Probe 12: every ValueError (and KeyError) counted as a failed device, so bugs looked like flaky devices."""
-    import fedsparse.federation.inprocess as inprocess
+    from fedsparse.federation.dispatch import HANDLERS
 
     config = small_config(tmp_path, **{"num-server-rounds": 1, "sparse.policy": "rigl"})
     data = load_dataset(config.data, config.seed)
-    monkeypatch.setattr(inprocess, "handle_train", raiser(DeviceError("the download lacks rows the round needs")))
+    monkeypatch.setitem(HANDLERS, "train", raiser(DeviceError("the download lacks rows the round needs")))
     run_dir, _ = run_inprocess(config, data)
     assert read_jsonl(run_dir / "rounds.jsonl")[0]["failed_clients"] == 15
     for bug in (ValueError("operands could not be broadcast"), KeyError("item-weight"), TypeError("bad call")):
-        monkeypatch.setattr(inprocess, "handle_train", raiser(bug))
+        monkeypatch.setitem(HANDLERS, "train", raiser(bug))
         with pytest.raises(type(bug)):
             run_inprocess(config, data)
 
@@ -391,16 +391,17 @@ def test_a_programming_error_in_the_clientapp_fails_loudly_while_a_device_error_
 
     import clients.app as client_app
     from clients.records import to_record
+    from fedsparse.federation.dispatch import HANDLERS
 
     content = RecordDict({"settings": ConfigRecord({"server-round": 1}), "arrays.3": to_record({"x": np.zeros(2, np.float32)})})
     message = types.SimpleNamespace(content=content)  # a received message: only its content is read
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 3}, state=RecordDict(),
                       run_config={"data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": 40})
     monkeypatch.setattr(client_app, "Message", lambda reply, reply_to: reply)  # the reply's content, unsent
-    monkeypatch.setattr(client_app, "handle_train", raiser(DeviceError("no negative exists")))
+    monkeypatch.setitem(HANDLERS, "train", raiser(DeviceError("no negative exists")))
     reply = client_app._handle(message, context, "train")
     assert "DeviceError: no negative exists" in str(reply["error.3"]["reason"])
-    monkeypatch.setattr(client_app, "handle_train", raiser(ValueError("operands could not be broadcast")))
+    monkeypatch.setitem(HANDLERS, "train", raiser(ValueError("operands could not be broadcast")))
     with pytest.raises(ValueError, match="operands"):
         client_app._handle(message, context, "train")
 
@@ -409,15 +410,15 @@ def test_a_programming_error_in_the_clientapp_fails_loudly_while_a_device_error_
 
 def test_in_process_timeouts_follow_simulated_time_not_the_machines_load(tmp_path, monkeypatch):
     """Probe 15: an honest device once exceeded fed.round-timeout on a loaded machine (measured wall time)."""
-    import fedsparse.federation.inprocess as inprocess
+    from fedsparse.federation.dispatch import HANDLERS
 
-    real_train = inprocess.handle_train
+    real_train = HANDLERS["train"]
 
     def loaded_machine(*args, **kwargs):
         time.sleep(0.05)  # every device is slow here, 5x the round timeout
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(inprocess, "handle_train", loaded_machine)
+    monkeypatch.setitem(HANDLERS, "train", loaded_machine)
     config = small_config(tmp_path, **{"num-server-rounds": 2, "faults.failure-rate": 0.3, "faults.failure-mode": "timeout",
                                        "faults.straggler-seconds": 30.0, "fed.round-timeout": 0.01})
     data = load_dataset(config.data, config.seed)

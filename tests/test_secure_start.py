@@ -173,7 +173,7 @@ def test_devices_fit_their_start_row_from_the_first_download_only() -> None:
     population = population_of(data)
     state = start_run(cfg, population, InProcessTransport(cfg, data))
     user = int(population.users[0])
-    first, second = state.device_init.arrays(user), state.device_init.arrays(user)
+    first, second = state.device_init.fields(user).to_arrays(), state.device_init.fields(user).to_arrays()
     assert set(first) == {"nmf-project"} and first["nmf-project"].shape == (4, 4) and second == {}
     table = state.server.item_weight.astype(np.float64)
     np.testing.assert_allclose(first["nmf-project"], table.T @ table, rtol=1e-6)

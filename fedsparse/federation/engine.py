@@ -15,7 +15,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,13 +25,25 @@ from fedsparse.config import ConfigError, RunConfig, flat_defaults, uses_sampled
 from fedsparse.console import round_line
 from fedsparse.eval.metrics import improves, selection_key
 from fedsparse.federation.device_classes import device_width
+from fedsparse.federation.messages import (
+    EVALUATE,
+    QUERY,
+    START,
+    TRAIN,
+    DeviceInitFields,
+    EvaluateReply,
+    EvaluateRequest,
+    QueryReply,
+    QueryRequest,
+    StartContribution,
+    StartRequest,
+    TrainRequest,
+)
 from fedsparse.federation.secure_start import (
     MIN_SECURE_COHORT,
-    SECURE_SUM,
     START_VALUE_BOUND,
     StartRefused,
     balance_columns,
-    check_start_vector,
     cohort_size,
     nndsvd_item_factor,
     nystrom_svd,
@@ -49,7 +61,7 @@ from fedsparse.federation.server_state import (
     validate_update,
 )
 from fedsparse.federation.streaming import arrived_users
-from fedsparse.federation.wire import PayloadError, RowUpdate, SecureUpload, read_row_ids
+from fedsparse.federation.wire import Arrays, PayloadError, RowsDownload, RowUpdate, SecureUpload, payload_bytes
 from fedsparse.rng import rng_for
 from fedsparse.run_files import (
     ResultFileError,
@@ -67,21 +79,21 @@ from fedsparse.sparse.policies import build_policy
 
 log = logging.getLogger("fedsparse")
 
-Arrays = dict[str, np.ndarray]
-
 
 @dataclass(frozen=True)
 class Reply:
-    """One device's answer: arrays and scalar metrics."""
+    """One device's answer as it arrived: arrays (still to be decoded and validated by the reply's message
+    class, since a device may send anything) and scalar metrics."""
 
     arrays: Arrays
     metrics: dict[str, float]
 
 
 class Transport(Protocol):
-    """Delivers one kind of message ("nmf", "query", "train", "evaluate") to some devices.
+    """Delivers one kind of message (``messages.KINDS``: "nmf", "query", "train", "evaluate") to some devices.
 
-    ``messages`` maps a user id to its arrays; ``settings`` are scalars every device gets. The result
+    ``messages`` maps a user id to its message's arrays (``to_arrays()`` of the kind's request class);
+    ``settings`` are scalars every device gets. The result
     maps each user id to its ``Reply``, or to a string saying why no usable reply came back.
     """
 
@@ -165,10 +177,6 @@ def effective_config(config: RunConfig) -> RunConfig:
     return replace(config, sparse=sparse)
 
 
-def _bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    return int(sum(np.asarray(array).nbytes for array in arrays.values()))
-
-
 class DeviceInit:
     """Per-device fields the server adds to its messages so devices initialise from NMF: the user factor
     (central oracle only), the column scale of a multiplicative start, and the public gram QᵀQ of the
@@ -184,17 +192,17 @@ class DeviceInit:
         self.projection = projection  # float [dim, dim]
         self.projected: set[int] = set() if projected is None else {int(u) for u in projected}  # devices it was sent to
 
-    def arrays(self, user: int) -> Arrays:
-        """The init fields for ``user``: its factor (central oracle) or public scales (federated)."""
+    def fields(self, user: int) -> DeviceInitFields:
+        """The init fields for ``user``: its factor (central oracle) or public scales (federated); the
+        projection only the first time (it is then marked sent)."""
         if self.user_factors is not None:
-            return {"nmf-user-factor": self.user_factors[user].astype(np.float32)}
-        fields = {}
-        if self.column_scale is not None:
-            fields["nmf-scale"] = self.column_scale.astype(np.float32)
+            return DeviceInitFields(user_factor=self.user_factors[user].astype(np.float32))
+        scale = self.column_scale.astype(np.float32) if self.column_scale is not None else None
+        projection = None
         if self.projection is not None and user not in self.projected:
-            fields["nmf-project"] = self.projection.astype(np.float32)
+            projection = self.projection.astype(np.float32)
             self.projected.add(user)
-        return fields
+        return DeviceInitFields(column_scale=scale, projection=projection)
 
 
 def federated_nmf(config: RunConfig, population: Population, transport: Transport) -> tuple[np.ndarray, DeviceInit, dict]:
@@ -215,13 +223,12 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
     if config.fed.nmf_start in ("range", "svd"):
         width = max(rank, config.fed.nmf_sketch)
         test = sketch_matrix(config.seed, n_items, width).astype(np.float64)
-        messages = {user: {"nmf-sketch": np.asarray([config.seed, width], dtype=np.int64)} for user in cohort}
-        sample = _secure_start_sum(transport, 1, messages, n_items * width, accounting).reshape(n_items, width)
+        request = StartRequest(sketch=(config.seed, width))
+        sample = _secure_start_sum(transport, 1, cohort, request, n_items * width, accounting).reshape(n_items, width)
         for power_pass in range(config.fed.nmf_power):
             test = orthonormal_basis(sample)
-            basis = test.astype(np.float32)
-            messages = {user: {"nmf-test": basis} for user in cohort}
-            sample = _secure_start_sum(transport, 2 + power_pass, messages, n_items * width, accounting).reshape(n_items, width)
+            request = StartRequest(test_basis=test.astype(np.float32))
+            sample = _secure_start_sum(transport, 2 + power_pass, cohort, request, n_items * width, accounting).reshape(n_items, width)
         W, sigma = nystrom_svd(test, sample, rank)
         sigma = sigma * np.sqrt(devices.size / len(cohort))  # the cohort's spectrum scaled to the whole federation
         if config.fed.nmf_start == "svd":
@@ -273,9 +280,9 @@ def _multiplicative_rounds(
     for nmf_round in range(first_round, first_round + rounds):
         if fit and devices is not None:
             cohort = [int(u) for u in devices[sample_clients(config.seed, nmf_round, devices.size, len(cohort), "nmf-start")]]
-        shared = {"item-factor": item_factor.astype(np.float32), "gram": (item_factor.T @ item_factor).astype(np.float32),
-                  "init-scale": np.asarray([init_scale], dtype=np.float32), **({"nmf-fit": np.ones(1, dtype=np.int64)} if fit else {})}
-        total = _secure_start_sum(transport, nmf_round, {user: shared for user in cohort}, n_items * rank + rank * rank, accounting)
+        request = StartRequest(item_factor=item_factor.astype(np.float32), gram=(item_factor.T @ item_factor).astype(np.float32),
+                               init_scale=init_scale, fit=fit)
+        total = _secure_start_sum(transport, nmf_round, cohort, request, n_items * rank + rank * rank, accounting)
         numerator, gram_users = total[: n_items * rank].reshape(n_items, rank), total[n_items * rank :].reshape(rank, rank)
         if fit:  # an item no cohort device holds so far has no information: its row is kept
             numerators += numerator
@@ -300,8 +307,11 @@ def _column_scale(item_factor: np.ndarray, gram_users: np.ndarray, users_share: 
     return scale
 
 
-def _secure_start_sum(transport: Transport, nmf_round: int, messages: Mapping[int, Arrays], length: int, accounting: dict) -> np.ndarray:
-    """The secure sum float64 [length] of the cohort's start vectors, its bytes added to ``accounting``.
+def _secure_start_sum(
+    transport: Transport, nmf_round: int, cohort: list[int], request: StartRequest, length: int, accounting: dict
+) -> np.ndarray:
+    """The secure sum float64 [length] of the cohort's start vectors (each device sent ``request``), its
+    bytes added to ``accounting``.
 
     Under Flower (a transport with ``secure_sum``) SecAgg+ returns only the sum, with every byte of the
     protocol counted per device. In process, each reply is checked (length, dtype, finite, bound) and the
@@ -309,6 +319,7 @@ def _secure_start_sum(transport: Transport, nmf_round: int, messages: Mapping[in
     threshold of valid vectors, or an unusable sum, raises StartRefused: there is no plaintext fallback.
     """
     round_started = time.perf_counter()
+    messages = {user: request.to_arrays() for user in cohort}
     if hasattr(transport, "secure_sum"):
         total, replies, sent, received = transport.secure_sum(nmf_round, messages, START_VALUE_BOUND, length)
         for user, reply in replies.items():
@@ -318,21 +329,20 @@ def _secure_start_sum(transport: Transport, nmf_round: int, messages: Mapping[in
         accounting["nmf_download_bytes"] += sum(sent.values())
         accounting["nmf_upload_bytes"] += sum(received.values())
     else:
-        replies = transport.send("nmf", nmf_round, messages, {})
+        replies = transport.send(START, nmf_round, messages, {})
         total, summed = np.zeros(length), 0
         for user, reply in replies.items():
-            accounting["nmf_download_bytes"] += _bytes(messages[user])
+            accounting["nmf_download_bytes"] += payload_bytes(messages[user])
             if isinstance(reply, str):
                 log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
                 continue
-            accounting["nmf_upload_bytes"] += _bytes(reply.arrays)
-            vector = reply.arrays.get(SECURE_SUM)
-            problem = check_start_vector(vector, length) if vector is not None and len(reply.arrays) == 1 else (
-                f"expected only {SECURE_SUM!r}, got {sorted(reply.arrays)}")
-            if problem:
-                log.warning("nmf round %d: dropped the vector of device %d: %s", nmf_round, user, problem)
+            accounting["nmf_upload_bytes"] += payload_bytes(reply.arrays)
+            try:
+                contribution = StartContribution.from_arrays(reply.arrays, length)
+            except PayloadError as exc:
+                log.warning("nmf round %d: dropped the vector of device %d: %s", nmf_round, user, exc)
                 continue
-            total += vector
+            total += contribution.vector
             summed += 1
     accounting["nmf_rounds"] = nmf_round
     if summed < MIN_SECURE_COHORT:
@@ -539,7 +549,7 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
     if device_init.user_factors is None and item_factor is not None:  # federated: devices fit p_u from the masked table
         table = server.item_weight.astype(np.float64)
         device_init.projection = table.T @ table
-        totals["nmf_project_bytes_per_device"] = device_init.projection.astype(np.float32).nbytes  # once, in its first download
+        totals["nmf_project_bytes_per_device"] = DeviceInitFields(projection=device_init.projection.astype(np.float32)).nbytes  # once, in its first download
     totals["init_seconds"] = time.perf_counter() - started
     source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
     log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
@@ -641,73 +651,230 @@ def train_round(
     server_round: int,
     observer: UploadObserver | None = None,
 ) -> dict[str, Any]:
-    """Sample, (query,) download, train, validate and aggregate one round; returns its record."""
+    """One training round, in the steps of docs/ARCHITECTURE.md ("One training round"): sampling, rows
+    downlink, local training, validation, aggregation and bookkeeping. Returns the round's record, with
+    ``started`` and ``personal_metrics`` still in it for ``run_federation`` to finish."""
     started = time.perf_counter()
     server = state.server
     arrived_items = server.reveal(server_round)
-    present = arrived_users(config, population.users, server_round)
-    per_round = clients_per_round(config, present.size)
-    chosen = present[sample_clients(config.seed, server_round, present.size, per_round)]
-    rows: dict[int, np.ndarray | None] = {int(u): None for u in chosen}
-    query_bytes: dict[int, int] = {}
-    failed: list[int] = []
-    if config.fed.downlink == "rows":
-        for user, reply in transport.send("query", server_round, {int(u): {} for u in chosen}, {}).items():
-            try:
-                if isinstance(reply, str):
-                    raise PayloadError(reply)
-                rows[user] = _requested_rows(reply.arrays, population.n_items)
-                query_bytes[user] = _bytes(reply.arrays)
-            except PayloadError as exc:
-                rows.pop(user)
-                failed.append(user)
-                log.warning("round %d: row request of device %d failed: %s", server_round, user, exc)
-    widths = {user: device_width(config, user) for user in rows}
-    messages = {
-        user: {**server.download(wanted, widths[user]).to_arrays(), **state.device_init.arrays(user)} for user, wanted in rows.items()
-    }
-    secure = config.privacy.secure_aggregation
-    if secure and hasattr(transport, "secure_train"):  # Flower's SecAgg+: the transport returns only the sum
-        return _secure_protocol_round(config, transport, state, server_round, messages, chosen, failed, started)
+    present, chosen = sample_round(config, population.users, server_round)
+    tally = RoundTally(clients=len(chosen))
+    downlink = rows_downlink(config, population.n_items, transport, state, server_round, chosen, tally)
     settings = server.train_settings(server_round)
-    replies = transport.send("train", server_round, messages, settings)
-    updates, uploads, downloads, memory, dropped = [], [], [], [], 0
-    by_class: dict[int, list[tuple[int, float]]] = {}  # device width -> (upload bytes, memory bytes) of accepted devices
-    for user in sorted(messages):
-        downloads.append(_bytes(messages[user]))
+    if config.privacy.secure_aggregation and hasattr(transport, "secure_train"):  # Flower's SecAgg+: only the sum comes back
+        replies, applied = secure_protocol_training(transport, server, server_round, downlink, settings, tally)
+    else:
+        replies = transport.send(TRAIN, server_round, downlink.messages, settings)  # local training
+        tally.traffic = RoundTraffic.measure(downlink, replies)
+        accepted = validate_replies(config, server, server_round, downlink, replies, tally)
+        applied = aggregate(config, server, server_round, accepted, observer)
+    record = bookkeeping(state, server_round, started, tally, applied)
+    record["personal_metrics"] = _personal_metrics(config, replies, downlink.widths) if settings.get("evaluate") else {}
+    if config.budget.widths:
+        record.update(_per_class(tally.by_class))
+    if config.budget.stream_stages:
+        record.update({"present_users": int(present.size), "arrived_items": arrived_items, "item_active_entries": int(server.item_mask.sum())})
+    return record
+
+
+def sample_round(config: RunConfig, users: np.ndarray, server_round: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1, sampling: (the devices present this round, the ones chosen), int64 ids; the draw is seeded
+    by (seed, round), so both engines choose the same devices."""
+    present = arrived_users(config, users, server_round)
+    return present, present[sample_clients(config.seed, server_round, present.size, clients_per_round(config, present.size))]
+
+
+@dataclass(frozen=True)
+class Downlink:
+    """The round's training messages as they cross the wire (``TrainRequest`` arrays per device), each
+    device's width, and the bytes of the row request each device sent first (``fed.downlink = rows``)."""
+
+    messages: dict[int, Arrays]
+    widths: dict[int, int]
+    query_bytes: dict[int, int]
+
+
+@dataclass(frozen=True)
+class RoundTraffic:
+    """Bytes each device received (``download``) and sent (``upload``, its row request included) in a
+    round: ``wire.payload_bytes`` of the arrays that crossed, or under SecAgg+ every byte of the protocol
+    as the transport counted it. A device that sent no reply has no upload."""
+
+    download: dict[int, int]
+    upload: dict[int, int]
+
+    @classmethod
+    def measure(cls, downlink: Downlink, replies: Mapping[int, Reply | str]) -> RoundTraffic:
+        """Measure the training messages and the replies that came back."""
+        download = {user: payload_bytes(message) for user, message in downlink.messages.items()}
+        upload = {user: payload_bytes(reply.arrays) + downlink.query_bytes.get(user, 0)
+                  for user, reply in replies.items() if user in downlink.messages and isinstance(reply, Reply)}
+        return cls(download, upload)
+
+
+@dataclass
+class RoundTally:
+    """What the round's steps report to its bookkeeping: devices that failed, replies dropped, the bytes,
+    and per accepted device its memory and class (width)."""
+
+    clients: int
+    failed: int = 0
+    dropped: int = 0
+    traffic: RoundTraffic = field(default_factory=lambda: RoundTraffic({}, {}))
+    memory: list[float] = field(default_factory=list)
+    by_class: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # width -> (upload bytes, memory bytes) accepted
+
+    def fail(self, server_round: int, user: int, reason: str | Exception, what: str = "device") -> None:
+        """Count a device that sent no usable answer, logging why."""
+        self.failed += 1
+        log.warning("round %d: %s %d failed: %s", server_round, what, user, reason)
+
+
+def rows_downlink(
+    config: RunConfig, n_items: int, transport: Transport, state: RunState, server_round: int, chosen: np.ndarray, tally: RoundTally,
+) -> Downlink:
+    """Step 2, rows downlink: each chosen device's ``TrainRequest``, with the whole masked table or (``fed.downlink
+    = rows``) only the rows it asked for in a "query"; a device whose request fails gets nothing and failed."""
+    wanted: dict[int, np.ndarray | None] = {int(user): None for user in chosen}
+    query_bytes: dict[int, int] = {}
+    if config.fed.downlink == "rows":
+        replies = transport.send(QUERY, server_round, {user: QueryRequest().to_arrays() for user in wanted}, {})
+        for user, reply in replies.items():
+            try:
+                wanted[user] = QueryReply.from_arrays(_arrays_of(reply), n_items).rows()
+            except PayloadError as exc:
+                wanted.pop(user)
+                tally.fail(server_round, user, exc, "row request of device")
+                continue
+            query_bytes[user] = payload_bytes(reply.arrays)
+    widths = {user: device_width(config, user) for user in wanted}
+    return Downlink(download_messages(TrainRequest, state.server, state.device_init, wanted, widths), widths, query_bytes)
+
+
+def download_messages(
+    request: type[TrainRequest] | type[EvaluateRequest], server: Server, device_init: DeviceInit,
+    wanted: Mapping[int, np.ndarray | None], widths: Mapping[int, int],
+) -> dict[int, Arrays]:
+    """Each device's training or evaluation message as wire arrays: the rows it wants (None = the whole
+    masked table, encoded once per width and shared) cut to its width, and its NMF init fields."""
+    tables: dict[int, RowsDownload] = {}
+    messages = {}
+    for user, rows in wanted.items():
+        width = widths[user]
+        if rows is None and width not in tables:
+            tables[width] = server.download(None, width)
+        download = tables[width] if rows is None else server.download(rows, width)
+        messages[user] = request(download, device_init.fields(user)).to_arrays()
+    return messages
+
+
+def _arrays_of(reply: Reply | str) -> Arrays:
+    """A reply's arrays; PayloadError carrying the reason when the device sent none."""
+    if isinstance(reply, str):
+        raise PayloadError(reply)
+    return reply.arrays
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A training reply that passed validation: its device and decoded upload."""
+
+    user: int
+    update: RowUpdate | SecureUpload
+
+
+def validate_replies(
+    config: RunConfig, server: Server, server_round: int, downlink: Downlink, replies: Mapping[int, Reply | str], tally: RoundTally,
+) -> list[Accepted]:
+    """Step 4, validation: decode each training reply against the server's mask (``server_state.validate_update``:
+    shapes, dtypes, ranges, finiteness, ``robust.max-update-norm``) and check its metrics (``metrics_problem``).
+    A reply that fails is dropped with its reason logged; the accepted ones come back in user order."""
+    accepted = []
+    for user in sorted(downlink.messages):
         reply = replies.get(user, "no reply")
         if isinstance(reply, str):
-            failed.append(user)
-            log.warning("round %d: device %d failed: %s", server_round, user, reply)
+            tally.fail(server_round, user, reply)
             continue
-        uploads.append(_bytes(reply.arrays) + query_bytes.get(user, 0))
-        update, reason = validate_update(server, reply.arrays, secure, widths[user])
+        update, reason = validate_update(server, reply.arrays, config.privacy.secure_aggregation, downlink.widths[user])
         reason = reason or metrics_problem(reply.metrics)
         if reason:
-            dropped += 1
+            tally.dropped += 1
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
             continue
-        updates.append(update)
-        if observer is not None and not secure:  # under secure aggregation the server sees only the sum
-            observer.observe(server_round, user, update, server)
-        memory.append(reply.metrics.get("memory-bytes", 0.0))
-        by_class.setdefault(widths[user], []).append((uploads[-1], memory[-1]))
-    applied = server.apply_secure_round(server_round, updates) if secure else server.apply_round(server_round, updates)
-    if secure:  # a secure upload names no rows: the sparse references do not apply
-        updates = []
+        accepted.append(Accepted(user, update))
+        tally.memory.append(reply.metrics.get("memory-bytes", 0.0))
+        tally.by_class.setdefault(downlink.widths[user], []).append((tally.traffic.upload[user], tally.memory[-1]))
+    return accepted
+
+
+def aggregate(
+    config: RunConfig, server: Server, server_round: int, accepted: list[Accepted], observer: UploadObserver | None,
+) -> dict[str, Any]:
+    """Step 5, aggregation: the observer sees each accepted sparse upload (before the round changes the
+    server), then the server applies the per-row mean (or the sum of secure uploads, all SecAgg reveals)
+    and explores its mask. Returns what the server reports, with the upload's reference points: per
+    accepted sparse update its information floor (row ids + active values) and the same rows sent dense."""
+    updates = [entry.update for entry in accepted]
+    if config.privacy.secure_aggregation:  # a secure upload names no rows: no observation, no sparse references
+        return {**server.apply_secure_round(server_round, updates), **NO_ROW_REFERENCES}
+    if observer is not None:
+        for entry in accepted:
+            observer.observe(server_round, entry.user, entry.update, server)
+    applied = server.apply_round(server_round, updates)
     dim = server.item_weight.shape[1]
-    # Reference points for the upload, per accepted update: its information floor (row ids + the active
-    # values of the rows touched) and the same rows sent dense.
     floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
     dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
-    return _round_record(state, server_round, started, len(chosen), len(failed), dropped, uploads, downloads, memory, applied, {
-        "personal_metrics": _personal_metrics(config, replies, widths) if settings.get("evaluate") else {},
-        "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
-        "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0,
-        **(_per_class(by_class) if config.budget.widths else {}),
-        **({"present_users": int(present.size), "arrived_items": arrived_items,
-            "item_active_entries": int(server.item_mask.sum())} if config.budget.stream_stages else {}),
-    })
+    return {**applied, "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
+            "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0}
+
+
+NO_ROW_REFERENCES = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0}
+
+
+def secure_protocol_training(
+    transport: Transport, server: Server, server_round: int, downlink: Downlink, settings: Mapping[str, Any], tally: RoundTally,
+) -> tuple[dict[int, Reply | str], dict[str, Any]]:
+    """Steps 3 to 5 when only a secure-aggregation protocol sees the uploads: the transport's ``secure_train``
+    returns the summed upload, per-device metrics or failures, and every byte of the protocol per device
+    (key exchange included); the server validates the sum alone and applies it. Returns (replies, applied)."""
+    total, replies, sent, received = transport.secure_train(server_round, downlink.messages, settings)
+    tally.traffic = RoundTraffic(download=sent, upload=received)
+    for user, reply in replies.items():
+        if isinstance(reply, str):
+            tally.fail(server_round, user, reply)
+    tally.memory = [reply.metrics.get("memory-bytes", 0.0) for reply in replies.values() if isinstance(reply, Reply)]
+    checked = None
+    if total is not None:
+        try:
+            checked = SecureUpload.from_arrays(total.to_arrays(), server.item_mask[server.secure_rows()])
+        except PayloadError as exc:
+            tally.dropped = 1
+            log.warning("round %d: dropped the secure sum: %s", server_round, exc)
+    summed = len(tally.memory)  # devices whose upload joined the sum
+    applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
+    return replies, {**applied, **NO_ROW_REFERENCES}
+
+
+def bookkeeping(state: RunState, server_round: int, started: float, tally: RoundTally, applied: dict[str, Any]) -> dict[str, Any]:
+    """Step 6, bookkeeping: add the round's bytes to the run totals and build its rounds.jsonl record from
+    the tally and what the server applied (``seconds`` added later); dense FedAvg of the whole item table is
+    the third reference point of the upload."""
+    server = state.server
+    uploads, downloads = list(tally.traffic.upload.values()), list(tally.traffic.download.values())
+    state.totals["upload_bytes"] += sum(uploads)
+    state.totals["download_bytes"] += sum(downloads)
+    return {
+        "round": server_round,
+        "started": started,
+        "clients": tally.clients,
+        "failed_clients": tally.failed,
+        "dropped_updates": tally.dropped,
+        **_summary_stats(uploads, "upload_bytes"),
+        **_summary_stats(downloads, "download_bytes"),
+        **_summary_stats(tally.memory, "device_memory_bytes"),
+        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4,
+        **applied,
+    }
 
 
 def _per_class(by_class: Mapping[int, list[tuple[int, float]]]) -> dict[str, float]:
@@ -720,65 +887,6 @@ def _per_class(by_class: Mapping[int, list[tuple[int, float]]]) -> dict[str, flo
     return record
 
 
-def _round_record(
-    state: RunState, server_round: int, started: float, clients: int, failed: int, dropped: int,
-    uploads: list[int], downloads: list[int], memory: list[float], applied: dict[str, Any], references: dict[str, float],
-) -> dict[str, Any]:
-    """Add the round's bytes to the run totals and build its rounds.jsonl record (``seconds`` added later);
-    dense FedAvg of the whole item table is the third reference point of the upload."""
-    server = state.server
-    state.totals["upload_bytes"] += sum(uploads)
-    state.totals["download_bytes"] += sum(downloads)
-    return {
-        "round": server_round,
-        "started": started,
-        "clients": clients,
-        "failed_clients": failed,
-        "dropped_updates": dropped,
-        **_summary_stats(uploads, "upload_bytes"),
-        **_summary_stats(downloads, "download_bytes"),
-        **_summary_stats(memory, "device_memory_bytes"),
-        **references,
-        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4,
-        **applied,
-    }
-
-
-def _secure_protocol_round(
-    config: RunConfig, transport: Transport, state: RunState, server_round: int, messages: dict[int, Arrays],
-    chosen: np.ndarray, failed: list[int], started: float,
-) -> dict[str, Any]:
-    """A training round whose uploads only a secure-aggregation protocol sees: the transport's
-    ``secure_train`` returns the summed upload, per-device metrics or failures, and every byte of the
-    protocol per device (key exchange included)."""
-    server = state.server
-    settings = server.train_settings(server_round)
-    total, replies, sent, received = transport.secure_train(server_round, messages, settings)
-    for user, reply in replies.items():
-        if isinstance(reply, str):
-            failed.append(user)
-            log.warning("round %d: device %d failed: %s", server_round, user, reply)
-    memory = [reply.metrics.get("memory-bytes", 0.0) for reply in replies.values() if isinstance(reply, Reply)]
-    dropped, checked = 0, None
-    if total is not None:
-        try:
-            checked = SecureUpload.from_arrays(total.to_arrays(), server.item_mask[server.secure_rows()])
-        except PayloadError as exc:
-            dropped = 1
-            log.warning("round %d: dropped the secure sum: %s", server_round, exc)
-    summed = len(memory)  # devices whose upload joined the sum
-    applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
-    no_rows = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_mean": 0.0,  # a secure upload names no rows
-               "personal_metrics": _personal_metrics(config, replies, {}) if settings.get("evaluate") else {}}
-    return _round_record(state, server_round, started, len(chosen), len(failed), dropped, list(received.values()),
-                         list(sent.values()), memory, applied, no_rows)
-
-
-def _requested_rows(arrays: Arrays, n_items: int) -> np.ndarray:
-    """The validated item rows a device asked for, int64 [r] sorted."""
-    return read_row_ids(arrays, "row-ids", n_items).astype(np.int64)
-
-
 def evaluate_round(
     config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit, server_round: int
 ) -> tuple[dict[str, float], int]:
@@ -789,17 +897,25 @@ def evaluate_round(
     chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
     chosen = np.intersect1d(chosen, arrived_users(config, population.users, server_round))  # streaming: joined devices only
     widths = {int(u): device_width(config, int(u)) for u in chosen}
-    tables = {width: server.download(None, width).to_arrays() for width in sorted(set(widths.values()))}
-    messages = {user: {**tables[width], **device_init.arrays(user)} for user, width in widths.items()}
-    replies = transport.send("evaluate", server_round, messages, {})
+    messages = download_messages(EvaluateRequest, server, device_init, dict.fromkeys(widths), widths)
+    replies = transport.send(EVALUATE, server_round, messages, {})
     evaluated: dict[int, Mapping[str, float]] = {}
     for user, reply in replies.items():
-        problem = reply if isinstance(reply, str) else metrics_problem(reply.metrics)
+        problem = reply if isinstance(reply, str) else _evaluation_problem(reply)
         if problem:
             log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
             continue
         evaluated[user] = reply.metrics
-    return mean_device_metrics(config, evaluated, widths), sum(_bytes(message) for message in messages.values())
+    return mean_device_metrics(config, evaluated, widths), sum(payload_bytes(message) for message in messages.values())
+
+
+def _evaluation_problem(reply: Reply) -> str | None:
+    """Why an evaluation reply is unusable (arrays where an ``EvaluateReply`` has none, or a bad metric), or None."""
+    try:
+        EvaluateReply.from_arrays(reply.arrays)
+    except PayloadError as exc:
+        return str(exc)
+    return metrics_problem(reply.metrics)
 
 
 def _personal_metrics(config: RunConfig, replies: Mapping[int, Reply | str], widths: Mapping[int, int]) -> dict[str, float]:

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.federation.device import DeviceData
+from fedsparse.federation.dispatch import DeviceCall, serve
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
-from fedsparse.federation.faults import DEVICE_FAILURES, SIMULATED_TIME, DeviceCrash, straggler_delay
-from fedsparse.federation.protocol import DeviceReply, handle_evaluate, handle_nmf, handle_query, handle_train
+from fedsparse.federation.faults import SIMULATED_TIME, straggler_delay
+from fedsparse.federation.messages import TRAIN
 from fedsparse.run_files import new_run_dir
 
 log = logging.getLogger("fedsparse")
@@ -33,7 +34,7 @@ def population_of(data: Interactions) -> Population:
 
 
 class InProcessTransport:
-    """Delivers messages by calling the device handlers; a handler's exception is a failed device.
+    """Delivers messages through the device handlers' table (``dispatch.serve``, as the ClientApp does).
 
     Devices run one after another here, and their time is simulated, not measured: an honest device
     answers at once, a straggler (``faults.failure-mode = timeout``) after ``faults.straggler-seconds``.
@@ -63,40 +64,24 @@ class InProcessTransport:
 
     def send(self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
         replies: dict[int, Reply | str] = {}
-        timeout = self.config.fed.round_timeout if kind == "train" else 0.0
-        if kind == "train":
+        timeout = self.config.fed.round_timeout if kind == TRAIN else 0.0
+        if kind == TRAIN:
             settings = {**settings, SIMULATED_TIME: True}
         for user, message in messages.items():
-            try:
-                reply = self._handle(kind, server_round, user, message, settings)
-            except DeviceCrash as exc:
+            call = DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items, server_round, settings)
+            outcome = serve(kind, call, message)
+            if outcome.lost_state:
                 self.states.pop(user, None)
-                replies[user] = f"{type(exc).__name__}: {exc}"
+            if outcome.reply is None:
+                replies[user] = outcome.reason
                 continue
-            except DEVICE_FAILURES as exc:  # anything else is a bug: it fails the run with its traceback
-                replies[user] = f"{type(exc).__name__}: {exc}"
-                continue
-            if reply.state:
-                self.states[user] = reply.state
+            if outcome.reply.state:
+                self.states[user] = outcome.reply.state
             if timeout and straggler_delay(self.config, server_round, user) > timeout:
                 replies[user] = f"device {user} did not reply within {timeout:g} s"
                 continue
-            replies[user] = Reply(reply.arrays, reply.metrics)
+            replies[user] = Reply(outcome.reply.message.to_arrays(), outcome.reply.metrics)
         return replies
-
-    def _handle(self, kind: str, server_round: int, user: int, message: Arrays, settings: Mapping[str, Any]) -> DeviceReply:
-        state = self.states.get(user, {})
-        data = self.device_data(user)
-        n_items = self.data.n_items
-        if kind == "nmf":
-            return handle_nmf(self.config, state, data, message, n_items)
-        if kind == "query":
-            return handle_query(self.config, data, n_items, server_round)
-        if kind == "train":
-            return handle_train(self.config, state, data, message, n_items, server_round, settings)
-        if kind == "evaluate":
-            return handle_evaluate(self.config, state, data, message, n_items)
-        raise ValueError(f"unknown message kind {kind!r}")
 
 
 def run_inprocess(

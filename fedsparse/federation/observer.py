@@ -9,9 +9,10 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.federation.aggregation import scatter_active
-from fedsparse.federation.secure_start import SECURE_SUM, check_start_vector
+from fedsparse.federation.messages import START, TRAIN, StartContribution
+from fedsparse.federation.secure_start import SECURE_SUM
 from fedsparse.federation.server_state import Server
-from fedsparse.federation.wire import RowUpdate
+from fedsparse.federation.wire import PayloadError, RowUpdate
 from fedsparse.privacy.observe import ObservedSum, ObservedUpload
 from fedsparse.privacy.secure_rows import secure_round_rows
 
@@ -64,16 +65,21 @@ class ObservingTransport:
 
     def send(self, kind, server_round, messages, settings):
         replies = self.inner.send(kind, server_round, messages, settings)
-        if kind == "nmf":
+        if kind == START:
             self._record_start(server_round, replies)
-        elif kind == "train" and self.config.privacy.secure_aggregation:
+        elif kind == TRAIN and self.config.privacy.secure_aggregation:
             self._record_train(server_round, replies)
         return replies
 
     def _record_start(self, server_round: int, replies) -> None:
-        vectors = {user: reply.arrays.get(SECURE_SUM) for user, reply in replies.items() if not isinstance(reply, str)}
-        length = next((vector.size for vector in vectors.values() if vector is not None), 0)
-        valid = {user: vector for user, vector in vectors.items() if vector is not None and check_start_vector(vector, length) is None}
+        answers = {user: reply.arrays for user, reply in replies.items() if not isinstance(reply, str)}
+        length = next((np.size(arrays[SECURE_SUM]) for arrays in answers.values() if SECURE_SUM in arrays), 0)  # public
+        valid = {}
+        for user, arrays in answers.items():  # the vectors the engine sums
+            try:
+                valid[user] = StartContribution.from_arrays(arrays, length).vector
+            except PayloadError:
+                continue
         if not valid:
             return
         total = np.sum([vector.astype(np.float64) for vector in valid.values()], axis=0)

@@ -1,8 +1,9 @@
-"""Device-side message handlers: arrays in, arrays out, private state carried between calls.
+"""Device-side message handlers: arrays in, a typed reply out, private state carried between calls.
 
-Both the Flower ClientApp and the in-process engine call exactly these functions; they only differ in
-how the arrays travel and where the device's private state is kept (``context.state`` vs a dict).
-Message arrays are plain ``dict[str, np.ndarray]`` (what an ``ArrayRecord`` holds).
+Both the Flower ClientApp and the in-process engine reach exactly these functions, through the one table
+of ``fedsparse.federation.dispatch``; they only differ in how the arrays travel and where the device's
+private state is kept (``context.state`` vs a dict). Each handler first decodes its message
+(``fedsparse.federation.messages``), so a malformed one raises ``PayloadError``: a failed device.
 """
 
 from __future__ import annotations
@@ -30,9 +31,18 @@ from fedsparse.federation.device import (
 )
 from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.faults import SIMULATED_TIME, DeviceError, inject_fault
+from fedsparse.federation.messages import (
+    DeviceInitFields,
+    EvaluateReply,
+    EvaluateRequest,
+    QueryReply,
+    QueryRequest,
+    StartContribution,
+    StartRequest,
+    TrainRequest,
+)
 from fedsparse.federation.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.federation.secure_start import (
-    SECURE_SUM,
     check_start_vector,
     mu_contribution,
     project_user_factor,
@@ -40,7 +50,7 @@ from fedsparse.federation.secure_start import (
     sketch_matrix,
 )
 from fedsparse.federation.streaming import revealed_items
-from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+from fedsparse.federation.wire import Arrays, Payload, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.rng import rng_for
 from fedsparse.sparse.nmf import user_factor_update
@@ -50,84 +60,72 @@ NMF_FACTOR = "nmf-factor"  # the device's NMF user factor p_u, kept in its priva
 
 @dataclass
 class DeviceReply:
-    """A handler's result: arrays to send, the device's new private state, scalar metrics to send."""
+    """A handler's result: the typed message to send, the device's new private state, scalar metrics to send."""
 
-    arrays: dict[str, np.ndarray]
+    message: Payload
     state: dict[str, np.ndarray]
     metrics: dict[str, float]
 
 
-def handle_nmf(
-    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
-) -> DeviceReply:
+def handle_nmf(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int) -> DeviceReply:
     """The device's term of one secure sum of the federated NMF start (``fedsparse.federation.secure_start``).
 
-    Receives the sketch seed (``nmf-sketch`` int64 [2]: seed, width), a test basis (``nmf-test`` float32
-    [n_items, k]) or, for a multiplicative round, Q (``item-factor`` float32 [n_items, rank]), QᵀQ and the
-    init scale. Returns only ``secure-sum``: one dense float32 vector whose length depends on public sizes,
-    zero off the device's items; no item id and no p_u (which stays in the private state) leaves the device.
-    A vector outside the public value bound raises ValueError (the device is dropped, never clipped silently).
+    Receives a ``StartRequest``: the sketch seed, a test basis or, for a multiplicative round, Q, QᵀQ and
+    the init scale. Returns only a ``StartContribution``: one dense float32 vector whose length depends on
+    public sizes, zero off the device's items; no item id and no p_u (which stays in the private state)
+    leaves the device. A vector outside the public value bound raises DeviceError (the device is dropped,
+    never clipped silently).
     """
+    request = StartRequest.from_arrays(message, n_items)
     items = data.train
     present = revealed_items(config, n_items, 1)
     if present is not None:  # streaming: the NMF start knows only the items of round 1
         items = np.intersect1d(items, present)
     new_state = state
-    if "nmf-sketch" in message:
-        seed, width = (int(value) for value in message["nmf-sketch"])
+    if request.sketch is not None:
+        seed, width = request.sketch
         vector = range_contribution(items, sketch_matrix(seed, n_items, width))
-    elif "nmf-test" in message:
-        test = np.asarray(message["nmf-test"], dtype=np.float32)
-        if test.ndim != 2 or test.shape[0] != n_items:
-            raise PayloadError(f"nmf-test must be [{n_items}, k], got {list(test.shape)}")
-        vector = range_contribution(items, test)
+    elif request.test_basis is not None:
+        vector = range_contribution(items, request.test_basis)
     else:
-        item_factor = message["item-factor"].astype(np.float64)
-        if item_factor.shape[0] != n_items:
-            raise PayloadError(f"item-factor must cover all {n_items} items (the start never sends some rows)")
-        gram = message["gram"].astype(np.float64)
-        if "nmf-fit" in message:  # refinement of a range start: p_u fitted afresh on Q, never kept
+        item_factor, gram = request.item_factor.astype(np.float64), request.gram.astype(np.float64)
+        if request.fit:  # refinement of a range start: p_u fitted afresh on Q, never kept
             p_u = project_user_factor(item_factor[items], gram)
         else:  # multiplicative start: one step on the kept p_u, as one central iteration
             p_u = state.get(NMF_FACTOR)
             if p_u is None:
-                scale = float(message["init-scale"][0])
-                p_u = scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
+                p_u = request.init_scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
             p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram)
             new_state = {**state, NMF_FACTOR: p_u}
         vector = mu_contribution(items, p_u, n_items)
     problem = check_start_vector(vector, vector.size)
     if problem:
         raise DeviceError(f"user {data.user_id}: start vector refused before masking: {problem}")
-    return DeviceReply({SECURE_SUM: vector}, new_state, {})
+    return DeviceReply(StartContribution(vector), new_state, {})
 
 
-def handle_query(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> DeviceReply:
+def handle_query(config: RunConfig, data: DeviceData, message: Arrays, n_items: int, server_round: int) -> DeviceReply:
     """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
+    QueryRequest.from_arrays(message)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
     rows = rows_needed(data, round_negatives(config, data, n_items, server_round), round_padding(config, data, n_items, server_round))
-    return DeviceReply({"row-ids": wire_row_ids(rows, n_items)}, {}, {})
-
-
-def _download_arrays(message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The item-row arrays of a message (the rest are NMF init fields)."""
-    return {key: value for key, value in message.items() if key.startswith("table.") or key == "row-ids"}
+    return DeviceReply(QueryReply(wire_row_ids(rows, n_items)), {}, {})
 
 
 def _device_state(
-    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], download: RowsDownload
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, init: DeviceInitFields, download: RowsDownload
 ) -> DeviceState:
     """The persisted device state, or a new one (its mask row from the NMF factor when one is known); always a
     new one under ``fed.user-state = reconstruct``, where a device keeps no user row between rounds."""
     if "user-row" in state and config.fed.user_state == "keep":
         return DeviceState.from_arrays(state)
     factor = None
-    if "nmf-user-factor" in message:  # central NMF oracle: the server sends p_u
-        factor = message["nmf-user-factor"]
-    elif NMF_FACTOR in state and "nmf-scale" in message:  # federated multiplicative start: p_u is local, the scale is sent
-        factor = state[NMF_FACTOR] * message["nmf-scale"]
-    elif "nmf-project" in message:  # federated start: p_u fitted here from the rows of the device's items
-        factor = project_user_factor(_item_rows(download, data.train), message["nmf-project"], signed=config.fed.nmf_start == "svd")
+    if init.user_factor is not None:  # central NMF oracle: the server sends p_u
+        factor = init.user_factor
+    elif NMF_FACTOR in state and init.column_scale is not None:  # federated multiplicative start: p_u is local, the scale is sent
+        factor = state[NMF_FACTOR] * init.column_scale
+    elif init.projection is not None:  # federated start: p_u fitted here from the rows of the device's items
+        factor = project_user_factor(_item_rows(download, data.train), init.projection, signed=config.fed.nmf_start == "svd")
     if factor is None or (np.asarray(factor) >= 0).all():
         return init_device(config, data.user_id, factor)
     # A signed (SVD) factor: the mask keeps the entries of largest magnitude, the values keep their signs.
@@ -153,12 +151,12 @@ def handle_train(
     config: RunConfig,
     state: dict[str, np.ndarray],
     data: DeviceData,
-    message: dict[str, np.ndarray],
+    message: Arrays,
     n_items: int,
     server_round: int,
     settings: Mapping[str, Any],
 ) -> DeviceReply:
-    """Decode the item rows, train locally, return the sparse item update and the new private state.
+    """Decode the ``TrainRequest``, train locally, return the sparse item update and the new private state.
 
     ``settings``: ``send-signal`` (report a regrowth signal), ``user-swap-fraction`` (explore the
     user row's mask after training; 0 keeps it) and ``evaluate`` (report the personal model's
@@ -166,15 +164,16 @@ def handle_train(
     raises ``InjectedFault`` / ``DeviceCrash`` here, or answers late (in process only in simulated time).
     """
     inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
-    download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
-    device = _device_state(config, state, data, message, download)
+    request = TrainRequest.from_arrays(message, n_items, device_width(config, data.user_id))
+    download = request.download
+    device = _device_state(config, state, data, request.init, download)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
     if data.train.size == 0 and config.privacy.secure_aggregation:  # no item of the device's in this round's rows
         return _empty_secure_reply(config, state, device, download, n_items, server_round, bool(settings["send-signal"]))
     if data.train.size == 0 and config.budget.stream_stages:  # none of the device's items has arrived yet
         empty = RowUpdate(wire_row_ids(np.zeros(0, dtype=np.int64), n_items), np.zeros(0, dtype=np.float32), 1.0)
         metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
-        return DeviceReply(empty.to_arrays(), {**state, **device.to_arrays()}, metrics)
+        return DeviceReply(empty, {**state, **device.to_arrays()}, metrics)
     if settings.get("user-prefix-share"):  # a structured policy (AMGP) sets the user row's width this round
         set_user_prefix(config, device, float(settings["user-prefix-share"]), server_round, data.user_id)
     result = local_train(
@@ -190,14 +189,13 @@ def handle_train(
         "signal-bytes": float(update.signal_nbytes),
         **(result.evaluation or {}),
     }
-    arrays = update.to_arrays()
+    upload: RowUpdate | SecureUpload = update
     if config.privacy.secure_aggregation:
         _, item_mask = download.table.decode()
         weight = min(update.weight, config.privacy.secure_weight_bound) if config.fed.aggregation == "weighted" else 1.0
-        secure = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
-        arrays = secure.to_arrays()
-        metrics["signal-bytes"] = float(secure.signal.nbytes if secure.signal is not None else 0)
-    return DeviceReply(arrays, _kept_state(config, state, result.state), metrics)
+        upload = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
+        metrics["signal-bytes"] = float(upload.signal_nbytes)
+    return DeviceReply(upload, _kept_state(config, state, result.state), metrics)
 
 
 def _kept_state(config: RunConfig, state: dict[str, np.ndarray], device: DeviceState) -> dict[str, np.ndarray]:
@@ -228,7 +226,7 @@ def _empty_secure_reply(
     empty = RowUpdate(no_rows, np.zeros(0, dtype=np.float32), 1.0, *signal)
     secure = SecureUpload.from_update(empty, item_mask, 1.0, round_items(config, n_items, server_round))
     metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
-    return DeviceReply(secure.to_arrays(), {**state, **device.to_arrays()}, metrics)
+    return DeviceReply(secure, {**state, **device.to_arrays()}, metrics)
 
 
 def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: int) -> RowUpdate:
@@ -245,18 +243,15 @@ def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: 
     return replace(update, values=values, signal_values=signal_values if update.signal_values is not None else None)
 
 
-def handle_evaluate(
-    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: dict[str, np.ndarray], n_items: int
-) -> DeviceReply:
+def handle_evaluate(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int) -> DeviceReply:
     """Rank all items for this user on validation and test; metrics prefixed ``validation-``/``test-``.
 
     A device that never trained evaluates its freshly initialised row (initialised exactly as its first
     training round would, since evaluation messages carry the same NMF fields).
     """
-    download = RowsDownload.from_arrays(_download_arrays(message), n_items, device_width(config, data.user_id))
-    if download.row_ids is not None:
-        raise PayloadError("evaluation needs the full item table")
-    device = _device_state(config, state, data, message, download)
+    request = EvaluateRequest.from_arrays(message, n_items, device_width(config, data.user_id))
+    download = request.download
+    device = _device_state(config, state, data, request.init, download)
     item_weights, _ = download.table.decode()
     if config.fed.user_state == "reconstruct":
         device = reconstruct_user_row(config, device, data, item_weights)
@@ -265,4 +260,4 @@ def handle_evaluate(
         exposed = target_exposed(config, data, item_weights @ device.user_row)
         if exposed is not None:
             metrics[f"exposure@{EXPOSURE_K}"] = exposed
-    return DeviceReply({}, _kept_state(config, state, device), metrics)
+    return DeviceReply(EvaluateReply(), _kept_state(config, state, device), metrics)

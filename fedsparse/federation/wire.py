@@ -8,6 +8,7 @@ problem, so a hostile or broken reply can be dropped without touching server sta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +16,41 @@ import numpy as np
 from fedsparse.sparse.embedding_sizes import width_mask
 from fedsparse.sparse.storage import CompactTable
 
+Arrays = dict[str, np.ndarray]
+
 
 class PayloadError(ValueError):
     """A payload is malformed: wrong keys, dtypes, shapes, ranges, duplicates or non-finite values."""
 
 
-def _expect(arrays: dict[str, np.ndarray], key: str, dtype: np.dtype | type, ndim: int) -> np.ndarray:
+def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of a message's arrays as they cross the wire: the sum of their ``nbytes``. The one byte counter
+    of the project: every upload, download and start figure in ``rounds.jsonl`` and ``summary.json`` is it."""
+    return int(sum(np.asarray(array).nbytes for array in arrays.values()))
+
+
+class Payload:
+    """A message that converts to flat arrays (``to_arrays``) and counts the bytes of exactly those arrays."""
+
+    def to_arrays(self) -> Arrays:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array sent (``payload_bytes`` of ``to_arrays()``)."""
+        return payload_bytes(self.to_arrays())
+
+
+def reject_unexpected(arrays: Mapping[str, np.ndarray], known: set[str], what: str = "") -> None:
+    """Raise PayloadError naming the arrays outside ``known`` (nothing received is dropped silently)."""
+    extra = sorted(set(arrays) - known)
+    if extra:
+        raise PayloadError(f"unexpected array(s){what}: {', '.join(extra)}")
+
+
+def expect_array(arrays: Mapping[str, np.ndarray], key: str, dtype: np.dtype | type, ndim: int) -> np.ndarray:
+    """The array ``key`` of a received message, checked to be a numpy array of ``dtype`` with ``ndim``
+    dimensions; PayloadError naming the problem otherwise."""
     if key not in arrays:
         raise PayloadError(f"missing array {key!r}")
     array = arrays[key]
@@ -52,7 +82,7 @@ def wire_row_ids(row_ids: np.ndarray, n_rows: int) -> np.ndarray:
 
 def read_row_ids(arrays: dict[str, np.ndarray], key: str, n_rows: int) -> np.ndarray:
     """Validate received row ids (``row_id_dtype(n_rows)``, 1-D, in range, strictly increasing)."""
-    row_ids = _expect(arrays, key, row_id_dtype(n_rows), 1)
+    row_ids = expect_array(arrays, key, row_id_dtype(n_rows), 1)
     _check_row_ids(row_ids, n_rows, key)
     return row_ids
 
@@ -67,13 +97,14 @@ def _check_row_ids(row_ids: np.ndarray, n_rows: int, name: str = "row-ids") -> N
         raise PayloadError(f"{name!r} must be strictly increasing (no duplicates); position {position} breaks it")
 
 
-def _check_finite(values: np.ndarray, name: str) -> None:
+def check_finite(values: np.ndarray, name: str) -> None:
+    """Raise PayloadError when ``values`` hold a NaN or infinity."""
     if not np.isfinite(values).all():
         raise PayloadError(f"{name!r} holds {int((~np.isfinite(values)).sum())} non-finite value(s)")
 
 
 @dataclass(frozen=True)
-class RowsDownload:
+class RowsDownload(Payload):
     """Item rows sent to a device: the masked rows in compact form, and their ids.
 
     ``row_ids`` [r] in ``row_id_dtype(n_items)`` (sorted, unique) or None when the whole table is sent
@@ -108,18 +139,13 @@ class RowsDownload:
             raise PayloadError(f"item rows: {exc}") from exc
         return cls(row_ids, table)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every array sent."""
-        return sum(array.nbytes for array in self.to_arrays().values())
-
     def rows(self, n_items: int) -> np.ndarray:
         """The row ids this download covers (all rows when ``row_ids`` is None)."""
         return np.arange(n_items, dtype=np.int64) if self.row_ids is None else self.row_ids.astype(np.int64)
 
 
 @dataclass(frozen=True)
-class RowUpdate:
+class RowUpdate(Payload):
     """A device's upload: deltas of the active entries of the item rows it trained.
 
     row_ids: [r] in ``row_id_dtype(n_items)``, sorted, unique; values: float32 [K_r], the deltas of the active entries of
@@ -158,31 +184,23 @@ class RowUpdate:
         return arrays
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of every array sent."""
-        return sum(array.nbytes for array in self.to_arrays().values())
-
-    @property
     def signal_nbytes(self) -> int:
         """Bytes of the regrowth signal alone (0 when none is sent)."""
         arrays = self.to_arrays()
-        return sum(arrays[key].nbytes for key in ("signal-rows", "signal-cols", "signal-values") if key in arrays)
+        return payload_bytes({key: arrays[key] for key in ("signal-rows", "signal-cols", "signal-values") if key in arrays})
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> RowUpdate:
         """Decode and validate an upload against the server's item mask bool [n_items, dim]."""
         n_items, dim = item_mask.shape
-        known = {"row-ids", "values", "weight", "signal-rows", "signal-cols", "signal-values"}
-        extra = sorted(set(arrays) - known)
-        if extra:
-            raise PayloadError(f"unexpected array(s): {', '.join(extra)}")
+        reject_unexpected(arrays, {"row-ids", "values", "weight", "signal-rows", "signal-cols", "signal-values"})
         row_ids = read_row_ids(arrays, "row-ids", n_items)
-        values = _expect(arrays, "values", np.float32, 1)
+        values = expect_array(arrays, "values", np.float32, 1)
         expected = int(item_mask[row_ids].sum())
         if values.size != expected:
             raise PayloadError(f"'values' has {values.size} entries, the mask of the {row_ids.size} rows has {expected}")
-        _check_finite(values, "values")
-        weight = _expect(arrays, "weight", np.float32, 1)
+        check_finite(values, "values")
+        weight = expect_array(arrays, "weight", np.float32, 1)
         if weight.size != 1 or not np.isfinite(weight[0]) or weight[0] <= 0:
             raise PayloadError(f"'weight' must be one positive finite number, got {weight.tolist()}")
         # The weight counts the device's training examples, and every example trains one of the rows it
@@ -201,15 +219,15 @@ class RowUpdate:
             signal_rows = read_row_ids(arrays, "signal-rows", n_items)
             if not np.isin(signal_rows, row_ids).all():
                 raise PayloadError("'signal-rows' must be a subset of 'row-ids'")
-        signal_cols = _expect(arrays, "signal-cols", signal_col_dtype(dim), 2)
-        signal_values = _expect(arrays, "signal-values", np.float32, 2)
+        signal_cols = expect_array(arrays, "signal-cols", signal_col_dtype(dim), 2)
+        signal_values = expect_array(arrays, "signal-values", np.float32, 2)
         if signal_cols.shape != signal_values.shape or signal_cols.shape[0] != signal_rows.size:
             raise PayloadError(
                 f"signal shapes disagree: rows {signal_rows.size}, cols {signal_cols.shape}, values {signal_values.shape}"
             )
         if signal_cols.size and int(signal_cols.max()) >= dim:
             raise PayloadError(f"'signal-cols' holds {int(signal_cols.max())}, outside [0, {dim})")
-        _check_finite(signal_values, "signal-values")
+        check_finite(signal_values, "signal-values")
         return cls(row_ids, values, float(weight[0]), signal_rows, signal_cols, signal_values)
 
 
@@ -219,7 +237,7 @@ def signal_col_dtype(dim: int) -> np.dtype:
 
 
 @dataclass(frozen=True)
-class SecureUpload:
+class SecureUpload(Payload):
     """A device's upload under secure aggregation: dense over every row the round covers (the whole
     table, or a public subset), so every device's vectors have one shape and the server learns only
     their sum (what SecAgg+ masks and reveals).
@@ -254,6 +272,11 @@ class SecureUpload:
             np.add.at(signal, (signal_position[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
         return cls(dense[covered_mask], weights, signal)
 
+    @property
+    def signal_nbytes(self) -> int:
+        """Bytes of the scattered regrowth signal alone (0 when none is sent)."""
+        return payload_bytes({"secure-signal": self.signal}) if self.signal is not None else 0
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for the transport."""
         arrays = {"secure-values": self.values, "secure-weights": self.weights}
@@ -264,26 +287,24 @@ class SecureUpload:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], covered_mask: np.ndarray) -> SecureUpload:
         """Decode and validate against the covered rows' mask bool [|S|, dim] (shapes, dtypes, finite, weights >= 0)."""
-        extra = sorted(set(arrays) - {"secure-values", "secure-weights", "secure-signal"})
-        if extra:
-            raise PayloadError(f"unexpected array(s) in a secure upload: {', '.join(extra)}")
-        values = _expect(arrays, "secure-values", np.float32, 1)
-        weights = _expect(arrays, "secure-weights", np.float32, 1)
+        reject_unexpected(arrays, {"secure-values", "secure-weights", "secure-signal"}, " in a secure upload")
+        values = expect_array(arrays, "secure-values", np.float32, 1)
+        weights = expect_array(arrays, "secure-weights", np.float32, 1)
         if values.size != int(covered_mask.sum()) or weights.size != covered_mask.shape[0]:
             raise PayloadError(
                 f"secure upload shapes {values.shape}, {weights.shape} do not fit the round's rows "
                 f"({int(covered_mask.sum())} active entries, {covered_mask.shape[0]} rows)"
             )
-        _check_finite(values, "secure-values")
-        _check_finite(weights, "secure-weights")
+        check_finite(values, "secure-values")
+        check_finite(weights, "secure-weights")
         if (weights < 0).any():
             raise PayloadError("'secure-weights' must be >= 0")
         signal = None
         if "secure-signal" in arrays:
-            signal = _expect(arrays, "secure-signal", np.float32, 2)
+            signal = expect_array(arrays, "secure-signal", np.float32, 2)
             if signal.shape != covered_mask.shape:
                 raise PayloadError(f"'secure-signal' has shape {signal.shape}, the round's rows {covered_mask.shape}")
-            _check_finite(signal, "secure-signal")
+            check_finite(signal, "secure-signal")
         return cls(values, weights, signal)
 
 
