@@ -1,0 +1,36 @@
+"""The per-device byte ledger: sums per phase and direction, means over every device, checkpoint round trip."""
+
+import numpy as np
+import pytest
+
+from fedsparse.federation.traffic import TrafficLedger
+
+
+def test_means_are_over_every_device_and_totals_add_up():
+    ledger = TrafficLedger(np.array([3, 5, 9, 11]))
+    ledger.add("wire", "start", "down", {3: 100, 5: 100})
+    ledger.add("wire", "train", "up", {3: 10, 9: 30})
+    ledger.add("wire", "train", "up", {3: 10})
+    ledger.add("payload", "evaluate", "down", {11: 7})
+    summary = ledger.summary()
+    assert summary["wire_start_down_bytes_per_device_mean"] == 50.0
+    assert summary["wire_train_up_bytes_per_device_mean"] == 50 / 4
+    assert summary["wire_train_up_bytes_per_device_max"] == 30.0
+    assert summary["wire_total_both_bytes_per_device_max"] == 120.0  # device 3: 100 down, 20 up
+    assert summary["wire_run_bytes"] == 250.0 == 4 * summary["wire_total_both_bytes_per_device_mean"]
+    assert summary["payload_run_bytes"] == 7.0 and summary["payload_train_up_bytes_per_device_mean"] == 0.0
+
+
+def test_a_device_outside_the_federation_is_an_error():
+    with pytest.raises(KeyError, match="device 4"):
+        TrafficLedger(np.array([1, 2])).add("wire", "train", "up", {4: 1})
+
+
+def test_the_ledger_round_trips_through_a_checkpoint():
+    ledger = TrafficLedger(np.array([0, 7]))
+    ledger.add("payload", "train", "down", {7: 123})
+    restored = TrafficLedger.from_state_arrays(ledger.state_arrays())
+    assert restored.summary() == ledger.summary()
+    broken = {key: value for key, value in ledger.state_arrays().items() if not key.endswith("evaluate.up")}
+    with pytest.raises(ValueError, match="traffic.wire.evaluate.up"):
+        TrafficLedger.from_state_arrays(broken)
