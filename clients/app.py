@@ -107,7 +107,7 @@ def _secure_train(message: Message, context: Context) -> Message:
     config, data = _config_and_data(context)
     fitins = recorddict_to_fitins(message.content, keep_input=True)
     settings = dict(fitins.config)
-    incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters)))
+    incoming = dict(zip(str(settings.pop("array-keys")).split(","), parameters_to_ndarrays(fitins.parameters), strict=True))
     (user,) = users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users)
     start = bool(settings.pop("secure-start", 0))  # a round of the NMF start: its one vector, scaled by the public bound
     bound = float(settings.pop("secure-bound", 1.0))

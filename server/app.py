@@ -53,7 +53,8 @@ def main(grid: Grid, context: Context) -> None:
         grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
         config.privacy.secure_weight_bound,
     )
-    run_dir = Path(config.resume_dir) if config.resume_dir else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}")
+    run_dir = (Path(config.resume_dir) if config.resume_dir
+               else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}"))
     summary = run_federation(
         config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),
         # The Flower app's content hash names the exact code even when the launcher passed no code-version.

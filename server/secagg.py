@@ -108,7 +108,8 @@ def _run_secaggplus(
         arrays = messages[user]
         keys = sorted(arrays)
         config = {"server-round": server_round, "array-keys": ",".join(keys), **settings}
-        fitins.append((GridClientProxy(node, counting, context.run_id), FitIns(ndarrays_to_parameters([arrays[k] for k in keys]), config)))
+        fitins.append((GridClientProxy(node, counting, context.run_id),
+                       FitIns(ndarrays_to_parameters([arrays[k] for k in keys]), config)))
     strategy = OneRoundStrategy(fitins)
     legacy = LegacyContext(context, ServerConfig(num_rounds=1), strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
@@ -125,10 +126,12 @@ def _replies_and_bytes(
     messages: Mapping[int, Any], user_of_node: Mapping[int, int], strategy: OneRoundStrategy, counting: CountingGrid
 ) -> tuple[dict[int, Reply | str], dict[int, int], dict[int, int]]:
     """Per-user reply metrics or failure, and the bytes each user's node received and sent in every stage."""
-    replies: dict[int, Reply | str] = {user: "no supernode hosts this user" for user in messages if user not in user_of_node.values()}
+    replies: dict[int, Reply | str] = {user: "no supernode hosts this user"
+                                       for user in messages if user not in user_of_node.values()}
     for node, user in user_of_node.items():
         metrics = strategy.metrics.get(node)
-        replies[user] = Reply({}, metrics) if metrics is not None else f"node {node} left the SecAgg+ round before its vector counted"
+        replies[user] = (Reply({}, metrics) if metrics is not None
+                         else f"node {node} left the SecAgg+ round before its vector counted")
     sent = {user: counting.sent.get(node, 0) for node, user in user_of_node.items()}
     received = {user: counting.received.get(node, 0) for node, user in user_of_node.items()}
     return replies, sent, received

@@ -24,7 +24,8 @@ log = logging.getLogger("fedsparse")
 # Flower errors that mean the ClientApp's code raised (or could not load): clients/app.py returns every device
 # error as an error.<user> record, so these are bugs and stop the run; a lost or crashed node is a failed device.
 CODE_ERRORS = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
-# Message kind -> Flower message type (the ClientApp's handler: @app.query("nmf"), @app.query("rows"), @app.train(), @app.evaluate()).
+# Message kind -> Flower message type (the ClientApp's handler: @app.query("nmf"), @app.query("rows"),
+# @app.train(), @app.evaluate()).
 MESSAGE_TYPES = {START: "query.nmf", QUERY: "query.rows", TRAIN: "train", EVALUATE: "evaluate"}
 
 
@@ -64,7 +65,9 @@ class FlowerTransport:
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
         return secure_sum_round(self.grid, self.context, node_of_user, server_round, messages, bound, length, self.timeout)
 
-    def send(self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
+    def send(
+        self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
+    ) -> dict[int, Reply | str]:
         by_node: dict[int, RecordDict] = {}
         users_of_node: dict[int, list[int]] = {}
         replies: dict[int, Reply | str] = {}
@@ -111,9 +114,10 @@ def _decode_reply(content: RecordDict, user: int, node: int) -> Reply | str:
             return str(content[f"error.{user}"]["reason"])
         if f"arrays.{user}" not in content:
             return f"node {node} sent no record for user {user}"
-        arrays, metrics = content[f"arrays.{user}"], content[f"metrics.{user}"] if f"metrics.{user}" in content else {}
+        arrays, metrics = content[f"arrays.{user}"], content.get(f"metrics.{user}", {})
         if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, (MetricRecord, dict)):
-            return f"user {user}: expected an ArrayRecord and a MetricRecord, got {type(arrays).__name__}, {type(metrics).__name__}"
+            return (f"user {user}: expected an ArrayRecord and a MetricRecord, "
+                    f"got {type(arrays).__name__}, {type(metrics).__name__}")
         return Reply(to_arrays(arrays), dict(metrics))
     except (KeyError, TypeError, ValueError, EOFError) as exc:  # a malformed record or Array from the node
         return f"node {node}: the reply of user {user} does not decode: {type(exc).__name__}: {exc}"

@@ -91,7 +91,7 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, over
     flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
     assert len(flower_rounds) == len(inprocess_rounds) == 2
-    for flower, local in zip(flower_rounds, inprocess_rounds):
+    for flower, local in zip(flower_rounds, inprocess_rounds, strict=True):
         assert set(flower) >= ROUND_KEYS
         for key in EXACT_KEYS:
             assert flower[key] == local[key], key
@@ -154,7 +154,8 @@ def test_federated_start_under_flower_refuses_several_devices_per_supernode(tmp_
 def test_secure_nmf_start_under_flower_runs_secaggplus_and_matches_the_inprocess_start(tmp_path, isolated_flower):
     # The whole federation as cohort: a cohort of 5 of these 12 devices has rank 5 < model.dim 8, and the
     # start of such a degenerate cohort is decided by ties that SecAgg+'s random rounding breaks differently.
-    config = small_config(tmp_path, **{"num-server-rounds": 1, "fed.nmf-refine": 1, "fed.downlink": "full", "fed.nmf-cohort": 1.0})
+    config = small_config(tmp_path, **{"num-server-rounds": 1, "fed.nmf-refine": 1, "fed.downlink": "full",
+                                       "fed.nmf-cohort": 1.0})
     flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
     summaries = [json.loads((directory / "summary.json").read_text()) for directory in (flower_dir, inprocess_dir)]
     flower, local = summaries

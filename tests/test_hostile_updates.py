@@ -45,7 +45,7 @@ def is_valid(arrays: dict) -> bool:
     if rows.dtype != np.uint16 or rows.ndim != 1 or values.dtype != np.float32 or values.ndim != 1:
         return False
     ids = [int(r) for r in rows]
-    if any(r >= N_ITEMS for r in ids) or any(b <= a for a, b in zip(ids, ids[1:])):
+    if any(r >= N_ITEMS for r in ids) or any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
         return False
     if values.size != sum(int(SERVER.item_mask[r].sum()) for r in ids) or not all(np.isfinite(v) for v in values):
         return False
@@ -65,7 +65,7 @@ def is_valid(arrays: dict) -> bool:
     if signal_rows.dtype != np.uint16 or signal_rows.ndim != 1 or not set(int(r) for r in signal_rows) <= set(ids):
         return False
     srows = [int(r) for r in signal_rows]
-    if any(b <= a for a, b in zip(srows, srows[1:])):
+    if any(b <= a for a, b in zip(srows, srows[1:], strict=False)):
         return False
     if cols.dtype != np.uint8 or cols.ndim != 2 or signal_values.dtype != np.float32 or signal_values.ndim != 2:
         return False
@@ -87,7 +87,8 @@ def mutate(arrays: dict, data: st.DataObject) -> dict:
         if not isinstance(value, np.ndarray) or value.ndim == 0:  # already replaced by a non-array: start anew
             value = np.zeros(2, np.float32)
         if kind == "dtype":
-            arrays[key] = np.asarray(value).astype(data.draw(st.sampled_from([np.float64, np.int64, np.int32, np.uint8, np.uint32, bool, np.float16])))
+            arrays[key] = np.asarray(value).astype(
+                data.draw(st.sampled_from([np.float64, np.int64, np.int32, np.uint8, np.uint32, bool, np.float16])))
         elif kind == "reshape":
             arrays[key] = np.asarray(value).reshape(1, -1) if np.asarray(value).ndim == 1 else np.asarray(value).ravel()
         elif kind == "truncate":
@@ -102,7 +103,8 @@ def mutate(arrays: dict, data: st.DataObject) -> dict:
         elif kind in ("out-of-range", "duplicate", "unsorted") and key in ("row-ids", "signal-rows") and np.asarray(value).size:
             ids = np.array(value, copy=True)
             if kind == "out-of-range":
-                ids.flat[-1] = min(N_ITEMS + data.draw(st.integers(0, 60_000)), np.iinfo(ids.dtype).max if ids.dtype.kind in "iu" else 1e9)
+                ids.flat[-1] = min(N_ITEMS + data.draw(st.integers(0, 60_000)),
+                                   np.iinfo(ids.dtype).max if ids.dtype.kind in "iu" else 1e9)
             elif kind == "duplicate" and ids.size > 1:
                 ids.flat[1] = ids.flat[0]
             elif ids.size > 1:
@@ -131,7 +133,9 @@ def mutate(arrays: dict, data: st.DataObject) -> dict:
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), signal=st.booleans(), data=st.data())
-def test_hostile_uploads_are_rejected_cleanly_and_leave_the_server_untouched(seed: int, signal: bool, data: st.DataObject) -> None:
+def test_hostile_uploads_are_rejected_cleanly_and_leave_the_server_untouched(
+    seed: int, signal: bool, data: st.DataObject
+) -> None:
     weight_before, mask_before = SERVER.item_weight.copy(), SERVER.item_mask.copy()
     arrays = mutate(valid_arrays(seed, signal), data)
     update, reason = validate_update(SERVER, arrays)  # must not raise anything
@@ -175,7 +179,8 @@ def corrupt(arrays: dict, kind: str, rng: np.random.Generator) -> tuple[dict, di
     elif kind == "values-long":
         arrays["values"] = np.concatenate([values, values[:1]])
     elif kind == "row-out-of-range":
-        arrays["row-ids"] = np.concatenate([rows[:-1], [rows.dtype.type(N_HOSTILE_ITEMS + int(rng.integers(0, 1000)))]]).astype(rows.dtype)
+        arrays["row-ids"] = np.concatenate(
+            [rows[:-1], [rows.dtype.type(N_HOSTILE_ITEMS + int(rng.integers(0, 1000)))]]).astype(rows.dtype)
     elif kind == "rows-unsorted":
         arrays["row-ids"] = rows[::-1].copy()
     elif kind == "rows-duplicated":
@@ -241,7 +246,8 @@ def run_rounds(hostile: bool) -> tuple[RunState, HostileTransport, list[dict]]:
     assert data.n_items == N_HOSTILE_ITEMS
     chosen = set()
     for server_round in range(1, HOSTILE_ROUNDS + 1):
-        picked = population.users[sample_clients(APPLY_CONFIG.seed, server_round, population.users.size, HOSTILE_PER_ROUND + HONEST_PER_ROUND)]
+        picked = population.users[sample_clients(APPLY_CONFIG.seed, server_round, population.users.size,
+                                                 HOSTILE_PER_ROUND + HONEST_PER_ROUND)]
         chosen |= {int(user) for user in picked[:HOSTILE_PER_ROUND]}  # the hostile devices of each round
     holder: dict[str, RunState] = {}
     transport = HostileTransport(InProcessTransport(APPLY_CONFIG, data), lambda: holder["state"].server, chosen, hostile)

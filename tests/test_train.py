@@ -46,7 +46,8 @@ def test_training_writes_run_directory_and_beats_random(tmp_path, model, loss):
 
 
 def test_early_stopping_stops_after_patience_evaluations(tmp_path):
-    config = RunConfig.from_flat({**SMALL, "train.epochs": 40, "train.lr": 0.2, "train.patience": 1, "results-dir": str(tmp_path)})
+    config = RunConfig.from_flat({**SMALL, "train.epochs": 40, "train.lr": 0.2, "train.patience": 1,
+                                  "results-dir": str(tmp_path)})
     result = train_centralised(config, show_progress=False)
     epochs = read_jsonl(result.run_dir / "metrics.jsonl")
     assert len(epochs) < 40

@@ -322,7 +322,8 @@ def test_full_download_must_cover_every_row() -> None:
         RowsDownload.from_arrays(arrays, N_ITEMS, DIM)
 
 
-@pytest.mark.parametrize(("n_rows", "dtype"), [(1, np.uint16), (65_536, np.uint16), (65_537, np.uint32), (2**32, np.uint32), (2**32 + 1, np.uint64)])
+@pytest.mark.parametrize(("n_rows", "dtype"),
+                         [(1, np.uint16), (65_536, np.uint16), (65_537, np.uint32), (2**32, np.uint32), (2**32 + 1, np.uint64)])
 def test_row_id_dtype_is_the_narrowest_that_holds_every_id(n_rows: int, dtype: type) -> None:
     assert row_id_dtype(n_rows) == np.dtype(dtype)
     assert int(np.iinfo(row_id_dtype(n_rows)).max) >= n_rows - 1

@@ -207,10 +207,7 @@ def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.Tensor:
     values, items = torch.topk(masked, min(k + 1, n_items), dim=1)
     if torch.isnan(values[:, 0]).any():  # topk ranks NaN above every number
         raise ValueError("scores contain NaN")
-    if k < n_items:
-        ambiguous = values[:, k] == values[:, k - 1]
-    else:
-        ambiguous = torch.zeros(b, dtype=torch.bool, device=scores.device)
+    ambiguous = (values[:, k] == values[:, k - 1]) if k < n_items else torch.zeros(b, dtype=torch.bool, device=scores.device)
     # Canonical order inside the selection: ascending ids, then a stable sort by descending score.
     items, _ = torch.sort(items[:, :k], dim=1)
     order = torch.sort(torch.gather(masked, 1, items), dim=1, descending=True, stable=True).indices

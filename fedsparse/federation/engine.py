@@ -130,7 +130,8 @@ def check_population(config: RunConfig, population: Population) -> None:
     if config.fed.clients_per_round > devices:
         raise ConfigError(f"fed.clients-per-round = {config.fed.clients_per_round} exceeds the {devices} devices of this dataset")
     if config.poison.target_item >= population.n_items:
-        raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id (the dataset has {population.n_items})")
+        raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id "
+                          f"(the dataset has {population.n_items})")
 
 
 RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
@@ -228,7 +229,8 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
         for power_pass in range(config.fed.nmf_power):
             test = orthonormal_basis(sample)
             request = StartRequest(test_basis=test.astype(np.float32))
-            sample = _secure_start_sum(transport, 2 + power_pass, cohort, request, n_items * width, accounting).reshape(n_items, width)
+            sample = _secure_start_sum(
+                transport, 2 + power_pass, cohort, request, n_items * width, accounting).reshape(n_items, width)
         W, sigma = nystrom_svd(test, sample, rank)
         sigma = sigma * np.sqrt(devices.size / len(cohort))  # the cohort's spectrum scaled to the whole federation
         if config.fed.nmf_start == "svd":
@@ -255,7 +257,8 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
             config, transport, cohort, item_factor, config.fed.nmf_rounds, 1, False, accounting, float(np.sqrt(mean / rank)))
         scale = _column_scale(item_factor, gram_users, 1.0)  # cohort devices keep p_u: balance against the cohort's own P
         item_factor, device_init = item_factor / scale, DeviceInit(column_scale=scale)
-    accounting["nmf_start_bytes_per_device"] = (accounting["nmf_download_bytes"] + accounting["nmf_upload_bytes"]) / max(1, population.users.size)
+    accounting["nmf_start_bytes_per_device"] = (
+        (accounting["nmf_download_bytes"] + accounting["nmf_upload_bytes"]) / max(1, population.users.size))
     if not np.isfinite(item_factor).all():  # never mask from a broken factor: the run stops, saying why
         raise StartRefused("the start's item factor is not finite (the secure sums were unusable)")
     return item_factor.astype(np.float32), device_init, accounting
@@ -395,7 +398,8 @@ class RunState:
     def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> RunState:
         """Rebuild from ``to_arrays`` output."""
         server_arrays = {key.removeprefix("server."): value for key, value in arrays.items() if key.startswith("server.")}
-        device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"), arrays.get("init.projection"), arrays.get("init.projected"))
+        device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"),
+                                 arrays.get("init.projection"), arrays.get("init.projected"))
         loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
         return cls(Server.restore(config, server_arrays), device_init, **loads)
 
@@ -446,7 +450,8 @@ def read_checkpoint(path: Path) -> Arrays:
                     arrays[name] = stored[name]
                 except ValueError as exc:
                     if "allow_pickle" in str(exc):  # an object array: a checkpoint only ever holds numbers and text
-                        raise CheckpointError(f"{path}: array {name!r} holds Python objects, which a checkpoint never does") from None
+                        raise CheckpointError(f"{path}: array {name!r} holds Python objects, "
+                                              "which a checkpoint never does") from None
                     raise
     except CheckpointError:
         raise
@@ -478,12 +483,14 @@ def validate_checkpoint(arrays: Arrays, path: Path, config: RunConfig, n_items: 
     missing = sorted(set(listing) - set(arrays))
     extra = sorted(set(arrays) - set(listing) - {MANIFEST})
     if missing or extra:
-        problems = [f"{what} {len(names)} {kind}array(s) ({', '.join(names[:NAMES_SHOWN])}{', ...' if len(names) > NAMES_SHOWN else ''})"
+        problems = [f"{what} {len(names)} {kind}array(s) "
+                    f"({', '.join(names[:NAMES_SHOWN])}{', ...' if len(names) > NAMES_SHOWN else ''})"
                     for what, kind, names in (("lacks", "", missing), ("has", "unlisted ", extra)) if names]
         raise CheckpointError(f"{path}: {'; '.join(problems)}")
     for name, value in arrays.items():
         if name != MANIFEST and listing[name] != _array_signature(value):
-            raise CheckpointError(f"{path}: array {name} has shape and dtype {_array_signature(value)}, the manifest says {listing[name]}")
+            raise CheckpointError(f"{path}: array {name} has shape and dtype {_array_signature(value)}, "
+                                  f"the manifest says {listing[name]}")
     shape = (n_items, config.model.dim)
     weight, mask, done = arrays.get("server.item-weight"), arrays.get("server.item-mask"), arrays.get("server.round")
     if weight is None or mask is None or done is None:
@@ -526,7 +533,8 @@ def resumed_rounds(path: Path, checkpoint_round: int) -> list[dict[str, Any]]:
     problem = round_gaps(kept, checkpoint_round)
     if problem or [record["round"] for record in kept] != list(range(1, checkpoint_round + 1)):
         raise ResultFileError(f"{path}: the checkpoint is at round {checkpoint_round}, but the records up to it have "
-                              f"{problem or 'rounds out of order'}; it was edited or written by two processes: restore it before resuming")
+                              f"{problem or 'rounds out of order'}; it was edited or written by two processes: "
+                              "restore it before resuming")
     redone = len(records) - len(kept)
     if redone:
         log.warning("%s: %d record(s) after round %d predate no checkpoint and are redone", path, redone, checkpoint_round)
@@ -549,7 +557,8 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
     if device_init.user_factors is None and item_factor is not None:  # federated: devices fit p_u from the masked table
         table = server.item_weight.astype(np.float64)
         device_init.projection = table.T @ table
-        totals["nmf_project_bytes_per_device"] = DeviceInitFields(projection=device_init.projection.astype(np.float32)).nbytes  # once, in its first download
+        totals["nmf_project_bytes_per_device"] = DeviceInitFields(  # once, in its first download
+            projection=device_init.projection.astype(np.float32)).nbytes
     totals["init_seconds"] = time.perf_counter() - started
     source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
     log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
@@ -673,7 +682,8 @@ def train_round(
     if config.budget.widths:
         record.update(_per_class(tally.by_class))
     if config.budget.stream_stages:
-        record.update({"present_users": int(present.size), "arrived_items": arrived_items, "item_active_entries": int(server.item_mask.sum())})
+        record.update({"present_users": int(present.size), "arrived_items": arrived_items,
+                       "item_active_entries": int(server.item_mask.sum())})
     return record
 
 
@@ -731,7 +741,8 @@ class RoundTally:
 
 
 def rows_downlink(
-    config: RunConfig, n_items: int, transport: Transport, state: RunState, server_round: int, chosen: np.ndarray, tally: RoundTally,
+    config: RunConfig, n_items: int, transport: Transport, state: RunState, server_round: int, chosen: np.ndarray,
+    tally: RoundTally,
 ) -> Downlink:
     """Step 2, rows downlink: each chosen device's ``TrainRequest``, with the whole masked table or (``fed.downlink
     = rows``) only the rows it asked for in a "query"; a device whose request fails gets nothing and failed."""
@@ -784,7 +795,8 @@ class Accepted:
 
 
 def validate_replies(
-    config: RunConfig, server: Server, server_round: int, downlink: Downlink, replies: Mapping[int, Reply | str], tally: RoundTally,
+    config: RunConfig, server: Server, server_round: int, downlink: Downlink, replies: Mapping[int, Reply | str],
+    tally: RoundTally,
 ) -> list[Accepted]:
     """Step 4, validation: decode each training reply against the server's mask (``server_state.validate_update``:
     shapes, dtypes, ranges, finiteness, ``robust.max-update-norm``) and check its metrics (``metrics_problem``).
@@ -851,7 +863,8 @@ def secure_protocol_training(
             tally.dropped = 1
             log.warning("round %d: dropped the secure sum: %s", server_round, exc)
     summed = len(tally.memory)  # devices whose upload joined the sum
-    applied = server.apply_secure_sum(server_round, checked, summed) if checked is not None else server.apply_round(server_round, [])
+    applied = (server.apply_secure_sum(server_round, checked, summed) if checked is not None
+               else server.apply_round(server_round, []))
     return replies, {**applied, **NO_ROW_REFERENCES}
 
 
@@ -881,7 +894,7 @@ def _per_class(by_class: Mapping[int, list[tuple[int, float]]]) -> dict[str, flo
     """Mean upload and device memory bytes of each device class (keys suffixed ``_w<width>``)."""
     record = {}
     for width, pairs in sorted(by_class.items()):
-        uploads, memory = zip(*pairs)
+        uploads, memory = zip(*pairs, strict=True)
         record[f"upload_bytes_mean_w{width}"] = float(np.mean(uploads))
         record[f"device_memory_bytes_mean_w{width}"] = float(np.mean(memory))
     return record
@@ -925,14 +938,17 @@ def _personal_metrics(config: RunConfig, replies: Mapping[int, Reply | str], wid
     return mean_device_metrics(config, reported, widths)
 
 
-def mean_device_metrics(config: RunConfig, per_device: Mapping[int, Mapping[str, float]], widths: Mapping[int, int]) -> dict[str, float]:
+def mean_device_metrics(
+    config: RunConfig, per_device: Mapping[int, Mapping[str, float]], widths: Mapping[int, int]
+) -> dict[str, float]:
     """Per-user means of every metric the devices reported (``validation-x`` -> ``validation_x``), per
     device class when there are several, with the test metrics also under their bare names (recall@20, ...)."""
     collected: dict[str, list[float]] = {}
     for user, reported in per_device.items():
         for name, value in reported.items():
             collected.setdefault(name, []).append(value)
-            if config.budget.widths and name in (f"test-recall@{config.eval.k}", f"test-ndcg@{config.eval.k}"):  # per device class
+            if config.budget.widths and name in (f"test-recall@{config.eval.k}",
+                                                 f"test-ndcg@{config.eval.k}"):  # per device class
                 collected.setdefault(f"{name}_w{widths[user]}", []).append(value)
     metrics = {name.replace("-", "_", 1): float(np.mean(values)) for name, values in sorted(collected.items())}
     # The headline keys (recall@20, ndcg@20, ...) are the test metrics.

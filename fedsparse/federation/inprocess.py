@@ -62,13 +62,16 @@ class InProcessTransport:
         """The user's partition of the interactions (with its candidate-file negatives, if any)."""
         return DeviceData.of(self.data, user)
 
-    def send(self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]) -> dict[int, Reply | str]:
+    def send(
+        self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]
+    ) -> dict[int, Reply | str]:
         replies: dict[int, Reply | str] = {}
         timeout = self.config.fed.round_timeout if kind == TRAIN else 0.0
         if kind == TRAIN:
             settings = {**settings, SIMULATED_TIME: True}
         for user, message in messages.items():
-            call = DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items, server_round, settings)
+            call = DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items,
+                              server_round, settings)
             outcome = serve(kind, call, message)
             if outcome.lost_state:
                 self.states.pop(user, None)

@@ -79,7 +79,8 @@ def check_start_vector(vector: np.ndarray, length: int) -> str | None:
 def cohort_size(fraction: float, devices: int) -> int:
     """Devices in the start: ceil(fraction * devices), at least SecAgg+'s threshold; raises StartRefused below it."""
     if devices < MIN_SECURE_COHORT:
-        raise StartRefused(f"the secure start needs at least {MIN_SECURE_COHORT} devices (SecAgg+'s threshold), the federation has {devices}")
+        raise StartRefused(f"the secure start needs at least {MIN_SECURE_COHORT} devices (SecAgg+'s threshold), "
+                           f"the federation has {devices}")
     return min(devices, max(MIN_SECURE_COHORT, math.ceil(fraction * devices)))
 
 
@@ -188,7 +189,9 @@ LIVE_COLUMN = 1e-6  # a column of PᵀP whose diagonal is below this share of th
 ITEM_ITERATIONS = 100  # multiplicative steps the server takes on Q per refinement round (P fixed: no bytes)
 
 
-def solve_item_factor(item_factor: np.ndarray, numerator: np.ndarray, gram: np.ndarray, iterations: int = ITEM_ITERATIONS) -> np.ndarray:
+def solve_item_factor(
+    item_factor: np.ndarray, numerator: np.ndarray, gram: np.ndarray, iterations: int = ITEM_ITERATIONS
+) -> np.ndarray:
     """The non-negative least-squares item factor for the summed Rᵀ P [n, rank] and PᵀP [rank, rank]:
     ``iterations`` multiplicative steps from Q (an alternating-NNLS outer step, not MU's single step).
 

@@ -86,7 +86,8 @@ class Server:
         mask[present] = policy.initial_mask(
             ITEM_TABLE, present.size, dim, rng,
             # the entries of largest magnitude: a signed (SVD) start ranks like a non-negative one
-            None if item_factor is None else np.abs(item_factor[present]), None if item_popularity is None else item_popularity[present],
+            None if item_factor is None else np.abs(item_factor[present]),
+            None if item_popularity is None else item_popularity[present],
         )
         values = rng.normal(0.0, config.fed.item_init_std, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
@@ -126,7 +127,8 @@ class Server:
     def reveal(self, server_round: int) -> int:
         """Streaming: give the items arriving at ``server_round`` their entries, the budget unchanged
         (``grow_item_table``); returns how many arrived (0 without streaming)."""
-        before, now = revealed_items(self.config, self.n_items, server_round - 1), revealed_items(self.config, self.n_items, server_round)
+        before, now = (revealed_items(self.config, self.n_items, server_round - 1),
+                       revealed_items(self.config, self.n_items, server_round))
         if now is None or server_round <= 1:
             return 0
         new_rows = np.setdiff1d(now, before, assume_unique=True)
@@ -191,7 +193,8 @@ class Server:
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
         """Aggregate the round's accepted updates (with the ``robust.*`` defences), apply them, explore
         the mask if scheduled."""
-        return self.apply_merged(server_round, robust_aggregate(updates, self.item_mask, self.config.robust, self.config.fed.aggregation))
+        return self.apply_merged(
+            server_round, robust_aggregate(updates, self.item_mask, self.config.robust, self.config.fed.aggregation))
 
     def apply_secure_round(self, server_round: int, uploads: list[SecureUpload]) -> dict[str, Any]:
         """The same from secure uploads, of which only the sum is used (all SecAgg reveals)."""

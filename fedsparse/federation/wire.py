@@ -252,7 +252,9 @@ class SecureUpload(Payload):
     signal: np.ndarray | None = None
 
     @classmethod
-    def from_update(cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None) -> SecureUpload:
+    def from_update(
+        cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None
+    ) -> SecureUpload:
         """Spread a sparse update (encoded against ``item_mask`` bool [n_items, dim]) over the covered rows
         (sorted int64, None = all; they must include every row of the update)."""
         covered = np.arange(item_mask.shape[0], dtype=np.int64) if covered is None else covered
