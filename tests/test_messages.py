@@ -69,7 +69,8 @@ def round_trips() -> dict[str, tuple[object, object]]:
                   TrainRequest.from_arrays(TrainRequest(rows_download, init_fields()).to_arrays(), N_ITEMS, DIM)),
         "train-reply": (update, RowUpdate.from_arrays(update.to_arrays(), mask)),
         "secure-upload": (secure, SecureUpload.from_arrays(secure.to_arrays(), mask)),
-        "evaluate": (EvaluateRequest(full_download), EvaluateRequest.from_arrays(EvaluateRequest(full_download).to_arrays(), N_ITEMS, DIM)),
+        "evaluate": (EvaluateRequest(full_download),
+                     EvaluateRequest.from_arrays(EvaluateRequest(full_download).to_arrays(), N_ITEMS, DIM)),
         "evaluate-reply": (EvaluateReply(), EvaluateReply.from_arrays({})),
         "start-contribution": (contribution, StartContribution.from_arrays(contribution.to_arrays(), 12)),
     }
@@ -97,7 +98,8 @@ def test_start_requests_keep_their_form_and_their_bytes() -> None:
 
 
 def test_train_request_carries_its_init_fields_and_download() -> None:
-    request = TrainRequest.from_arrays(TrainRequest(server().download(ROWS.astype(np.int64)), init_fields()).to_arrays(), N_ITEMS, DIM)
+    sent = TrainRequest(server().download(ROWS.astype(np.int64)), init_fields())
+    request = TrainRequest.from_arrays(sent.to_arrays(), N_ITEMS, DIM)
     np.testing.assert_array_equal(request.download.row_ids, ROWS)
     np.testing.assert_array_equal(request.init.projection, init_fields().projection)
     assert request.init.user_factor is None
@@ -121,7 +123,8 @@ REJECTED = {
     "query-with-arrays": (lambda: QueryRequest.from_arrays({"row-ids": ROWS}), "unexpected array(s): row-ids"),
     "query-reply-unsorted": (lambda: QueryReply.from_arrays({"row-ids": ROWS[::-1].copy()}, N_ITEMS), "strictly increasing"),
     "query-reply-int64": (lambda: QueryReply.from_arrays({"row-ids": ROWS.astype(np.int64)}, N_ITEMS), "must be uint16"),
-    "query-reply-extra": (lambda: QueryReply.from_arrays({"row-ids": ROWS, "user": np.ones(1)}, N_ITEMS), "unexpected array(s): user"),
+    "query-reply-extra": (lambda: QueryReply.from_arrays({"row-ids": ROWS, "user": np.ones(1)}, N_ITEMS),
+                          "unexpected array(s): user"),
     "query-reply-missing": (lambda: QueryReply.from_arrays({}, N_ITEMS), "missing array 'row-ids'"),
     "train-extra": (lambda: TrainRequest.from_arrays(train_arrays(**{"user-row": np.ones(DIM, np.float32)}), N_ITEMS, DIM),
                     "unexpected array(s): user-row"),
@@ -133,9 +136,11 @@ REJECTED = {
         train_arrays(**{"nmf-project": np.ones((DIM, DIM + 1), np.float32)}), N_ITEMS, DIM), "must be square"),
     "train-no-table": (lambda: TrainRequest.from_arrays({"row-ids": ROWS}, N_ITEMS, DIM), "item rows"),
     "evaluate-some-rows": (lambda: EvaluateRequest.from_arrays(train_arrays(), N_ITEMS, DIM), "needs the full item table"),
-    "evaluate-reply-arrays": (lambda: EvaluateReply.from_arrays({"values": np.ones(2, np.float32)}), "unexpected array(s): values"),
-    "start-two-forms": (lambda: StartRequest.from_arrays(start_arrays("sketch", **{"nmf-test": np.ones((N_ITEMS, 2), np.float32)}),
-                                                         N_ITEMS), "unexpected array(s): nmf-test"),
+    "evaluate-reply-arrays": (lambda: EvaluateReply.from_arrays({"values": np.ones(2, np.float32)}),
+                              "unexpected array(s): values"),
+    "start-two-forms": (
+        lambda: StartRequest.from_arrays(start_arrays("sketch", **{"nmf-test": np.ones((N_ITEMS, 2), np.float32)}), N_ITEMS),
+        "unexpected array(s): nmf-test"),
     "start-sketch-float": (lambda: StartRequest.from_arrays({"nmf-sketch": np.ones(2, np.float32)}, N_ITEMS), "must be int64"),
     "start-sketch-width": (lambda: StartRequest.from_arrays({"nmf-sketch": np.asarray([3, 0])}, N_ITEMS), "width >= 1"),
     "start-test-rows": (lambda: StartRequest.from_arrays({"nmf-test": np.ones((N_ITEMS - 1, 2), np.float32)}, N_ITEMS),

@@ -187,7 +187,8 @@ class StartRequest(Payload):
             return {"nmf-sketch": np.asarray(self.sketch, dtype=np.int64)}
         if self.test_basis is not None:
             return {"nmf-test": self.test_basis}
-        arrays = {"item-factor": self.item_factor, "gram": self.gram, "init-scale": np.asarray([self.init_scale], dtype=np.float32)}
+        init_scale = np.asarray([self.init_scale], dtype=np.float32)
+        arrays = {"item-factor": self.item_factor, "gram": self.gram, "init-scale": init_scale}
         return {**arrays, "nmf-fit": np.ones(1, dtype=np.int64)} if self.fit else arrays
 
     @classmethod
