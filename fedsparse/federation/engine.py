@@ -14,10 +14,10 @@ import os
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -100,6 +100,20 @@ class Transport(Protocol):
     def send(
         self, kind: str, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]
     ) -> dict[int, Reply | str]: ...
+
+
+@runtime_checkable
+class SecureTransport(Transport, Protocol):
+    """A transport that runs secure aggregation itself (Flower's SecAgg+): only sums come back, with every
+    byte of the protocol per device (sent, received)."""
+
+    def secure_train(
+        self, server_round: int, messages: Mapping[int, Arrays], settings: Mapping[str, Any]
+    ) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]: ...
+
+    def secure_sum(
+        self, server_round: int, messages: Mapping[int, Arrays], bound: float, length: int
+    ) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int]]: ...
 
 
 class UploadObserver(Protocol):
@@ -364,7 +378,7 @@ def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _summary_stats(values: list[float], name: str) -> dict[str, float]:
+def _summary_stats(values: Sequence[float], name: str) -> dict[str, float]:
     if not values:
         return {f"{name}_mean": 0.0, f"{name}_max": 0.0}
     return {f"{name}_mean": float(np.mean(values)), f"{name}_max": float(np.max(values))}
@@ -424,7 +438,7 @@ def save_checkpoint(run_dir: Path, state: RunState, transport: Transport) -> Non
     listing = {name: _array_signature(value) for name, value in arrays.items()}
     arrays[MANIFEST] = np.asarray(json.dumps({"round": state.server.round, "arrays": listing}, sort_keys=True))
     temporary = run_dir / f".{CHECKPOINT}.tmp.npz"
-    np.savez(temporary, **arrays)
+    np.savez(temporary, **arrays)  # type: ignore[arg-type]  # numpy's stub lets ** fill allow_pickle
     os.replace(temporary, run_dir / CHECKPOINT)
 
 
@@ -670,7 +684,7 @@ def train_round(
     tally = RoundTally(clients=len(chosen))
     downlink = rows_downlink(config, population.n_items, transport, state, server_round, chosen, tally)
     settings = server.train_settings(server_round)
-    if config.privacy.secure_aggregation and hasattr(transport, "secure_train"):  # Flower's SecAgg+: only the sum comes back
+    if config.privacy.secure_aggregation and isinstance(transport, SecureTransport):  # Flower's SecAgg+: only the sum comes back
         replies, applied = secure_protocol_training(transport, server, server_round, downlink, settings, tally)
     else:
         replies = transport.send(TRAIN, server_round, downlink.messages, settings)  # local training
@@ -752,12 +766,13 @@ def rows_downlink(
         replies = transport.send(QUERY, server_round, {user: QueryRequest().to_arrays() for user in wanted}, {})
         for user, reply in replies.items():
             try:
-                wanted[user] = QueryReply.from_arrays(_arrays_of(reply), n_items).rows()
+                arrays = _arrays_of(reply)
+                wanted[user] = QueryReply.from_arrays(arrays, n_items).rows()
             except PayloadError as exc:
                 wanted.pop(user)
                 tally.fail(server_round, user, exc, "row request of device")
                 continue
-            query_bytes[user] = payload_bytes(reply.arrays)
+            query_bytes[user] = payload_bytes(arrays)
     widths = {user: device_width(config, user) for user in wanted}
     return Downlink(download_messages(TrainRequest, state.server, state.device_init, wanted, widths), widths, query_bytes)
 
@@ -809,7 +824,7 @@ def validate_replies(
             continue
         update, reason = validate_update(server, reply.arrays, config.privacy.secure_aggregation, downlink.widths[user])
         reason = reason or metrics_problem(reply.metrics)
-        if reason:
+        if reason or update is None:
             tally.dropped += 1
             log.warning("round %d: dropped the update of device %d: %s", server_round, user, reason)
             continue
@@ -826,12 +841,13 @@ def aggregate(
     server), then the server applies the per-row mean (or the sum of secure uploads, all SecAgg reveals)
     and explores its mask. Returns what the server reports, with the upload's reference points: per
     accepted sparse update its information floor (row ids + active values) and the same rows sent dense."""
-    updates = [entry.update for entry in accepted]
     if config.privacy.secure_aggregation:  # a secure upload names no rows: no observation, no sparse references
-        return {**server.apply_secure_round(server_round, updates), **NO_ROW_REFERENCES}
+        secure = [entry.update for entry in accepted if isinstance(entry.update, SecureUpload)]
+        return {**server.apply_secure_round(server_round, secure), **NO_ROW_REFERENCES}
+    updates = [entry.update for entry in accepted if isinstance(entry.update, RowUpdate)]
     if observer is not None:
-        for entry in accepted:
-            observer.observe(server_round, entry.user, entry.update, server)
+        for update, entry in zip(updates, accepted, strict=True):
+            observer.observe(server_round, entry.user, update, server)
     applied = server.apply_round(server_round, updates)
     dim = server.item_weight.shape[1]
     floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
@@ -844,7 +860,7 @@ NO_ROW_REFERENCES = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_me
 
 
 def secure_protocol_training(
-    transport: Transport, server: Server, server_round: int, downlink: Downlink, settings: Mapping[str, Any], tally: RoundTally,
+    transport: SecureTransport, server: Server, server_round: int, downlink: Downlink, settings: Mapping[str, Any], tally: RoundTally,
 ) -> tuple[dict[int, Reply | str], dict[str, Any]]:
     """Steps 3 to 5 when only a secure-aggregation protocol sees the uploads: the transport's ``secure_train``
     returns the summed upload, per-device metrics or failures, and every byte of the protocol per device
@@ -914,9 +930,9 @@ def evaluate_round(
     replies = transport.send(EVALUATE, server_round, messages, {})
     evaluated: dict[int, Mapping[str, float]] = {}
     for user, reply in replies.items():
-        problem = reply if isinstance(reply, str) else _evaluation_problem(reply)
-        if problem:
-            log.warning("round %d: evaluation on device %d failed: %s", server_round, user, problem)
+        if isinstance(reply, str) or (problem := _evaluation_problem(reply)):
+            log.warning("round %d: evaluation on device %d failed: %s", server_round, user,
+                        reply if isinstance(reply, str) else problem)
             continue
         evaluated[user] = reply.metrics
     return mean_device_metrics(config, evaluated, widths), sum(payload_bytes(message) for message in messages.values())

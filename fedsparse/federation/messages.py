@@ -187,6 +187,8 @@ class StartRequest(Payload):
             return {"nmf-sketch": np.asarray(self.sketch, dtype=np.int64)}
         if self.test_basis is not None:
             return {"nmf-test": self.test_basis}
+        if self.item_factor is None or self.gram is None:
+            raise ValueError("a StartRequest holds a sketch, a test basis, or an item factor with its gram")
         init_scale = np.asarray([self.init_scale], dtype=np.float32)
         arrays = {"item-factor": self.item_factor, "gram": self.gram, "init-scale": init_scale}
         return {**arrays, "nmf-fit": np.ones(1, dtype=np.int64)} if self.fit else arrays

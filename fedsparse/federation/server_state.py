@@ -61,12 +61,8 @@ class Server:
     item_weight: np.ndarray  # float32 [n_items, dim], zero off-mask
     item_mask: np.ndarray  # bool [n_items, dim]
     policy: MaskPolicy
+    optimizer: ServerOptimizer  # how mean deltas become a step (``fed.server-optimizer``)
     round: int = 0
-    optimizer: ServerOptimizer | None = None  # how mean deltas become a step (``fed.server-optimizer``)
-
-    def __post_init__(self) -> None:
-        if self.optimizer is None:
-            self.optimizer = ServerOptimizer(self.config.fed)
 
     @classmethod
     def create(
@@ -92,7 +88,7 @@ class Server:
         values = rng.normal(0.0, config.fed.item_init_std, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
             values = item_factor
-        return cls(config, (values * mask).astype(np.float32), mask, policy)
+        return cls(config, (values * mask).astype(np.float32), mask, policy, ServerOptimizer(config.fed))
 
     @classmethod
     def restore(cls, config: RunConfig, arrays: dict[str, np.ndarray]) -> Server:
@@ -106,8 +102,8 @@ class Server:
             np.array(arrays["item-weight"], dtype=np.float32),
             np.array(arrays["item-mask"], dtype=bool),
             policy,
-            int(arrays["round"][0]),
             optimizer,
+            int(arrays["round"][0]),
         )
 
     @property
@@ -129,7 +125,7 @@ class Server:
         (``grow_item_table``); returns how many arrived (0 without streaming)."""
         before, now = (revealed_items(self.config, self.n_items, server_round - 1),
                        revealed_items(self.config, self.n_items, server_round))
-        if now is None or server_round <= 1:
+        if now is None or before is None or server_round <= 1:
             return 0
         new_rows = np.setdiff1d(now, before, assume_unique=True)
         if new_rows.size:
@@ -245,10 +241,12 @@ def validate_update(
     reason it was dropped); ``width`` is the sending device's (None = all dimensions). Real SecAgg+ can
     only check the sum; the simulation checks each device."""
     try:
-        update = server.decode_secure_reply(arrays) if secure else server.decode_reply(arrays, width)
+        if secure:
+            return server.decode_secure_reply(arrays), None
+        update = server.decode_reply(arrays, width)
     except PayloadError as exc:
         return None, str(exc)
-    reason = None if secure else too_large(update, server.config.robust)
+    reason = too_large(update, server.config.robust)
     return (None, reason) if reason else (update, None)
 
 

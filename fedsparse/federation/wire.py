@@ -80,7 +80,7 @@ def wire_row_ids(row_ids: np.ndarray, n_rows: int) -> np.ndarray:
     return row_ids.astype(row_id_dtype(n_rows))
 
 
-def read_row_ids(arrays: dict[str, np.ndarray], key: str, n_rows: int) -> np.ndarray:
+def read_row_ids(arrays: Mapping[str, np.ndarray], key: str, n_rows: int) -> np.ndarray:
     """Validate received row ids (``row_id_dtype(n_rows)``, 1-D, in range, strictly increasing)."""
     row_ids = expect_array(arrays, key, row_id_dtype(n_rows), 1)
     _check_row_ids(row_ids, n_rows, key)
@@ -177,7 +177,7 @@ class RowUpdate(Payload):
             "values": self.values,
             "weight": np.asarray([self.weight], dtype=np.float32),
         }
-        if self.signal_rows is not None:
+        if self.signal_rows is not None and self.signal_cols is not None and self.signal_values is not None:
             arrays.update({"signal-cols": self.signal_cols, "signal-values": self.signal_values})
             if not np.array_equal(self.signal_rows, self.row_ids):
                 arrays["signal-rows"] = self.signal_rows
@@ -268,7 +268,7 @@ class SecureUpload(Payload):
         weights = np.zeros(covered.size, dtype=np.float32)
         weights[position] = weight
         signal = None
-        if update.signal_values is not None:
+        if update.signal_values is not None and update.signal_rows is not None and update.signal_cols is not None:
             signal = np.zeros(covered_mask.shape, dtype=np.float32)
             signal_position = np.searchsorted(covered, update.signal_rows.astype(np.int64))
             np.add.at(signal, (signal_position[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
