@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 POLICIES = ["static", "magnitude", "set", "rigl", "dsl", "sparserec"]
 DENSITIES = [0.05, 0.1, 0.2, 0.5]
 ABLATION_DENSITY = 0.2
-# SparseRec without one of its three parts (METHODS.md §2.6).
+# SparseRec without one of its three parts (docs/methods.md#sparserec).
 ABLATIONS = {
     "sparserec w/o NMF (random init)": ["--sparse.mask-init", "random"],
     "sparserec w/o accumulation (last batch)": ["--sparse.grow-score", "last-batch"],

@@ -116,7 +116,7 @@ class TrainConfig:
 class SparseConfig:
     """Dynamic sparse training of the embedding tables: the mask policy and its knobs.
 
-    "auto" / -1 values take the policy's own default (see ``fedsparse/policies``); METHODS.md §2.6
+    "auto" / -1 values take the policy's own default (see ``fedsparse/sparse/policies``); docs/methods.md#sparserec
     lists the SparseRec choices these flags ablate.
     """
 

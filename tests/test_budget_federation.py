@@ -9,7 +9,7 @@ import pytest
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.federation.aggregation import aggregate_row_updates
-from fedsparse.federation.device import DeviceData, init_device, local_train
+from fedsparse.federation.device import DeviceData, LocalRound, init_device, local_train
 from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.engine import run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
@@ -81,7 +81,7 @@ def test_a_narrow_device_downloads_trains_and_uploads_only_its_prefix():
     assert state.user_row.shape == (3,) and state.user_mask.sum() == round(0.5 * 3)
     download = server.download(None, 3)
     assert download.table.dim == 3
-    result = local_train(cfg, state, data, download, N_ITEMS, 1, send_signal=True)
+    result = local_train(cfg, state, data, download, N_ITEMS, LocalRound(1, send_signal=True))
     update, reason = validate_update(server, result.update.to_arrays(), width=3)
     assert reason is None
     assert int(update.signal_cols.max()) < 3

@@ -13,6 +13,7 @@ from fedsparse.federation.aggregation import scatter_active
 from fedsparse.federation.device import (
     DeviceData,
     DeviceState,
+    LocalRound,
     evaluate_device,
     evaluate_splits,
     init_device,
@@ -184,7 +185,8 @@ def train_once(cfg: RunConfig, state: DeviceState | None = None, server_round: i
     weight, mask = table if table is not None else item_table()
     data = user_data()
     state = init_device(cfg, USER) if state is None else state
-    return local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, server_round, send_signal), weight, mask
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, LocalRound(server_round, send_signal))
+    return result, weight, mask
 
 
 def test_update_covers_exactly_positives_and_negatives() -> None:
@@ -213,9 +215,9 @@ def test_rows_download_gives_the_same_update_as_full_download() -> None:
     data = user_data()
     weight, mask = item_table()
     state = init_device(cfg, USER)
-    full = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 2, True)
+    full = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, LocalRound(2, True))
     rows = rows_needed(data, round_negatives(cfg, data, N_ITEMS, 2))
-    partial = local_train(cfg, state, data, rows_download(weight, mask, rows), N_ITEMS, 2, True)
+    partial = local_train(cfg, state, data, rows_download(weight, mask, rows), N_ITEMS, LocalRound(2, True))
     for name in ("row_ids", "values", "signal_rows", "signal_cols", "signal_values"):
         np.testing.assert_array_equal(getattr(full.update, name), getattr(partial.update, name))
     np.testing.assert_array_equal(full.state.user_row, partial.state.user_row)
@@ -275,14 +277,14 @@ def test_download_missing_a_needed_row_raises() -> None:
     rows = rows_needed(data, round_negatives(cfg, data, N_ITEMS, 1))
     lacking = np.delete(rows, 1)
     with pytest.raises(ValueError, match="lacks rows"):
-        local_train(cfg, init_device(cfg, USER), data, rows_download(weight, mask, lacking), N_ITEMS, 1, False)
+        local_train(cfg, init_device(cfg, USER), data, rows_download(weight, mask, lacking), N_ITEMS, LocalRound(1, False))
 
 
 def test_no_training_items_raises() -> None:
     data = DeviceData(1, np.empty(0, np.int64), np.empty(0, np.int64), np.array([3]), np.array([3]))
     weight, mask = item_table()
     with pytest.raises(ValueError, match="no training interactions"):
-        local_train(config(), init_device(config(), 1), data, full_download(weight, mask), N_ITEMS, 1, False)
+        local_train(config(), init_device(config(), 1), data, full_download(weight, mask), N_ITEMS, LocalRound(1, False))
 
 
 def test_user_row_masked_and_state_persists_across_rounds() -> None:
@@ -343,7 +345,7 @@ def test_bpr_loss_decreases_when_the_server_applies_updates(policy: str, density
     before = full_bpr(state.user_row, weight, data)
     losses = []
     for server_round in range(1, 7):
-        result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, server_round, False)
+        result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, LocalRound(server_round, False))
         update = result.update
         rows = update.row_ids
         block = weight[rows]
@@ -384,7 +386,7 @@ def test_signal_is_topk_of_inactive_accumulated_gradient(user_density: float) ->
     data = user_data()
     weight, mask = item_table(seed=1, density=0.5)
     state = init_device(config(**{"sparse.density": user_density}), USER)
-    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, True)
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, LocalRound(1, True))
     update = result.update
     rows = update.row_ids
     np.testing.assert_array_equal(update.signal_rows, rows)
@@ -415,7 +417,7 @@ def one_local_epoch(cfg: RunConfig):
     data = user_data()
     weight, mask = item_table()
     state = init_device(cfg, USER)
-    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, 1, False)
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, LocalRound(1, False))
     return result, weight, mask, round_negatives(cfg, data, N_ITEMS, 1)[0], state.user_row.astype(np.float64)
 
 
@@ -552,7 +554,7 @@ def test_user_sgd_steps_the_row_by_the_mean_loss_gradient_and_keeps_no_moments()
     data = user_data()
     weight = rng_for(9, "dense-items").normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
     state = init_device(cfg, USER)
-    result = local_train(cfg, state, data, full_download(weight, np.ones_like(weight, dtype=bool)), N_ITEMS, 1, False)
+    result = local_train(cfg, state, data, full_download(weight, np.ones_like(weight, dtype=bool)), N_ITEMS, LocalRound(1, False))
     negatives = torch.from_numpy(round_negatives(cfg, data, N_ITEMS, 1)[0])
     user = torch.from_numpy(state.user_row.copy()).requires_grad_(True)
     items = torch.from_numpy(weight)
@@ -570,7 +572,7 @@ def test_personal_evaluation_ranks_with_the_device_s_own_trained_rows() -> None:
     weight = rng_for(9, "dense-items").normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
     full = np.ones_like(weight, dtype=bool)
     state = init_device(cfg, USER)
-    result = local_train(cfg, state, data, full_download(weight, full), N_ITEMS, 1, False, evaluate=True)
+    result = local_train(cfg, state, data, full_download(weight, full), N_ITEMS, LocalRound(1, False, evaluate=True))
     personal = weight.copy()
     rows = result.update.row_ids.astype(np.int64)
     personal[rows] += result.update.values.reshape(rows.size, DIM)
@@ -578,9 +580,9 @@ def test_personal_evaluation_ranks_with_the_device_s_own_trained_rows() -> None:
     assert result.evaluation.keys() == expected.keys() and "test-recall@20" in expected
     for key, value in expected.items():
         assert result.evaluation[key] == pytest.approx(value, abs=1e-6)
-    assert local_train(cfg, state, data, full_download(weight, full), N_ITEMS, 1, False).evaluation is None
+    assert local_train(cfg, state, data, full_download(weight, full), N_ITEMS, LocalRound(1, False)).evaluation is None
     with pytest.raises(ValueError, match="full item table"):
-        local_train(cfg, state, data, rows_download(weight, full, rows), N_ITEMS, 1, False, evaluate=True)
+        local_train(cfg, state, data, rows_download(weight, full, rows), N_ITEMS, LocalRound(1, False, evaluate=True))
 
 
 def test_reconstruct_fits_the_user_row_then_trains_items_only() -> None:
@@ -591,7 +593,7 @@ def test_reconstruct_fits_the_user_row_then_trains_items_only() -> None:
     download = full_download(weight, np.ones_like(weight, dtype=bool))
     data = user_data()
     results = [local_train(config(**flat, **{"fed.local-epochs": epochs}), init_device(config(**flat), USER), data, download,
-                           N_ITEMS, 1, False) for epochs in (1, 4)]
+                           N_ITEMS, LocalRound(1, False)) for epochs in (1, 4)]
     np.testing.assert_array_equal(results[0].state.user_row, results[1].state.user_row)
     assert not np.array_equal(results[0].update.values, results[1].update.values)
     assert not np.array_equal(results[0].state.user_row, init_device(config(**flat), USER).user_row)  # it was fitted

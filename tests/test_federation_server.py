@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from fedsparse.config import RunConfig
 from fedsparse.federation.aggregation import aggregate_row_updates
-from fedsparse.federation.device import DeviceData, init_device, local_train
+from fedsparse.federation.device import DeviceData, LocalRound, init_device, local_train
 from fedsparse.federation.server_state import Server, clients_per_round, sample_clients, validate_update
 from fedsparse.federation.wire import RowsDownload, RowUpdate, row_id_dtype, signal_col_dtype
 from fedsparse.rng import rng_for
@@ -206,7 +206,7 @@ def test_one_full_round_with_devices() -> None:
         data = DeviceData.from_interactions(train, empty, empty, user)
         if data.train.size == 0:
             continue
-        result = local_train(cfg, init_device(cfg, user), data, server.download(), N_ITEMS, 1, server.wants_signal(1))
+        result = local_train(cfg, init_device(cfg, user), data, server.download(), N_ITEMS, LocalRound(1, server.wants_signal(1)))
         update, reason = validate_update(server, result.update.to_arrays())
         assert reason is None
         updates.append(update)

@@ -10,7 +10,15 @@ from dp_accounting import pld
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.federation.device import DeviceData, init_device, local_train, round_negatives, round_padding, rows_needed
+from fedsparse.federation.device import (
+    DeviceData,
+    LocalRound,
+    init_device,
+    local_train,
+    round_negatives,
+    round_padding,
+    rows_needed,
+)
 from fedsparse.federation.inprocess import run_inprocess
 from fedsparse.federation.observer import UploadLog
 from fedsparse.federation.protocol import privatize
@@ -168,7 +176,7 @@ def test_padded_round_trains_fake_rows_like_positives_and_uploads_them() -> None
     weight = rng.normal(0, 0.1, (N_ITEMS, DIM)).astype(np.float32)
     download = RowsDownload(None, CompactTable.encode(weight, np.ones_like(weight, dtype=bool)))
     state = init_device(config, 3)
-    result = local_train(config, state, data, download, N_ITEMS, 1, False)
+    result = local_train(config, state, data, download, N_ITEMS, LocalRound(1, False))
     np.testing.assert_array_equal(result.update.row_ids, rows_needed(data, negatives, fakes))
     deltas = result.update.values.reshape(-1, DIM)
     along_user = deltas @ state.user_row
@@ -176,7 +184,7 @@ def test_padded_round_trains_fake_rows_like_positives_and_uploads_them() -> None
     assert (along_user[is_positive] > 0).all() and (along_user[~is_positive] < 0).all()
     # The private user row learns from the real positives only: the fakes leave it as without them.
     unpadded = config.with_overrides({"privacy.padding-ratio": 0.0})
-    plain = local_train(unpadded, state, data, download, N_ITEMS, 1, False)
+    plain = local_train(unpadded, state, data, download, N_ITEMS, LocalRound(1, False))
     real_negatives = negatives[0, : train.size, 0]
     if np.array_equal(real_negatives, round_negatives(unpadded, data, N_ITEMS, 1)[0, :, 0]):
         np.testing.assert_allclose(result.state.user_row, plain.state.user_row, rtol=1e-5)

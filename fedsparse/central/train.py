@@ -113,18 +113,52 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
 
     The best epoch is chosen on validation (never on test): sampled HR@10 under the sampled protocol
     (``data.split = loo`` or ``eval.candidates``; a tie goes to the later epoch), else Recall@``eval.k``;
-    without a validation split the last epoch is used. The test metrics are those of the best epoch. ``show_progress=None`` shows a progress bar only on a terminal.
+    without a validation split the last epoch is used. The test metrics are those of the best epoch.
+    ``show_progress=None`` shows a progress bar only on a terminal.
     """
     started = time.perf_counter()
     if data is None:
         data = load_run_data(config)
-    run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
-    as_run = replace(config, sparse=replace(config.sparse, density=build_policy(config.sparse).settings.density))  # dense: 1.0
-    write_json(run_dir / "config.json", {"config": as_run.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
-                                         "repairs": data.repairs, **provenance()})
+    run_dir = _open_run_dir(config, data)
     if config.model.name == "popular":
         return most_popular_run(config, data, run_dir, started)
+    run = _prepare_run(config, data)
+    epochs = _train_epochs(config, data, run, run_dir, show_progress)
+    summary = _summary_at_best_epoch(config, data, run, epochs)
+    summary["total_seconds"] = time.perf_counter() - started
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    write_json(run_dir / "summary.json", summary)
+    return TrainResult(run_dir=run_dir, summary=summary)
 
+
+def _open_run_dir(config: RunConfig, data: Interactions) -> Path:
+    """A new run directory holding ``config.json``: the flat config with the policy's effective density,
+    the dataset's counts, checksum and repairs, and the code's provenance."""
+    run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
+    as_run = replace(config, sparse=replace(config.sparse, density=build_policy(config.sparse).settings.density))  # dense: 1.0
+    described = {"config": as_run.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(), "repairs": data.repairs}
+    write_json(run_dir / "config.json", {**described, **provenance()})
+    return run_dir
+
+
+@dataclass(frozen=True)
+class _CentralRun:
+    """What every epoch uses: the model and its sparse training, the (user, positive) pairs int64 [n] and
+    the negative sampler, and how the best epoch is selected (``select_key`` among validation metrics)."""
+
+    model: torch.nn.Module
+    training: SparseEmbeddingTraining
+    pair_users: np.ndarray
+    pair_items: np.ndarray
+    sampler: NegativeSampler
+    sampled: bool
+    select_key: str
+    has_validation: bool
+
+
+def _prepare_run(config: RunConfig, data: Interactions) -> _CentralRun:
+    """Build the seeded model, its masked training over ``train.epochs`` epochs of batches, the training pairs
+    and the negative sampler (``train.negatives-from``)."""
     model = build_model(config.model, data.n_users, data.n_items, torch_generator_for(config.seed, "model-init"))
     pair_users, pair_items = training_pairs(data.train)
     steps_per_epoch = -(-len(pair_users) // config.train.batch_size)
@@ -132,67 +166,113 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
     sampler = NegativeSampler(negative_exclusions(data.train, data.validation, data.test, config.train.negatives_from))
     sampled = uses_sampled_protocol(config)
     select_key = metrics.selection_key(sampled, config.eval.k)
-    has_validation = data.validation.nnz > 0
+    return _CentralRun(model, training, pair_users, pair_items, sampler, sampled, select_key, data.validation.nnz > 0)
 
-    best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+
+@dataclass
+class _BestEpoch:
+    """The best validation score so far, its epoch (0: none yet) and the model's weights then."""
+
+    score: float
+    epoch: int
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _EpochsRun:
+    """What the epoch loop leaves: epochs run, seconds spent training (evaluation excluded), the best epoch."""
+
+    epochs_run: int
+    train_seconds: float
+    best: _BestEpoch
+
+
+def _train_epochs(
+    config: RunConfig, data: Interactions, run: _CentralRun, run_dir: Path, show_progress: bool | None
+) -> _EpochsRun:
+    """Train epoch after epoch, validating every ``train.eval-every`` epochs and at the last one, and append
+    one ``metrics.jsonl`` record per epoch; stop after ``train.patience`` validations without a gain."""
+    best = _BestEpoch(-np.inf, 0, copy.deepcopy(run.model.state_dict()))
     evaluations_without_gain = 0
     train_seconds = 0.0
     epochs_run = 0
     progress = tqdm(range(1, config.train.epochs + 1), desc=f"train {data.name}", unit="epoch", disable=_quiet(show_progress))
     for epoch in progress:
         epoch_started = time.perf_counter()
-        rng = rng_for(config.seed, "train-epoch", epoch)
-        order = rng.permutation(len(pair_users))
-        total_loss = 0.0
-        for start in range(0, len(order), config.train.batch_size):
-            batch = order[start : start + config.train.batch_size]
-            users, positives = pair_users[batch], pair_items[batch]
-            negatives = sampler.sample(rng, users, config.train.negatives)
-            training.begin_step(users, np.concatenate([positives, negatives.ravel()]), rng)
-            loss = batch_loss(
-                model,
-                torch.from_numpy(users),
-                torch.from_numpy(positives),
-                torch.from_numpy(negatives),
-                config.train.loss,
-                config.train.l2_reg,
-            )
-            training.step(loss)
-            total_loss += loss.item() * len(batch)
+        mean_loss = _train_one_epoch(config, run, epoch)
         epoch_seconds = time.perf_counter() - epoch_started
         train_seconds += epoch_seconds
         epochs_run = epoch
-        record: dict[str, Any] = {"epoch": epoch, "loss": total_loss / max(1, len(order)), "epoch_seconds": epoch_seconds}
-        if has_validation and (epoch % config.train.eval_every == 0 or epoch == config.train.epochs):
-            validation = evaluate(model, data, config, "validation")
-            if sampled:
-                validation.update(evaluate_sampled(model, data, config, "validation"))
+        record: dict[str, Any] = {"epoch": epoch, "loss": mean_loss, "epoch_seconds": epoch_seconds}
+        if run.has_validation and (epoch % config.train.eval_every == 0 or epoch == config.train.epochs):
+            validation = _validation_metrics(config, data, run)
             record.update({f"validation_{key}": value for key, value in validation.items()})
-            if metrics.improves(validation[select_key], best["score"], sampled):
-                best = {"score": validation[select_key], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            if metrics.improves(validation[run.select_key], best.score, run.sampled):
+                best = _BestEpoch(validation[run.select_key], epoch, copy.deepcopy(run.model.state_dict()))
                 evaluations_without_gain = 0
             else:
                 evaluations_without_gain += 1
-            progress.set_postfix({select_key: f"{validation[select_key]:.4f}"})
+            progress.set_postfix({run.select_key: f"{validation[run.select_key]:.4f}"})
         append_jsonl(run_dir / "metrics.jsonl", record)
         if config.train.patience and evaluations_without_gain >= config.train.patience:
             break
+    return _EpochsRun(epochs_run, train_seconds, best)
 
-    if has_validation and best["epoch"] > 0:
-        model.load_state_dict(best["state"])
-    best_epoch = best["epoch"] if has_validation and best["epoch"] > 0 else epochs_run
+
+def _train_one_epoch(config: RunConfig, run: _CentralRun, epoch: int) -> float:
+    """One pass over the training pairs in a seeded order, ``train.negatives`` sampled negatives per pair;
+    returns the mean loss per pair."""
+    rng = rng_for(config.seed, "train-epoch", epoch)
+    order = rng.permutation(len(run.pair_users))
+    total_loss = 0.0
+    for start in range(0, len(order), config.train.batch_size):
+        batch = order[start : start + config.train.batch_size]
+        users, positives = run.pair_users[batch], run.pair_items[batch]
+        negatives = run.sampler.sample(rng, users, config.train.negatives)
+        run.training.begin_step(users, np.concatenate([positives, negatives.ravel()]), rng)
+        loss = batch_loss(
+            run.model,
+            torch.from_numpy(users),
+            torch.from_numpy(positives),
+            torch.from_numpy(negatives),
+            config.train.loss,
+            config.train.l2_reg,
+        )
+        run.training.step(loss)
+        total_loss += loss.item() * len(batch)
+    return total_loss / max(1, len(order))
+
+
+def _validation_metrics(config: RunConfig, data: Interactions, run: _CentralRun) -> dict[str, float]:
+    """Full-ranking validation metrics, plus the sampled protocol's when it selects the best epoch."""
+    validation = evaluate(run.model, data, config, "validation")
+    if run.sampled:
+        validation.update(evaluate_sampled(run.model, data, config, "validation"))
+    return validation
+
+
+def _summary_at_best_epoch(
+    config: RunConfig, data: Interactions, run: _CentralRun, epochs: _EpochsRun
+) -> dict[str, Any]:
+    """Restore the best epoch's weights (the last epoch's without validation) and describe the run: the
+    selection, time, model and sparse-training bytes, and the test metrics of that epoch (timing totals
+    are added by the caller)."""
+    best, training = epochs.best, run.training
+    selected = run.has_validation and best.epoch > 0
+    if selected:
+        run.model.load_state_dict(best.state)
     summary: dict[str, Any] = {
         "dataset": data.name,
         "model": config.model.name,
         "dim": config.model.dim,
         "loss": config.train.loss,
         "seed": config.seed,
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch,
-        "selection": "best validation " + select_key if has_validation else "last epoch (no validation split)",
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / max(1, epochs_run),
-        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "epochs_run": epochs.epochs_run,
+        "best_epoch": best.epoch if selected else epochs.epochs_run,
+        "selection": "best validation " + run.select_key if run.has_validation else "last epoch (no validation split)",
+        "train_seconds": epochs.train_seconds,
+        "seconds_per_epoch": epochs.train_seconds / max(1, epochs.epochs_run),
+        "model_bytes": sum(p.numel() * p.element_size() for p in run.model.parameters()),
         "policy": training.policy.name,
         "density": training.policy.settings.density,
         "active_entries": training.active_entries(),
@@ -204,15 +284,12 @@ def train_centralised(config: RunConfig, data: Interactions | None = None, show_
         "mask_update_seconds": training.accounting.mask_update_seconds,
         "mask_init_seconds": training.accounting.mask_init_seconds,
     }
-    if has_validation:
-        summary["validation_" + select_key] = float(best["score"])
-    summary.update(evaluate(model, data, config, "test"))
-    if sampled:
-        summary.update(evaluate_sampled(model, data, config, "test"))
-    summary["total_seconds"] = time.perf_counter() - started
-    summary["peak_rss_bytes"] = peak_rss_bytes()
-    write_json(run_dir / "summary.json", summary)
-    return TrainResult(run_dir=run_dir, summary=summary)
+    if run.has_validation:
+        summary["validation_" + run.select_key] = float(best.score)
+    summary.update(evaluate(run.model, data, config, "test"))
+    if run.sampled:
+        summary.update(evaluate_sampled(run.model, data, config, "test"))
+    return summary
 
 
 def _quiet(show_progress: bool | None) -> bool | None:

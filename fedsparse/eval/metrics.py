@@ -1,4 +1,4 @@
-"""Top-K recommendation metrics for the two evaluation protocols of METHODS.md section 4.
+"""Top-K recommendation metrics for the two evaluation protocols of docs/methods.md#evaluation-protocols.
 
 Full ranking (section 4.1): score every item, exclude the user's known items, take the top K, and
 report Recall/NDCG/HR/Precision@K averaged over users with at least one held-out item. Sampled
@@ -112,7 +112,7 @@ def ndcg_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int | None = None) ->
     """Per-user NDCG@K with binary gains: DCG of the top K over the ideal DCG.
 
     DCG = sum_j hits[u, j] / log2(j + 2) over 0-based positions j < K; the ideal DCG puts
-    ``min(K, n_relevant[u])`` hits in the first positions (METHODS.md 4.1).
+    ``min(K, n_relevant[u])`` hits in the first positions (docs/methods.md#full-ranking).
 
     Parameters and return as ``recall_at_k``.
     """
@@ -225,7 +225,7 @@ def full_ranking_per_user(
     k: int | Sequence[int],
     batch_users: int,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-user full-ranking metrics (METHODS.md 4.1) for every user with at least one test item.
+    """Per-user full-ranking metrics (docs/methods.md#full-ranking) for every user with at least one test item.
 
     Every item is scored; the user's excluded items (train, plus validation when evaluating test)
     are masked out; the top ``max(k)`` list is computed once with ``topk_items`` and cut at each k.
@@ -337,7 +337,7 @@ def sample_eval_negatives(
     """Draw, per user, distinct evaluation negatives among the items the user never interacted with.
 
     ``interacted`` must hold ALL of the user's interactions (train + validation + test), so a negative
-    can never be a positive or the held-out item (METHODS.md 4.4). Each row is a uniform random subset
+    can never be a positive or the held-out item (docs/methods.md#pitfalls). Each row is a uniform random subset
     of the user's non-interacted items, in random order. Draws are made in bulk by rejection (uniform
     items, dropping interacted items and repeats); users left short, e.g. because they interacted with
     most items, are drawn exactly one by one. The result depends on ``rng`` and on the whole ``users``
@@ -406,7 +406,8 @@ def sampled_per_user(
     k: int | Sequence[int] = 10,
     batch_users: int = 1024,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-user HR@K and NDCG@K of the held-out item ranked among itself and its negatives (METHODS.md 4.3).
+    """Per-user HR@K and NDCG@K of the held-out item ranked among itself and its negatives
+    (docs/methods.md#leave-one-out-with-sampled-negatives).
 
     Ties are broken **pessimistically**: rank = 1 + (number of negatives scoring >= the held-out item),
     so a constant scorer gets HR = 0 instead of a result that depends on where the held-out item sits

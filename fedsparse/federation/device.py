@@ -212,6 +212,21 @@ def rows_needed(data: DeviceData, negatives: np.ndarray, fakes: np.ndarray | Non
 
 
 @dataclass(frozen=True)
+class LocalRound:
+    """What the server asks of one device's local round (``handle_train``'s settings, typed).
+
+    ``send_signal``: upload a regrowth signal with the deltas; ``user_swap_fraction`` in [0, 1): share of
+    the user row's active entries pruned and regrown after training (0 keeps its mask); ``evaluate``:
+    rank with the personal model right after training (``fed.evaluate-model = local``).
+    """
+
+    server_round: int
+    send_signal: bool = False
+    user_swap_fraction: float = 0.0
+    evaluate: bool = False
+
+
+@dataclass(frozen=True)
 class LocalResult:
     """What a local round produced: the new private state, the upload, and measured figures."""
 
@@ -223,107 +238,209 @@ class LocalResult:
 
 
 def local_train(
-    config: RunConfig,
-    state: DeviceState,
-    data: DeviceData,
-    download: RowsDownload,
-    n_items: int,
-    server_round: int,
-    send_signal: bool,
-    user_swap_fraction: float = 0.0,
-    evaluate: bool = False,
+    config: RunConfig, state: DeviceState, data: DeviceData, download: RowsDownload, n_items: int, local_round: LocalRound
 ) -> LocalResult:
     """Train MF-BPR on the device's positives against the downloaded item rows; upload the item deltas.
 
-    With ``evaluate`` (``fed.evaluate-model = local``) the device also ranks with its personal model right
-    after training: its user row and the downloaded table with its own trained rows (PFedRec's evaluation).
+    The round, step by step: plan the item rows it touches (positives, fake positives, negatives), load
+    them with the user row into a local model, fit the user row alone (``fed.user-steps``), train user
+    and item rows jointly while accumulating gradients of inactive entries, encode the upload, keep the
+    new private state, explore the user row's mask, account the memory held, and evaluate if asked.
 
-    With ``user_swap_fraction`` > 0 the device also explores its own user-row mask after training:
-    ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown by
-    |accumulated gradient| (or at random for random-growth policies), starting at zero.
+    With ``local_round.evaluate`` (``fed.evaluate-model = local``) the device also ranks with its personal
+    model right after training: its user row and the downloaded table with its own trained rows (PFedRec's
+    evaluation).
+
+    With ``local_round.user_swap_fraction`` > 0 the device also explores its own user-row mask after
+    training: ceil(fraction * active) smallest-magnitude entries are pruned and as many inactive ones grown
+    by |accumulated gradient| (or at random for random-growth policies), starting at zero.
 
     Under ``fed.user-state = reconstruct`` (FedRecon) the caller passes a fresh row, which ``fit_user_row``
     fits with the items frozen; the joint steps then train the item rows only.
 
     The user row follows ``MaskedAdam`` (masked entries stay zero; its optimiser state persists) or, with
-    ``fed.user-optimizer = sgd``, ``MaskedSGD`` on the mean loss; the item rows follow a fresh ``MaskedAdam`` each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD``
-    on the summed loss (updates proportional to the gradient, as in MF-SGD and FedAvg). Gradients of inactive item entries
-    are accumulated (signed sum) and, when ``send_signal``, each touched row reports its ``signal-topk``
-    largest |sums| among inactive entries.
+    ``fed.user-optimizer = sgd``, ``MaskedSGD`` on the mean loss; the item rows follow a fresh ``MaskedAdam``
+    each round or, with ``fed.item-optimizer = sgd``, ``MaskedSGD`` on the summed loss (updates proportional
+    to the gradient, as in MF-SGD and FedAvg). Gradients of inactive item entries are accumulated (signed
+    sum) and, when ``local_round.send_signal``, each touched row reports its ``signal-topk`` largest |sums|
+    among inactive entries.
     """
+    server_round = local_round.server_round
+    rows = _plan_round_rows(config, data, download, n_items, server_round)
+    local = _load_local_model(config, state, download, rows, n_items)
+    fit_user_row(config, local.model, local.user_opt, local.user_mask, *rows.real_examples_of_first_epoch())
+    steps = _train_joint_steps(config, data, rows, local, server_round)
+    update = _encode_upload(config, rows, local, steps, n_items, local_round.send_signal)
+    new_state = _trained_device_state(state, local)
+    if local_round.user_swap_fraction > 0:
+        user_signal = steps.user_signal.view(-1).numpy()
+        explore_user_row(config, new_state, user_signal, local_round.user_swap_fraction, server_round, data.user_id)
+    memory = _round_memory_bytes(new_state, download, rows, local, steps)
+    evaluation = _personal_evaluation(config, new_state, data, download, rows, local) if local_round.evaluate else None
+    return LocalResult(new_state, update, steps.mean_loss, memory, evaluation)
+
+
+@dataclass(frozen=True)
+class _RoundRows:
+    """The item rows one local round trains, all known before training starts.
+
+    ``touched`` int64 [r] sorted: every row the round reads and uploads; ``trained`` int64 [n_train +
+    n_fake]: the real positives, then the fake ones; ``negatives`` int64 [local_epochs, n_train + n_fake,
+    negatives]; ``n_real`` = n_train, the leading entries of ``trained`` that are real.
+    """
+
+    touched: np.ndarray
+    trained: np.ndarray
+    negatives: np.ndarray
+    n_real: int
+
+    def positions(self, items: np.ndarray) -> torch.Tensor:
+        """int64, shaped as ``items``: each item's row in the local model (its position in ``touched``)."""
+        return torch.from_numpy(np.searchsorted(self.touched, items))
+
+    def real_examples_of_first_epoch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(users, positives, negatives) of the real positives with the first epoch's negatives: what the
+        user row is fitted on (fake positives never reach the user row)."""
+        real = slice(0, self.n_real)
+        users = torch.zeros(self.n_real, dtype=torch.int64)
+        return users, self.positions(self.trained[real]), self.positions(self.negatives[0][real])
+
+
+def _plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload, n_items: int, server_round: int) -> _RoundRows:
+    """This round's negatives, fake positives and touched rows; DeviceError when the device has nothing to
+    train or the download lacks a row the round needs."""
     negatives = round_negatives(config, data, n_items, server_round)
     fakes = round_padding(config, data, n_items, server_round)
     touched = rows_needed(data, negatives, fakes)
-    trained = np.concatenate([data.train, fakes])  # real positives, then the fake ones
     if data.train.size == 0:
         raise DeviceError(f"user {data.user_id} has no training interactions")
-    available = download.rows(n_items)
-    if not np.isin(touched, available).all():
+    if not np.isin(touched, download.rows(n_items)).all():
         raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
-    all_weights, all_mask = download.table.decode()
-    local = np.searchsorted(available, touched)
-    item_start = all_weights[local]
-    model = MatrixFactorization(1, touched.size, state.user_row.size)  # the device's width
+    return _RoundRows(touched, np.concatenate([data.train, fakes]), negatives, data.train.size)
+
+
+@dataclass(frozen=True)
+class _LocalModel:
+    """The round's working copy: MF over the user row [1, w] and the touched item rows [r, w], their masks
+    (``user_mask`` bool [1, w], ``item_mask`` bool [r, w]) and optimisers; ``item_start`` float32 [r, w]
+    holds the rows as downloaded (deltas are taken against it), ``table`` / ``table_mask`` the whole
+    decoded download (float32 / bool [rows sent, w])."""
+
+    model: MatrixFactorization
+    user_mask: torch.Tensor
+    item_mask: torch.Tensor
+    user_opt: MaskedAdam | MaskedSGD
+    item_opt: MaskedAdam | MaskedSGD
+    item_start: np.ndarray
+    table: np.ndarray
+    table_mask: np.ndarray
+
+
+def _load_local_model(
+    config: RunConfig, state: DeviceState, download: RowsDownload, rows: _RoundRows, n_items: int
+) -> _LocalModel:
+    """Decode the download, copy the user row and the touched item rows into a local MF model, and set up
+    the user row's optimiser (resumed from the device's state) and a fresh one for the item rows."""
+    table, table_mask = download.table.decode()
+    local = np.searchsorted(download.rows(n_items), rows.touched)
+    item_start = table[local]
+    model = MatrixFactorization(1, rows.touched.size, state.user_row.size)  # the device's width
     with torch.no_grad():
         model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
         model.item_embedding.weight.copy_(torch.from_numpy(item_start))
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
-    item_mask = torch.from_numpy(all_mask[local])
+    item_mask = torch.from_numpy(table_mask[local])
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
-    item_weight = model.item_embedding.weight.data
-    if config.fed.item_optimizer == "sgd":
-        item_opt: MaskedAdam | MaskedSGD = MaskedSGD(item_weight, item_mask, config.fed.item_lr)
-    else:
-        item_opt = MaskedAdam(item_weight, item_mask, config.fed.local_lr)
-    signal = torch.zeros(item_mask.shape)
-    user_signal = torch.zeros(user_mask.shape)
-    positives = torch.from_numpy(np.searchsorted(touched, trained))
-    users = torch.zeros(trained.size, dtype=torch.int64)
-    real = slice(0, data.train.size)
-    fit_user_row(config, model, user_opt, user_mask, users[real], positives[real], torch.from_numpy(np.searchsorted(touched, negatives[0][real])))
+    item_opt = _item_optimizer(config, model.item_embedding.weight.data, item_mask)
+    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, table, table_mask)
+
+
+@dataclass(frozen=True)
+class _JointSteps:
+    """What the joint steps leave besides the trained model: the mean loss per step and the gradients
+    accumulated (signed sums) on inactive entries, items float32 [r, w] and user float32 [1, w]."""
+
+    mean_loss: float
+    item_signal: torch.Tensor
+    user_signal: torch.Tensor
+
+
+def _train_joint_steps(
+    config: RunConfig, data: DeviceData, rows: _RoundRows, local: _LocalModel, server_round: int
+) -> _JointSteps:
+    """Every local step over the round's batches: backward (fake positives reach the item rows only),
+    accumulate the inactive entries' gradients, step the user row (unless it is reconstructed) and the
+    item rows."""
+    model = local.model
+    item_signal = torch.zeros(local.item_mask.shape)
+    user_signal = torch.zeros(local.user_mask.shape)
+    positives = rows.positions(rows.trained)
+    users = torch.zeros(rows.trained.size, dtype=torch.int64)
     total_loss = 0.0
     steps = 0
-    for epoch, batch in local_batches(config, data, server_round, trained.size):
-        negative_rows = torch.from_numpy(np.searchsorted(touched, negatives[epoch][batch.numpy()]))
+    for epoch, batch in local_batches(config, data, server_round, rows.trained.size):
+        negative_rows = rows.positions(rows.negatives[epoch][batch.numpy()])
         model.zero_grad(set_to_none=True)
-        loss = _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < data.train.size)
+        loss = _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < rows.n_real)
         item_gradient = model.item_embedding.weight.grad
-        signal += item_gradient * ~item_mask
+        item_signal += item_gradient * ~local.item_mask
         user_gradient = model.user_embedding.weight.grad
-        user_signal += user_gradient * ~user_mask
+        user_signal += user_gradient * ~local.user_mask
         if config.fed.user_state == "keep":
-            user_opt.step(user_gradient)
-        if isinstance(item_opt, MaskedSGD):
-            item_opt.step(item_gradient, scale=float(batch.numel()))
+            local.user_opt.step(user_gradient)
+        if isinstance(local.item_opt, MaskedSGD):
+            local.item_opt.step(item_gradient, scale=float(batch.numel()))
         else:
-            item_opt.step(item_gradient)
+            local.item_opt.step(item_gradient)
         total_loss += float(loss.detach())
         steps += 1
-    items = model.item_embedding.weight.detach()
-    user = model.user_embedding.weight.detach().view(-1)
-    delta = (items - torch.from_numpy(item_start))[item_mask].numpy().astype(np.float32)
-    row_ids = wire_row_ids(touched, n_items)
-    update = RowUpdate(
-        row_ids, delta, float(trained.size),
-        *(_top_signal(row_ids, signal.numpy(), item_mask.numpy(), config) if send_signal else ()),
-    )
+    return _JointSteps(total_loss / steps, item_signal, user_signal)
+
+
+def _encode_upload(
+    config: RunConfig, rows: _RoundRows, local: _LocalModel, steps: _JointSteps, n_items: int, send_signal: bool
+) -> RowUpdate:
+    """The upload: deltas of the active entries of the touched rows, weighted by the examples trained,
+    with the top-k regrowth signal of each row's inactive entries when ``send_signal``."""
+    items = local.model.item_embedding.weight.detach()
+    delta = (items - torch.from_numpy(local.item_start))[local.item_mask].numpy().astype(np.float32)
+    row_ids = wire_row_ids(rows.touched, n_items)
+    signal = _top_signal(row_ids, steps.item_signal.numpy(), local.item_mask.numpy(), config) if send_signal else ()
+    return RowUpdate(row_ids, delta, float(rows.trained.size), *signal)
+
+
+def _trained_device_state(state: DeviceState, local: _LocalModel) -> DeviceState:
+    """The private state after training: the trained user row (mask unchanged) and, under Adam, its moments."""
+    user = local.model.user_embedding.weight.detach().view(-1)
+    user_opt = local.user_opt
     if isinstance(user_opt, MaskedAdam):
         moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
     else:
         moments = (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
-    new_state = DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments)
-    if user_swap_fraction > 0:
-        explore_user_row(config, new_state, user_signal.view(-1).numpy(), user_swap_fraction, server_round, data.user_id)
-    working = items.nbytes * 2 + item_opt.nbytes + signal.nbytes + item_mask.nbytes  # copy, grad, moments, signal
-    memory = new_state.nbytes + download.nbytes + all_weights.nbytes + all_mask.nbytes + working + negatives.nbytes
-    evaluation = None
-    if evaluate:
-        if download.row_ids is not None:
-            raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
-        personal = all_weights.copy()
-        personal[touched] = items.numpy()
-        evaluation = evaluate_splits(config, new_state, data, personal)
-    return LocalResult(new_state, update, total_loss / steps, int(memory), evaluation)
+    return DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments)
+
+
+def _round_memory_bytes(
+    new_state: DeviceState, download: RowsDownload, rows: _RoundRows, local: _LocalModel, steps: _JointSteps
+) -> int:
+    """Bytes the device held during the round: its state, the download and its decoded table, the working
+    item rows (copy, gradient, optimiser state, signal, mask) and the negatives."""
+    items = local.model.item_embedding.weight.detach()
+    working = items.nbytes * 2 + local.item_opt.nbytes + steps.item_signal.nbytes + local.item_mask.nbytes
+    held = new_state.nbytes + download.nbytes + local.table.nbytes + local.table_mask.nbytes
+    return int(held + working + rows.negatives.nbytes)
+
+
+def _personal_evaluation(
+    config: RunConfig, new_state: DeviceState, data: DeviceData, download: RowsDownload, rows: _RoundRows, local: _LocalModel
+) -> dict[str, float]:
+    """``evaluate_splits`` of the personal model: the new user row and the downloaded table with the
+    device's own trained rows (needs the full table, ``fed.downlink = full``)."""
+    if download.row_ids is not None:
+        raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
+    personal = local.table.copy()
+    personal[rows.touched] = local.model.item_embedding.weight.detach().numpy()
+    return evaluate_splits(config, new_state, data, personal)
 
 
 def _user_optimizer(config: RunConfig, user_weight: torch.Tensor, user_mask: torch.Tensor, state: DeviceState) -> MaskedAdam | MaskedSGD:
@@ -336,6 +453,14 @@ def _user_optimizer(config: RunConfig, user_weight: torch.Tensor, user_mask: tor
     user_opt.exp_avg_sq.copy_(torch.from_numpy(state.exp_avg_sq).view(1, -1))
     user_opt.steps = state.steps
     return user_opt
+
+
+def _item_optimizer(config: RunConfig, item_weight: torch.Tensor, item_mask: torch.Tensor) -> MaskedAdam | MaskedSGD:
+    """The item rows' optimiser, fresh each round (``fed.item-optimizer``): SGD at ``fed.item-lr`` on the
+    summed loss, or Adam at ``fed.local-lr``."""
+    if config.fed.item_optimizer == "sgd":
+        return MaskedSGD(item_weight, item_mask, config.fed.item_lr)
+    return MaskedAdam(item_weight, item_mask, config.fed.local_lr)
 
 
 def _padded_step_backward(

@@ -18,6 +18,7 @@ from fedsparse.config import RunConfig
 from fedsparse.federation.device import (
     DeviceData,
     DeviceState,
+    LocalRound,
     evaluate_splits,
     init_device,
     local_train,
@@ -177,8 +178,9 @@ def handle_train(
     if settings.get("user-prefix-share"):  # a structured policy (AMGP) sets the user row's width this round
         set_user_prefix(config, device, float(settings["user-prefix-share"]), server_round, data.user_id)
     result = local_train(
-        config, device, data, download, n_items, server_round,
-        bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)), bool(settings.get("evaluate", False)),
+        config, device, data, download, n_items,
+        LocalRound(server_round, bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
+                   bool(settings.get("evaluate", False))),
     )
     update = privatize(config, result.update, server_round, data.user_id)
     if is_malicious(config, data.user_id):  # only an attacker needs the rows' masks (a table decode)

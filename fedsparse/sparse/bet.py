@@ -1,4 +1,4 @@
-"""BET-style search for a table-level size allocation under an exact budget (METHODS.md §3.1), simplified.
+"""BET-style search for a table-level size allocation under an exact budget (docs/methods.md#size-bet), simplified.
 
 BET (Qu et al., WSDM 2024) scores candidate allocations with a fitness predictor trained on a few
 measured ones and runs an evolutionary search on the predictor, so only promising candidates pay for

@@ -1,7 +1,7 @@
 """Embedding sizes per row (prefix-of-dimensions masks) that meet a memory budget exactly.
 
 A size method keeps row r's leading s_r dimensions: M[r, j] = 1[j < s_r], so the table holds
-K = sum_r s_r active entries (METHODS.md §3). Every allocation here ends in ``fit_sizes``, which returns
+K = sum_r s_r active entries (docs/methods.md#embedding-sizes). Every allocation here ends in ``fit_sizes``, which returns
 integers in [min_size, dim] summing to exactly K: the budget holds by construction, whatever the scores.
 """
 

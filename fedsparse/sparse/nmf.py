@@ -1,6 +1,6 @@
 """Non-negative matrix factorisation of the interactions and the masks SparseRec derives from it.
 
-SparseRec initialises its embedding mask from an NMF R ≈ P Qᵀ (METHODS §2.6 (a)): P [n_users, rank]
+SparseRec initialises its embedding mask from an NMF R ≈ P Qᵀ (docs/methods.md#sparserec, fix (a)): P [n_users, rank]
 and Q [n_items, rank] have the shapes of the user and item tables, so their largest entries mark the
 active ones. Two solvers: scikit-learn's coordinate descent (fast reference) and our own Lee-Seung
 multiplicative updates, written as per-user / per-item pieces so that one federated round (devices
@@ -186,7 +186,7 @@ def item_update_contribution(
 
     Call it with the p_u returned by ``user_factor_update`` of the same round (items follow users).
     For a binary r_u every numerator row equals p_u; rows are kept explicit so the payload is an
-    ordinary sparse row update. Note the rows are the user's item ids (the row-id leak, METHODS §6.1).
+    ordinary sparse row update. Note the rows are the user's item ids (docs/methods.md#the-row-id-leak).
 
     Returns
     -------
@@ -267,7 +267,7 @@ def rebalance_columns(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndar
 def top_k_mask(scores: np.ndarray, budget: int, select: str = "global", min_per_row: int = 0) -> np.ndarray:
     """A mask with exactly ``budget`` True entries at the highest scores, ties broken deterministically.
 
-    The exact-budget rule of every policy (METHODS §1): nnz(mask) == budget, same input → same mask.
+    The exact-budget rule of every policy (docs/methods.md#exact-budget): nnz(mask) == budget, same input → same mask.
     Order: higher score first, then lower flat (row-major) index; among rows, lower row index.
 
     Parameters

@@ -1,4 +1,4 @@
-"""``amgp``: Alternate Model Growth and Pruning (Du et al., ICMLA 2021; METHODS.md §3.4), as reconstructed.
+"""``amgp``: Alternate Model Growth and Pruning (Du et al., ICMLA 2021; docs/methods.md#amgp), as reconstructed.
 
 Training is cut into ``sparse.amgp-cycles`` cycles; each trains a structurally pruned table (every row
 keeps its leading round(density * dim) dimensions) for ``amgp-sparse-share`` of the cycle, then grows

@@ -1,4 +1,4 @@
-"""Embedding-size policies: each row keeps its leading s_r dimensions, sum_r s_r = K exactly (METHODS.md §3).
+"""Embedding-size policies: each row keeps its leading s_r dimensions, sum_r s_r = K exactly (docs/methods.md#embedding-sizes).
 
 ``size-frequency`` sizes rows by popularity; ``size-scall`` draws sizes from a power law fitted to the
 budget (SCALL); ``size-bet`` applies a table-level allocation per popularity group found by the BET-style

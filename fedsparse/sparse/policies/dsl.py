@@ -1,4 +1,4 @@
-"""``dsl``: DSL as its official code behaves (Wang et al., WSDM 2024; METHODS.md §2.4).
+"""``dsl``: DSL as its official code behaves (Wang et al., WSDM 2024; docs/methods.md#dsl).
 
 rho_0 = 0.5 cosine-annealed to rho_min = 0.005 until the end of training, growth by |gradient| of the
 firing step's batch only, dense backward. One deliberate difference: the mask is exact-budget random

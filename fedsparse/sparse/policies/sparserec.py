@@ -1,4 +1,4 @@
-"""``sparserec``: SparseRec (Qu et al., arXiv 2411.12205) as reconstructed in METHODS.md §2.6.
+"""``sparserec``: SparseRec (Qu et al., arXiv 2411.12205) as reconstructed in docs/methods.md#sparserec.
 
 DSL plus three fixes: (a) the mask starts from the top entries of an NMF of the training interactions,
 (b) growth ranks inactive entries by gradients accumulated over every step since the last update
