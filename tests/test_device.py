@@ -310,7 +310,8 @@ def test_user_row_masked_and_state_persists_across_rounds() -> None:
                           state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
     from_planted, _, _ = train_once(cfg, planted, server_round=2)
     assert np.abs(from_planted.state.user_row[state.user_mask] - 5.0).max() <= 4 * lr * epochs
-    fresh_moments = DeviceState(state.user_row.copy(), state.user_mask.copy(), np.zeros(DIM, np.float32), np.zeros(DIM, np.float32), 0)
+    zeros = np.zeros(DIM, np.float32)
+    fresh_moments = DeviceState(state.user_row.copy(), state.user_mask.copy(), zeros, zeros.copy(), 0)
     restarted, _, _ = train_once(cfg, fresh_moments, server_round=2)
     assert not np.allclose(restarted.state.user_row, second.state.user_row)
 
@@ -362,7 +363,9 @@ def test_bpr_loss_decreases_when_the_server_applies_updates(policy: str, density
 # ---------------------------------------------------------------- regrowth signal
 
 
-def reference_signal(cfg: RunConfig, state: DeviceState, data: DeviceData, weight: np.ndarray, mask: np.ndarray, server_round: int):
+def reference_signal(
+    cfg: RunConfig, state: DeviceState, data: DeviceData, weight: np.ndarray, mask: np.ndarray, server_round: int
+):
     """The BPR gradient of one epoch w.r.t. the inactive item entries, written out by hand.
 
     loss = mean_{(p, n)} softplus(s_n - s_p) + l2 term; the l2 term has zero gradient at inactive
@@ -428,7 +431,8 @@ def test_loss_matches_hand_written_bpr_for_one_epoch() -> None:
     scores = weight.astype(np.float64) @ user
     bpr = np.logaddexp(0.0, scores[negatives] - scores[data.train][:, None]).mean()
     items = weight.astype(np.float64)
-    l2 = 0.5 * (data.train.size * user @ user + (items[data.train] ** 2).sum() + (items[negatives.ravel()] ** 2).sum()) / data.train.size
+    squares = data.train.size * user @ user + (items[data.train] ** 2).sum() + (items[negatives.ravel()] ** 2).sum()
+    l2 = 0.5 * squares / data.train.size
     assert result.loss == pytest.approx(bpr + cfg.train.l2_reg * l2, rel=1e-5)
 
 

@@ -18,7 +18,9 @@ CITING_FOLDERS = ("fedsparse", "clients", "server", "benchmarks", "simulations",
 CITED_ANCHOR = re.compile(r"methods\.md#([A-Za-z0-9_-]+)")
 LOCAL_LINK = re.compile(r"\]\(#([A-Za-z0-9_-]+)\)")
 CODE_PATH = re.compile(r"`(fedsparse/[\w/]+)\.py::([\w.]+)`")
-FILE_PATH = re.compile(r"`((?:fedsparse|clients|server|benchmarks|simulations|docs|tests)/[\w/.-]+?\.(?:py|toml|md))(?:::[\w.]+)?`")
+FILE_PATH = re.compile(
+    r"`((?:fedsparse|clients|server|benchmarks|simulations|docs|tests)/[\w/.-]+?\.(?:py|toml|md))(?:::[\w.]+)?`"
+)
 
 
 def heading_anchor(heading: str) -> str:

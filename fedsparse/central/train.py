@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedsparse.central.losses import batch_loss
-from fedsparse.central.models import MostPopular, build_model
+from fedsparse.central.models import EmbeddingRecommender, MostPopular, Recommender, build_model
 from fedsparse.central.sampling import NegativeSampler, negative_exclusions, training_pairs
 from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data import Interactions, load_run_data
@@ -38,7 +38,7 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def evaluate(model: torch.nn.Module, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
+def evaluate(model: Recommender, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
     """Full-ranking metrics on ``split`` ("validation" or "test"), excluding the user's known items."""
     model.eval()
     target = getattr(data, split)
@@ -54,7 +54,7 @@ def evaluate(model: torch.nn.Module, data: Interactions, config: RunConfig, spli
     return result
 
 
-def evaluate_sampled(model: torch.nn.Module, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
+def evaluate_sampled(model: Recommender, data: Interactions, config: RunConfig, split: str) -> dict[str, float]:
     """Leave-one-out protocol: rank each held-out item among ``eval.sampled-negatives`` never-seen items.
 
     The negatives are the candidate file's (``data.validation_negatives`` / ``test_negatives``) when the
@@ -136,7 +136,8 @@ def _open_run_dir(config: RunConfig, data: Interactions) -> Path:
     the dataset's counts, checksum and repairs, and the code's provenance."""
     run_dir = new_run_dir(config.results_dir, f"train-{data.name}-{config.model.name}")
     as_run = replace(config, sparse=replace(config.sparse, density=build_policy(config.sparse).settings.density))  # dense: 1.0
-    described = {"config": as_run.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(), "repairs": data.repairs}
+    described = {"config": as_run.to_flat(), "dataset": data.counts(), "dataset_checksum": data.checksum(),
+                 "repairs": data.repairs}
     write_json(run_dir / "config.json", {**described, **provenance()})
     return run_dir
 
@@ -146,7 +147,7 @@ class _CentralRun:
     """What every epoch uses: the model and its sparse training, the (user, positive) pairs int64 [n] and
     the negative sampler, and how the best epoch is selected (``select_key`` among validation metrics)."""
 
-    model: torch.nn.Module
+    model: EmbeddingRecommender
     training: SparseEmbeddingTraining
     pair_users: np.ndarray
     pair_items: np.ndarray

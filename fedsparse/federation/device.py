@@ -69,8 +69,9 @@ class DeviceData:
         def row(matrix: sp.csr_matrix) -> np.ndarray:
             return np.sort(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]].astype(np.int64))
 
-        parts = [row(train), row(validation), row(test)]
-        return cls(user, *parts, np.unique(np.concatenate(parts)))
+        train_items, validation_items, test_items = row(train), row(validation), row(test)
+        interacted = np.unique(np.concatenate([train_items, validation_items, test_items]))
+        return cls(user, train_items, validation_items, test_items, interacted)
 
     def not_sampled(self, negatives_from: str) -> np.ndarray:
         """Sorted items training may not draw as a negative or fake positive: the training items
@@ -382,9 +383,9 @@ def _train_joint_steps(
         negative_rows = rows.positions(rows.negatives[epoch][batch.numpy()])
         model.zero_grad(set_to_none=True)
         loss = _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < rows.n_real)
-        item_gradient = model.item_embedding.weight.grad
+        item_gradient = _gradient(model.item_embedding.weight)
         item_signal += item_gradient * ~local.item_mask
-        user_gradient = model.user_embedding.weight.grad
+        user_gradient = _gradient(model.user_embedding.weight)
         user_signal += user_gradient * ~local.user_mask
         if config.fed.user_state == "keep":
             local.user_opt.step(user_gradient)
@@ -443,7 +444,16 @@ def _personal_evaluation(
     return evaluate_splits(config, new_state, data, personal)
 
 
-def _user_optimizer(config: RunConfig, user_weight: torch.Tensor, user_mask: torch.Tensor, state: DeviceState) -> MaskedAdam | MaskedSGD:
+def _gradient(parameter: torch.Tensor) -> torch.Tensor:
+    """The gradient the last backward left on ``parameter`` (every parameter of the loss gets one)."""
+    if parameter.grad is None:
+        raise RuntimeError("backward left no gradient on a parameter of the loss")
+    return parameter.grad
+
+
+def _user_optimizer(
+    config: RunConfig, user_weight: torch.Tensor, user_mask: torch.Tensor, state: DeviceState
+) -> MaskedAdam | MaskedSGD:
     """The user row's optimiser for this round (``fed.user-optimizer``): Adam resumed from the device's
     stored moments, or SGD on the mean loss (no state)."""
     if config.fed.user_optimizer == "sgd":
@@ -483,7 +493,9 @@ def _padded_step_backward(
         if share == 0:
             continue
         user_weight.requires_grad_(part is is_real)
-        part_loss = share * batch_loss(model, users[part], positives[part], negatives[part], config.train.loss, config.train.l2_reg)
+        part_loss = share * batch_loss(
+            model, users[part], positives[part], negatives[part], config.train.loss, config.train.l2_reg
+        )
         part_loss.backward()
         loss = loss + part_loss.detach()
     user_weight.requires_grad_(True)
@@ -512,7 +524,7 @@ def fit_user_row(
             loss = batch_loss(model, users, positives, negatives, config.train.loss, config.train.l2_reg)
             model.zero_grad(set_to_none=True)
             loss.backward()
-            user_opt.step(model.user_embedding.weight.grad)
+            user_opt.step(_gradient(model.user_embedding.weight))
     finally:
         item_weight.requires_grad_(True)
 

@@ -860,7 +860,8 @@ NO_ROW_REFERENCES = {"upload_floor_bytes_mean": 0.0, "dense_rows_upload_bytes_me
 
 
 def secure_protocol_training(
-    transport: SecureTransport, server: Server, server_round: int, downlink: Downlink, settings: Mapping[str, Any], tally: RoundTally,
+    transport: SecureTransport, server: Server, server_round: int, downlink: Downlink, settings: Mapping[str, Any],
+    tally: RoundTally,
 ) -> tuple[dict[int, Reply | str], dict[str, Any]]:
     """Steps 3 to 5 when only a secure-aggregation protocol sees the uploads: the transport's ``secure_train``
     returns the summed upload, per-device metrics or failures, and every byte of the protocol per device

@@ -51,7 +51,7 @@ from fedsparse.federation.secure_start import (
     sketch_matrix,
 )
 from fedsparse.federation.streaming import revealed_items
-from fedsparse.federation.wire import Arrays, Payload, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+from fedsparse.federation.wire import Arrays, Payload, PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.rng import rng_for
 from fedsparse.sparse.nmf import user_factor_update
@@ -88,17 +88,20 @@ def handle_nmf(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData
         vector = range_contribution(items, sketch_matrix(seed, n_items, width))
     elif request.test_basis is not None:
         vector = range_contribution(items, request.test_basis)
-    else:
+    elif request.item_factor is not None and request.gram is not None:
         item_factor, gram = request.item_factor.astype(np.float64), request.gram.astype(np.float64)
         if request.fit:  # refinement of a range start: p_u fitted afresh on Q, never kept
             p_u = project_user_factor(item_factor[items], gram)
         else:  # multiplicative start: one step on the kept p_u, as one central iteration
-            p_u = state.get(NMF_FACTOR)
-            if p_u is None:
-                p_u = request.init_scale * np.abs(rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1]))
-            p_u = user_factor_update(items, p_u.astype(np.float64), item_factor, gram)
+            kept = state.get(NMF_FACTOR)
+            if kept is None:
+                draw = rng_for(config.seed, "nmf-init", data.user_id).standard_normal(item_factor.shape[1])
+                kept = request.init_scale * np.abs(draw)
+            p_u = user_factor_update(items, kept.astype(np.float64), item_factor, gram)
             new_state = {**state, NMF_FACTOR: p_u}
         vector = mu_contribution(items, p_u, n_items)
+    else:  # StartRequest.from_arrays admits none without one of the three forms
+        raise PayloadError("start request holds no sketch, test basis or item factor")
     problem = check_start_vector(vector, vector.size)
     if problem:
         raise DeviceError(f"user {data.user_id}: start vector refused before masking: {problem}")
@@ -109,7 +112,8 @@ def handle_query(config: RunConfig, data: DeviceData, message: Arrays, n_items: 
     """The item rows this round will touch (positives and this round's negatives), for a "rows" downlink."""
     QueryRequest.from_arrays(message)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
-    rows = rows_needed(data, round_negatives(config, data, n_items, server_round), round_padding(config, data, n_items, server_round))
+    negatives = round_negatives(config, data, n_items, server_round)
+    rows = rows_needed(data, negatives, round_padding(config, data, n_items, server_round))
     return DeviceReply(QueryReply(wire_row_ids(rows, n_items)), {}, {})
 
 
@@ -245,7 +249,9 @@ def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: 
     return replace(update, values=values, signal_values=signal_values if update.signal_values is not None else None)
 
 
-def handle_evaluate(config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int) -> DeviceReply:
+def handle_evaluate(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int
+) -> DeviceReply:
     """Rank all items for this user on validation and test; metrics prefixed ``validation-``/``test-``.
 
     A device that never trained evaluates its freshly initialised row (initialised exactly as its first

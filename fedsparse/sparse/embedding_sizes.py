@@ -118,7 +118,8 @@ def sampled_sizes(
     if rows == 0:
         return np.zeros(0, dtype=np.int64)
     low_support = max(1, min_size)
-    probabilities = power_law_probabilities(power_law_exponent(min(max(total / rows, low_support), dim), dim, min_size), dim, min_size)
+    exponent = power_law_exponent(min(max(total / rows, low_support), dim), dim, min_size)
+    probabilities = power_law_probabilities(exponent, dim, min_size)
     draws = np.sort(rng.choice(np.arange(low_support, dim + 1), size=rows, p=probabilities))
     ranked = np.empty(rows, dtype=np.float64)
     ranked[np.lexsort((np.arange(rows), popularity))] = draws  # least popular row gets the smallest draw

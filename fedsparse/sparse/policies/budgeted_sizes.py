@@ -94,7 +94,9 @@ class SizeBetPolicy(SizePolicy):
     def allocate(self, table: str, popularity: np.ndarray, total: int, dim: int, rng: np.random.Generator) -> np.ndarray:
         per_group = np.array([float(v) for v in self.config.group_sizes.split(",") if v.strip()])
         if per_group.size != self.config.size_groups:
-            raise ValueError(f"size-bet needs sparse.group-sizes with {self.config.size_groups} values, got {self.config.group_sizes!r}")
+            raise ValueError(
+                f"size-bet needs sparse.group-sizes with {self.config.size_groups} values, got {self.config.group_sizes!r}"
+            )
         groups = popularity_groups(popularity, per_group.size)
         return fit_sizes(per_group[groups], total, dim, self.min_size(popularity.size, dim))
 
