@@ -31,7 +31,7 @@ EARLY_ROUNDS = 10  # the last round must reach the best of these
 COLUMNS = ["dataset", "rounds", "best_recall@20_rounds_1_10", "last_recall@20", "last_vs_early_best",
            "best_validation_round", "last_validation_recall@20", "seconds_per_round", "settings"]
 SETTINGS = ("fed.aggregation", "fed.item-lr", "fed.local-lr", "fed.user-steps", "fed.fraction-train", "sparse.policy",
-            "sparse.density", "train.negatives-from")
+            "sparse.density", "train.negatives-from", "fed.nmf-start", "fed.nmf-cohort", "fed.nmf-refine")
 
 
 def run_default(dataset: str, rounds: int, results_dir: Path) -> Path:
