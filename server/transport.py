@@ -89,16 +89,16 @@ class FlowerTransport:
                 users_of_node[node] = []
             by_node[node][f"arrays.{user}"] = to_record(arrays)
             users_of_node[node].append(user)
-        outgoing = [
-            Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
+        outgoing = {
+            node: Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
             for node, content in by_node.items()
-        ]
+        }
         answered: set[int] = set()
-        incoming = list(self.grid.send_and_receive(outgoing, timeout=self.timeout))
+        incoming = list(self.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout))
         down: dict[int, int] = {}
         up: dict[int, int] = {}
-        for message in outgoing:
-            down.update(bytes_per_device(message, users_of_node[message.metadata.dst_node_id]))
+        for node, message in outgoing.items():
+            down.update(bytes_per_device(message, users_of_node[node]))
         for reply in incoming:
             up.update(bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, [])))
         self._wire = (down, up)
