@@ -64,6 +64,12 @@ def _seconds(summary: Mapping[str, Any]) -> str | None:
     return f"{seconds:.1f}" if seconds is not None else None
 
 
+def _phases(summary: Mapping[str, Any]) -> str | None:
+    """Mean wire bytes per device (down + up) of each phase: start / training / evaluation."""
+    keys = [f"wire_{phase}_both_bytes_per_device_mean" for phase in ("start", "train", "evaluate")]
+    return " / ".join(byte_size(summary[key]) for key in keys) if all(key in summary for key in keys) else None
+
+
 # (label, how to show it from summary.json; None = the summary lacks it and the row is left out)
 SUMMARY_ROWS: list[tuple[str, Callable[[Mapping[str, Any]], str | None]]] = [
     ("rounds", lambda s: str(s["rounds"]) if "rounds" in s else None),
@@ -74,9 +80,10 @@ SUMMARY_ROWS: list[tuple[str, Callable[[Mapping[str, Any]], str | None]]] = [
     ("NDCG@20 (test, final)", _number("ndcg@20")),
     ("HR@10 (sampled, final)", _number(SAMPLED_HR)),
     ("best validation round", _best),
-    ("upload, all devices", _bytes("total_upload_bytes")),
-    ("download, all devices", _bytes("total_download_bytes")),
-    ("NMF start upload", _bytes("total_nmf_upload_bytes")),
+    ("per device, whole run, on the wire", _bytes("wire_total_both_bytes_per_device_mean")),
+    ("  start / training / evaluation", _phases),
+    ("upload payload, all devices, training", _bytes("total_upload_bytes")),
+    ("download payload, all devices, training", _bytes("total_download_bytes")),
     ("seconds", _seconds),
 ]
 

@@ -27,6 +27,9 @@ from fedsparse.federation.secagg_vectors import (
     from_secagg_mean,
 )
 from fedsparse.federation.wire import SecureUpload
+from server.wire_bytes import message_bytes
+
+WireBytes = tuple[dict[int, int], dict[int, int]]  # per user: bytes its node received, bytes it sent
 
 NEIGHBOURS = 9  # SecAgg+'s sparse graph: each device shares its keys with 8 others (all of them in a smaller round)
 RECONSTRUCTION_THRESHOLD = 5  # shares that must survive to unmask a device: a majority of its neighbourhood
@@ -50,23 +53,33 @@ def content_bytes(content: RecordDict) -> int:
 
 
 class CountingGrid:
-    """A Grid that counts the payload bytes sent to and received from each node."""
+    """A Grid that counts the bytes sent to and received from each node: payload (``content_bytes``) and
+    wire (``wire_bytes.message_bytes``: every object Flower sends)."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.sent: dict[int, int] = {}
         self.received: dict[int, int] = {}
+        self.sent_wire: dict[int, int] = {}
+        self.received_wire: dict[int, int] = {}
 
     def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for message in messages:
             node = message.metadata.dst_node_id
             self.sent[node] = self.sent.get(node, 0) + content_bytes(message.content)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            self.sent_wire[node] = self.sent_wire.get(node, 0) + message_bytes(message)
         for reply in replies:
+            node = reply.metadata.src_node_id
+            self.received_wire[node] = self.received_wire.get(node, 0) + message_bytes(reply)
             if not reply.has_error():
-                node = reply.metadata.src_node_id
                 self.received[node] = self.received.get(node, 0) + content_bytes(reply.content)
         return replies
+
+    def wire_of(self, user_of_node: Mapping[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Wire bytes each user's node received and sent (every stage of the protocol)."""
+        down = {user: self.sent_wire.get(node, 0) for node, user in user_of_node.items()}
+        return down, {user: self.received_wire.get(node, 0) for node, user in user_of_node.items()}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -146,16 +159,17 @@ def secure_sum_round(
     bound: float,
     length: int,
     timeout: float | None,
-) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
+) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes]:
     """One SecAgg+ round of the NMF start: each device's ``secure-sum`` vector divided by the public
-    ``bound`` is masked, and the server learns only the sum (None when no usable sum came back)."""
+    ``bound`` is masked, and the server learns only the sum (None when no usable sum came back). The last
+    element is the wire bytes (down, up) per user."""
     settings = {"secure-start": 1, "secure-bound": float(bound)}
     strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
     replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
     total = None
     if strategy.mean is not None and len(strategy.mean) == 1 and np.shape(strategy.mean[0]) == (length,):
         total = np.asarray(strategy.mean[0], dtype=np.float64) * len(strategy.metrics) * bound
-    return total, replies, sent, received
+    return total, replies, sent, received, counting.wire_of(user_of_node)
 
 
 def secure_train_round(
@@ -167,9 +181,10 @@ def secure_train_round(
     settings: Mapping[str, Any],
     weight_bound: float,
     timeout: float | None,
-) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int]]:
-    """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, bytes down, bytes up)."""
+) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes]:
+    """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, payload bytes down,
+    payload bytes up, wire bytes (down, up))."""
     strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
     replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
     total = from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound) if strategy.mean is not None else None
-    return total, replies, sent, received
+    return total, replies, sent, received, counting.wire_of(user_of_node)

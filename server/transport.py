@@ -15,18 +15,16 @@ from flwr.serverapp import Grid
 from clients.records import to_arrays, to_record
 from fedsparse.federation.engine import Reply
 from fedsparse.federation.grouping import partition_of_user
-from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
+from fedsparse.federation.messages import MESSAGE_TYPES
 from fedsparse.federation.wire import SecureUpload
 from server.secagg import secure_sum_round, secure_train_round
+from server.wire_bytes import bytes_per_device
 
 log = logging.getLogger("fedsparse")
 
 # Flower errors that mean the ClientApp's code raised (or could not load): clients/app.py returns every device
 # error as an error.<user> record, so these are bugs and stop the run; a lost or crashed node is a failed device.
 CODE_ERRORS = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
-# Message kind -> Flower message type (the ClientApp's handler: @app.query("nmf"), @app.query("rows"),
-# @app.train(), @app.evaluate()).
-MESSAGE_TYPES = {START: "query.nmf", QUERY: "query.rows", TRAIN: "train", EVALUATE: "evaluate"}
 
 
 class FlowerTransport:
@@ -44,6 +42,7 @@ class FlowerTransport:
         self.timeout = timeout
         self.context = context  # the ServerApp's context, which SecAgg+'s legacy workflow needs
         self.secure_weight_bound = secure_weight_bound
+        self._wire: tuple[dict[int, int], dict[int, int]] | None = None  # the last exchange's wire bytes per user
 
     def secure_train(
         self, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
@@ -52,9 +51,10 @@ class FlowerTransport:
         None), each user's reply metrics or failure, and the bytes each device received and sent."""
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
-        return secure_train_round(
+        *result, self._wire = secure_train_round(
             self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.timeout
         )
+        return result[0], result[1], result[2], result[3]
 
     def secure_sum(
         self, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], bound: float, length: int
@@ -63,7 +63,15 @@ class FlowerTransport:
         vector float64 [length] (or None), each user's reply or failure, and every byte per device."""
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
-        return secure_sum_round(self.grid, self.context, node_of_user, server_round, messages, bound, length, self.timeout)
+        *result, self._wire = secure_sum_round(
+            self.grid, self.context, node_of_user, server_round, messages, bound, length, self.timeout
+        )
+        return result[0], result[1], result[2], result[3]
+
+    def take_wire(self) -> tuple[dict[int, int], dict[int, int]] | None:
+        """Wire bytes (down, up) per user of the last exchange, as Flower serialised its messages; then forgotten."""
+        wire, self._wire = self._wire, None
+        return wire
 
     def send(
         self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
@@ -81,12 +89,20 @@ class FlowerTransport:
                 users_of_node[node] = []
             by_node[node][f"arrays.{user}"] = to_record(arrays)
             users_of_node[node].append(user)
-        outgoing = [
-            Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
+        outgoing = {
+            node: Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
             for node, content in by_node.items()
-        ]
+        }
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(outgoing, timeout=self.timeout):
+        incoming = list(self.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout))
+        down: dict[int, int] = {}
+        up: dict[int, int] = {}
+        for node, message in outgoing.items():
+            down.update(bytes_per_device(message, users_of_node[node]))
+        for reply in incoming:
+            up.update(bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, [])))
+        self._wire = (down, up)
+        for reply in incoming:
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():

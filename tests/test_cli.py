@@ -110,10 +110,16 @@ def test_a_round_is_one_short_human_line():
 def test_the_summary_is_a_short_table():
     summary = {"rounds": 3, "policy": "sparserec", "density": 0.2, "recall@20": 0.1, "ndcg@20": 0.05, "best_validation_round": 2,
                "best_test_recall@20": 0.11, "total_upload_bytes": 2_345_678, "total_download_bytes": 999, "seconds": 12.0,
+               "wire_total_both_bytes_per_device_mean": 51_000, "wire_start_both_bytes_per_device_mean": 40_000,
+               "wire_train_both_bytes_per_device_mean": 10_000, "wire_evaluate_both_bytes_per_device_mean": 1_000,
                **{f"validation_extra_{i}": i for i in range(40)}}
     lines = summary_table(summary, "/runs/x").splitlines()
-    assert lines[0] == SUMMARY_HEADER and len(lines) <= 12
-    assert "  upload, all devices      2.35 MB" in lines and "  download, all devices    999 B" in lines
+    assert lines[0] == SUMMARY_HEADER and len(lines) <= 14
+    shown = {line[:41].strip(): line[41:].strip() for line in lines[1:]}
+    assert shown["upload payload, all devices, training"] == "2.35 MB"
+    assert shown["download payload, all devices, training"] == "999 B"
+    assert shown["per device, whole run, on the wire"] == "51 KB"
+    assert shown["start / training / evaluation"] == "40 KB / 10 KB / 1 KB"
     assert lines[-1].split() == ["run", "directory", "/runs/x"]
     assert byte_size(12_300) == "12.3 KB"
 

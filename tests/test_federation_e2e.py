@@ -23,6 +23,10 @@ ROUND_KEYS = {"round", "recall@20", "ndcg@20", "upload_bytes_mean", "upload_byte
 EXACT_KEYS = ["round", "clients", "failed_clients", "dropped_updates", "upload_bytes_mean", "upload_bytes_max",
               "download_bytes_mean", "download_bytes_max", "rows_updated", "evaluated_clients"]
 METRIC_KEYS = ["recall@20", "ndcg@20", "validation_recall@20", "device_memory_bytes_mean"]
+WIRE_KEYS = ["wire_upload_bytes_mean", "wire_upload_bytes_max", "wire_download_bytes_mean", "wire_download_bytes_max"]
+# In process, a message's envelope is counted with every id at its largest (10 varint bytes, task ids set);
+# Flower's ids are random and may be shorter or unset: at most this many bytes fewer per message.
+ENVELOPE_SLACK = 64
 
 
 def small_config(tmp_path: Path, **overrides) -> RunConfig:
@@ -97,6 +101,10 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, over
             assert flower[key] == local[key], key
         for key in METRIC_KEYS:
             assert flower[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
+        for key in WIRE_KEYS:  # Flower's serialiser measured against the in-process re-derivation
+            assert flower[key] > 0 and local[key] > 0, key
+            if overrides == {"fed.downlink": "rows"}:  # one device per supernode, no faults: the same messages
+                assert 0 <= local[key] - flower[key] <= 2 * ENVELOPE_SLACK, key  # a row request and a training message
         per_class = [key for key in local if key.endswith(("_w2", "_w4", "_w8"))]  # prefixes agree between the shells
         assert bool(per_class) == bool(config.budget.widths)
         for key in per_class:
@@ -163,6 +171,9 @@ def test_secure_nmf_start_under_flower_runs_secaggplus_and_matches_the_inprocess
     assert flower["total_nmf_cohort"] == local["total_nmf_cohort"] == 12
     # Every start byte went through SecAgg+ (key exchange, shares, masked vectors): more than the vectors alone.
     assert flower["total_nmf_upload_bytes"] > local["total_nmf_upload_bytes"] > 0
+    # The ledger holds the start: Flower's measured SecAgg+ wire bytes, beside the payload it counted.
+    assert flower["wire_start_up_bytes_per_device_mean"] > local["wire_start_up_bytes_per_device_mean"] > 0
+    assert flower["payload_start_up_bytes_per_device_mean"] * 12 == flower["total_nmf_upload_bytes"]
     # The same start up to SecAgg+'s stochastic rounding (a step of 6e-8 per device and entry).
     tables = [np.load(directory / "checkpoint.npz") for directory in (flower_dir, inprocess_dir)]
     masks = [table["server.item-mask"] for table in tables]

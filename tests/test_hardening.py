@@ -461,6 +461,7 @@ def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies
 
     monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
         content=content, dst_node_id=dst_node_id))
+    monkeypatch.setattr(transport_module, "bytes_per_device", lambda message, users: dict.fromkeys(users, 0))  # stand-ins
 
     def answer(node: int):
         content = reply_content({node: ({"x": np.ones(2, np.float32)}, {"m": 1.0})})
@@ -542,6 +543,7 @@ def test_a_clientapp_exception_stops_the_flower_run_while_a_lost_node_is_a_faile
 
     monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
         content=content, dst_node_id=dst_node_id))
+    monkeypatch.setattr(transport_module, "bytes_per_device", lambda message, users: dict.fromkeys(users, 0))  # stand-ins
 
     def failing(code: int):
         error = types.SimpleNamespace(code=code, reason="<class 'ValueError'>:<'operands could not be broadcast'>")

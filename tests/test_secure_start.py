@@ -203,3 +203,24 @@ def test_the_item_solve_ignores_secaggplus_noise_on_an_unused_column() -> None:
     np.testing.assert_array_equal(solved[:, 2], Q[:, 2])  # kept, not divided by noise
     exact = solve_item_factor(Q, R.T @ P, P.T @ P)
     np.testing.assert_allclose(solved[:, :2], exact[:, :2], rtol=1e-3, atol=1e-5)
+
+
+def test_a_cohort_delivered_in_batches_gives_the_same_start_and_one_observed_sum_per_round(monkeypatch) -> None:
+    """In process the start's vectors are summed batch by batch (memory); the sum, and what the observer
+    says the server holds (one sum per round over the whole cohort), must not depend on the batch size."""
+    from fedsparse.federation import engine
+    from fedsparse.federation.observer import ObservingTransport
+
+    cfg = config(**{"fed.nmf-start": "range", "fed.nmf-cohort": 1.0, "fed.nmf-refine": 1})
+    data = load_run_data(cfg)
+    whole = ObservingTransport(InProcessTransport(cfg, data), cfg, data.n_items)
+    item_factor, _, accounting = federated_nmf(cfg, population_of(data), whole)
+    monkeypatch.setattr(engine, "START_BATCH_DEVICES", 3)
+    batched = ObservingTransport(InProcessTransport(cfg, data), cfg, data.n_items)
+    batched_factor, _, batched_accounting = federated_nmf(cfg, population_of(data), batched)
+    np.testing.assert_allclose(batched_factor, item_factor, rtol=1e-9, atol=1e-12)
+    assert batched_accounting == accounting
+    assert [(s.phase, s.server_round, s.users.tolist()) for s in batched.sums] == \
+        [(s.phase, s.server_round, s.users.tolist()) for s in whole.sums]
+    for one, other in zip(batched.sums, whole.sums, strict=True):
+        np.testing.assert_allclose(one.row_mass, other.row_mass, rtol=1e-9)

@@ -34,3 +34,33 @@ def test_the_ledger_round_trips_through_a_checkpoint():
     broken = {key: value for key, value in ledger.state_arrays().items() if not key.endswith("evaluate.up")}
     with pytest.raises(ValueError, match="traffic.wire.evaluate.up"):
         TrafficLedger.from_state_arrays(broken)
+
+
+def test_a_run_ledgers_every_phase_and_its_rounds_add_up(tmp_path):
+    from fedsparse.config import RunConfig
+    from fedsparse.data import load_dataset
+    from fedsparse.federation.inprocess import run_inprocess
+    from fedsparse.run_files import read_jsonl
+
+    config = RunConfig.from_flat({
+        "results-dir": str(tmp_path), "num-server-rounds": 3, "data.dataset": "synthetic", "data.synthetic-users": 30,
+        "data.synthetic-items": 60, "data.synthetic-interactions-per-user": 8, "model.dim": 8, "fed.fraction-train": 0.5,
+        "fed.downlink": "rows", "fed.nmf-cohort": 0.5, "fed.eval-fraction": 0.5,
+    })
+    data = load_dataset(config.data, config.seed)
+    run_dir, summary = run_inprocess(config, data)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    devices = data.n_users
+    for measure in ("wire", "payload"):
+        for phase in ("start", "train", "evaluate"):
+            assert summary[f"{measure}_{phase}_down_bytes_per_device_mean"] > 0, (measure, phase)
+        assert summary[f"{measure}_run_bytes"] == pytest.approx(devices * summary[f"{measure}_total_both_bytes_per_device_mean"])
+    # every training round's per-device wire bytes, summed over its devices, are the ledger's training phase
+    trained = sum(record["wire_upload_bytes_mean"] * record["clients"] for record in rounds)
+    assert devices * summary["wire_train_up_bytes_per_device_mean"] == pytest.approx(trained)
+    # the payload is what the papers count; the wire adds Flower's envelope and object headers to every message
+    for phase in ("start", "train", "evaluate"):
+        for direction in ("down", "up"):
+            key = f"{phase}_{direction}_bytes_per_device_mean"
+            assert summary[f"wire_{key}"] > summary[f"payload_{key}"], key
+    assert summary["payload_start_up_bytes_per_device_mean"] * devices == summary["total_nmf_upload_bytes"]

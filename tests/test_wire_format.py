@@ -105,3 +105,32 @@ def test_identical_arrays_travel_once():
 def test_an_unsupported_value_is_named():
     with pytest.raises(TypeError, match="'when'"):
         message_wire_bytes({"settings": ConfigRecord({"when": None})}, Envelope("train"))
+
+
+def test_a_shared_message_is_split_among_its_devices_and_sums_to_its_bytes():
+    from server.wire_bytes import bytes_per_device, message_bytes
+
+    table = {"values": RNG.random(300, dtype=np.float32)}  # the same table for both devices: it travels once
+    records = {"settings": ConfigRecord({"server-round": 1}), "arrays.1": table, "arrays.2": table,
+               "arrays.3": {"row-ids": np.arange(5, dtype=np.int32)}}
+    message = Message(flower_records(records), dst_node_id=9, message_type="train", group_id="1")
+    shares = bytes_per_device(message, [1, 2, 3])
+    assert sum(shares.values()) == message_bytes(message) == message_wire_bytes(records, envelope_of(message))
+    assert shares[1] == pytest.approx(shares[2], abs=8) and shares[1] > shares[3]  # remainders go to the first
+    alone = Message(flower_records({"settings": records["settings"], "arrays.1": table}), dst_node_id=9,
+                    message_type="train", group_id="1")
+    assert bytes_per_device(alone, [1]) == {1: message_bytes(alone)}
+
+
+def test_what_flower_adds_to_a_reply_per_array_and_per_message():
+    """The sizes the README quotes: about 440 bytes per array and about 600 per reply, beyond the payload."""
+    envelope = Envelope.worst_case("train", "3", reply=True)
+
+    def overhead(n_arrays: int) -> int:
+        arrays = {f"a{i}": np.arange(10 * (i + 1), dtype=np.float32) for i in range(n_arrays)}
+        records = {"arrays.17": arrays, "metrics.17": MetricRecord({"loss": 0.5})}
+        return message_wire_bytes(records, envelope) - sum(array.nbytes for array in arrays.values())
+
+    per_array = [overhead(n + 1) - overhead(n) for n in range(1, 5)]
+    assert all(420 <= added <= 460 for added in per_array), per_array
+    assert 550 <= overhead(1) - per_array[0] <= 650

@@ -27,6 +27,7 @@ from fedsparse.eval.metrics import improves, selection_key
 from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.messages import (
     EVALUATE,
+    MESSAGE_TYPES,
     QUERY,
     START,
     TRAIN,
@@ -61,7 +62,9 @@ from fedsparse.federation.server_state import (
     validate_update,
 )
 from fedsparse.federation.streaming import arrived_users
+from fedsparse.federation.traffic import TrafficLedger
 from fedsparse.federation.wire import Arrays, PayloadError, RowsDownload, RowUpdate, SecureUpload, payload_bytes
+from fedsparse.federation.wire_format import ArrayCache, reply_wire_bytes, request_wire_bytes
 from fedsparse.rng import rng_for
 from fedsparse.run_files import (
     ResultFileError,
@@ -78,6 +81,11 @@ from fedsparse.sparse.nmf import apply_item_update, multiplicative_init
 from fedsparse.sparse.policies import build_policy
 
 log = logging.getLogger("fedsparse")
+
+# In process, a start round's cohort is delivered in batches of this many devices and summed as the
+# replies come: each start vector is n_items x width float32 (10 MB on Gowalla at width 64), and a whole
+# cohort's replies at once would not fit in memory. Under Flower, SecAgg+ sums them itself.
+START_BATCH_DEVICES = 64
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,56 @@ class SecureTransport(Transport, Protocol):
     def secure_sum(
         self, server_round: int, messages: Mapping[int, Arrays], bound: float, length: int
     ) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int]]: ...
+
+
+@dataclass(frozen=True)
+class Meter:
+    """Records every exchange's bytes per device in a ``TrafficLedger``: payload (the arrays' ``nbytes``) and
+    wire (measured by the transport when it can, ``take_wire``: Flower's own serialisation; else Flower's
+    format re-derived, ``wire_format``, one device per supernode and ids at their largest)."""
+
+    ledger: TrafficLedger
+
+    def exchange(
+        self, transport: Transport, phase: str, kind: str, server_round: int, messages: Mapping[int, Arrays],
+        settings: Mapping[str, Any], replies: Mapping[int, Reply | str],
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        """Record one ``send``; returns its wire bytes (down, up) per device. A device that sent no reply
+        has no payload upload."""
+        answered = {user: reply for user, reply in replies.items() if isinstance(reply, Reply) and user in messages}
+        self.ledger.add("payload", phase, "down", {user: payload_bytes(arrays) for user, arrays in messages.items()})
+        self.ledger.add("payload", phase, "up", {user: payload_bytes(reply.arrays) for user, reply in answered.items()})
+        measured = transport.take_wire() if hasattr(transport, "take_wire") else None
+        if measured is None:
+            message_type = MESSAGE_TYPES[kind]
+            cache: ArrayCache = {}  # a table sent to many devices is measured once
+            measured = (
+                {user: request_wire_bytes(message_type, server_round, user, arrays, settings, cache)
+                 for user, arrays in messages.items()},
+                {user: reply_wire_bytes(message_type, server_round, user, reply.arrays, _numbers(reply.metrics))
+                 for user, reply in answered.items()},
+            )
+        return self._wire(phase, measured)
+
+    def secure(
+        self, transport: Transport, phase: str, sent: Mapping[int, int], received: Mapping[int, int]
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        """Record one SecAgg+ round run by the transport (every stage): its payload counts and its measured wire."""
+        self.ledger.add("payload", phase, "down", sent)
+        self.ledger.add("payload", phase, "up", received)
+        measured = transport.take_wire() if hasattr(transport, "take_wire") else None
+        return self._wire(phase, measured or ({}, {}))
+
+    def _wire(self, phase: str, measured: tuple[dict[int, int], dict[int, int]]) -> tuple[dict[int, int], dict[int, int]]:
+        self.ledger.add("wire", phase, "down", measured[0])
+        self.ledger.add("wire", phase, "up", measured[1])
+        return measured
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, int | float]:
+    """The metrics a Flower MetricRecord can carry (ints and floats); a hostile device's other values are
+    not counted (under Flower its reply could not have been built)."""
+    return {key: value for key, value in metrics.items() if isinstance(value, int | float) and not isinstance(value, bool)}
 
 
 class UploadObserver(Protocol):
@@ -220,7 +278,9 @@ class DeviceInit:
         return DeviceInitFields(column_scale=scale, projection=projection)
 
 
-def federated_nmf(config: RunConfig, population: Population, transport: Transport) -> tuple[np.ndarray, DeviceInit, dict]:
+def federated_nmf(
+    config: RunConfig, population: Population, transport: Transport, meter: Meter | None = None
+) -> tuple[np.ndarray, DeviceInit, dict]:
     """The federated NMF start: returns (item factor, device init, accounting).
 
     The server sees only secure sums over a public seeded cohort (``fed.nmf-cohort``): never an item id,
@@ -229,6 +289,7 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
     item rows they download and the public gram (``DeviceInit``). Raises StartRefused when a sum cannot be
     formed securely.
     """
+    meter = meter or Meter(TrafficLedger(population.users))
     devices = arrived_users(config, population.users, 1)  # streaming: the devices of round 1
     count = cohort_size(config.fed.nmf_cohort, int(devices.size))
     cohort = [int(u) for u in devices[sample_clients(config.seed, 0, devices.size, count, "nmf-start")]]
@@ -239,12 +300,12 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
         width = max(rank, config.fed.nmf_sketch)
         test = sketch_matrix(config.seed, n_items, width).astype(np.float64)
         request = StartRequest(sketch=(config.seed, width))
-        sample = _secure_start_sum(transport, 1, cohort, request, n_items * width, accounting).reshape(n_items, width)
+        sample = _secure_start_sum(transport, 1, cohort, request, n_items * width, accounting, meter).reshape(n_items, width)
         for power_pass in range(config.fed.nmf_power):
             test = orthonormal_basis(sample)
             request = StartRequest(test_basis=test.astype(np.float32))
             sample = _secure_start_sum(
-                transport, 2 + power_pass, cohort, request, n_items * width, accounting).reshape(n_items, width)
+                transport, 2 + power_pass, cohort, request, n_items * width, accounting, meter).reshape(n_items, width)
         W, sigma = nystrom_svd(test, sample, rank)
         sigma = sigma * np.sqrt(devices.size / len(cohort))  # the cohort's spectrum scaled to the whole federation
         if config.fed.nmf_start == "svd":
@@ -261,14 +322,15 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
             item_factor = np.where(tiny, fill, item_factor)
             item_factor, gram_users = _multiplicative_rounds(
                 config, transport, cohort, item_factor, config.fed.nmf_refine, 2 + config.fed.nmf_power, True, accounting,
-                devices=devices)
+                meter, devices=devices)
             item_factor = item_factor / _column_scale(item_factor, gram_users, config.fed.nmf_refine * len(cohort) / devices.size)
         device_init = DeviceInit()
     else:
         mean = population.n_train_interactions / max(1, population.n_users * population.n_items)
         _, item_factor = multiplicative_init(population.n_users, n_items, rank, config.seed, mean)
         item_factor, gram_users = _multiplicative_rounds(
-            config, transport, cohort, item_factor, config.fed.nmf_rounds, 1, False, accounting, float(np.sqrt(mean / rank)))
+            config, transport, cohort, item_factor, config.fed.nmf_rounds, 1, False, accounting, meter,
+            float(np.sqrt(mean / rank)))
         scale = _column_scale(item_factor, gram_users, 1.0)  # cohort devices keep p_u: balance against the cohort's own P
         item_factor, device_init = item_factor / scale, DeviceInit(column_scale=scale)
     accounting["nmf_start_bytes_per_device"] = (
@@ -278,9 +340,37 @@ def federated_nmf(config: RunConfig, population: Population, transport: Transpor
     return item_factor.astype(np.float32), device_init, accounting
 
 
+def _add_start_vectors(
+    total: np.ndarray, replies: Mapping[int, Reply | str], messages: Mapping[int, Arrays], nmf_round: int, length: int,
+    accounting: dict,
+) -> int:
+    """Add each valid start vector of ``replies`` to ``total`` (in place) and their bytes to ``accounting``;
+    returns how many were summed. A failed device or a bad vector is logged and left out."""
+    summed = 0
+    for user, reply in replies.items():
+        accounting["nmf_download_bytes"] += payload_bytes(messages[user])
+        if isinstance(reply, str):
+            log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
+            continue
+        accounting["nmf_upload_bytes"] += payload_bytes(reply.arrays)
+        try:
+            contribution = StartContribution.from_arrays(reply.arrays, length)
+        except PayloadError as exc:
+            log.warning("nmf round %d: dropped the vector of device %d: %s", nmf_round, user, exc)
+            continue
+        total += contribution.vector
+        summed += 1
+    return summed
+
+
+def _batches(items: Sequence[int], size: int) -> list[list[int]]:
+    """``items`` cut into consecutive lists of at most ``size``."""
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
 def _multiplicative_rounds(
     config: RunConfig, transport: Transport, cohort: list[int], item_factor: np.ndarray, rounds: int, first_round: int,
-    fit: bool, accounting: dict, init_scale: float = 0.0, devices: np.ndarray | None = None,
+    fit: bool, accounting: dict, meter: Meter, init_scale: float = 0.0, devices: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``rounds`` secure multiplicative item updates over the cohort: (new Q, the summed PᵀP it used).
 
@@ -299,7 +389,7 @@ def _multiplicative_rounds(
             cohort = [int(u) for u in devices[sample_clients(config.seed, nmf_round, devices.size, len(cohort), "nmf-start")]]
         request = StartRequest(item_factor=item_factor.astype(np.float32), gram=(item_factor.T @ item_factor).astype(np.float32),
                                init_scale=init_scale, fit=fit)
-        total = _secure_start_sum(transport, nmf_round, cohort, request, n_items * rank + rank * rank, accounting)
+        total = _secure_start_sum(transport, nmf_round, cohort, request, n_items * rank + rank * rank, accounting, meter)
         numerator, gram_users = total[: n_items * rank].reshape(n_items, rank), total[n_items * rank :].reshape(rank, rank)
         if fit:  # an item no cohort device holds so far has no information: its row is kept
             numerators += numerator
@@ -325,7 +415,8 @@ def _column_scale(item_factor: np.ndarray, gram_users: np.ndarray, users_share: 
 
 
 def _secure_start_sum(
-    transport: Transport, nmf_round: int, cohort: list[int], request: StartRequest, length: int, accounting: dict
+    transport: Transport, nmf_round: int, cohort: list[int], request: StartRequest, length: int, accounting: dict,
+    meter: Meter,
 ) -> np.ndarray:
     """The secure sum float64 [length] of the cohort's start vectors (each device sent ``request``), its
     bytes added to ``accounting``.
@@ -343,24 +434,16 @@ def _secure_start_sum(
             if isinstance(reply, str):
                 log.warning("nmf round %d: device %d left the secure sum: %s", nmf_round, user, reply)
         summed = sum(1 for reply in replies.values() if not isinstance(reply, str))
+        meter.secure(transport, "start", sent, received)
         accounting["nmf_download_bytes"] += sum(sent.values())
         accounting["nmf_upload_bytes"] += sum(received.values())
     else:
-        replies = transport.send(START, nmf_round, messages, {})
         total, summed = np.zeros(length), 0
-        for user, reply in replies.items():
-            accounting["nmf_download_bytes"] += payload_bytes(messages[user])
-            if isinstance(reply, str):
-                log.warning("nmf round %d: device %d failed: %s", nmf_round, user, reply)
-                continue
-            accounting["nmf_upload_bytes"] += payload_bytes(reply.arrays)
-            try:
-                contribution = StartContribution.from_arrays(reply.arrays, length)
-            except PayloadError as exc:
-                log.warning("nmf round %d: dropped the vector of device %d: %s", nmf_round, user, exc)
-                continue
-            total += contribution.vector
-            summed += 1
+        for batch in _batches(cohort, START_BATCH_DEVICES):  # a batch of vectors in memory at a time, summed as they come
+            batch_messages = {user: messages[user] for user in batch}
+            batch_replies = transport.send(START, nmf_round, batch_messages, {})
+            meter.exchange(transport, "start", START, nmf_round, batch_messages, {}, batch_replies)
+            summed += _add_start_vectors(total, batch_replies, batch_messages, nmf_round, length, accounting)
     accounting["nmf_rounds"] = nmf_round
     if summed < MIN_SECURE_COHORT:
         raise StartRefused(f"nmf round {nmf_round}: {summed} valid vectors, below SecAgg+'s threshold of {MIN_SECURE_COHORT}")
@@ -393,6 +476,7 @@ class RunState:
     totals: dict[str, float]
     best: dict[str, Any]
     last_metrics: dict[str, float]
+    traffic: TrafficLedger  # bytes per device so far, every phase
 
     def to_arrays(self) -> Arrays:
         """Flat arrays for ``checkpoint.npz`` (JSON for the small dicts)."""
@@ -406,7 +490,7 @@ class RunState:
             arrays["init.projected"] = np.asarray(sorted(self.device_init.projected), dtype=np.int64)
         for name in ("totals", "best", "last_metrics"):
             arrays[f"json.{name}"] = np.asarray(json.dumps(getattr(self, name)))
-        return arrays
+        return {**arrays, **self.traffic.state_arrays()}
 
     @classmethod
     def from_arrays(cls, config: RunConfig, arrays: Mapping[str, np.ndarray]) -> RunState:
@@ -415,7 +499,7 @@ class RunState:
         device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"),
                                  arrays.get("init.projection"), arrays.get("init.projected"))
         loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
-        return cls(Server.restore(config, server_arrays), device_init, **loads)
+        return cls(Server.restore(config, server_arrays), device_init, **loads, traffic=TrafficLedger.from_state_arrays(arrays))
 
 
 CHECKPOINT = "checkpoint.npz"
@@ -559,13 +643,14 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
     """NMF (when the policy needs it) and the initial server; ``totals["init_seconds"]`` times it."""
     started = time.perf_counter()
     totals: dict[str, float] = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
+    meter = Meter(TrafficLedger(population.users))
     item_factor, device_init = None, DeviceInit()
     if build_policy(config.sparse).settings.mask_init == "nmf":
         if config.fed.nmf_init == "central":
             users, item_factor = central_nmf_item_factor(config, central_train)
             device_init = DeviceInit(user_factors=users)
         else:
-            item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport)
+            item_factor, device_init, nmf_bytes = federated_nmf(config, population, transport, meter)
             totals.update(nmf_bytes)
     server = Server.create(config, population.n_items, item_factor, population.item_popularity)
     if device_init.user_factors is None and item_factor is not None:  # federated: devices fit p_u from the masked table
@@ -576,7 +661,7 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
     totals["init_seconds"] = time.perf_counter() - started
     source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
     log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
-    return RunState(server, device_init, totals, {}, {})
+    return RunState(server, device_init, totals, {}, {}, meter.ledger)
 
 
 def run_federation(
@@ -635,7 +720,8 @@ def _run_locked(
             if config.fed.evaluate_model == "local":  # the trained devices ranked with their own models
                 metrics = personal
             else:
-                metrics, eval_bytes = evaluate_round(config, state.server, population, transport, state.device_init, server_round)
+                metrics, eval_bytes = evaluate_round(
+                    config, state.server, population, transport, state.device_init, server_round, state.traffic)
                 state.totals["eval_download_bytes"] += eval_bytes
             record.update(metrics)
             state.last_metrics = metrics
@@ -659,6 +745,7 @@ def _run_locked(
         f"best_{select_key}": state.best.get(select_key),
         **{f"best_{key}": value for key, value in state.best.items() if key.startswith("test_")},
         **{f"total_{key}": value for key, value in state.totals.items()},
+        **state.traffic.summary(),
         "seconds": time.perf_counter() - started,
         **{key: value for key, value in state.last_metrics.items() if key.startswith("validation_") or "_" not in key},
     }
@@ -686,8 +773,11 @@ def train_round(
     settings = server.train_settings(server_round)
     if config.privacy.secure_aggregation and isinstance(transport, SecureTransport):  # Flower's SecAgg+: only the sum comes back
         replies, applied = secure_protocol_training(transport, server, server_round, downlink, settings, tally)
+        tally.add_wire(Meter(state.traffic).secure(transport, "train", tally.traffic.download, tally.traffic.upload))
     else:
         replies = transport.send(TRAIN, server_round, downlink.messages, settings)  # local training
+        meter = Meter(state.traffic)
+        tally.add_wire(meter.exchange(transport, "train", TRAIN, server_round, downlink.messages, settings, replies))
         tally.traffic = RoundTraffic.measure(downlink, replies)
         accepted = validate_replies(config, server, server_round, downlink, replies, tally)
         applied = aggregate(config, server, server_round, accepted, observer)
@@ -745,8 +835,16 @@ class RoundTally:
     failed: int = 0
     dropped: int = 0
     traffic: RoundTraffic = field(default_factory=lambda: RoundTraffic({}, {}))
+    wire_down: dict[int, int] = field(default_factory=dict)  # Flower's bytes per device, row request included
+    wire_up: dict[int, int] = field(default_factory=dict)
     memory: list[float] = field(default_factory=list)
     by_class: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # width -> (upload bytes, memory bytes) accepted
+
+    def add_wire(self, wire: tuple[Mapping[int, int], Mapping[int, int]]) -> None:
+        """Add one exchange's wire bytes (down, up) per device."""
+        for totals, counts in zip((self.wire_down, self.wire_up), wire, strict=True):
+            for user, count in counts.items():
+                totals[user] = totals.get(user, 0) + count
 
     def fail(self, server_round: int, user: int, reason: str | Exception, what: str = "device") -> None:
         """Count a device that sent no usable answer, logging why."""
@@ -763,7 +861,9 @@ def rows_downlink(
     wanted: dict[int, np.ndarray | None] = {int(user): None for user in chosen}
     query_bytes: dict[int, int] = {}
     if config.fed.downlink == "rows":
-        replies = transport.send(QUERY, server_round, {user: QueryRequest().to_arrays() for user in wanted}, {})
+        queries = {user: QueryRequest().to_arrays() for user in wanted}
+        replies = transport.send(QUERY, server_round, queries, {})
+        tally.add_wire(Meter(state.traffic).exchange(transport, "train", QUERY, server_round, queries, {}, replies))
         for user, reply in replies.items():
             try:
                 arrays = _arrays_of(reply)
@@ -901,6 +1001,8 @@ def bookkeeping(state: RunState, server_round: int, started: float, tally: Round
         "dropped_updates": tally.dropped,
         **_summary_stats(uploads, "upload_bytes"),
         **_summary_stats(downloads, "download_bytes"),
+        **_summary_stats(list(tally.wire_up.values()), "wire_upload_bytes"),
+        **_summary_stats(list(tally.wire_down.values()), "wire_download_bytes"),
         **_summary_stats(tally.memory, "device_memory_bytes"),
         "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4,
         **applied,
@@ -918,9 +1020,11 @@ def _per_class(by_class: Mapping[int, list[tuple[int, float]]]) -> dict[str, flo
 
 
 def evaluate_round(
-    config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit, server_round: int
+    config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit, server_round: int,
+    traffic: TrafficLedger | None = None,
 ) -> tuple[dict[str, float], int]:
-    """Evaluate sampled devices on the full masked table; per-user means of every reported metric."""
+    """Evaluate sampled devices on the full masked table; per-user means of every reported metric (the
+    bytes go to ``traffic`` when given)."""
     count = max(1, int(round(config.fed.eval_fraction * population.users.size)))
     # The same devices at every evaluation (keyed by the seed alone): rounds are compared, and the best
     # round picked, on one fixed validation population, not on a new random subset each time.
@@ -929,6 +1033,8 @@ def evaluate_round(
     widths = {int(u): device_width(config, int(u)) for u in chosen}
     messages = download_messages(EvaluateRequest, server, device_init, dict.fromkeys(widths), widths)
     replies = transport.send(EVALUATE, server_round, messages, {})
+    meter = Meter(traffic or TrafficLedger(population.users))
+    meter.exchange(transport, "evaluate", EVALUATE, server_round, messages, {}, replies)
     evaluated: dict[int, Mapping[str, float]] = {}
     for user, reply in replies.items():
         if isinstance(reply, str) or (problem := _evaluation_problem(reply)):

@@ -38,6 +38,7 @@ QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
 KINDS = (START, QUERY, TRAIN, EVALUATE)  # every kind a transport delivers
+MESSAGE_TYPES = {START: "query.nmf", QUERY: "query.rows", TRAIN: "train", EVALUATE: "evaluate"}  # Flower's name of each kind
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class ObservingTransport:
         self.config = config
         self.n_items = n_items
         self.sums: list[ObservedSum] = []
+        self._start_round: tuple[int, np.ndarray, list[int]] | None = None  # the last start round's running sum
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -83,11 +84,18 @@ class ObservingTransport:
         if not valid:
             return
         total = np.sum([vector.astype(np.float64) for vector in valid.values()], axis=0)
+        users = sorted(valid)
+        # the engine may deliver a round's cohort in several batches: the server holds one sum per round
+        if self._start_round is not None and self._start_round[0] == server_round:
+            _, earlier_total, earlier_users = self._start_round
+            total, users = total + earlier_total, sorted({*users, *earlier_users})
+            self.sums.pop()
+        self._start_round = (server_round, total, users)
         n = self.n_items
         # a seeded or power pass sums [n_items, k]; a refinement [n_items, k] then [k, k]: n k + k² = size
         width = total.size // n if total.size % n == 0 else int(round((-n + np.sqrt(n * n + 4 * total.size)) / 2))
         mass = np.linalg.norm(total[: self.n_items * width].reshape(self.n_items, width), axis=1)
-        self.sums.append(ObservedSum("start", server_round, np.array(sorted(valid), dtype=np.int64), mass))
+        self.sums.append(ObservedSum("start", server_round, np.array(users, dtype=np.int64), mass))
 
     def _record_train(self, server_round: int, replies) -> None:
         weights = {user: reply.arrays.get("secure-weights") for user, reply in replies.items() if not isinstance(reply, str)}

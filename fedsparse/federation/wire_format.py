@@ -77,18 +77,50 @@ class Envelope:
         )
 
 
-def message_wire_bytes(records: Mapping[str, Record], envelope: Envelope) -> int:
+ArrayCache = dict[int, tuple[str, dict[str, int]]]  # id(array) -> its Array id and objects (arrays alive while cached)
+
+
+def message_wire_bytes(records: Mapping[str, Record], envelope: Envelope, cache: ArrayCache | None = None) -> int:
     """Bytes of every distinct object of a message holding ``records`` (a RecordDict by name).
 
     A plain mapping of arrays is an ArrayRecord; ``ConfigRecord`` and ``MetricRecord`` wrap scalars.
+    ``cache`` reuses the objects of an array object already measured (messages sharing one table); the
+    caller keeps those arrays alive and unchanged while the cache is in use.
     """
     objects: dict[str, int] = {}
     record_ids = {}
     for name, record in records.items():
-        record_ids[name] = _record_object(record, objects)
+        record_ids[name] = _record_object(record, objects, cache)
     content_id = _add(objects, "RecordDict", list(dict.fromkeys(record_ids.values())), json.dumps(record_ids).encode())
     _add(objects, "Message", [content_id], _message_body(envelope))
     return sum(objects.values())
+
+
+def request_records(user: int, server_round: int, arrays: ArrayRecordContent, settings: ScalarRecordContent) -> dict[str, Record]:
+    """What the Flower transport sends one device: the round's settings and the device's arrays."""
+    return {"settings": ConfigRecord({"server-round": server_round, **settings}), f"arrays.{user}": arrays}
+
+
+def reply_records(user: int, arrays: ArrayRecordContent, metrics: ScalarRecordContent) -> dict[str, Record]:
+    """What the ClientApp sends back for one device: its arrays and its metrics."""
+    return {f"arrays.{user}": arrays, f"metrics.{user}": MetricRecord(metrics)}
+
+
+def request_wire_bytes(
+    message_type: str, server_round: int, user: int, arrays: ArrayRecordContent, settings: ScalarRecordContent,
+    cache: ArrayCache | None = None,
+) -> int:
+    """Wire bytes of the message to one device (a supernode per device), ids at their largest."""
+    envelope = Envelope.worst_case(message_type, str(server_round), reply=False)
+    return message_wire_bytes(request_records(user, server_round, arrays, settings), envelope, cache)
+
+
+def reply_wire_bytes(
+    message_type: str, server_round: int, user: int, arrays: ArrayRecordContent, metrics: ScalarRecordContent
+) -> int:
+    """Wire bytes of one device's reply (it names the message it answers), ids at their largest."""
+    envelope = Envelope.worst_case(message_type, str(server_round), reply=True)
+    return message_wire_bytes(reply_records(user, arrays, metrics), envelope)
 
 
 def record_wire_bytes(record: Record) -> int:
@@ -98,14 +130,25 @@ def record_wire_bytes(record: Record) -> int:
     return sum(objects.values())
 
 
-def _record_object(record: Record, objects: dict[str, int]) -> str:
+def _record_object(record: Record, objects: dict[str, int], cache: ArrayCache | None = None) -> str:
     """Add ``record``'s objects to ``objects`` (id -> bytes); returns the record's id."""
     if isinstance(record, ConfigRecord):
         return _add(objects, "ConfigRecord", [], _scalar_record_body(record.values, config=True))
     if isinstance(record, MetricRecord):
         return _add(objects, "MetricRecord", [], _scalar_record_body(record.values, config=False))
-    array_ids = {name: _array_object(np.asarray(array), objects) for name, array in record.items()}
+    array_ids = {name: _cached_array_object(array, objects, cache) for name, array in record.items()}
     return _add(objects, "ArrayRecord", list(dict.fromkeys(array_ids.values())), json.dumps(array_ids).encode())
+
+
+def _cached_array_object(array: np.ndarray, objects: dict[str, int], cache: ArrayCache | None) -> str:
+    if cache is None:
+        return _array_object(np.asarray(array), objects)
+    if id(array) not in cache:
+        own: dict[str, int] = {}
+        cache[id(array)] = (_array_object(np.asarray(array), own), own)
+    array_id, own = cache[id(array)]
+    objects.update(own)
+    return array_id
 
 
 def _array_object(array: np.ndarray, objects: dict[str, int]) -> str:
