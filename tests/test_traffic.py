@@ -64,3 +64,7 @@ def test_a_run_ledgers_every_phase_and_its_rounds_add_up(tmp_path):
             key = f"{phase}_{direction}_bytes_per_device_mean"
             assert summary[f"wire_{key}"] > summary[f"payload_{key}"], key
     assert summary["payload_start_up_bytes_per_device_mean"] * devices == summary["total_nmf_upload_bytes"]
+    # each round says how much the run has cost per device so far; the last equals the summary's total
+    so_far = [record["wire_bytes_per_device_so_far"] for record in rounds]
+    assert so_far == sorted(so_far) and so_far[0] > summary["wire_start_both_bytes_per_device_mean"]
+    assert so_far[-1] == pytest.approx(summary["wire_total_both_bytes_per_device_mean"])

@@ -727,6 +727,8 @@ def _run_locked(
             state.last_metrics = metrics
             if select_key in metrics and improves(metrics[select_key], state.best.get(select_key, -1.0), sampled):
                 state.best = {"round": server_round, **metrics}
+        for measure in ("wire", "payload"):  # the whole run so far, start and evaluations included: curves of bytes
+            record[f"{measure}_bytes_per_device_so_far"] = state.traffic.mean_per_device(measure)
         record["seconds"] = time.perf_counter() - record.pop("started")
         append_jsonl(run_dir / "rounds.jsonl", record)
         save_checkpoint(run_dir, state, transport)
