@@ -35,6 +35,7 @@ NMF_METHODS = ("sklearn", "multiplicative")
 NMF_SELECT = ("global", "per-row")
 NMF_VALUES = ("random", "factors")
 DOWNLINKS = ("full", "rows")
+UPLINKS = ("rows", "table")
 NMF_INITS = ("federated", "central", "none")
 NMF_STARTS = ("range", "svd", "mu")
 AGGREGATIONS = ("weighted", "uniform", "sum", "client-mean")
@@ -175,6 +176,7 @@ class FedConfig:
     aggregation: str = "sum"  # per-row mean over contributors (weighted by examples, or uniform), sum (FedMF),
     # client-mean (FedAvg)
     downlink: str = "full"  # full = the whole masked item table; rows = only the rows a device trains on
+    uplink: str = "rows"  # rows = the deltas of the rows a device trained; table = of every row (FedAvg's upload)
     explore_every: int = 5  # rounds between item-mask updates (the policy's Delta T in rounds)
     signal_topk: int = 4  # inactive entries per touched row a device reports as regrowth signal
     signal_every_round: bool = False  # accumulate signals from every round (costs bytes) or send them only at exploration rounds
@@ -411,6 +413,9 @@ class RunConfig:
             (f.server_eps > 0, "fed.server-eps", "must be > 0"),
             (f.aggregation in AGGREGATIONS, "fed.aggregation", f"must be one of {AGGREGATIONS}"),
             (f.downlink in DOWNLINKS, "fed.downlink", f"must be one of {DOWNLINKS}"),
+            (f.uplink in UPLINKS, "fed.uplink", f"must be one of {UPLINKS}"),
+            (f.uplink == "rows" or (f.downlink == "full" and not p.secure_aggregation), "fed.uplink",
+             "table needs fed.downlink = full and no privacy.secure-aggregation (secure uploads are dense already)"),
             (f.explore_every >= 1, "fed.explore-every", "must be >= 1"),
             (f.signal_topk >= 0, "fed.signal-topk", "must be >= 0"),
             (f.nmf_init in NMF_INITS, "fed.nmf-init", f"must be one of {NMF_INITS}"),

@@ -401,13 +401,20 @@ def _train_joint_steps(
 def _encode_upload(
     config: RunConfig, rows: _RoundRows, local: _LocalModel, steps: _JointSteps, n_items: int, send_signal: bool
 ) -> RowUpdate:
-    """The upload: deltas of the active entries of the touched rows, weighted by the examples trained,
-    with the top-k regrowth signal of each row's inactive entries when ``send_signal``."""
+    """The upload: deltas of the active entries of the touched rows (``fed.uplink = table``: of every row,
+    zero where untrained, as FedAvg uploads the whole table), weighted by the examples trained, with the
+    top-k regrowth signal of each touched row's inactive entries when ``send_signal``."""
     items = local.model.item_embedding.weight.detach()
-    delta = (items - torch.from_numpy(local.item_start))[local.item_mask].numpy().astype(np.float32)
-    row_ids = wire_row_ids(rows.touched, n_items)
-    signal = _top_signal(row_ids, steps.item_signal.numpy(), local.item_mask.numpy(), config) if send_signal else ()
-    return RowUpdate(row_ids, delta, float(rows.trained.size), *signal)
+    trained = (items - torch.from_numpy(local.item_start)).numpy()
+    touched_ids = wire_row_ids(rows.touched, n_items)
+    signal = _top_signal(touched_ids, steps.item_signal.numpy(), local.item_mask.numpy(), config) if send_signal else ()
+    if config.fed.uplink == "table":  # the download was the whole table (config check): every row goes back
+        whole = np.zeros(local.table.shape, dtype=np.float32)
+        whole[rows.touched] = trained
+        delta, row_ids = whole[local.table_mask], wire_row_ids(np.arange(n_items), n_items)
+    else:
+        delta, row_ids = trained[local.item_mask.numpy()], touched_ids
+    return RowUpdate(row_ids, delta.astype(np.float32), float(rows.trained.size), *signal)
 
 
 def _trained_device_state(state: DeviceState, local: _LocalModel) -> DeviceState:
