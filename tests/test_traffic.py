@@ -68,3 +68,5 @@ def test_a_run_ledgers_every_phase_and_its_rounds_add_up(tmp_path):
     so_far = [record["wire_bytes_per_device_so_far"] for record in rounds]
     assert so_far == sorted(so_far) and so_far[0] > summary["wire_start_both_bytes_per_device_mean"]
     assert so_far[-1] == pytest.approx(summary["wire_total_both_bytes_per_device_mean"])
+    evaluations = rounds[-1]["wire_evaluate_bytes_per_device_so_far"]
+    assert 0 < evaluations < so_far[-1] and evaluations == pytest.approx(summary["wire_evaluate_both_bytes_per_device_mean"])

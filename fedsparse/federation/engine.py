@@ -729,6 +729,7 @@ def _run_locked(
                 state.best = {"round": server_round, **metrics}
         for measure in ("wire", "payload"):  # the whole run so far, start and evaluations included: curves of bytes
             record[f"{measure}_bytes_per_device_so_far"] = state.traffic.mean_per_device(measure)
+            record[f"{measure}_evaluate_bytes_per_device_so_far"] = state.traffic.mean_per_device(measure, "evaluate")
         record["seconds"] = time.perf_counter() - record.pop("started")
         append_jsonl(run_dir / "rounds.jsonl", record)
         save_checkpoint(run_dir, state, transport)

@@ -47,9 +47,9 @@ class TrafficLedger:
             out[f"{measure}_run_bytes"] = float(self._per_device(measure, "total", "both").sum())
         return out
 
-    def mean_per_device(self, measure: str) -> float:
-        """Bytes per device so far, every phase and direction, averaged over the whole federation."""
-        return float(self._per_device(measure, "total", "both").mean()) if self.users.size else 0.0
+    def mean_per_device(self, measure: str, phase: str = "total") -> float:
+        """Bytes per device so far of ``phase`` (or every phase), both directions, averaged over the federation."""
+        return float(self._per_device(measure, phase, "both").mean()) if self.users.size else 0.0
 
     def _per_device(self, measure: str, phase: str, direction: str) -> np.ndarray:
         phases = PHASES if phase == "total" else (phase,)
