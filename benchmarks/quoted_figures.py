@@ -24,7 +24,8 @@ FENCE = re.compile(r"^\s*```")
 INLINE_CODE = re.compile(r"`[^`]*`")
 LINK_TARGET = re.compile(r"\]\([^)]*\)")
 FIGURE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(\s?%)?(?![\w.]*\d)")
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,10 @@ def result_numbers(directories: Iterable[Path]) -> set[float]:
     for directory in directories:
         for path in sorted(directory.rglob("*")):
             if path.suffix in RESULT_SUFFIXES and path.is_file():
-                numbers.update(float(token) for token in NUMBER.findall(path.read_text().replace(",", "")))
+                text = path.read_text()
+                # a CSV's commas separate fields; in Markdown a comma between digit groups is a thousands separator
+                text = text.replace(",", " ") if path.suffix == ".csv" else THOUSANDS.sub("", text)
+                numbers.update(float(token) for token in NUMBER.findall(text))
     return numbers
 
 
@@ -78,7 +82,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("documents", nargs="*", type=Path, help="Markdown files (default: README.md and docs/guides/*.md)")
     args = parser.parse_args()
-    documents = args.documents or [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+    defaults = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+    documents = [path.resolve() for path in args.documents] or defaults
     missing = unbacked(documents, result_numbers(RESULT_DIRS))
     for figure in missing:
         print(f"{figure.path.relative_to(ROOT)}:{figure.line}: {figure.text} is in no committed results file")
