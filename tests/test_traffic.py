@@ -36,6 +36,31 @@ def test_the_ledger_round_trips_through_a_checkpoint():
         TrafficLedger.from_state_arrays(broken)
 
 
+def test_a_checkpoint_without_the_ledger_is_refused_with_its_path(tmp_path):
+    """A run checkpointed before byte ledgers existed (manifest consistent, no traffic.*) cannot resume
+    with its bytes silently reset: the resume names the file and why."""
+    import json
+
+    from fedsparse.config import RunConfig
+    from fedsparse.data import load_dataset
+    from fedsparse.federation.engine import MANIFEST, CheckpointError, load_checkpoint
+    from fedsparse.federation.inprocess import InProcessTransport, run_inprocess
+
+    config = RunConfig.from_flat({"results-dir": str(tmp_path), "num-server-rounds": 1, "data.dataset": "synthetic",
+                                  "data.synthetic-users": 20, "data.synthetic-items": 40, "model.dim": 4})
+    data = load_dataset(config.data, config.seed)
+    run_dir, _ = run_inprocess(config, data)
+    path = run_dir / "checkpoint.npz"
+    with np.load(path) as stored:
+        arrays = {key: stored[key] for key in stored.files if not key.startswith("traffic.")}
+    manifest = json.loads(str(arrays[MANIFEST]))
+    manifest["arrays"] = {name: signature for name, signature in manifest["arrays"].items() if not name.startswith("traffic.")}
+    arrays[MANIFEST] = np.asarray(json.dumps(manifest, sort_keys=True))
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match="checkpoint.npz: no traffic.users: the checkpoint predates"):
+        load_checkpoint(run_dir, config, InProcessTransport(config, data), data.n_items)
+
+
 def test_a_run_ledgers_every_phase_and_its_rounds_add_up(tmp_path):
     from fedsparse.config import RunConfig
     from fedsparse.data import load_dataset

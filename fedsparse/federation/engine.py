@@ -614,7 +614,10 @@ def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport, n_it
     arrays.pop(MANIFEST)
     if hasattr(transport, "load_state_arrays"):
         transport.load_state_arrays({k.removeprefix("transport."): v for k, v in arrays.items() if k.startswith("transport.")})
-    return RunState.from_arrays(config, arrays)
+    try:
+        return RunState.from_arrays(config, arrays)
+    except ValueError as exc:  # the byte ledger: damaged, or a checkpoint written before it existed
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def resumed_rounds(path: Path, checkpoint_round: int) -> list[dict[str, Any]]:

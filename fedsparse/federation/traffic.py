@@ -69,7 +69,7 @@ class TrafficLedger:
     def from_state_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TrafficLedger:
         """Restore what ``state_arrays`` returned; ValueError naming a missing or misshapen entry."""
         if "traffic.users" not in arrays:
-            raise ValueError("checkpoint has no traffic.users")
+            raise ValueError("no traffic.users: the checkpoint predates the per-device byte ledger (start the run afresh)")
         ledger = cls(arrays["traffic.users"])
         for key in _keys():
             name = f"traffic.{'.'.join(key)}"
