@@ -1039,8 +1039,8 @@ def evaluate_round(
     widths = {int(u): device_width(config, int(u)) for u in chosen}
     messages = download_messages(EvaluateRequest, server, device_init, dict.fromkeys(widths), widths)
     replies = transport.send(EVALUATE, server_round, messages, {})
-    meter = Meter(traffic or TrafficLedger(population.users))
-    meter.exchange(transport, "evaluate", EVALUATE, server_round, messages, {}, replies)
+    if traffic is not None:
+        Meter(traffic).exchange(transport, "evaluate", EVALUATE, server_round, messages, {}, replies)
     evaluated: dict[int, Mapping[str, float]] = {}
     for user, reply in replies.items():
         if isinstance(reply, str) or (problem := _evaluation_problem(reply)):
