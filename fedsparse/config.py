@@ -160,6 +160,8 @@ class FedConfig:
     local_epochs: int = 1  # passes over the device's positives per round
     local_batch_size: int = 0  # positives per local Adam step (0 = the whole local set in one step)
     user_steps: int = 5  # steps on the user row alone (items frozen) before the joint steps, each round (catch-up with the table)
+    user_density: float = AUTO  # active share of each device's user row (private, never sent); auto = the policy's
+    # density (sparse.density; 1 for dense). 1 keeps a dense row, as PFedRec's score head
     user_state: str = "keep"  # keep: the device stores its user row; reconstruct:
     # FedRecon, fit afresh by user-steps each round and evaluation
     local_lr: float = 0.05  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
@@ -396,6 +398,7 @@ class RunConfig:
             (f.local_epochs >= 1, "fed.local-epochs", "must be >= 1"),
             (f.local_batch_size >= 0, "fed.local-batch-size", "must be >= 0 (0 = full local batch)"),
             (f.user_steps >= 0, "fed.user-steps", "must be >= 0"),
+            (f.user_density == AUTO or 0.0 < f.user_density <= 1.0, "fed.user-density", "must be in (0, 1] or -1 (auto)"),
             (f.local_lr > 0, "fed.local-lr", "must be > 0"),
             (f.server_lr > 0, "fed.server-lr", "must be > 0"),
             (f.server_optimizer in SERVER_OPTIMIZERS, "fed.server-optimizer", f"must be one of {SERVER_OPTIMIZERS}"),

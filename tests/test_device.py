@@ -16,6 +16,7 @@ from fedsparse.federation.device import (
     LocalRound,
     evaluate_device,
     evaluate_splits,
+    explore_user_row,
     init_device,
     local_batches,
     local_train,
@@ -160,6 +161,27 @@ def test_init_device_exact_user_budget(policy: str, density: float, active: int)
     assert state.user_row.dtype == np.float32 and state.steps == 0
     again = init_device(cfg, USER)
     np.testing.assert_array_equal(state.user_row, again.user_row)
+
+
+@pytest.mark.parametrize("user_density, active", [(1.0, DIM), (0.25, 2), (-1.0, 4)])
+def test_user_density_sets_the_user_row_budget_apart_from_the_item_table(user_density: float, active: int) -> None:
+    cfg = config(**{"sparse.density": 0.5, "fed.user-density": user_density})  # -1: the item table's 0.5
+    state = init_device(cfg, USER)
+    assert state.user_mask.sum() == active
+
+
+def test_a_fully_active_user_row_survives_exploration_unchanged() -> None:
+    state = init_device(config(**{"fed.user-density": 1.0}), USER)
+    before = state.user_row.copy()
+    explore_user_row(config(), state, np.ones(DIM), 0.5, server_round=1, user_id=USER)
+    assert state.user_mask.all()
+    np.testing.assert_array_equal(state.user_row, before)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.5])
+def test_user_density_out_of_range_is_refused(bad: float) -> None:
+    with pytest.raises(ConfigError, match="fed.user-density"):
+        config(**{"fed.user-density": bad})
 
 
 def test_init_device_from_nmf_factor_keeps_its_largest_entries() -> None:

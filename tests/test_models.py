@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsparse.central import models
-from fedsparse.central.losses import batch_loss
+from fedsparse.central.losses import batch_loss, mf_user_row_gradient
 from fedsparse.central.models import MatrixFactorization, NeuMF, build_model
 from fedsparse.central.sampling import NegativeSampler
 from fedsparse.config import ModelConfig
@@ -99,3 +99,33 @@ def test_most_popular_scores_items_by_training_count_for_every_user():
     np.testing.assert_array_equal(model.score_all(torch.tensor([0, 5])).numpy(), [[3, 0, 7, 1], [3, 0, 7, 1]])
     np.testing.assert_array_equal(model.score(torch.tensor([2, 2]), torch.tensor([[2, 1], [0, 3]])).numpy(), [[7, 0], [3, 1]])
     assert not list(model.parameters())
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+@pytest.mark.parametrize("l2_reg", [0.0, 1e-3])
+def test_closed_form_user_row_gradient_equals_autograd(loss: str, l2_reg: float) -> None:
+    """The device's user-row fit uses MF's closed-form gradient; autograd of ``batch_loss`` is the reference."""
+    generator = torch.Generator().manual_seed(5)
+    model = MatrixFactorization(1, 30, 8, generator)
+    positives = torch.randint(0, 30, (7,), generator=generator)
+    negatives = torch.randint(0, 30, (7, 3), generator=generator)
+    users = torch.zeros(7, dtype=torch.int64)
+    batch_loss(model, users, positives, negatives, loss, l2_reg).backward()
+    items = model.item_embedding.weight.detach()
+    closed = mf_user_row_gradient(model.user_embedding.weight.detach()[0], items[positives], items[negatives], loss, l2_reg)
+    assert model.user_embedding.weight.grad is not None
+    torch.testing.assert_close(closed, model.user_embedding.weight.grad[0], rtol=1e-5, atol=1e-7)
+
+
+def test_closed_form_user_row_gradient_refuses_an_unknown_loss() -> None:
+    with pytest.raises(ValueError, match="unknown loss"):
+        mf_user_row_gradient(torch.zeros(2), torch.zeros(1, 2), torch.zeros(1, 1, 2), "mse", 0.0)
+
+
+def test_mf_from_weights_copies_the_tables_and_trains_them() -> None:
+    users, items = torch.randn(2, 4), torch.randn(5, 4)
+    model = MatrixFactorization.from_weights(users, items)
+    torch.testing.assert_close(model.user_embedding.weight.detach(), users)
+    torch.testing.assert_close(model.item_embedding.weight.detach(), items)
+    assert model.item_embedding.weight.data_ptr() != items.data_ptr() and model.item_embedding.weight.requires_grad
+    assert dict(model.embedding_tables()) == {"user": model.user_embedding, "item": model.item_embedding}

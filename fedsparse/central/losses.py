@@ -34,3 +34,28 @@ def batch_loss(
     else:
         raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
     return data_loss + l2_reg * model.batch_l2(users, positives, negatives.reshape(-1))
+
+
+def mf_user_row_gradient(
+    user_row: torch.Tensor, positive_rows: torch.Tensor, negative_rows: torch.Tensor, loss: str, l2_reg: float
+) -> torch.Tensor:
+    """Gradient of ``batch_loss`` of MF for one user with respect to that user's row, items held fixed.
+
+    user_row float32 [w]; positive_rows [b, w]; negative_rows [b, n, w] (the batch's item rows). Closed
+    form, no autograd: what a device needs to fit its own row against frozen items, many times cheaper
+    than a backward through the embedding tables. Returns float32 [w].
+    """
+    positive_scores = positive_rows @ user_row
+    negative_scores = negative_rows @ user_row
+    if loss == "bpr":
+        weights = torch.sigmoid(negative_scores - positive_scores[:, None])  # d softplus(margin) / d margin, [b, n]
+        gradient = torch.einsum("bn,bnw->w", weights, negative_rows) - weights.sum(1) @ positive_rows
+        gradient = gradient / weights.numel()
+    elif loss == "bce":
+        positive_weights = torch.sigmoid(positive_scores) - 1.0
+        negative_weights = torch.sigmoid(negative_scores)
+        gradient = positive_weights @ positive_rows + torch.einsum("bn,bnw->w", negative_weights, negative_rows)
+        gradient = gradient / (positive_scores.numel() + negative_scores.numel())
+    else:
+        raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
+    return gradient + l2_reg * user_row  # batch_l2 counts the row once per example, divided by the batch size

@@ -53,6 +53,16 @@ class MatrixFactorization(EmbeddingRecommender):
         for table in (self.user_embedding, self.item_embedding):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
 
+    @classmethod
+    def from_weights(cls, user_weight: torch.Tensor, item_weight: torch.Tensor) -> MatrixFactorization:
+        """MF on copies of given tables (float32 [n_users, dim], [n_items, dim]), skipping the random
+        initialisation a device would overwrite at once."""
+        model = cls.__new__(cls)
+        EmbeddingRecommender.__init__(model)
+        model.user_embedding = RowEmbedding(*user_weight.shape, _weight=user_weight.detach().clone())
+        model.item_embedding = RowEmbedding(*item_weight.shape, _weight=item_weight.detach().clone())
+        return model
+
     def embedding_tables(self) -> dict[str, RowEmbedding]:
         """The per-user and per-item tables, by name (what sparse policies mask)."""
         return {"user": self.user_embedding, "item": self.item_embedding}

@@ -16,9 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedsparse.central.losses import batch_loss
+from fedsparse.central.losses import batch_loss, mf_user_row_gradient
 from fedsparse.central.models import MatrixFactorization
-from fedsparse.config import RunConfig, ranking_cutoffs, uses_sampled_protocol
+from fedsparse.config import AUTO, RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
 from fedsparse.eval import metrics
 from fedsparse.federation.device_classes import device_width
@@ -119,7 +119,8 @@ class DeviceState:
 
 def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None = None) -> DeviceState:
     """A fresh device: normal(0, 0.1) user row of the device's width w (``model.dim`` unless its class
-    holds fewer dimensions) masked to round(density * w) entries.
+    holds fewer dimensions) masked to round(density * w) entries (``fed.user-density``, by default the
+    policy's density).
 
     With an NMF user factor (rank = dim, cut to its first w entries), the mask row keeps the factor's
     largest entries (a per-row quota: each device decides alone) and, with ``sparse.nmf-values =
@@ -127,7 +128,7 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     """
     dim = device_width(config, user_id)
     rng = rng_for(config.seed, "device-init", user_id)
-    active = budget(build_policy(config.sparse).settings.density, 1, dim)
+    active = budget(user_row_density(config), 1, dim)
     if nmf_factor is not None:
         nmf_factor = np.asarray(nmf_factor)[:dim]
         columns = largest(nmf_factor, active)
@@ -141,6 +142,13 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     row = (values * mask).astype(np.float32)
     zeros = np.zeros(dim, dtype=np.float32)
     return DeviceState(row, mask, zeros.copy(), zeros.copy())
+
+
+def user_row_density(config: RunConfig) -> float:
+    """Active share of a device's user row: ``fed.user-density``, or the mask policy's density when auto."""
+    if config.fed.user_density != AUTO:
+        return config.fed.user_density
+    return build_policy(config.sparse).settings.density
 
 
 def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
@@ -269,7 +277,7 @@ def local_train(
     server_round = local_round.server_round
     rows = _plan_round_rows(config, data, download, n_items, server_round)
     local = _load_local_model(config, state, download, rows, n_items)
-    fit_user_row(config, local.model, local.user_opt, local.user_mask, *rows.real_examples_of_first_epoch())
+    fit_user_row(config, local.model, local.user_opt, *rows.real_examples_of_first_epoch())
     steps = _train_joint_steps(config, data, rows, local, server_round)
     update = _encode_upload(config, rows, local, steps, n_items, local_round.send_signal)
     new_state = _trained_device_state(state, local)
@@ -299,12 +307,11 @@ class _RoundRows:
         """int64, shaped as ``items``: each item's row in the local model (its position in ``touched``)."""
         return torch.from_numpy(np.searchsorted(self.touched, items))
 
-    def real_examples_of_first_epoch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(users, positives, negatives) of the real positives with the first epoch's negatives: what the
-        user row is fitted on (fake positives never reach the user row)."""
+    def real_examples_of_first_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positives, negatives) of the real positives with the first epoch's negatives: what the user row
+        is fitted on (fake positives never reach the user row)."""
         real = slice(0, self.n_real)
-        users = torch.zeros(self.n_real, dtype=torch.int64)
-        return users, self.positions(self.trained[real]), self.positions(self.negatives[0][real])
+        return self.positions(self.trained[real]), self.positions(self.negatives[0][real])
 
 
 def _plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload, n_items: int, server_round: int) -> _RoundRows:
@@ -345,10 +352,7 @@ def _load_local_model(
     table, table_mask = download.table.decode()
     local = np.searchsorted(download.rows(n_items), rows.touched)
     item_start = table[local]
-    model = MatrixFactorization(1, rows.touched.size, state.user_row.size)  # the device's width
-    with torch.no_grad():
-        model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
-        model.item_embedding.weight.copy_(torch.from_numpy(item_start))
+    model = MatrixFactorization.from_weights(torch.from_numpy(state.user_row).view(1, -1), torch.from_numpy(item_start))
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     item_mask = torch.from_numpy(table_mask[local])
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
@@ -513,27 +517,23 @@ def fit_user_row(
     config: RunConfig,
     model: MatrixFactorization,
     user_opt: MaskedAdam | MaskedSGD,
-    user_mask: torch.Tensor,
-    users: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor,
 ) -> None:
     """``fed.user-steps`` steps on the user row alone against the downloaded item rows (frozen), before
     the joint steps: the private row catches up with a table that moved since the device last took part
-    (FedRecon's local reconstruction, kept across rounds here). Costs O(n * dim) per step, no item gradient.
+    (FedRecon's local reconstruction, kept across rounds here). positives int64 [b], negatives int64 [b, n]:
+    rows of the local model. The gradient is MF's closed form (``mf_user_row_gradient``), O(b * n * dim)
+    per step with no backward through the tables.
     """
     if config.fed.user_steps == 0:
         return
-    item_weight = model.item_embedding.weight
-    item_weight.requires_grad_(False)
-    try:
-        for _ in range(config.fed.user_steps):
-            loss = batch_loss(model, users, positives, negatives, config.train.loss, config.train.l2_reg)
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            user_opt.step(_gradient(model.user_embedding.weight))
-    finally:
-        item_weight.requires_grad_(True)
+    item_weight = model.item_embedding.weight.detach()
+    positive_rows, negative_rows = item_weight[positives], item_weight[negatives]
+    user_weight = model.user_embedding.weight.data  # [1, w], stepped in place by the optimiser
+    for _ in range(config.fed.user_steps):
+        gradient = mf_user_row_gradient(user_weight[0], positive_rows, negative_rows, config.train.loss, config.train.l2_reg)
+        user_opt.step(gradient.view(1, -1))
 
 
 def reconstruct_user_row(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> DeviceState:
@@ -542,15 +542,12 @@ def reconstruct_user_row(config: RunConfig, state: DeviceState, data: DeviceData
     n_items = item_weights.shape[0]
     negatives = round_negatives(config, data, n_items, 0)[0]
     touched = rows_needed(data, negatives)
-    model = MatrixFactorization(1, touched.size, state.user_row.size)
-    with torch.no_grad():
-        model.user_embedding.weight.copy_(torch.from_numpy(state.user_row).view(1, -1))
-        model.item_embedding.weight.copy_(torch.from_numpy(np.ascontiguousarray(item_weights[touched, : state.user_row.size])))
+    item_rows = torch.from_numpy(np.ascontiguousarray(item_weights[touched, : state.user_row.size]))
+    model = MatrixFactorization.from_weights(torch.from_numpy(state.user_row).view(1, -1), item_rows)
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
-    users = torch.zeros(data.train.size, dtype=torch.int64)
     positives = torch.from_numpy(np.searchsorted(touched, data.train))
-    fit_user_row(config, model, user_opt, user_mask, users, positives, torch.from_numpy(np.searchsorted(touched, negatives)))
+    fit_user_row(config, model, user_opt, positives, torch.from_numpy(np.searchsorted(touched, negatives)))
     return replace(state, user_row=model.user_embedding.weight.detach().view(-1).numpy().astype(np.float32))
 
 
@@ -570,8 +567,11 @@ def set_user_prefix(config: RunConfig, state: DeviceState, share: float, server_
 def explore_user_row(
     config: RunConfig, state: DeviceState, signal: np.ndarray, fraction: float, server_round: int, user_id: int
 ) -> None:
-    """Prune and regrow the user row's mask in place (the row's budget is unchanged)."""
+    """Prune and regrow the user row's mask in place (the row's budget is unchanged; a fully active row
+    has nothing to swap)."""
     active = int(state.user_mask.sum())
+    if active == state.user_mask.size:
+        return
     if build_policy(config.sparse).settings.grow_score == "random":
         score = rng_for(config.seed, "device-explore", server_round, user_id).random(signal.shape)
     else:
