@@ -201,7 +201,8 @@ def main() -> None:
     frame = frame[frame["dataset"] == args.dataset].reset_index(drop=True)
     header = (
         f"Measured by `python simulations/privacy_frontier.py --dataset {args.dataset} --rounds {args.rounds} --fraction "
-        f"{args.fraction} --densities {args.densities} --watch {args.watch}` on {machine_description()}; this invocation took "
+        f"{args.fraction} --densities {args.densities} --defences {args.defences} --watch {args.watch}` on "
+        f"{machine_description()}; this invocation took "
         f"{time.perf_counter() - started:.0f} s. AUC = over all items; auc_uploaded = among the uploaded rows (IMIA's framing); "
         "epsilon at delta = 1e-5 per device over its uploads (inf = no local DP).\n\n"
     )

@@ -58,6 +58,14 @@ def write_markdown_table(path: Path, header: str, frame: pd.DataFrame) -> None:
     print(frame.to_string(index=False))
 
 
+def write_markdown_sections(path: Path, header: str, sections: list[tuple[str, pd.DataFrame]]) -> None:
+    """Write ``header`` then each (heading, frame) as a Markdown table under its heading, atomically."""
+    text = header + "".join(heading + frame.to_markdown(index=False, floatfmt=".4g") + "\n" for heading, frame in sections)
+    atomic_write_text(path, text)
+    for heading, frame in sections:
+        print(heading.strip(), frame.to_string(index=False), sep="\n")
+
+
 def machine_description() -> str:
     """CPU, cores and torch version/threads, for the header of a results table."""
     return (
