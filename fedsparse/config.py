@@ -52,6 +52,7 @@ MODELS = ("mf", "neumf", "popular")
 LOSSES = ("bpr", "bce")
 NEGATIVE_RULES = ("non-train", "unrated")
 LOO_TIES = ("file-last", "file-first", "item")
+HOLDOUTS = ("latest", "random")  # candidate files: latest = by timestamp (PFedRec); random = a seeded random pair per user
 
 
 class ConfigError(ValueError):
