@@ -287,7 +287,7 @@ def _simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     data = load_run_data(config)
     log.info(dataset_line(data.name, data.counts(), time.perf_counter() - started))
-    check_population(config, population_of(data))
+    check_population(config, population_of(data, config))
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))
         check_unlocked(Path(config.resume_dir))

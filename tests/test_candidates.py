@@ -253,7 +253,7 @@ def test_inprocess_federation_devices_rank_exactly_the_files_candidates(data_roo
     config = run_config(data_root, path, **{"model.dim": 4, "sparse.policy": "dense", "fed.eval-fraction": 1.0,
                                             "fed.nmf-init": "none"})
     data = load_run_data(config)
-    population = population_of(data)
+    population = population_of(data, config)
     transport = InProcessTransport(config, data)
     state = start_run(config, population, transport)
     metrics, _ = evaluate_round(config, state.server, population, transport, state.device_init, 1)
@@ -303,7 +303,7 @@ def test_federation_picks_the_best_round_by_validation_hr_under_the_sampled_prot
     data = load_run_data(config)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    summary = run_federation(config, population_of(data), ScriptedEvaluation(config, data), run_dir)
+    summary = run_federation(config, population_of(data, config), ScriptedEvaluation(config, data), run_dir)
     if sampled:
         assert (summary["best_validation_round"], summary["best_test_sampled_hr@10"]) == (3, pytest.approx(0.3))
         assert summary["selection"] == "best validation_sampled_hr@10"
