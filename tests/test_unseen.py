@@ -144,6 +144,21 @@ def test_held_out_devices_never_join_a_start_or_training_cohort(tmp_path, downli
     assert records[2]["unseen_evaluated_clients"] == sum(1 for user in unseen if data.test[user].nnz)
 
 
+def test_under_streaming_only_the_held_out_devices_that_have_joined_are_evaluated(tmp_path):
+    config = synthetic(tmp_path, **{"budget.stream-stages": 2, "budget.stream-start": 0.3, "num-server-rounds": 3,
+                                    "sparse.policy": "dense", "sparse.density": 1.0, "fed.fraction-train": 1.0})
+    data = load_run_data(config)
+    population = population_of(data, config)
+    transport = Recording(config, data)
+    run_dir = new_run_dir(config.results_dir, "stream")
+    run_federation(config, population, transport, run_dir)
+    unseen = {int(user) for user in population.unseen}
+    assert all(not users & unseen for kind, _, users, _ in transport.sent if kind in TRAINING_KINDS)
+    held = [users for kind, _, users, settings in transport.sent if kind == "evaluate" and settings.get(UNSEEN)]
+    assert all(users <= unseen for users in held) and len(held[0]) < len(held[-1]) == len(unseen)  # they arrive over rounds
+    assert [r["unseen_users"] for r in read_jsonl(run_dir / "rounds.jsonl")] == [len(unseen)] * 3
+
+
 def test_the_default_holds_no_device_out_and_writes_no_unseen_key(tmp_path):
     config = synthetic(tmp_path, **{"fed.unseen-users": 0.0})
     data = load_run_data(config)

@@ -1088,6 +1088,8 @@ def evaluate_unseen(
     if population.unseen.size == 0:
         return {}, 0
     chosen = arrived_users(config, population.unseen, server_round)
+    if chosen.size == 0:  # streaming: none has joined yet
+        return {"unseen_users": int(population.unseen.size), "unseen_evaluated_clients": 0}, 0
     metrics, sent = _evaluate_devices(config, server, transport, device_init, server_round, chosen, traffic, True)
     return {"unseen_users": int(population.unseen.size), **{f"unseen_{key}": value for key, value in metrics.items()}}, sent
 
