@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fedsparse.config import (
+    HOLDOUTS,
     LOO_TIES,
     ConfigError,
     KeyHelp,
@@ -157,9 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seeds the negatives (rng_for(seed, 'eval-candidates', user))")
     candidates.add_argument("--data-dir", default="",
                             help="folder holding <name>/ (default: $FEDSPARSE_DATA, cache, download)")
+    candidates.add_argument("--holdout", choices=HOLDOUTS, default="latest",
+                            help="which items are held out: latest = the latest interaction is the test item, the "
+                            "second-latest the validation item (needs timestamps); random = a seeded random pair per "
+                            "user (random leave-one-out, for data without timestamps such as ml-1m's LightGCN files: "
+                            "easier, and not comparable with time-based figures)")
     candidates.add_argument("--ties", choices=LOO_TIES, default="file-last",
-                            help="equal timestamps (data.loo-ties): file-last = the later row in the file is later "
-                            "(fedsparse's loo split), file-first = the earlier one (PFedRec), item = the larger item id")
+                            help="--holdout latest, equal timestamps (data.loo-ties): file-last = the later row in the "
+                            "file is later (fedsparse's loo split), file-first = the earlier one (PFedRec), item = the "
+                            "larger item id")
     candidates.add_argument("--negatives", type=int, default=99,
                             help="negatives per held-out item (eval.sampled-negatives)")
     candidates.add_argument("--rating-threshold", type=float, default=0.0,
@@ -280,7 +287,7 @@ def _simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     data = load_run_data(config)
     log.info(dataset_line(data.name, data.counts(), time.perf_counter() - started))
-    check_population(config, population_of(data))
+    check_population(config, population_of(data, config))
     if config.resume_dir:
         check_resumable(config, Path(config.resume_dir))
         check_unlocked(Path(config.resume_dir))
@@ -342,8 +349,9 @@ def _data_command(args: argparse.Namespace) -> int:
             raise ConfigError("--negatives must be >= 1")
         data_config = RunConfig.from_flat({"data.dataset": args.name, "data.data-dir": args.data_dir, "data.loo-ties": args.ties,
                                            "data.rating-threshold": args.rating_threshold, "data.k-core": args.k_core}).data
-        path, users = write_candidates(data_config, args.out, args.seed, args.ties, args.negatives)
-        print(f"wrote {users} users to {path} (ties {args.ties}, seed {args.seed}, "
+        path, users = write_candidates(data_config, args.out, args.seed, args.ties, args.negatives, args.holdout)
+        rule = f"holdout latest, ties {args.ties}" if args.holdout == "latest" else "holdout random"
+        print(f"wrote {users} users to {path} ({rule}, seed {args.seed}, "
               f"{args.negatives} + {args.negatives} negatives each)")
         return 0
     config = _config_from_args(args)

@@ -52,6 +52,7 @@ MODELS = ("mf", "neumf", "popular")
 LOSSES = ("bpr", "bce")
 NEGATIVE_RULES = ("non-train", "unrated")
 LOO_TIES = ("file-last", "file-first", "item")
+HOLDOUTS = ("latest", "random")  # candidate files: latest = by timestamp (PFedRec); random = a seeded random pair per user
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,9 @@ class FedConfig:
     eval_fraction: float = 0.2  # share of devices evaluated
     evaluate_model: str = "global"  # global: rank with the server's table; local: each
     # trained device ranks with its own copy after training (PFedRec)
+    unseen_users: float = 0.0  # share of devices held out of training (a seeded draw) and evaluated apart at every
+    # evaluation, as FedRecon evaluates users it never trained on: each fits a fresh user row against the table (0 = off)
+    unseen_steps: int = 0  # steps that fit an unseen device's user row, items frozen (0 = fed.user-steps)
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
 
@@ -410,6 +414,10 @@ class RunConfig:
              "reconstruct needs fed.user-steps >= 1 (the steps that fit the fresh user row)"),
             (f.item_init_std > 0, "fed.item-init-std", "must be > 0"),
             (f.evaluate_model in EVALUATE_MODELS, "fed.evaluate-model", f"must be one of {EVALUATE_MODELS}"),
+            (0.0 <= f.unseen_users < 1.0, "fed.unseen-users", "must be in [0, 1)"),
+            (f.unseen_steps >= 0, "fed.unseen-steps", "must be >= 0 (0 = fed.user-steps)"),
+            (f.unseen_users == 0 or f.unseen_steps >= 1 or f.user_steps >= 1, "fed.unseen-users",
+             "> 0 needs fed.unseen-steps >= 1 or fed.user-steps >= 1 (the steps that fit an unseen device's user row)"),
             (f.evaluate_model == "global" or f.downlink == "full", "fed.evaluate-model",
              "local needs fed.downlink = full (a device ranks every item with its own copy of the table)"),
             (0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fed.server-beta1/2", "must be in [0, 1)"),

@@ -29,6 +29,9 @@ def round_line(record: Mapping[str, Any], total_rounds: int) -> str:
         parts += [f"Recall@20 {record['recall@20']:.4f}", f"NDCG@20 {record['ndcg@20']:.4f}"]
         if SAMPLED_HR in record:
             parts.append(f"HR@10 {record[SAMPLED_HR]:.4f}")
+        if "unseen_recall@20" in record:  # devices held out of training (fed.unseen-users), evaluated apart
+            parts.append(f"unseen Recall@20 {record['unseen_recall@20']:.4f}"
+                         + (f" HR@10 {record['unseen_' + SAMPLED_HR]:.4f}" if f"unseen_{SAMPLED_HR}" in record else ""))
     else:
         parts.append("not evaluated")
     parts += [f"upload {record['upload_bytes_mean'] / BYTES_PER_KB:.1f} KB", f"{record['seconds']:.1f} s"]
@@ -59,6 +62,15 @@ def _best(summary: Mapping[str, Any]) -> str | None:
     return f"{summary['best_validation_round']}" + (f" (test Recall@20 there {recall:.4f})" if recall is not None else "")
 
 
+def _unseen(summary: Mapping[str, Any]) -> str | None:
+    """``10 devices: Recall@20 0.1234, HR@10 0.5000`` of the devices held out of training, at the last round."""
+    if summary.get("unseen_recall@20") is None:
+        return None
+    hr = summary.get(f"unseen_{SAMPLED_HR}")
+    return (f"{summary.get('unseen_users')} devices: Recall@20 {summary['unseen_recall@20']:.4f}"
+            + (f", HR@10 {hr:.4f}" if hr is not None else ""))
+
+
 def _seconds(summary: Mapping[str, Any]) -> str | None:
     seconds = summary.get("seconds", summary.get("total_seconds"))
     return f"{seconds:.1f}" if seconds is not None else None
@@ -80,6 +92,7 @@ SUMMARY_ROWS: list[tuple[str, Callable[[Mapping[str, Any]], str | None]]] = [
     ("NDCG@20 (test, final)", _number("ndcg@20")),
     ("HR@10 (sampled, final)", _number(SAMPLED_HR)),
     ("best validation round", _best),
+    ("held out of training (final)", _unseen),
     ("per device, whole run, on the wire", _bytes("wire_total_both_bytes_per_device_mean")),
     ("  start / training / evaluation", _phases),
     ("upload payload, all devices, training", _bytes("total_upload_bytes")),

@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     data = load_run_data(config)
     logger.info(dataset_line(data.name, data.counts(), time.perf_counter() - started))
-    population = population_of(data)
+    population = population_of(data, config)
     check_population(config, population)  # a config that cannot run stops here, before any output
     check_flower_config(config)
     if config.resume_dir:  # devices start with empty context.state: see README, "Resume"

@@ -75,7 +75,7 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
     started = time.perf_counter()
     transport = ObservingTransport(InProcessTransport(config, data), config, data.n_items)
     run_dir = new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
-    summary = run_federation(config, population_of(data), transport, run_dir, data.train, observer=log)
+    summary = run_federation(config, population_of(data, config), transport, run_dir, data.train, observer=log)
     members = {user: np.sort(data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]).astype(np.int64)
                for user in log.uploads}
     if config.privacy.secure_aggregation:  # the server saw only sums: no attack has a per-device input

@@ -172,7 +172,7 @@ def test_amgp_federation_alternates_item_and_user_widths_and_ends_full_size(tmp_
     data = load_dataset(cfg.data, cfg.seed)
     transport = InProcessTransport(cfg, data)
     run_dir = new_run_dir(cfg.results_dir, "amgp")
-    summary = run_federation(cfg, population_of(data), transport, run_dir, data.train)
+    summary = run_federation(cfg, population_of(data, cfg), transport, run_dir, data.train)
     assert summary["item_active_entries"] == data.n_items * 8  # full-size at the end
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     assert [r.get("grown", 0) for r in rounds] == [0, data.n_items * 6, 0, 0]  # grown back after round 2

@@ -253,7 +253,7 @@ def test_inprocess_federation_devices_rank_exactly_the_files_candidates(data_roo
     config = run_config(data_root, path, **{"model.dim": 4, "sparse.policy": "dense", "fed.eval-fraction": 1.0,
                                             "fed.nmf-init": "none"})
     data = load_run_data(config)
-    population = population_of(data)
+    population = population_of(data, config)
     transport = InProcessTransport(config, data)
     state = start_run(config, population, transport)
     metrics, _ = evaluate_round(config, state.server, population, transport, state.device_init, 1)
@@ -303,7 +303,7 @@ def test_federation_picks_the_best_round_by_validation_hr_under_the_sampled_prot
     data = load_run_data(config)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    summary = run_federation(config, population_of(data), ScriptedEvaluation(config, data), run_dir)
+    summary = run_federation(config, population_of(data, config), ScriptedEvaluation(config, data), run_dir)
     if sampled:
         assert (summary["best_validation_round"], summary["best_test_sampled_hr@10"]) == (3, pytest.approx(0.3))
         assert summary["selection"] == "best validation_sampled_hr@10"
@@ -373,3 +373,112 @@ def test_the_writer_refuses_what_it_cannot_split(tmp_path, capsys):
     (root / "lastfm-2k" / "user_artists.dat").write_text("userID\tartistID\tweight\n1\t2\t3\n1\t3\t1\n1\t4\t9\n")
     assert main(["data", "candidates", "lastfm-2k", "--data-dir", str(root), "--out", str(out)]) == 2
     assert "timestamps" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Random leave-one-out (--holdout random): candidate files for data without timestamps
+# --------------------------------------------------------------------------------------------------
+
+LIGHTGCN_USERS, LIGHTGCN_ITEMS, LIGHTGCN_PER_USER = 33, 260, 8  # 260 - 8 >= 2 x 99 never-rated items per user
+
+
+@pytest.fixture
+def untimed_root(tmp_path: Path) -> Path:
+    """ml-1m as the shared copy holds it: LightGCN train.txt + test.txt, implicit pairs, no timestamps."""
+    directory = tmp_path / "untimed" / "ml-1m"
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    train, test = [], []
+    for user in range(LIGHTGCN_USERS):
+        # consecutive blocks cover every item (ids are remapped over the items that occur), in a random order
+        block = (user * LIGHTGCN_PER_USER + np.arange(LIGHTGCN_PER_USER)) % LIGHTGCN_ITEMS
+        items = [int(i) for i in rng.permutation(block)]
+        train.append(" ".join(map(str, [user, *items[:6]])))
+        test.append(" ".join(map(str, [user, *items[6:]])))
+    (directory / "train.txt").write_text("\n".join(train) + "\n")
+    (directory / "test.txt").write_text("\n".join(test) + "\n")
+    return tmp_path / "untimed"
+
+
+def untimed_rated(root: Path) -> dict[int, set[int]]:
+    """Every item each user has in the LightGCN files, read without fedsparse."""
+    rated: dict[int, set[int]] = {}
+    for name in ("train.txt", "test.txt"):
+        for line in (root / "ml-1m" / name).read_text().split("\n"):
+            if line.strip():
+                user, *items = (int(value) for value in line.split())
+                rated.setdefault(user, set()).update(items)
+    return rated
+
+
+def write_random(root: Path, out: Path, *extra: str) -> Path:
+    assert main(["data", "candidates", "ml-1m", "--data-dir", str(root), "--out", str(out), "--holdout", "random",
+                 *extra]) == 0
+    return out
+
+
+def test_random_holdout_writes_every_rule_for_data_without_timestamps(untimed_root, tmp_path, capsys):
+    path = write_random(untimed_root, tmp_path / "random.csv")
+    assert "holdout random" in capsys.readouterr().out  # the command says which holdout it used
+    assert path.read_text().splitlines()[0] == "user,val_item,test_item,val_negatives,test_negatives"  # nothing new
+    rows, rated = file_rows(path), untimed_rated(untimed_root)
+    assert sorted(rows) == sorted(rated)
+    for user, row in rows.items():
+        assert row["val"] != row["test"] and {row["val"], row["test"]} <= rated[user]
+        assert len(row["val_negatives"]) == len(set(row["val_negatives"])) == 99
+        assert len(row["test_negatives"]) == len(set(row["test_negatives"])) == 99
+        assert not set(row["val_negatives"]) & set(row["test_negatives"])  # disjoint
+        assert not (set(row["val_negatives"]) | set(row["test_negatives"])) & rated[user]  # never rated
+    # seeded: the same seed writes the same bytes; another seed other held-out items and negatives
+    assert write_random(untimed_root, tmp_path / "again.csv").read_bytes() == path.read_bytes()
+    other = file_rows(write_random(untimed_root, tmp_path / "other.csv", "--seed", "1"))
+    assert any(other[user]["test"] != rows[user]["test"] for user in rows)
+    assert any(other[user]["val_negatives"] != rows[user]["val_negatives"] for user in rows)
+
+
+def test_random_holdout_draws_each_users_pair_uniformly(tmp_path):
+    """Over seeds, every item of a user is held out for test about equally often (a seeded uniform draw)."""
+    from fedsparse.data.candidates import make_candidates
+
+    users, items = np.zeros(4, dtype=np.int64), np.array([3, 1, 2, 0], dtype=np.int64)
+    drawn = [make_candidates(users, items, None, 1, 20, "file-last", 2, seed, holdout="random") for seed in range(800)]
+    tests = np.bincount([int(c.test_items[0]) for c in drawn], minlength=4)
+    assert all(int(c.validation_items[0]) != int(c.test_items[0]) for c in drawn)
+    assert tests.min() > 150 and tests.max() < 250  # 200 expected each
+
+
+def test_latest_holdout_on_data_without_timestamps_is_refused_suggesting_random(untimed_root, tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    for extra in ([], ["--holdout", "latest"]):  # latest is the default
+        assert main(["data", "candidates", "ml-1m", "--data-dir", str(untimed_root), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "has no timestamps" in err and "--holdout random" in err and "not comparable" in err
+        assert not out.exists()
+
+
+def test_a_random_candidate_file_splits_and_runs_data_without_timestamps(untimed_root, tmp_path):
+    path = write_random(untimed_root, tmp_path / "random.csv")
+    rows = file_rows(path)
+    config = RunConfig.from_flat({
+        "data.dataset": "ml-1m", "data.data-dir": str(untimed_root), "eval.candidates": str(path),
+        "results-dir": str(tmp_path / "results"), "model.dim": 4, "num-server-rounds": 2, "fed.eval-fraction": 1.0,
+        "sparse.policy": "dense", "sparse.density": 1.0,
+    })
+    data = load_run_data(config)
+    for index, user in enumerate(data.user_ids):
+        assert data.item_ids[data.test.indices[data.test.indptr[index]]] == rows[int(user)]["test"]
+        assert data.item_ids[data.validation.indices[data.validation.indptr[index]]] == rows[int(user)]["val"]
+        assert data.train[index].nnz == LIGHTGCN_PER_USER - 2  # train and test files alike: every pair but the two
+    _, summary = run_inprocess(config, data)
+    assert summary["best_validation_round"] in (1, 2) and "best_test_sampled_hr@10" in summary
+
+
+def test_random_holdout_also_works_with_timestamps_and_ignores_ties(data_root, tmp_path, capsys):
+    first = write_file(data_root, tmp_path / "a.csv", "--holdout", "random")
+    assert "holdout random" in capsys.readouterr().out
+    second = write_file(data_root, tmp_path / "b.csv", "--holdout", "random", "--ties", "file-first")
+    assert first.read_bytes() == second.read_bytes()
+    latest = write_file(data_root, tmp_path / "c.csv")
+    assert "holdout latest, ties file-last" in capsys.readouterr().out
+    # the negatives depend only on the user's items and the seed: the same under both holdouts
+    assert [r["val_negatives"] for r in file_rows(first).values()] == [r["val_negatives"] for r in file_rows(latest).values()]

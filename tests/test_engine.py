@@ -76,7 +76,8 @@ def test_a_malformed_reply_is_dropped_and_the_run_goes_on(tmp_path, corrupt):
     config = small_config(tmp_path, **{"num-server-rounds": 2})
     data = load_dataset(config.data, config.seed)
     run_dir = new_run_dir(tmp_path, "faulty")
-    summary = run_federation(config, population_of(data), FaultyTransport(config, data, corrupt=corrupt), run_dir, data.train)
+    transport = FaultyTransport(config, data, corrupt=corrupt)
+    summary = run_federation(config, population_of(data, config), transport, run_dir, data.train)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     assert [record["dropped_updates"] for record in rounds] == [1, 1]
     assert all(record["failed_clients"] == 0 for record in rounds)
@@ -87,10 +88,10 @@ def test_failed_devices_are_counted_and_the_round_completes(tmp_path):
     config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.fraction-train": 1.0})
     data = load_dataset(config.data, config.seed)
     run_dir = new_run_dir(tmp_path, "failing")
-    run_federation(config, population_of(data), FaultyTransport(config, data, fail={0, 3, 5}), run_dir, data.train)
+    run_federation(config, population_of(data, config), FaultyTransport(config, data, fail={0, 3, 5}), run_dir, data.train)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     assert [record["failed_clients"] for record in rounds] == [3, 3]
-    assert all(record["clients"] == population_of(data).users.size for record in rounds)
+    assert all(record["clients"] == population_of(data, config).users.size for record in rounds)
 
 
 @pytest.mark.parametrize("server_optimizer", [{}, {"fed.server-optimizer": "adam", "fed.server-lr": 0.01}], ids=["avg", "adam"])
@@ -101,7 +102,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, server_optimize
 
     run_dir = new_run_dir(tmp_path, "interrupted")
     with pytest.raises(Interrupted):
-        run_federation(config, population_of(data), FaultyTransport(config, data, interrupt_at=3), run_dir, data.train)
+        run_federation(config, population_of(data, config), FaultyTransport(config, data, interrupt_at=3), run_dir, data.train)
     assert [record["round"] for record in read_jsonl(run_dir / "rounds.jsonl")] == [1, 2]
     resumed_dir, resumed = run_inprocess(config, data, resume_dir=run_dir)
     assert resumed_dir == run_dir
@@ -141,7 +142,8 @@ def test_a_reply_with_an_unusable_metric_is_dropped(tmp_path, bad_value):
     config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.eval-fraction": 1.0})
     data = load_dataset(config.data, config.seed)
     run_dir = new_run_dir(tmp_path, "bad-metrics")
-    summary = run_federation(config, population_of(data), BadMetricsTransport(config, data, bad_value), run_dir, data.train)
+    transport = BadMetricsTransport(config, data, bad_value)
+    summary = run_federation(config, population_of(data, config), transport, run_dir, data.train)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     assert [record["dropped_updates"] for record in rounds] == [1, 1]
     clean_dir, _ = run_inprocess(config, data)
@@ -170,10 +172,10 @@ def test_local_evaluation_reports_the_trained_devices_own_models(tmp_path):
     data = load_dataset(config.data, config.seed)
     transport = CountingTransport(config, data)
     run_dir = new_run_dir(tmp_path, "local-eval")
-    run_federation(config, population_of(data), transport, run_dir, data.train)
+    run_federation(config, population_of(data, config), transport, run_dir, data.train)
     assert [kind for kind, _, _ in transport.kinds] == ["train"] * 3
     assert [evaluate for _, _, evaluate in transport.kinds] == [False, True, True]  # rounds 2 and 3 (the last)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     assert "recall@20" not in rounds[0] and "recall@20" in rounds[1] and "validation_recall@20" in rounds[2]
-    devices_with_test = sum(1 for user in population_of(data).users if data.test[int(user)].nnz)
+    devices_with_test = sum(1 for user in population_of(data, config).users if data.test[int(user)].nnz)
     assert rounds[2]["evaluated_clients"] == devices_with_test

@@ -116,6 +116,29 @@ def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, over
     assert recorded["code_version"] == (code_version().removesuffix(MODIFIED_SUFFIX) or None) and recorded["flower_app_hash"]
 
 
+def test_held_out_devices_under_flower_match_the_inprocess_engine(tmp_path, isolated_flower):
+    """fed.unseen-users: the same devices held out, never trained, evaluated apart with the same metrics and
+    payload bytes under `flwr run` as in process (the ClientApp reads the held-out setting from the message)."""
+    config = small_config(tmp_path, **{"fed.nmf-init": "none", "fed.unseen-users": 0.25, "fed.eval-fraction": 1.0,
+                                       "fed.fraction-train": 1.0})
+    flower_dir, inprocess_dir = run_both_engines(isolated_flower, config)
+    flower_rounds = read_jsonl(flower_dir / "rounds.jsonl")
+    inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
+    for flower, local in zip(flower_rounds, inprocess_rounds, strict=True):
+        assert flower["clients"] == local["clients"] == 9  # 12 devices, 3 held out: every other one trains
+        assert flower["unseen_users"] == local["unseen_users"] == 3
+        assert flower["unseen_evaluated_clients"] == local["unseen_evaluated_clients"] > 0
+        unseen = [key for key in local if key.startswith("unseen_")]
+        assert "unseen_recall@20" in unseen and set(unseen) == {key for key in flower if key.startswith("unseen_")}
+        for key in [*unseen, *METRIC_KEYS]:
+            assert flower[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
+    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in (flower_dir, inprocess_dir)]
+    for key in ("payload_evaluate_down_bytes_per_device_mean", "payload_train_down_bytes_per_device_mean"):
+        assert summaries[0][key] == summaries[1][key] > 0, key
+    assert summaries[0]["wire_evaluate_down_bytes_per_device_mean"] > 0
+    assert json.loads((flower_dir / "config.json").read_text())["population"]["unseen_devices"] == 3
+
+
 def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulated_sum(tmp_path, isolated_flower):
     config = small_config(tmp_path, **{"privacy.secure-aggregation": True, "fed.downlink": "full", "fed.fraction-train": 0.5,
                                        "fed.nmf-init": "central"})

@@ -429,7 +429,7 @@ def test_in_process_timeouts_follow_simulated_time_not_the_machines_load(tmp_pat
     started = time.monotonic()
     run_dir, _ = run_inprocess(config, data)
     assert time.monotonic() - started < 30.0  # stragglers are late in simulated time: nobody sleeps 30 s
-    population = population_of(data)
+    population = population_of(data, config)
     for record in read_jsonl(run_dir / "rounds.jsonl"):
         chosen = population.users[sample_clients(config.seed, record["round"], population.users.size,
                                                  clients_per_round(config, population.users.size))]

@@ -242,7 +242,7 @@ class HostileTransport:
 
 def run_rounds(hostile: bool) -> tuple[RunState, HostileTransport, list[dict]]:
     data = load_dataset(APPLY_CONFIG.data, APPLY_CONFIG.seed)
-    population = population_of(data)
+    population = population_of(data, APPLY_CONFIG)
     assert data.n_items == N_HOSTILE_ITEMS
     chosen = set()
     for server_round in range(1, HOSTILE_ROUNDS + 1):

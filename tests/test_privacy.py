@@ -360,7 +360,7 @@ def test_the_server_s_sums_are_recorded_in_every_phase_and_attacked(tmp_path) ->
     data = load_dataset(config.data, config.seed)
     transport = ObservingTransport(InProcessTransport(config, data), config, data.n_items)
     (tmp_path / "run").mkdir()
-    run_federation(config, population_of(data), transport, tmp_path / "run", data.train)
+    run_federation(config, population_of(data, config), transport, tmp_path / "run", data.train)
     phases = [item.phase for item in transport.sums]
     assert phases[:2] == ["start", "start"] and phases.count("train") == 4  # the seeded pass, one refinement, 4 rounds
     assert all(item.row_mass.shape == (data.n_items,) and np.isfinite(item.row_mass).all() for item in transport.sums)

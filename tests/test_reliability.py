@@ -60,7 +60,7 @@ def test_failing_devices_are_counted_and_every_round_completes(tmp_path, mode):
     data = load_dataset(config.data, config.seed)
     run_dir, summary = run_inprocess(config, data)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
-    population = population_of(data)
+    population = population_of(data, config)
     failures = [len(expected_failures(config, population, record["round"])) for record in rounds]
     assert [record["failed_clients"] for record in rounds] == failures
     assert sum(failures) > 0
@@ -71,7 +71,7 @@ def test_a_crashed_device_loses_its_private_state(tmp_path):
     config = small_config(tmp_path, **{"faults.failure-rate": 0.4, "faults.failure-mode": "crash", "fed.fraction-train": 1.0})
     data = load_dataset(config.data, config.seed)
     transport = InProcessTransport(config, data)
-    users = population_of(data).users
+    users = population_of(data, config).users
     transport.states = {int(user): {"user-row": np.ones(8, dtype=np.float32)} for user in users}
     replies = transport.send("train", 1, {int(user): {} for user in users}, {"send-signal": False})
     crashed = {int(user) for user in users if device_fails(config, 1, int(user))}
@@ -86,7 +86,7 @@ def test_a_straggler_past_the_round_timeout_is_a_failed_device(tmp_path):
     })
     data = load_dataset(config.data, config.seed)
     run_dir, _ = run_inprocess(config, data)
-    population = population_of(data)
+    population = population_of(data, config)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     stragglers = [len(expected_failures(config, population, record["round"])) for record in rounds]
     assert sum(stragglers) > 0

@@ -56,7 +56,7 @@ class Recording(InProcessTransport):
 def test_mu_start_over_every_device_equals_central_multiplicative_updates() -> None:
     cfg = config(**{"fed.nmf-start": "mu", "fed.nmf-cohort": 1.0, "fed.nmf-rounds": 3})
     data = load_run_data(cfg)
-    population = population_of(data)
+    population = population_of(data, cfg)
     transport = InProcessTransport(cfg, data)
     item_factor, init, accounting = federated_nmf(cfg, population, transport)
     R = data.train.astype(np.float64)
@@ -84,7 +84,7 @@ def test_no_start_reply_carries_item_ids_or_the_user_factor(overrides) -> None:
     cfg = config(**{"fed.downlink": "rows", **overrides})
     data = load_run_data(cfg)
     transport = Recording(cfg, data)
-    federated_nmf(cfg, population_of(data), transport)
+    federated_nmf(cfg, population_of(data, cfg), transport)
     lengths = set()
     assert transport.replies
     for _user, reply in transport.replies:
@@ -105,7 +105,7 @@ def test_range_start_sends_only_a_seed_first() -> None:
     cfg = config(**{"fed.nmf-refine": 0})
     data = load_run_data(cfg)
     transport = Recording(cfg, data)
-    _, init, accounting = federated_nmf(cfg, population_of(data), transport)
+    _, init, accounting = federated_nmf(cfg, population_of(data, cfg), transport)
     assert {key for _, message in transport.sent for key in message} == {"nmf-sketch"}
     assert accounting["nmf_download_bytes"] == 16 * accounting["nmf_cohort"]
     assert accounting["nmf_upload_bytes"] == 4 * data.n_items * cfg.model.dim * accounting["nmf_cohort"]
@@ -114,16 +114,16 @@ def test_range_start_sends_only_a_seed_first() -> None:
 def test_bad_vectors_are_dropped_with_a_logged_reason(caplog) -> None:
     cfg = config(**{"fed.nmf-cohort": 1.0, "fed.nmf-refine": 0})
     data = load_run_data(cfg)
-    users = population_of(data).users
+    users = population_of(data, cfg).users
     corrupt = {
         int(users[0]): lambda arrays: {SECURE_SUM: arrays[SECURE_SUM][:-1]},
         int(users[1]): lambda arrays: {SECURE_SUM: arrays[SECURE_SUM].astype(np.float64)},
         int(users[2]): lambda arrays: {SECURE_SUM: np.full_like(arrays[SECURE_SUM], np.nan)},
         int(users[3]): lambda arrays: {**arrays, "rows": np.arange(3)},
     }
-    clean = federated_nmf(cfg, population_of(data), InProcessTransport(cfg, data))[0]
+    clean = federated_nmf(cfg, population_of(data, cfg), InProcessTransport(cfg, data))[0]
     with caplog.at_level(logging.WARNING, logger="fedsparse"):
-        dropped = federated_nmf(cfg, population_of(data), Recording(cfg, data, corrupt))[0]
+        dropped = federated_nmf(cfg, population_of(data, cfg), Recording(cfg, data, corrupt))[0]
     reasons = [record.getMessage() for record in caplog.records if "dropped the vector" in record.getMessage()]
     assert len(reasons) == 4
     assert any("non-finite" in reason for reason in reasons) and any("float64" in reason for reason in reasons)
@@ -134,13 +134,13 @@ def test_a_cohort_below_the_secagg_threshold_is_refused() -> None:
     small = config(**{"data.synthetic-users": 4})
     data = load_run_data(small)
     with pytest.raises(StartRefused, match="at least 5"):
-        federated_nmf(small, population_of(data), InProcessTransport(small, data))
+        federated_nmf(small, population_of(data, small), InProcessTransport(small, data))
     cfg = config(**{"fed.nmf-cohort": 0.1})  # cohort of 5: one bad vector leaves 4
     data = load_run_data(cfg)
-    truncate = {int(u): (lambda arrays: {SECURE_SUM: arrays[SECURE_SUM][:3]}) for u in population_of(data).users}
+    truncate = {int(u): (lambda arrays: {SECURE_SUM: arrays[SECURE_SUM][:3]}) for u in population_of(data, cfg).users}
     transport = Recording(cfg, data, truncate)
     with pytest.raises(StartRefused, match="below SecAgg"):
-        federated_nmf(cfg, population_of(data), transport)
+        federated_nmf(cfg, population_of(data, cfg), transport)
 
 
 def test_nystrom_recovers_the_svd_of_a_low_rank_matrix() -> None:
@@ -170,7 +170,7 @@ def test_projected_user_factor_is_the_nonnegative_least_squares_fit() -> None:
 def test_devices_fit_their_start_row_from_the_first_download_only() -> None:
     cfg = config()
     data = load_run_data(cfg)
-    population = population_of(data)
+    population = population_of(data, cfg)
     state = start_run(cfg, population, InProcessTransport(cfg, data))
     user = int(population.users[0])
     first, second = state.device_init.fields(user).to_arrays(), state.device_init.fields(user).to_arrays()
@@ -214,10 +214,10 @@ def test_a_cohort_delivered_in_batches_gives_the_same_start_and_one_observed_sum
     cfg = config(**{"fed.nmf-start": "range", "fed.nmf-cohort": 1.0, "fed.nmf-refine": 1})
     data = load_run_data(cfg)
     whole = ObservingTransport(InProcessTransport(cfg, data), cfg, data.n_items)
-    item_factor, _, accounting = federated_nmf(cfg, population_of(data), whole)
+    item_factor, _, accounting = federated_nmf(cfg, population_of(data, cfg), whole)
     monkeypatch.setattr(engine, "START_BATCH_DEVICES", 3)
     batched = ObservingTransport(InProcessTransport(cfg, data), cfg, data.n_items)
-    batched_factor, _, batched_accounting = federated_nmf(cfg, population_of(data), batched)
+    batched_factor, _, batched_accounting = federated_nmf(cfg, population_of(data, cfg), batched)
     np.testing.assert_allclose(batched_factor, item_factor, rtol=1e-9, atol=1e-12)
     assert batched_accounting == accounting
     assert [(s.phase, s.server_round, s.users.tolist()) for s in batched.sums] == \

@@ -14,8 +14,11 @@ Each negatives field holds ``eval.sampled-negatives`` space-separated item ids::
 ``write_candidates`` builds such a file with PFedRec's rules (latest interaction = test, second-latest =
 validation, ``data.loo-ties`` between equal timestamps; 2 x N distinct never-interacted negatives per
 user, the first N for validation and the last N for test, so the two sets are disjoint), seeded by
-``rng_for(seed, "eval-candidates", user)``. ``read_candidates`` checks a file against a dataset and names
-the file and line of the first problem; ``apply_candidates`` re-splits the dataset by it.
+``rng_for(seed, "eval-candidates", user)``. For a dataset without timestamps, ``holdout = "random"``
+holds out a seeded uniformly random validation and test item per user instead (random leave-one-out,
+``rng_for(seed, "eval-holdout", user)``); the negatives are drawn the same way. ``read_candidates``
+checks a file against a dataset and names the file and line of the first problem; ``apply_candidates``
+re-splits the dataset by it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsparse.config import ConfigError, DataConfig
+from fedsparse.config import HOLDOUTS, ConfigError, DataConfig
 from fedsparse.data.errors import DataFormatError
 from fedsparse.data.interactions import Interactions, binary_csr
 from fedsparse.data.splits import TEST, VALIDATION, leave_one_out_split
@@ -184,26 +187,33 @@ def apply_candidates(data: Interactions, candidates: Candidates) -> Interactions
 def make_candidates(
     users: np.ndarray,
     items: np.ndarray,
-    timestamps: np.ndarray,
+    timestamps: np.ndarray | None,
     n_users: int,
     n_items: int,
     ties: str,
     n_negatives: int,
     seed: int,
     user_keys: np.ndarray | None = None,
+    holdout: str = "latest",
 ) -> Candidates:
-    """PFedRec's leave-one-out candidates from interaction rows (remapped ids, file order).
+    """Leave-one-out candidates from interaction rows (remapped ids, file order).
 
-    Latest row = test, second-latest = validation, equal timestamps by ``ties`` (``data.loo-ties``). Per
-    user, 2 * ``n_negatives`` distinct items the user never interacted with, drawn from
+    ``holdout = "latest"`` (PFedRec's rule): latest row = test, second-latest = validation, equal timestamps
+    by ``ties`` (``data.loo-ties``). ``holdout = "random"`` (random leave-one-out, for data without
+    timestamps; ``timestamps`` and ``ties`` are not read): two distinct items of the user drawn uniformly
+    from ``rng_for(seed, "eval-holdout", key)``, the first for validation, the second for test. Per user,
+    2 * ``n_negatives`` distinct items the user never interacted with, drawn from
     ``rng_for(seed, "eval-candidates", key)`` (``key`` = ``user_keys[u]``, the original id, so a user's
-    draw does not depend on the other users): the first half for validation, the second for test, each
+    draws do not depend on the other users): the first half for validation, the second for test, each
     sorted.
 
     Raises
     ------
-    ValueError naming the first user with fewer than 3 interactions or too few never-interacted items.
+    ValueError naming the first user with fewer than 3 interactions or too few never-interacted items, or
+    an unknown ``holdout`` / missing timestamps for ``latest``.
     """
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     per_user = np.bincount(users, minlength=n_users)
@@ -214,17 +224,22 @@ def make_candidates(
             f"{short.size} users have fewer than 3 interactions (first: user {key!r} with {per_user[short[0]]}); "
             "leave-one-out needs a validation, a test and a training item per user (try data.k-core 3)"
         )
-    labels = leave_one_out_split(users, np.asarray(timestamps), True, ties, items)
+    interacted = binary_csr(users, items, n_users, n_items)
     validation_items = np.empty(n_users, dtype=np.int64)
     test_items = np.empty(n_users, dtype=np.int64)
-    validation_items[users[labels == VALIDATION]] = items[labels == VALIDATION]
-    test_items[users[labels == TEST]] = items[labels == TEST]
-    interacted = binary_csr(users, items, n_users, n_items)
+    if holdout == "latest":
+        if timestamps is None:
+            raise ValueError("holdout 'latest' needs timestamps")
+        labels = leave_one_out_split(users, np.asarray(timestamps), True, ties, items)
+        validation_items[users[labels == VALIDATION]] = items[labels == VALIDATION]
+        test_items[users[labels == TEST]] = items[labels == TEST]
     validation_negatives = np.empty((n_users, n_negatives), dtype=np.int64)
     test_negatives = np.empty((n_users, n_negatives), dtype=np.int64)
     for user in range(n_users):
         seen = interacted.indices[interacted.indptr[user] : interacted.indptr[user + 1]]
         key = _plain(user if user_keys is None else user_keys[user])
+        if holdout == "random":  # drawn from the sorted item set: the draw does not depend on row order
+            validation_items[user], test_items[user] = rng_for(seed, "eval-holdout", key).choice(seen, size=2, replace=False)
         drawn = _never_interacted(rng_for(seed, "eval-candidates", key), seen, n_items, 2 * n_negatives, key)
         validation_negatives[user] = np.sort(drawn[:n_negatives])
         test_negatives[user] = np.sort(drawn[n_negatives:])
@@ -240,28 +255,40 @@ def _never_interacted(rng: np.random.Generator, seen: np.ndarray, n_items: int, 
 
 
 def write_candidates(
-    config: DataConfig, out: str | Path, seed: int, ties: str, n_negatives: int
+    config: DataConfig, out: str | Path, seed: int, ties: str, n_negatives: int, holdout: str = "latest"
 ) -> tuple[Path, int]:
-    """Write the candidate file of dataset ``config`` (read as ``data.split = loo`` reads it) to ``out``,
-    atomically. Returns (the file, the number of users).
+    """Write the candidate file of dataset ``config`` (read as a run with ``eval.candidates`` reads it,
+    ``load_candidate_table``) to ``out``, atomically. Returns (the file, the number of users).
+
+    ``holdout``: ``latest`` (by timestamp, ``ties`` between equal ones) or ``random`` (seeded random
+    leave-one-out, see ``make_candidates``).
 
     Raises
     ------
-    ConfigError for a dataset without timestamps or ids that cannot be written to a CSV field; ValueError
-    for users with too few interactions (see ``make_candidates``).
+    ConfigError for ``latest`` on a dataset without timestamps (the message suggests ``random``) or ids
+    that cannot be written to a CSV field; ValueError for users with too few interactions (see
+    ``make_candidates``).
     """
-    from fedsparse.data.load import load_timestamped_table
+    from fedsparse.data.load import load_candidate_table
 
-    table, source = load_timestamped_table(config)
+    if holdout not in HOLDOUTS:
+        raise ConfigError(f"--holdout must be one of {HOLDOUTS}, got {holdout!r}")
+    table, source = load_candidate_table(config)
+    if holdout == "latest" and "timestamp" not in table:
+        raise ConfigError(
+            f"{source} has no timestamps, so --holdout latest (the latest interaction as the test item) cannot split "
+            "it; use --holdout random for a seeded random leave-one-out (easier than time-based, its figures are "
+            "not comparable with time-based ones)")
     ids = remap_ids(table)
     for name, originals in (("user", ids.user_ids), ("item", ids.item_ids)):
         unsafe = [value for value in originals if _UNSAFE.search(str(value))]
         if unsafe:
             raise ConfigError(f"{source}: {name} id {_plain(unsafe[0])!r} holds a comma or a space "
                               "and cannot be written to a candidate file")
+    timestamps = table["timestamp"].to_numpy() if holdout == "latest" else None
     candidates = make_candidates(
-        ids.users, ids.items, table["timestamp"].to_numpy(), len(ids.user_ids), len(ids.item_ids), ties, n_negatives, seed,
-        ids.user_ids,
+        ids.users, ids.items, timestamps, len(ids.user_ids), len(ids.item_ids), ties, n_negatives, seed,
+        ids.user_ids, holdout,
     )
     item = ids.item_ids
 

@@ -123,41 +123,69 @@ def load_dataset(config: DataConfig, seed: int) -> Interactions:
     )
 
 
-def load_timestamped_table(config: DataConfig) -> tuple[pd.DataFrame, str]:
-    """The dataset's cleaned interaction table with timestamps, before remapping and splitting.
+def candidate_split(config: DataConfig) -> str:
+    """The split under which ``load_dataset`` reads every interaction a candidate file names: ``loo`` (the
+    timestamped file, ml-100k ``u.data``, ml-1m ``ratings.dat``) when the dataset has one, else ``random``
+    (every file of the layout, a provided split's train and test alike: ml-1m's LightGCN ``train.txt`` +
+    ``test.txt``). Either way the rows are all of the dataset's interactions; the candidate file then
+    replaces the split. Generated data gets ``loo``, which ``load_dataset`` refuses with its reason."""
+    spec = file_spec(config) if config.path else get_dataset(config.dataset)
+    if spec.generated:
+        return "loo"
+    directory = Path(config.path).expanduser().parent if config.path else locate_dataset(spec.name, config.data_dir)[0]
+    present = [layout for layout in spec.layouts if layout.present(directory)]
+    return "loo" if any(layout.has_timestamps for layout in present) else "random"
 
-    Read as ``data.split = loo`` reads it (the raw, timestamped file: ml-100k ``u.data``, ml-1m
-    ``ratings.dat``), then deduplicated, thresholded and k-cored exactly like ``load_dataset``, rows in
-    file order, original ids. The candidate-file writer starts here, so its ids and rows are the ones a
-    run with ``eval.candidates`` loads.
+
+def load_candidate_table(config: DataConfig) -> tuple[pd.DataFrame, str]:
+    """The dataset's cleaned interaction table as a run with ``eval.candidates`` reads it, before remapping
+    and splitting.
+
+    The files of ``candidate_split`` (the timestamped file when there is one, else every file), then
+    deduplicated, thresholded and k-cored exactly like ``load_dataset``, rows in file order, original ids.
+    The candidate-file writer starts here, so its ids and rows are the ones such a run loads.
 
     Returns
     -------
-    (table with ``user``, ``item``, ``timestamp`` [, ``rating``], a description of the source files)
+    (table with ``user``, ``item`` [, ``timestamp``] [, ``rating``], a description of the source files);
+    ``timestamp`` only when the files have one.
 
     Raises
     ------
-    ConfigError when the dataset has no timestamped file (or is generated); DatasetNotFoundError.
+    ConfigError for generated data (no file a candidate file could name); DatasetNotFoundError.
     """
     spec = get_dataset(config.dataset)
     if spec.generated:
-        raise ConfigError(f"{spec.name} is generated and has no timestamps")
+        raise ConfigError(f"{spec.name} is generated and has no timestamps or files a candidate file could name")
     directory, _ = locate_dataset(spec.name, config.data_dir)
-    layout = spec.layout_for(directory, "loo")
+    layout = spec.layout_for(directory, candidate_split(config))
     table, _ = drop_duplicate_pairs(pd.concat(layout.read(directory), ignore_index=True))
     table = k_core(to_implicit(table, config.rating_threshold), config.k_core)
     return table, " + ".join(str(directory / name) for name in layout.files)
 
 
+def load_timestamped_table(config: DataConfig) -> tuple[pd.DataFrame, str]:
+    """``load_candidate_table`` of a dataset with timestamps (ml-100k ``u.data``, ml-1m ``ratings.dat``).
+
+    Raises
+    ------
+    ConfigError when the dataset has no timestamped file (or is generated); DatasetNotFoundError.
+    """
+    table, source = load_candidate_table(config)
+    if "timestamp" not in table:
+        raise ConfigError(f"{source} has no timestamps")
+    return table, source
+
+
 def load_run_data(config: RunConfig) -> Interactions:
     """The interactions a run trains and evaluates on: ``load_dataset``, or, with ``eval.candidates``,
-    the dataset read as for leave-one-out and re-split by the candidate file (its validation and test
-    items held out, its negatives fixed). Bad candidate files raise DataFormatError before any work."""
+    every interaction of the dataset (``candidate_split``) re-split by the candidate file (its validation
+    and test items held out, its negatives fixed). Bad candidate files raise DataFormatError before any work."""
     if not config.eval.candidates:
         return load_dataset(config.data, config.seed)
     from fedsparse.data.candidates import apply_candidates, read_candidates
 
-    data = load_dataset(replace(config.data, split="loo"), config.seed)
+    data = load_dataset(replace(config.data, split=candidate_split(config.data)), config.seed)
     candidates = read_candidates(config.eval.candidates, data, config.eval.sampled_negatives)
     return apply_candidates(data, candidates)
 
@@ -171,4 +199,4 @@ def _resolve_split(split: str, layout: Layout | None, name: str) -> str:
     return layout.default_split if split == "auto" else split
 
 
-__all__ = ["load_dataset", "load_run_data", "load_timestamped_table"]
+__all__ = ["candidate_split", "load_candidate_table", "load_dataset", "load_run_data", "load_timestamped_table"]

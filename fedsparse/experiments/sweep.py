@@ -120,7 +120,7 @@ def _run_flower_cell(config: RunConfig, app_dir: Path) -> tuple[Path, dict[str, 
     from fedsparse.federation.inprocess import population_of
 
     data = load_run_data(config)
-    check_population(config, population_of(data))  # before Flower starts, as simulate does
+    check_population(config, population_of(data, config))  # before Flower starts, as simulate does
     run_dir = run_flower(config, app_dir.resolve(), data.n_users)
     return run_dir, json.loads((run_dir / "summary.json").read_text())
 

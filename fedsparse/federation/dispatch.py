@@ -52,7 +52,7 @@ def _train(call: DeviceCall, message: Arrays) -> DeviceReply:
 
 
 def _evaluate(call: DeviceCall, message: Arrays) -> DeviceReply:
-    return handle_evaluate(call.config, call.state, call.data, message, call.n_items)
+    return handle_evaluate(call.config, call.state, call.data, message, call.n_items, call.settings)
 
 
 HANDLERS: dict[str, Handler] = {START: _start, QUERY: _query, TRAIN: _train, EVALUATE: _evaluate}

@@ -63,6 +63,7 @@ from fedsparse.federation.server_state import (
 )
 from fedsparse.federation.streaming import arrived_users
 from fedsparse.federation.traffic import TrafficLedger
+from fedsparse.federation.unseen import UNSEEN
 from fedsparse.federation.wire import Arrays, PayloadError, RowsDownload, RowUpdate, SecureUpload, payload_bytes
 from fedsparse.federation.wire_format import ArrayCache, reply_wire_bytes, request_wire_bytes
 from fedsparse.rng import rng_for
@@ -185,13 +186,21 @@ class UploadObserver(Protocol):
 class Population:
     """What the server may know about the federation: the device ids, table sizes, interaction count."""
 
-    users: np.ndarray  # int64 ids of devices with at least one training item
+    users: np.ndarray  # int64 ids of the devices that train: with a training item, not held out
     n_users: int
     n_items: int
-    n_train_interactions: int
+    n_train_interactions: int  # of the devices that train
     # Training interactions per item, float [n_items], read by the size policies. A server receiving
     # sparse uploads learns these counts from their row ids; the simulation hands them over up front.
     item_popularity: np.ndarray | None = None
+    # int64 ids of the devices held out of training (``fed.unseen-users``, ``unseen.split_unseen``): never in a
+    # start or training cohort, evaluated apart at every evaluation.
+    unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def devices(self) -> np.ndarray:
+        """Every device of the federation, sorted int64: those that train and those held out."""
+        return np.union1d(self.users, self.unseen).astype(np.int64)
 
 
 def check_population(config: RunConfig, population: Population) -> None:
@@ -204,6 +213,9 @@ def check_population(config: RunConfig, population: Population) -> None:
     if config.poison.target_item >= population.n_items:
         raise ConfigError(f"poison.target-item = {config.poison.target_item} is not an item id "
                           f"(the dataset has {population.n_items})")
+    if population.unseen.size and config.fed.nmf_init == "central" and build_policy(config.sparse).settings.mask_init == "nmf":
+        raise ConfigError("fed.unseen-users cannot be combined with fed.nmf-init = central: the central NMF oracle "
+                          "factorises every user's interactions, the held-out users' included (use federated or none)")
 
 
 RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
@@ -265,16 +277,18 @@ class DeviceInit:
         self.projection = projection  # float [dim, dim]
         self.projected: set[int] = set() if projected is None else {int(u) for u in projected}  # devices it was sent to
 
-    def fields(self, user: int) -> DeviceInitFields:
+    def fields(self, user: int, stateless: bool = False) -> DeviceInitFields:
         """The init fields for ``user``: its factor (central oracle) or public scales (federated); the
-        projection only the first time (it is then marked sent)."""
+        projection only the first time (it is then marked sent), or every time to a ``stateless`` device
+        (held out of training: it keeps nothing between evaluations)."""
         if self.user_factors is not None:
             return DeviceInitFields(user_factor=self.user_factors[user].astype(np.float32))
         scale = self.column_scale.astype(np.float32) if self.column_scale is not None else None
         projection = None
-        if self.projection is not None and user not in self.projected:
+        if self.projection is not None and (stateless or user not in self.projected):
             projection = self.projection.astype(np.float32)
-            self.projected.add(user)
+            if not stateless:
+                self.projected.add(user)
         return DeviceInitFields(column_scale=scale, projection=projection)
 
 
@@ -289,8 +303,8 @@ def federated_nmf(
     item rows they download and the public gram (``DeviceInit``). Raises StartRefused when a sum cannot be
     formed securely.
     """
-    meter = meter or Meter(TrafficLedger(population.users))
-    devices = arrived_users(config, population.users, 1)  # streaming: the devices of round 1
+    meter = meter or Meter(TrafficLedger(population.devices))
+    devices = arrived_users(config, population.users, 1)  # streaming: the devices of round 1 (never a held-out one)
     count = cohort_size(config.fed.nmf_cohort, int(devices.size))
     cohort = [int(u) for u in devices[sample_clients(config.seed, 0, devices.size, count, "nmf-start")]]
     accounting = {"nmf_download_bytes": 0, "nmf_upload_bytes": 0, "nmf_rounds": 0, "nmf_cohort": len(cohort),
@@ -477,6 +491,9 @@ class RunState:
     best: dict[str, Any]
     last_metrics: dict[str, float]
     traffic: TrafficLedger  # bytes per device so far, every phase
+    # int64 ids of the devices held out of training (``Population.unseen``): checkpointed, so a resume that
+    # would hold out other devices is refused instead of training on devices the run evaluated as unseen
+    unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def to_arrays(self) -> Arrays:
         """Flat arrays for ``checkpoint.npz`` (JSON for the small dicts)."""
@@ -490,6 +507,8 @@ class RunState:
             arrays["init.projected"] = np.asarray(sorted(self.device_init.projected), dtype=np.int64)
         for name in ("totals", "best", "last_metrics"):
             arrays[f"json.{name}"] = np.asarray(json.dumps(getattr(self, name)))
+        if self.unseen.size:  # only with held-out devices: checkpoints of other runs keep their arrays
+            arrays[UNSEEN_ARRAY] = np.asarray(self.unseen, dtype=np.int64)
         return {**arrays, **self.traffic.state_arrays()}
 
     @classmethod
@@ -499,9 +518,12 @@ class RunState:
         device_init = DeviceInit(arrays.get("init.user-factors"), arrays.get("init.column-scale"),
                                  arrays.get("init.projection"), arrays.get("init.projected"))
         loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
-        return cls(Server.restore(config, server_arrays), device_init, **loads, traffic=TrafficLedger.from_state_arrays(arrays))
+        unseen = np.asarray(arrays.get(UNSEEN_ARRAY, np.zeros(0)), dtype=np.int64)
+        return cls(Server.restore(config, server_arrays), device_init, **loads, traffic=TrafficLedger.from_state_arrays(arrays),
+                   unseen=unseen)
 
 
+UNSEEN_ARRAY = "population.unseen"  # the held-out devices in checkpoint.npz
 CHECKPOINT = "checkpoint.npz"
 MANIFEST = "json.manifest"  # every other array's name, shape and dtype, and the round: what a resume checks
 NPZ_MAGIC = b"PK\x03\x04"  # a .npz is a zip archive
@@ -646,7 +668,7 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
     """NMF (when the policy needs it) and the initial server; ``totals["init_seconds"]`` times it."""
     started = time.perf_counter()
     totals: dict[str, float] = {"upload_bytes": 0, "download_bytes": 0, "eval_download_bytes": 0}
-    meter = Meter(TrafficLedger(population.users))
+    meter = Meter(TrafficLedger(population.devices))
     item_factor, device_init = None, DeviceInit()
     if build_policy(config.sparse).settings.mask_init == "nmf":
         if config.fed.nmf_init == "central":
@@ -664,7 +686,7 @@ def start_run(config: RunConfig, population: Population, transport: Transport, c
     totals["init_seconds"] = time.perf_counter() - started
     source = f"{config.fed.nmf_init} NMF" if item_factor is not None else "no NMF"
     log.info("start phase done (%s mask), %.1f s", source, totals["init_seconds"])
-    return RunState(server, device_init, totals, {}, {}, meter.ledger)
+    return RunState(server, device_init, totals, {}, {}, meter.ledger, population.unseen)
 
 
 def run_federation(
@@ -704,14 +726,21 @@ def _run_locked(
     started = time.perf_counter()
     if resume:
         state = load_checkpoint(run_dir, config, transport, population.n_items)
+        if not np.array_equal(state.unseen, population.unseen):
+            raise CheckpointError(
+                f"{run_dir / CHECKPOINT}: the run held out {state.unseen.size} device(s) from training "
+                f"({_ids(state.unseen)}), this federation would hold out {population.unseen.size} ({_ids(population.unseen)}): "
+                "resume it on the same dataset and seed")
         kept = resumed_rounds(run_dir / "rounds.jsonl", state.server.round)
         atomic_write_text(run_dir / "rounds.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log.info("resuming %s after round %d, to round %d", run_dir, state.server.round, config.num_server_rounds)
     else:
         state = start_run(config, population, transport, central_train)
-        write_json(run_dir / "config.json", {"config": config.to_flat(), "population": {
-            "devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items},
-            **provenance(config.code_version), **(metadata or {})})
+        counts = {"devices": int(population.users.size), "n_users": population.n_users, "n_items": population.n_items}
+        if population.unseen.size:
+            counts["unseen_devices"] = int(population.unseen.size)
+        write_json(run_dir / "config.json", {"config": config.to_flat(), "population": counts,
+                                             **provenance(config.code_version), **(metadata or {})})
     # The best round: validation sampled HR@10 under the sampled protocol (a tie goes to the later round, as
     # in PFedRec), else validation Recall@k; the summary's best_test_* are that round's test metrics.
     sampled = uses_sampled_protocol(config)
@@ -726,6 +755,11 @@ def _run_locked(
                 metrics, eval_bytes = evaluate_round(
                     config, state.server, population, transport, state.device_init, server_round, state.traffic)
                 state.totals["eval_download_bytes"] += eval_bytes
+            # Devices held out of training, on the server's table: reported apart, never read by the selection below.
+            unseen, unseen_bytes = evaluate_unseen(
+                config, state.server, population, transport, state.device_init, server_round, state.traffic)
+            state.totals["eval_download_bytes"] += unseen_bytes
+            metrics = {**metrics, **unseen}
             record.update(metrics)
             state.last_metrics = metrics
             if select_key in metrics and improves(metrics[select_key], state.best.get(select_key, -1.0), sampled):
@@ -749,11 +783,13 @@ def _run_locked(
         "best_validation_round": state.best.get("round"),
         "selection": f"best {select_key}",
         f"best_{select_key}": state.best.get(select_key),
-        **{f"best_{key}": value for key, value in state.best.items() if key.startswith("test_")},
+        # the held-out devices' figures at that round (picked on the seen devices' validation) beside its test ones
+        **{f"best_{key}": value for key, value in state.best.items() if key.startswith(("test_", "unseen_"))},
         **{f"total_{key}": value for key, value in state.totals.items()},
         **state.traffic.summary(),
         "seconds": time.perf_counter() - started,
-        **{key: value for key, value in state.last_metrics.items() if key.startswith("validation_") or "_" not in key},
+        **{key: value for key, value in state.last_metrics.items()
+           if key.startswith(("validation_", "unseen_")) or "_" not in key},
     }
     write_json(run_dir / "summary.json", summary)
     return summary
@@ -885,10 +921,11 @@ def rows_downlink(
 
 def download_messages(
     request: type[TrainRequest] | type[EvaluateRequest], server: Server, device_init: DeviceInit,
-    wanted: Mapping[int, np.ndarray | None], widths: Mapping[int, int],
+    wanted: Mapping[int, np.ndarray | None], widths: Mapping[int, int], stateless: bool = False,
 ) -> dict[int, Arrays]:
     """Each device's training or evaluation message as wire arrays: the rows it wants (None = the whole
-    masked table, encoded once per width and shared) cut to its width, and its NMF init fields."""
+    masked table, encoded once per width and shared) cut to its width, and its NMF init fields (all of them
+    every time for ``stateless`` devices, ``DeviceInit.fields``)."""
     tables: dict[int, RowsDownload] = {}
     messages = {}
     for user, rows in wanted.items():
@@ -896,7 +933,7 @@ def download_messages(
         if rows is None and width not in tables:
             tables[width] = server.download(None, width)
         download = tables[width] if rows is None else server.download(rows, width)
-        messages[user] = request(download, device_init.fields(user)).to_arrays()
+        messages[user] = request(download, device_init.fields(user, stateless)).to_arrays()
     return messages
 
 
@@ -1036,11 +1073,40 @@ def evaluate_round(
     # round picked, on one fixed validation population, not on a new random subset each time.
     chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
     chosen = np.intersect1d(chosen, arrived_users(config, population.users, server_round))  # streaming: joined devices only
+    return _evaluate_devices(config, server, transport, device_init, server_round, chosen, traffic)
+
+
+def evaluate_unseen(
+    config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit, server_round: int,
+    traffic: TrafficLedger | None = None,
+) -> tuple[dict[str, float], int]:
+    """Evaluate every device held out of training (``fed.unseen-users``; streaming: those that have joined):
+    each fits a fresh user row against the full masked table and keeps nothing (the ``unseen.UNSEEN``
+    setting). Returns the per-user means of ``evaluate_round`` under ``unseen_`` keys (``unseen_recall@20``,
+    ``unseen_sampled_hr@10``, ``unseen_validation_...``, ``unseen_evaluated_clients``) with ``unseen_users``,
+    the number held out, and the bytes sent; ({}, 0) without held-out devices."""
+    if population.unseen.size == 0:
+        return {}, 0
+    chosen = arrived_users(config, population.unseen, server_round)
+    if chosen.size == 0:  # streaming: none has joined yet
+        return {"unseen_users": int(population.unseen.size), "unseen_evaluated_clients": 0}, 0
+    metrics, sent = _evaluate_devices(config, server, transport, device_init, server_round, chosen, traffic, True)
+    return {"unseen_users": int(population.unseen.size), **{f"unseen_{key}": value for key, value in metrics.items()}}, sent
+
+
+def _evaluate_devices(
+    config: RunConfig, server: Server, transport: Transport, device_init: DeviceInit, server_round: int, chosen: np.ndarray,
+    traffic: TrafficLedger | None, unseen: bool = False,
+) -> tuple[dict[str, float], int]:
+    """Send ``chosen`` the full masked table, cut to each device's width, and average what they report
+    (``unseen``: devices held out of training, told to fit a fresh row and keep nothing); the bytes go to
+    ``traffic`` when given. Returns (the means, the payload bytes sent)."""
     widths = {int(u): device_width(config, int(u)) for u in chosen}
-    messages = download_messages(EvaluateRequest, server, device_init, dict.fromkeys(widths), widths)
-    replies = transport.send(EVALUATE, server_round, messages, {})
+    messages = download_messages(EvaluateRequest, server, device_init, dict.fromkeys(widths), widths, stateless=unseen)
+    settings = {UNSEEN: True} if unseen else {}
+    replies = transport.send(EVALUATE, server_round, messages, settings)
     if traffic is not None:
-        Meter(traffic).exchange(transport, "evaluate", EVALUATE, server_round, messages, {}, replies)
+        Meter(traffic).exchange(transport, "evaluate", EVALUATE, server_round, messages, settings, replies)
     evaluated: dict[int, Mapping[str, float]] = {}
     for user, reply in replies.items():
         if isinstance(reply, str) or (problem := _evaluation_problem(reply)):
@@ -1058,6 +1124,11 @@ def _evaluation_problem(reply: Reply) -> str | None:
     except PayloadError as exc:
         return str(exc)
     return metrics_problem(reply.metrics)
+
+
+def _ids(users: np.ndarray) -> str:
+    """A few device ids for a message: ``3, 17, 40, ...``."""
+    return ", ".join(str(int(user)) for user in users[:NAMES_SHOWN]) + (", ..." if users.size > NAMES_SHOWN else "")
 
 
 def _personal_metrics(config: RunConfig, replies: Mapping[int, Reply | str], widths: Mapping[int, int]) -> dict[str, float]:

@@ -21,16 +21,21 @@ from fedsparse.federation.dispatch import DeviceCall, serve
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.federation.faults import SIMULATED_TIME, straggler_delay
 from fedsparse.federation.messages import TRAIN
+from fedsparse.federation.unseen import split_unseen
 from fedsparse.run_files import new_run_dir
 
 log = logging.getLogger("fedsparse")
 
 
-def population_of(data: Interactions) -> Population:
-    """Every user with at least one training interaction is a device."""
-    users = np.flatnonzero(np.diff(data.train.indptr) > 0).astype(np.int64)
-    popularity = np.bincount(data.train.indices, minlength=data.n_items).astype(np.float64)
-    return Population(users, data.n_users, data.n_items, int(data.train.nnz), popularity)
+def population_of(data: Interactions, config: RunConfig) -> Population:
+    """Every user with at least one training interaction is a device; ``fed.unseen-users`` of them are held
+    out of training (``unseen.split_unseen``), and the counts the server is handed (interactions, item
+    popularity) are those of the devices that train. ConfigError when no device is left to train."""
+    devices = np.flatnonzero(np.diff(data.train.indptr) > 0).astype(np.int64)
+    users, unseen = split_unseen(config, devices)
+    train = data.train if unseen.size == 0 else data.train[users]
+    popularity = np.bincount(train.indices, minlength=data.n_items).astype(np.float64)
+    return Population(users, data.n_users, data.n_items, int(train.nnz), popularity, unseen)
 
 
 class InProcessTransport:
@@ -100,7 +105,7 @@ def run_inprocess(
     ``observer`` records what the server sees of every accepted upload (the privacy study's attacker).
     ``show_progress``: a bar over rounds (None = only on a terminal, so CI logs stay quiet)."""
     data = data if data is not None else load_run_data(config)
-    population = population_of(data)
+    population = population_of(data, config)
     check_population(config, population)
     resume_dir = resume_dir or (Path(config.resume_dir) if config.resume_dir else None)
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")

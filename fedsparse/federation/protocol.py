@@ -51,6 +51,7 @@ from fedsparse.federation.secure_start import (
     sketch_matrix,
 )
 from fedsparse.federation.streaming import revealed_items
+from fedsparse.federation.unseen import UNSEEN, fit_config
 from fedsparse.federation.wire import Arrays, Payload, PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.rng import rng_for
@@ -250,22 +251,29 @@ def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: 
 
 
 def handle_evaluate(
-    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int,
+    settings: Mapping[str, Any] | None = None,
 ) -> DeviceReply:
     """Rank all items for this user on validation and test; metrics prefixed ``validation-``/``test-``.
 
     A device that never trained evaluates its freshly initialised row (initialised exactly as its first
-    training round would, since evaluation messages carry the same NMF fields).
+    training round would, since evaluation messages carry the same NMF fields). A device held out of
+    training (the ``unseen.UNSEEN`` setting, ``fed.unseen-users``) starts from such a fresh row whatever it
+    stores, fits it against the received table with the items frozen (``unseen.fit_config``: FedRecon's
+    reconstruction, under every ``fed.user-state``) and keeps nothing.
     """
     request = EvaluateRequest.from_arrays(message, n_items, device_width(config, data.user_id))
     download = request.download
-    device = _device_state(config, state, data, request.init, download)
+    unseen = bool((settings or {}).get(UNSEEN, False))
+    device = _device_state(config, {} if unseen else state, data, request.init, download)
     item_weights, _ = download.table.decode()
-    if config.fed.user_state == "reconstruct":
+    if unseen:
+        device = reconstruct_user_row(fit_config(config), device, data, item_weights)
+    elif config.fed.user_state == "reconstruct":
         device = reconstruct_user_row(config, device, data, item_weights)
     metrics = evaluate_splits(config, device, data, item_weights)
     if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
         exposed = target_exposed(config, data, item_weights @ device.user_row)
         if exposed is not None:
             metrics[f"exposure@{EXPOSURE_K}"] = exposed
-    return DeviceReply(EvaluateReply(), _kept_state(config, state, device), metrics)
+    return DeviceReply(EvaluateReply(), state if unseen else _kept_state(config, state, device), metrics)
