@@ -32,20 +32,22 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "simulations" / "configs"
 CURVES = "peer_protocol_curves.csv"
 PFEDREC_PUBLISHED_HR10 = 0.703  # PFedRec's public code on ml-100k, run here by an earlier session (issue 15)
-# (method, kind, named config or central flags): kind "federated" runs the named config, "central" the trainer.
+# (method, kind, source): kind "federated" runs the named config (a tuple: the config, then flags added to it),
+# "central" the trainer with the flags given.
 METHODS = [
     ("most-popular", "central", ["--model", "popular"]),
     ("central MF", "central", ["--sparse.policy", "dense", "--model", "mf", "--dim", "32", "--negatives", "4",
                                "--train.patience", "0"]),
     ("FedMF", "federated", "fedmf.toml"),
-    ("FedRecon", "federated", "fedrecon.toml"),
+    ("FedRecon", "federated", ("fedrecon.toml", "--fed.unseen-users", "0.1")),  # 10 % of users never trained, scored apart
     ("PFedRec", "federated", "pfedrec.toml"),
     ("SparseRec 0.2", "federated", "sparserec-peer.toml"),
     ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),
 ]
 COLUMNS = [
     "dataset", "method", "engine", "participation", "rounds", "negatives_from", "sampled_hr@10", "sampled_ndcg@10",
-    "recall@20", "ndcg@20", "best_round", "hr_vs_central", "upload_bytes_mean", "upload_vs_dense_table",
+    "recall@20", "ndcg@20", "best_round", "unseen_sampled_hr@10", "unseen_recall@20", "unseen_users", "hr_vs_central",
+    "upload_bytes_mean", "upload_vs_dense_table",
     "download_bytes_mean", "seconds_per_round", "seconds_vs_fedmf",
 ]
 
@@ -66,6 +68,10 @@ def federated_row(run_dir: Path) -> dict:
         "recall@20": summary["best_test_recall@20"],
         "ndcg@20": summary["best_test_ndcg@20"],
         "best_round": summary["best_validation_round"],
+        # FedRecon's evaluation on devices held out of training (fed.unseen-users), at the same round.
+        "unseen_sampled_hr@10": summary.get("best_unseen_sampled_hr@10", float("nan")),
+        "unseen_recall@20": summary.get("best_unseen_recall@20", float("nan")),
+        "unseen_users": summary.get("unseen_users", 0),
         "negatives_from": config["train.negatives-from"],
         "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
         "upload_vs_dense_table": rounds["upload_bytes_mean"].mean() / rounds["dense_fedavg_upload_bytes"].mean(),
@@ -133,7 +139,8 @@ def main() -> None:
                 run_dir = run_dir_of("train", flags, args.out / "runs")
                 row = central_row(run_dir)
             else:
-                flags = ["--config", str(CONFIGS / source), *protocol, "--num-server-rounds", str(rounds),
+                config, *extra = (source,) if isinstance(source, str) else source
+                flags = ["--config", str(CONFIGS / config), *extra, *protocol, "--num-server-rounds", str(rounds),
                          "--fed.fraction-train", str(fraction), "--fed.eval-fraction", "1.0",
                          "--fed.eval-every", str(max(1, round(args.eval_every / fraction)))]
                 run_dir = run_dir_of("simulate", flags, args.out / "runs")
