@@ -39,6 +39,7 @@ METHODS = [
                                "--train.patience", "0"]),
     ("FedMF", "federated", "fedmf.toml"),
     ("FedRecon", "federated", "fedrecon.toml"),
+    ("FedNCF", "federated", "fedncf.toml"),
     ("PFedRec", "federated", "pfedrec.toml"),
     ("SparseRec 0.2", "federated", "sparserec-peer.toml"),
     ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),
