@@ -386,6 +386,23 @@ def test_an_inprocess_fedncf_run_learns_and_counts_the_network_in_its_bytes(tmp_
     assert first["upload_floor_bytes_mean"] > network_bytes
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"fed.user-state": "reconstruct", "fed.user-steps": 3},
+        {"fed.user-steps": 2, "privacy.padding-ratio": 0.5},
+        {"fed.evaluate-model": "local"},
+        {"fed.downlink": "rows", "fed.local-batch-size": 3, "privacy.ldp": "gaussian", "privacy.noise-multiplier": 0.01},
+    ],
+    ids=["fedrecon-reconstruct", "padding", "personal-evaluation", "rows-downlink-minibatches-ldp"],
+)
+def test_a_neumf_federation_runs_under_the_device_steps_other_rules(tmp_path, overrides):
+    run_dir, summary = run_inprocess(run_config(tmp_path, **{"num-server-rounds": 2, **overrides}))
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert all(r["failed_clients"] == 0 and r["dropped_updates"] == 0 and r["rows_updated"] > 0 for r in rounds)
+    assert 0.0 < summary["recall@20"] <= 1.0
+
+
 class Interrupted(Exception):
     pass
 
