@@ -40,6 +40,7 @@ METHODS = [
                                "--train.patience", "0"]),
     ("FedMF", "federated", "fedmf.toml"),
     ("FedRecon", "federated", ("fedrecon.toml", "--fed.unseen-users", "0.1")),  # 10 % of users never trained, scored apart
+    ("FedNCF", "federated", "fedncf.toml"),
     ("PFedRec", "federated", "pfedrec.toml"),
     ("SparseRec 0.2", "federated", "sparserec-peer.toml"),
     ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),

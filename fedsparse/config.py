@@ -88,14 +88,26 @@ class DataConfig:
 class ModelConfig:
     """Recommender architecture on user and item embedding tables."""
 
-    name: str = "mf"  # matrix factorisation, NeuMF (GMF + MLP tower; centralised trainer), or popular (most-popular ranking)
-    dim: int = 64  # embedding width of users and items
-    mlp_layers: str = "64,32,16"  # NeuMF MLP tower widths, comma-separated
+    name: str = "mf"  # matrix factorisation, NeuMF (GMF + MLP tower; in a federation FedNCF), or popular
+    # (most-popular ranking, centralised trainer)
+    dim: int = 64  # embedding width of users and items (NeuMF: of the GMF embeddings)
+    mlp_layers: str = "64,32,16"  # NeuMF MLP tower widths, comma-separated; its embeddings are half the first width
 
     @property
     def mlp_widths(self) -> tuple[int, ...]:
         """The MLP tower widths as integers."""
         return tuple(int(w) for w in self.mlp_layers.split(",") if w.strip())
+
+    @property
+    def row_width(self) -> int:
+        """Width of one user or item row as a federation stores, sends and masks it: ``dim`` for MF; for
+        NeuMF the GMF and MLP embeddings side by side, dim + ``mlp_embedding_width``."""
+        return self.dim + mlp_embedding_width(self.mlp_widths) if self.name == "neumf" else self.dim
+
+
+def mlp_embedding_width(widths: tuple[int, ...]) -> int:
+    """Width of NeuMF's MLP embeddings: half the tower's first width (at least 1), so [user; item] feeds it."""
+    return max(1, widths[0] // 2)
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,8 @@ class FedConfig:
     item_optimizer: str = "sgd"  # the device's optimiser of its item-row copy: sgd, or adam (fresh each round: sign steps)
     item_lr: float = 0.01  # sgd: step per training example on the item rows (gradient of the summed loss)
     item_init_std: float = 0.1  # std of the normal values the server's item rows start from without an NMF start
+    network_lr: float = 0.001  # model.name = neumf: Adam step of the device's copy of the shared network
+    # (MLP tower, output layer), fresh each round; the server takes the example-weighted mean (FedNCF)
     server_optimizer: str = "avg"  # avg = add server-lr * mean delta (FedAvg); adam = Adam on the mean deltas (FCF, FedAdam)
     server_lr: float = 1.0  # avg: scale of the mean delta; adam: the step size (try 0.001-0.01)
     server_beta1: float = 0.9  # adam: decay of the first moment of each item entry's mean delta
@@ -413,6 +427,7 @@ class RunConfig:
             (f.user_state == "keep" or f.user_steps >= 1, "fed.user-state",
              "reconstruct needs fed.user-steps >= 1 (the steps that fit the fresh user row)"),
             (f.item_init_std > 0, "fed.item-init-std", "must be > 0"),
+            (f.network_lr > 0, "fed.network-lr", "must be > 0"),
             (f.evaluate_model in EVALUATE_MODELS, "fed.evaluate-model", f"must be one of {EVALUATE_MODELS}"),
             (0.0 <= f.unseen_users < 1.0, "fed.unseen-users", "must be in [0, 1)"),
             (f.unseen_steps >= 0, "fed.unseen-steps", "must be >= 0 (0 = fed.user-steps)"),

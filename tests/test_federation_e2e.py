@@ -83,9 +83,11 @@ def run_both_engines(flower, config: RunConfig) -> tuple[Path, Path]:
         {"fed.downlink": "rows", "sparse.policy": "size-frequency", "sparse.mask-init": "nmf", "budget.device-widths": "2,4,8",
          "budget.stream-stages": 1,
          "fed.fraction-train": 1.0, "fed.eval-fraction": 1.0},
+        {"fed.downlink": "rows", "model.name": "neumf", "model.mlp-layers": "8,4", "sparse.policy": "dense",
+         "sparse.density": 1.0, "train.loss": "bce", "fed.eval-fraction": 1.0},
     ],
     ids=["one-device-per-supernode-rows-downlink", "three-devices-per-supernode-full-downlink",
-         "injected-exceptions", "injected-crashes", "device-classes-size-policy-streaming"],
+         "injected-exceptions", "injected-crashes", "device-classes-size-policy-streaming", "fedncf-neumf"],
 )
 def test_flower_run_matches_the_inprocess_engine(tmp_path, isolated_flower, overrides):
     # The central start: rounds must agree to 1e-5, which SecAgg+'s stochastic rounding of the secure

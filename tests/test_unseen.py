@@ -251,9 +251,9 @@ def test_held_out_metrics_equal_a_fit_by_hand_against_the_servers_table(candidat
     root, path = candidate_run
     rows: dict[int, np.ndarray] = {}  # the row each device ranked with, at its last evaluation
 
-    def evaluate_splits(config, state, data, item_weights):
+    def evaluate_splits(config, state, data, item_weights, network=None):
         rows[data.user_id] = state.user_row.copy()
-        return protocol_evaluate_splits(config, state, data, item_weights)
+        return protocol_evaluate_splits(config, state, data, item_weights, network)
 
     monkeypatch.setattr(protocol, "evaluate_splits", evaluate_splits)
     config = RunConfig.from_flat({

@@ -3,13 +3,16 @@
 The device holds its interactions, its user embedding row (with its mask row and Adam moments) and
 never sends any of them. Each round it receives item rows, trains MF-BPR locally on its positives
 and sampled negatives, and returns only the deltas of the active entries of the item rows it touched
-(plus, when asked, a top-k regrowth signal of inactive entries). Pure numpy/torch: the Flower client
+(plus, when asked, a top-k regrowth signal of inactive entries). With ``model.name = neumf`` (FedNCF)
+its rows are NeuMF's GMF and MLP embeddings side by side and it also receives, trains and returns (as a
+delta) the shared network (``fedsparse/federation/network.py``). Pure numpy/torch: the Flower client
 and the in-process engine both call these functions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -17,14 +20,15 @@ import scipy.sparse as sp
 import torch
 
 from fedsparse.central.losses import batch_loss, mf_user_row_gradient
-from fedsparse.central.models import MatrixFactorization
+from fedsparse.central.models import JoinedNeuMF, MatrixFactorization
 from fedsparse.config import AUTO, RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
 from fedsparse.eval import metrics
 from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.faults import DeviceError
+from fedsparse.federation.network import local_model, network_of, network_parameters
 from fedsparse.federation.streaming import revealed_items
-from fedsparse.federation.wire import RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
+from fedsparse.federation.wire import NetworkWeights, RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 from fedsparse.privacy.defences import padding_count, sample_padding
 from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
@@ -247,9 +251,19 @@ class LocalResult:
 
 
 def local_train(
-    config: RunConfig, state: DeviceState, data: DeviceData, download: RowsDownload, n_items: int, local_round: LocalRound
+    config: RunConfig,
+    state: DeviceState,
+    data: DeviceData,
+    download: RowsDownload,
+    n_items: int,
+    local_round: LocalRound,
+    network: NetworkWeights | None = None,
 ) -> LocalResult:
     """Train MF-BPR on the device's positives against the downloaded item rows; upload the item deltas.
+
+    With ``model.name = neumf`` (FedNCF) the model is NeuMF (``JoinedNeuMF``: rows [GMF | MLP]) with the
+    received shared ``network``, which a fresh Adam at ``fed.network-lr`` trains on the real positives
+    beside the rows; its delta joins the upload (``RowUpdate.network``).
 
     The round, step by step: plan the item rows it touches (positives, fake positives, negatives), load
     them with the user row into a local model, fit the user row alone (``fed.user-steps``), train user
@@ -276,7 +290,7 @@ def local_train(
     """
     server_round = local_round.server_round
     rows = _plan_round_rows(config, data, download, n_items, server_round)
-    local = _load_local_model(config, state, download, rows, n_items)
+    local = _load_local_model(config, state, download, rows, n_items, network)
     fit_user_row(config, local.model, local.user_opt, *rows.real_examples_of_first_epoch())
     steps = _train_joint_steps(config, data, rows, local, server_round)
     update = _encode_upload(config, rows, local, steps, n_items, local_round.send_signal)
@@ -329,12 +343,13 @@ def _plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload
 
 @dataclass(frozen=True)
 class _LocalModel:
-    """The round's working copy: MF over the user row [1, w] and the touched item rows [r, w], their masks
-    (``user_mask`` bool [1, w], ``item_mask`` bool [r, w]) and optimisers; ``item_start`` float32 [r, w]
-    holds the rows as downloaded (deltas are taken against it), ``table`` / ``table_mask`` the whole
-    decoded download (float32 / bool [rows sent, w])."""
+    """The round's working copy: MF (or NeuMF) over the user row [1, w] and the touched item rows [r, w],
+    their masks (``user_mask`` bool [1, w], ``item_mask`` bool [r, w]) and optimisers; ``item_start``
+    float32 [r, w] holds the rows as downloaded (deltas are taken against it), ``table`` / ``table_mask``
+    the whole decoded download (float32 / bool [rows sent, w]); for NeuMF, ``network_start`` the shared
+    network as received and ``network_opt`` its fresh Adam."""
 
-    model: MatrixFactorization
+    model: MatrixFactorization | JoinedNeuMF
     user_mask: torch.Tensor
     item_mask: torch.Tensor
     user_opt: MaskedAdam | MaskedSGD
@@ -342,22 +357,29 @@ class _LocalModel:
     item_start: np.ndarray
     table: np.ndarray
     table_mask: np.ndarray
+    network_start: NetworkWeights | None = None
+    network_opt: torch.optim.Adam | None = None
 
 
 def _load_local_model(
-    config: RunConfig, state: DeviceState, download: RowsDownload, rows: _RoundRows, n_items: int
+    config: RunConfig, state: DeviceState, download: RowsDownload, rows: _RoundRows, n_items: int,
+    network: NetworkWeights | None = None,
 ) -> _LocalModel:
-    """Decode the download, copy the user row and the touched item rows into a local MF model, and set up
-    the user row's optimiser (resumed from the device's state) and a fresh one for the item rows."""
+    """Decode the download, copy the user row and the touched item rows (and the received network) into a
+    local model, and set up the user row's optimiser (resumed from the device's state) and fresh ones for
+    the item rows and the network."""
     table, table_mask = download.table.decode()
     local = np.searchsorted(download.rows(n_items), rows.touched)
     item_start = table[local]
-    model = MatrixFactorization.from_weights(torch.from_numpy(state.user_row).view(1, -1), torch.from_numpy(item_start))
+    model = local_model(config, state.user_row, item_start, network)  # the device's width
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     item_mask = torch.from_numpy(table_mask[local])
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
     item_opt = _item_optimizer(config, model.item_embedding.weight.data, item_mask)
-    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, table, table_mask)
+    network_opt = None
+    if isinstance(model, JoinedNeuMF):
+        network_opt = torch.optim.Adam(list(network_parameters(model).values()), lr=config.fed.network_lr)
+    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, table, table_mask, network, network_opt)
 
 
 @dataclass(frozen=True)
@@ -397,6 +419,8 @@ def _train_joint_steps(
             local.item_opt.step(item_gradient, scale=float(batch.numel()))
         else:
             local.item_opt.step(item_gradient)
+        if local.network_opt is not None:  # NeuMF: the shared network, from the real positives' gradient
+            local.network_opt.step()
         total_loss += float(loss.detach())
         steps += 1
     return _JointSteps(total_loss / steps, item_signal, user_signal)
@@ -407,7 +431,8 @@ def _encode_upload(
 ) -> RowUpdate:
     """The upload: deltas of the active entries of the touched rows (``fed.uplink = table``: of every row,
     zero where untrained, as FedAvg uploads the whole table), weighted by the examples trained, with the
-    top-k regrowth signal of each touched row's inactive entries when ``send_signal``."""
+    top-k regrowth signal of each touched row's inactive entries when ``send_signal`` and, for NeuMF, the
+    shared network's delta."""
     items = local.model.item_embedding.weight.detach()
     trained = (items - torch.from_numpy(local.item_start)).numpy()
     touched_ids = wire_row_ids(rows.touched, n_items)
@@ -418,7 +443,12 @@ def _encode_upload(
         delta, row_ids = whole[local.table_mask], wire_row_ids(np.arange(n_items), n_items)
     else:
         delta, row_ids = trained[local.item_mask.numpy()], touched_ids
-    return RowUpdate(row_ids, delta.astype(np.float32), float(rows.trained.size), *signal)
+    network = None
+    if local.network_start is not None and isinstance(local.model, JoinedNeuMF):
+        now, start = network_of(local.model), local.network_start
+        network = NetworkWeights({name: now.arrays[name] - start.arrays[name] for name in start.arrays})
+    update = RowUpdate(row_ids, delta.astype(np.float32), float(rows.trained.size), *signal)
+    return update if network is None else replace(update, network=network)
 
 
 def _trained_device_state(state: DeviceState, local: _LocalModel) -> DeviceState:
@@ -436,9 +466,12 @@ def _round_memory_bytes(
     new_state: DeviceState, download: RowsDownload, rows: _RoundRows, local: _LocalModel, steps: _JointSteps
 ) -> int:
     """Bytes the device held during the round: its state, the download and its decoded table, the working
-    item rows (copy, gradient, optimiser state, signal, mask) and the negatives."""
+    item rows (copy, gradient, optimiser state, signal, mask), for NeuMF the network (received copy,
+    weights, gradient, Adam's two moments), and the negatives."""
     items = local.model.item_embedding.weight.detach()
     working = items.nbytes * 2 + local.item_opt.nbytes + steps.item_signal.nbytes + local.item_mask.nbytes
+    if local.network_start is not None:
+        working += 5 * local.network_start.nbytes
     held = new_state.nbytes + download.nbytes + local.table.nbytes + local.table_mask.nbytes
     return int(held + working + rows.negatives.nbytes)
 
@@ -447,12 +480,13 @@ def _personal_evaluation(
     config: RunConfig, new_state: DeviceState, data: DeviceData, download: RowsDownload, rows: _RoundRows, local: _LocalModel
 ) -> dict[str, float]:
     """``evaluate_splits`` of the personal model: the new user row and the downloaded table with the
-    device's own trained rows (needs the full table, ``fed.downlink = full``)."""
+    device's own trained rows (and, for NeuMF, its trained network; needs the full table, ``fed.downlink = full``)."""
     if download.row_ids is not None:
         raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
     personal = local.table.copy()
     personal[rows.touched] = local.model.item_embedding.weight.detach().numpy()
-    return evaluate_splits(config, new_state, data, personal)
+    network = network_of(local.model) if isinstance(local.model, JoinedNeuMF) else None
+    return evaluate_splits(config, new_state, data, personal, network)
 
 
 def _gradient(parameter: torch.Tensor) -> torch.Tensor:
@@ -486,7 +520,7 @@ def _item_optimizer(config: RunConfig, item_weight: torch.Tensor, item_mask: tor
 
 def _padded_step_backward(
     config: RunConfig,
-    model: MatrixFactorization,
+    model: MatrixFactorization | JoinedNeuMF,
     users: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor,
@@ -494,39 +528,45 @@ def _padded_step_backward(
 ) -> torch.Tensor:
     """Backward the batch's mean loss; fake positives (``~is_real``) reach the item rows only.
 
-    Padding must make fake rows' deltas look real, but the private user row learns from real
-    positives alone. Without fakes this is one plain backward of ``batch_loss``.
+    Padding must make fake rows' deltas look real, but the private user row (and NeuMF's shared network)
+    learns from real positives alone. Without fakes this is one plain backward of ``batch_loss``.
     """
     loss = torch.zeros(())
-    user_weight = model.user_embedding.weight
+    real_only = [model.user_embedding.weight, *network_parameters(model).values()]
     for part in (is_real, ~is_real):
         share = float(part.sum()) / part.numel()
         if share == 0:
             continue
-        user_weight.requires_grad_(part is is_real)
+        for parameter in real_only:
+            parameter.requires_grad_(part is is_real)
         part_loss = share * batch_loss(
             model, users[part], positives[part], negatives[part], config.train.loss, config.train.l2_reg
         )
         part_loss.backward()
         loss = loss + part_loss.detach()
-    user_weight.requires_grad_(True)
+    for parameter in real_only:
+        parameter.requires_grad_(True)
     return loss
 
 
 def fit_user_row(
     config: RunConfig,
-    model: MatrixFactorization,
+    model: MatrixFactorization | JoinedNeuMF,
     user_opt: MaskedAdam | MaskedSGD,
     positives: torch.Tensor,
     negatives: torch.Tensor,
 ) -> None:
-    """``fed.user-steps`` steps on the user row alone against the downloaded item rows (frozen), before
-    the joint steps: the private row catches up with a table that moved since the device last took part
-    (FedRecon's local reconstruction, kept across rounds here). positives int64 [b], negatives int64 [b, n]:
-    rows of the local model. The gradient is MF's closed form (``mf_user_row_gradient``), O(b * n * dim)
-    per step with no backward through the tables.
+    """``fed.user-steps`` steps on the user row alone against the downloaded item rows (frozen, as is
+    NeuMF's network), before the joint steps: the private row catches up with a table that moved since the
+    device last took part (FedRecon's local reconstruction, kept across rounds here). positives int64 [b],
+    negatives int64 [b, n]: rows of the local model. For MF the gradient is its closed form
+    (``mf_user_row_gradient``), O(b * n * dim) per step with no backward through the tables; NeuMF has none,
+    so its steps backward through the network with everything but the user row frozen.
     """
     if config.fed.user_steps == 0:
+        return
+    if isinstance(model, JoinedNeuMF):
+        _fit_neumf_user_row(config, model, user_opt, positives, negatives)
         return
     item_weight = model.item_embedding.weight.detach()
     positive_rows, negative_rows = item_weight[positives], item_weight[negatives]
@@ -536,14 +576,36 @@ def fit_user_row(
         user_opt.step(gradient.view(1, -1))
 
 
-def reconstruct_user_row(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> DeviceState:
+def _fit_neumf_user_row(
+    config: RunConfig, model: JoinedNeuMF, user_opt: MaskedAdam | MaskedSGD, positives: torch.Tensor, negatives: torch.Tensor
+) -> None:
+    """``fit_user_row`` for NeuMF: ``fed.user-steps`` backwards of ``batch_loss`` with the item rows and the
+    shared network frozen, each stepping the user row."""
+    frozen = [model.item_embedding.weight, *network_parameters(model).values()]
+    users = torch.zeros(positives.shape[0], dtype=torch.int64)
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        for _ in range(config.fed.user_steps):
+            loss = batch_loss(model, users, positives, negatives, config.train.loss, config.train.l2_reg)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            user_opt.step(_gradient(model.user_embedding.weight))
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
+def reconstruct_user_row(
+    config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray, network: NetworkWeights | None = None
+) -> DeviceState:
     """FedRecon's evaluation: the user row fitted by ``fed.user-steps`` steps against ``item_weights`` float32
-    [n_items, dim] (frozen) on the device's training positives and the negatives of stream round 0."""
+    [n_items, dim] (frozen, as is NeuMF's ``network``) on the device's training positives and the negatives
+    of stream round 0."""
     n_items = item_weights.shape[0]
     negatives = round_negatives(config, data, n_items, 0)[0]
     touched = rows_needed(data, negatives)
-    item_rows = torch.from_numpy(np.ascontiguousarray(item_weights[touched, : state.user_row.size]))
-    model = MatrixFactorization.from_weights(torch.from_numpy(state.user_row).view(1, -1), item_rows)
+    model = local_model(config, state.user_row, item_weights[touched, : state.user_row.size], network)
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
     positives = torch.from_numpy(np.searchsorted(touched, data.train))
@@ -600,25 +662,59 @@ def _top_signal(
     return rows.copy(), order.astype(signal_col_dtype(signal.shape[1])), values
 
 
-def evaluate_splits(config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray) -> dict[str, float]:
+def evaluate_splits(
+    config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray, network: NetworkWeights | None = None
+) -> dict[str, float]:
     """``evaluate_device`` on validation and test, keys prefixed ``validation-`` / ``test-`` (splits the
     user has no held-out item in are left out)."""
     metrics: dict[str, float] = {}
     for split in ("validation", "test"):
-        result = evaluate_device(config, state, data, item_weights, split)
+        result = evaluate_device(config, state, data, item_weights, split, network)
         if result is not None:
             metrics.update({f"{split}-{name}": value for name, value in result.items()})
     return metrics
 
 
+ItemScores = Callable[[np.ndarray], torch.Tensor]  # item ids int64 [1, c] -> the user's scores float32 [1, c]
+
+
+def device_scorer(
+    config: RunConfig, state: DeviceState, item_weights: np.ndarray, network: NetworkWeights | None = None
+) -> tuple[torch.Tensor, ItemScores]:
+    """How the device scores items with its user row and ``item_weights`` float32 [n_items, w'] (its first w
+    dimensions, the user row's width): (scores of every item float32 [n_items], scores of some items).
+    MF scores by the dot product; NeuMF (given the shared ``network``) by its network (``JoinedNeuMF``)."""
+    width = state.user_row.size
+    if network is None:
+        user = torch.from_numpy(state.user_row)
+        items = torch.from_numpy(np.ascontiguousarray(item_weights[:, :width]))
+        return items @ user, lambda ids: items[torch.as_tensor(ids)] @ user
+    model = local_model(config, state.user_row, item_weights[:, :width], network)
+    user_ids = torch.zeros(1, dtype=torch.int64)
+    with torch.no_grad():
+        every = model.score_all(user_ids)[0]
+
+    def some(ids: np.ndarray) -> torch.Tensor:
+        items = torch.as_tensor(ids).view(-1, np.shape(ids)[-1])  # [b, c], every row this user's
+        with torch.no_grad():
+            return model.score(user_ids.expand(items.shape[0]), items)
+
+    return every, some
+
+
 def evaluate_device(
-    config: RunConfig, state: DeviceState, data: DeviceData, item_weights: np.ndarray, split: str = "test"
+    config: RunConfig,
+    state: DeviceState,
+    data: DeviceData,
+    item_weights: np.ndarray,
+    split: str = "test",
+    network: NetworkWeights | None = None,
 ) -> dict[str, float] | None:
     """Full-ranking metrics of this user on ``split`` ("validation" or "test"); None without held-out items.
 
     ``item_weights`` float32 [n_items, dim] is the masked item table, of which a device of width w uses
     the first w dimensions; the user's training items (and validation items when testing) are excluded
-    from the ranking.
+    from the ranking. ``network``: NeuMF's shared network (None for MF), see ``device_scorer``.
     """
     held_out = data.test if split == "test" else data.validation
     if held_out.size == 0:
@@ -629,25 +725,24 @@ def evaluate_device(
     def one_row(items: np.ndarray) -> sp.csr_matrix:
         return sp.csr_matrix((np.ones(items.size, dtype=np.float32), items, [0, items.size]), shape=(1, n_items))
 
-    user = torch.from_numpy(state.user_row)
-    items = torch.from_numpy(np.ascontiguousarray(item_weights[:, : state.user_row.size]))
+    every, some = device_scorer(config, state, item_weights, network)
     cutoffs = ranking_cutoffs(config, n_items)
     _, per_user = metrics.full_ranking_per_user(
-        lambda _: (items @ user).view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
+        lambda _: every.view(1, -1), one_row(held_out), [one_row(excluded)], cutoffs, 1
     )
     result = {name: float(values[0]) for name, values in per_user.items()}
     if uses_sampled_protocol(config) and held_out.size == 1:
-        result.update(sampled_protocol(config, data, user, items, held_out, split))
+        result.update(sampled_protocol(config, data, some, n_items, held_out, split))
     return result
 
 
 def sampled_protocol(
-    config: RunConfig, data: DeviceData, user: torch.Tensor, items: torch.Tensor, held_out: np.ndarray, split: str
+    config: RunConfig, data: DeviceData, score: ItemScores, n_items: int, held_out: np.ndarray, split: str
 ) -> dict[str, float]:
     """Leave-one-out + ``eval.sampled-negatives`` protocol on the device: HR@10 and NDCG@10 of the held-out
     item among negatives it never interacted with: the candidate file's (``eval.candidates``, carried in
-    the device's partition), else drawn from the device's own seeded stream."""
-    n_items = items.shape[0]
+    the device's partition), else drawn from the device's own seeded stream. ``score`` gives the user's
+    scores of some items (``device_scorer``)."""
     fixed = data.validation_negatives if split == "validation" else data.test_negatives
     if fixed is not None:
         negatives = fixed[None, :]
@@ -659,7 +754,7 @@ def sampled_protocol(
         rng = rng_for(config.seed, "device-eval-negatives", split, data.user_id)
         negatives = np.sort(rng.choice(candidates, size=count, replace=False))[None, :]
     _, per_user = metrics.sampled_per_user(
-        lambda _, candidates_of: items[torch.as_tensor(candidates_of)] @ user,
+        lambda _, candidates_of: score(candidates_of),
         sp.csr_matrix((np.ones(1, dtype=np.float32), held_out, [0, 1]), shape=(1, n_items)),
         negatives,
         np.zeros(1, dtype=np.int64),

@@ -16,10 +16,11 @@ from fedsparse.rng import rng_for
 
 
 def device_width(config: RunConfig, user_id: int) -> int:
-    """Leading dimensions device ``user_id`` holds: its class's width, or ``model.dim`` for homogeneous devices."""
+    """Leading dimensions device ``user_id`` holds: its class's width, or the whole row (``model.row_width``:
+    ``model.dim``, or NeuMF's GMF and MLP embeddings side by side) for homogeneous devices."""
     widths = config.budget.widths
     if not widths:
-        return config.model.dim
+        return config.model.row_width
     choice = rng_for(config.seed, "device-class", user_id).choice(len(widths), p=np.asarray(config.budget.shares))
     return int(widths[choice])
 

@@ -40,6 +40,7 @@ from fedsparse.federation.messages import (
     StartRequest,
     TrainRequest,
 )
+from fedsparse.federation.network import check_federated_model
 from fedsparse.federation.secure_start import (
     MIN_SECURE_COHORT,
     START_VALUE_BOUND,
@@ -205,6 +206,7 @@ class Population:
 
 def check_population(config: RunConfig, population: Population) -> None:
     """Raise ConfigError, before any work or output, when the config cannot run on this federation."""
+    check_federated_model(config)
     devices = int(population.users.size)
     if devices == 0:
         raise ConfigError("the dataset has no user with a training interaction: no device to federate")
@@ -611,13 +613,13 @@ def validate_checkpoint(arrays: Arrays, path: Path, config: RunConfig, n_items: 
         if name != MANIFEST and listing[name] != _array_signature(value):
             raise CheckpointError(f"{path}: array {name} has shape and dtype {_array_signature(value)}, "
                                   f"the manifest says {listing[name]}")
-    shape = (n_items, config.model.dim)
+    shape = (n_items, config.model.row_width)
     weight, mask, done = arrays.get("server.item-weight"), arrays.get("server.item-mask"), arrays.get("server.round")
     if weight is None or mask is None or done is None:
         raise CheckpointError(f"{path}: lacks the server's item table, mask or round")
     if weight.shape != shape or weight.dtype != np.float32 or mask.shape != shape or mask.dtype != bool:
         raise CheckpointError(f"{path}: item table {weight.dtype} {weight.shape} and mask {mask.dtype} {mask.shape} "
-                              f"do not fit this run (float32 and bool, {shape}: n_items x model.dim)")
+                              f"do not fit this run (float32 and bool, {shape}: n_items x the row width of model.*)")
     if not np.isfinite(weight).all():
         raise CheckpointError(f"{path}: the item table holds non-finite values")
     if done.shape != (1,) or done.dtype.kind not in "iu" or int(done[0]) != manifest["round"] or done[0] < 0:
@@ -924,8 +926,9 @@ def download_messages(
     wanted: Mapping[int, np.ndarray | None], widths: Mapping[int, int], stateless: bool = False,
 ) -> dict[int, Arrays]:
     """Each device's training or evaluation message as wire arrays: the rows it wants (None = the whole
-    masked table, encoded once per width and shared) cut to its width, and its NMF init fields (all of them
-    every time for ``stateless`` devices, ``DeviceInit.fields``)."""
+    masked table, encoded once per width and shared) cut to its width, its NMF init fields (all of them every
+    time for ``stateless`` devices, ``DeviceInit.fields``) and, in a NeuMF federation, the shared network (the
+    same arrays for every device)."""
     tables: dict[int, RowsDownload] = {}
     messages = {}
     for user, rows in wanted.items():
@@ -933,7 +936,7 @@ def download_messages(
         if rows is None and width not in tables:
             tables[width] = server.download(None, width)
         download = tables[width] if rows is None else server.download(rows, width)
-        messages[user] = request(download, device_init.fields(user, stateless)).to_arrays()
+        messages[user] = request(download, device_init.fields(user, stateless), server.network).to_arrays()
     return messages
 
 
@@ -993,8 +996,10 @@ def aggregate(
             observer.observe(server_round, entry.user, update, server)
     applied = server.apply_round(server_round, updates)
     dim = server.item_weight.shape[1]
-    floors = [update.row_ids.nbytes + update.values.nbytes for update in updates]
-    dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 for update in updates]
+    network = [update.network.nbytes if update.network is not None else 0 for update in updates]  # NeuMF only
+    floors = [update.row_ids.nbytes + update.values.nbytes + extra for update, extra in zip(updates, network, strict=True)]
+    dense_rows = [update.row_ids.nbytes + update.row_ids.size * dim * 4 + extra
+                  for update, extra in zip(updates, network, strict=True)]
     return {**applied, "upload_floor_bytes_mean": float(np.mean(floors)) if floors else 0.0,
             "dense_rows_upload_bytes_mean": float(np.mean(dense_rows)) if dense_rows else 0.0}
 
@@ -1047,7 +1052,8 @@ def bookkeeping(state: RunState, server_round: int, started: float, tally: Round
         **_summary_stats(list(tally.wire_up.values()), "wire_upload_bytes"),
         **_summary_stats(list(tally.wire_down.values()), "wire_download_bytes"),
         **_summary_stats(tally.memory, "device_memory_bytes"),
-        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4,
+        "dense_fedavg_upload_bytes": server.n_items * server.item_weight.shape[1] * 4 + (
+            server.network.nbytes if server.network is not None else 0),
         **applied,
     }
 

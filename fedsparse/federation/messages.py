@@ -11,6 +11,9 @@ the training kinds' bodies; scalar settings and metrics travel beside the arrays
 | "query"    | ``QueryRequest``                  | ``QueryReply`` (the rows it will touch)   |
 | "train"    | ``TrainRequest`` (rows + NMF init) | ``wire.RowUpdate``, or ``wire.SecureUpload`` under secure aggregation |
 | "evaluate" | ``EvaluateRequest`` (full table)  | ``EvaluateReply`` (metrics only)          |
+
+In a NeuMF federation (FedNCF) the training and evaluation requests also carry the shared network's
+weights and the ``RowUpdate`` its deltas (``wire.NetworkWeights``, ``network.*`` arrays).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 from fedsparse.federation.secure_start import SECURE_SUM, check_start_vector
 from fedsparse.federation.wire import (
     Arrays,
+    NetworkShapes,
+    NetworkWeights,
     Payload,
     PayloadError,
     RowsDownload,
@@ -31,6 +36,7 @@ from fedsparse.federation.wire import (
     expect_array,
     read_row_ids,
     reject_unexpected,
+    split_network,
 )
 
 START = "nmf"
@@ -118,49 +124,65 @@ class DeviceInitFields(Payload):
         return cls(fields.get("nmf-user-factor"), fields.get("nmf-scale"), projection)
 
 
-def _download_and_init(arrays: Mapping[str, np.ndarray], n_items: int, width: int) -> tuple[RowsDownload, DeviceInitFields]:
-    """Split a download message into its item rows (``table.*``, ``row-ids``) and its init fields."""
+def _download_and_init(
+    arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None
+) -> tuple[RowsDownload, DeviceInitFields, NetworkWeights | None]:
+    """Split a download message into its item rows (``table.*``, ``row-ids``), its init fields and, in a
+    NeuMF federation (``network``: the shared network's parameter shapes), the network's weights."""
+    network_arrays, arrays = split_network(arrays)
     rows = {key: value for key, value in arrays.items() if key.startswith("table.") or key == "row-ids"}
-    reject_unexpected({key: value for key, value in arrays.items() if key not in rows}, set(INIT_FIELDS))
-    return RowsDownload.from_arrays(rows, n_items, width), DeviceInitFields.from_arrays(arrays)
+    reject_unexpected({key: value for key, value in {**arrays, **network_arrays}.items() if key not in rows},
+                      set(INIT_FIELDS) | (set() if network is None else set(network_arrays)))
+    weights = None if network is None else NetworkWeights.from_arrays(network_arrays, network)
+    return RowsDownload.from_arrays(rows, n_items, width), DeviceInitFields.from_arrays(arrays), weights
 
 
 @dataclass(frozen=True)
 class TrainRequest(Payload):
-    """A training message: the item rows the device trains on (all, or the rows it asked for) and its
-    NMF init fields."""
+    """A training message: the item rows the device trains on (all, or the rows it asked for), its NMF init
+    fields and, in a NeuMF federation, the shared network's weights (FedNCF's broadcast)."""
 
     download: RowsDownload
     init: DeviceInitFields = DeviceInitFields()
+    network: NetworkWeights | None = None
 
     def to_arrays(self) -> Arrays:
-        """The download's arrays and the init fields."""
-        return {**self.download.to_arrays(), **self.init.to_arrays()}
+        """The download's arrays, the init fields and the network's (``network.*``)."""
+        network = self.network.to_arrays() if self.network is not None else {}
+        return {**self.download.to_arrays(), **self.init.to_arrays(), **network}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], n_items: int, width: int) -> TrainRequest:
-        """Decode and validate for a table of ``n_items`` rows, ``width`` of whose dimensions the device holds."""
-        return cls(*_download_and_init(arrays, n_items, width))
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None = None
+    ) -> TrainRequest:
+        """Decode and validate for a table of ``n_items`` rows, ``width`` of whose dimensions the device holds,
+        and the shared network's parameter shapes (``network``; None: no network may come)."""
+        return cls(*_download_and_init(arrays, n_items, width, network))
 
 
 @dataclass(frozen=True)
 class EvaluateRequest(Payload):
-    """An evaluation message: the whole masked item table (no row ids: every row, in order) and the init fields."""
+    """An evaluation message: the whole masked item table (no row ids: every row, in order), the init fields
+    and, in a NeuMF federation, the shared network's weights."""
 
     download: RowsDownload
     init: DeviceInitFields = DeviceInitFields()
+    network: NetworkWeights | None = None
 
     def to_arrays(self) -> Arrays:
-        """The table's arrays and the init fields."""
-        return {**self.download.to_arrays(), **self.init.to_arrays()}
+        """The table's arrays, the init fields and the network's (``network.*``)."""
+        network = self.network.to_arrays() if self.network is not None else {}
+        return {**self.download.to_arrays(), **self.init.to_arrays(), **network}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], n_items: int, width: int) -> EvaluateRequest:
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None = None
+    ) -> EvaluateRequest:
         """Decode and validate; PayloadError unless the full table came (ranking needs every item)."""
-        download, init = _download_and_init(arrays, n_items, width)
+        download, init, weights = _download_and_init(arrays, n_items, width, network)
         if download.row_ids is not None:
             raise PayloadError("evaluation needs the full item table")
-        return cls(download, init)
+        return cls(download, init, weights)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from fedsparse.federation.device import (
     DeviceData,
     DeviceState,
     LocalRound,
+    device_scorer,
     evaluate_splits,
     init_device,
     local_train,
@@ -42,6 +43,7 @@ from fedsparse.federation.messages import (
     StartRequest,
     TrainRequest,
 )
+from fedsparse.federation.network import network_shapes
 from fedsparse.federation.poisoning import EXPOSURE_K, boost_target, is_malicious, poisoned_view, target_exposed
 from fedsparse.federation.secure_start import (
     check_start_vector,
@@ -170,7 +172,7 @@ def handle_train(
     raises ``InjectedFault`` / ``DeviceCrash`` here, or answers late (in process only in simulated time).
     """
     inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
-    request = TrainRequest.from_arrays(message, n_items, device_width(config, data.user_id))
+    request = TrainRequest.from_arrays(message, n_items, device_width(config, data.user_id), network_shapes(config))
     download = request.download
     device = _device_state(config, state, data, request.init, download)
     data = round_view(config, poisoned_view(config, data), n_items, server_round)
@@ -186,6 +188,7 @@ def handle_train(
         config, device, data, download, n_items,
         LocalRound(server_round, bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
                    bool(settings.get("evaluate", False))),
+        request.network,
     )
     update = privatize(config, result.update, server_round, data.user_id)
     if is_malicious(config, data.user_id):  # only an attacker needs the rows' masks (a table decode)
@@ -237,17 +240,21 @@ def _empty_secure_reply(
 
 
 def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: int) -> RowUpdate:
-    """Apply ``privacy.ldp`` to every value the upload carries (the deltas and the regrowth signal,
-    clipped together as one vector); the row ids and shapes are unchanged. Identity without local DP."""
+    """Apply ``privacy.ldp`` to every value the upload carries (the deltas, the regrowth signal and NeuMF's
+    network delta, clipped together as one vector); the row ids and shapes are unchanged. Identity without
+    local DP."""
     privacy = config.privacy
     if privacy.ldp == "none":
         return update
     signal = update.signal_values if update.signal_values is not None else np.zeros((0, 0), dtype=np.float32)
-    joined = np.concatenate([update.values, signal.ravel()])
+    network = update.network.flat() if update.network is not None else np.zeros(0, dtype=np.float32)
+    joined = np.concatenate([update.values, signal.ravel(), network])
     rng = rng_for(config.seed, "device-ldp", server_round, user_id)
     noised = clip_and_noise(joined, privacy.ldp, privacy.clip_norm, privacy.noise_multiplier, rng)
-    values, signal_values = noised[: update.values.size], noised[update.values.size :].reshape(signal.shape)
-    return replace(update, values=values, signal_values=signal_values if update.signal_values is not None else None)
+    values, rest = noised[: update.values.size], noised[update.values.size :]
+    signal_values, network_values = rest[: signal.size].reshape(signal.shape), rest[signal.size :]
+    return replace(update, values=values, signal_values=signal_values if update.signal_values is not None else None,
+                   network=update.network.with_flat(network_values) if update.network is not None else None)
 
 
 def handle_evaluate(
@@ -262,18 +269,20 @@ def handle_evaluate(
     stores, fits it against the received table with the items frozen (``unseen.fit_config``: FedRecon's
     reconstruction, under every ``fed.user-state``) and keeps nothing.
     """
-    request = EvaluateRequest.from_arrays(message, n_items, device_width(config, data.user_id))
+    request = EvaluateRequest.from_arrays(message, n_items, device_width(config, data.user_id), network_shapes(config))
     download = request.download
     unseen = bool((settings or {}).get(UNSEEN, False))
     device = _device_state(config, {} if unseen else state, data, request.init, download)
     item_weights, _ = download.table.decode()
     if unseen:
-        device = reconstruct_user_row(fit_config(config), device, data, item_weights)
+        device = reconstruct_user_row(fit_config(config), device, data, item_weights, request.network)
     elif config.fed.user_state == "reconstruct":
-        device = reconstruct_user_row(config, device, data, item_weights)
-    metrics = evaluate_splits(config, device, data, item_weights)
+        device = reconstruct_user_row(config, device, data, item_weights, request.network)
+    metrics = evaluate_splits(config, device, data, item_weights, request.network)
     if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
-        exposed = target_exposed(config, data, item_weights @ device.user_row)
+        scores = (item_weights @ device.user_row if request.network is None
+                  else device_scorer(config, device, item_weights, request.network)[0].numpy())
+        exposed = target_exposed(config, data, scores)
         if exposed is not None:
             metrics[f"exposure@{EXPOSURE_K}"] = exposed
     return DeviceReply(EvaluateReply(), state if unseen else _kept_state(config, state, device), metrics)

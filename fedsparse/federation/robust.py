@@ -33,10 +33,12 @@ def clip_rows(update: RowUpdate, item_mask: np.ndarray, bound: float) -> RowUpda
 
 
 def too_large(update: RowUpdate, settings: RobustConfig) -> str | None:
-    """Why the upload is rejected for its size (``robust.max-update-norm``), or None when it is within bounds."""
+    """Why the upload is rejected for its size (``robust.max-update-norm``: of the row deltas and NeuMF's
+    network delta together), or None when it is within bounds."""
     if settings.max_update_norm <= 0:
         return None
-    norm = float(np.linalg.norm(update.values.astype(np.float64)))
+    values = update.values if update.network is None else np.concatenate([update.values, update.network.flat()])
+    norm = float(np.linalg.norm(values.astype(np.float64)))
     if norm > settings.max_update_norm:
         return f"delta norm {norm:.4g} exceeds robust.max-update-norm = {settings.max_update_norm:g}"
     return None

@@ -14,10 +14,19 @@ import scipy.sparse as sp
 
 from fedsparse.config import RunConfig
 from fedsparse.federation.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
+from fedsparse.federation.network import initial_network, network_shapes, weighted_network_mean
 from fedsparse.federation.robust import robust_aggregate, too_large
 from fedsparse.federation.server_optim import ServerOptimizer
 from fedsparse.federation.streaming import grow_item_table, revealed_items
-from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+from fedsparse.federation.wire import (
+    NetworkWeights,
+    PayloadError,
+    RowsDownload,
+    RowUpdate,
+    SecureUpload,
+    split_network,
+    wire_row_ids,
+)
 from fedsparse.privacy.secure_rows import secure_round_rows
 from fedsparse.rng import rng_for
 from fedsparse.sparse.nmf import nmf_factors, rebalance_columns
@@ -63,6 +72,7 @@ class Server:
     policy: MaskPolicy
     optimizer: ServerOptimizer  # how mean deltas become a step (``fed.server-optimizer``)
     round: int = 0
+    network: NetworkWeights | None = None  # NeuMF's shared network (FedNCF); None for MF
 
     @classmethod
     def create(
@@ -72,8 +82,10 @@ class Server:
         popularity for the size policies, if given).
 
         Values are normal(0, ``fed.item-init-std``), or the NMF item factor itself when ``sparse.nmf-values = factors``.
+        Rows are ``model.row_width`` wide (NeuMF: GMF | MLP), and a NeuMF server also holds the shared network
+        (``network.initial_network``).
         """
-        dim = config.model.dim
+        dim = config.model.row_width
         policy = policy_for_rounds(config)
         rng = rng_for(config.seed, "server-init")
         present = revealed_items(config, n_items, 1)
@@ -88,11 +100,13 @@ class Server:
         values = rng.normal(0.0, config.fed.item_init_std, (n_items, dim))
         if item_factor is not None and config.sparse.nmf_values == "factors":
             values = item_factor
-        return cls(config, (values * mask).astype(np.float32), mask, policy, ServerOptimizer(config.fed))
+        return cls(config, (values * mask).astype(np.float32), mask, policy, ServerOptimizer(config.fed),
+                   network=initial_network(config))
 
     @classmethod
     def restore(cls, config: RunConfig, arrays: dict[str, np.ndarray]) -> Server:
-        """Rebuild a server from ``state_arrays`` output (a checkpoint)."""
+        """Rebuild a server from ``state_arrays`` output (a checkpoint); ValueError when the shared network
+        the config needs is missing or misshapen."""
         policy = policy_for_rounds(config)
         policy.load_state_arrays({k.removeprefix("policy."): v for k, v in arrays.items() if k.startswith("policy.")})
         optimizer = ServerOptimizer(config.fed)
@@ -104,6 +118,7 @@ class Server:
             policy,
             optimizer,
             int(arrays["round"][0]),
+            _restored_network(config, arrays),
         )
 
     @property
@@ -171,10 +186,11 @@ class Server:
 
     def decode_reply(self, arrays: dict[str, np.ndarray], width: int | None = None) -> RowUpdate:
         """Validate one device's upload against the current item mask cut to the device's ``width``
-        (None = all dimensions); raises PayloadError."""
+        (None = all dimensions) and, in a NeuMF federation, the shared network's shapes; raises PayloadError."""
         dim = self.item_weight.shape[1]
         width = dim if width is None else width
-        update = RowUpdate.from_arrays(arrays, self.item_mask[:, :width])  # a view: the device's columns only
+        # the mask is a view: the device's columns only
+        update = RowUpdate.from_arrays(arrays, self.item_mask[:, :width], network_shapes(self.config))
         return update if width == dim else replace(update, width=width)
 
     def secure_rows(self) -> np.ndarray:
@@ -188,7 +204,11 @@ class Server:
 
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
         """Aggregate the round's accepted updates (with the ``robust.*`` defences), apply them, explore
-        the mask if scheduled."""
+        the mask if scheduled; a NeuMF server also adds the network deltas' example-weighted mean (FedAvg)."""
+        mean = weighted_network_mean(updates)
+        if self.network is not None and mean is not None:
+            self.network = NetworkWeights({name: (array + mean.arrays[name]).astype(np.float32)
+                                           for name, array in self.network.arrays.items()})
         return self.apply_merged(
             server_round, robust_aggregate(updates, self.item_mask, self.config.robust, self.config.fed.aggregation))
 
@@ -231,7 +251,25 @@ class Server:
         arrays = {"item-weight": self.item_weight, "item-mask": self.item_mask, "round": np.asarray([self.round])}
         arrays.update({f"policy.{key}": value for key, value in self.policy.state_arrays().items()})
         arrays.update({f"optimizer.{key}": value for key, value in self.optimizer.state_arrays().items()})
+        if self.network is not None:
+            arrays.update(self.network.to_arrays())
         return arrays
+
+
+def _restored_network(config: RunConfig, arrays: dict[str, np.ndarray]) -> NetworkWeights | None:
+    """The shared network among checkpoint ``arrays`` (``network.*``), checked against the config's shapes;
+    None for MF. ValueError naming the problem (a checkpoint of another model, or damaged)."""
+    network, _ = split_network(arrays)
+    shapes = network_shapes(config)
+    if shapes is None:
+        if network:
+            raise ValueError(f"the checkpoint holds a shared network ({', '.join(sorted(network))}) but model.name = "
+                             f"{config.model.name} has none")
+        return None
+    try:
+        return NetworkWeights.from_arrays({key: np.asarray(value) for key, value in network.items()}, shapes)
+    except PayloadError as exc:
+        raise ValueError(f"the checkpoint's shared network does not fit model.* of this run: {exc}") from exc
 
 
 def validate_update(

@@ -9,7 +9,7 @@ problem, so a hostile or broken reply can be dropped without touching server sta
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -103,6 +103,58 @@ def check_finite(values: np.ndarray, name: str) -> None:
         raise PayloadError(f"{name!r} holds {int((~np.isfinite(values)).sum())} non-finite value(s)")
 
 
+NETWORK_PREFIX = "network."  # the shared network's arrays travel as network.<parameter name>
+NetworkShapes = Mapping[str, tuple[int, ...]]  # parameter name -> shape, in a fixed order
+
+
+@dataclass(frozen=True)
+class NetworkWeights(Payload):
+    """The shared network of a NeuMF federation (MLP tower and output layer, FedNCF), by parameter name
+    (``mlp.0.weight`` ...): float32 arrays of the shapes ``model.*`` fixes. In a download they are the
+    server's weights, in an upload the device's deltas against them.
+    """
+
+    arrays: dict[str, np.ndarray]
+
+    def to_arrays(self) -> Arrays:
+        """``network.<name>`` for every parameter."""
+        return {NETWORK_PREFIX + name: value for name, value in self.arrays.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], shapes: NetworkShapes) -> NetworkWeights:
+        """Decode the ``network.*`` arrays among ``arrays`` (others are ignored: the caller checks them);
+        PayloadError unless they are exactly the parameters of ``shapes``, each float32 of its shape and finite."""
+        received = {key for key in arrays if key.startswith(NETWORK_PREFIX)}
+        reject_unexpected({key: arrays[key] for key in received}, {NETWORK_PREFIX + name for name in shapes}, " in the network")
+        decoded = {}
+        for name, shape in shapes.items():
+            key = NETWORK_PREFIX + name
+            array = expect_array(arrays, key, np.float32, len(shape))
+            if array.shape != tuple(shape):
+                raise PayloadError(f"{key!r} must have shape {list(shape)}, got {list(array.shape)}")
+            check_finite(array, key)
+            decoded[name] = array
+        return cls(decoded)
+
+    def flat(self) -> np.ndarray:
+        """Every parameter raveled and joined, float32 [n_parameters] (in the arrays' order)."""
+        return np.concatenate([array.ravel() for array in self.arrays.values()]).astype(np.float32, copy=False)
+
+    def with_flat(self, values: np.ndarray) -> NetworkWeights:
+        """The same parameters holding ``values`` float32 [n_parameters] (the inverse of ``flat``)."""
+        arrays, start = {}, 0
+        for name, array in self.arrays.items():
+            arrays[name] = np.asarray(values[start : start + array.size], dtype=np.float32).reshape(array.shape)
+            start += array.size
+        return NetworkWeights(arrays)
+
+
+def split_network(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the ``network.*`` arrays, the others) of a message."""
+    network = {key: value for key, value in arrays.items() if key.startswith(NETWORK_PREFIX)}
+    return network, {key: value for key, value in arrays.items() if key not in network}
+
+
 @dataclass(frozen=True)
 class RowsDownload(Payload):
     """Item rows sent to a device: the masked rows in compact form, and their ids.
@@ -156,6 +208,8 @@ class RowUpdate(Payload):
     of row_ids), signal_cols (uint8 when dim <= 256, else uint16) [s, k] and signal_values float32 [s, k]:
     per row, the k inactive entries with the largest accumulated |gradient|, with their signed sums.
     When the signal covers every row (the usual case), ``signal-rows`` is not sent: it equals row-ids.
+    network: in a NeuMF federation (FedNCF), the device's deltas of the shared network (``NetworkWeights``),
+    sent as ``network.*`` arrays; None otherwise.
     """
 
     row_ids: np.ndarray
@@ -165,6 +219,7 @@ class RowUpdate(Payload):
     signal_cols: np.ndarray | None = None
     signal_values: np.ndarray | None = None
     width: int = 0  # leading dimensions the sending device holds (0 = all); the server knows it, it is not sent
+    network: NetworkWeights | None = None
 
     def carried_mask(self, item_mask: np.ndarray) -> np.ndarray:
         """bool [r, dim]: the entries of the update's rows its values stand for (the mask cut to ``width``)."""
@@ -181,6 +236,8 @@ class RowUpdate(Payload):
             arrays.update({"signal-cols": self.signal_cols, "signal-values": self.signal_values})
             if not np.array_equal(self.signal_rows, self.row_ids):
                 arrays["signal-rows"] = self.signal_rows
+        if self.network is not None:
+            arrays.update(self.network.to_arrays())
         return arrays
 
     @property
@@ -190,8 +247,13 @@ class RowUpdate(Payload):
         return payload_bytes({key: arrays[key] for key in ("signal-rows", "signal-cols", "signal-values") if key in arrays})
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray) -> RowUpdate:
-        """Decode and validate an upload against the server's item mask bool [n_items, dim]."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], item_mask: np.ndarray, network: NetworkShapes | None = None) -> RowUpdate:
+        """Decode and validate an upload against the server's item mask bool [n_items, dim] and, in a NeuMF
+        federation, the shared network's parameter shapes (``network``: its deltas must come, exactly those)."""
+        if network is not None:
+            network_arrays, arrays = split_network(arrays)
+            update = cls.from_arrays(arrays, item_mask)
+            return replace(update, network=NetworkWeights.from_arrays(network_arrays, network))
         n_items, dim = item_mask.shape
         reject_unexpected(arrays, {"row-ids", "values", "weight", "signal-rows", "signal-cols", "signal-values"})
         row_ids = read_row_ids(arrays, "row-ids", n_items)
