@@ -43,6 +43,7 @@ SERVER_OPTIMIZERS = ("avg", "adam")
 ITEM_OPTIMIZERS = ("adam", "sgd")
 USER_OPTIMIZERS = ("adam", "sgd")
 USER_STATES = ("keep", "reconstruct")
+STEP_ORDERS = ("joint", "head-first")
 EVALUATE_MODELS = ("global", "local")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
 FAULT_MODES = ("exception", "crash", "timeout")
@@ -175,6 +176,10 @@ class FedConfig:
     user_steps: int = 5  # steps on the user row alone (items frozen) before the joint steps, each round (catch-up with the table)
     user_density: float = AUTO  # active share of each device's user row (private, never sent); auto = the policy's
     # density (sparse.density; 1 for dense). 1 keeps a dense row, as PFedRec's score head
+    user_bias: bool = False  # a private score bias per device (PFedRec's head bias), stepped with the user row by sgd;
+    # it never changes a device's ranking, only its training
+    step_order: str = "joint"  # joint: one gradient steps user row and item rows; head-first: the user row (and bias)
+    # steps on the batch, then the batch's loss is recomputed for the item step (PFedRec's order)
     user_state: str = "keep"  # keep: the device stores its user row; reconstruct:
     # FedRecon, fit afresh by user-steps each round and evaluation
     local_lr: float = 0.05  # learning rate of the user row's optimiser (and of the item rows with item-optimizer = adam)
@@ -424,6 +429,10 @@ class RunConfig:
             (f.item_lr > 0, "fed.item-lr", "must be > 0"),
             (f.user_optimizer in USER_OPTIMIZERS, "fed.user-optimizer", f"must be one of {USER_OPTIMIZERS}"),
             (f.user_state in USER_STATES, "fed.user-state", f"must be one of {USER_STATES}"),
+            (f.step_order in STEP_ORDERS, "fed.step-order", f"must be one of {STEP_ORDERS}"),
+            (not f.user_bias or (f.user_optimizer == "sgd" and f.user_steps == 0 and f.user_state == "keep"
+                                 and self.model.name == "mf"), "fed.user-bias",
+             "needs PFedRec's head: model.name = mf, fed.user-optimizer = sgd, fed.user-steps = 0, fed.user-state = keep"),
             (f.user_state == "keep" or f.user_steps >= 1, "fed.user-state",
              "reconstruct needs fed.user-steps >= 1 (the steps that fit the fresh user row)"),
             (f.item_init_std > 0, "fed.item-init-std", "must be > 0"),

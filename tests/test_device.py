@@ -632,3 +632,80 @@ def test_reconstruct_fits_the_user_row_then_trains_items_only() -> None:
     assert evaluated.metrics == evaluate_splits(cfg, fitted, data, weight)  # the stored row plays no part
     with pytest.raises(ConfigError, match="user-steps"):
         config(**{"fed.user-state": "reconstruct"})
+
+
+# ---------------------------------------------------------------- PFedRec's head: bias and step order
+
+
+def pfedrec_head(**overrides: object) -> RunConfig:
+    """PFedRec's device rules on the test data: dense, BCE, SGD head with a bias, items stepped after it."""
+    return config(**{
+        "sparse.policy": "dense", "sparse.density": 1.0, "train.loss": "bce", "fed.user-optimizer": "sgd",
+        "fed.local-lr": 0.1, "fed.item-optimizer": "sgd", "fed.item-lr": 0.7, "fed.local-epochs": 2,
+        "fed.local-batch-size": 2, "fed.user-bias": True, "fed.step-order": "head-first", **overrides,
+    })
+
+
+def test_head_first_with_bias_equals_pfedrecs_two_steps_per_batch() -> None:
+    """Reference: PFedRec's ``fed_train_single_batch`` in plain autograd: step the head (row and bias) on the
+    batch's mean log loss, recompute the loss, step the items (per-example rate times the batch's positives)."""
+    cfg = pfedrec_head()
+    data = user_data()
+    weight, mask = item_table(density=1.0)
+    mask[:] = True
+    state = init_device(cfg, USER)
+    assert state.user_bias is not None and state.user_bias.shape == (1,)
+    result = local_train(cfg, state, data, full_download(weight, mask), N_ITEMS, LocalRound(server_round=1))
+
+    negatives = round_negatives(cfg, data, N_ITEMS, 1)
+    user = torch.tensor(state.user_row, dtype=torch.float64)
+    bias = torch.zeros(1, dtype=torch.float64)
+    items = torch.tensor(weight, dtype=torch.float64)
+
+    def mean_log_loss(user: torch.Tensor, bias: torch.Tensor, items: torch.Tensor, positives, negative_ids) -> torch.Tensor:
+        scores = torch.cat([items[positives] @ user + bias, (items[negative_ids] @ user + bias).reshape(-1)])
+        labels = torch.cat([torch.ones(positives.numel()), torch.zeros(negative_ids.numel())]).double()
+        return torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
+
+    for epoch, batch in local_batches(cfg, data, 1):
+        positives = torch.from_numpy(data.train[batch.numpy()])
+        negative_ids = torch.from_numpy(negatives[epoch][batch.numpy()])
+        user.requires_grad_(True)
+        bias.requires_grad_(True)
+        head_loss = mean_log_loss(user, bias, items, positives, negative_ids)
+        user_gradient, bias_gradient = torch.autograd.grad(head_loss, [user, bias])
+        user, bias = (user - 0.1 * user_gradient).detach(), (bias - 0.1 * bias_gradient).detach()
+        items.requires_grad_(True)
+        (item_gradient,) = torch.autograd.grad(mean_log_loss(user, bias, items, positives, negative_ids), [items])
+        items = (items - 0.7 * batch.numel() * item_gradient).detach()
+
+    np.testing.assert_allclose(result.state.user_row, user.numpy(), atol=1e-5)
+    np.testing.assert_allclose(result.state.user_bias, bias.numpy(), atol=1e-5)
+    touched = np.asarray(result.update.row_ids, dtype=np.int64)
+    np.testing.assert_allclose(result.update.values, (items.numpy() - weight)[touched].reshape(-1), atol=1e-4)
+    assert DeviceState.from_arrays(result.state.to_arrays()).user_bias == pytest.approx(result.state.user_bias)
+
+
+def test_step_order_changes_the_item_step() -> None:
+    data = user_data()
+    weight, mask = item_table(density=1.0)
+    mask[:] = True
+    results = {
+        order: local_train(cfg := pfedrec_head(**{"fed.step-order": order}), init_device(cfg, USER), data,
+                           full_download(weight, mask), N_ITEMS, LocalRound(server_round=1))
+        for order in ("joint", "head-first")
+    }
+    assert not np.allclose(results["joint"].update.values, results["head-first"].update.values)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"fed.user-optimizer": "adam"}, {"fed.user-steps": 2}, {"model.name": "neumf"},
+])
+def test_user_bias_outside_pfedrecs_head_is_refused(overrides: dict) -> None:
+    with pytest.raises(ConfigError, match="fed.user-bias"):
+        pfedrec_head(**overrides)
+
+
+def test_unknown_step_order_is_refused() -> None:
+    with pytest.raises(ConfigError, match="fed.step-order"):
+        pfedrec_head(**{"fed.step-order": "items-first"})

@@ -44,23 +44,27 @@ class EmbeddingRecommender(Recommender):
 
 
 class MatrixFactorization(EmbeddingRecommender):
-    """score(u, i) = <p_u, q_i>; user table [n_users, dim], item table [n_items, dim]."""
+    """score(u, i) = <p_u, q_i> (+ b_u with a user bias); user table [n_users, dim], item table [n_items, dim]."""
 
     def __init__(self, n_users: int, n_items: int, dim: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.user_embedding = RowEmbedding(n_users, dim)
         self.item_embedding = RowEmbedding(n_items, dim)
+        self.user_bias: nn.Parameter | None = None  # float32 [n_users]: PFedRec's score-head bias, on devices keeping one
         for table in (self.user_embedding, self.item_embedding):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD, generator=generator)
 
     @classmethod
-    def from_weights(cls, user_weight: torch.Tensor, item_weight: torch.Tensor) -> MatrixFactorization:
-        """MF on copies of given tables (float32 [n_users, dim], [n_items, dim]), skipping the random
-        initialisation a device would overwrite at once."""
+    def from_weights(
+        cls, user_weight: torch.Tensor, item_weight: torch.Tensor, user_bias: torch.Tensor | None = None
+    ) -> MatrixFactorization:
+        """MF on copies of given tables (float32 [n_users, dim], [n_items, dim]) and, when given, a per-user
+        score bias (float32 [n_users]), skipping the random initialisation a device would overwrite at once."""
         model = cls.__new__(cls)
         EmbeddingRecommender.__init__(model)
         model.user_embedding = RowEmbedding(*user_weight.shape, _weight=user_weight.detach().clone())
         model.item_embedding = RowEmbedding(*item_weight.shape, _weight=item_weight.detach().clone())
+        model.user_bias = None if user_bias is None else nn.Parameter(user_bias.detach().clone())
         return model
 
     def embedding_tables(self) -> dict[str, RowEmbedding]:
@@ -72,8 +76,10 @@ class MatrixFactorization(EmbeddingRecommender):
         user_vectors = self.user_embedding(users)
         item_vectors = self.item_embedding(items)
         if items.dim() == 2:
-            return torch.einsum("bd,bcd->bc", user_vectors, item_vectors)
-        return (user_vectors * item_vectors).sum(-1)
+            scores = torch.einsum("bd,bcd->bc", user_vectors, item_vectors)
+            return scores if self.user_bias is None else scores + self.user_bias[users][:, None]
+        scores = (user_vectors * item_vectors).sum(-1)
+        return scores if self.user_bias is None else scores + self.user_bias[users]
 
     def batch_l2(self, users: torch.Tensor, *item_batches: torch.Tensor) -> torch.Tensor:
         """Half the squared L2 norm of the embeddings a batch uses, divided by the batch size."""
@@ -85,7 +91,8 @@ class MatrixFactorization(EmbeddingRecommender):
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """Scores of every item for some users: users int64 [b] -> float32 [b, n_items]."""
-        return self.user_embedding(users) @ self.item_embedding.weight.T
+        scores = self.user_embedding(users) @ self.item_embedding.weight.T
+        return scores if self.user_bias is None else scores + self.user_bias[users][:, None]
 
 
 def _neumf_network(dim: int, mlp_dim: int, widths: tuple[int, ...],

@@ -86,33 +86,38 @@ class DeviceData:
 
 @dataclass
 class DeviceState:
-    """Private, persistent across rounds: user row float32 [dim], its mask bool [dim], Adam moments."""
+    """Private, persistent across rounds: user row float32 [dim], its mask bool [dim], Adam moments and,
+    with ``fed.user-bias``, the score bias float32 [1]."""
 
     user_row: np.ndarray
     user_mask: np.ndarray
     exp_avg: np.ndarray
     exp_avg_sq: np.ndarray
     steps: int = 0
+    user_bias: np.ndarray | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays to persist (Flower's ``context.state``)."""
-        return {
+        arrays = {
             "user-row": self.user_row,
             "user-mask": self.user_mask,
             "exp-avg": self.exp_avg,
             "exp-avg-sq": self.exp_avg_sq,
             "steps": np.asarray([self.steps], dtype=np.int64),
         }
+        return arrays if self.user_bias is None else {**arrays, "user-bias": self.user_bias}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> DeviceState:
         """Inverse of ``to_arrays``."""
+        bias = arrays.get("user-bias")
         return cls(
             arrays["user-row"].astype(np.float32),
             arrays["user-mask"].astype(bool),
             arrays["exp-avg"].astype(np.float32),
             arrays["exp-avg-sq"].astype(np.float32),
             int(arrays["steps"][0]),
+            None if bias is None else bias.astype(np.float32),
         )
 
     @property
@@ -145,7 +150,8 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
         values = np.asarray(nmf_factor, dtype=np.float64)
     row = (values * mask).astype(np.float32)
     zeros = np.zeros(dim, dtype=np.float32)
-    return DeviceState(row, mask, zeros.copy(), zeros.copy())
+    bias = np.zeros(1, dtype=np.float32) if config.fed.user_bias else None
+    return DeviceState(row, mask, zeros.copy(), zeros.copy(), user_bias=bias)
 
 
 def user_row_density(config: RunConfig) -> float:
@@ -371,7 +377,7 @@ def _load_local_model(
     table, table_mask = download.table.decode()
     local = np.searchsorted(download.rows(n_items), rows.touched)
     item_start = table[local]
-    model = local_model(config, state.user_row, item_start, network)  # the device's width
+    model = local_model(config, state.user_row, item_start, network, state.user_bias)  # the device's width
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     item_mask = torch.from_numpy(table_mask[local])
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
@@ -407,14 +413,21 @@ def _train_joint_steps(
     steps = 0
     for epoch, batch in local_batches(config, data, server_round, rows.trained.size):
         negative_rows = rows.positions(rows.negatives[epoch][batch.numpy()])
-        model.zero_grad(set_to_none=True)
-        loss = _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < rows.n_real)
-        item_gradient = _gradient(model.item_embedding.weight)
-        item_signal += item_gradient * ~local.item_mask
+
+        def backward(batch: torch.Tensor = batch, negative_rows: torch.Tensor = negative_rows) -> torch.Tensor:
+            model.zero_grad(set_to_none=True)
+            return _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < rows.n_real)
+
+        loss = backward()
         user_gradient = _gradient(model.user_embedding.weight)
         user_signal += user_gradient * ~local.user_mask
         if config.fed.user_state == "keep":
             local.user_opt.step(user_gradient)
+            _step_user_bias(config, model)
+        if config.fed.step_order == "head-first":  # PFedRec: the item step sees the head it just stepped
+            loss = backward()
+        item_gradient = _gradient(model.item_embedding.weight)
+        item_signal += item_gradient * ~local.item_mask
         if isinstance(local.item_opt, MaskedSGD):
             local.item_opt.step(item_gradient, scale=float(batch.numel()))
         else:
@@ -424,6 +437,13 @@ def _train_joint_steps(
         total_loss += float(loss.detach())
         steps += 1
     return _JointSteps(total_loss / steps, item_signal, user_signal)
+
+
+def _step_user_bias(config: RunConfig, model: MatrixFactorization | JoinedNeuMF) -> None:
+    """SGD on the device's score bias (``fed.user-bias``) at the user row's rate, from the last backward."""
+    bias = getattr(model, "user_bias", None)
+    if bias is not None:
+        bias.data.add_(_gradient(bias), alpha=-config.fed.local_lr)
 
 
 def _encode_upload(
@@ -459,7 +479,9 @@ def _trained_device_state(state: DeviceState, local: _LocalModel) -> DeviceState
         moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
     else:
         moments = (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
-    return DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments)
+    bias = getattr(local.model, "user_bias", None)
+    bias_array = None if bias is None else bias.detach().numpy().astype(np.float32)
+    return DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments, user_bias=bias_array)
 
 
 def _round_memory_bytes(
@@ -532,7 +554,8 @@ def _padded_step_backward(
     learns from real positives alone. Without fakes this is one plain backward of ``batch_loss``.
     """
     loss = torch.zeros(())
-    real_only = [model.user_embedding.weight, *network_parameters(model).values()]
+    bias = getattr(model, "user_bias", None)
+    real_only = [model.user_embedding.weight, *network_parameters(model).values(), *([] if bias is None else [bias])]
     for part in (is_real, ~is_real):
         share = float(part.sum()) / part.numel()
         if share == 0:

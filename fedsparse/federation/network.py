@@ -70,12 +70,13 @@ def network_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def local_model(config: RunConfig, user_row: np.ndarray, item_rows: np.ndarray,
-                network: NetworkWeights | None) -> MatrixFactorization | JoinedNeuMF:
-    """The device's working model over one user row float32 [w] and item rows float32 [r, w]: MF, or
-    ``JoinedNeuMF`` with the received ``network`` loaded (NeuMF needs one: ValueError otherwise)."""
+                network: NetworkWeights | None, user_bias: np.ndarray | None = None) -> MatrixFactorization | JoinedNeuMF:
+    """The device's working model over one user row float32 [w] and item rows float32 [r, w]: MF (with the
+    device's score bias float32 [1] when it keeps one), or ``JoinedNeuMF`` with the received ``network``
+    loaded (NeuMF needs one: ValueError otherwise)."""
     user, items = torch.from_numpy(user_row).view(1, -1), torch.from_numpy(np.ascontiguousarray(item_rows))
     if not uses_network(config):
-        return MatrixFactorization.from_weights(user, items)
+        return MatrixFactorization.from_weights(user, items, None if user_bias is None else torch.from_numpy(user_bias))
     if network is None:
         raise ValueError("a NeuMF device needs the shared network's weights")
     model = JoinedNeuMF(1, item_rows.shape[0], config.model.dim, config.model.mlp_widths)
