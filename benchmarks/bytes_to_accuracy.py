@@ -17,6 +17,7 @@ evaluation period) is its own group of rows, compared only within itself.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -110,9 +111,11 @@ def setting_table(frame: pd.DataFrame, points: pd.DataFrame) -> tuple[pd.DataFra
 def report(args: argparse.Namespace, table: ResultTable, curves: ResultTable, seconds: float) -> None:
     """The Markdown tables, one per setting (bytes to each target, ratios to SparseRec), and the plot."""
     frame, points = table.frame(), curves.frame()
+    invocation = ("Rewritten from the CSVs (`--report-only`)" if args.report_only else
+                  f"Last invocation: `{command_of(args)}` on {machine_description()}, {seconds:.0f} s (cells already in the "
+                  "CSV were not rerun)")
     header = (
-        f"Last invocation: `{command_of(args)}` on {machine_description()}, {seconds:.0f} s (cells already in the CSV were "
-        "not rerun). Each method is its named configuration (`simulations/configs/`) on the dataset's standard split, "
+        f"{invocation}. Each method is its named configuration (`simulations/configs/`) on the dataset's standard split, "
         "under the setting of its group (each group's command reproduces it), evaluated on the same sample of devices "
         "at the rounds its group names (test Recall@20, full ranking). Bytes are wire bytes per device (what Flower "
         "serialises, averaged over every device of the federation, whether it took part or not) of the start and the "
@@ -124,8 +127,9 @@ def report(args: argparse.Namespace, table: ResultTable, curves: ResultTable, se
     sections = []
     for setting, group in frame.groupby("setting", sort=False):
         result, best = setting_table(group, points)
-        sections.append((f"\n## {setting}\n\n`{group['command'].iloc[0]}`; best Recall@20 of the group: {best:.4f}.\n\n",
-                         result))
+        code = ", ".join(sorted(set(group["code_version"].astype(str)))) if "code_version" in group else "not recorded"
+        sections.append((f"\n## {setting}\n\n`{group['command'].iloc[0]}` at code {code}; best Recall@20 of the group: "
+                         f"{best:.4f}.\n\n", result))
     write_markdown_sections(args.out / "bytes_to_accuracy.md", header, sections)
     plot(points, frame, args.out / "bytes_to_accuracy.png")
 
@@ -172,7 +176,9 @@ def main() -> None:
                 continue
             summary, curve = run_method(config, extra, setting_flags(args), args.out / "runs")
             keys = [key for key in summary if key.startswith(("wire_", "payload_")) or key in ("recall@20", "ndcg@20")]
-            table.add(cell, {"cell": cell, "setting": setting_of(args), "command": command_of(args), "method": name,
+            code = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["config"].get("code-version", "")
+            table.add(cell, {"cell": cell, "setting": setting_of(args), "command": command_of(args), "code_version": code[:7],
+                             "method": name,
                              "dataset": args.dataset, "rounds": args.rounds, **{key: summary[key] for key in keys}})
             curves.set_rows(cell, [{"cell": cell, **record} for record in curve.to_dict("records")])
             spent = summary["wire_start_both_bytes_per_device_mean"] + summary["wire_train_both_bytes_per_device_mean"]
