@@ -169,9 +169,9 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
          "docs/guides/peer-protocol.md") + ". HR@10 / NDCG@10: "
         "each held-out item among its 99 candidate negatives (the candidate file named in each row's cell), test at the "
         "round (epoch) of best validation HR@10; Recall@20 / NDCG@20: full ranking at that round. Bytes are payload bytes per "
-        "client-round; `upload_vs_dense_table` is the upload over the whole dense item table (what PFedRec's code sends, "
-        f"d = 32: 215,296 B). PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on the ml-100k split (issue 15). The "
-        "reading is in benchmarks/README.md.\n\n"
+        "client-round; `upload_vs_dense_table` is the upload over the whole dense item table (what PFedRec's code sends; "
+        f"ml-100k at d = 32: 215,296 B). PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on the ml-100k split "
+        "(issue 15). The reading is in benchmarks/README.md.\n\n"
     )
     write_markdown_table(args.out / "peer_protocol.md", header, frame.reindex(columns=COLUMNS))
     curves = ResultTable(args.out / CURVES).frame()
