@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsparse.central import models
-from fedsparse.central.losses import batch_loss, mf_user_row_gradient
+from fedsparse.central.losses import batch_loss, mf_batch_gradients, mf_user_row_gradient
 from fedsparse.central.models import MatrixFactorization, NeuMF, build_model
 from fedsparse.central.sampling import NegativeSampler
 from fedsparse.config import ModelConfig
@@ -91,7 +91,7 @@ def test_bce_is_the_mean_log_loss_over_every_instance():
         for item in negatives[b].tolist():
             terms.append(math.log1p(math.exp(float(user_rows[users[b]] @ item_rows[item]))))
     loss = batch_loss(model, users, positives, negatives, "bce", 0.0)
-    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 def test_most_popular_scores_items_by_training_count_for_every_user():
@@ -115,6 +115,56 @@ def test_closed_form_user_row_gradient_equals_autograd(loss: str, l2_reg: float)
     closed = mf_user_row_gradient(model.user_embedding.weight.detach()[0], items[positives], items[negatives], loss, l2_reg)
     assert model.user_embedding.weight.grad is not None
     torch.testing.assert_close(closed, model.user_embedding.weight.grad[0], rtol=1e-5, atol=1e-7)
+
+
+def _padded_autograd_reference(model: MatrixFactorization, positives: torch.Tensor, negatives: torch.Tensor,
+                               is_real: torch.Tensor, loss: str, l2_reg: float) -> torch.Tensor:
+    """The device's padded loss by autograd: each part's ``batch_loss`` times its share of the batch, the
+    fake part's backward with the user row and bias frozen."""
+    total = torch.zeros(())
+    head = [p for p in (model.user_embedding.weight, model.user_bias) if p is not None]
+    for part in (is_real, ~is_real):
+        if not part.any():
+            continue
+        for parameter in head:
+            parameter.requires_grad_(part is is_real)
+        users = torch.zeros(int(part.sum()), dtype=torch.int64)
+        part_loss = float(part.sum()) / part.numel() * batch_loss(model, users, positives[part], negatives[part], loss, l2_reg)
+        part_loss.backward()
+        total = total + part_loss.detach()
+    return total
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+@pytest.mark.parametrize("l2_reg", [0.0, 1e-2])
+@pytest.mark.parametrize("fakes", [0, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_closed_form_batch_gradients_equal_the_padded_backward(loss: str, l2_reg: float, fakes: int, with_bias: bool) -> None:
+    """The device step's closed form (loss, user row, bias and item-row gradients) against autograd of the
+    padded loss, with repeated rows and fake positives that must not reach the user row."""
+    generator = torch.Generator().manual_seed(11)
+    items = torch.randn(12, 6, generator=generator)
+    bias = torch.randn(1, generator=generator) if with_bias else None
+    model = MatrixFactorization.from_weights(torch.randn(1, 6, generator=generator), items, bias)
+    positives = torch.randint(0, 12, (9,), generator=generator)
+    negatives = torch.randint(0, 12, (9, 4), generator=generator)
+    is_real = torch.arange(9) < 9 - fakes
+    reference_loss = _padded_autograd_reference(model, positives, negatives, is_real, loss, l2_reg)
+    closed = mf_batch_gradients(model.user_embedding.weight.detach()[0], items, positives, negatives, is_real, loss, l2_reg,
+                                None if bias is None else model.user_bias.detach())
+    torch.testing.assert_close(closed.loss, reference_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(closed.user, model.user_embedding.weight.grad[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(closed.items, model.item_embedding.weight.grad, rtol=1e-5, atol=1e-7)
+    if with_bias:
+        torch.testing.assert_close(closed.bias, model.user_bias.grad, rtol=1e-5, atol=1e-7)
+    else:
+        assert closed.bias is None
+
+
+def test_closed_form_batch_gradients_refuse_an_unknown_loss() -> None:
+    with pytest.raises(ValueError, match="unknown loss"):
+        mf_batch_gradients(torch.zeros(2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.int64),
+                           torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.bool), "mse", 0.0)
 
 
 def test_closed_form_user_row_gradient_refuses_an_unknown_loss() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +38,12 @@ def batch_loss(
     return data_loss + l2_reg * model.batch_l2(users, positives, negatives.reshape(-1))
 
 
+def _weighted_row_sum(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """sum_{b,n} weights[b, n] * rows[b, n, :] -> [w], as one matrix-vector product (einsum's dispatch costs
+    more than the product at a device's sizes)."""
+    return weights.reshape(-1) @ rows.reshape(-1, rows.shape[-1])
+
+
 def mf_user_row_gradient(
     user_row: torch.Tensor, positive_rows: torch.Tensor, negative_rows: torch.Tensor, loss: str, l2_reg: float
 ) -> torch.Tensor:
@@ -49,13 +57,74 @@ def mf_user_row_gradient(
     negative_scores = negative_rows @ user_row
     if loss == "bpr":
         weights = torch.sigmoid(negative_scores - positive_scores[:, None])  # d softplus(margin) / d margin, [b, n]
-        gradient = torch.einsum("bn,bnw->w", weights, negative_rows) - weights.sum(1) @ positive_rows
+        gradient = _weighted_row_sum(weights, negative_rows) - weights.sum(1) @ positive_rows
         gradient = gradient / weights.numel()
     elif loss == "bce":
         positive_weights = torch.sigmoid(positive_scores) - 1.0
         negative_weights = torch.sigmoid(negative_scores)
-        gradient = positive_weights @ positive_rows + torch.einsum("bn,bnw->w", negative_weights, negative_rows)
+        gradient = positive_weights @ positive_rows + _weighted_row_sum(negative_weights, negative_rows)
         gradient = gradient / (positive_scores.numel() + negative_scores.numel())
     else:
         raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
     return gradient + l2_reg * user_row  # batch_l2 counts the row once per example, divided by the batch size
+
+
+@dataclass(frozen=True)
+class MfBatchGradients:
+    """One device batch of MF in closed form: the loss and its gradients with respect to the user row
+    (float32 [w]), the user's score bias (float32 [1], None without one) and the local item rows
+    (float32 [r, w], zero on rows the batch did not use)."""
+
+    loss: torch.Tensor
+    user: torch.Tensor
+    bias: torch.Tensor | None
+    items: torch.Tensor
+
+
+def mf_batch_gradients(
+    user_row: torch.Tensor,
+    item_rows: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    is_real: torch.Tensor,
+    loss: str,
+    l2_reg: float,
+    user_bias: torch.Tensor | None = None,
+) -> MfBatchGradients:
+    """What a device's backward of its padded batch loss gives for MF, without autograd.
+
+    The padded loss is each part's ``batch_loss`` (real positives ``is_real``, bool [b], and fake ones)
+    weighted by its share of the batch; fake positives reach the item rows only, never the user row or
+    its bias. user_row float32 [w]; item_rows float32 [r, w]; positives int64 [b] and negatives int64
+    [b, n]: rows of ``item_rows``; user_bias float32 [1] or None. Held to autograd in tests/test_models.py.
+    """
+    batch = positives.numel()
+    bias = 0.0 if user_bias is None else user_bias
+    positive_rows, negative_rows = item_rows[positives], item_rows[negatives]
+    positive_scores = positive_rows @ user_row + bias
+    negative_scores = negative_rows @ user_row + bias
+    if loss == "bpr":  # every part's mean over its b_p * n pairs, times b_p / b: a sum over b * n
+        margins = negative_scores - positive_scores[:, None]
+        data_loss = F.softplus(margins).sum() / (batch * margins.shape[1])
+        negative_weights = torch.sigmoid(margins) / (batch * margins.shape[1])
+        positive_weights = -negative_weights.sum(1)
+    elif loss == "bce":
+        instances = batch * (1 + negative_scores.shape[1])
+        data_loss = (F.softplus(-positive_scores).sum() + F.softplus(negative_scores).sum()) / instances
+        positive_weights = (torch.sigmoid(positive_scores) - 1.0) / instances
+        negative_weights = torch.sigmoid(negative_scores) / instances
+    else:
+        raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
+    real = is_real.to(positive_weights.dtype)
+    real_positive, real_negative = positive_weights * real, negative_weights * real[:, None]
+    user = real_positive @ positive_rows + _weighted_row_sum(real_negative, negative_rows)
+    user = user + l2_reg * (real.sum() / batch) * user_row
+    used = torch.cat([positives, negatives.reshape(-1)])
+    weights = torch.cat([positive_weights, negative_weights.reshape(-1)])
+    items = torch.zeros_like(item_rows)
+    items.index_add_(0, used, weights[:, None] * user_row[None, :])
+    uses = torch.bincount(used, minlength=item_rows.shape[0]).to(item_rows.dtype)
+    items += (l2_reg / batch) * uses[:, None] * item_rows
+    l2 = 0.5 * (batch * user_row.pow(2).sum() + item_rows[used].pow(2).sum()) / batch
+    bias_gradient = None if user_bias is None else (real_positive.sum() + real_negative.sum()).reshape(1)
+    return MfBatchGradients(data_loss + l2_reg * l2, user, bias_gradient, items)

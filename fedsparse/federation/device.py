@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedsparse.central.losses import batch_loss, mf_user_row_gradient
+from fedsparse.central.losses import batch_loss, mf_batch_gradients, mf_user_row_gradient
 from fedsparse.central.models import JoinedNeuMF, MatrixFactorization
 from fedsparse.config import AUTO, RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
@@ -401,49 +401,79 @@ class _JointSteps:
 def _train_joint_steps(
     config: RunConfig, data: DeviceData, rows: _RoundRows, local: _LocalModel, server_round: int
 ) -> _JointSteps:
-    """Every local step over the round's batches: backward (fake positives reach the item rows only),
-    accumulate the inactive entries' gradients, step the user row (unless it is reconstructed) and the
-    item rows."""
+    """Every local step over the round's batches: the padded loss's gradients (fake positives reach the
+    item rows only), the inactive entries' gradients accumulated, the user row stepped (unless it is
+    reconstructed) and the item rows."""
     model = local.model
     item_signal = torch.zeros(local.item_mask.shape)
     user_signal = torch.zeros(local.user_mask.shape)
     positives = rows.positions(rows.trained)
-    users = torch.zeros(rows.trained.size, dtype=torch.int64)
     total_loss = 0.0
     steps = 0
     for epoch, batch in local_batches(config, data, server_round, rows.trained.size):
         negative_rows = rows.positions(rows.negatives[epoch][batch.numpy()])
-
-        def backward(batch: torch.Tensor = batch, negative_rows: torch.Tensor = negative_rows) -> torch.Tensor:
-            model.zero_grad(set_to_none=True)
-            return _padded_step_backward(config, model, users[batch], positives[batch], negative_rows, batch < rows.n_real)
-
-        loss = backward()
-        user_gradient = _gradient(model.user_embedding.weight)
-        user_signal += user_gradient * ~local.user_mask
+        step = _BatchStep(config, model, positives[batch], negative_rows, batch < rows.n_real)
+        gradients = step.gradients()
+        user_signal += gradients.user * ~local.user_mask
         if config.fed.user_state == "keep":
-            local.user_opt.step(user_gradient)
-            _step_user_bias(config, model)
+            local.user_opt.step(gradients.user)
+            _step_user_bias(config, model, gradients.bias)
         if config.fed.step_order == "head-first":  # PFedRec: the item step sees the head it just stepped
-            loss = backward()
-        item_gradient = _gradient(model.item_embedding.weight)
-        item_signal += item_gradient * ~local.item_mask
+            gradients = step.gradients()
+        item_signal += gradients.items * ~local.item_mask
         if isinstance(local.item_opt, MaskedSGD):
-            local.item_opt.step(item_gradient, scale=float(batch.numel()))
+            local.item_opt.step(gradients.items, scale=float(batch.numel()))
         else:
-            local.item_opt.step(item_gradient)
+            local.item_opt.step(gradients.items)
         if local.network_opt is not None:  # NeuMF: the shared network, from the real positives' gradient
             local.network_opt.step()
-        total_loss += float(loss.detach())
+        total_loss += float(gradients.loss)
         steps += 1
     return _JointSteps(total_loss / steps, item_signal, user_signal)
 
 
-def _step_user_bias(config: RunConfig, model: MatrixFactorization | JoinedNeuMF) -> None:
-    """SGD on the device's score bias (``fed.user-bias``) at the user row's rate, from the last backward."""
+@dataclass(frozen=True)
+class _StepGradients:
+    """One batch's loss and gradients: user row float32 [1, w], score bias float32 [1] (None without one),
+    item rows float32 [r, w]."""
+
+    loss: torch.Tensor
+    user: torch.Tensor
+    bias: torch.Tensor | None
+    items: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _BatchStep:
+    """One local batch (positives int64 [b], negatives int64 [b, n]: local rows; ``is_real`` bool [b]) whose
+    gradients are taken at the model's current weights: MF's closed form (``mf_batch_gradients``, no
+    autograd), or a backward for NeuMF, which also leaves the shared network's gradients for its optimiser."""
+
+    config: RunConfig
+    model: MatrixFactorization | JoinedNeuMF
+    positives: torch.Tensor
+    negatives: torch.Tensor
+    is_real: torch.Tensor
+
+    def gradients(self) -> _StepGradients:
+        """The padded batch loss's gradients at the model's weights now."""
+        model, train = self.model, self.config.train
+        if isinstance(model, MatrixFactorization):
+            bias = None if model.user_bias is None else model.user_bias.detach()
+            closed = mf_batch_gradients(model.user_embedding.weight.detach()[0], model.item_embedding.weight.detach(),
+                                        self.positives, self.negatives, self.is_real, train.loss, train.l2_reg, bias)
+            return _StepGradients(closed.loss, closed.user.view(1, -1), closed.bias, closed.items)
+        model.zero_grad(set_to_none=True)
+        users = torch.zeros(self.positives.numel(), dtype=torch.int64)
+        loss = _padded_step_backward(self.config, model, users, self.positives, self.negatives, self.is_real)
+        return _StepGradients(loss, _gradient(model.user_embedding.weight), None, _gradient(model.item_embedding.weight))
+
+
+def _step_user_bias(config: RunConfig, model: MatrixFactorization | JoinedNeuMF, gradient: torch.Tensor | None) -> None:
+    """SGD on the device's score bias (``fed.user-bias``, MF only) at the user row's rate."""
     bias = getattr(model, "user_bias", None)
-    if bias is not None:
-        bias.data.add_(_gradient(bias), alpha=-config.fed.local_lr)
+    if bias is not None and gradient is not None:
+        bias.data.add_(gradient, alpha=-config.fed.local_lr)
 
 
 def _encode_upload(
