@@ -342,7 +342,7 @@ def _plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload
     touched = rows_needed(data, negatives, fakes)
     if data.train.size == 0:
         raise DeviceError(f"user {data.user_id} has no training interactions")
-    if not np.isin(touched, download.rows(n_items)).all():
+    if download.row_ids is not None and not np.isin(touched, download.rows(n_items)).all():
         raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
     return _RoundRows(touched, np.concatenate([data.train, fakes]), negatives, data.train.size)
 

@@ -11,6 +11,7 @@ for every record kind the engine sends.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -172,6 +173,7 @@ def _add(objects: dict[str, int], kind: str, children: list[str], body: bytes | 
     return object_id
 
 
+@functools.lru_cache(maxsize=64)
 def _message_body(envelope: Envelope) -> bytes:
     """``Message{metadata}`` as protobuf, fields in number order, defaults omitted (proto3)."""
     e = envelope
