@@ -28,7 +28,12 @@ from common import run_training  # noqa: E402
 
 from fedsparse.config import DataConfig  # noqa: E402
 from fedsparse.data import load_dataset  # noqa: E402
-from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.experiments.tables import (  # noqa: E402
+    ResultTable,
+    machine_description,
+    standing_notes,
+    write_markdown_sections,
+)
 from fedsparse.run_files import save_figure  # noqa: E402
 from fedsparse.sparse.bet import BetSettings, bet_search  # noqa: E402
 from fedsparse.sparse.masks import budget  # noqa: E402
@@ -170,8 +175,31 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
         f"--bet-rounds {args.bet_rounds}` on {machine_description()}; {timing_note(seconds)}. Size policies run at the density "
         "whose prefix-stored tables fit in the element-wise tables' bytes; amgp's stored bytes are its final full-size table.\n\n"
     )
-    write_markdown_table(args.out / "budgets_central.md", header, frame)
+    path = args.out / "budgets_central.md"
+    sections = [("", frame)]
+    search = ResultTable(args.out / "budgets_bet_search.csv").frame()
+    if len(search):
+        note = ("\nThe BET-style search of size-bet (every candidate in budgets_bet_search.csv): validation Recall@20 "
+                "of the proxy trainings, the uniform start (candidate 0) against the best, and the spread "
+                "(best - worst) against the predictor's in-sample error.\n\n")
+        sections.append((note, bet_search_summary(search)))
+    write_markdown_sections(path, standing_notes(path) + header, sections)
     plot_budgets(frame, args.out / "budgets_central.png")
+
+
+def bet_search_summary(search: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset of the BET search: candidates, uniform and best proxy score, their spread, predictor rmse.
+
+    search: budgets_bet_search.csv's rows (one per measured candidate, ``order`` 0 the uniform start)."""
+    rows = []
+    for dataset, group in search.groupby("dataset", sort=False):
+        scores = group["proxy_recall@20"]
+        rows.append({"dataset": dataset, "candidates": len(group),
+                     "uniform_proxy_recall@20": float(scores[group["order"] == 0].iloc[0]),
+                     "best_proxy_recall@20": float(scores.max()), "worst_proxy_recall@20": float(scores.min()),
+                     "proxy_spread": float(scores.max() - scores.min()),
+                     "predictor_rmse": float(group["predictor_rmse"].iloc[0])})
+    return pd.DataFrame(rows)
 
 
 def plot_budgets(frame, path: Path) -> None:

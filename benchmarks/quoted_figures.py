@@ -3,7 +3,9 @@
 A figure is a number in prose (not in code) with a decimal point, a thousands separator or a percent
 sign. It is backed when some number in ``benchmarks/results`` or ``simulations/results`` (Markdown or
 CSV) rounds to it at the figure's precision, either as it is or times 100 (a share quoted as a
-percentage). Exits 1 listing the unbacked figures with file and line.
+percentage); a figure followed by a unit of bytes (KB, MB, GB; KiB, MiB, GiB) is also backed by a byte count
+that rounds to it in that unit (7,792,290 B backs "7.79 MB"). Exits 1 listing the unbacked figures with
+file and line. tests/test_docs.py runs the same check on the committed files.
 
     python benchmarks/quoted_figures.py            # README.md and docs/guides/*.md
 """
@@ -23,7 +25,8 @@ RESULT_SUFFIXES = (".md", ".csv")
 FENCE = re.compile(r"^\s*```")
 INLINE_CODE = re.compile(r"`[^`]*`")
 LINK_TARGET = re.compile(r"\]\([^)]*\)")
-FIGURE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(\s?%)?(?![\w.]*\d)")
+FIGURE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(\s?%|\s?[KMG]i?B\b)?(?![\w.]*\d)")
+BYTE_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2.0**10, "MiB": 2.0**20, "GiB": 2.0**30}
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
@@ -37,6 +40,7 @@ class Figure:
     text: str
     value: float
     decimals: int
+    unit_bytes: float = 1.0  # bytes per unit when a unit of bytes follows the figure, else 1
 
 
 def quoted_figures(path: Path) -> Iterator[Figure]:
@@ -52,7 +56,8 @@ def quoted_figures(path: Path) -> Iterator[Figure]:
         for match in FIGURE.finditer(prose):
             digits = match.group(1).replace(",", "")
             decimals = len(digits.split(".")[1]) if "." in digits else 0
-            yield Figure(path, number, match.group(0).strip(), float(digits), decimals)
+            unit = (match.group(2) or "").strip()
+            yield Figure(path, number, match.group(0).strip(), float(digits), decimals, BYTE_UNITS.get(unit, 1.0))
 
 
 def result_numbers(directories: Iterable[Path]) -> set[float]:
@@ -69,24 +74,31 @@ def result_numbers(directories: Iterable[Path]) -> set[float]:
 
 
 def is_backed(figure: Figure, numbers: set[float]) -> bool:
-    """Some result rounds to the figure at its precision, as it is or as a percentage."""
+    """Some result rounds to the figure at its precision, as it is, as a percentage or as bytes in the figure's unit."""
     target = round(figure.value, figure.decimals)
-    return any(round(value, figure.decimals) == target or round(100 * value, figure.decimals) == target for value in numbers)
+    scales = (1.0, 100.0) if figure.unit_bytes == 1.0 else (1.0, 100.0, 1 / figure.unit_bytes)
+    return any(round(scale * value, figure.decimals) == target for value in numbers for scale in scales)
 
 
 def unbacked(documents: Iterable[Path], numbers: set[float]) -> list[Figure]:
+    """The figures of ``documents`` that no number of ``numbers`` backs, in document and line order."""
     return [figure for path in documents for figure in quoted_figures(path) if not is_backed(figure, numbers)]
+
+
+def default_documents() -> list[Path]:
+    """The README and every guide: the files whose figures must come from committed results."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("documents", nargs="*", type=Path, help="Markdown files (default: README.md and docs/guides/*.md)")
     args = parser.parse_args()
-    defaults = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
-    documents = [path.resolve() for path in args.documents] or defaults
+    documents = [path.resolve() for path in args.documents] or default_documents()
     missing = unbacked(documents, result_numbers(RESULT_DIRS))
     for figure in missing:
-        print(f"{figure.path.relative_to(ROOT)}:{figure.line}: {figure.text} is in no committed results file")
+        where = figure.path.relative_to(ROOT) if figure.path.is_relative_to(ROOT) else figure.path
+        print(f"{where}:{figure.line}: {figure.text} is in no committed results file")
     total = sum(1 for path in documents for _ in quoted_figures(path))
     print(f"{total - len(missing)} of {total} quoted figures are backed by a committed results file")
     return 1 if missing else 0

@@ -10,6 +10,7 @@ percentile of honest row-delta norms, measured on the clean run), ``median`` or 
 it, and Recall@20, each defence also without attack (its accuracy cost).
 
     python simulations/robustness.py --dataset ml-100k
+    python simulations/robustness.py --dataset ml-100k --report-only   # rewrite the tables from the CSVs, run nothing
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fedsparse.config import RunConfig, flat_defaults
 from fedsparse.data import load_run_data
-from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
+from fedsparse.experiments.tables import (
+    ResultTable,
+    machine_description,
+    standing_notes,
+    write_markdown_sections,
+    write_markdown_table,
+)
 from fedsparse.federation.inprocess import run_inprocess
 from fedsparse.federation.robust import row_delta_norms
 from fedsparse.federation.server_state import Server
@@ -93,6 +101,16 @@ def failure_study(args, base: dict, data, table: ResultTable) -> None:
             print(f"{cell:50s} recall@20={summary['recall@20']:.4f}", flush=True)
 
 
+def failure_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Recall@20 over the seeds per failure rate: mean and seed-to-seed s.d. (ddof 1), for reading the gap against.
+
+    frame: the failure table's rows (one per seed and rate); returns one row per dataset, rate and mode."""
+    keys = ["dataset", "failure_rate", "failure_mode"]
+    grouped = frame.groupby(keys)["recall@20"]
+    summary = grouped.agg(seeds="count", recall_mean="mean", recall_sd=lambda values: values.std(ddof=1)).reset_index()
+    return summary.rename(columns={"recall_mean": "recall@20_mean", "recall_sd": "recall@20_sd"})
+
+
 def poisoning_study(args, base: dict, data, table: ResultTable) -> None:
     target, target_count = unpopular_target(data.train, int(base["seed"]))
     attack = {"poison.target-item": target}
@@ -136,30 +154,49 @@ def main() -> None:
     parser.add_argument("--studies", default="failures,poisoning")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key for every run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the tables of --studies from the CSVs")
     args = parser.parse_args()
     started = time.perf_counter()
+    command = (f"`python simulations/robustness.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction}"
+               f" --studies {args.studies}` on {machine_description()}")
+    if args.report_only:
+        command = f"{command}; the table was rewritten from the CSV (--report-only), its cells ran earlier"
+        stem = args.dataset
+        if "failures" in args.studies:
+            write_failures(args.out / f"failures-{stem}.md", ResultTable(args.out / f"failures-{stem}.csv"), command)
+        if "poisoning" in args.studies:
+            write_poisoning(args.out / f"poisoning-{stem}.md", ResultTable(args.out / f"poisoning-{stem}.csv"), command)
+        return
     base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds,
             "fed.fraction-train": args.fraction, "fed.eval-every": args.rounds, "fed.eval-fraction": 1.0,
             "results-dir": str(args.out / "runs"), **dict(item.split("=", 1) for item in args.set)}
     data = load_run_data(RunConfig.from_flat(base))  # honours eval.candidates, like every run
-    command = (f"`python simulations/robustness.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction}"
-               f" --studies {args.studies}` on {machine_description()}")
     if "failures" in args.studies:
         table = ResultTable(args.out / f"failures-{args.dataset}.csv")
         failure_study(args, base, data, table)
-        frame = table.frame()
-        write_markdown_table(args.out / f"failures-{args.dataset}.md",
-                             f"Measured by {command}; final test metrics, every device evaluated.\n\n",
-                             frame.reindex(columns=FAILURE_COLUMNS))
+        write_failures(args.out / f"failures-{args.dataset}.md", table, command)
     if "poisoning" in args.studies:
         table = ResultTable(args.out / f"poisoning-{args.dataset}.csv")
         poisoning_study(args, base, data, table)
-        frame = table.frame()
-        write_markdown_table(args.out / f"poisoning-{args.dataset}.md",
-                             f"Measured by {command}; this invocation took {time.perf_counter() - started:.0f} s. ER@10 over "
-                             "benign users who never interacted with the target, "
-                             "every device evaluated after the last round.\n\n",
-                             frame.reindex(columns=POISON_COLUMNS))
+        write_poisoning(args.out / f"poisoning-{args.dataset}.md", table,
+                        f"{command}; this invocation took {time.perf_counter() - started:.0f} s")
+
+
+def write_failures(path: Path, table: ResultTable, command: str) -> None:
+    """The failure table, one row per seed and rate, then its seed means and s.d. (notes on top of the old table kept)."""
+    frame = table.frame()
+    header = f"{standing_notes(path)}Measured by {command}; final test metrics, every device evaluated.\n\n"
+    write_markdown_sections(path, header, [
+        ("", frame.reindex(columns=FAILURE_COLUMNS)),
+        ("\nRecall@20 over the seeds of each failure rate (s.d. across seeds, ddof 1):\n\n", failure_summary(frame)),
+    ])
+
+
+def write_poisoning(path: Path, table: ResultTable, command: str) -> None:
+    """The poisoning table (notes on top of the old table kept)."""
+    header = (f"{standing_notes(path)}Measured by {command}. ER@10 over benign users who never interacted with the target, "
+              "every device evaluated after the last round.\n\n")
+    write_markdown_table(path, header, table.frame().reindex(columns=POISON_COLUMNS))
 
 
 if __name__ == "__main__":

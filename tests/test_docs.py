@@ -1,10 +1,13 @@
 """docs/methods.md stays the page the code cites: every cited section exists, every mask policy has
-one, every file and ``module::name`` path it gives exists, and nothing cites the outside methods file any more."""
+one, every file and ``module::name`` path it gives exists, and nothing cites the outside methods file any more.
+Every figure the README and the guides quote comes from a committed results file (benchmarks/quoted_figures.py)."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,35 @@ def test_nothing_cites_the_outside_methods_file():
     outside = "METHODS" + ".md"  # spelled apart so this file does not match itself
     citing = [path.relative_to(ROOT).as_posix() for path in citing_files() if outside in path.read_text(encoding="utf-8")]
     assert not citing, f"cite docs/methods.md#<section> instead: {citing}"
+
+
+def quoted_figures_module():
+    """benchmarks/quoted_figures.py, loaded from its file (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("quoted_figures", ROOT / "benchmarks" / "quoted_figures.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_figure_the_readme_and_guides_quote_is_in_a_committed_results_file():
+    qf = quoted_figures_module()
+    documents = qf.default_documents()
+    assert len(documents) >= 5 and sum(1 for path in documents for _ in qf.quoted_figures(path)) >= 200
+    missing = [f"{figure.path.relative_to(ROOT)}:{figure.line}: {figure.text}"
+               for figure in qf.unbacked(documents, qf.result_numbers(qf.RESULT_DIRS))]
+    assert not missing, f"quoted in prose but in no file of benchmarks/results or simulations/results: {missing}"
+
+
+def test_the_quoted_figures_check_fails_on_a_figure_no_results_file_holds(tmp_path):
+    qf = quoted_figures_module()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "table.csv").write_text("cell,recall@20,bytes\na,0.11320,7792290\n")
+    (results / "table.md").write_text("| users |\n|---|\n| 6,040 |\n")
+    guide = tmp_path / "guide.md"
+    guide.write_text("Recall@20 0.1132 (11.32 %), 7.79 MB, 6,040 users; but 0.1133 and 1,853 items.\n"
+                     "```\nin code 0.9999 is not a figure\n```\n`inline 0.9998` neither\n")
+    missing = qf.unbacked([guide], qf.result_numbers([results]))
+    assert [(figure.line, figure.text) for figure in missing] == [(1, "0.1133"), (1, "1,853")]

@@ -66,6 +66,22 @@ def write_markdown_sections(path: Path, header: str, sections: list[tuple[str, p
         print(heading.strip(), frame.to_string(index=False), sep="\n")
 
 
+def standing_notes(path: Path) -> str:
+    """The bold notes at the top of an existing table (e.g. "**Made under the old rules**"), to keep on a rewrite.
+
+    Such notes are added to a committed table when later code changes what its cells would measure; a
+    ``--report-only`` rewrite from the same CSV does not change that, so it keeps them. Returns "" when
+    ``path`` is absent or starts with no such paragraph."""
+    if not path.exists():
+        return ""
+    kept = []
+    for paragraph in path.read_text().split("\n\n"):
+        if not paragraph.startswith("**"):
+            break
+        kept.append(paragraph + "\n\n")
+    return "".join(kept)
+
+
 def machine_description() -> str:
     """CPU, cores and torch version/threads, for the header of a results table."""
     return (
