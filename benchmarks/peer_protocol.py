@@ -3,7 +3,8 @@
 Every federated cell is a named configuration of ``simulations/configs/`` (its paper, what it sends and
 what stays on the device are in the file's header) run by ``fedsparse simulate`` in a subprocess with
 the protocol flags added: the candidate file (leave-one-out, 99 never-rated negatives per held-out
-item), every device evaluated, the test score at the round of best validation HR@10. The central cells
+item), every device evaluated every ``--eval-every`` passes (default 1: every epoch, as PFedRec's code
+evaluates), the test score at the round of best validation HR@10. The central cells
 (most-popular, central MF) run ``fedsparse train`` on the same file. Participation 1.0 runs ``--rounds``
 rounds; a lower participation runs rounds / fraction rounds, so every cell makes the same passes over
 the data.
@@ -46,7 +47,7 @@ METHODS = [
     ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),
 ]
 COLUMNS = [
-    "dataset", "method", "engine", "participation", "rounds", "negatives_from", "sampled_hr@10", "sampled_ndcg@10",
+    "dataset", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "sampled_hr@10", "sampled_ndcg@10",
     "recall@20", "ndcg@20", "best_round", "unseen_sampled_hr@10", "unseen_recall@20", "unseen_users", "hr_vs_central",
     "upload_bytes_mean", "upload_vs_dense_table",
     "download_bytes_mean", "seconds_per_round", "seconds_vs_fedmf",
@@ -110,7 +111,8 @@ def main() -> None:
                         help="candidate file (fedsparse data candidates); default: written here, seed 0")
     parser.add_argument("--rounds", type=int, default=60, help="rounds (epochs for central cells) at full participation")
     parser.add_argument("--fractions", default="1.0,0.1", help="participations to run (devices per round / devices)")
-    parser.add_argument("--eval-every", type=int, default=5, help="passes between evaluations")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="passes between evaluations (1: every epoch, the round picked among all of them)")
     parser.add_argument("--methods", default="", help="only these comma-separated methods (default: all)")
     add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
@@ -132,7 +134,7 @@ def main() -> None:
             continue
         for fraction in ([1.0] if kind == "central" else [float(f) for f in args.fractions.split(",")]):
             rounds = round(args.rounds / fraction)
-            cell = f"{args.dataset}/{candidates.name}/{method}/p{fraction:g}/r{rounds}"
+            cell = f"{args.dataset}/{candidates.name}/{method}/p{fraction:g}/r{rounds}/e{args.eval_every}"
             if table.has(cell):
                 continue
             if kind == "central":
@@ -148,7 +150,8 @@ def main() -> None:
                 row = federated_row(run_dir)
                 save_curve(args.out / CURVES, cell, run_dir, fraction)
             table.add(cell, {"dataset": args.dataset, "method": method, "engine": "central" if kind == "central" else "inprocess",
-                             "participation": fraction, "rounds": rounds, "candidates": candidates.name, **row})
+                             "participation": fraction, "rounds": rounds, "eval_every": args.eval_every,
+                             "candidates": candidates.name, **row})
             print(f"{cell:60s} HR@10={row['sampled_hr@10']:.4f} Recall@20={row['recall@20']:.4f}", flush=True)
     command = (f"`python benchmarks/peer_protocol.py --dataset {args.dataset} --candidates {candidates.name} "
                f"--rounds {args.rounds} --fractions {args.fractions} --eval-every {args.eval_every}`")
@@ -168,7 +171,8 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
          "Rewritten from the CSVs (`--report-only`); the commands of every dataset's rows are in "
          "docs/guides/peer-protocol.md") + ". HR@10 / NDCG@10: "
         "each held-out item among its 99 candidate negatives (the candidate file named in each row's cell), test at the "
-        "round (epoch) of best validation HR@10; Recall@20 / NDCG@20: full ranking at that round. Bytes are payload bytes per "
+        "round (epoch) of best validation HR@10 among the evaluated ones (every `eval_every` passes; PFedRec's code "
+        "evaluates every epoch); Recall@20 / NDCG@20: full ranking at that round. Bytes are payload bytes per "
         "client-round; `upload_vs_dense_table` is the upload over the whole dense item table (what PFedRec's code sends; "
         f"ml-100k at d = 32: 215,296 B). PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on the ml-100k split "
         "(issue 15). The reading is in benchmarks/README.md.\n\n"
