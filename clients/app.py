@@ -7,6 +7,9 @@ private state in ``context.state`` and replies with arrays and metrics.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -27,6 +30,11 @@ from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.secagg_vectors import to_secagg_vectors
 
 app = ClientApp()
+
+# Set to 1 in the environment of the processes that run ClientApps (the `ray start` of each Ray node, each
+# flower-supernode) to add a "placement" record to every reply: where the message was served. Off by default,
+# since the record adds wire bytes to every reply.
+PLACEMENT_ENV = "FEDSPARSE_REPORT_PLACEMENT"
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +77,18 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
         outcome = _serve(kind, context, config, data, user, to_arrays(message.content[key]), server_round, settings)
         reply = outcome.reply
         results[user] = outcome.reason if reply is None else (reply.message.to_arrays(), reply.metrics)
-    return Message(reply_content(results), reply_to=message)
+    content = reply_content(results)
+    if os.environ.get(PLACEMENT_ENV) == "1":
+        content["placement"] = _placement()
+    return Message(content, reply_to=message)
+
+
+def _placement() -> ConfigRecord:
+    """Where this ClientApp runs: host, process id and, inside a Ray actor (Flower's simulation runtime), the
+    Ray node id. Ray is only looked up, never imported: under flower-supernode there is none."""
+    ray = sys.modules.get("ray")
+    ray_node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+    return ConfigRecord({"host": socket.gethostname(), "pid": os.getpid(), "ray-node": ray_node})
 
 
 @app.query("hello")
