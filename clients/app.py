@@ -23,6 +23,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from clients.records import forget_state, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
+from fedsparse.experiments.deploy import PLACEMENT_ENV
 from fedsparse.federation.device import DeviceData
 from fedsparse.federation.dispatch import DeviceCall, Outcome, serve
 from fedsparse.federation.grouping import users_of_partition
@@ -31,10 +32,6 @@ from fedsparse.federation.secagg_vectors import to_secagg_vectors
 
 app = ClientApp()
 
-# Set to 1 in the environment of the processes that run ClientApps (the `ray start` of each Ray node, each
-# flower-supernode) to add a "placement" record to every reply: where the message was served. Off by default,
-# since the record adds wire bytes to every reply.
-PLACEMENT_ENV = "FEDSPARSE_REPORT_PLACEMENT"
 
 
 @lru_cache(maxsize=1)
@@ -79,16 +76,18 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
         results[user] = outcome.reason if reply is None else (reply.message.to_arrays(), reply.metrics)
     content = reply_content(results)
     if os.environ.get(PLACEMENT_ENV) == "1":
-        content["placement"] = _placement()
+        content["placement"] = _placement(context)
     return Message(content, reply_to=message)
 
 
-def _placement() -> ConfigRecord:
-    """Where this ClientApp runs: host, process id and, inside a Ray actor (Flower's simulation runtime), the
-    Ray node id. Ray is only looked up, never imported: under flower-supernode there is none."""
+def _placement(context: Context) -> ConfigRecord:
+    """Where this message was served: the supernode's partition, host, process id and, inside a Ray actor
+    (Flower's simulation runtime), the Ray node id. Ray is only looked up, never imported: a flower-supernode
+    runs its ClientApp without it."""
     ray = sys.modules.get("ray")
     ray_node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
-    return ConfigRecord({"host": socket.gethostname(), "pid": os.getpid(), "ray-node": ray_node})
+    return ConfigRecord({"partition-id": int(context.node_config["partition-id"]), "host": socket.gethostname(),
+                         "pid": os.getpid(), "ray-node": ray_node})
 
 
 @app.query("hello")

@@ -126,7 +126,8 @@ class FlowerTransport:
         return replies
 
     def _log_placement(self, kind: str, server_round: int, incoming: list[Message], users_of_node: dict[int, list[int]]) -> None:
-        """Append where each reply was served (host, pid, Ray node) to ``placement_log``, for replies that say."""
+        """Append where each reply was served (partition, host, pid, Ray node) to ``placement_log``, for replies
+        that say (clients/app.py adds the record when PLACEMENT_ENV is set where the ClientApp runs)."""
         if self.placement_log is None:
             return
         lines = []
@@ -135,8 +136,9 @@ class FlowerTransport:
                 continue
             where = reply.content.config_records["placement"]
             node = reply.metadata.src_node_id
-            pid = where.get("pid")
+            pid, partition = where.get("pid"), where.get("partition-id")
             lines.append(json.dumps({"round": server_round, "kind": kind, "node": node, "users": users_of_node.get(node, []),
+                                     "partition": partition if isinstance(partition, int) else -1,
                                      "host": str(where.get("host", "")), "pid": pid if isinstance(pid, int) else -1,
                                      "ray_node": str(where.get("ray-node", ""))}))
         if lines:

@@ -39,7 +39,10 @@ from fedsparse.experiments.flower_run import (
 )
 
 TOKEN_ENV = "FEDSPARSE_DEPLOYMENT"  # in the environment of every process a Deployment starts
-PLACEMENT_ENV = "FEDSPARSE_REPORT_PLACEMENT"  # clients/app.py: replies say where they were served
+# Set to 1 in the environment of the processes that run ClientApps (each `ray start` node, each flower-supernode):
+# every reply of clients/app.py then carries a "placement" record (partition, host, pid, Ray node) that the ServerApp
+# writes to the run's placement.jsonl. Off by default: the record adds wire bytes to every reply.
+PLACEMENT_ENV = "FEDSPARSE_REPORT_PLACEMENT"
 START_SECONDS = 60.0  # how long a Ray node or the SuperLink may take to come up
 CONNECTION = "fedsparse-deploy"  # the SuperLink connection written into the Flower home
 
