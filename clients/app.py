@@ -7,6 +7,9 @@ private state in ``context.state`` and replies with arrays and metrics.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -20,6 +23,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from clients.records import forget_state, load_state, reply_content, save_state, to_arrays
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
+from fedsparse.experiments.deploy import PLACEMENT_ENV
 from fedsparse.federation.device import DeviceData
 from fedsparse.federation.dispatch import DeviceCall, Outcome, serve
 from fedsparse.federation.grouping import users_of_partition
@@ -27,6 +31,7 @@ from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.secagg_vectors import to_secagg_vectors
 
 app = ClientApp()
+
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +74,20 @@ def _handle(message: Message, context: Context, kind: str) -> Message:
         outcome = _serve(kind, context, config, data, user, to_arrays(message.content[key]), server_round, settings)
         reply = outcome.reply
         results[user] = outcome.reason if reply is None else (reply.message.to_arrays(), reply.metrics)
-    return Message(reply_content(results), reply_to=message)
+    content = reply_content(results)
+    if os.environ.get(PLACEMENT_ENV) == "1":
+        content["placement"] = _placement(context)
+    return Message(content, reply_to=message)
+
+
+def _placement(context: Context) -> ConfigRecord:
+    """Where this message was served: the supernode's partition, host, process id and, inside a Ray actor
+    (Flower's simulation runtime), the Ray node id. Ray is only looked up, never imported: a flower-supernode
+    runs its ClientApp without it."""
+    ray = sys.modules.get("ray")
+    ray_node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+    return ConfigRecord({"partition-id": int(context.node_config["partition-id"]), "host": socket.gethostname(),
+                         "pid": os.getpid(), "ray-node": ray_node})
 
 
 @app.query("hello")

@@ -49,12 +49,12 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     node_of_partition = discover_partitions(grid, expected, NODE_WAIT_SECONDS, NODE_POLL_SECONDS)
     logger.info("%d supernodes ready, %.1f s", len(node_of_partition), time.perf_counter() - started)
-    transport = FlowerTransport(
-        grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
-        config.privacy.secure_weight_bound,
-    )
     run_dir = (Path(config.resume_dir) if config.resume_dir
                else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}"))
+    transport = FlowerTransport(
+        grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
+        config.privacy.secure_weight_bound, placement_log=run_dir / "placement.jsonl",
+    )
     summary = run_federation(
         config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),
         # The Flower app's content hash names the exact code even when the launcher passed no code-version.

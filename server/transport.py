@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ class FlowerTransport:
 
     def __init__(
         self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, timeout: float | None,
-        context: Context | None = None, secure_weight_bound: float = 1.0,
+        context: Context | None = None, secure_weight_bound: float = 1.0, placement_log: Path | None = None,
     ) -> None:
         self.grid = grid
         self.node_of_partition = node_of_partition
@@ -43,6 +45,8 @@ class FlowerTransport:
         self.context = context  # the ServerApp's context, which SecAgg+'s legacy workflow needs
         self.secure_weight_bound = secure_weight_bound
         self._wire: tuple[dict[int, int], dict[int, int]] | None = None  # the last exchange's wire bytes per user
+        # Replies that say where they were served (clients/app.py, PLACEMENT_ENV) are appended here, one JSON line each.
+        self.placement_log = placement_log
 
     def secure_train(
         self, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
@@ -102,6 +106,7 @@ class FlowerTransport:
         for reply in incoming:
             up.update(bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, [])))
         self._wire = (down, up)
+        self._log_placement(kind, server_round, incoming, users_of_node)
         for reply in incoming:
             node = reply.metadata.src_node_id
             answered.add(node)
@@ -119,6 +124,26 @@ class FlowerTransport:
                 for user in users:
                     replies[user] = f"node {node} did not reply in time"
         return replies
+
+    def _log_placement(self, kind: str, server_round: int, incoming: list[Message], users_of_node: dict[int, list[int]]) -> None:
+        """Append where each reply was served (partition, host, pid, Ray node) to ``placement_log``, for replies
+        that say (clients/app.py adds the record when PLACEMENT_ENV is set where the ClientApp runs)."""
+        if self.placement_log is None:
+            return
+        lines = []
+        for reply in incoming:
+            if reply.has_error() or "placement" not in reply.content.config_records:
+                continue
+            where = reply.content.config_records["placement"]
+            node = reply.metadata.src_node_id
+            pid, partition = where.get("pid"), where.get("partition-id")
+            lines.append(json.dumps({"round": server_round, "kind": kind, "node": node, "users": users_of_node.get(node, []),
+                                     "partition": partition if isinstance(partition, int) else -1,
+                                     "host": str(where.get("host", "")), "pid": pid if isinstance(pid, int) else -1,
+                                     "ray_node": str(where.get("ray-node", ""))}))
+        if lines:
+            with self.placement_log.open("a") as handle:
+                handle.write("\n".join(lines) + "\n")
 
 
 def _decode_reply(content: RecordDict, user: int, node: int) -> Reply | str:

@@ -111,6 +111,7 @@ def run_flower(
     timeout: float | None = None,
     show_progress: bool | None = False,
     ports: tuple[int, int] | None = None,
+    superlink: str | None = None,
 ) -> Path:
     """Run the app in ``app_dir`` under ``flwr run`` and return the run directory it wrote.
 
@@ -120,7 +121,10 @@ def run_flower(
     table (the caller prints its own). ``show_progress``: a bar over rounds, advanced by the ServerApp's
     round lines (None = only on a terminal). ``ports`` (SuperLink HTTP API, control API) start a SuperLink of its own instead of
     reusing whatever listens on Flower's default ports. A SuperLink this call starts is recorded (pid) in
-    the Flower home, so ``stop_superlink`` stops exactly it. The run is judged by the run directory:
+    the Flower home, so ``stop_superlink`` stops exactly it. ``superlink``: the name of a SuperLink connection
+    in the Flower home's config.toml (``write_superlink_connection``) to run on a deployment (a flower-superlink
+    with flower-supernodes, ``fedsparse.experiments.deploy``) instead of the simulation runtime; the supernodes
+    already running there are the federation. The run is judged by the run directory:
     once its summary is written, a ``flwr run --stream`` that does not end within ``STREAM_GRACE_SECONDS``
     is stopped. Raises RuntimeError with the tail of Flower's output when no complete run directory
     appears (within ``timeout`` seconds, when given).
@@ -136,8 +140,11 @@ def run_flower(
         env[HTTP_PORT_ENV], env[CONTROL_PORT_ENV] = (str(port) for port in ports)
     federation = (f"num-supernodes={partitions_needed(n_users, config.fed.clients_per_node)} "
                   f"client-resources-num-cpus={cpus_per_client}")
-    command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation,
-               "--run-config", run_config_overrides(config)]
+    if superlink is None:
+        command = ["flwr", "run", str(app_dir), "--stream", "--federation-config", federation]
+    else:
+        command = ["flwr", "run", str(app_dir), superlink, "--stream"]
+    command += ["--run-config", run_config_overrides(config)]
     disable = None if show_progress is None else not show_progress
     with tqdm(total=config.num_server_rounds, desc="rounds (flwr run)", unit="round", disable=disable) as progress:
         summary_reached = False
@@ -175,6 +182,16 @@ def run_flower(
         reason = "timed out" if not ended else f"exit {process.returncode}"
         raise RuntimeError(f"flwr run did not complete ({reason}); output tail:\n{tail.text()}")
     return run_dir
+
+
+def write_superlink_connection(flwr_home: Path, name: str, address: str) -> None:
+    """Make ``name`` the default SuperLink connection of the Flower home ``flwr_home``: an insecure (no TLS)
+    connection to the SuperLink whose API listens at ``address`` (host:port). Overwrites the home's config.toml."""
+    home = flower_home(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+    )
 
 
 class OutputTail:
