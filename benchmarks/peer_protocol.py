@@ -174,7 +174,9 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
         "round (epoch) of best validation HR@10 among the evaluated ones (every `eval_every` passes; PFedRec's code "
         "evaluates every epoch); Recall@20 / NDCG@20: full ranking at that round. Bytes are payload bytes per "
         "client-round; `upload_vs_dense_table` is the upload over the whole dense item table (what PFedRec's code sends; "
-        f"ml-100k at d = 32: 215,296 B). PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on the ml-100k split "
+        f"ml-100k at d = 32: 215,296 B). `seconds_per_round`: median over the rounds without an evaluation (nan when every "
+        "round was evaluated; `round_seconds.md` holds the quiet timing). "
+        f"PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on the ml-100k split "
         "(issue 15). The reading is in benchmarks/README.md.\n\n"
     )
     write_markdown_table(args.out / "peer_protocol.md", header, frame.reindex(columns=COLUMNS))
