@@ -32,6 +32,7 @@ from fedsparse.experiments.deploy import (
     read_placement,
     round_mismatches,
     start_ray_cluster,
+    write_deployment_results,
 )
 from fedsparse.experiments.flower_run import run_flower, stop_superlink
 from fedsparse.federation.inprocess import run_inprocess
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="logs and run directories (default: a new temp dir)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where the committed record goes (<name>.md and <name>.json)")
     args = parser.parse_args(argv)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="fedsparse-ray-"))).resolve()
     config = RunConfig.from_flat({**TINY_FEDERATION, "seed": args.seed, "num-server-rounds": args.rounds,
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     report["rounds"] = {name: [{key: record[key] for key in ("round", "clients", "recall@20", "ndcg@20", "upload_bytes_mean")}
                                for record in records] for name, records in rounds.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    command = " ".join(["python", f"simulations/{Path(__file__).name}", *(argv or sys.argv[1:])])
+    write_deployment_results(report, args.results, "ray_two_nodes", command)
 
     print(f"\nwhere the ClientApp served its messages ({two_dir / 'placement.jsonl'}):")
     for name, row in placement.items():

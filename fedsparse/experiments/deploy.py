@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from fedsparse.experiments.flower_run import (
     FLOWER_ENV,
     POLL_SECONDS,
@@ -37,6 +39,8 @@ from fedsparse.experiments.flower_run import (
     stop_process_tree,
     write_superlink_connection,
 )
+from fedsparse.experiments.tables import machine_description, write_markdown_table
+from fedsparse.run_files import atomic_write_text
 
 TOKEN_ENV = "FEDSPARSE_DEPLOYMENT"  # in the environment of every process a Deployment starts
 # Set to 1 in the environment of the processes that run ClientApps (each `ray start` node, each flower-supernode):
@@ -288,3 +292,18 @@ TINY_FEDERATION: dict[str, Any] = {
     "fed.fraction-train": 0.5, "fed.explore-every": 1, "fed.nmf-init": "central", "fed.downlink": "rows",
     "fed.eval-fraction": 1.0,
 }
+
+
+def write_deployment_results(report: dict[str, Any], out: Path, name: str, command: str) -> None:
+    """The committed record of a deployment check: ``<out>/<name>.json`` (the whole report) and ``<name>.md``
+    (every runtime's rounds side by side, where the messages were served, processes left running)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2) + "\n")
+    rows = [{"runtime": runtime, **record} for runtime, records in report["rounds"].items() for record in records]
+    placement = {key: value for key, value in report.items() if key.startswith("placement")}
+    served = "; ".join(f"{key} {where}: {row['messages']} messages (devices {row['devices']})"
+                       for key, value in placement.items() for where, row in value.items())
+    header = (f"Measured by `{command}` on {machine_description()}. Rounds of the same seed under each runtime "
+              f"(Recall@20 / NDCG@20 of the evaluated devices, payload upload bytes per device). Where the messages were "
+              f"served: {served}. The whole report: `{name}.json`.\n\n")
+    write_markdown_table(out / f"{name}.md", header, pd.DataFrame(rows))
