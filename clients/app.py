@@ -29,6 +29,7 @@ from fedsparse.federation.dispatch import DeviceCall, Outcome, serve
 from fedsparse.federation.grouping import users_of_partition
 from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.secagg_vectors import to_secagg_vectors
+from fedsparse.federation.threads import device_threads
 
 app = ClientApp()
 
@@ -49,10 +50,11 @@ def _config_and_data(context: Context) -> tuple[RunConfig, Interactions]:
 
 def _serve(kind: str, context: Context, config: RunConfig, data: Interactions, user: int, incoming: dict, server_round: int,
            settings: dict) -> Outcome:
-    """Serve one hosted user's message through the core's handler table, keeping its state in ``context.state``
-    (dropped when the device crashed); a bug raises out of the ClientApp."""
+    """Serve one hosted user's message through the core's handler table with ``fed.torch-threads`` threads,
+    keeping its state in ``context.state`` (dropped when the device crashed); a bug raises out of the ClientApp."""
     call = DeviceCall(config, DeviceData.of(data, user), load_state(context, user), data.n_items, server_round, settings)
-    outcome = serve(kind, call, incoming)
+    with device_threads(config):
+        outcome = serve(kind, call, incoming)
     if outcome.lost_state:
         forget_state(context, user)
     if outcome.reply is not None:

@@ -222,6 +222,9 @@ class FedConfig:
     unseen_steps: int = 0  # steps that fit an unseen device's user row, items frozen (0 = fed.user-steps)
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
+    torch_threads: int = 1  # torch intra-op threads of the process training devices (in process; each ClientApp
+    # worker): a device's tensors are small, so more threads only contend with the simulation's own parallelism
+    # (0 = torch's default, one per core)
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,7 @@ class RunConfig:
             (0.0 < f.eval_fraction <= 1.0, "fed.eval-fraction", "must be in (0, 1]"),
             (f.clients_per_node >= 1, "fed.clients-per-node", "must be >= 1"),
             (f.round_timeout >= 0, "fed.round-timeout", "must be >= 0 (0 = no limit)"),
+            (f.torch_threads >= 0, "fed.torch-threads", "must be >= 0 (0 = torch's default)"),
             (e.k >= 1, "eval.k", "must be >= 1"),
             (e.batch_users >= 1, "eval.batch-users", "must be >= 1"),
             (e.sampled_negatives >= 1, "eval.sampled-negatives", "must be >= 1"),

@@ -21,6 +21,7 @@ from fedsparse.federation.dispatch import DeviceCall, serve
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.federation.faults import SIMULATED_TIME, straggler_delay
 from fedsparse.federation.messages import TRAIN
+from fedsparse.federation.threads import device_threads
 from fedsparse.federation.unseen import split_unseen
 from fedsparse.run_files import new_run_dir
 
@@ -111,13 +112,15 @@ def run_inprocess(
     run_dir = resume_dir or new_run_dir(config.results_dir, f"fed-{data.name}-{config.sparse.policy}")
     transport = InProcessTransport(config, data)
     disable = None if show_progress is None else not show_progress
-    with tqdm(total=config.num_server_rounds, desc=f"rounds {data.name}", unit="round", disable=disable) as progress:
+    with (device_threads(config) as threads,
+          tqdm(total=config.num_server_rounds, desc=f"rounds {data.name}", unit="round", disable=disable) as progress):
         def advance(record: dict[str, Any]) -> None:
             progress.n = record["round"]
             progress.set_postfix({"recall@20": f"{record['recall@20']:.4f}"} if "recall@20" in record else {})
 
         summary = run_federation(
             config, population, transport, run_dir, data.train, resume=resume_dir is not None, observer=observer,
-            metadata={"engine": "inprocess", "dataset": data.counts(), "dataset_checksum": data.checksum()}, on_round=advance,
+            metadata={"engine": "inprocess", "torch_threads": threads, "dataset": data.counts(),
+                      "dataset_checksum": data.checksum()}, on_round=advance,
         )
     return run_dir, summary
