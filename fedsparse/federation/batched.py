@@ -160,14 +160,14 @@ class _Batch:
         for _ in range(config.fed.user_steps):
             users = self.users[examples.device]
             positive_scores = (positive_rows * users).sum(-1)
-            negative_scores = (negative_rows * users[:, None, :]).sum(-1)
+            negative_scores = _rows_times(negative_rows, users)
             if config.train.loss == "bpr":
                 weights = torch.sigmoid(negative_scores - positive_scores[:, None])
-                per_example = (weights[:, :, None] * negative_rows).sum(1) - weights.sum(1)[:, None] * positive_rows
+                per_example = _weighted_rows(weights, negative_rows) - weights.sum(1)[:, None] * positive_rows
                 scale = 1.0 / (sizes * n_negatives)
             else:
                 per_example = ((torch.sigmoid(positive_scores) - 1.0)[:, None] * positive_rows
-                               + (torch.sigmoid(negative_scores)[:, :, None] * negative_rows).sum(1))
+                               + _weighted_rows(torch.sigmoid(negative_scores), negative_rows))
                 scale = 1.0 / (sizes * (1 + n_negatives))
             gradient = torch.zeros_like(self.users).index_add_(0, examples.device, per_example * scale[:, None])
             self._step_users(gradient + config.train.l2_reg * self.users, None)
@@ -203,7 +203,7 @@ class _Batch:
         users = self.users[device]
         positive_rows, negative_rows = items[examples.positives], items[examples.negatives]
         positive_scores = (positive_rows * users).sum(-1)
-        negative_scores = (negative_rows * users[:, None, :]).sum(-1)
+        negative_scores = _rows_times(negative_rows, users)
         if self.bias is not None:
             positive_scores = positive_scores + self.bias[device]
             negative_scores = negative_scores + self.bias[device][:, None]
@@ -223,7 +223,7 @@ class _Batch:
         n_devices, width = self.users.shape
         real = examples.real.to(torch.float32)
         real_positive, real_negative = positive_weights * real, negative_weights * real[:, None]
-        per_user = real_positive[:, None] * positive_rows + (real_negative[:, :, None] * negative_rows).sum(1)
+        per_user = real_positive[:, None] * positive_rows + _weighted_rows(real_negative, negative_rows)
         batch_sizes = examples.sizes.clamp(min=1.0)  # devices outside the step have no example: 0 / 1
         real_share = torch.zeros(n_devices).index_add_(0, device, real) / batch_sizes
         user = torch.zeros(n_devices, width).index_add_(0, device, per_user)
@@ -283,6 +283,17 @@ class _Batch:
             float(self.losses[g] / self.step_counts[g]), self.item_signal[rows].numpy(), self.user_signal[g].numpy(),
             start.nbytes + moment_bytes, self.table_nbytes[g],  # the item optimiser's float mask and Adam's moments
         )
+
+
+def _rows_times(rows: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    """Each example's scores of its n rows: rows [B, n, w] times users [B, w] -> [B, n] (one batched product,
+    several times faster than a broadcast multiply and sum)."""
+    return torch.bmm(rows, users[:, :, None])[:, :, 0]
+
+
+def _weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each example's weighted sum of its n rows: weights [B, n], rows [B, n, w] -> [B, w]."""
+    return torch.bmm(weights[:, None, :], rows)[:, 0]
 
 
 def _masked_adam(
