@@ -221,8 +221,8 @@ class FedConfig:
     # evaluation, as FedRecon evaluates users it never trained on: each fits a fresh user row against the table (0 = off)
     unseen_steps: int = 0  # steps that fit an unseen device's user row, items frozen (0 = fed.user-steps)
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
-    device_batch: int = 0  # devices whose local steps the in-process engine trains together as one batched computation
-    # (0 or 1 = one at a time); runs it does not cover (NeuMF, budget.device-widths) train one at a time and say so
+    device_batch: int = 0  # devices whose local steps train together as one batched computation, in process and on a
+    # supernode hosting several (0 or 1 = one at a time); NeuMF and budget.device-widths train one at a time and say so
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
 
 

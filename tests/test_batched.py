@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -210,3 +211,41 @@ def test_what_is_not_batched_trains_one_device_at_a_time_and_says_why(tmp_path: 
 def test_a_negative_device_batch_is_refused(bad: int) -> None:
     with pytest.raises(ConfigError, match="fed.device-batch must be >= 0"):
         config(**{"fed.device-batch": bad})
+
+
+def test_a_supernode_hosting_several_devices_batches_them_too(monkeypatch: Any) -> None:
+    """The ClientApp with ``fed.clients-per-node = 3``: the same replies and kept states with its devices'
+    steps batched as one at a time."""
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    import clients.app as client_app
+    from clients.records import to_record
+
+    monkeypatch.setattr(client_app, "Message", lambda reply, reply_to: reply)  # the reply's content, unsent
+    flat = {**BASE, "data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": N_ITEMS,
+            "fed.clients-per-node": 3}
+    n_items = load_dataset(RunConfig.from_flat(flat).data, 5).n_items
+    rng = rng_for(1, "test-batched-node")
+    mask = rng.random((n_items, DIM)) < 0.4
+    download = RowsDownload(None, CompactTable.encode((rng.normal(0, 0.1, mask.shape) * mask).astype(np.float32), mask))
+    replies, states = [], []
+    for device_batch in (0, 3):
+        run_config = {**flat, "fed.device-batch": device_batch}
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config=run_config)
+        content = RecordDict({"settings": ConfigRecord({"server-round": 1, "send-signal": True}),
+                              **{f"arrays.{user}": to_record(download.to_arrays()) for user in (6, 7, 8)}})
+        replies.append(client_app.train(SimpleNamespace(content=content), context))
+        states.append(context.state)
+    (alone, batched), (alone_state, batched_state) = replies, states
+    assert sorted(batched.keys()) == sorted(alone.keys()) and "arrays.8" in alone
+    for key in alone.array_records:
+        for name, value in alone[key].items():
+            np.testing.assert_allclose(batched[key][name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+    for key in alone.metric_records:
+        for name, value in alone[key].items():
+            assert batched[key][name] == pytest.approx(value, rel=1e-5)
+    assert sorted(batched_state.keys()) == sorted(alone_state.keys()) == ["device.6", "device.7", "device.8"]
+    for key in alone_state.array_records:
+        for name, value in alone_state[key].items():
+            np.testing.assert_allclose(batched_state[key][name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6)

@@ -13,6 +13,8 @@ rows move. What this does not cover (``batching_unsupported``) trains one device
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +37,8 @@ from fedsparse.federation.faults import DeviceError
 from fedsparse.federation.network import uses_network
 from fedsparse.sparse.masked_training import ADAM_BETAS, ADAM_EPS
 
+log = logging.getLogger("fedsparse")
+
 
 def batching_unsupported(config: RunConfig) -> str | None:
     """Why devices of this run cannot train in batches (they train one at a time), or None when they can."""
@@ -43,6 +47,18 @@ def batching_unsupported(config: RunConfig) -> str | None:
     if config.budget.widths:
         return "budget.device-widths gives devices user and item rows of different widths"
     return None
+
+
+@functools.cache
+def device_batch_size(config: RunConfig) -> int:
+    """Training messages a transport serves together (``fed.device-batch``, at least 1): 1, said once per
+    process in the log, when ``batching_unsupported`` names a reason."""
+    size = max(1, config.fed.device_batch)
+    reason = batching_unsupported(config) if size > 1 else None
+    if reason:
+        log.info("fed.device-batch = %d: devices train one at a time instead, as %s", size, reason)
+        return 1
+    return size
 
 
 def local_train_batch(config: RunConfig, devices: Sequence[DeviceRound], n_items: int) -> list[LocalResult | DeviceError]:

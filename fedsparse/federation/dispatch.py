@@ -4,8 +4,8 @@ Both transports deliver through ``serve``: the in-process engine (``fedsparse.fe
 the Flower ClientApp (``clients/app.py``, plain and SecAgg+ rounds alike). A handler that raises
 ``PayloadError`` (a malformed message), ``faults.DeviceError`` (a device that cannot serve it) or an
 injected fault is a failed device; a ``DeviceCrash`` also loses the device's private state. Any other
-exception is a bug: it propagates and fails the run with its traceback. ``serve_train_batch`` serves a group
-of training messages with the devices' local steps batched, under the same rule per device.
+exception is a bug: it propagates and fails the run with its traceback. ``serve_all`` can serve a group of
+training messages with the devices' local steps batched (``serve_train_batch``), under the same rule per device.
 """
 
 from __future__ import annotations
@@ -92,6 +92,15 @@ def serve(kind: str, call: DeviceCall, message: Arrays) -> Outcome:
         raise ValueError(f"unknown message kind {kind!r} (known: {', '.join(HANDLERS)})")
     reply = _attempt(partial(HANDLERS[kind], call, message))
     return reply if isinstance(reply, Outcome) else Outcome(reply)
+
+
+def serve_all(kind: str, calls: Sequence[tuple[DeviceCall, Arrays]], device_batch: int = 1) -> list[Outcome]:
+    """``serve`` on every call in order; training messages ``device_batch`` at a time with their local steps
+    batched (``serve_train_batch``) when it is above 1 (``batched.device_batch_size`` gives it)."""
+    if kind != TRAIN or device_batch <= 1:
+        return [serve(kind, call, message) for call, message in calls]
+    return [outcome for start in range(0, len(calls), device_batch)
+            for outcome in serve_train_batch(calls[start : start + device_batch])]
 
 
 def serve_train_batch(calls: Sequence[tuple[DeviceCall, Arrays]]) -> list[Outcome]:

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
-from fedsparse.federation.batched import batching_unsupported
+from fedsparse.federation.batched import device_batch_size
 from fedsparse.federation.device import DeviceData
-from fedsparse.federation.dispatch import DeviceCall, Outcome, serve, serve_train_batch
+from fedsparse.federation.dispatch import DeviceCall, Outcome, serve_all
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.federation.faults import SIMULATED_TIME, straggler_delay
 from fedsparse.federation.messages import TRAIN
@@ -43,7 +43,7 @@ class InProcessTransport:
     """Delivers messages through the device handlers' table (``dispatch.serve``, as the ClientApp does).
 
     Devices run one after another here, or ``fed.device-batch`` of a training round's devices at a time with
-    their local steps batched (``dispatch.serve_train_batch``; one at a time, said once in the log, for what
+    their local steps batched (``dispatch.serve_all``; one at a time, said once in the log, for what
     ``batched.batching_unsupported`` names). Their time is simulated, not measured: an honest device
     answers at once, a straggler (``faults.failure-mode = timeout``) after ``faults.straggler-seconds``.
     ``fed.round-timeout`` drops a reply later than that (its private state still advances, as on a real
@@ -54,11 +54,7 @@ class InProcessTransport:
         self.config = config
         self.data = data
         self.states: dict[int, dict[str, np.ndarray]] = {}
-        self.device_batch = max(1, config.fed.device_batch)  # training messages served together
-        unsupported = batching_unsupported(config) if self.device_batch > 1 else None
-        if unsupported:
-            log.info("fed.device-batch = %d: devices train one at a time instead, as %s", self.device_batch, unsupported)
-            self.device_batch = 1
+        self.device_batch = device_batch_size(config)  # training messages served together
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Every device's private state, flattened as ``<user>.<key>`` (for the engine's checkpoint)."""
@@ -82,17 +78,10 @@ class InProcessTransport:
         timeout = self.config.fed.round_timeout if kind == TRAIN else 0.0
         if kind == TRAIN:
             settings = {**settings, SIMULATED_TIME: True}
-        calls = [(user, DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items,
-                                   server_round, settings), message) for user, message in messages.items()]
-        size = self.device_batch if kind == TRAIN else 1
-        for start in range(0, len(calls), size):
-            group = calls[start : start + size]
-            if size > 1:
-                outcomes = serve_train_batch([(call, message) for _, call, message in group])
-            else:
-                outcomes = [serve(kind, call, message) for _, call, message in group]
-            for (user, _, _), outcome in zip(group, outcomes, strict=True):
-                replies[user] = self._receive(user, server_round, outcome, timeout)
+        calls = [(DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items,
+                             server_round, settings), message) for user, message in messages.items()]
+        for user, outcome in zip(messages, serve_all(kind, calls, self.device_batch), strict=True):
+            replies[user] = self._receive(user, server_round, outcome, timeout)
         return replies
 
     def _receive(self, user: int, server_round: int, outcome: Outcome, timeout: float) -> Reply | str:
