@@ -33,7 +33,7 @@ BASE = {"seed": 5, "model.dim": DIM, "train.negatives": 3, "fed.local-epochs": 2
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "sparserec": {},
     "dense": {"sparse.policy": "dense"},
-    "padding": {"privacy.padding-ratio": 0.5},
+    "padding": {"privacy.padding-ratio": 0.5, "train.l2-reg": 0.05},  # fakes reach the l2 of the items only
     "pfedrec-like": {"train.loss": "bce", "fed.user-bias": True, "fed.step-order": "head-first",
                      "fed.local-batch-size": 5, "fed.user-optimizer": "sgd", "fed.user-density": 1.0, "fed.user-steps": 0,
                      "train.negatives-from": "unrated"},

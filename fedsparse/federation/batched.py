@@ -3,10 +3,13 @@
 ``local_train_batch`` gives each of G devices the round ``device.local_train`` gives it alone. Each device's
 rows are planned and its round finished by the per-device code (``plan_round_rows``, ``finish_round``); only
 the steps in between run together. The devices' touched item rows are concatenated, without padding, into
-one tensor [R = sum r_g, w] with offsets, their user rows stacked into [G, w]; every training example
-carries its device's index, so scores are gathers and MF's closed-form gradients (as in
-``central.losses.mf_batch_gradients`` / ``mf_user_row_gradient``) are segment sums (``index_add_``). The
-masked optimisers step elementwise with per-device step counts. With ``fed.local-batch-size`` devices take
+one tensor [R = sum r_g, w] with offsets, their user rows stacked into [G, w]. Every stacked row belongs to
+one device, so one product per row gives every score a step needs (row r against its device's user row),
+and MF's closed-form gradients (as in ``central.losses.mf_batch_gradients`` / ``mf_user_row_gradient``)
+reduce to one coefficient per row, the sum of the weights of the examples using it (``index_add_``): the
+item gradient is that coefficient times the device's user row, the user gradient each device's sum of its
+rows times their coefficients (a block-diagonal product). The masked optimisers step elementwise with
+per-device step counts. With ``fed.local-batch-size`` devices take
 different numbers of steps: step s runs the devices that still have a batch s (lockstep), and only their
 rows move. What this does not cover (``batching_unsupported``) trains one device at a time.
 """
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
@@ -129,7 +133,10 @@ class _Batch:
         self.items = torch.from_numpy(np.concatenate(self.item_start))
         item_mask = torch.from_numpy(np.concatenate(self.item_mask_arrays))
         self.item_float_mask = item_mask.to(torch.float32)
-        self.item_inactive = ~item_mask
+        self.item_inactive = 1.0 - self.item_float_mask
+        self.row_index = np.arange(self.items.shape[0])
+        self.user_rows = torch.empty_like(self.items)  # each row's device's user row; refilled by _row_scores
+        self.item_gradient = torch.empty_like(self.items)  # refilled by _gradients
         states = [device.state for device in devices]
         self.users = torch.from_numpy(np.stack([state.user_row for state in states]).astype(np.float32))
         user_mask = torch.from_numpy(np.stack([state.user_mask for state in states]))
@@ -170,22 +177,20 @@ class _Batch:
         if config.fed.user_steps == 0:
             return
         examples = self._examples([(g, 0, np.arange(row.n_real)) for g, row in enumerate(self.rows)])
-        positive_rows, negative_rows = self.items[examples.positives], self.items[examples.negatives]
         sizes = examples.sizes[examples.device]
-        n_negatives = negative_rows.shape[1]
+        n_negatives = examples.negatives.shape[1]
         for _ in range(config.fed.user_steps):
-            users = self.users[examples.device]
-            positive_scores = (positive_rows * users).sum(-1)
-            negative_scores = _rows_times(negative_rows, users)
+            scores = self._row_scores(with_bias=False)  # mf_user_row_gradient scores without the bias
+            positive_scores, negative_scores = scores[examples.positives], scores[examples.negatives]
             if config.train.loss == "bpr":
-                weights = torch.sigmoid(negative_scores - positive_scores[:, None])
-                per_example = _weighted_rows(weights, negative_rows) - weights.sum(1)[:, None] * positive_rows
                 scale = 1.0 / (sizes * n_negatives)
+                negative_weights = torch.sigmoid(negative_scores - positive_scores[:, None]) * scale[:, None]
+                positive_weights = -negative_weights.sum(1)
             else:
-                per_example = ((torch.sigmoid(positive_scores) - 1.0)[:, None] * positive_rows
-                               + _weighted_rows(torch.sigmoid(negative_scores), negative_rows))
                 scale = 1.0 / (sizes * (1 + n_negatives))
-            gradient = torch.zeros_like(self.users).index_add_(0, examples.device, per_example * scale[:, None])
+                positive_weights = (torch.sigmoid(positive_scores) - 1.0) * scale
+                negative_weights = torch.sigmoid(negative_scores) * scale[:, None]
+            gradient = self._device_sums(self._row_weights(examples, positive_weights, negative_weights))
             self._step_users(gradient + config.train.l2_reg * self.users, None)
 
     def train_joint_steps(self) -> None:
@@ -207,22 +212,18 @@ class _Batch:
                     self.bias.sub_(config.fed.local_lr * gradients.bias)
             if config.fed.step_order == "head-first":  # PFedRec: the item step sees the head it just stepped
                 gradients = self._gradients(examples)
-            self.item_signal += gradients.items * self.item_inactive
+            self.item_signal.addcmul_(gradients.items, self.item_inactive)
             self._step_items(gradients.items, examples.sizes, step + 1, active)
             self.losses[members] += gradients.loss.numpy()[members]
 
     def _gradients(self, examples: _Examples) -> _Gradients:
         """The padded batch loss's closed-form gradients of every device in the step (``mf_batch_gradients``,
-        its sums taken per device): fake positives reach the item rows only."""
+        its sums taken per device): fake positives reach the item rows only. The item gradient lives in a
+        buffer the next call overwrites."""
         train = self.config.train
         items, device = self.items, examples.device
-        users = self.users[device]
-        positive_rows, negative_rows = items[examples.positives], items[examples.negatives]
-        positive_scores = (positive_rows * users).sum(-1)
-        negative_scores = _rows_times(negative_rows, users)
-        if self.bias is not None:
-            positive_scores = positive_scores + self.bias[device]
-            negative_scores = negative_scores + self.bias[device][:, None]
+        scores = self._row_scores(with_bias=True)
+        positive_scores, negative_scores = scores[examples.positives], scores[examples.negatives]
         sizes = examples.sizes[device]
         n_negatives = negative_scores.shape[1]
         if train.loss == "bpr":  # every part's mean over its b_p * n pairs, times b_p / b: a sum over b * n
@@ -236,29 +237,45 @@ class _Batch:
             per_example = (F.softplus(-positive_scores) + F.softplus(negative_scores).sum(1)) * scale
             positive_weights = (torch.sigmoid(positive_scores) - 1.0) * scale
             negative_weights = torch.sigmoid(negative_scores) * scale[:, None]
-        n_devices, width = self.users.shape
+        n_devices = self.users.shape[0]
         real = examples.real.to(torch.float32)
         real_positive, real_negative = positive_weights * real, negative_weights * real[:, None]
-        per_user = real_positive[:, None] * positive_rows + _weighted_rows(real_negative, negative_rows)
         batch_sizes = examples.sizes.clamp(min=1.0)  # devices outside the step have no example: 0 / 1
         real_share = torch.zeros(n_devices).index_add_(0, device, real) / batch_sizes
-        user = torch.zeros(n_devices, width).index_add_(0, device, per_user)
+        user = self._device_sums(self._row_weights(examples, real_positive, real_negative))
         user += train.l2_reg * real_share[:, None] * self.users
-        item_gradient = torch.zeros_like(items)
-        item_gradient.index_add_(0, examples.positives, positive_weights[:, None] * users)
-        item_gradient.index_add_(0, examples.negatives.reshape(-1),
-                                 (negative_weights[:, :, None] * users[:, None, :]).reshape(-1, width))
         used = torch.cat([examples.positives, examples.negatives.reshape(-1)])
         uses = torch.bincount(used, minlength=items.shape[0]).to(torch.float32)
-        row_sizes = batch_sizes[self.row_device]
-        item_gradient += (train.l2_reg * uses / row_sizes)[:, None] * items
-        row_l2 = torch.zeros(n_devices).index_add_(0, self.row_device, uses * items.pow(2).sum(1))
+        row_weights = self._row_weights(examples, positive_weights, negative_weights)
+        item_gradient = torch.mul(self.user_rows, row_weights[:, None], out=self.item_gradient)
+        item_gradient.addcmul_((train.l2_reg * uses / batch_sizes[self.row_device])[:, None], items)
+        row_l2 = torch.zeros(n_devices).index_add_(0, self.row_device, uses * _row_dots(items, items))
         l2 = 0.5 * self.users.pow(2).sum(1) + 0.5 * row_l2 / batch_sizes
         loss = torch.zeros(n_devices).index_add_(0, device, per_example) + train.l2_reg * l2
         bias = None
         if self.bias is not None:
             bias = torch.zeros(n_devices).index_add_(0, device, real_positive + real_negative.sum(1))
         return _Gradients(loss, user, bias, item_gradient)
+
+    def _row_scores(self, with_bias: bool) -> torch.Tensor:
+        """Every stacked item row's score against its device's user row (plus the device's score bias when
+        ``with_bias``), float32 [R]; leaves each row's user row in ``user_rows``."""
+        torch.index_select(self.users, 0, self.row_device, out=self.user_rows)
+        scores = _row_dots(self.items, self.user_rows)
+        return scores + self.bias[self.row_device] if with_bias and self.bias is not None else scores
+
+    def _row_weights(self, examples: _Examples, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """Each stacked row's summed weight over the examples using it (as positive [B] or negative [B, n]):
+        float32 [R]."""
+        weights = torch.zeros(self.items.shape[0]).index_add_(0, examples.positives, positive)
+        return weights.index_add_(0, examples.negatives.reshape(-1), negative.reshape(-1))
+
+    def _device_sums(self, row_weights: torch.Tensor) -> torch.Tensor:
+        """Each device's sum of its item rows times ``row_weights`` float32 [R]: float32 [G, w], one
+        block-diagonal sparse product (far cheaper than a scatter of [R, w])."""
+        shape = (len(self.devices), self.row_index.size)
+        blocks = sp.csr_matrix((row_weights.numpy(), self.row_index, self.offsets), shape=shape)
+        return torch.from_numpy(np.asarray(blocks @ self.items.numpy(), dtype=np.float32))
 
     def _step_users(self, gradient: torch.Tensor, active: torch.Tensor | None) -> None:
         """One masked step of the user rows of the ``active`` devices (None: all) with ``gradient`` [G, w]:
@@ -273,12 +290,13 @@ class _Batch:
         _masked_adam(self.users, self.user_exp_avg, self.user_exp_avg_sq, gradient, self.user_float_mask, steps, lr, active)
 
     def _step_items(self, gradient: torch.Tensor, sizes: torch.Tensor, step: int, active: torch.Tensor | None) -> None:
-        """One masked step of the item rows of the ``active`` devices (None: all): ``MaskedSGD`` on each device's
-        summed loss (its batch size ``sizes`` [G] times the mean's gradient), or a fresh ``MaskedAdam``, whose
-        step count is ``step`` for every device in the step."""
+        """One masked step of the item rows of the ``active`` devices (None: all) with ``gradient`` [R, w]
+        (consumed): ``MaskedSGD`` on each device's summed loss (its batch size ``sizes`` [G] times the mean's
+        gradient), or a fresh ``MaskedAdam``, whose step count is ``step`` for every device in the step."""
         fed = self.config.fed
         if self.item_exp_avg is None or self.item_exp_avg_sq is None:  # a device outside the step has a zero gradient
-            self.items.sub_(gradient * self.item_float_mask * (fed.item_lr * sizes[self.row_device])[:, None])
+            gradient.mul_((fed.item_lr * sizes[self.row_device])[:, None])
+            self.items.addcmul_(gradient, self.item_float_mask, value=-1.0)
             return
         rows = None if active is None else torch.nonzero(torch.isin(self.row_device, active)).view(-1)
         steps = torch.full((1,), float(step), dtype=torch.float64)
@@ -301,15 +319,9 @@ class _Batch:
         )
 
 
-def _rows_times(rows: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-    """Each example's scores of its n rows: rows [B, n, w] times users [B, w] -> [B, n] (one batched product,
-    several times faster than a broadcast multiply and sum)."""
-    return torch.bmm(rows, users[:, :, None])[:, :, 0]
-
-
-def _weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Each example's weighted sum of its n rows: weights [B, n], rows [B, n, w] -> [B, w]."""
-    return torch.bmm(weights[:, None, :], rows)[:, 0]
+def _row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two [m, w] tensors: float32 [m], one batched product (no [m, w] temporary)."""
+    return torch.bmm(left[:, None, :], right[:, :, None]).view(-1)
 
 
 def _masked_adam(
