@@ -1,8 +1,9 @@
 """The ClientApp: each supernode hosts one user's device (or a group of them, ``fed.clients-per-node``).
 
 Every handler unpacks the message, serves each hosted user through the core's one handler table
-(``fedsparse.federation.dispatch.serve``, which the in-process engine uses too), persists that user's
-private state in ``context.state`` and replies with arrays and metrics.
+(``fedsparse.federation.dispatch.serve_all``, which the in-process engine uses too; training messages
+``fed.device-batch`` at a time with the devices' local steps batched), persists that user's private state in
+``context.state`` and replies with arrays and metrics.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from clients.records import forget_state, load_state, reply_content, save_state,
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.experiments.deploy import PLACEMENT_ENV
+from fedsparse.federation.batched import device_batch_size
 from fedsparse.federation.device import DeviceData
-from fedsparse.federation.dispatch import DeviceCall, Outcome, serve
+from fedsparse.federation.dispatch import DeviceCall, Outcome, serve, serve_all
 from fedsparse.federation.grouping import users_of_partition
 from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.secagg_vectors import to_secagg_vectors
@@ -54,7 +56,11 @@ def _serve(kind: str, context: Context, config: RunConfig, data: Interactions, u
     keeping its state in ``context.state`` (dropped when the device crashed); a bug raises out of the ClientApp."""
     call = DeviceCall(config, DeviceData.of(data, user), load_state(context, user), data.n_items, server_round, settings)
     with device_threads(config):
-        outcome = serve(kind, call, incoming)
+        return _keep_state(context, user, serve(kind, call, incoming))
+
+
+def _keep_state(context: Context, user: int, outcome: Outcome) -> Outcome:
+    """Persist what ``outcome`` says of ``user``'s private state (its new state, or forget a crashed device's)."""
     if outcome.lost_state:
         forget_state(context, user)
     if outcome.reply is not None:
@@ -63,18 +69,24 @@ def _serve(kind: str, context: Context, config: RunConfig, data: Interactions, u
 
 
 def _handle(message: Message, context: Context, kind: str) -> Message:
+    """Serve every hosted user's message (training ones ``fed.device-batch`` at a time, their local steps batched)."""
     config, data = _config_and_data(context)
     settings = dict(message.content["settings"])
     server_round = int(settings["server-round"])
     hosted = set(users_of_partition(int(context.node_config["partition-id"]), config.fed.clients_per_node, data.n_users))
     results: dict[int, tuple[dict, dict] | str] = {}
+    calls: dict[int, tuple[DeviceCall, dict]] = {}
     for key in message.content.array_records:
         user = int(key.removeprefix("arrays."))
         if user not in hosted:
             results[user] = f"user {user} is not hosted on this node"
             continue
-        outcome = _serve(kind, context, config, data, user, to_arrays(message.content[key]), server_round, settings)
-        reply = outcome.reply
+        call = DeviceCall(config, DeviceData.of(data, user), load_state(context, user), data.n_items, server_round, settings)
+        calls[user] = (call, to_arrays(message.content[key]))
+    with device_threads(config):
+        outcomes = serve_all(kind, list(calls.values()), device_batch_size(config))
+    for user, outcome in zip(calls, outcomes, strict=True):
+        reply = _keep_state(context, user, outcome).reply
         results[user] = outcome.reason if reply is None else (reply.message.to_arrays(), reply.metrics)
     content = reply_content(results)
     if os.environ.get(PLACEMENT_ENV) == "1":

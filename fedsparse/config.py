@@ -221,6 +221,8 @@ class FedConfig:
     # evaluation, as FedRecon evaluates users it never trained on: each fits a fresh user row against the table (0 = off)
     unseen_steps: int = 0  # steps that fit an unseen device's user row, items frozen (0 = fed.user-steps)
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
+    device_batch: int = 0  # devices whose local steps train together as one batched computation, in process and on a
+    # supernode hosting several (0 or 1 = one at a time); NeuMF and budget.device-widths train one at a time and say so
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
     torch_threads: int = 1  # torch intra-op threads of the process training devices (in process; each ClientApp
     # worker): a device's tensors are small, so more threads only contend with the simulation's own parallelism
@@ -466,6 +468,7 @@ class RunConfig:
             (f.eval_every >= 1, "fed.eval-every", "must be >= 1"),
             (0.0 < f.eval_fraction <= 1.0, "fed.eval-fraction", "must be in (0, 1]"),
             (f.clients_per_node >= 1, "fed.clients-per-node", "must be >= 1"),
+            (f.device_batch >= 0, "fed.device-batch", "must be >= 0 (0 or 1 = devices train one at a time)"),
             (f.round_timeout >= 0, "fed.round-timeout", "must be >= 0 (0 = no limit)"),
             (f.torch_threads >= 0, "fed.torch-threads", "must be >= 0 (0 = torch's default)"),
             (e.k >= 1, "eval.k", "must be >= 1"),

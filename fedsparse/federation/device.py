@@ -294,23 +294,42 @@ def local_train(
     sum) and, when ``local_round.send_signal``, each touched row reports its ``signal-topk`` largest |sums|
     among inactive entries.
     """
-    server_round = local_round.server_round
-    rows = _plan_round_rows(config, data, download, n_items, server_round)
+    rows = plan_round_rows(config, data, download, n_items, local_round.server_round)
     local = _load_local_model(config, state, download, rows, n_items, network)
     fit_user_row(config, local.model, local.user_opt, *rows.real_examples_of_first_epoch())
-    steps = _train_joint_steps(config, data, rows, local, server_round)
-    update = _encode_upload(config, rows, local, steps, n_items, local_round.send_signal)
-    new_state = _trained_device_state(state, local)
-    if local_round.user_swap_fraction > 0:
-        user_signal = steps.user_signal.view(-1).numpy()
-        explore_user_row(config, new_state, user_signal, local_round.user_swap_fraction, server_round, data.user_id)
-    memory = _round_memory_bytes(new_state, download, rows, local, steps)
-    evaluation = _personal_evaluation(config, new_state, data, download, rows, local) if local_round.evaluate else None
-    return LocalResult(new_state, update, steps.mean_loss, memory, evaluation)
+    steps = _train_joint_steps(config, data, rows, local, local_round.server_round)
+    trained = _trained_rows(local, steps)
+    return finish_round(config, DeviceRound(state, data, download, local_round, network), rows, trained, n_items)
 
 
 @dataclass(frozen=True)
-class _RoundRows:
+class DeviceRound:
+    """One device's inputs to a local round: ``local_train``'s arguments but the config and the catalogue size."""
+
+    state: DeviceState
+    data: DeviceData
+    download: RowsDownload
+    local_round: LocalRound
+    network: NetworkWeights | None = None
+
+
+def finish_round(config: RunConfig, device: DeviceRound, rows: RoundRows, trained: TrainedRows, n_items: int) -> LocalResult:
+    """Everything a local round does after its steps, from what they left (``trained``): encode the upload,
+    keep the new private state, explore the user row's mask, account the memory held, and evaluate if asked.
+    Shared by ``local_train`` and the batched devices (``fedsparse.federation.batched``)."""
+    local_round, data = device.local_round, device.data
+    update = _encode_upload(config, rows, trained, device.download, n_items, local_round.send_signal)
+    new_state = _trained_device_state(device.state, trained)
+    if local_round.user_swap_fraction > 0:
+        explore_user_row(config, new_state, trained.user_signal, local_round.user_swap_fraction, local_round.server_round,
+                         data.user_id)
+    memory = _round_memory_bytes(new_state, device.download, rows, trained)
+    evaluation = _personal_evaluation(config, new_state, data, device.download, rows, trained) if local_round.evaluate else None
+    return LocalResult(new_state, update, trained.loss, memory, evaluation)
+
+
+@dataclass(frozen=True)
+class RoundRows:
     """The item rows one local round trains, all known before training starts.
 
     ``touched`` int64 [r] sorted: every row the round reads and uploads; ``trained`` int64 [n_train +
@@ -334,7 +353,7 @@ class _RoundRows:
         return self.positions(self.trained[real]), self.positions(self.negatives[0][real])
 
 
-def _plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload, n_items: int, server_round: int) -> _RoundRows:
+def plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload, n_items: int, server_round: int) -> RoundRows:
     """This round's negatives, fake positives and touched rows; DeviceError when the device has nothing to
     train or the download lacks a row the round needs."""
     negatives = round_negatives(config, data, n_items, server_round)
@@ -344,16 +363,16 @@ def _plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload
         raise DeviceError(f"user {data.user_id} has no training interactions")
     if download.row_ids is not None and not np.isin(touched, download.rows(n_items)).all():
         raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
-    return _RoundRows(touched, np.concatenate([data.train, fakes]), negatives, data.train.size)
+    return RoundRows(touched, np.concatenate([data.train, fakes]), negatives, data.train.size)
 
 
 @dataclass(frozen=True)
 class _LocalModel:
     """The round's working copy: MF (or NeuMF) over the user row [1, w] and the touched item rows [r, w],
     their masks (``user_mask`` bool [1, w], ``item_mask`` bool [r, w]) and optimisers; ``item_start``
-    float32 [r, w] holds the rows as downloaded (deltas are taken against it), ``table`` / ``table_mask``
-    the whole decoded download (float32 / bool [rows sent, w]); for NeuMF, ``network_start`` the shared
-    network as received and ``network_opt`` its fresh Adam."""
+    float32 [r, w] holds the rows as downloaded (deltas are taken against it), ``table_nbytes`` the bytes of
+    the whole decoded download (weights and mask); for NeuMF, ``network_start`` the shared network as
+    received and ``network_opt`` its fresh Adam."""
 
     model: MatrixFactorization | JoinedNeuMF
     user_mask: torch.Tensor
@@ -361,31 +380,36 @@ class _LocalModel:
     user_opt: MaskedAdam | MaskedSGD
     item_opt: MaskedAdam | MaskedSGD
     item_start: np.ndarray
-    table: np.ndarray
-    table_mask: np.ndarray
+    table_nbytes: int
     network_start: NetworkWeights | None = None
     network_opt: torch.optim.Adam | None = None
 
 
-def _load_local_model(
-    config: RunConfig, state: DeviceState, download: RowsDownload, rows: _RoundRows, n_items: int,
-    network: NetworkWeights | None = None,
-) -> _LocalModel:
-    """Decode the download, copy the user row and the touched item rows (and the received network) into a
-    local model, and set up the user row's optimiser (resumed from the device's state) and fresh ones for
-    the item rows and the network."""
+def round_item_rows(download: RowsDownload, rows: RoundRows, n_items: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode the download and copy out the touched rows: (item rows float32 [r, w], their mask bool [r, w],
+    bytes of the whole decoded table and mask, which the device held while copying)."""
     table, table_mask = download.table.decode()
     local = np.searchsorted(download.rows(n_items), rows.touched)
-    item_start = table[local]
+    return table[local], table_mask[local], table.nbytes + table_mask.nbytes
+
+
+def _load_local_model(
+    config: RunConfig, state: DeviceState, download: RowsDownload, rows: RoundRows, n_items: int,
+    network: NetworkWeights | None = None,
+) -> _LocalModel:
+    """Copy the user row and the touched item rows of the decoded download (and the received network) into a
+    local model, and set up the user row's optimiser (resumed from the device's state) and fresh ones for
+    the item rows and the network."""
+    item_start, item_mask_array, table_nbytes = round_item_rows(download, rows, n_items)
     model = local_model(config, state.user_row, item_start, network, state.user_bias)  # the device's width
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
-    item_mask = torch.from_numpy(table_mask[local])
+    item_mask = torch.from_numpy(item_mask_array)
     user_opt = _user_optimizer(config, model.user_embedding.weight.data, user_mask, state)
     item_opt = _item_optimizer(config, model.item_embedding.weight.data, item_mask)
     network_opt = None
     if isinstance(model, JoinedNeuMF):
         network_opt = torch.optim.Adam(list(network_parameters(model).values()), lr=config.fed.network_lr)
-    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, table, table_mask, network, network_opt)
+    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, table_nbytes, network, network_opt)
 
 
 @dataclass(frozen=True)
@@ -399,7 +423,7 @@ class _JointSteps:
 
 
 def _train_joint_steps(
-    config: RunConfig, data: DeviceData, rows: _RoundRows, local: _LocalModel, server_round: int
+    config: RunConfig, data: DeviceData, rows: RoundRows, local: _LocalModel, server_round: int
 ) -> _JointSteps:
     """Every local step over the round's batches: the padded loss's gradients (fake positives reach the
     item rows only), the inactive entries' gradients accumulated, the user row stepped (unless it is
@@ -476,69 +500,99 @@ def _step_user_bias(config: RunConfig, model: MatrixFactorization | JoinedNeuMF,
         bias.data.add_(gradient, alpha=-config.fed.local_lr)
 
 
+@dataclass(frozen=True)
+class TrainedRows:
+    """What a device's local steps leave, all ``finish_round`` needs: the item rows as trained (float32 [r, w]),
+    as downloaded and their mask (bool [r, w]); the user row float32 [w], its score bias float32 [1] (None
+    without one) and its Adam moments and step count (None under SGD, which keeps none); the mean loss per
+    step; the gradients accumulated on inactive entries (items float32 [r, w], user float32 [w]); bytes of
+    the item rows' optimiser state and of the decoded download; for NeuMF the network as received and as
+    trained."""
+
+    items: np.ndarray
+    item_start: np.ndarray
+    item_mask: np.ndarray
+    user_row: np.ndarray
+    user_bias: np.ndarray | None
+    user_moments: tuple[np.ndarray, np.ndarray, int] | None
+    loss: float
+    item_signal: np.ndarray
+    user_signal: np.ndarray
+    item_opt_nbytes: int
+    table_nbytes: int
+    network_start: NetworkWeights | None = None
+    network: NetworkWeights | None = None
+
+
+def _trained_rows(local: _LocalModel, steps: _JointSteps) -> TrainedRows:
+    """``local_train``'s model and optimisers after the steps, as ``TrainedRows``."""
+    user_opt = local.user_opt
+    moments = None
+    if isinstance(user_opt, MaskedAdam):
+        moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
+    bias = getattr(local.model, "user_bias", None)
+    return TrainedRows(
+        local.model.item_embedding.weight.detach().numpy(), local.item_start, local.item_mask.numpy(),
+        local.model.user_embedding.weight.detach().view(-1).numpy(), None if bias is None else bias.detach().numpy(),
+        moments, steps.mean_loss, steps.item_signal.numpy(), steps.user_signal.view(-1).numpy(), local.item_opt.nbytes,
+        local.table_nbytes, local.network_start,
+        network_of(local.model) if isinstance(local.model, JoinedNeuMF) else None,
+    )
+
+
 def _encode_upload(
-    config: RunConfig, rows: _RoundRows, local: _LocalModel, steps: _JointSteps, n_items: int, send_signal: bool
+    config: RunConfig, rows: RoundRows, trained: TrainedRows, download: RowsDownload, n_items: int, send_signal: bool
 ) -> RowUpdate:
     """The upload: deltas of the active entries of the touched rows (``fed.uplink = table``: of every row,
     zero where untrained, as FedAvg uploads the whole table), weighted by the examples trained, with the
     top-k regrowth signal of each touched row's inactive entries when ``send_signal`` and, for NeuMF, the
     shared network's delta."""
-    items = local.model.item_embedding.weight.detach()
-    trained = (items - torch.from_numpy(local.item_start)).numpy()
+    delta_rows = trained.items - trained.item_start
     touched_ids = wire_row_ids(rows.touched, n_items)
-    signal = _top_signal(touched_ids, steps.item_signal.numpy(), local.item_mask.numpy(), config) if send_signal else ()
+    signal = _top_signal(touched_ids, trained.item_signal, trained.item_mask, config) if send_signal else ()
     if config.fed.uplink == "table":  # the download was the whole table (config check): every row goes back
-        whole = np.zeros(local.table.shape, dtype=np.float32)
-        whole[rows.touched] = trained
-        delta, row_ids = whole[local.table_mask], wire_row_ids(np.arange(n_items), n_items)
+        table_mask = download.table.mask()
+        whole = np.zeros(table_mask.shape, dtype=np.float32)
+        whole[rows.touched] = delta_rows
+        delta, row_ids = whole[table_mask], wire_row_ids(np.arange(n_items), n_items)
     else:
-        delta, row_ids = trained[local.item_mask.numpy()], touched_ids
+        delta, row_ids = delta_rows[trained.item_mask], touched_ids
     network = None
-    if local.network_start is not None and isinstance(local.model, JoinedNeuMF):
-        now, start = network_of(local.model), local.network_start
+    if trained.network_start is not None and trained.network is not None:
+        now, start = trained.network, trained.network_start
         network = NetworkWeights({name: now.arrays[name] - start.arrays[name] for name in start.arrays})
     update = RowUpdate(row_ids, delta.astype(np.float32), float(rows.trained.size), *signal)
     return update if network is None else replace(update, network=network)
 
 
-def _trained_device_state(state: DeviceState, local: _LocalModel) -> DeviceState:
+def _trained_device_state(state: DeviceState, trained: TrainedRows) -> DeviceState:
     """The private state after training: the trained user row (mask unchanged) and, under Adam, its moments."""
-    user = local.model.user_embedding.weight.detach().view(-1)
-    user_opt = local.user_opt
-    if isinstance(user_opt, MaskedAdam):
-        moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
-    else:
-        moments = (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
-    bias = getattr(local.model, "user_bias", None)
-    bias_array = None if bias is None else bias.detach().numpy().astype(np.float32)
-    return DeviceState(user.numpy().astype(np.float32), state.user_mask.copy(), *moments, user_bias=bias_array)
+    moments = trained.user_moments or (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
+    bias = None if trained.user_bias is None else trained.user_bias.astype(np.float32)
+    return DeviceState(trained.user_row.astype(np.float32), state.user_mask.copy(), *moments, user_bias=bias)
 
 
-def _round_memory_bytes(
-    new_state: DeviceState, download: RowsDownload, rows: _RoundRows, local: _LocalModel, steps: _JointSteps
-) -> int:
+def _round_memory_bytes(new_state: DeviceState, download: RowsDownload, rows: RoundRows, trained: TrainedRows) -> int:
     """Bytes the device held during the round: its state, the download and its decoded table, the working
     item rows (copy, gradient, optimiser state, signal, mask), for NeuMF the network (received copy,
     weights, gradient, Adam's two moments), and the negatives."""
-    items = local.model.item_embedding.weight.detach()
-    working = items.nbytes * 2 + local.item_opt.nbytes + steps.item_signal.nbytes + local.item_mask.nbytes
-    if local.network_start is not None:
-        working += 5 * local.network_start.nbytes
-    held = new_state.nbytes + download.nbytes + local.table.nbytes + local.table_mask.nbytes
+    working = trained.items.nbytes * 2 + trained.item_opt_nbytes + trained.item_signal.nbytes + trained.item_mask.nbytes
+    if trained.network_start is not None:
+        working += 5 * trained.network_start.nbytes
+    held = new_state.nbytes + download.nbytes + trained.table_nbytes
     return int(held + working + rows.negatives.nbytes)
 
 
 def _personal_evaluation(
-    config: RunConfig, new_state: DeviceState, data: DeviceData, download: RowsDownload, rows: _RoundRows, local: _LocalModel
+    config: RunConfig, new_state: DeviceState, data: DeviceData, download: RowsDownload, rows: RoundRows, trained: TrainedRows
 ) -> dict[str, float]:
     """``evaluate_splits`` of the personal model: the new user row and the downloaded table with the
     device's own trained rows (and, for NeuMF, its trained network; needs the full table, ``fed.downlink = full``)."""
     if download.row_ids is not None:
         raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
-    personal = local.table.copy()
-    personal[rows.touched] = local.model.item_embedding.weight.detach().numpy()
-    network = network_of(local.model) if isinstance(local.model, JoinedNeuMF) else None
-    return evaluate_splits(config, new_state, data, personal, network)
+    personal, _ = download.table.decode()
+    personal[rows.touched] = trained.items
+    return evaluate_splits(config, new_state, data, personal, trained.network)
 
 
 def _gradient(parameter: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
+from fedsparse.federation.batched import device_batch_size
 from fedsparse.federation.device import DeviceData
-from fedsparse.federation.dispatch import DeviceCall, serve
+from fedsparse.federation.dispatch import DeviceCall, Outcome, serve_all
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.federation.faults import SIMULATED_TIME, straggler_delay
 from fedsparse.federation.messages import TRAIN
@@ -42,7 +43,9 @@ def population_of(data: Interactions, config: RunConfig) -> Population:
 class InProcessTransport:
     """Delivers messages through the device handlers' table (``dispatch.serve``, as the ClientApp does).
 
-    Devices run one after another here, and their time is simulated, not measured: an honest device
+    Devices run one after another here, or ``fed.device-batch`` of a training round's devices at a time with
+    their local steps batched (``dispatch.serve_all``; one at a time, said once in the log, for what
+    ``batched.batching_unsupported`` names). Their time is simulated, not measured: an honest device
     answers at once, a straggler (``faults.failure-mode = timeout``) after ``faults.straggler-seconds``.
     ``fed.round-timeout`` drops a reply later than that (its private state still advances, as on a real
     device that finished after the server stopped waiting), so a seeded run drops the same devices on a
@@ -52,6 +55,7 @@ class InProcessTransport:
         self.config = config
         self.data = data
         self.states: dict[int, dict[str, np.ndarray]] = {}
+        self.device_batch = device_batch_size(config)  # training messages served together
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Every device's private state, flattened as ``<user>.<key>`` (for the engine's checkpoint)."""
@@ -75,22 +79,23 @@ class InProcessTransport:
         timeout = self.config.fed.round_timeout if kind == TRAIN else 0.0
         if kind == TRAIN:
             settings = {**settings, SIMULATED_TIME: True}
-        for user, message in messages.items():
-            call = DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items,
-                              server_round, settings)
-            outcome = serve(kind, call, message)
-            if outcome.lost_state:
-                self.states.pop(user, None)
-            if outcome.reply is None:
-                replies[user] = outcome.reason
-                continue
-            if outcome.reply.state:
-                self.states[user] = outcome.reply.state
-            if timeout and straggler_delay(self.config, server_round, user) > timeout:
-                replies[user] = f"device {user} did not reply within {timeout:g} s"
-                continue
-            replies[user] = Reply(outcome.reply.message.to_arrays(), outcome.reply.metrics)
+        calls = [(DeviceCall(self.config, self.device_data(user), self.states.get(user, {}), self.data.n_items,
+                             server_round, settings), message) for user, message in messages.items()]
+        for user, outcome in zip(messages, serve_all(kind, calls, self.device_batch), strict=True):
+            replies[user] = self._receive(user, server_round, outcome, timeout)
         return replies
+
+    def _receive(self, user: int, server_round: int, outcome: Outcome, timeout: float) -> Reply | str:
+        """Keep what the device's outcome says of its private state; its reply, or why none arrived in time."""
+        if outcome.lost_state:
+            self.states.pop(user, None)
+        if outcome.reply is None:
+            return outcome.reason
+        if outcome.reply.state:
+            self.states[user] = outcome.reply.state
+        if timeout and straggler_delay(self.config, server_round, user) > timeout:
+            return f"device {user} did not reply within {timeout:g} s"
+        return Reply(outcome.reply.message.to_arrays(), outcome.reply.metrics)
 
 
 def run_inprocess(

@@ -17,7 +17,9 @@ import numpy as np
 from fedsparse.config import RunConfig
 from fedsparse.federation.device import (
     DeviceData,
+    DeviceRound,
     DeviceState,
+    LocalResult,
     LocalRound,
     device_scorer,
     evaluate_splits,
@@ -171,6 +173,24 @@ def handle_train(
     ``validation-``/``test-`` metrics, ``fed.evaluate-model = local``). A device drawn to fail (``faults.*``)
     raises ``InjectedFault`` / ``DeviceCrash`` here, or answers late (in process only in simulated time).
     """
+    job = prepare_train(config, state, data, message, n_items, server_round, settings)
+    if isinstance(job, DeviceReply):
+        return job
+    result = local_train(config, job.state, job.data, job.download, n_items, job.local_round, job.network)
+    return finish_train(config, state, job, result, n_items)
+
+
+def prepare_train(
+    config: RunConfig,
+    state: dict[str, np.ndarray],
+    data: DeviceData,
+    message: Arrays,
+    n_items: int,
+    server_round: int,
+    settings: Mapping[str, Any],
+) -> DeviceRound | DeviceReply:
+    """``handle_train`` up to the local round: the device's inputs to ``local_train``, or the whole reply of a
+    device with nothing to train this round (no item in the secure round's rows, or none arrived yet)."""
     inject_fault(config, server_round, data.user_id, bool(settings.get(SIMULATED_TIME, False)))
     request = TrainRequest.from_arrays(message, n_items, device_width(config, data.user_id), network_shapes(config))
     download = request.download
@@ -184,15 +204,20 @@ def handle_train(
         return DeviceReply(empty, {**state, **device.to_arrays()}, metrics)
     if settings.get("user-prefix-share"):  # a structured policy (AMGP) sets the user row's width this round
         set_user_prefix(config, device, float(settings["user-prefix-share"]), server_round, data.user_id)
-    result = local_train(
-        config, device, data, download, n_items,
-        LocalRound(server_round, bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
-                   bool(settings.get("evaluate", False))),
-        request.network,
-    )
-    update = privatize(config, result.update, server_round, data.user_id)
-    if is_malicious(config, data.user_id):  # only an attacker needs the rows' masks (a table decode)
-        update = boost_target(config, data.user_id, update, _row_masks(download, update.row_ids))
+    local_round = LocalRound(server_round, bool(settings["send-signal"]), float(settings.get("user-swap-fraction", 0.0)),
+                             bool(settings.get("evaluate", False)))
+    return DeviceRound(device, data, download, local_round, request.network)
+
+
+def finish_train(
+    config: RunConfig, state: dict[str, np.ndarray], job: DeviceRound, result: LocalResult, n_items: int
+) -> DeviceReply:
+    """``handle_train`` after the local round: local DP, an attacker's boost, the metrics and, under secure
+    aggregation, the masked upload; ``state`` is the private state the device came in with."""
+    server_round, user_id, download = job.local_round.server_round, job.data.user_id, job.download
+    update = privatize(config, result.update, server_round, user_id)
+    if is_malicious(config, user_id):  # only an attacker needs the rows' masks (a table decode)
+        update = boost_target(config, user_id, update, _row_masks(download, update.row_ids))
     metrics = {
         "loss": result.loss,
         "memory-bytes": float(result.memory_bytes),
