@@ -19,20 +19,27 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
 
-from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.experiments.tables import (  # noqa: E402
+    ResultTable,
+    machine_description,
+    write_markdown_sections,
+)
 from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "simulations" / "configs"
 CURVES = "peer_protocol_curves.csv"
 PFEDREC_PUBLISHED_HR10 = 0.703  # PFedRec's public code on ml-100k, run here by an earlier session (issue 15)
+PFEDREC_REFERENCE_ROUNDS = 65  # that run's length: its best-validation round (41) was picked among 65 rounds
 # (method, kind, source): kind "federated" runs the named config (a tuple: the config, then flags added to it),
 # "central" the trainer with the flags given.
 METHODS = [
@@ -179,9 +186,42 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
         f"PFedRec's public code scored HR@10 {PFEDREC_PUBLISHED_HR10} on the ml-100k split "
         "(issue 15). The reading is in benchmarks/README.md.\n\n"
     )
-    write_markdown_table(args.out / "peer_protocol.md", header, frame.reindex(columns=COLUMNS))
     curves = ResultTable(args.out / CURVES).frame()
+    write_markdown_sections(args.out / "peer_protocol.md", header, [
+        ("", frame.reindex(columns=COLUMNS)),
+        (f"\nThe every-epoch dense cells at the length of PFedRec's reference run ({PFEDREC_REFERENCE_ROUNDS} rounds): the "
+         "test HR@10 at the best validation round among the first ones, from the cell's curve (`peer_protocol_curves.csv`;"
+         " nothing in a dense config depends on the run's length, so a run stopped there takes the same rounds):\n\n",
+         within_rounds(frame, curves, PFEDREC_REFERENCE_ROUNDS)),
+    ])
     plot_curves(frame, curves, args.out / "peer_protocol.png")
+
+
+def dense_methods() -> set[str]:
+    """Federated methods whose named config trains the dense table: nothing in them depends on the run's length, so
+    their first R rounds are what an R-round run takes (a sparse policy's mask schedule follows num-server-rounds)."""
+    dense = set()
+    for method, kind, source in METHODS:
+        config = source if isinstance(source, str) else source[0]
+        if kind == "federated" and tomllib.loads((CONFIGS / config).read_text()).get("sparse.policy") == "dense":
+            dense.add(method)
+    return dense
+
+
+def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int) -> pd.DataFrame:
+    """Per every-epoch dense cell at full participation: the test HR@10 at the best validation HR@10 among rounds <=
+    ``rounds`` (a tie goes to the later round, as the engine picks)."""
+    rows = []
+    chosen = (frame["eval_every"] == 1) & (frame["participation"] == 1.0) & frame["method"].isin(dense_methods())
+    for _, row in frame[chosen].iterrows():
+        points = curves[(curves["cell"] == row["cell"]) & (curves["round"] <= rounds)].sort_values("round")
+        if points.empty:
+            continue
+        best = points.iloc[len(points) - 1 - int(np.argmax(points["validation_sampled_hr@10"].to_numpy()[::-1]))]
+        rows.append({"dataset": row["dataset"], "method": row["method"], "candidates": row["candidates"],
+                     "within_rounds": rounds, "best_round": int(best["round"]), "sampled_hr@10": best["sampled_hr@10"],
+                     "vs_pfedrec_reference": best["sampled_hr@10"] - PFEDREC_PUBLISHED_HR10})
+    return pd.DataFrame(rows)
 
 
 def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
