@@ -54,7 +54,8 @@ METHODS = [
     ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),
 ]
 COLUMNS = [
-    "dataset", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "sampled_hr@10", "sampled_ndcg@10",
+    "dataset", "candidates", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "sampled_hr@10",
+    "sampled_ndcg@10",
     "recall@20", "ndcg@20", "best_round", "unseen_sampled_hr@10", "unseen_recall@20", "unseen_users", "hr_vs_central",
     "upload_bytes_mean", "upload_vs_dense_table",
     "download_bytes_mean", "seconds_per_round", "seconds_vs_fedmf",
