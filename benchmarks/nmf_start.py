@@ -143,6 +143,11 @@ def with_targets(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def trained(frame: pd.DataFrame, column: str) -> str:
+    """The values of a training setting the cells ran with (from their config.json), for the header."""
+    return " / ".join(sorted({f"{value:g}" for value in frame[column].dropna()})) or "?"
+
+
 def report(args: argparse.Namespace, frame: pd.DataFrame, seconds: float) -> None:
     """The Markdown table, one section per setting, each cell with its command and code version."""
     invocation = ("Rewritten from the CSV (`--report-only`)" if args.report_only else
@@ -150,8 +155,9 @@ def report(args: argparse.Namespace, frame: pd.DataFrame, seconds: float) -> Non
                   f"{seconds:.0f} s (cells already in the CSV were not rerun)")
     header = (
         f"{invocation}. In-process engine; every cell trains as `bytes_to_accuracy.py`'s \"{TRAINING}\" "
-        "(`simulations/configs/sparserec-peer.toml`: SparseRec at density 0.2, 4 negatives, the federation's "
-        "defaults; `--fed.downlink rows`; the group's rounds, participation, dimension and evaluation period); "
+        f"(`simulations/configs/sparserec-peer.toml`: SparseRec at density {trained(frame, 'density')}, "
+        f"{trained(frame, 'negatives')} negatives, as each run's config.json says, and the federation's defaults; "
+        "`--fed.downlink rows`; the group's rounds, participation, dimension and evaluation period); "
         "only the start differs (`start_flags`). Bytes per device: the run's ledger (summary.json) averaged over "
         "every device of the federation, down + up; `_max` is the device that spent most. **Wire** bytes are what "
         "Flower serialises for each message (every object of the message, envelope included, re-derived in process "
