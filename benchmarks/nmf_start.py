@@ -1,117 +1,229 @@
-"""NMF start benchmark: per start method, its bytes per device, rounds, and the Recall@20 after training.
+"""NMF start benchmark: per start method, its wire bytes per device against the training's, and the Recall@20 after training.
 
-Every cell is one in-process federation (``fedsparse simulate`` in a subprocess) with the same training
-settings; only the start differs. The reference is the central NMF oracle (``fed.nmf-init = central``:
-it costs no start bytes in the simulation, but no real federation can run it). Start bytes are the
-engine's exact count of the start's secure-sum vectors and messages (in process: no SecAgg+ key
-exchange), as a mean over all devices; training bytes are the run's training-round uploads and
-downloads, also per device.
+Every cell is one in-process federation (``fedsparse simulate`` in a subprocess) with the training of the
+project's current SparseRec setting, the one ``bytes_to_accuracy.py`` runs as "SparseRec 0.2 (rows
+downlink)" (its named config, flags and setting are imported from there, not copied); only the start
+differs. The reference is the central NMF oracle (``fed.nmf-init = central``: it costs no start bytes in
+the simulation, but no real federation can run it). Bytes come from the run's whole-run ledger in
+summary.json (``wire_*``: what Flower serialises per message; ``payload_*``: the arrays alone), per
+device over every device of the federation, start, training and evaluation apart.
 
-    OMP_NUM_THREADS=1 FEDSPARSE_DATA=/work/shared/data python benchmarks/nmf_start.py --dataset ml-100k --rounds 20
-    OMP_NUM_THREADS=1 FEDSPARSE_DATA=/work/shared/data python benchmarks/nmf_start.py --dataset ml-1m --rounds 100
+    OMP_NUM_THREADS=1 FEDSPARSE_DATA=/work/shared/data python benchmarks/nmf_start.py --dataset ml-1m --rounds 100 \
+        --fraction 0.1 --dim 64 --eval-every 5 --methods "central,range c0.1 r1"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federated import run_simulation  # noqa: E402  (the sibling benchmark's subprocess runner)
+from bytes_to_accuracy import CONFIGS, METHODS, setting_flags, setting_of  # noqa: E402  (the current SparseRec setting)
+from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_sections  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-# (label, start flags); "mu-30 all" is the start before issue 16 (30 multiplicative rounds, every device).
-METHODS = {
+TRAINING = "SparseRec 0.2 (rows downlink)"  # the bytes_to_accuracy method every cell trains as
+ACCURACY_TARGET = 0.95  # issue 16: final Recall@20 >= this share of the central-oracle run's
+# Fixed starts; "mu-30 all" is the start before issue 16 (30 multiplicative rounds, every device).
+NAMED_STARTS = {
     "central": ["--fed.nmf-init", "central"],
+    "random mask": ["--fed.nmf-init", "none"],
     "mu-30 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "30", "--fed.nmf-cohort", "1.0"],
     "mu-3 all": ["--fed.nmf-start", "mu", "--fed.nmf-rounds", "3", "--fed.nmf-cohort", "1.0"],
-    "random mask": ["--fed.nmf-init", "none"],
-    **{f"range c{cohort} r{refine}": ["--fed.nmf-start", "range", "--fed.nmf-cohort", str(cohort),
-                                      "--fed.nmf-refine", str(refine)]
-       for cohort in (0.05, 0.07, 0.1, 0.2, 0.4, 1.0) for refine in (0, 1, 2, 3)},
-    **{f"svd c{cohort}": ["--fed.nmf-start", "svd", "--fed.nmf-cohort", str(cohort)] for cohort in (0.1, 0.2, 1.0)},
 }
+# "range c0.05 r3", "svd c0.1", "range c0.1 r1 p1 s96": start, cohort share, refinements, power passes, sketch width
+SECURE_START = re.compile(r"(range|svd) c([0-9.]+)(?: r(\d+))?(?: p(\d+))?(?: s(\d+))?")
 COLUMNS = [
-    "dataset", "method", "rounds", "density", "dim", "start_rounds", "start_cohort", "start_bytes_per_device",
-    "training_bytes_per_device", "start_vs_training", "recall@20", "final_recall@20", "recall_vs_central",
-    "final_vs_central", "seconds",
+    "method", "start_rounds", "start_cohort", "start_wire_bytes_per_device", "start_wire_bytes_per_device_max",
+    "training_wire_bytes_per_device", "training_wire_bytes_per_device_max", "start_vs_training",
+    "devices_start_over_training", "start_secagg_floor_bytes_per_device", "floor_vs_training",
+    "evaluate_wire_bytes_per_device", "start_payload_bytes_per_device",
+    "training_payload_bytes_per_device", "start_vs_training_payload", "final_recall@20", "best_val_test_recall@20",
+    "final_vs_central", "meets_both_targets", "seconds", "code_version",
 ]
 
 
-def cell_row(run_dir: Path) -> dict:
-    """Start and training bytes per device and the accuracy of one run directory."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    devices = json.loads((run_dir / "config.json").read_text())["population"]["devices"]
-    start = (summary.get("total_nmf_upload_bytes", 0) + summary.get("total_nmf_download_bytes", 0)) / devices
-    training = (summary["total_upload_bytes"] + summary["total_download_bytes"]) / devices
+def start_flags(method: str) -> list[str]:
+    """The flags that choose a method's start (``--methods`` names); ValueError for an unknown name."""
+    if method in NAMED_STARTS:
+        return NAMED_STARTS[method]
+    match = SECURE_START.fullmatch(method)
+    if match is None:
+        raise ValueError(f"unknown start {method!r}: one of {sorted(NAMED_STARTS)} or 'range|svd cC [rR] [pP] [sS]'")
+    start, cohort, refine, power, sketch = match.groups()
+    flags = ["--fed.nmf-start", start, "--fed.nmf-cohort", cohort]
+    for key, value in (("--fed.nmf-refine", refine), ("--fed.nmf-power", power), ("--fed.nmf-sketch", sketch)):
+        if value is not None:
+            flags += [key, value]
+    if start == "range" and refine is None:
+        raise ValueError(f"{method!r}: a range start names its refinements (r0-r3)")
+    return flags
+
+
+def training_command(args: argparse.Namespace) -> list[str]:
+    """The ``fedsparse simulate`` flags of the training every cell shares (bytes_to_accuracy's SparseRec setting)."""
+    config, extra = next((config, extra) for name, config, extra in METHODS if name == TRAINING)
+    return ["--config", str(CONFIGS / config), *setting_flags(args), *extra]
+
+
+def command_of(args: argparse.Namespace, method: str) -> str:
+    """The invocation that reproduces one cell."""
+    return (f"python benchmarks/nmf_start.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction:g} "
+            f"--dim {args.dim} --eval-every {args.eval_every} --methods {shlex.quote(method)}")
+
+
+def per_device_share_over(run_dir: Path) -> float:
+    """Share of the federation's devices whose own start wire bytes exceed their own training wire bytes
+    (the per-device ledger of checkpoint.npz; nan if the checkpoint predates it)."""
+    arrays = np.load(run_dir / "checkpoint.npz")
+    try:
+        start = sum(arrays[f"traffic.wire.start.{direction}"] for direction in ("down", "up"))
+        training = sum(arrays[f"traffic.wire.train.{direction}"] for direction in ("down", "up"))
+    except KeyError:
+        return float("nan")
+    return float(np.mean(start > training))
+
+
+def cell_row(summary: dict) -> dict:
+    """Start, training and evaluation bytes per device (wire and payload) and the accuracy of one run."""
+    run_dir = Path(summary["run_dir"])
+    written = json.loads((run_dir / "config.json").read_text())
+    config = written["config"]
+    wire_start, wire_train = (summary[f"wire_{phase}_both_bytes_per_device_mean"] for phase in ("start", "train"))
+    payload_start, payload_train = (summary[f"payload_{phase}_both_bytes_per_device_mean"] for phase in ("start", "train"))
     return {
-        "start_rounds": summary.get("total_nmf_rounds", 0),
-        "start_cohort": summary.get("total_nmf_cohort", 0),
-        "start_bytes_per_device": start,
-        "training_bytes_per_device": training,
-        "start_vs_training": start / training,
-        "recall@20": summary["best_test_recall@20"],  # at the round of best validation Recall@20
+        "density": config.get("sparse.density"), "negatives": config.get("train.negatives"),
+        "start_rounds": summary.get("total_nmf_rounds", 0), "start_cohort": summary.get("total_nmf_cohort", 0),
+        "start_wire_bytes_per_device": wire_start,
+        "start_wire_bytes_per_device_max": summary["wire_start_both_bytes_per_device_max"],
+        "training_wire_bytes_per_device": wire_train,
+        "training_wire_bytes_per_device_max": summary["wire_train_both_bytes_per_device_max"],
+        "start_vs_training": wire_start / wire_train,
+        "devices_start_over_training": per_device_share_over(run_dir),
+        "evaluate_wire_bytes_per_device": summary["wire_evaluate_both_bytes_per_device_mean"],
+        "start_payload_bytes_per_device": payload_start,
+        "start_up_payload_bytes_per_device": summary["payload_start_up_bytes_per_device_mean"],
+        "training_payload_bytes_per_device": payload_train,
+        "start_vs_training_payload": payload_start / payload_train,
         "final_recall@20": summary["recall@20"],
+        "best_val_test_recall@20": summary["best_test_recall@20"],  # test Recall@20 at the round of best validation
         "seconds": summary["seconds"],
+        # the commit the run executed, "+modified" when its checkout had local changes to tracked files
+        "code_version": str(written.get("code_version") or "")[:7] + ("+modified" if written.get("code_modified") else ""),
         "run_dir": str(run_dir),
     }
+
+
+def with_targets(frame: pd.DataFrame) -> pd.DataFrame:
+    """``final_vs_central`` and ``meets_both_targets`` (start wire <= training wire per device, final Recall@20
+    >= 95 % of the central oracle's), within each setting."""
+    frame = frame.copy()
+    # SecAgg+ sends each masked entry as int64, twice the float32 the ledger counts: the start's upload again
+    floor = frame["start_wire_bytes_per_device"] + frame["start_up_payload_bytes_per_device"]
+    frame["start_secagg_floor_bytes_per_device"] = floor
+    frame["floor_vs_training"] = floor / frame["training_wire_bytes_per_device"]
+    central = frame[frame["method"] == "central"].set_index("setting")["final_recall@20"]
+    frame["final_vs_central"] = [row["final_recall@20"] / central[row["setting"]] if row["setting"] in central.index
+                                 else float("nan") for _, row in frame.iterrows()]
+    frame["meets_both_targets"] = [
+        "oracle" if row["method"] == "central" else
+        "yes" if row["start_vs_training"] <= 1 and row["final_vs_central"] >= ACCURACY_TARGET else
+        "no" if np.isfinite(row["final_vs_central"]) else "no central run"
+        for _, row in frame.iterrows()]
+    return frame
+
+
+def trained(frame: pd.DataFrame, column: str) -> str:
+    """The values of a training setting the cells ran with (from their config.json), for the header."""
+    return " / ".join(sorted({f"{value:g}" for value in frame[column].dropna()})) or "?"
+
+
+def report(args: argparse.Namespace, frame: pd.DataFrame, seconds: float) -> None:
+    """The Markdown table, one section per setting, each cell with its command and code version."""
+    invocation = ("Rewritten from the CSV (`--report-only`)" if args.report_only else
+                  f"Last invocation: `{' '.join(shlex.quote(a) for a in sys.argv)}` on {machine_description()}, "
+                  f"{seconds:.0f} s (cells already in the CSV were not rerun)")
+    header = (
+        f"{invocation}. In-process engine; every cell trains as `bytes_to_accuracy.py`'s \"{TRAINING}\" "
+        f"(`simulations/configs/sparserec-peer.toml`: SparseRec at density {trained(frame, 'density')}, "
+        f"{trained(frame, 'negatives')} negatives, as each run's config.json says, and the federation's defaults; "
+        "`--fed.downlink rows`; the group's rounds, participation, dimension and evaluation period); "
+        "only the start differs (`start_flags`). Bytes per device: the run's ledger (summary.json) averaged over "
+        "every device of the federation, down + up; `_max` is the device that spent most. **Wire** bytes are what "
+        "Flower serialises for each message (every object of the message, envelope included, re-derived in process "
+        "by `wire_format` with one device per supernode). **Start** = every start round: the request down (a seed; "
+        "Q and QᵀQ in each refinement) and the float32 secure-sum vector up, which the in-process engine sums "
+        "exactly. It does not run SecAgg+: key setup, share exchange, unmasking and the int64 encoding of masked "
+        "entries are **not** counted, so under `flwr run` the start costs more (a masked vector alone is at least "
+        "twice the float32 vector). The project has no SecAgg+ measurement of the start at this scale; its only "
+        "measured SecAgg+ bytes are of secure training rounds (README, *Privacy*: the 12-device test federation and "
+        "2-round ml-100k / ml-1m runs), which it does not turn into a figure for the start. The public gram QᵀQ "
+        "each device fits p_u from travels in its first training or evaluation download, so it is counted there, "
+        "not in the start. **Training** = the training rounds (row request, rows down, update up); **evaluation** "
+        "(a fixed 20 % of devices at every evaluated round) is its own column and in neither. `start_vs_training` "
+        "= start wire / training wire, both means over all devices (the issue's bytes target: <= 1); "
+        "`devices_start_over_training` = share of devices whose own start wire bytes exceed their own training "
+        "wire bytes (the per-device ledger of checkpoint.npz). `start_secagg_floor_bytes_per_device` = start wire "
+        "+ the start's float32 upload again (the int64 masked entries alone; key exchange, shares and unmasking "
+        "still excluded): a lower bound of the start under SecAgg+, `floor_vs_training` its share of the training "
+        "wire bytes. **Payload** bytes count the arrays alone. "
+        "`final_recall@20`: test Recall@20 at the last round (the issue's accuracy target: >= 95 % of the central "
+        "run's, `final_vs_central`); `best_val_test_recall@20`: at the round of best validation Recall@20.\n"
+    )
+    sections = []
+    for setting, group in frame.groupby("setting", sort=False):
+        commands = "\n".join(f"    {row['command']}   # {row['method']}, code {row['code_version']}"
+                             for _, row in group.iterrows())
+        sections.append((f"\n## {setting}\n\nCommands (each cell its own invocation, with `OMP_NUM_THREADS=1 "
+                         f"FEDSPARSE_DATA=...`) and the code version each ran at:\n\n{commands}\n\n",
+                         group[[c for c in COLUMNS if c in group]]))
+    write_markdown_sections(args.out / "nmf_start.md", header, sections)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--density", default="0.2")
-    parser.add_argument("--dim", default="64")
-    parser.add_argument("--fraction", default="0.1")
-    parser.add_argument("--eval-every", default="5")
-    parser.add_argument("--methods", default="central,range c0.05 r2,range c0.1 r1,svd c0.1",
-                        help="comma-separated: central, mu-30 all, mu-3 all, random mask, range cC rR "
-                             "(C in 0.05 0.07 0.1 0.2 0.4 1.0, R in 0-3), svd cC")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--fraction", type=float, default=0.1, help="devices per training round / devices")
+    parser.add_argument("--dim", type=int, default=64, help="model.dim (0 = the named config's)")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--methods", default="central,range c0.1 r1",
+                        help=f"comma-separated: {', '.join(NAMED_STARTS)}, or 'range cC rR [pP] [sS]' / 'svd cC [pP] [sS]' "
+                             "(cohort share C, refinements R, power passes P, sketch width S)")
+    add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
-    if not os.environ.get("FEDSPARSE_DATA"):
-        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. /work/shared/data)")
-    table = ResultTable(args.out / "nmf_start.csv")
+    methods = args.methods.split(",")
+    for method in methods:
+        try:
+            start_flags(method)
+        except ValueError as exc:
+            parser.error(str(exc))
     started = time.perf_counter()
-    for method in args.methods.split(","):
-        cell = f"{args.dataset}/{method}/d{args.dim}/{args.density}/r{args.rounds}"
-        if table.has(cell):
-            continue
-        flags = ["--dataset", args.dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", "sparserec",
-                 "--sparse.density", args.density, "--model.dim", args.dim, "--negatives", "1",
-                 "--fed.fraction-train", args.fraction,
-                 "--fed.local-lr", "0.01", "--fed.eval-every", args.eval_every, "--fed.downlink", "rows",
-                 "--fed.item-optimizer", "sgd", "--fed.item-lr", "1.0", *METHODS[method]]
-        row = cell_row(run_simulation(flags, args.out / "runs"))
-        table.add(cell, {"dataset": args.dataset, "method": method, "rounds": args.rounds, "density": float(args.density),
-                         "dim": int(args.dim), **row})
-        print(f"{cell:40s} start={row['start_bytes_per_device']:.0f} B/device training={row['training_bytes_per_device']:.0f} "
-              f"recall@20={row['recall@20']:.4f}", flush=True)
-    frame = pd.read_csv(args.out / "nmf_start.csv")
-    central = frame[frame["method"] == "central"].set_index(["dataset", "rounds", "density", "dim"])
-    for column, source in (("recall_vs_central", "recall@20"), ("final_vs_central", "final_recall@20")):
-        frame[column] = [row[source] / central.loc[key, source] if key in central.index else float("nan")
-                         for key, row in zip(frame[["dataset", "rounds", "density", "dim"]].itertuples(index=False, name=None),
-                                             frame.to_dict("records"), strict=True)]
-    frame.to_csv(args.out / "nmf_start.csv", index=False)
-    arguments = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    command = "OMP_NUM_THREADS=1 FEDSPARSE_DATA=... python benchmarks/nmf_start.py " + arguments
-    header = (f"Last invocation: `{command}` on {machine_description()}, {time.perf_counter() - started:.0f} s. "
-              "In-process engine, sparserec, rows downlink, 1 negative, sgd item rows (lr 1.0), device Adam 0.01. "
-              "Bytes per device = the run's total over all devices / devices (start: exact secure-sum vectors and messages, "
-              "no SecAgg+ key exchange; training: training-round uploads + downloads, evaluation excluded). "
-              "recall@20 = test Recall@20 at the round of best validation Recall@20.")
-    write_markdown_table(args.out / "nmf_start.md", header + "\n\n", frame[[c for c in COLUMNS if c in frame]])
+    table = ResultTable(args.out / "nmf_start.csv")
+    if not args.report_only:
+        require_data(parser)
+        for method in methods:
+            cell = f"{setting_of(args)}/{method}"
+            if table.has(cell):
+                continue
+            summary = run_fedsparse("simulate", [*training_command(args), *start_flags(method)], args.out / "runs")
+            row = cell_row(summary)
+            table.add(cell, {"setting": setting_of(args), "method": method, "command": command_of(args, method), **row})
+            print(f"{cell}: start {row['start_wire_bytes_per_device']:,.0f} B/device, training "
+                  f"{row['training_wire_bytes_per_device']:,.0f} B/device (wire), final Recall@20 {row['final_recall@20']:.4f}",
+                  flush=True)
+    frame = with_targets(table.frame())
+    report(args, frame, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
