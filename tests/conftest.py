@@ -2,13 +2,12 @@
 a SuperLink that someone else started."""
 
 import shutil
-import socket
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from fedsparse.experiments.deploy import free_ports
 from fedsparse.experiments.flower_run import stop_superlink
 
 
@@ -18,15 +17,6 @@ class IsolatedFlower:
 
     home: Path
     ports: tuple[int, int]
-
-
-def free_ports(count: int) -> tuple[int, ...]:
-    """Ports the kernel reports free on 127.0.0.1 (held together while picked, so they differ)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return tuple(sock.getsockname()[1] for sock in sockets)
 
 
 @pytest.fixture
