@@ -169,10 +169,12 @@ def main() -> None:
 def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
     """The Markdown table (ratios against central MF and FedMF of the same dataset) and the HR@10 plot."""
     frame = ResultTable(args.out / "peer_protocol.csv").frame()
-    central = frame[frame["method"] == "central MF"].groupby(["dataset", "candidates"])["sampled_hr@10"].max()
+    central = frame[frame["method"] == "central MF"].groupby(["dataset", "candidates", "rounds"])["sampled_hr@10"].max()
     fedmf = frame[(frame["method"] == "FedMF")].set_index(["dataset", "participation"])["seconds_per_round"]
-    frame["hr_vs_central"] = [row["sampled_hr@10"] / central.get((row["dataset"], row["candidates"]), float("nan"))
-                              for _, row in frame.iterrows()]  # against central MF on the same candidate file
+    frame["hr_vs_central"] = [  # against central MF on the same candidate file at equal passes (epochs)
+        row["sampled_hr@10"] / central.get((row["dataset"], row["candidates"], round(row["rounds"] * row["participation"])),
+                                           float("nan"))
+        for _, row in frame.iterrows()]
     frame["seconds_vs_fedmf"] = [row["seconds_per_round"] / fedmf.get((row["dataset"], row["participation"]), float("nan"))
                                  for _, row in frame.iterrows()]
     header = (
