@@ -123,8 +123,10 @@ def mf_batch_gradients(
     weights = torch.cat([positive_weights, negative_weights.reshape(-1)])
     items = torch.zeros_like(item_rows)
     items.index_add_(0, used, weights[:, None] * user_row[None, :])
-    uses = torch.bincount(used, minlength=item_rows.shape[0]).to(item_rows.dtype)
-    items += (l2_reg / batch) * uses[:, None] * item_rows
-    l2 = 0.5 * (batch * user_row.pow(2).sum() + item_rows[used].pow(2).sum()) / batch
+    loss_value = data_loss
+    if l2_reg:  # batch_l2: each use of a row counts once, the user row once per example, over the batch size
+        uses = torch.bincount(used, minlength=item_rows.shape[0]).to(item_rows.dtype)
+        items += (l2_reg / batch) * uses[:, None] * item_rows
+        loss_value = loss_value + l2_reg * 0.5 * (batch * user_row.pow(2).sum() + item_rows[used].pow(2).sum()) / batch
     bias_gradient = None if user_bias is None else (real_positive.sum() + real_negative.sum()).reshape(1)
-    return MfBatchGradients(data_loss + l2_reg * l2, user, bias_gradient, items)
+    return MfBatchGradients(loss_value, user, bias_gradient, items)

@@ -16,7 +16,6 @@ import math
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,9 +33,9 @@ import pandas as pd
 from fedsparse.experiments.flower_run import (
     FLOWER_ENV,
     POLL_SECONDS,
-    STOP_GRACE_SECONDS,
     process_running,
     stop_process_tree,
+    terminate,
     write_superlink_connection,
 )
 from fedsparse.experiments.tables import machine_description, write_markdown_table
@@ -135,15 +134,7 @@ class Deployment:
                 stopped += stop_process_tree(process.pid)
             process.wait()
         stragglers = pids_with_token(self.token)
-        for pid in stragglers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while time.monotonic() < deadline and any(process_running(pid) for pid in stragglers):
-            time.sleep(POLL_SECONDS)
-        for pid in stragglers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        terminate(stragglers)
         left = self.leftovers()
         if left:
             raise RuntimeError(f"processes of deployment {self.token} still run after SIGKILL: {left}")

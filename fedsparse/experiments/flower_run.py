@@ -303,16 +303,21 @@ def stop_process_tree(pid: int) -> list[int]:
     while frontier:
         frontier = [child for parent in frontier for child in _children(parent)]
         tree += frontier
-    for target in tree:
+    terminate(tree)
+    return tree
+
+
+def terminate(pids: list[int]) -> None:
+    """SIGTERM every pid, then SIGKILL whichever still runs after a grace period (gone ones are skipped)."""
+    for target in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and any(process_running(target) for target in tree):
+    while time.monotonic() < deadline and any(process_running(target) for target in pids):
         time.sleep(POLL_SECONDS)
-    for target in tree:
+    for target in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGKILL)
-    return tree
 
 
 def stop_superlink(flwr_home: Path | None = None) -> list[dict]:

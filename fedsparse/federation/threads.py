@@ -1,8 +1,7 @@
 """Torch's intra-op threads while devices train (``fed.torch-threads``), the same rule for both engines.
 
-A device's tensors are a few hundred rows, so extra intra-op threads add synchronisation, not speed, and
-compete with the simulation's own parallelism (Ray actors, other runs): on 2 cores, 943-device rounds took
-5.5-98 s with 2 threads against a steady 6-7 s with one (issue 20).
+A device's tensors are a few hundred rows, so extra intra-op threads add synchronisation rather than speed,
+and they compete with the simulation's own parallelism (Ray actors, other runs).
 """
 
 from __future__ import annotations
