@@ -44,6 +44,7 @@ ITEM_OPTIMIZERS = ("adam", "sgd")
 USER_OPTIMIZERS = ("adam", "sgd")
 USER_STATES = ("keep", "reconstruct")
 STEP_ORDERS = ("joint", "head-first")
+USER_INITS = ("normal", "shared-uniform")
 EVALUATE_MODELS = ("global", "local")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
 FAULT_MODES = ("exception", "crash", "timeout")
@@ -178,6 +179,8 @@ class FedConfig:
     # density (sparse.density; 1 for dense). 1 keeps a dense row, as PFedRec's score head
     user_bias: bool = False  # a private score bias per device (PFedRec's head bias), stepped with the user row by sgd;
     # it never changes a device's ranking, only its training
+    user_init: str = "normal"  # normal: each device's row from normal(0, 0.1) of its own seed, bias 0; shared-uniform:
+    # one row and bias for every device from uniform(-1/sqrt(dim), 1/sqrt(dim)) (PyTorch's Linear init, PFedRec's head)
     step_order: str = "joint"  # joint: one gradient steps user row and item rows; head-first: the user row (and bias)
     # steps on the batch, then the batch's loss is recomputed for the item step (PFedRec's order)
     user_state: str = "keep"  # keep: the device stores its user row; reconstruct:
@@ -435,6 +438,7 @@ class RunConfig:
             (f.user_optimizer in USER_OPTIMIZERS, "fed.user-optimizer", f"must be one of {USER_OPTIMIZERS}"),
             (f.user_state in USER_STATES, "fed.user-state", f"must be one of {USER_STATES}"),
             (f.step_order in STEP_ORDERS, "fed.step-order", f"must be one of {STEP_ORDERS}"),
+            (f.user_init in USER_INITS, "fed.user-init", f"must be one of {USER_INITS}"),
             (not f.user_bias or (f.user_optimizer == "sgd" and f.user_steps == 0 and f.user_state == "keep"
                                  and self.model.name == "mf"), "fed.user-bias",
              "needs PFedRec's head: model.name = mf, fed.user-optimizer = sgd, fed.user-steps = 0, fed.user-state = keep"),

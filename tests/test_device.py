@@ -709,3 +709,26 @@ def test_user_bias_outside_pfedrecs_head_is_refused(overrides: dict) -> None:
 def test_unknown_step_order_is_refused() -> None:
     with pytest.raises(ConfigError, match="fed.step-order"):
         pfedrec_head(**{"fed.step-order": "items-first"})
+
+
+def test_shared_uniform_head_is_one_pytorch_linear_draw_for_every_device() -> None:
+    """PFedRec hands every client the global ``Linear(dim, 1)`` at round 0: one row and bias for all users,
+    uniform in ±1/sqrt(dim); the default gives each device its own normal(0, 0.1) row and a zero bias."""
+    shared = pfedrec_head(**{"fed.user-init": "shared-uniform"})
+    first, second = init_device(shared, 0), init_device(shared, 3)
+    np.testing.assert_array_equal(first.user_row, second.user_row)
+    np.testing.assert_array_equal(first.user_bias, second.user_bias)
+    bound = 1.0 / np.sqrt(DIM)
+    values = np.concatenate([first.user_row, first.user_bias])
+    assert np.all(np.abs(values) <= bound) and np.all(values != 0.0)
+    reseeded = pfedrec_head(**{"fed.user-init": "shared-uniform", "seed": 1})
+    assert not np.array_equal(init_device(reseeded, 0).user_row, first.user_row)
+
+    own = pfedrec_head()
+    assert not np.array_equal(init_device(own, 0).user_row, init_device(own, 3).user_row)
+    assert init_device(own, 0).user_bias.tolist() == [0.0]
+
+
+def test_unknown_user_init_is_refused() -> None:
+    with pytest.raises(ConfigError, match="fed.user-init"):
+        pfedrec_head(**{"fed.user-init": "xavier"})

@@ -127,13 +127,14 @@ class DeviceState:
 
 
 def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None = None) -> DeviceState:
-    """A fresh device: normal(0, 0.1) user row of the device's width w (``model.dim`` unless its class
-    holds fewer dimensions) masked to round(density * w) entries (``fed.user-density``, by default the
-    policy's density).
+    """A fresh device: a user row of the device's width w (``model.dim`` unless its class holds fewer
+    dimensions) masked to round(density * w) entries (``fed.user-density``, by default the policy's density).
 
-    With an NMF user factor (rank = dim, cut to its first w entries), the mask row keeps the factor's
-    largest entries (a per-row quota: each device decides alone) and, with ``sparse.nmf-values =
-    factors``, starts from the factor's values; otherwise a seeded random choice and normal(0, 0.1) values.
+    Values: normal(0, 0.1) from the device's own seed (``fed.user-init = normal``), or with
+    ``shared-uniform`` the one row and bias every device starts from (``shared_head_init``). With an NMF user
+    factor (rank = dim, cut to its first w entries), the mask row keeps the factor's largest entries (a
+    per-row quota: each device decides alone) and, with ``sparse.nmf-values = factors``, starts from the
+    factor's values; otherwise the mask is a seeded random choice.
     """
     dim = device_width(config, user_id)
     rng = rng_for(config.seed, "device-init", user_id)
@@ -146,12 +147,27 @@ def init_device(config: RunConfig, user_id: int, nmf_factor: np.ndarray | None =
     mask = np.zeros(dim, dtype=bool)
     mask[columns] = True
     values = rng.normal(0.0, 0.1, dim)
+    bias = np.zeros(1, dtype=np.float32)
+    if config.fed.user_init == "shared-uniform":
+        shared_row, bias = shared_head_init(config)
+        values = shared_row[:dim].astype(np.float64)
     if nmf_factor is not None and config.sparse.nmf_values == "factors":
         values = np.asarray(nmf_factor, dtype=np.float64)
     row = (values * mask).astype(np.float32)
     zeros = np.zeros(dim, dtype=np.float32)
-    bias = np.zeros(1, dtype=np.float32) if config.fed.user_bias else None
-    return DeviceState(row, mask, zeros.copy(), zeros.copy(), user_bias=bias)
+    return DeviceState(row, mask, zeros.copy(), zeros.copy(), user_bias=bias if config.fed.user_bias else None)
+
+
+def shared_head_init(config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The user row (``model.dim``,) and bias (1,) every device starts from under ``fed.user-init = shared-uniform``.
+
+    PFedRec's code gives every client the score head ``torch.nn.Linear(dim, 1)`` of its global model at round 0:
+    weight and bias uniform in ±1/sqrt(dim), one draw for all. Here that draw comes from the run's seed (public,
+    like the initial item table), so each device makes the same row alone; nothing is sent."""
+    rng = rng_for(config.seed, "shared-head-init")
+    bound = 1.0 / np.sqrt(config.model.dim)
+    row = rng.uniform(-bound, bound, config.model.dim).astype(np.float32)
+    return row, rng.uniform(-bound, bound, 1).astype(np.float32)
 
 
 def user_row_density(config: RunConfig) -> float:
