@@ -17,7 +17,6 @@ evaluation period) is its own group of rows, compared only within itself.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+from common import add_result_flags, require_data, run_code_version, run_fedsparse  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_sections  # noqa: E402
 from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
@@ -176,8 +175,8 @@ def main() -> None:
                 continue
             summary, curve = run_method(config, extra, setting_flags(args), args.out / "runs")
             keys = [key for key in summary if key.startswith(("wire_", "payload_")) or key in ("recall@20", "ndcg@20")]
-            code = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["config"].get("code-version", "")
-            table.add(cell, {"cell": cell, "setting": setting_of(args), "command": command_of(args), "code_version": code[:7],
+            table.add(cell, {"cell": cell, "setting": setting_of(args), "command": command_of(args),
+                             "code_version": run_code_version(Path(summary["run_dir"])),
                              "method": name,
                              "dataset": args.dataset, "rounds": args.rounds, **{key: summary[key] for key in keys}})
             curves.set_rows(cell, [{"cell": cell, **record} for record in curve.to_dict("records")])

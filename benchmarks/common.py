@@ -24,6 +24,12 @@ def run_fedsparse(command: str, flags: list[str], results_dir: Path) -> dict:
     return json.loads(completed.stdout)  # --json: summary.json's keys and run_dir
 
 
+def run_code_version(run_dir: Path) -> str:
+    """The commit a run executed (7 hex digits), "+modified" when its checkout had local changes to tracked files."""
+    written = json.loads((Path(run_dir) / "config.json").read_text())
+    return str(written.get("code_version") or "")[:7] + ("+modified" if written.get("code_modified") else "")
+
+
 def add_result_flags(parser: argparse.ArgumentParser, results: Path) -> None:
     """``--out`` (folder of the CSVs, tables and plots) and ``--report-only`` (redraw them, run nothing)."""
     parser.add_argument("--out", type=Path, default=results)

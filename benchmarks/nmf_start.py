@@ -27,7 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bytes_to_accuracy import CONFIGS, METHODS, setting_flags, setting_of  # noqa: E402  (the current SparseRec setting)
-from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+from common import add_result_flags, require_data, run_code_version, run_fedsparse  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_sections  # noqa: E402
 
@@ -118,8 +118,7 @@ def cell_row(summary: dict) -> dict:
         "final_recall@20": summary["recall@20"],
         "best_val_test_recall@20": summary["best_test_recall@20"],  # test Recall@20 at the round of best validation
         "seconds": summary["seconds"],
-        # the commit the run executed, "+modified" when its checkout had local changes to tracked files
-        "code_version": str(written.get("code_version") or "")[:7] + ("+modified" if written.get("code_modified") else ""),
+        "code_version": run_code_version(run_dir),
         "run_dir": str(run_dir),
     }
 
