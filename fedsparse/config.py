@@ -226,6 +226,8 @@ class FedConfig:
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     device_batch: int = 0  # devices whose local steps train together as one batched computation, in process and on a
     # supernode hosting several (0 or 1 = one at a time); NeuMF and budget.device-widths train one at a time and say so
+    memory_limit_gib: float = 0.0  # a run whose estimated lower bound of memory exceeds this is refused up front
+    # (0 = the memory available on this machine when the run starts; federation/memory_estimate.py)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
     torch_threads: int = 1  # torch intra-op threads of the process training devices (in process; each ClientApp
     # worker): a device's tensors are small, so more threads only contend with the simulation's own parallelism
@@ -425,6 +427,7 @@ class RunConfig:
             (s.amgp_grow_std > 0, "sparse.amgp-grow-std", "must be > 0"),
             (self.num_server_rounds >= 0, "num-server-rounds", "must be >= 0"),
             (f.clients_per_round >= 0, "fed.clients-per-round", "must be >= 0"),
+            (f.memory_limit_gib >= 0, "fed.memory-limit-gib", "must be >= 0"),
             (0.0 < f.fraction_train <= 1.0, "fed.fraction-train", "must be in (0, 1]"),
             (f.local_epochs >= 1, "fed.local-epochs", "must be >= 1"),
             (f.local_batch_size >= 0, "fed.local-batch-size", "must be >= 0 (0 = full local batch)"),

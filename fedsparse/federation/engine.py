@@ -25,6 +25,7 @@ from fedsparse.config import ConfigError, RunConfig, flat_defaults, uses_sampled
 from fedsparse.console import round_line
 from fedsparse.eval.metrics import improves, selection_key
 from fedsparse.federation.device_classes import device_width
+from fedsparse.federation.memory_estimate import check_memory
 from fedsparse.federation.messages import (
     EVALUATE,
     MESSAGE_TYPES,
@@ -218,6 +219,7 @@ def check_population(config: RunConfig, population: Population) -> None:
     if population.unseen.size and config.fed.nmf_init == "central" and build_policy(config.sparse).settings.mask_init == "nmf":
         raise ConfigError("fed.unseen-users cannot be combined with fed.nmf-init = central: the central NMF oracle "
                           "factorises every user's interactions, the held-out users' included (use federated or none)")
+    check_memory(config, devices, population.n_items, population.n_train_interactions)
 
 
 RESUMABLE_CHANGES = {"num-server-rounds", "resume-dir", "results-dir", "code-version"}  # keys a resumed run may change
