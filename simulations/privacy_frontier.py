@@ -31,9 +31,7 @@ from fedsparse.federation.engine import run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of
 from fedsparse.federation.observer import ObservingTransport, UploadLog
 from fedsparse.privacy.accounting import ldp_epsilon
-from fedsparse.privacy.attacks import differencing_guess
-from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks
-from fedsparse.privacy.leakage import mean_metrics, membership_metrics
+from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks, sum_attack
 from fedsparse.rng import rng_for
 from fedsparse.run_files import new_run_dir, read_jsonl, save_figure
 
@@ -43,7 +41,7 @@ COLUMNS = [
     "dataset", "density", "defence", "recall@20", "ndcg@20", "recall_vs_undefended", "upload_bytes_mean",
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
     *[f"{attack}_{metric}" for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")],
-    "differencing_auc", "differencing_f1", "start_auc", "start_f1",
+    "differencing_auc", "differencing_f1", "differencing_sign", "start_auc", "start_f1", "start_sign",
     "random_f1", "targets", "seconds",
 ]
 
@@ -82,9 +80,12 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
         leakage = {name: {metric: np.nan for metric in ("auc", "auc_uploaded", "f1", "targets")} for name in (*ATTACKS, "random")}
     else:
         leakage = evaluate_attacks(config, log.all(), members)
-    for phase in ("train", "start"):  # the sums the server held, attacked for every watched device
+    watched_members = {user: data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]].astype(np.int64)
+                       for user in sorted(watch)}
+    predicted = int(round(data.train.nnz / max(1, np.count_nonzero(np.diff(data.train.indptr)))))  # the mean device's items
+    for phase in ("train", "start"):  # the sums the server held, attacked on the watched devices that joined one
         leakage[{"train": "differencing", "start": "start"}[phase]] = sum_attack(
-            [item for item in transport.sums if item.phase == phase], data, watch)
+            [item for item in transport.sums if item.phase == phase], watched_members, data.n_items, predicted, config.seed)
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     counts = np.array(list(log.counts.values()))
     privacy = config.privacy
@@ -101,29 +102,14 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
         "epsilon_max": float(np.max(epsilons)) if epsilons else np.nan,  # nan: the server saw no upload
         "epsilon_mean": float(np.mean(epsilons)) if epsilons else np.nan,
         **{f"{attack}_{metric}": leakage[attack][metric] for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")},
-        **{f"{attack}_{metric}": leakage[attack][metric] for attack in ("differencing", "start") for metric in ("auc", "f1")},
+        **{f"{attack}_{metric}": leakage[attack][metric]
+           for attack in ("differencing", "start") for metric in ("auc", "f1", "sign")},
         "random_f1": leakage["random"]["f1"],
         "targets": leakage["random"]["targets"],
         "seconds": time.perf_counter() - started,
         "run_dir": str(run_dir),
     }
     return row, float(np.median(log.value_norms)) if log.value_norms else np.nan
-
-
-def sum_attack(sums: list, data, watch: set[int]) -> dict[str, float]:
-    """Mean AUC (over all items) and F1 of ``differencing_guess`` on the watched devices that joined a sum;
-    NaN when the server held no such sum. The guess names as many items as the mean device holds (public)."""
-    if not sums:
-        return {"auc": np.nan, "f1": np.nan}
-    predicted = int(round(data.train.nnz / max(1, np.count_nonzero(np.diff(data.train.indptr)))))
-    rows = []
-    for user in sorted(watch):
-        guess = differencing_guess(sums, user, predicted)
-        if guess is not None:
-            members = data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]].astype(np.int64)
-            rows.append(membership_metrics(guess, members, np.arange(data.n_items)))
-    metrics = mean_metrics(rows) if rows else {"auc": np.nan, "f1": np.nan}
-    return {"auc": metrics["auc"], "f1": metrics["f1"]}
 
 
 def plot_frontier(frame: pd.DataFrame, path: Path) -> None:

@@ -346,6 +346,33 @@ def test_differencing_attack_isolates_a_device_from_overlapping_cohort_sums() ->
     assert differencing_guess(sums[:1], 7, 5) is None  # device 7 joined no sum here: no guess
 
 
+def test_the_sum_attack_learns_its_direction_on_shadow_devices() -> None:
+    """Where members carry less mass in the sums they joined (here each device removes its items' mass), raw
+    differencing scores below 0.5; the attacker learns the sign on its shadow half and separates the targets."""
+    from fedsparse.privacy.attacks import differencing_guess
+    from fedsparse.privacy.evaluate import shadow_split, sum_attack
+    from fedsparse.privacy.observe import ObservedSum
+
+    n_items, n_users = 80, 16
+    items = {user: np.arange(5 * user, 5 * user + 5) for user in range(n_users)}
+    sums = []
+    for server_round in range(1, 17):
+        cohort = np.sort(np.array([(server_round + k) % n_users for k in range(6)]))
+        mass = np.full(n_items, 10.0)
+        for user in cohort:
+            mass[items[int(user)]] -= 1.0
+        sums.append(ObservedSum("train", server_round, cohort, mass))
+    raw = sum_attack(sums, items, n_items, 5, seed=0)
+    assert raw["sign"] == -1.0 and raw["auc"] == pytest.approx(1.0)
+    targets = [user for user in range(n_users) if user not in shadow_split(0, np.arange(n_users))]
+    unoriented = np.mean([membership_metrics(differencing_guess(sums, user, 5), items[user], np.arange(n_items))["auc"]
+                          for user in targets])
+    assert unoriented == pytest.approx(0.0)  # the same scores, read the wrong way round
+    rising = [ObservedSum("train", item.server_round, item.users, 20.0 - item.row_mass) for item in sums]
+    assert sum_attack(rising, items, n_items, 5, seed=0)["sign"] == 1.0
+    assert np.isnan(sum_attack([], items, n_items, 5, seed=0)["auc"])
+
+
 def test_the_server_s_sums_are_recorded_in_every_phase_and_attacked(tmp_path) -> None:
     from fedsparse.federation.engine import run_federation
     from fedsparse.federation.inprocess import InProcessTransport, population_of

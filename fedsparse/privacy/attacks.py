@@ -180,15 +180,16 @@ def _distance(observed: np.ndarray, simulated: np.ndarray) -> np.ndarray:
     return 1.0 - dot / norms
 
 
-def differencing_guess(sums: list[ObservedSum], user: int, predicted: int) -> AttackGuess | None:
+def differencing_guess(sums: list[ObservedSum], user: int, predicted: int, sign: int = 1) -> AttackGuess | None:
     """Score each item by its mean row mass over the sums ``user`` joined minus the mean over those it did
-    not (consecutive cohorts overlap: the difference isolates the user's rows); predict the ``predicted``
-    best. None when the user joined no sum. A single sum (or a user in every sum) leaves only the
-    cohort's own mass: the membership the aggregate alone reveals."""
+    not (consecutive cohorts overlap: the difference isolates the user's rows), times ``sign`` (-1 when the
+    attacker learnt that members carry less mass, ``evaluate.sum_attack``); predict the ``predicted`` best.
+    None when the user joined no sum. A single sum (or a user in every sum) leaves only the cohort's own
+    mass: the membership the aggregate alone reveals."""
     joined = [item.row_mass for item in sums if user in set(item.users.tolist())]
     if not joined:
         return None
     others = [item.row_mass for item in sums if user not in set(item.users.tolist())]
-    scores = np.mean(joined, axis=0) - (np.mean(others, axis=0) if others else 0.0)
+    scores = sign * (np.mean(joined, axis=0) - (np.mean(others, axis=0) if others else 0.0))
     order = np.argsort(-scores, kind="stable")[: max(0, predicted)]
     return AttackGuess(scores.astype(np.float64), np.sort(order).astype(np.int64))

@@ -10,12 +10,49 @@ from __future__ import annotations
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.privacy.attacks import ValueAttack, imia_guess, row_id_guess
+from fedsparse.privacy.attacks import ValueAttack, differencing_guess, imia_guess, row_id_guess
 from fedsparse.privacy.leakage import mean_metrics, membership_metrics, random_guess_metrics
-from fedsparse.privacy.observe import ObservedUpload
+from fedsparse.privacy.observe import ObservedSum, ObservedUpload
 from fedsparse.rng import rng_for
 
 ATTACKS = ("row-id", "value", "imia")
+
+
+def shadow_split(seed: int, users: np.ndarray, shadow_fraction: float = 0.5) -> set[int]:
+    """The seeded share of the watched ``users`` that plays the attacker's labelled shadow devices; the rest
+    are the targets every attack is scored on."""
+    rng = rng_for(seed, "privacy-shadow")
+    return set(rng.choice(users, size=int(round(shadow_fraction * users.size)), replace=False).tolist())
+
+
+def sum_attack(
+    sums: list[ObservedSum], members_of: dict[int, np.ndarray], n_items: int, predicted: int, seed: int,
+    shadow_fraction: float = 0.5,
+) -> dict[str, float]:
+    """The differencing attack on secure sums (``differencing_guess``), its direction learnt on shadow devices.
+
+    Whether a user's items carry more or less row mass in the sums it joined is the data's, not the attacker's
+    choice (under secure rows, a device's own items are never its sampled negatives), so the attacker orients
+    its scores by the mean AUC of its shadow devices (``sign`` -1 below 0.5) and is scored on the targets:
+    {auc, f1, sign} over the target devices that joined a sum (NaN when none did or no sum was held)."""
+    users = np.array(sorted(user for user in members_of if any(user in set(item.users.tolist()) for item in sums)))
+    if users.size < 2:
+        return {"auc": np.nan, "f1": np.nan, "sign": np.nan}
+    shadow = shadow_split(seed, users, shadow_fraction)
+    everything = np.arange(n_items)
+
+    def scored(group: list[int], sign: int) -> list[dict[str, float]]:
+        metrics = []
+        for user in group:
+            guess = differencing_guess(sums, user, predicted, sign)
+            if guess is not None:
+                metrics.append(membership_metrics(guess, members_of[user], everything))
+        return metrics
+
+    shadow_auc = mean_metrics(scored(sorted(shadow), 1))["auc"]
+    sign = -1 if shadow_auc < 0.5 else 1
+    targets = mean_metrics(scored([int(user) for user in users if int(user) not in shadow], sign))
+    return {"auc": targets["auc"], "f1": targets["f1"], "sign": float(sign)}
 
 
 def evaluate_attacks(
@@ -25,8 +62,7 @@ def evaluate_attacks(
     items; ``config`` is the run's (the protocol, which the server knows, and the seed)."""
     seed = config.seed
     users = np.array(sorted({upload.user for upload in uploads}))
-    rng = rng_for(seed, "privacy-shadow")
-    shadow_users = set(rng.choice(users, size=int(round(shadow_fraction * users.size)), replace=False).tolist())
+    shadow_users = shadow_split(seed, users, shadow_fraction)
     shadow = [upload for upload in uploads if upload.user in shadow_users]
     targets = [upload for upload in uploads if upload.user not in shadow_users]
     if not shadow or not targets:
