@@ -158,14 +158,16 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     command = (f"`python simulations/robustness.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction}"
-               f" --studies {args.studies}` on {machine_description()}")
+               f" --seeds {args.seeds} --failure-rate {args.failure_rate} --failure-mode {args.failure_mode}"
+               f" --fractions {args.fractions} --boosts {args.boosts} --defences {args.defences} --studies {args.studies}"
+               f"{''.join(f' --set {item}' for item in args.set)}` on {machine_description()}")
     if args.report_only:
         command = f"{command}; the table was rewritten from the CSV (--report-only), its cells ran earlier"
         stem = args.dataset
         if "failures" in args.studies:
-            write_failures(args.out / f"failures-{stem}.md", ResultTable(args.out / f"failures-{stem}.csv"), command)
+            write_failures(args.out / f"failures-{stem}.md", ResultTable(args.out / f"failures-{stem}.csv"), command, True)
         if "poisoning" in args.studies:
-            write_poisoning(args.out / f"poisoning-{stem}.md", ResultTable(args.out / f"poisoning-{stem}.csv"), command)
+            write_poisoning(args.out / f"poisoning-{stem}.md", ResultTable(args.out / f"poisoning-{stem}.csv"), command, True)
         return
     base = {**flat_defaults(), "data.dataset": args.dataset, "num-server-rounds": args.rounds,
             "fed.fraction-train": args.fraction, "fed.eval-every": args.rounds, "fed.eval-fraction": 1.0,
@@ -182,19 +184,22 @@ def main() -> None:
                         f"{command}; this invocation took {time.perf_counter() - started:.0f} s")
 
 
-def write_failures(path: Path, table: ResultTable, command: str) -> None:
-    """The failure table, one row per seed and rate, then its seed means and s.d. (notes on top of the old table kept)."""
+def write_failures(path: Path, table: ResultTable, command: str, keep_notes: bool = False) -> None:
+    """The failure table, one row per seed and rate, then its seed means and s.d. (``keep_notes``: a rewrite from the
+    CSV keeps the notes on top of the old table; a run that measured the cells drops them)."""
     frame = table.frame()
-    header = f"{standing_notes(path)}Measured by {command}; final test metrics, every device evaluated.\n\n"
+    notes = standing_notes(path) if keep_notes else ""
+    header = f"{notes}Measured by {command}; final test metrics, every device evaluated.\n\n"
     write_markdown_sections(path, header, [
         ("", frame.reindex(columns=FAILURE_COLUMNS)),
         ("\nRecall@20 over the seeds of each failure rate (s.d. across seeds, ddof 1):\n\n", failure_summary(frame)),
     ])
 
 
-def write_poisoning(path: Path, table: ResultTable, command: str) -> None:
-    """The poisoning table (notes on top of the old table kept)."""
-    header = (f"{standing_notes(path)}Measured by {command}. ER@10 over benign users who never interacted with the target, "
+def write_poisoning(path: Path, table: ResultTable, command: str, keep_notes: bool = False) -> None:
+    """The poisoning table (``keep_notes`` as in ``write_failures``)."""
+    notes = standing_notes(path) if keep_notes else ""
+    header = (f"{notes}Measured by {command}. ER@10 over benign users who never interacted with the target, "
               "every device evaluated after the last round.\n\n")
     write_markdown_table(path, header, table.frame().reindex(columns=POISON_COLUMNS))
 
