@@ -89,4 +89,6 @@ def test_available_memory_is_memavailable_capped_by_the_cgroup_limit(tmp_path):
     assert available_memory_bytes(meminfo, cgroup) == 20000000 * 1024  # no cgroup limit
     (cgroup / "memory.max").write_text(f"{4 * GIB}\n")
     assert available_memory_bytes(meminfo, cgroup) == 3 * GIB
+    (cgroup / "memory.stat").write_text(f"anon 123\ninactive_file {GIB // 2}\n")  # reclaimable page cache is free
+    assert available_memory_bytes(meminfo, cgroup) == 3 * GIB + GIB // 2
     assert available_memory_bytes(tmp_path / "absent", tmp_path / "absent") is None

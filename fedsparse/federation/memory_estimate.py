@@ -74,8 +74,9 @@ def estimate_memory(config: RunConfig, devices: int, n_items: int, n_train_inter
 
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Memory this process may still allocate: MemAvailable, capped by a cgroup v2 limit (``memory.max`` minus
-    ``memory.current``) when one is set; None when neither is readable (not Linux)."""
+    """Memory this process may still allocate: MemAvailable, capped by a cgroup v2 limit when one is set
+    (``memory.max`` minus ``memory.current``, the reclaimable page cache, ``inactive_file`` of ``memory.stat``,
+    not counted as used); None when neither is readable (not Linux)."""
     limits = []
     try:
         for line in meminfo.read_text().splitlines():
@@ -86,7 +87,12 @@ def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path =
     try:
         maximum = (cgroup / "memory.max").read_text().strip()
         if maximum != "max":
-            limits.append(int(maximum) - int((cgroup / "memory.current").read_text().strip()))
+            used = int((cgroup / "memory.current").read_text().strip())
+            stat = cgroup / "memory.stat"
+            for line in stat.read_text().splitlines() if stat.exists() else []:
+                if line.startswith("inactive_file "):
+                    used -= int(line.split()[1])
+            limits.append(int(maximum) - used)
     except (OSError, ValueError):
         pass
     return min(limits) if limits else None
