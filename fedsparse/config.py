@@ -219,7 +219,8 @@ class FedConfig:
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
     eval_fraction: float = 0.2  # share of devices evaluated
     evaluate_model: str = "global"  # global: rank with the server's table; local: each
-    # trained device ranks with its own copy after training (PFedRec)
+    # trained device ranks with its own copy after training (PFedRec); the evaluation cohort's devices that did not
+    # train that round rank with their stored head on the server's table
     unseen_users: float = 0.0  # share of devices held out of training (a seeded draw) and evaluated apart at every
     # evaluation, as FedRecon evaluates users it never trained on: each fits a fresh user row against the table (0 = off)
     unseen_steps: int = 0  # steps that fit an unseen device's user row, items frozen (0 = fed.user-steps)

@@ -179,3 +179,20 @@ def test_local_evaluation_reports_the_trained_devices_own_models(tmp_path):
     assert "recall@20" not in rounds[0] and "recall@20" in rounds[1] and "validation_recall@20" in rounds[2]
     devices_with_test = sum(1 for user in population_of(data, config).users if data.test[int(user)].nnz)
     assert rounds[2]["evaluated_clients"] == devices_with_test
+
+
+def test_local_evaluation_with_partial_participation_also_ranks_the_cohorts_other_devices(tmp_path):
+    """With 30 % of the devices per round, the evaluated round's metrics cover the trained devices (their personal
+    models) and every other device of the evaluation cohort (its stored head on the current table), not the
+    trained ones alone; with every device trained no evaluation message is sent (the test above)."""
+    config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.eval-every": 1, "fed.evaluate-model": "local",
+                                       "sparse.policy": "dense", "sparse.density": 1.0, "fed.fraction-train": 0.3,
+                                       "fed.eval-fraction": 1.0})
+    data = load_dataset(config.data, config.seed)
+    transport = CountingTransport(config, data)
+    run_dir = new_run_dir(tmp_path, "local-eval-partial")
+    run_federation(config, population_of(data, config), transport, run_dir, data.train)
+    assert [kind for kind, _, _ in transport.kinds] == ["train", "evaluate", "train", "evaluate"]
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    devices_with_test = sum(1 for user in population_of(data, config).users if data.test[int(user)].nnz)
+    assert [record["evaluated_clients"] for record in rounds] == [devices_with_test] * 2

@@ -754,7 +754,9 @@ def _run_locked(
         personal = record.pop("personal_metrics")
         if is_evaluation_round(config, server_round):
             if config.fed.evaluate_model == "local":  # the trained devices ranked with their own models
-                metrics = personal
+                metrics, eval_bytes = local_evaluation(
+                    config, state.server, population, transport, state.device_init, server_round, personal, state.traffic)
+                state.totals["eval_download_bytes"] += eval_bytes
             else:
                 metrics, eval_bytes = evaluate_round(
                     config, state.server, population, transport, state.device_init, server_round, state.traffic)
@@ -828,7 +830,7 @@ def train_round(
         accepted = validate_replies(config, server, server_round, downlink, replies, tally)
         applied = aggregate(config, server, server_round, accepted, observer)
     record = bookkeeping(state, server_round, started, tally, applied)
-    record["personal_metrics"] = _personal_metrics(config, replies, downlink.widths) if settings.get("evaluate") else {}
+    record["personal_metrics"] = _personal_metrics(replies) if settings.get("evaluate") else {}
     if config.budget.widths:
         record.update(_per_class(tally.by_class))
     if config.budget.stream_stages:
@@ -1076,12 +1078,36 @@ def evaluate_round(
 ) -> tuple[dict[str, float], int]:
     """Evaluate sampled devices on the full masked table; per-user means of every reported metric (the
     bytes go to ``traffic`` when given)."""
-    count = max(1, int(round(config.fed.eval_fraction * population.users.size)))
-    # The same devices at every evaluation (keyed by the seed alone): rounds are compared, and the best
-    # round picked, on one fixed validation population, not on a new random subset each time.
-    chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
-    chosen = np.intersect1d(chosen, arrived_users(config, population.users, server_round))  # streaming: joined devices only
+    chosen = evaluation_cohort(config, population, server_round)
     return _evaluate_devices(config, server, transport, device_init, server_round, chosen, traffic)
+
+
+def evaluation_cohort(config: RunConfig, population: Population, server_round: int) -> np.ndarray:
+    """The devices evaluated at ``server_round``: ``fed.eval-fraction`` of them, int64 ids. The same devices at every
+    evaluation (keyed by the seed alone), so rounds are compared, and the best round picked, on one fixed validation
+    population, not on a new random subset each time; under streaming, only those that have joined."""
+    count = max(1, int(round(config.fed.eval_fraction * population.users.size)))
+    chosen = population.users[sample_clients(config.seed, 0, population.users.size, count, "evaluate")]
+    return np.intersect1d(chosen, arrived_users(config, population.users, server_round))
+
+
+def local_evaluation(
+    config: RunConfig, server: Server, population: Population, transport: Transport, device_init: DeviceInit,
+    server_round: int, trained: Mapping[int, Mapping[str, float]], traffic: TrafficLedger | None = None,
+) -> tuple[dict[str, float], int]:
+    """``fed.evaluate-model = local``: every device trained this round reports its personal model right after local
+    training (``trained``: its metrics, PFedRec's rule); the evaluation cohort's devices that did not train this
+    round rank with their stored head on the server's current table (PFedRec's code would use the table its last
+    training left on the device, which is not kept here). With every device in every round nobody is in the second
+    group and no evaluation message is sent. Returns (per-user means, payload bytes sent)."""
+    rest = np.setdiff1d(evaluation_cohort(config, population, server_round), np.fromiter(trained, dtype=np.int64))
+    others: dict[int, Mapping[str, float]] = {}
+    widths: dict[int, int] = {}
+    sent = 0
+    if rest.size:
+        others, widths, sent = _device_metrics(config, server, transport, device_init, server_round, rest, traffic)
+    widths.update({user: device_width(config, user) for user in trained})
+    return mean_device_metrics(config, {**trained, **others}, widths), sent
 
 
 def evaluate_unseen(
@@ -1109,6 +1135,16 @@ def _evaluate_devices(
     """Send ``chosen`` the full masked table, cut to each device's width, and average what they report
     (``unseen``: devices held out of training, told to fit a fresh row and keep nothing); the bytes go to
     ``traffic`` when given. Returns (the means, the payload bytes sent)."""
+    evaluated, widths, sent = _device_metrics(config, server, transport, device_init, server_round, chosen, traffic, unseen)
+    return mean_device_metrics(config, evaluated, widths), sent
+
+
+def _device_metrics(
+    config: RunConfig, server: Server, transport: Transport, device_init: DeviceInit, server_round: int, chosen: np.ndarray,
+    traffic: TrafficLedger | None, unseen: bool = False,
+) -> tuple[dict[int, Mapping[str, float]], dict[int, int], int]:
+    """What each of ``chosen`` reports for the full masked table (``_evaluate_devices``): (metrics per device that
+    answered usably, each device's width, the payload bytes sent)."""
     widths = {int(u): device_width(config, int(u)) for u in chosen}
     messages = download_messages(EvaluateRequest, server, device_init, dict.fromkeys(widths), widths, stateless=unseen)
     settings = {UNSEEN: True} if unseen else {}
@@ -1122,7 +1158,7 @@ def _evaluate_devices(
                         reply if isinstance(reply, str) else problem)
             continue
         evaluated[user] = reply.metrics
-    return mean_device_metrics(config, evaluated, widths), sum(payload_bytes(message) for message in messages.values())
+    return evaluated, widths, sum(payload_bytes(message) for message in messages.values())
 
 
 def _evaluation_problem(reply: Reply) -> str | None:
@@ -1139,11 +1175,10 @@ def _ids(users: np.ndarray) -> str:
     return ", ".join(str(int(user)) for user in users[:NAMES_SHOWN]) + (", ..." if users.size > NAMES_SHOWN else "")
 
 
-def _personal_metrics(config: RunConfig, replies: Mapping[int, Reply | str], widths: Mapping[int, int]) -> dict[str, float]:
-    """``fed.evaluate-model = local``: the means of what the replying devices reported for their own models."""
-    reported = {user: {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
-                for user, reply in replies.items() if isinstance(reply, Reply) and not metrics_problem(reply.metrics)}
-    return mean_device_metrics(config, reported, widths)
+def _personal_metrics(replies: Mapping[int, Reply | str]) -> dict[int, dict[str, float]]:
+    """``fed.evaluate-model = local``: what each replying device reported for its own model, per device."""
+    return {user: {k: v for k, v in reply.metrics.items() if k.startswith(("validation-", "test-"))}
+            for user, reply in replies.items() if isinstance(reply, Reply) and not metrics_problem(reply.metrics)}
 
 
 def mean_device_metrics(
