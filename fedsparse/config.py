@@ -227,7 +227,7 @@ class FedConfig:
     clients_per_node: int = 1  # user devices hosted by one Flower supernode (transport only)
     device_batch: int = 0  # devices whose local steps train together as one batched computation, in process and on a
     # supernode hosting several (0 or 1 = one at a time); NeuMF and budget.device-widths train one at a time and say so
-    memory_limit_gib: float = 0.0  # a run whose estimated lower bound of memory exceeds this is refused up front
+    memory_limit_gib: float = 0.0  # a run whose estimated memory exceeds this is refused up front
     # (0 = the memory available on this machine when the run starts; federation/memory_estimate.py)
     round_timeout: float = 0.0  # seconds the server waits for one round's replies; later ones count as failed (0 = no limit)
     torch_threads: int = 1  # torch intra-op threads of the process training devices (in process; each ClientApp

@@ -1,10 +1,11 @@
 """Memory a federation will need, estimated before it starts, so a population too large is refused up front.
 
-Every term is a lower bound of what the run must allocate beyond the data already loaded: the private state
-of every device that can train (measured on a fresh ``DeviceState``: its arrays and their Python objects), the
-server's item table and mask, and one round's item rows in flight (the rows each chosen device trains, down
-and up). A run whose lower bound exceeds the memory available would be killed mid-run, so it is refused with
-the estimate, its parts and the limit; one under it may still need more (policy accumulators, evaluation).
+Terms, beyond the data already loaded: the private state of every device that can train (measured on a fresh
+``DeviceState``: its arrays and their Python objects) and the server's item table and mask, both lower bounds of
+what the run must allocate; and one round's item rows in flight, estimated from mean counts (each chosen device's
+training items with their sampled negatives, down and up). A run whose estimate exceeds the memory available
+would be killed mid-run, so it is refused with the estimate, its parts and the limit; one under it may still need
+more (policy accumulators, evaluation).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ MASK_BYTES = 1  # a bool per table entry
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a run needs at least, by part: device states, the server's table, one round's rows in flight."""
+    """Bytes a run needs, by part: device states and the server's table (lower bounds), one round's rows in flight
+    (from mean counts)."""
 
     devices: int  # devices whose private state the run can hold at once
     state_bytes_per_device: int  # one device's private state as held in memory (``private_state_bytes``)
@@ -40,7 +42,7 @@ class MemoryEstimate:
         """The estimate and its parts, in GiB (one line)."""
         return (f"{self.total_bytes / GIB:.2f} GiB (device states {self.devices:,} x {self.state_bytes_per_device:,} B = "
                 f"{self.devices * self.state_bytes_per_device / GIB:.2f} GiB, item table {self.table_bytes / GIB:.2f} GiB, "
-                f"one round's rows {self.round_bytes / GIB:.2f} GiB)")
+                f"one round's rows about {self.round_bytes / GIB:.2f} GiB)")
 
 
 def private_state_bytes(config: RunConfig) -> int:
@@ -53,12 +55,12 @@ def private_state_bytes(config: RunConfig) -> int:
 
 
 def estimate_memory(config: RunConfig, devices: int, n_items: int, n_train_interactions: int) -> MemoryEstimate:
-    """The lower bound for a federation of ``devices`` training devices over ``n_items`` items.
+    """The estimate for a federation of ``devices`` training devices over ``n_items`` items.
 
     A device's state exists once it has trained, so the run holds at least min(devices, rounds x clients per
-    round) of them (states made by the start or by evaluation are not counted). A round's rows: each chosen
-    device's training items (the mean per device) and ``train.negatives`` sampled negatives per positive, at
-    the table's active share of ``model.dim`` values each, downloaded and uploaded."""
+    round) of them (states made by the start or by evaluation are not counted). A round's rows, from mean
+    counts: each chosen device's training items (the mean per device) and ``train.negatives`` sampled
+    negatives per positive, at the table's active share of ``model.dim`` values each, downloaded and uploaded."""
     dim = config.model.dim
     chosen = clients_per_round(config, devices)
     holding = min(devices, max(1, config.num_server_rounds) * chosen)
@@ -99,7 +101,7 @@ def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path =
 
 
 def check_memory(config: RunConfig, devices: int, n_items: int, n_train_interactions: int) -> MemoryEstimate:
-    """ConfigError, before any work, when the run's lower bound exceeds ``fed.memory-limit-gib`` (0: the memory
+    """ConfigError, before any work, when the run's estimate exceeds ``fed.memory-limit-gib`` (0: the memory
     this machine has available now, ``available_memory_bytes``); the estimate otherwise."""
     estimate = estimate_memory(config, devices, n_items, n_train_interactions)
     configured = config.fed.memory_limit_gib
