@@ -237,7 +237,8 @@ def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: 
         if points.empty:
             continue
         best = points.iloc[len(points) - 1 - int(np.argmax(points["validation_sampled_hr@10"].to_numpy()[::-1]))]
-        peer = code[(code["dataset"] == row["dataset"]) & (code["rounds"] == rounds)]["test_hr@10"]
+        full = code["participation"] == 1.0 if "participation" in code else True
+        peer = code[(code["dataset"] == row["dataset"]) & (code["rounds"] == rounds) & full]["test_hr@10"]
         peer_mean = float(peer.mean()) if len(peer) else float("nan")
         rows.append({"dataset": row["dataset"], "method": row["method"], "candidates": row["candidates"],
                      "within_rounds": rounds, "best_round": int(best["round"]), "sampled_hr@10": best["sampled_hr@10"],

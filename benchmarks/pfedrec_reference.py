@@ -11,7 +11,8 @@ pandas < 3: it binarises the ratings by chained assignment, which pandas 3's cop
 ratings 1-5 then reach its BCE loss and it stops), so ``--python`` names an interpreter that has it.
 
 The table gives the test score at the best-validation round (PFedRec's rule: ``>=``, the latest of ties) among the
-first N rounds for each N of ``--report-rounds``, so a run of 65 rounds and one of 100 are read from one log.
+first N rounds for each N of ``--report-rounds``, so a run of 65 rounds and one of 100 are read from one log;
+rows of earlier invocations (other seeds, shares, caps) are kept.
 
     python -m venv --system-site-packages pfedrec-env && pfedrec-env/bin/pip install "pandas<3" tensorboardX
     python benchmarks/pfedrec_reference.py --checkout IJCAI-23-PFedRec --python pfedrec-env/bin/python --rounds 100 --seed 0
@@ -52,12 +53,15 @@ TABLE_CSV = RESULTS_DIR / "pfedrec_reference.csv"
 TABLE_MD = RESULTS_DIR / "pfedrec_reference.md"
 
 
-def run_pfedrec(python: str, checkout: Path, rounds: int, seed: int, dataset: str) -> pd.DataFrame:
-    """Run PFedRec's ``train.py`` once; one row per round: test and validation HR@10 / NDCG@10, wall seconds."""
+def run_pfedrec(python: str, checkout: Path, rounds: int, seed: int, dataset: str, participation: float) -> pd.DataFrame:
+    """Run PFedRec's ``train.py`` once; one row per round: test and validation HR@10 / NDCG@10, wall seconds.
+
+    ``participation`` is its ``--clients_sample_ratio``: the share of all clients it samples each round.
+    """
     (checkout / "log").mkdir(exist_ok=True)
     (checkout / "sh_result").mkdir(exist_ok=True)
     command = [python, "-c", CHILD, str(seed), "--dataset", dataset, "--num_round", str(rounds),
-               "--use_cuda", ""]
+               "--clients_sample_ratio", str(participation), "--use_cuda", ""]
     environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     scores: dict[int, dict[str, float]] = {}
     started = time.monotonic()
@@ -84,14 +88,14 @@ def run_pfedrec(python: str, checkout: Path, rounds: int, seed: int, dataset: st
 def best_validation_rows(curve: pd.DataFrame, report_rounds: list[int]) -> pd.DataFrame:
     """Test scores at the best-validation round among the first N rounds (ties: the latest, as PFedRec's ``>=``)."""
     rows = []
-    for seed, run in curve.groupby("seed"):
+    for (seed, participation), run in curve.groupby(["seed", "participation"]):
         for cap in report_rounds:
             window = run[run["round"] <= cap]
             if len(window) < cap:
                 continue
             best = window.iloc[::-1]["val_hr@10"].idxmax()
             rows.append({
-                "seed": seed, "rounds": cap, "best_round": int(window.loc[best, "round"]),
+                "seed": seed, "participation": participation, "rounds": cap, "best_round": int(window.loc[best, "round"]),
                 "val_hr@10": window.loc[best, "val_hr@10"], "test_hr@10": window.loc[best, "test_hr@10"],
                 "test_ndcg@10": window.loc[best, "test_ndcg@10"],
                 "seconds_per_round": window["elapsed_seconds"].iloc[-1] / cap,
@@ -106,28 +110,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100, help="PFedRec's --num_round (its default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="torch's seed in the child")
     parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--participation", type=float, default=1.0,
+                        help="PFedRec's --clients_sample_ratio: the share of clients each round (its default: 1.0)")
     parser.add_argument("--report-rounds", default="65,100",
                         help="comma-separated N: the best-validation test score among the first N rounds")
     args = parser.parse_args()
-    curve = run_pfedrec(args.python, args.checkout.resolve(), args.rounds, args.seed, args.dataset)
+    curve = run_pfedrec(args.python, args.checkout.resolve(), args.rounds, args.seed, args.dataset, args.participation)
     curve.insert(1, "dataset", args.dataset)
+    curve.insert(2, "participation", args.participation)
     curves = pd.concat([pd.read_csv(CURVE_CSV), curve]) if CURVE_CSV.exists() else curve
-    curves = curves.drop_duplicates(["seed", "dataset", "round"], keep="last").sort_values(["dataset", "seed", "round"])
+    key = ["dataset", "participation", "seed", "round"]
+    curves = curves.drop_duplicates(key, keep="last").sort_values(key)
     atomic_write_text(CURVE_CSV, curves.to_csv(index=False))
     report = [int(value) for value in args.report_rounds.split(",")]
-    table = pd.concat([best_validation_rows(run, report).assign(dataset=dataset)
-                       for dataset, run in curves.groupby("dataset")])
+    table = best_validation_rows(curve, report).assign(dataset=args.dataset)
+    if TABLE_CSV.exists():
+        table = pd.concat([pd.read_csv(TABLE_CSV), table])
+    key = ["dataset", "participation", "seed", "rounds"]
+    table = table.drop_duplicates(key, keep="last").sort_values(key)
     atomic_write_text(TABLE_CSV, table.to_csv(index=False))
     lines = [
         "# PFedRec's public code, run as the reference",
         "",
         f"Command: `python benchmarks/pfedrec_reference.py --checkout IJCAI-23-PFedRec --python pfedrec-env/bin/python "
-        f"--rounds {args.rounds} --seed SEED` (one invocation per seed; the environment in the script's docstring). "
+        "--rounds ROUNDS --seed SEED --participation SHARE --report-rounds N,...` (one invocation per seed and share; "
+        "the environment in the script's docstring). "
         f"Machine: {machine_description().split(' (')[0]}, one torch thread in PFedRec's process; seconds per round "
         "were measured beside other benchmarks.",
         "",
-        "PFedRec's `train.py` unchanged with its defaults, on the CPU; test HR@10 / NDCG@10 at the round of best "
-        "validation HR@10 among the first `rounds` rounds. Per-round scores: `pfedrec_reference_curves.csv`.",
+        "PFedRec's `train.py` unchanged with its defaults but `--clients_sample_ratio` (`participation`), on the CPU; "
+        "test HR@10 / NDCG@10 at the round of best validation HR@10 among the first `rounds` rounds. With partial "
+        "participation its code scores every client with the model it kept after its last round (a client never "
+        "sampled yet: the initial model). Per-round scores: `pfedrec_reference_curves.csv`.",
         "",
         table.to_markdown(index=False, floatfmt=".4f"),
         "",
