@@ -14,6 +14,7 @@ from fedsparse.config import RunConfig
 from fedsparse.console import dataset_line, summary_table
 from fedsparse.data import load_run_data
 from fedsparse.experiments.flower_run import check_flower_config
+from fedsparse.federation.aggregation import needs_row_weights
 from fedsparse.federation.engine import check_population, check_resumable, run_federation
 from fedsparse.federation.grouping import partitions_needed
 from fedsparse.federation.inprocess import population_of
@@ -54,6 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     transport = FlowerTransport(
         grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
         config.privacy.secure_weight_bound, placement_log=run_dir / "placement.jsonl",
+        secure_row_weights=needs_row_weights(config.fed.aggregation),
     )
     summary = run_federation(
         config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),

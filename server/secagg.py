@@ -181,10 +181,12 @@ def secure_train_round(
     settings: Mapping[str, Any],
     weight_bound: float,
     timeout: float | None,
+    with_weights: bool = True,
 ) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes]:
     """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, payload bytes down,
     payload bytes up, wire bytes (down, up))."""
     strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
     replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
-    total = from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound) if strategy.mean is not None else None
+    total = (from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound, with_weights)
+             if strategy.mean is not None else None)
     return total, replies, sent, received, counting.wire_of(user_of_node)

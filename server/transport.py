@@ -35,6 +35,7 @@ class FlowerTransport:
     def __init__(
         self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, timeout: float | None,
         context: Context | None = None, secure_weight_bound: float = 1.0, placement_log: Path | None = None,
+        secure_row_weights: bool = True,
     ) -> None:
         self.grid = grid
         self.node_of_partition = node_of_partition
@@ -44,6 +45,7 @@ class FlowerTransport:
         self.timeout = timeout
         self.context = context  # the ServerApp's context, which SecAgg+'s legacy workflow needs
         self.secure_weight_bound = secure_weight_bound
+        self.secure_row_weights = secure_row_weights  # whether secure uploads carry row weights (the rule needs them)
         self._wire: tuple[dict[int, int], dict[int, int]] | None = None  # the last exchange's wire bytes per user
         # Replies that say where they were served (clients/app.py, PLACEMENT_ENV) are appended here, one JSON line each.
         self.placement_log = placement_log
@@ -56,7 +58,8 @@ class FlowerTransport:
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
         *result, self._wire = secure_train_round(
-            self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.timeout
+            self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.timeout,
+            self.secure_row_weights,
         )
         return result[0], result[1], result[2], result[3]
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsparse.federation.aggregation import aggregate_row_updates, aggregate_secure_sum, scatter_active, sum_secure_uploads
+from fedsparse.federation.aggregation import (
+    aggregate_row_updates,
+    aggregate_secure_sum,
+    needs_row_weights,
+    scatter_active,
+    sum_secure_uploads,
+)
 from fedsparse.federation.wire import PayloadError, RowUpdate, SecureUpload, signal_col_dtype
 from fedsparse.rng import rng_for
 
@@ -190,7 +196,9 @@ def test_update_with_no_rows_is_harmless() -> None:
 def test_secure_sum_gives_the_same_means_and_signal_as_sparse_aggregation(mode: str) -> None:
     mask = random_mask(7)
     updates = random_updates(mask, 6, 7, signal=True)
-    secure = [SecureUpload.from_update(update, mask, update.weight if mode == "weighted" else 1.0) for update in updates]
+    secure = [SecureUpload.from_update(update, mask, update.weight if mode == "weighted" else 1.0, None,
+                                       needs_row_weights(mode)) for update in updates]
+    assert (secure[0].weights is None) == (mode in ("sum", "client-mean"))
     merged = aggregate_secure_sum(sum_secure_uploads(secure), mask, None, mode, len(updates))
     reference = aggregate_row_updates(updates, mask, mode)
     np.testing.assert_array_equal(merged.rows, reference.rows)
@@ -230,7 +238,9 @@ def test_secure_upload_is_dense_over_the_table_and_round_trips() -> None:
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda a: {**a, "secure-values": a["secure-values"][:-1]}, "do not fit the round"),
+        (lambda a: {**a, "secure-values": a["secure-values"][:-1]}, "does not fit the round"),
+        (lambda a: {**a, "secure-weights": a["secure-weights"][:-1]}, "'secure-weights' has shape"),
+        (lambda a: {key: value for key, value in a.items() if key != "secure-weights"}, "secure-weights"),
         (lambda a: {**a, "secure-values": np.where(np.arange(a["secure-values"].size) == 0, np.nan, a["secure-values"])
                     .astype(np.float32)}, "non-finite"),
         (lambda a: {**a, "secure-weights": -a["secure-weights"] - 1}, ">= 0"),
@@ -243,3 +253,21 @@ def test_malformed_secure_uploads_are_rejected(corrupt, message) -> None:
     arrays = SecureUpload.from_update(random_updates(mask, 1, 9)[0], mask, 1.0).to_arrays()
     with pytest.raises(PayloadError, match=message):
         SecureUpload.from_arrays(corrupt(arrays), mask)
+
+
+def test_a_weightless_secure_upload_carries_no_row_weights_and_refuses_them() -> None:
+    """Under the sum and client-mean rules a device sends only its values (and signal): the server never holds
+    per-row touch counts, and an upload that carries them anyway is rejected by name."""
+    mask = random_mask(11)
+    update = random_updates(mask, 1, 11)[0]
+    plain = SecureUpload.from_update(update, mask, 1.0, None, with_weights=False)
+    arrays = plain.to_arrays()
+    assert set(arrays) == {"secure-values"}
+    assert SecureUpload.from_arrays(arrays, mask, with_weights=False).weights is None
+    weighted = SecureUpload.from_update(update, mask, 1.0).to_arrays()
+    with pytest.raises(PayloadError, match="unexpected"):
+        SecureUpload.from_arrays(weighted, mask, with_weights=False)
+    with pytest.raises(ValueError, match="needs the secure uploads' row weights"):
+        aggregate_secure_sum(plain, mask, None, "weighted")
+    with pytest.raises(ValueError, match="all carry row weights or none"):
+        sum_secure_uploads([plain, SecureUpload.from_update(update, mask, 1.0)])

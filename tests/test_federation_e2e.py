@@ -149,7 +149,9 @@ def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulat
     inprocess_rounds = read_jsonl(inprocess_dir / "rounds.jsonl")
     for flower, local in zip(flower_rounds, inprocess_rounds, strict=True):
         assert flower["failed_clients"] == local["failed_clients"] == 0
-        assert flower["rows_updated"] == local["rows_updated"]
+        # Under the sum rule no row weights are sent: a row counts as updated when its sum is non-zero, and
+        # SecAgg+'s rounding can take a sum below its step (7.5e-5 per contributor) to exactly zero.
+        assert 0.9 * local["rows_updated"] <= flower["rows_updated"] <= local["rows_updated"]
         # SecAgg+ rounds each masked entry stochastically (unseeded) to 7.5e-9 of the weight bound: the
         # same model up to that, so metrics agree unless a near-tie in some ranking flips.
         for key in ("recall@20", "ndcg@20", "validation_recall@20"):

@@ -273,7 +273,7 @@ def test_secure_aggregation_trains_like_sparse_uploads_costs_dense_bytes_and_hid
     assert not log.uploads and not log.counts  # the server never sees one device's upload
     n_items = data.n_items
     assert secure["item_active_entries"] == round(0.5 * n_items * 8)
-    dense = 4 * secure["item_active_entries"] + 4 * n_items  # values of every active entry + one weight per row
+    dense = 4 * secure["item_active_entries"]  # a value per active entry; the sum rule needs no row weights
     records = {record["round"]: record for record in read_jsonl(secure_dir / "rounds.jsonl")}
     assert records[1]["upload_bytes_mean"] == records[1]["upload_bytes_max"] == dense  # no signal asked for
     assert records[2]["upload_bytes_mean"] == dense + 4 * n_items * 8  # exploration round: the signal, dense too
@@ -397,3 +397,54 @@ def test_the_server_s_sums_are_recorded_in_every_phase_and_attacked(tmp_path) ->
         members = data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]]
         aucs.append(membership_metrics(differencing_guess(train, user, 10), members, np.arange(data.n_items))["auc"])
     assert np.isfinite(np.nanmean(aucs)) and np.nanmean(aucs) > 0.5  # a number, not "nan": sums of overlapping cohorts leak
+
+
+@pytest.mark.parametrize("rule", ["sum", "uniform"])
+def test_a_training_sum_is_read_as_the_rule_reveals_it(tmp_path, rule: str) -> None:
+    """Under the sum rule no secure upload carries row weights and the server's record of a round is the norm of
+    each row's summed delta; under a per-row mean the devices' weights are sent and their sum counts the devices
+    that touched each row. Checked against the replies themselves."""
+    from fedsparse.federation.engine import run_federation
+    from fedsparse.federation.inprocess import InProcessTransport, population_of
+    from fedsparse.federation.messages import TRAIN
+    from fedsparse.federation.observer import ObservingTransport
+    from fedsparse.federation.wire import RowsDownload
+
+    config = RunConfig.from_flat({
+        "results-dir": str(tmp_path), "num-server-rounds": 2, "data.dataset": "synthetic", "data.synthetic-users": 30,
+        "data.synthetic-items": 60, "data.synthetic-interactions-per-user": 10, "model.dim": 8, "sparse.density": 0.5,
+        "fed.fraction-train": 0.3, "privacy.secure-aggregation": True, "fed.aggregation": rule,
+    })
+    data = load_dataset(config.data, config.seed)
+    inner = InProcessTransport(config, data)
+    exchanges = []
+
+    class Capturing:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def send(self, kind, server_round, messages, settings):
+            replies = inner.send(kind, server_round, messages, settings)
+            if kind == TRAIN:
+                exchanges.append((dict(messages), replies))
+            return replies
+
+    transport = ObservingTransport(Capturing(), config, data.n_items)
+    (tmp_path / "run").mkdir()
+    run_federation(config, population_of(data, config), transport, tmp_path / "run", data.train)
+    train = [item for item in transport.sums if item.phase == "train"]
+    assert len(train) == len(exchanges) == 2
+    for observed, (messages, replies) in zip(train, exchanges, strict=True):
+        arrays = [reply.arrays for reply in replies.values()]
+        assert all(("secure-weights" in a) == (rule == "uniform") for a in arrays)
+        if rule == "uniform":
+            expected = np.sum([a["secure-weights"] for a in arrays], axis=0)
+            np.testing.assert_array_equal(observed.row_mass, expected)
+            assert set(np.unique(expected)) <= set(range(len(arrays) + 1))  # devices per row, one vote each
+        else:
+            message = next(iter(messages.values()))
+            table = {key: value for key, value in message.items() if key.startswith("table.")}
+            _, mask = RowsDownload.from_arrays(table, data.n_items, 8).table.decode()
+            summed = np.zeros(mask.shape)
+            summed[mask] = np.sum([a["secure-values"].astype(np.float64) for a in arrays], axis=0)
+            np.testing.assert_allclose(observed.row_mass, np.sqrt((summed**2).sum(axis=1)), rtol=1e-6, atol=1e-9)

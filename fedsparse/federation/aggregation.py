@@ -67,13 +67,22 @@ def aggregate_row_updates(updates: list[RowUpdate], item_mask: np.ndarray, mode:
     return AggregatedRows(rows, deltas, contributors, signal.astype(np.float32))
 
 
+def needs_row_weights(mode: str) -> bool:
+    """Whether the ``fed.aggregation`` rule divides each row by its contributors' summed weight, so that a
+    secure upload must carry ``secure-weights`` (the per-row means do; ``sum`` and ``client-mean`` do not)."""
+    return mode not in ("sum", "client-mean")
+
+
 def sum_secure_uploads(uploads: list[SecureUpload]) -> SecureUpload:
     """The element-wise sum of the devices' secure uploads: all that secure aggregation reveals."""
     values = np.sum([upload.values for upload in uploads], axis=0, dtype=np.float64)
-    weights = np.sum([upload.weights for upload in uploads], axis=0, dtype=np.float64)
+    row_weights = [upload.weights for upload in uploads if upload.weights is not None]
+    if row_weights and len(row_weights) != len(uploads):
+        raise ValueError("secure uploads of one round must all carry row weights or none")
+    weights = np.asarray(np.sum(row_weights, axis=0, dtype=np.float64), dtype=np.float32) if row_weights else None
     signals = [upload.signal for upload in uploads if upload.signal is not None]
     signal = np.asarray(np.sum(signals, axis=0, dtype=np.float64), dtype=np.float32) if signals else None
-    return SecureUpload(np.asarray(values, dtype=np.float32), np.asarray(weights, dtype=np.float32), signal)
+    return SecureUpload(np.asarray(values, dtype=np.float32), weights, signal)
 
 
 def aggregate_secure_sum(
@@ -82,14 +91,30 @@ def aggregate_secure_sum(
     """Per-row merges from a summed secure upload over the ``covered`` rows (sorted int64; None = all):
     (sum of weight * delta) / (sum of weights) on every row some device touched for the means, the sum
     itself for ``sum``, the sum over the round's ``devices`` for ``client-mean``; the same result as
-    ``aggregate_row_updates`` up to float rounding. Contributors per row are not revealed (reported as 0)."""
+    ``aggregate_row_updates`` up to float rounding. Contributors per row are not revealed (reported as 0).
+
+    Without row weights (``sum``, ``client-mean``) the rows merged are those whose sum or regrowth signal is
+    non-zero: a touched row whose deltas cancel exactly is left out, which changes nothing under ``avg``."""
     dim = item_mask.shape[1]
     covered = np.arange(item_mask.shape[0], dtype=np.int64) if covered is None else covered
-    touched = np.flatnonzero(total.weights > 0)
     sums = np.zeros((covered.size, dim), dtype=np.float32)
     sums[item_mask[covered]] = total.values
-    divisor = {"sum": np.ones(touched.size),
-               "client-mean": np.full(touched.size, float(max(1, devices)))}.get(mode, total.weights[touched])
+    if total.weights is None:
+        if needs_row_weights(mode):
+            raise ValueError(f"fed.aggregation = {mode} needs the secure uploads' row weights")
+        nonzero = (sums != 0).any(axis=1)
+        if total.signal is not None:
+            nonzero |= (total.signal != 0).any(axis=1)
+        touched = np.flatnonzero(nonzero)
+    else:
+        touched = np.flatnonzero(total.weights > 0)
+    if mode == "sum":
+        divisor = np.ones(touched.size)
+    elif mode == "client-mean":
+        divisor = np.full(touched.size, float(max(1, devices)))
+    else:
+        assert total.weights is not None
+        divisor = total.weights[touched]
     deltas = (sums[touched].astype(np.float64) / divisor[:, None]).astype(np.float32)
     signal = total.signal[touched] if total.signal is not None else np.zeros((touched.size, dim), dtype=np.float32)
     return AggregatedRows(covered[touched], deltas, np.zeros(touched.size, dtype=np.int64), signal)

@@ -1027,7 +1027,7 @@ def secure_protocol_training(
     checked = None
     if total is not None:
         try:
-            checked = SecureUpload.from_arrays(total.to_arrays(), server.item_mask[server.secure_rows()])
+            checked = server.decode_secure_reply(total.to_arrays())
         except PayloadError as exc:
             tally.dropped = 1
             log.warning("round %d: dropped the secure sum: %s", server_round, exc)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedsparse.config import RunConfig
-from fedsparse.federation.aggregation import scatter_active
+from fedsparse.federation.aggregation import needs_row_weights, scatter_active
 from fedsparse.federation.messages import START, TRAIN, StartContribution
 from fedsparse.federation.secure_start import SECURE_SUM
 from fedsparse.federation.server_state import Server
-from fedsparse.federation.wire import PayloadError, RowUpdate
+from fedsparse.federation.wire import PayloadError, RowsDownload, RowUpdate
 from fedsparse.privacy.observe import ObservedSum, ObservedUpload
 from fedsparse.privacy.secure_rows import secure_round_rows
 
@@ -50,8 +50,9 @@ class ObservingTransport:
     """A transport that records, next to the engine, the sums a secure-aggregation server holds.
 
     Wraps the in-process transport: per start round the sum of the valid start vectors, per training
-    round under ``privacy.secure-aggregation`` the sum of the devices' secure weights (what SecAgg+
-    reveals; the engine itself sums the same vectors). Other messages pass through unrecorded.
+    round under ``privacy.secure-aggregation`` the sum of the devices' secure vectors, read per row as the
+    summed weights (when the rule sends them) or the summed delta's norm (what SecAgg+ reveals; the engine
+    itself sums the same vectors). Other messages pass through unrecorded.
     """
 
     def __init__(self, inner, config: RunConfig, n_items: int) -> None:
@@ -69,7 +70,7 @@ class ObservingTransport:
         if kind == START:
             self._record_start(server_round, replies)
         elif kind == TRAIN and self.config.privacy.secure_aggregation:
-            self._record_train(server_round, replies)
+            self._record_train(server_round, replies, next(iter(messages.values()), None))
         return replies
 
     def _record_start(self, server_round: int, replies) -> None:
@@ -97,13 +98,21 @@ class ObservingTransport:
         mass = np.linalg.norm(total[: self.n_items * width].reshape(self.n_items, width), axis=1)
         self.sums.append(ObservedSum("start", server_round, np.array(users, dtype=np.int64), mass))
 
-    def _record_train(self, server_round: int, replies) -> None:
-        weights = {user: reply.arrays.get("secure-weights") for user, reply in replies.items() if not isinstance(reply, str)}
-        weights = {user: w for user, w in weights.items() if w is not None}
-        if not weights:
+    def _record_train(self, server_round: int, replies, message) -> None:
+        """Per item row, what the round's sum says: the devices' summed row weights (how many touched it) when
+        the rule sends them, else the norm of the row's summed delta (scattered on the mask the server sent)."""
+        answers = [reply.arrays for reply in replies.values() if not isinstance(reply, str)]
+        if not answers or message is None:
             return
+        users = np.array(sorted(user for user, reply in replies.items() if not isinstance(reply, str)), dtype=np.int64)
         rows = secure_round_rows(self.config, self.n_items, server_round)
         rows = np.arange(self.n_items) if rows is None else rows
         mass = np.zeros(self.n_items)
-        mass[rows] = np.sum([w.astype(np.float64) for w in weights.values()], axis=0)
-        self.sums.append(ObservedSum("train", server_round, np.array(sorted(weights), dtype=np.int64), mass))
+        if needs_row_weights(self.config.fed.aggregation):
+            mass[rows] = np.sum([arrays["secure-weights"].astype(np.float64) for arrays in answers], axis=0)
+        else:
+            table = {key: value for key, value in message.items() if key == "row-ids" or key.startswith("table.")}
+            _, item_mask = RowsDownload.from_arrays(table, self.n_items, self.config.model.dim).table.decode()
+            total = np.sum([arrays["secure-values"].astype(np.float64) for arrays in answers], axis=0)
+            mass[rows] = np.linalg.norm(scatter_active(total, item_mask[rows]), axis=1)
+        self.sums.append(ObservedSum("train", server_round, users, mass))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedsparse.config import RunConfig
+from fedsparse.federation.aggregation import needs_row_weights
 from fedsparse.federation.device import (
     DeviceData,
     DeviceRound,
@@ -228,7 +229,8 @@ def finish_train(
     if config.privacy.secure_aggregation:
         _, item_mask = download.table.decode()
         weight = min(update.weight, config.privacy.secure_weight_bound) if config.fed.aggregation == "weighted" else 1.0
-        upload = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round))
+        upload = SecureUpload.from_update(update, item_mask, weight, round_items(config, n_items, server_round),
+                                          needs_row_weights(config.fed.aggregation))
         metrics["signal-bytes"] = float(upload.signal_nbytes)
     return DeviceReply(upload, _kept_state(config, state, result.state), metrics)
 
@@ -259,7 +261,8 @@ def _empty_secure_reply(
     no_rows = np.zeros(0, dtype=np.int64)
     signal = (no_rows, np.zeros((0, 1), dtype=np.uint8), np.zeros((0, 1), dtype=np.float32)) if send_signal else ()
     empty = RowUpdate(no_rows, np.zeros(0, dtype=np.float32), 1.0, *signal)
-    secure = SecureUpload.from_update(empty, item_mask, 1.0, round_items(config, n_items, server_round))
+    secure = SecureUpload.from_update(empty, item_mask, 1.0, round_items(config, n_items, server_round),
+                                      needs_row_weights(config.fed.aggregation))
     metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
     return DeviceReply(secure, {**state, **device.to_arrays()}, metrics)
 

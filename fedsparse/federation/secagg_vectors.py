@@ -20,16 +20,22 @@ MIN_ROW_WEIGHT = 0.5  # a touched row's summed weight is at least 1 (one example
 
 
 def to_secagg_vectors(upload: SecureUpload, weight_bound: float) -> list[np.ndarray]:
-    """[values, weights(, signal)] divided by ``weight_bound``, float64, in this fixed order."""
-    arrays = [upload.values, upload.weights] + ([upload.signal] if upload.signal is not None else [])
+    """[values(, weights)(, signal)] divided by ``weight_bound``, float64, in this fixed order (weights only
+    when the round's rule needs them, ``aggregation.needs_row_weights``)."""
+    arrays = [upload.values, *[a for a in (upload.weights, upload.signal) if a is not None]]
     return [np.asarray(array, dtype=np.float64) / weight_bound for array in arrays]
 
 
-def from_secagg_mean(vectors: list[np.ndarray], devices: int, weight_bound: float) -> SecureUpload:
-    """The summed ``SecureUpload`` of ``devices`` devices from the mean SecAgg+ revealed."""
-    if devices < 1 or len(vectors) not in (2, 3):
-        raise ValueError(f"expected 2 or 3 aggregated vectors from at least one device, got {len(vectors)} from {devices}")
+def from_secagg_mean(vectors: list[np.ndarray], devices: int, weight_bound: float, with_weights: bool = True) -> SecureUpload:
+    """The summed ``SecureUpload`` of ``devices`` devices from the mean SecAgg+ revealed; ``with_weights``:
+    whether the devices sent row weights (the second vector)."""
+    arity = (2, 3) if with_weights else (1, 2)
+    if devices < 1 or len(vectors) not in arity:
+        raise ValueError(f"expected {arity[0]} or {arity[1]} aggregated vectors from at least one device, "
+                         f"got {len(vectors)} from {devices}")
     sums = [(np.asarray(vector, dtype=np.float64) * devices * weight_bound).astype(np.float32) for vector in vectors]
-    weights = sums[1]
-    weights[weights < MIN_ROW_WEIGHT] = 0.0  # quantisation noise on rows nobody touched (about n * W * 7.5e-9)
-    return SecureUpload(sums[0], weights, sums[2] if len(sums) == 3 else None)
+    values, rest = sums[0], sums[1:]
+    weights = rest.pop(0) if with_weights else None
+    if weights is not None:
+        weights[weights < MIN_ROW_WEIGHT] = 0.0  # quantisation noise on rows nobody touched (about n * W * 7.5e-9)
+    return SecureUpload(values, weights, rest[0] if rest else None)

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from fedsparse.config import RunConfig
-from fedsparse.federation.aggregation import AggregatedRows, aggregate_secure_sum, sum_secure_uploads
+from fedsparse.federation.aggregation import AggregatedRows, aggregate_secure_sum, needs_row_weights, sum_secure_uploads
 from fedsparse.federation.network import initial_network, network_shapes, weighted_network_mean
 from fedsparse.federation.robust import robust_aggregate, too_large
 from fedsparse.federation.server_optim import ServerOptimizer
@@ -200,7 +200,8 @@ class Server:
 
     def decode_secure_reply(self, arrays: dict[str, np.ndarray]) -> SecureUpload:
         """Validate one device's secure-aggregation upload against the covered rows' mask; raises PayloadError."""
-        return SecureUpload.from_arrays(arrays, self.item_mask[self.secure_rows()])
+        covered_mask = self.item_mask[self.secure_rows()]
+        return SecureUpload.from_arrays(arrays, covered_mask, needs_row_weights(self.config.fed.aggregation))
 
     def apply_round(self, server_round: int, updates: list[RowUpdate]) -> dict[str, Any]:
         """Aggregate the round's accepted updates (with the ``robust.*`` defences), apply them, explore

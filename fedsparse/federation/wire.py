@@ -305,17 +305,20 @@ class SecureUpload(Payload):
     their sum (what SecAgg+ masks and reveals).
 
     values float32 [K_S]: weight * delta on every active entry of the covered rows in row-major mask order
-    (zero on rows the device did not touch); weights float32 [|S|]: the device's weight on its rows, zero
-    elsewhere; signal float32 [|S|, dim] or None: the regrowth signal scattered over the covered rows.
+    (zero on rows the device did not touch); weights float32 [|S|] or None: the device's weight on its rows,
+    zero elsewhere, sent only when the server divides per row (``fed.aggregation`` weighted or uniform: their
+    sum counts the devices that touched each row, which the sum and client-mean rules do not need and so never
+    reveal); signal float32 [|S|, dim] or None: the regrowth signal scattered over the covered rows.
     """
 
     values: np.ndarray
-    weights: np.ndarray
+    weights: np.ndarray | None
     signal: np.ndarray | None = None
 
     @classmethod
     def from_update(
-        cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None
+        cls, update: RowUpdate, item_mask: np.ndarray, weight: float, covered: np.ndarray | None = None,
+        with_weights: bool = True,
     ) -> SecureUpload:
         """Spread a sparse update (encoded against ``item_mask`` bool [n_items, dim]) over the covered rows
         (sorted int64, None = all; they must include every row of the update)."""
@@ -334,7 +337,7 @@ class SecureUpload(Payload):
             signal = np.zeros(covered_mask.shape, dtype=np.float32)
             signal_position = np.searchsorted(covered, update.signal_rows.astype(np.int64))
             np.add.at(signal, (signal_position[:, None], update.signal_cols.astype(np.int64)), update.signal_values)
-        return cls(dense[covered_mask], weights, signal)
+        return cls(dense[covered_mask], weights if with_weights else None, signal)
 
     @property
     def signal_nbytes(self) -> int:
@@ -343,26 +346,33 @@ class SecureUpload(Payload):
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for the transport."""
-        arrays = {"secure-values": self.values, "secure-weights": self.weights}
+        arrays = {"secure-values": self.values}
+        if self.weights is not None:
+            arrays["secure-weights"] = self.weights
         if self.signal is not None:
             arrays["secure-signal"] = self.signal
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], covered_mask: np.ndarray) -> SecureUpload:
-        """Decode and validate against the covered rows' mask bool [|S|, dim] (shapes, dtypes, finite, weights >= 0)."""
-        reject_unexpected(arrays, {"secure-values", "secure-weights", "secure-signal"}, " in a secure upload")
+    def from_arrays(cls, arrays: dict[str, np.ndarray], covered_mask: np.ndarray, with_weights: bool = True) -> SecureUpload:
+        """Decode and validate against the covered rows' mask bool [|S|, dim] (shapes, dtypes, finite, weights >= 0);
+        ``with_weights``: whether the round's rule needs (and so allows) ``secure-weights``."""
+        expected = {"secure-values", "secure-signal"} | ({"secure-weights"} if with_weights else set())
+        reject_unexpected(arrays, expected, " in a secure upload")
         values = expect_array(arrays, "secure-values", np.float32, 1)
-        weights = expect_array(arrays, "secure-weights", np.float32, 1)
-        if values.size != int(covered_mask.sum()) or weights.size != covered_mask.shape[0]:
+        if values.size != int(covered_mask.sum()):
             raise PayloadError(
-                f"secure upload shapes {values.shape}, {weights.shape} do not fit the round's rows "
-                f"({int(covered_mask.sum())} active entries, {covered_mask.shape[0]} rows)"
+                f"secure upload shape {values.shape} does not fit the round's rows ({int(covered_mask.sum())} active entries)"
             )
         check_finite(values, "secure-values")
-        check_finite(weights, "secure-weights")
-        if (weights < 0).any():
-            raise PayloadError("'secure-weights' must be >= 0")
+        weights = None
+        if with_weights:
+            weights = expect_array(arrays, "secure-weights", np.float32, 1)
+            if weights.size != covered_mask.shape[0]:
+                raise PayloadError(f"'secure-weights' has shape {weights.shape}, the round has {covered_mask.shape[0]} rows")
+            check_finite(weights, "secure-weights")
+            if (weights < 0).any():
+                raise PayloadError("'secure-weights' must be >= 0")
         signal = None
         if "secure-signal" in arrays:
             signal = expect_array(arrays, "secure-signal", np.float32, 2)

@@ -26,7 +26,8 @@ class ObservedUpload:
 class ObservedSum:
     """One secure sum as the server holds it: its phase ("start" or "train"), round, the (public) cohort
     of devices summed, int64 [c], and what it says about each item row, float64 [n_items]: the norm of the
-    row in the start's sum, the summed weight of the row in a training sum (devices that touched it)."""
+    row in the start's sum; in a training sum, the summed weight of the row (devices that touched it) when the
+    rule sends row weights, else the norm of the row's summed delta."""
 
     phase: str
     server_round: int
