@@ -7,7 +7,8 @@ upload norm of the undefended cell of the same density), ``secagg`` or ``secagg:
 aggregation over all rows or over a public random share F of them per round: dense masked uploads whose
 sum alone the server sees, so no per-device attack has an input: its per-upload attack columns are empty)
 and combinations joined by ``+``. What the server holds as sums is attacked too, in every cell: the NMF
-start's cohort sums (``start_*``: the members of the start's cohort scored by the sums' row mass) and,
+start's cohort sums (``start_*``: the members of the start's cohort scored by the sums' row mass, and
+``start_auc_outside`` the same score on the devices outside the cohort, the control) and,
 under secure aggregation, the training rounds' cohort sums (``differencing_*``: consecutive cohorts share
 devices, so a device's rows stand out in the rounds it joined against those it did not).
 
@@ -41,7 +42,8 @@ COLUMNS = [
     "dataset", "density", "defence", "recall@20", "ndcg@20", "recall_vs_undefended", "upload_bytes_mean",
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
     *[f"{attack}_{metric}" for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")],
-    "differencing_auc", "differencing_f1", "differencing_sign", "start_auc", "start_f1", "start_sign",
+    "differencing_auc", "differencing_f1", "differencing_sign", "differencing_auc_outside",
+    "start_auc", "start_f1", "start_sign", "start_auc_outside",
     "random_f1", "targets", "seconds",
 ]
 
@@ -103,7 +105,7 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
         "epsilon_mean": float(np.mean(epsilons)) if epsilons else np.nan,
         **{f"{attack}_{metric}": leakage[attack][metric] for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")},
         **{f"{attack}_{metric}": leakage[attack][metric]
-           for attack in ("differencing", "start") for metric in ("auc", "f1", "sign")},
+           for attack in ("differencing", "start") for metric in ("auc", "f1", "sign", "auc_outside")},
         "random_f1": leakage["random"]["f1"],
         "targets": leakage["random"]["targets"],
         "seconds": time.perf_counter() - started,
@@ -190,7 +192,9 @@ def main() -> None:
         f"{args.fraction} --densities {args.densities} --defences {args.defences} --watch {args.watch}` on "
         f"{machine_description()}; this invocation took "
         f"{time.perf_counter() - started:.0f} s. AUC = over all items; auc_uploaded = among the uploaded rows (IMIA's framing); "
-        "epsilon at delta = 1e-5 per device over its uploads (inf = no local DP).\n\n"
+        "epsilon at delta = 1e-5 per device over its uploads (inf = no local DP). `*_auc_outside`: the control of "
+        "a sum attack, the same score on watched devices that joined no such sum (what the sums reveal of everyone, "
+        "item popularity; nan where every watched device joined one, or in rows measured before the column).\n\n"
     )
     write_markdown_table(args.out / f"privacy-{args.dataset}.md", header, frame.reindex(columns=COLUMNS))
     plot_frontier(frame, args.out / f"privacy-{args.dataset}.png")

@@ -368,6 +368,11 @@ def test_the_sum_attack_learns_its_direction_on_shadow_devices() -> None:
     unoriented = np.mean([membership_metrics(differencing_guess(sums, user, 5), items[user], np.arange(n_items))["auc"]
                           for user in targets])
     assert unoriented == pytest.approx(0.0)  # the same scores, read the wrong way round
+    assert np.isnan(raw["auc_outside"])  # every device joined a sum: no control group
+    # A device that joined no sum is scored by what the sums say of everyone: here every item lost the same mean
+    # mass, so the control reads 0.5 while the members read 1.0 (all of it comes from their contributions).
+    controlled = sum_attack(sums, {**items, n_users: np.arange(5)}, n_items, 5, seed=0)
+    assert controlled["auc"] == pytest.approx(1.0) and controlled["auc_outside"] == pytest.approx(0.5)
     rising = [ObservedSum("train", item.server_round, item.users, 20.0 - item.row_mass) for item in sums]
     assert sum_attack(rising, items, n_items, 5, seed=0)["sign"] == 1.0
     assert np.isnan(sum_attack([], items, n_items, 5, seed=0)["auc"])

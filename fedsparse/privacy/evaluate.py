@@ -11,7 +11,7 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.privacy.attacks import ValueAttack, differencing_guess, imia_guess, row_id_guess
-from fedsparse.privacy.leakage import mean_metrics, membership_metrics, random_guess_metrics
+from fedsparse.privacy.leakage import AttackGuess, mean_metrics, membership_metrics, random_guess_metrics
 from fedsparse.privacy.observe import ObservedSum, ObservedUpload
 from fedsparse.rng import rng_for
 
@@ -34,10 +34,15 @@ def sum_attack(
     Whether a user's items carry more or less row mass in the sums it joined is the data's, not the attacker's
     choice (under secure rows, a device's own items are never its sampled negatives), so the attacker orients
     its scores by the mean AUC of its shadow devices (``sign`` -1 below 0.5) and is scored on the targets:
-    {auc, f1, sign} over the target devices that joined a sum (NaN when none did or no sum was held)."""
-    users = np.array(sorted(user for user in members_of if any(user in set(item.users.tolist()) for item in sums)))
+    {auc, f1, sign} over the target devices that joined a sum (NaN when none did or no sum was held).
+
+    ``auc_outside`` is the control: the same oriented score (the sums' mean row mass) for the devices of
+    ``members_of`` that joined no sum. What the sums say about every user alike (item popularity) scores there
+    too; only the excess of ``auc`` over it comes from the members' own contributions (NaN: no such device)."""
+    joined = {int(user) for item in sums for user in item.users.tolist()}
+    users = np.array(sorted(user for user in members_of if user in joined))
     if users.size < 2:
-        return {"auc": np.nan, "f1": np.nan, "sign": np.nan}
+        return {"auc": np.nan, "f1": np.nan, "sign": np.nan, "auc_outside": np.nan}
     shadow = shadow_split(seed, users, shadow_fraction)
     everything = np.arange(n_items)
 
@@ -52,7 +57,12 @@ def sum_attack(
     shadow_auc = mean_metrics(scored(sorted(shadow), 1))["auc"]
     sign = -1 if shadow_auc < 0.5 else 1
     targets = mean_metrics(scored([int(user) for user in users if int(user) not in shadow], sign))
-    return {"auc": targets["auc"], "f1": targets["f1"], "sign": float(sign)}
+    outside = [user for user in members_of if user not in joined]
+    population = sign * np.mean([item.row_mass for item in sums], axis=0)
+    control = [membership_metrics(AttackGuess(population, np.zeros(0, dtype=np.int64)), members_of[user], everything)["auc"]
+               for user in outside]
+    return {"auc": targets["auc"], "f1": targets["f1"], "sign": float(sign),
+            "auc_outside": float(np.mean(control)) if control else np.nan}
 
 
 def evaluate_attacks(
