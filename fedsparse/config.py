@@ -45,7 +45,7 @@ USER_OPTIMIZERS = ("adam", "sgd")
 USER_STATES = ("keep", "reconstruct")
 STEP_ORDERS = ("joint", "head-first")
 USER_INITS = ("normal", "shared-uniform")
-EVALUATE_MODELS = ("global", "local")
+EVALUATE_MODELS = ("global", "local", "local-last")
 LDP_MECHANISMS = ("none", "gaussian", "laplace")
 FAULT_MODES = ("exception", "crash", "timeout")
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
@@ -220,7 +220,8 @@ class FedConfig:
     eval_fraction: float = 0.2  # share of devices evaluated
     evaluate_model: str = "global"  # global: rank with the server's table; local: each
     # trained device ranks with its own copy after training (PFedRec); the evaluation cohort's devices that did not
-    # train that round rank with their stored head on the server's table
+    # train that round rank with their stored head on the server's table; local-last: PFedRec's code's rule, each
+    # device counts with the personal model of its last training round (a device not trained yet as under local)
     unseen_users: float = 0.0  # share of devices held out of training (a seeded draw) and evaluated apart at every
     # evaluation, as FedRecon evaluates users it never trained on: each fits a fresh user row against the table (0 = off)
     unseen_steps: int = 0  # steps that fit an unseen device's user row, items frozen (0 = fed.user-steps)

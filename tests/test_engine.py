@@ -181,6 +181,52 @@ def test_local_evaluation_reports_the_trained_devices_own_models(tmp_path):
     assert rounds[2]["evaluated_clients"] == devices_with_test
 
 
+class ReportingTransport(InProcessTransport):
+    """The in-process transport that keeps, per round and kind, each device's reported test Recall@20."""
+
+    def __init__(self, config, data):
+        super().__init__(config, data)
+        self.reported = []
+
+    def send(self, kind, server_round, messages, settings):
+        replies = super().send(kind, server_round, messages, settings)
+        self.reported.append((kind, server_round, {user: reply.metrics["test-recall@20"] for user, reply in replies.items()
+                                                   if isinstance(reply, Reply) and "test-recall@20" in reply.metrics}))
+        return replies
+
+
+def test_local_last_evaluation_counts_each_device_with_its_last_personal_model(tmp_path):
+    """``fed.evaluate-model = local-last`` (PFedRec's code at partial participation): every trained device reports its
+    personal model every round; an evaluated round's mean is over the cohort, each device with the figure of its last
+    training round, and the devices that never trained with what they report on the current table. The figures
+    survive a checkpoint round trip."""
+    from fedsparse.federation.engine import CHECKPOINT, RunState, read_checkpoint
+
+    config = small_config(tmp_path, **{"num-server-rounds": 4, "fed.eval-every": 2, "fed.evaluate-model": "local-last",
+                                       "sparse.policy": "dense", "sparse.density": 1.0, "fed.fraction-train": 0.25,
+                                       "fed.eval-fraction": 1.0})
+    data = load_dataset(config.data, config.seed)
+    transport = ReportingTransport(config, data)
+    run_dir = new_run_dir(tmp_path, "local-last")
+    run_federation(config, population_of(data, config), transport, run_dir, data.train)
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    last: dict[int, float] = {}
+    for server_round in range(1, 5):
+        trained = [reported for kind, r, reported in transport.reported if kind == "train" and r == server_round]
+        assert trained and trained[0]  # every round's trained devices report (not only on evaluation rounds)
+        last.update(trained[0])
+        if server_round % 2:
+            continue
+        fresh = [reported for kind, r, reported in transport.reported if kind == "evaluate" and r == server_round]
+        current = fresh[0] if fresh else {}
+        assert not set(current) & set(last)  # only devices that never trained are asked to evaluate
+        expected = [*[last[user] for user in last], *current.values()]
+        assert rounds[server_round - 1]["recall@20"] == pytest.approx(np.mean(expected), rel=1e-6)
+        assert rounds[server_round - 1]["evaluated_clients"] == len(expected)
+    restored = RunState.from_arrays(config, read_checkpoint(run_dir / CHECKPOINT))
+    assert {user: metrics["test-recall@20"] for user, metrics in restored.last_personal.items()} == pytest.approx(last)
+
+
 def test_local_evaluation_with_partial_participation_also_ranks_the_cohorts_other_devices(tmp_path):
     """With 30 % of the devices per round, the evaluated round's metrics cover the trained devices (their personal
     models) and every other device of the evaluation cohort (its stored head on the current table), not the

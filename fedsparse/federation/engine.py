@@ -498,6 +498,8 @@ class RunState:
     # int64 ids of the devices held out of training (``Population.unseen``): checkpointed, so a resume that
     # would hold out other devices is refused instead of training on devices the run evaluated as unseen
     unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # fed.evaluate-model = local-last: per device, the metrics its personal model reported in its last training round
+    last_personal: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_arrays(self) -> Arrays:
         """Flat arrays for ``checkpoint.npz`` (JSON for the small dicts)."""
@@ -513,6 +515,8 @@ class RunState:
             arrays[f"json.{name}"] = np.asarray(json.dumps(getattr(self, name)))
         if self.unseen.size:  # only with held-out devices: checkpoints of other runs keep their arrays
             arrays[UNSEEN_ARRAY] = np.asarray(self.unseen, dtype=np.int64)
+        if self.last_personal:  # only under local-last
+            arrays[LAST_PERSONAL_ARRAY] = np.asarray(json.dumps(self.last_personal))
         return {**arrays, **self.traffic.state_arrays()}
 
     @classmethod
@@ -523,11 +527,13 @@ class RunState:
                                  arrays.get("init.projection"), arrays.get("init.projected"))
         loads = {name: json.loads(str(arrays[f"json.{name}"])) for name in ("totals", "best", "last_metrics")}
         unseen = np.asarray(arrays.get(UNSEEN_ARRAY, np.zeros(0)), dtype=np.int64)
+        last_personal = {int(user): metrics for user, metrics in json.loads(str(arrays.get(LAST_PERSONAL_ARRAY, "{}"))).items()}
         return cls(Server.restore(config, server_arrays), device_init, **loads, traffic=TrafficLedger.from_state_arrays(arrays),
-                   unseen=unseen)
+                   unseen=unseen, last_personal=last_personal)
 
 
 UNSEEN_ARRAY = "population.unseen"  # the held-out devices in checkpoint.npz
+LAST_PERSONAL_ARRAY = "json.last_personal"  # local-last: each device's last personal metrics, in checkpoint.npz
 CHECKPOINT = "checkpoint.npz"
 MANIFEST = "json.manifest"  # every other array's name, shape and dtype, and the round: what a resume checks
 NPZ_MAGIC = b"PK\x03\x04"  # a .npz is a zip archive
@@ -752,10 +758,13 @@ def _run_locked(
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
         record = train_round(config, population, transport, state, server_round, observer)
         personal = record.pop("personal_metrics")
+        if config.fed.evaluate_model == "local-last":
+            state.last_personal.update(personal)
         if is_evaluation_round(config, server_round):
-            if config.fed.evaluate_model == "local":  # the trained devices ranked with their own models
+            if config.fed.evaluate_model != "global":  # the trained devices ranked with their own models
+                reported = state.last_personal if config.fed.evaluate_model == "local-last" else personal
                 metrics, eval_bytes = local_evaluation(
-                    config, state.server, population, transport, state.device_init, server_round, personal, state.traffic)
+                    config, state.server, population, transport, state.device_init, server_round, reported, state.traffic)
                 state.totals["eval_download_bytes"] += eval_bytes
             else:
                 metrics, eval_bytes = evaluate_round(
@@ -1097,10 +1106,16 @@ def local_evaluation(
 ) -> tuple[dict[str, float], int]:
     """``fed.evaluate-model = local``: every device trained this round reports its personal model right after local
     training (``trained``: its metrics, PFedRec's rule); the evaluation cohort's devices that did not train this
-    round rank with their stored head on the server's current table (PFedRec's code would use the table its last
-    training left on the device, which is not kept here). With every device in every round nobody is in the second
-    group and no evaluation message is sent. Returns (per-user means, payload bytes sent)."""
-    rest = np.setdiff1d(evaluation_cohort(config, population, server_round), np.fromiter(trained, dtype=np.int64))
+    round rank with their stored head on the server's current table. Under ``local-last`` ``trained`` holds every
+    device's report from its last training round, PFedRec's code's rule: it scores each client with the model its
+    last round left, which does not change until the client trains again, so the metrics it reported then are
+    the ones that model scores now; only the cohort's devices that never trained rank on the current table. With
+    every device in every round nobody is in the second group and no evaluation message is sent. Returns
+    (per-user means over the evaluation cohort, payload bytes sent)."""
+    cohort = evaluation_cohort(config, population, server_round)
+    if config.fed.evaluate_model == "local-last":
+        trained = {user: trained[int(user)] for user in cohort if int(user) in trained}
+    rest = np.setdiff1d(cohort, np.fromiter(trained, dtype=np.int64))
     others: dict[int, Mapping[str, float]] = {}
     widths: dict[int, int] = {}
     sent = 0

@@ -179,8 +179,9 @@ class Server:
         settings: dict[str, float | bool] = {
             "send-signal": self.wants_signal(server_round), "user-swap-fraction": self.user_swap_fraction(server_round),
         }
-        if self.config.fed.evaluate_model == "local" and is_evaluation_round(self.config, server_round):
-            settings["evaluate"] = True
+        evaluate_model = self.config.fed.evaluate_model
+        if evaluate_model == "local-last" or (evaluate_model == "local" and is_evaluation_round(self.config, server_round)):
+            settings["evaluate"] = True  # local-last: every round, since a device's last personal model is what counts
         share = self.policy.user_prefix_share(server_round - 1, self.config.num_server_rounds)  # the phase this round trains in
         return {**settings, "user-prefix-share": share} if share else settings
 
