@@ -53,9 +53,13 @@ METHODS = [
     ("PFedRec", "federated", "pfedrec.toml"),
     ("SparseRec 0.2", "federated", "sparserec-peer.toml"),
     ("SparseRec 0.2 + PFedRec", "federated", "pfedrec-sparserec.toml"),
+    # PFedRec's code's evaluation at partial participation: each client with the model its last round left
+    ("PFedRec (last models)", "federated", ("pfedrec.toml", "--fed.evaluate-model", "local-last")),
+    ("SparseRec 0.2 + PFedRec (last models)", "federated", ("pfedrec-sparserec.toml", "--fed.evaluate-model", "local-last")),
 ]
 COLUMNS = [
-    "dataset", "candidates", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "sampled_hr@10",
+    "dataset", "candidates", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "evaluate_model",
+    "sampled_hr@10",
     "sampled_ndcg@10",
     "recall@20", "ndcg@20", "best_round", "unseen_sampled_hr@10", "unseen_recall@20", "unseen_users", "hr_vs_central",
     "upload_bytes_mean", "upload_vs_dense_table",
@@ -84,6 +88,7 @@ def federated_row(run_dir: Path) -> dict:
         "unseen_recall@20": summary.get("best_unseen_recall@20", float("nan")),
         "unseen_users": summary.get("unseen_users", 0),
         "negatives_from": config["train.negatives-from"],
+        "evaluate_model": config["fed.evaluate-model"],
         "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
         "upload_vs_dense_table": rounds["upload_bytes_mean"].mean() / rounds["dense_fedavg_upload_bytes"].mean(),
         "download_bytes_mean": rounds["download_bytes_mean"].mean(),
