@@ -33,6 +33,7 @@ from fedsparse.federation.inprocess import InProcessTransport, population_of
 from fedsparse.federation.observer import ObservingTransport, UploadLog
 from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.evaluate import ATTACKS, evaluate_attacks, sum_attack
+from fedsparse.privacy.leakage import AttackGuess, membership_metrics
 from fedsparse.rng import rng_for
 from fedsparse.run_files import new_run_dir, read_jsonl, save_figure
 
@@ -43,7 +44,7 @@ COLUMNS = [
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
     *[f"{attack}_{metric}" for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")],
     "differencing_auc", "differencing_f1", "differencing_sign", "differencing_auc_outside",
-    "start_auc", "start_f1", "start_sign", "start_auc_outside",
+    "start_auc", "start_f1", "start_sign", "start_auc_outside", "popularity_auc",
     "random_f1", "targets", "seconds",
 ]
 
@@ -85,6 +86,8 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
     watched_members = {user: data.train.indices[data.train.indptr[user] : data.train.indptr[user + 1]].astype(np.int64)
                        for user in sorted(watch)}
     predicted = int(round(data.train.nnz / max(1, np.count_nonzero(np.diff(data.train.indptr)))))  # the mean device's items
+    popularity = AttackGuess(np.asarray(data.train.sum(axis=0), dtype=np.float64).ravel(), np.zeros(0, dtype=np.int64))
+    prior = [membership_metrics(popularity, items, np.arange(data.n_items))["auc"] for items in watched_members.values()]
     for phase in ("train", "start"):  # the sums the server held, attacked on the watched devices that joined one
         leakage[{"train": "differencing", "start": "start"}[phase]] = sum_attack(
             [item for item in transport.sums if item.phase == phase], watched_members, data.n_items, predicted, config.seed)
@@ -106,6 +109,7 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
         **{f"{attack}_{metric}": leakage[attack][metric] for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")},
         **{f"{attack}_{metric}": leakage[attack][metric]
            for attack in ("differencing", "start") for metric in ("auc", "f1", "sign", "auc_outside")},
+        "popularity_auc": float(np.nanmean(prior)),  # ranking by item popularity alone, no upload read
         "random_f1": leakage["random"]["f1"],
         "targets": leakage["random"]["targets"],
         "seconds": time.perf_counter() - started,
@@ -194,7 +198,8 @@ def main() -> None:
         f"{time.perf_counter() - started:.0f} s. AUC = over all items; auc_uploaded = among the uploaded rows (IMIA's framing); "
         "epsilon at delta = 1e-5 per device over its uploads (inf = no local DP). `*_auc_outside`: the control of "
         "a sum attack, the same score on watched devices that joined no such sum (what the sums reveal of everyone, "
-        "item popularity; nan where every watched device joined one, or in rows measured before the column).\n\n"
+        "item popularity; nan where every watched device joined one, or in rows measured before the column). "
+        "`popularity_auc`: the watched devices' items ranked by their training popularity alone (no upload read).\n\n"
     )
     write_markdown_table(args.out / f"privacy-{args.dataset}.md", header, frame.reindex(columns=COLUMNS))
     plot_frontier(frame, args.out / f"privacy-{args.dataset}.png")

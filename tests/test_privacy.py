@@ -369,10 +369,12 @@ def test_the_sum_attack_learns_its_direction_on_shadow_devices() -> None:
                           for user in targets])
     assert unoriented == pytest.approx(0.0)  # the same scores, read the wrong way round
     assert np.isnan(raw["auc_outside"])  # every device joined a sum: no control group
-    # A device that joined no sum is scored by what the sums say of everyone: here every item lost the same mean
-    # mass, so the control reads 0.5 while the members read 1.0 (all of it comes from their contributions).
-    controlled = sum_attack(sums, {**items, n_users: np.arange(5)}, n_items, 5, seed=0)
-    assert controlled["auc"] == pytest.approx(1.0) and controlled["auc_outside"] == pytest.approx(0.5)
+    # The control reads each target's scores against the items of a device that joined no sum (here items no
+    # member holds, whose mass never moves): near chance, while the members read 1.0.
+    wider = [ObservedSum("train", item.server_round, item.users, np.concatenate([item.row_mass, np.full(10, 10.0)]))
+             for item in sums]
+    controlled = sum_attack(wider, {**items, n_users: np.arange(n_items, n_items + 5)}, n_items + 10, 5, seed=0)
+    assert controlled["auc"] == pytest.approx(1.0) and abs(controlled["auc_outside"] - 0.5) < 0.1
     rising = [ObservedSum("train", item.server_round, item.users, 20.0 - item.row_mass) for item in sums]
     assert sum_attack(rising, items, n_items, 5, seed=0)["sign"] == 1.0
     assert np.isnan(sum_attack([], items, n_items, 5, seed=0)["auc"])

@@ -11,11 +11,12 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.privacy.attacks import ValueAttack, differencing_guess, imia_guess, row_id_guess
-from fedsparse.privacy.leakage import AttackGuess, mean_metrics, membership_metrics, random_guess_metrics
+from fedsparse.privacy.leakage import mean_metrics, membership_metrics, random_guess_metrics
 from fedsparse.privacy.observe import ObservedSum, ObservedUpload
 from fedsparse.rng import rng_for
 
 ATTACKS = ("row-id", "value", "imia")
+CONTROL_DEVICES = 50  # devices outside every sum that a sum attack's control scores (a seeded draw)
 
 
 def shadow_split(seed: int, users: np.ndarray, shadow_fraction: float = 0.5) -> set[int]:
@@ -27,7 +28,7 @@ def shadow_split(seed: int, users: np.ndarray, shadow_fraction: float = 0.5) -> 
 
 def sum_attack(
     sums: list[ObservedSum], members_of: dict[int, np.ndarray], n_items: int, predicted: int, seed: int,
-    shadow_fraction: float = 0.5,
+    shadow_fraction: float = 0.5, controls: int = CONTROL_DEVICES,
 ) -> dict[str, float]:
     """The differencing attack on secure sums (``differencing_guess``), its direction learnt on shadow devices.
 
@@ -36,33 +37,36 @@ def sum_attack(
     its scores by the mean AUC of its shadow devices (``sign`` -1 below 0.5) and is scored on the targets:
     {auc, f1, sign} over the target devices that joined a sum (NaN when none did or no sum was held).
 
-    ``auc_outside`` is the control: the same oriented score (the sums' mean row mass) for the devices of
-    ``members_of`` that joined no sum. What the sums say about every user alike (item popularity) scores there
-    too; only the excess of ``auc`` over it comes from the members' own contributions (NaN: no such device)."""
+    ``auc_outside`` is the control: each target's scores depend on the user only through which sums it joined,
+    so the same scores are also read against the items of up to ``controls`` devices of ``members_of`` that
+    joined no sum (a seeded draw). What the sums say of everyone (item popularity) scores there as well; only
+    ``auc`` above it comes from the members' own contributions (NaN when every device joined a sum)."""
     joined = {int(user) for item in sums for user in item.users.tolist()}
     users = np.array(sorted(user for user in members_of if user in joined))
     if users.size < 2:
         return {"auc": np.nan, "f1": np.nan, "sign": np.nan, "auc_outside": np.nan}
     shadow = shadow_split(seed, users, shadow_fraction)
     everything = np.arange(n_items)
+    outside = np.array(sorted(user for user in members_of if user not in joined), dtype=np.int64)
+    if outside.size > controls:
+        outside = np.sort(rng_for(seed, "privacy-controls").choice(outside, size=controls, replace=False))
 
-    def scored(group: list[int], sign: int) -> list[dict[str, float]]:
-        metrics = []
+    def scored(group: list[int], sign: int) -> tuple[list[dict[str, float]], list[float]]:
+        metrics: list[dict[str, float]] = []
+        control: list[float] = []
         for user in group:
             guess = differencing_guess(sums, user, predicted, sign)
             if guess is not None:
                 metrics.append(membership_metrics(guess, members_of[user], everything))
-        return metrics
+                control.extend(membership_metrics(guess, members_of[int(other)], everything)["auc"] for other in outside)
+        return metrics, control
 
-    shadow_auc = mean_metrics(scored(sorted(shadow), 1))["auc"]
+    shadow_auc = mean_metrics(scored(sorted(shadow), 1)[0])["auc"]
     sign = -1 if shadow_auc < 0.5 else 1
-    targets = mean_metrics(scored([int(user) for user in users if int(user) not in shadow], sign))
-    outside = [user for user in members_of if user not in joined]
-    population = sign * np.mean([item.row_mass for item in sums], axis=0)
-    control = [membership_metrics(AttackGuess(population, np.zeros(0, dtype=np.int64)), members_of[user], everything)["auc"]
-               for user in outside]
+    target_metrics, control = scored([int(user) for user in users if int(user) not in shadow], sign)
+    targets = mean_metrics(target_metrics)
     return {"auc": targets["auc"], "f1": targets["f1"], "sign": float(sign),
-            "auc_outside": float(np.mean(control)) if control else np.nan}
+            "auc_outside": float(np.nanmean(control)) if control else np.nan}
 
 
 def evaluate_attacks(
