@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +48,7 @@ sys.path.insert(0, ".")
 runpy.run_path("train.py", run_name="__main__")
 """
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOG_STAMP = re.compile(r"\d\d-\d\d-\d\d \d\d:\d\d-")  # the minute stamp opening each line of PFedRec's log file
 SCORE_LINE = re.compile(r"\[(Testing|Evluating) Epoch (\d+)\] HR = ([0-9.]+), NDCG = ([0-9.]+)")
 CURVE_CSV = RESULTS_DIR / "pfedrec_reference_curves.csv"
 TABLE_CSV = RESULTS_DIR / "pfedrec_reference.csv"
@@ -68,18 +70,44 @@ def run_pfedrec(python: str, checkout: Path, rounds: int, seed: int, dataset: st
     with subprocess.Popen(command, cwd=checkout, env=environment, stderr=subprocess.PIPE, text=True) as child:
         assert child.stderr is not None
         for line in child.stderr:
-            match = SCORE_LINE.search(line)
-            if match is None:
-                continue
-            phase, round_index, hit_ratio, ndcg = match.groups()
-            prefix = "test" if phase == "Testing" else "val"
-            row = scores.setdefault(int(round_index) + 1, {})
-            row.update({f"{prefix}_hr@10": float(hit_ratio), f"{prefix}_ndcg@10": float(ndcg)})
-            if prefix == "test":
-                row["elapsed_seconds"] = time.monotonic() - started
-                print(f"round {int(round_index) + 1}: test HR@10 {hit_ratio}", flush=True)
+            if add_score(scores, line, time.monotonic() - started):
+                print(f"round {max(scores)}: test HR@10 {scores[max(scores)]['test_hr@10']}", flush=True)
     if child.returncode != 0:
         raise SystemExit(f"PFedRec's train.py exited with {child.returncode}")
+    return curve_of(scores, seed)
+
+
+def read_pfedrec_log(path: Path, seed: int) -> pd.DataFrame:
+    """The same rows from the log file a run of ``train.py`` wrote (its ``log/`` folder), e.g. of a run stopped
+    early: every round whose test and validation scores both reached the file; seconds from its minute stamps."""
+    scores: dict[int, dict[str, float]] = {}
+    lines = path.read_text().splitlines()
+    stamps = [datetime.strptime(line[:14], "%y-%m-%d %H:%M") for line in lines if LOG_STAMP.match(line)]
+    for line in lines:
+        if LOG_STAMP.match(line):
+            add_score(scores, line, (datetime.strptime(line[:14], "%y-%m-%d %H:%M") - stamps[0]).total_seconds())
+    complete = {index: row for index, row in scores.items() if "test_hr@10" in row and "val_hr@10" in row}
+    if not complete:
+        raise SystemExit(f"{path}: no round with both test and validation scores (not a PFedRec log?)")
+    return curve_of(complete, seed)
+
+
+def add_score(scores: dict[int, dict[str, float]], line: str, elapsed: float) -> bool:
+    """Record the score a log ``line`` carries (1-based round); True for a test score."""
+    match = SCORE_LINE.search(line)
+    if match is None:
+        return False
+    phase, round_index, hit_ratio, ndcg = match.groups()
+    prefix = "test" if phase == "Testing" else "val"
+    row = scores.setdefault(int(round_index) + 1, {})
+    row.update({f"{prefix}_hr@10": float(hit_ratio), f"{prefix}_ndcg@10": float(ndcg)})
+    if prefix == "test":
+        row["elapsed_seconds"] = elapsed
+    return prefix == "test"
+
+
+def curve_of(scores: dict[int, dict[str, float]], seed: int) -> pd.DataFrame:
+    """Per-round scores as a frame with the seed."""
     curve = pd.DataFrame.from_dict(scores, orient="index").rename_axis("round").reset_index()
     curve.insert(0, "seed", seed)
     return curve
@@ -105,17 +133,23 @@ def best_validation_rows(curve: pd.DataFrame, report_rounds: list[int]) -> pd.Da
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkout", type=Path, required=True, help="a checkout of PFedRec's repository")
+    parser.add_argument("--checkout", type=Path, help="a checkout of PFedRec's repository (to run it)")
     parser.add_argument("--python", default=sys.executable, help="an interpreter with torch, pandas < 3, tensorboardX")
     parser.add_argument("--rounds", type=int, default=100, help="PFedRec's --num_round (its default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="torch's seed in the child")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--participation", type=float, default=1.0,
                         help="PFedRec's --clients_sample_ratio: the share of clients each round (its default: 1.0)")
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="read the per-round scores from a log file a run of train.py wrote (its log/ folder; e.g. "
+                             "a run stopped early) instead of running it; --seed and --participation say what it ran")
     parser.add_argument("--report-rounds", default="65,100",
                         help="comma-separated N: the best-validation test score among the first N rounds")
     args = parser.parse_args()
-    curve = run_pfedrec(args.python, args.checkout.resolve(), args.rounds, args.seed, args.dataset, args.participation)
+    if args.checkout is None and args.from_log is None:
+        parser.error("give --checkout (to run PFedRec's train.py) or --from-log (to read a run's log)")
+    curve = (read_pfedrec_log(args.from_log, args.seed) if args.from_log is not None
+             else run_pfedrec(args.python, args.checkout.resolve(), args.rounds, args.seed, args.dataset, args.participation))
     curve.insert(1, "dataset", args.dataset)
     curve.insert(2, "participation", args.participation)
     curves = pd.concat([pd.read_csv(CURVE_CSV), curve]) if CURVE_CSV.exists() else curve
