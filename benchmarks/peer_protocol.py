@@ -181,13 +181,15 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
     """The Markdown table (ratios against central MF and FedMF of the same dataset) and the HR@10 plot."""
     frame = ResultTable(args.out / "peer_protocol.csv").frame()
     central = frame[frame["method"] == "central MF"].groupby(["dataset", "candidates", "rounds"])["sampled_hr@10"].max()
-    fedmf = frame[(frame["method"] == "FedMF")].set_index(["dataset", "participation"])["seconds_per_round"]
+    # FedMF's round at the same dataset, share and length (one figure per key: the median of its rows)
+    fedmf = frame[frame["method"] == "FedMF"].groupby(["dataset", "participation", "rounds"])["seconds_per_round"].median()
     frame["hr_vs_central"] = [  # against central MF on the same candidate file at equal passes (epochs)
         row["sampled_hr@10"] / central.get((row["dataset"], row["candidates"], round(row["rounds"] * row["participation"])),
                                            float("nan"))
         for _, row in frame.iterrows()]
-    frame["seconds_vs_fedmf"] = [row["seconds_per_round"] / fedmf.get((row["dataset"], row["participation"]), float("nan"))
-                                 for _, row in frame.iterrows()]
+    frame["seconds_vs_fedmf"] = [
+        row["seconds_per_round"] / fedmf.get((row["dataset"], row["participation"], row["rounds"]), float("nan"))
+        for _, row in frame.iterrows()]
     header = (
         (f"Last invocation: {command} on {machine_description()}, {seconds:.0f} s" if command else
          "Rewritten from the CSVs (`--report-only`); the commands of every dataset's rows are in "
@@ -211,6 +213,11 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
          "public code rerun here for as many rounds (`pfedrec_reference.md`: `pfedrec_code_hr@10` is the mean over its "
          "seeds, `pfedrec_code_runs` how many; ml-100k only):\n\n",
          pd.concat([within_rounds(frame, curves, rounds, code_runs(args.out)) for rounds in (PFEDREC_REFERENCE_ROUNDS, 100)])),
+        ("\nAt partial participation, each cell under PFedRec's rules against PFedRec's code run at the same share "
+         "(`pfedrec_reference.md`, `--participation`): the test HR@10 at the best validation round among the cell's "
+         "first N rounds (its curve, evaluated every `eval_every` passes) for each N the code's runs were read at, "
+         "and the code's mean over its seeds within the same N rounds (evaluated every round):\n\n",
+         partial_participation_rows(frame, curves, code_runs(args.out))),
     ])
     plot_curves(frame, curves, args.out / "peer_protocol.png")
 
@@ -238,10 +245,9 @@ def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: 
     rows = []
     chosen = (frame["eval_every"] == 1) & (frame["participation"] == 1.0) & frame["method"].isin(dense_methods())
     for _, row in frame[chosen].iterrows():
-        points = curves[(curves["cell"] == row["cell"]) & (curves["round"] <= rounds)].sort_values("round")
-        if points.empty:
+        best = best_within(curves, row["cell"], rounds)
+        if best is None:
             continue
-        best = points.iloc[len(points) - 1 - int(np.argmax(points["validation_sampled_hr@10"].to_numpy()[::-1]))]
         full = code["participation"] == 1.0 if "participation" in code else True
         peer = code[(code["dataset"] == row["dataset"]) & (code["rounds"] == rounds) & full]["test_hr@10"]
         peer_mean = float(peer.mean()) if len(peer) else float("nan")
@@ -250,6 +256,36 @@ def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: 
                      "vs_pfedrec_reference": best["sampled_hr@10"] - PFEDREC_PUBLISHED_HR10,
                      "pfedrec_code_hr@10": peer_mean, "pfedrec_code_runs": len(peer),
                      "vs_pfedrec_code": best["sampled_hr@10"] - peer_mean})
+    return pd.DataFrame(rows)
+
+
+def best_within(curves: pd.DataFrame, cell: str, rounds: int) -> pd.Series | None:
+    """The cell's evaluated point of best validation HR@10 among rounds <= ``rounds`` (ties: the later round)."""
+    points = curves[(curves["cell"] == cell) & (curves["round"] <= rounds)].sort_values("round")
+    if points.empty:
+        return None
+    return points.iloc[len(points) - 1 - int(np.argmax(points["validation_sampled_hr@10"].to_numpy()[::-1]))]
+
+
+def partial_participation_rows(frame: pd.DataFrame, curves: pd.DataFrame, code: pd.DataFrame) -> pd.DataFrame:
+    """Per federated cell under PFedRec's rules at a share < 1: its best-validation test HR@10 within the first N
+    rounds, for each N at which PFedRec's code at the same share and dataset was read, beside the code's mean."""
+    rows = []
+    if "participation" not in code:
+        return pd.DataFrame(rows)
+    chosen = (frame["participation"] < 1.0) & frame["method"].str.contains("PFedRec") & (frame["engine"] != "central")
+    for _, row in frame[chosen].iterrows():
+        runs = code[(code["dataset"] == row["dataset"]) & (code["participation"] == row["participation"])]
+        for rounds in sorted(runs["rounds"].unique()):
+            best = best_within(curves, row["cell"], int(rounds))
+            if best is None:
+                continue
+            peer = runs[runs["rounds"] == rounds]["test_hr@10"]
+            rows.append({"dataset": row["dataset"], "method": row["method"], "participation": row["participation"],
+                         "evaluate_model": row.get("evaluate_model"), "within_rounds": int(rounds),
+                         "best_round": int(best["round"]), "sampled_hr@10": best["sampled_hr@10"],
+                         "pfedrec_code_hr@10": float(peer.mean()), "pfedrec_code_runs": len(peer),
+                         "vs_pfedrec_code": best["sampled_hr@10"] - float(peer.mean())})
     return pd.DataFrame(rows)
 
 
