@@ -181,6 +181,18 @@ def test_local_evaluation_reports_the_trained_devices_own_models(tmp_path):
     assert rounds[2]["evaluated_clients"] == devices_with_test
 
 
+def dense_partial_run(tmp_path, transport_class, name, **overrides):
+    """A dense federation of ``small_config`` with every device in the evaluation cohort and ``overrides``, over
+    ``transport_class``: (config, data, transport, run directory)."""
+    config = small_config(tmp_path, **{"sparse.policy": "dense", "sparse.density": 1.0, "fed.eval-fraction": 1.0,
+                                       **overrides})
+    data = load_dataset(config.data, config.seed)
+    transport = transport_class(config, data)
+    run_dir = new_run_dir(tmp_path, name)
+    run_federation(config, population_of(data, config), transport, run_dir, data.train)
+    return config, data, transport, run_dir
+
+
 class ReportingTransport(InProcessTransport):
     """The in-process transport that keeps, per round and kind, each device's reported test Recall@20."""
 
@@ -202,13 +214,9 @@ def test_local_last_evaluation_counts_each_device_with_its_last_personal_model(t
     survive a checkpoint round trip."""
     from fedsparse.federation.engine import CHECKPOINT, RunState, read_checkpoint
 
-    config = small_config(tmp_path, **{"num-server-rounds": 4, "fed.eval-every": 2, "fed.evaluate-model": "local-last",
-                                       "sparse.policy": "dense", "sparse.density": 1.0, "fed.fraction-train": 0.25,
-                                       "fed.eval-fraction": 1.0})
-    data = load_dataset(config.data, config.seed)
-    transport = ReportingTransport(config, data)
-    run_dir = new_run_dir(tmp_path, "local-last")
-    run_federation(config, population_of(data, config), transport, run_dir, data.train)
+    config, _, transport, run_dir = dense_partial_run(
+        tmp_path, ReportingTransport, "local-last",
+        **{"num-server-rounds": 4, "fed.eval-every": 2, "fed.evaluate-model": "local-last", "fed.fraction-train": 0.25})
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     last: dict[int, float] = {}
     for server_round in range(1, 5):
@@ -231,13 +239,9 @@ def test_local_evaluation_with_partial_participation_also_ranks_the_cohorts_othe
     """With 30 % of the devices per round, the evaluated round's metrics cover the trained devices (their personal
     models) and every other device of the evaluation cohort (its stored head on the current table), not the
     trained ones alone; with every device trained no evaluation message is sent (the test above)."""
-    config = small_config(tmp_path, **{"num-server-rounds": 2, "fed.eval-every": 1, "fed.evaluate-model": "local",
-                                       "sparse.policy": "dense", "sparse.density": 1.0, "fed.fraction-train": 0.3,
-                                       "fed.eval-fraction": 1.0})
-    data = load_dataset(config.data, config.seed)
-    transport = CountingTransport(config, data)
-    run_dir = new_run_dir(tmp_path, "local-eval-partial")
-    run_federation(config, population_of(data, config), transport, run_dir, data.train)
+    config, data, transport, run_dir = dense_partial_run(
+        tmp_path, CountingTransport, "local-eval-partial",
+        **{"num-server-rounds": 2, "fed.eval-every": 1, "fed.evaluate-model": "local", "fed.fraction-train": 0.3})
     assert [kind for kind, _, _ in transport.kinds] == ["train", "evaluate", "train", "evaluate"]
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     devices_with_test = sum(1 for user in population_of(data, config).users if data.test[int(user)].nnz)
