@@ -10,15 +10,15 @@ are kept in ``benchmarks/results/dense_reference.csv`` and skipped on a rerun. N
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_training  # noqa: E402
+from common import add_result_flags, require_data, run_training  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description  # noqa: E402
+from fedsparse.run_files import atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,12 +51,15 @@ def main() -> None:
     parser.add_argument("--large-epochs", type=int, default=20, help="upper bound for gowalla and yelp2018")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--large-eval-every", type=int, default=10, help="for gowalla and yelp2018 (full ranking is slow)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
-    if not os.environ.get("FEDSPARSE_DATA"):
-        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
-
     table = ResultTable(args.out / "dense_reference.csv")
+    command = (f"`python benchmarks/dense_reference.py --epochs {args.epochs} --large-epochs {args.large_epochs} "
+               f"--eval-every {args.eval_every} --large-eval-every {args.large_eval_every}`")
+    if args.report_only:
+        write_table(args.out, table, f"Rewritten from the CSV (`--report-only`); its cells were measured by {command}.")
+        return
+    require_data(parser)
     started = time.perf_counter()
     # Cheap cells first: every MF cell, then NeuMF (whose full ranking on the large sets is slowest).
     for model, (label, dataset, split, large) in [(m, c) for m in args.models.split(",") for c in CELLS]:
@@ -75,13 +78,14 @@ def main() -> None:
         table.add(cell, {key: row.get(key) for key in COLUMNS})
         print(f"{cell:20s} recall@20={summary['recall@20']:.4f} ndcg@20={summary['ndcg@20']:.4f} "
               f"{summary['seconds_per_epoch']:.2f} s/epoch, {summary['epochs_run']} epochs", flush=True)
-    header = (
-        f"Measured by `python benchmarks/dense_reference.py --epochs {args.epochs} --large-epochs {args.large_epochs} "
-        f"--eval-every {args.eval_every} --large-eval-every {args.large_eval_every}` on {machine_description()}; "
-        f"this invocation took {time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).\n\n"
-    )
+    write_table(args.out, table, f"Measured by {command} on {machine_description()}; this invocation took "
+                f"{time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).")
+
+
+def write_table(out: Path, table: ResultTable, header: str) -> None:
+    """The Markdown table of every cell in the CSV under ``header``, written atomically."""
     frame = table.frame().reindex(columns=COLUMNS)
-    (args.out / "dense_reference.md").write_text(header + frame.to_markdown(index=False, floatfmt=".4f") + "\n")
+    atomic_write_text(out / "dense_reference.md", header + "\n\n" + frame.to_markdown(index=False, floatfmt=".4f") + "\n")
     print(frame.to_string(index=False))
 
 
