@@ -240,7 +240,8 @@ def dense_methods() -> set[str]:
 def code_runs(results: Path) -> pd.DataFrame:
     """PFedRec's public code rerun here (``pfedrec_reference.py``): its test HR@10 per seed, dataset and length."""
     path = results / PFEDREC_CODE_RUNS
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["seed", "rounds", "test_hr@10", "dataset"])
+    return (pd.read_csv(path) if path.exists()
+            else pd.DataFrame(columns=["seed", "participation", "rounds", "test_hr@10", "dataset"]))
 
 
 def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: pd.DataFrame) -> pd.DataFrame:
@@ -252,8 +253,8 @@ def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: 
         best = best_within(curves, row["cell"], rounds)
         if best is None:
             continue
-        full = code["participation"] == 1.0 if "participation" in code else True
-        peer = code[(code["dataset"] == row["dataset"]) & (code["rounds"] == rounds) & full]["test_hr@10"]
+        peer = code[(code["dataset"] == row["dataset"]) & (code["rounds"] == rounds) & (code["participation"] == 1.0)]
+        peer = peer["test_hr@10"]
         peer_mean = float(peer.mean()) if len(peer) else float("nan")
         rows.append({"dataset": row["dataset"], "method": row["method"], "candidates": row["candidates"],
                      "within_rounds": rounds, "best_round": int(best["round"]), "sampled_hr@10": best["sampled_hr@10"],
@@ -275,8 +276,6 @@ def partial_participation_rows(frame: pd.DataFrame, curves: pd.DataFrame, code: 
     """Per federated cell under PFedRec's rules at a share < 1: its best-validation test HR@10 within the first N
     rounds, for each N at which PFedRec's code at the same share and dataset was read, beside the code's mean."""
     rows = []
-    if "participation" not in code:
-        return pd.DataFrame(rows)
     chosen = (frame["participation"] < 1.0) & frame["method"].str.contains("PFedRec") & (frame["engine"] != "central")
     for _, row in frame[chosen].iterrows():
         runs = code[(code["dataset"] == row["dataset"]) & (code["participation"] == row["participation"])]

@@ -81,11 +81,12 @@ def read_pfedrec_log(path: Path, seed: int) -> pd.DataFrame:
     """The same rows from the log file a run of ``train.py`` wrote (its ``log/`` folder), e.g. of a run stopped
     early: every round whose test and validation scores both reached the file; seconds from its minute stamps."""
     scores: dict[int, dict[str, float]] = {}
-    lines = path.read_text().splitlines()
-    stamps = [datetime.strptime(line[:14], "%y-%m-%d %H:%M") for line in lines if LOG_STAMP.match(line)]
-    for line in lines:
+    first: datetime | None = None
+    for line in path.read_text().splitlines():
         if LOG_STAMP.match(line):
-            add_score(scores, line, (datetime.strptime(line[:14], "%y-%m-%d %H:%M") - stamps[0]).total_seconds())
+            stamp = datetime.strptime(line[:14], "%y-%m-%d %H:%M")
+            first = first or stamp
+            add_score(scores, line, (stamp - first).total_seconds())
     complete = {index: row for index, row in scores.items() if "test_hr@10" in row and "val_hr@10" in row}
     if not complete:
         raise SystemExit(f"{path}: no round with both test and validation scores (not a PFedRec log?)")

@@ -51,19 +51,19 @@ def sum_attack(
     if outside.size > controls:
         outside = np.sort(rng_for(seed, "privacy-controls").choice(outside, size=controls, replace=False))
 
-    def scored(group: list[int], sign: int) -> tuple[list[dict[str, float]], list[float]]:
+    def scored(group: list[int], sign: int, controlled: np.ndarray) -> tuple[list[dict[str, float]], list[float]]:
         metrics: list[dict[str, float]] = []
         control: list[float] = []
         for user in group:
             guess = differencing_guess(sums, user, predicted, sign)
             if guess is not None:
                 metrics.append(membership_metrics(guess, members_of[user], everything))
-                control.extend(membership_metrics(guess, members_of[int(other)], everything)["auc"] for other in outside)
+                control.extend(membership_metrics(guess, members_of[int(other)], everything)["auc"] for other in controlled)
         return metrics, control
 
-    shadow_auc = mean_metrics(scored(sorted(shadow), 1)[0])["auc"]
+    shadow_auc = mean_metrics(scored(sorted(shadow), 1, outside[:0])[0])["auc"]  # the shadow half learns the sign only
     sign = -1 if shadow_auc < 0.5 else 1
-    target_metrics, control = scored([int(user) for user in users if int(user) not in shadow], sign)
+    target_metrics, control = scored([int(user) for user in users if int(user) not in shadow], sign, outside)
     targets = mean_metrics(target_metrics)
     return {"auc": targets["auc"], "f1": targets["f1"], "sign": float(sign),
             "auc_outside": float(np.nanmean(control)) if control else np.nan}
