@@ -3,7 +3,7 @@
 import numpy as np
 import scipy.sparse as sp
 
-from fedsparse.central.sampling import NegativeSampler, negative_exclusions, training_pairs
+from fedsparse.central.sampling import NegativeSampler, negative_exclusions, nth_outside, training_pairs
 from fedsparse.data.interactions import binary_csr
 
 
@@ -68,3 +68,13 @@ def test_negative_exclusions_follow_the_rule():
     np.testing.assert_array_equal(np.unique(default), [2, 3, 4, 5])
     unrated = NegativeSampler(negative_exclusions(train, validation, test, "unrated")).sample(np.random.default_rng(0), users, 1)
     np.testing.assert_array_equal(np.unique(unrated), [4, 5])
+
+
+def test_nth_outside_indexes_the_complement_without_building_it():
+    rng = np.random.default_rng(3)
+    for n_items, excluded_count in [(1, 0), (7, 3), (50, 0), (50, 49), (500, 120)]:
+        excluded = np.sort(rng.choice(n_items, size=excluded_count, replace=False)).astype(np.int64)
+        complement = np.setdiff1d(np.arange(n_items), excluded)
+        positions = rng.integers(0, complement.size, size=(3, 4))
+        np.testing.assert_array_equal(nth_outside(positions, excluded), complement[positions])
+        np.testing.assert_array_equal(nth_outside(np.arange(complement.size), excluded), complement)

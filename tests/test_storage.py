@@ -81,6 +81,38 @@ def test_auto_tie_goes_to_row_index():
     assert CompactTable.encode(weight, mask).format == "row-index"
 
 
+def _prefix_table(n_rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = rng_for(0, "test-storage-prefix", n_rows, dim)
+    sizes = rng.integers(0, dim + 1, n_rows)
+    return rng.standard_normal((n_rows, dim)).astype(np.float32), np.arange(dim)[None, :] < sizes[:, None]
+
+
+@pytest.mark.parametrize("format", ["row-index", "bitmask", "prefix"])
+@pytest.mark.parametrize("dim", [5, 64, 300])
+def test_decode_rows_equals_the_rows_of_the_whole_decode(format, dim):
+    weight, mask = _prefix_table(N_ROWS, dim) if format == "prefix" else random_table(N_ROWS, dim, 0.3)
+    mask[[0, N_ROWS - 1]] = False  # empty rows at both ends: their values take no room
+    mask[3] = True  # a full row
+    table = CompactTable.encode(weight, mask, format)
+    whole, whole_mask = table.decode()
+    rng = rng_for(1, "test-storage-rows", dim)
+    for positions in (np.arange(N_ROWS), np.array([N_ROWS - 1, 3, 0, 3]), rng.integers(0, N_ROWS, 11),
+                      np.zeros(0, dtype=np.int64), np.array([N_ROWS - 2])):
+        rows, rows_mask = table.decode_rows(positions)
+        assert rows.dtype == np.float32 and rows_mask.dtype == np.bool_ and rows.shape == (positions.size, dim)
+        np.testing.assert_array_equal(rows, whole[positions])
+        np.testing.assert_array_equal(rows_mask, whole_mask[positions])
+        np.testing.assert_array_equal(table.mask_rows(positions), whole_mask[positions])
+
+
+def test_decode_rows_rejects_a_row_outside_the_table():
+    table = CompactTable.encode(*random_table(4, 8, 0.5))
+    with pytest.raises(IndexError, match="row 4 is outside the table's 4 rows"):
+        table.decode_rows(np.array([1, 4]))
+    with pytest.raises(IndexError, match="row -1"):
+        table.mask_rows(np.array([-1]))
+
+
 def test_dense_nbytes_and_compression():
     assert dense_nbytes(1000, 64) == 256_000
     weight, mask = random_table(1000, 64, 0.1)

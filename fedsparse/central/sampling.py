@@ -13,6 +13,14 @@ import scipy.sparse as sp
 MAX_BULK_ROUNDS = 32  # bulk rejection rounds before the exact per-user fallback
 
 
+def nth_outside(positions: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """The items at ``positions`` (int64, any shape) of the sorted complement of ``excluded`` (sorted distinct int64
+    ids): ``np.setdiff1d(np.arange(n_items), excluded)[positions]`` without building the complement, so a
+    device's draws cost memory in what it excludes and draws, not in the catalogue's size."""
+    shifted = np.asarray(excluded, dtype=np.int64) - np.arange(len(excluded), dtype=np.int64)  # candidates before each
+    return positions + np.searchsorted(shifted, positions, side="right")
+
+
 class NegativeSampler:
     """Draws uniform negatives per user, rejecting the user's interacted items.
 

@@ -126,7 +126,7 @@ class _Batch:
         loaded = [round_item_rows(device.download, row, n_items) for device, row in zip(devices, rows, strict=True)]
         self.item_start = [start for start, _, _ in loaded]
         self.item_mask_arrays = [mask for _, mask, _ in loaded]
-        self.table_nbytes = [nbytes for _, _, nbytes in loaded]
+        self.decoded_nbytes = [nbytes for _, _, nbytes in loaded]
         counts = np.array([row.touched.size for row in rows], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.row_device = torch.from_numpy(np.repeat(np.arange(len(devices)), counts))
@@ -315,7 +315,7 @@ class _Batch:
             self.items[rows].numpy(), start, mask, self.users[g].numpy(),
             None if self.bias is None else self.bias[g : g + 1].numpy(), moments,
             float(self.losses[g] / self.step_counts[g]), self.item_signal[rows].numpy(), self.user_signal[g].numpy(),
-            start.nbytes + moment_bytes, self.table_nbytes[g],  # the item optimiser's float mask and Adam's moments
+            start.nbytes + moment_bytes, self.decoded_nbytes[g],  # the item optimiser's float mask and Adam's moments
         )
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fedsparse.central.losses import batch_loss, mf_batch_gradients, mf_user_row_gradient
 from fedsparse.central.models import JoinedNeuMF, MatrixFactorization
+from fedsparse.central.sampling import nth_outside
 from fedsparse.config import AUTO, RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
 from fedsparse.eval import metrics
@@ -177,12 +178,16 @@ def user_row_density(config: RunConfig) -> float:
     return build_policy(config.sparse).settings.density
 
 
-def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
-    """Sorted int64 ids of the items this round may touch: all of them, the public secure-aggregation
-    subset, or (streaming) the items that exist by this round."""
+def round_item_subset(config: RunConfig, n_items: int, server_round: int) -> np.ndarray | None:
+    """Sorted int64 ids of the items this round may touch when they are not all of them (the public
+    secure-aggregation subset, or, streaming, the items that exist by this round); None for every item."""
     rows = secure_round_rows(config, n_items, server_round)
-    if rows is None:
-        rows = revealed_items(config, n_items, server_round)
+    return revealed_items(config, n_items, server_round) if rows is None else rows
+
+
+def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
+    """Sorted int64 ids of the items this round may touch (``round_item_subset``, or every item)."""
+    rows = round_item_subset(config, n_items, server_round)
     return np.arange(n_items, dtype=np.int64) if rows is None else rows
 
 
@@ -190,8 +195,8 @@ def round_view(config: RunConfig, data: DeviceData, n_items: int, server_round: 
     """The device's data as this round trains it: its training items inside ``round_items`` (all of them
     unless secure aggregation covers a subset of rows or items are still to arrive); held-out and
     interacted items unchanged."""
-    items = round_items(config, n_items, server_round)
-    return data if items.size == n_items else replace(data, train=np.intersect1d(data.train, items))
+    items = round_item_subset(config, n_items, server_round)
+    return data if items is None else replace(data, train=np.intersect1d(data.train, items))
 
 
 def round_padding(config: RunConfig, data: DeviceData, n_items: int, server_round: int) -> np.ndarray:
@@ -216,10 +221,13 @@ def round_negatives(config: RunConfig, data: DeviceData, n_items: int, server_ro
     rng = rng_for(config.seed, "device-negatives", server_round, data.user_id)
     shape = (config.fed.local_epochs, data.train.size + fakes.size, config.train.negatives)
     excluded = np.union1d(data.not_sampled(config.train.negatives_from), fakes)
-    candidates = np.setdiff1d(round_items(config, n_items, server_round), excluded, assume_unique=True)
-    if candidates.size == 0:
+    subset = round_item_subset(config, n_items, server_round)
+    candidates = None if subset is None else np.setdiff1d(subset, excluded, assume_unique=True)
+    count = n_items - excluded.size if candidates is None else candidates.size
+    if count == 0:
         raise DeviceError(f"user {data.user_id}: no item is left to draw as a negative")
-    return candidates[rng.integers(0, candidates.size, size=shape)]
+    drawn = rng.integers(0, count, size=shape)
+    return nth_outside(drawn, excluded) if candidates is None else candidates[drawn]
 
 
 def local_batches(
@@ -386,9 +394,8 @@ def plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload,
 class _LocalModel:
     """The round's working copy: MF (or NeuMF) over the user row [1, w] and the touched item rows [r, w],
     their masks (``user_mask`` bool [1, w], ``item_mask`` bool [r, w]) and optimisers; ``item_start``
-    float32 [r, w] holds the rows as downloaded (deltas are taken against it), ``table_nbytes`` the bytes of
-    the whole decoded download (weights and mask); for NeuMF, ``network_start`` the shared network as
-    received and ``network_opt`` its fresh Adam."""
+    float32 [r, w] holds the rows as downloaded (deltas are taken against it), ``decoded_nbytes`` its bytes;
+    for NeuMF, ``network_start`` the shared network as received and ``network_opt`` its fresh Adam."""
 
     model: MatrixFactorization | JoinedNeuMF
     user_mask: torch.Tensor
@@ -396,17 +403,18 @@ class _LocalModel:
     user_opt: MaskedAdam | MaskedSGD
     item_opt: MaskedAdam | MaskedSGD
     item_start: np.ndarray
-    table_nbytes: int
+    decoded_nbytes: int
     network_start: NetworkWeights | None = None
     network_opt: torch.optim.Adam | None = None
 
 
 def round_item_rows(download: RowsDownload, rows: RoundRows, n_items: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Decode the download and copy out the touched rows: (item rows float32 [r, w], their mask bool [r, w],
-    bytes of the whole decoded table and mask, which the device held while copying)."""
-    table, table_mask = download.table.decode()
-    local = np.searchsorted(download.rows(n_items), rows.touched)
-    return table[local], table_mask[local], table.nbytes + table_mask.nbytes
+    """Decode the touched rows alone from the compact download (the rest of the table stays compact): (item rows
+    float32 [r, w], their mask bool [r, w], bytes of the decoded rows kept as downloaded; the mask is the local
+    model's and counted with it)."""
+    positions = rows.touched if download.row_ids is None else np.searchsorted(download.row_ids, rows.touched)
+    start, mask = download.table.decode_rows(positions)
+    return start, mask, start.nbytes
 
 
 def _load_local_model(
@@ -416,7 +424,7 @@ def _load_local_model(
     """Copy the user row and the touched item rows of the decoded download (and the received network) into a
     local model, and set up the user row's optimiser (resumed from the device's state) and fresh ones for
     the item rows and the network."""
-    item_start, item_mask_array, table_nbytes = round_item_rows(download, rows, n_items)
+    item_start, item_mask_array, decoded_nbytes = round_item_rows(download, rows, n_items)
     model = local_model(config, state.user_row, item_start, network, state.user_bias)  # the device's width
     user_mask = torch.from_numpy(state.user_mask).view(1, -1)
     item_mask = torch.from_numpy(item_mask_array)
@@ -425,7 +433,7 @@ def _load_local_model(
     network_opt = None
     if isinstance(model, JoinedNeuMF):
         network_opt = torch.optim.Adam(list(network_parameters(model).values()), lr=config.fed.network_lr)
-    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, table_nbytes, network, network_opt)
+    return _LocalModel(model, user_mask, item_mask, user_opt, item_opt, item_start, decoded_nbytes, network, network_opt)
 
 
 @dataclass(frozen=True)
@@ -522,7 +530,7 @@ class TrainedRows:
     as downloaded and their mask (bool [r, w]); the user row float32 [w], its score bias float32 [1] (None
     without one) and its Adam moments and step count (None under SGD, which keeps none); the mean loss per
     step; the gradients accumulated on inactive entries (items float32 [r, w], user float32 [w]); bytes of
-    the item rows' optimiser state and of the decoded download; for NeuMF the network as received and as
+    the item rows' optimiser state and of the rows as decoded from the download; for NeuMF the network as received and as
     trained."""
 
     items: np.ndarray
@@ -535,7 +543,7 @@ class TrainedRows:
     item_signal: np.ndarray
     user_signal: np.ndarray
     item_opt_nbytes: int
-    table_nbytes: int
+    decoded_nbytes: int
     network_start: NetworkWeights | None = None
     network: NetworkWeights | None = None
 
@@ -551,7 +559,7 @@ def _trained_rows(local: _LocalModel, steps: _JointSteps) -> TrainedRows:
         local.model.item_embedding.weight.detach().numpy(), local.item_start, local.item_mask.numpy(),
         local.model.user_embedding.weight.detach().view(-1).numpy(), None if bias is None else bias.detach().numpy(),
         moments, steps.mean_loss, steps.item_signal.numpy(), steps.user_signal.view(-1).numpy(), local.item_opt.nbytes,
-        local.table_nbytes, local.network_start,
+        local.decoded_nbytes, local.network_start,
         network_of(local.model) if isinstance(local.model, JoinedNeuMF) else None,
     )
 
@@ -589,13 +597,14 @@ def _trained_device_state(state: DeviceState, trained: TrainedRows) -> DeviceSta
 
 
 def _round_memory_bytes(new_state: DeviceState, download: RowsDownload, rows: RoundRows, trained: TrainedRows) -> int:
-    """Bytes the device held during the round: its state, the download and its decoded table, the working
-    item rows (copy, gradient, optimiser state, signal, mask), for NeuMF the network (received copy,
-    weights, gradient, Adam's two moments), and the negatives."""
+    """Bytes the device held while training: its state, the download (compact), the touched rows decoded from
+    it, the working item rows (copy, gradient, optimiser state, signal, mask), for NeuMF the network (received
+    copy, weights, gradient, Adam's two moments), and the negatives. (Ranking every item for a personal
+    evaluation, afterwards, decodes the whole table.)"""
     working = trained.items.nbytes * 2 + trained.item_opt_nbytes + trained.item_signal.nbytes + trained.item_mask.nbytes
     if trained.network_start is not None:
         working += 5 * trained.network_start.nbytes
-    held = new_state.nbytes + download.nbytes + trained.table_nbytes
+    held = new_state.nbytes + download.nbytes + trained.decoded_nbytes
     return int(held + working + rows.negatives.nbytes)
 
 

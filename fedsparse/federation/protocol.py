@@ -148,14 +148,13 @@ def _device_state(
 
 
 def _item_rows(download: RowsDownload, items: np.ndarray) -> np.ndarray:
-    """The downloaded (masked) item rows float32 [m, w] of those ``items`` the download holds."""
-    weights, _ = download.table.decode()
+    """The downloaded (masked) item rows float32 [m, w] of those ``items`` the download holds (decoded alone)."""
     if download.row_ids is None:
-        return weights[items]
+        return download.table.decode_rows(items)[0]
     if download.row_ids.size == 0:
-        return weights[:0]
+        return np.zeros((0, download.table.dim), dtype=np.float32)
     position = np.searchsorted(download.row_ids, items).clip(max=download.row_ids.size - 1)
-    return weights[position[download.row_ids[position] == items]]
+    return download.table.decode_rows(position[download.row_ids[position] == items])[0]
 
 
 def handle_train(
@@ -242,8 +241,7 @@ def _kept_state(config: RunConfig, state: dict[str, np.ndarray], device: DeviceS
 
 def _row_masks(download: RowsDownload, row_ids: np.ndarray) -> np.ndarray:
     """The masks bool [r, dim] of the downloaded rows ``row_ids`` (a subset of the download)."""
-    _, mask = download.table.decode()
-    return mask[row_ids] if download.row_ids is None else mask[np.searchsorted(download.row_ids, row_ids)]
+    return download.table.mask_rows(row_ids if download.row_ids is None else np.searchsorted(download.row_ids, row_ids))
 
 
 def _empty_secure_reply(

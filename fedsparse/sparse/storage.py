@@ -19,6 +19,7 @@ Because values follow row-major mask order, a party that already knows the mask 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,72 @@ class CompactTable:
         mask[rows, self._part("col_indices").astype(np.int64)] = True
         return mask
 
+    def decode_rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``positions`` int [r] (any order, repeats allowed) of the table and its mask, without decoding the
+        rest: weight float32 [r, dim] with zeros off-mask, mask bool [r, dim]. Where each row's values begin is
+        found in one pass over the rows' counts, a chunk at a time: nothing per table row is allocated."""
+        positions = self._checked_positions(positions)
+        mask = self.mask_rows(positions)
+        weight = np.zeros(mask.shape, dtype=np.float32)
+        weight[mask] = self.values[self._row_entries(positions)]
+        return weight, mask
+
+    def mask_rows(self, positions: np.ndarray) -> np.ndarray:
+        """The mask of rows ``positions`` int [r] alone, bool [r, dim] (``decode_rows`` without the values)."""
+        positions = self._checked_positions(positions)
+        if self.format == "bitmask":
+            packed = self._part("bitmask")[positions]
+            return np.unpackbits(packed, axis=1, count=self.dim).astype(bool).reshape(positions.size, self.dim)
+        if self.format == "prefix":
+            return prefix_mask(self._part("row_sizes")[positions].astype(np.int64), self.dim)
+        lengths = self._part("row_counts")[positions].astype(np.int64)
+        columns = self._part("col_indices")[self._row_entries(positions)].astype(np.int64)
+        mask = np.zeros((positions.size, self.dim), dtype=bool)
+        mask[np.repeat(np.arange(positions.size), lengths), columns] = True
+        return mask
+
+    def _row_entries(self, positions: np.ndarray) -> np.ndarray:
+        """Where the active entries of rows ``positions`` int64 [r] sit in ``values``, row after row: int64 [sum of
+        their counts]."""
+        starts, lengths = self._row_starts(positions)
+        return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+
+    def _row_starts(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the values of rows ``positions`` int64 [r] begin in ``values`` and how many they are, int64 [r]
+        each: one pass over the rows' counts a chunk at a time, keeping nothing per table row."""
+        order = np.argsort(positions, kind="stable")
+        ordered = positions[order]
+        starts = np.empty(positions.size, dtype=np.int64)
+        lengths = np.empty(positions.size, dtype=np.int64)
+        before = 0
+        for first, counts in self._row_count_chunks():
+            low, high = np.searchsorted(ordered, [first, first + counts.size])
+            if high > low:
+                local = ordered[low:high] - first
+                starts[order[low:high]] = before + (np.cumsum(counts) - counts)[local]
+                lengths[order[low:high]] = counts[local]
+            before += int(counts.sum())
+        return starts, lengths
+
+    def _row_count_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, active entries of each row of the chunk int64 [<= _COUNT_CHUNK_ROWS]) over the whole table
+        (the layout's own counts, or the bitmask rows' popcounts)."""
+        for first in range(0, self.n_rows, _COUNT_CHUNK_ROWS):
+            rows = slice(first, first + _COUNT_CHUNK_ROWS)
+            if self.format == "bitmask":
+                counts = _POPCOUNT[self._part("bitmask")[rows]].sum(axis=1, dtype=np.uint16).astype(np.int64)
+            else:
+                counts = self._part("row_counts" if self.format == "row-index" else "row_sizes")[rows].astype(np.int64)
+            yield first, counts
+
+    def _checked_positions(self, positions: np.ndarray) -> np.ndarray:
+        """``positions`` as int64 [r]; IndexError naming the first one outside [0, n_rows)."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        outside = (positions < 0) | (positions >= self.n_rows)
+        if outside.any():
+            raise IndexError(f"row {int(positions[np.argmax(outside)])} is outside the table's {self.n_rows} rows")
+        return positions
+
     def _part(self, name: str) -> np.ndarray:
         """The structure array ``name`` of this table's format; ValueError when the format holds none."""
         array = getattr(self, name)
@@ -209,7 +276,7 @@ class CompactTable:
             raise ValueError(f"values dtype must be float32, got {values.dtype}")
         if values.ndim != 1:
             raise ValueError(f"values must be 1-D [K], got shape {values.shape}")
-        if not np.all(np.isfinite(values)):
+        if not _all_finite(values):
             raise ValueError("values contain non-finite entries (NaN or inf)")
         nnz = values.size
         if self.format == "prefix":
@@ -235,7 +302,7 @@ class CompactTable:
             padding = dim % 8
             if padding and n_rows and np.any(bitmask[:, -1] & np.uint8((1 << (8 - padding)) - 1)):
                 raise ValueError(f"bitmask padding bits (past column {dim - 1}) are set")
-            active = int(np.unpackbits(bitmask).sum()) if bitmask.size else 0
+            active = sum(int(counts.sum()) for _, counts in self._row_count_chunks())  # set bits, mask kept packed
             if active != nnz:
                 raise ValueError(f"bitmask has {active} set bits but values has length {nnz}")
             return
@@ -252,20 +319,28 @@ class CompactTable:
             raise ValueError(f"row_counts exceed dim = {dim} (row {int(np.argmax(counts64 > dim))})")
         if int(counts64.sum()) != nnz:
             raise ValueError(f"row_counts sum to {int(counts64.sum())} but values has length {nnz}")
-        indices64 = indices.astype(np.int64)
-        if nnz and indices64.max() >= dim:
-            raise ValueError(f"col_indices must be < dim = {dim}, got {int(indices64.max())}")
+        if nnz and int(indices.max()) >= dim:
+            raise ValueError(f"col_indices must be < dim = {dim}, got {int(indices.max())}")
         if nnz > 1:
             offsets = np.cumsum(counts64)[:-1]  # where rows 1.. begin; a new row may restart low
             starts = np.zeros(nnz, dtype=bool)
             starts[offsets[offsets < nnz]] = True
-            bad = (np.diff(indices64) <= 0) & ~starts[1:]
+            bad = (np.diff(indices.astype(np.int32)) <= 0) & ~starts[1:]  # int32 holds any column (dim <= 65535)
             if bad.any():
                 position = int(np.argmax(bad)) + 1
                 row = int(np.searchsorted(np.cumsum(counts64), position, side="right"))
                 raise ValueError(
                     f"col_indices must be strictly increasing within a row (row {row}, position {position})"
                 )
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """True when no entry is NaN or infinite, without a temporary the size of ``values`` (min and max carry a NaN)."""
+    return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # set bits of each byte value
+_COUNT_CHUNK_ROWS = 4096  # rows whose counts (a bitmask's byte popcounts) are expanded at once
 
 
 def _bitmask_width(dim: int) -> int:
