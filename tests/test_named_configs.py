@@ -52,3 +52,12 @@ def test_the_checks_fail_on_a_bad_file(tmp_path):
     bad_sweep.write_text('[grid]\n"sparse.polcy" = ["sparserec"]\n')
     with pytest.raises(ConfigError, match="sparse.polcy"):
         expand_grid(read_sweep(bad_sweep), tmp_path)
+
+
+def test_the_sparse_pfedrec_config_differs_from_pfedrec_only_by_its_mask():
+    """pfedrec-sparserec.toml says it is PFedRec's protocol with every setting the same but the item mask."""
+    dense, sparse = (read_config_file(CONFIGS / name) for name in ("pfedrec.toml", "pfedrec-sparserec.toml"))
+    mask_keys = {"sparse.policy", "sparse.density", "fed.user-density"}
+    assert {key: value for key, value in sparse.items() if key not in mask_keys} == {
+        key: value for key, value in dense.items() if key not in mask_keys}
+    assert (sparse["sparse.policy"], sparse["sparse.density"], sparse["fed.user-density"]) == ("sparserec", 0.2, 1.0)
