@@ -246,3 +246,33 @@ def test_local_evaluation_with_partial_participation_also_ranks_the_cohorts_othe
     rounds = read_jsonl(run_dir / "rounds.jsonl")
     devices_with_test = sum(1 for user in population_of(data, config).users if data.test[int(user)].nnz)
     assert [record["evaluated_clients"] for record in rounds] == [devices_with_test] * 2
+
+
+class RecordingTransport(InProcessTransport):
+    """The in-process transport, keeping every training round's messages as the devices received them."""
+
+    def __init__(self, config, data):
+        super().__init__(config, data)
+        self.train_messages = []
+
+    def send(self, kind, server_round, messages, settings):
+        if kind == "train":
+            self.train_messages.append(dict(messages))
+        return super().send(kind, server_round, messages, settings)
+
+
+def test_in_process_devices_share_one_read_only_copy_of_the_whole_table(tmp_path):
+    """With the full downlink the table is encoded once per round and every device's message holds that one copy,
+    read-only: a device decodes the rows it touches from it and cannot write into what the others read."""
+    config = small_config(tmp_path, **{"fed.downlink": "full", "num-server-rounds": 2})
+    data = load_dataset(config.data, config.seed)
+    transport = RecordingTransport(config, data)
+    run_federation(config, population_of(data, config), transport, new_run_dir(tmp_path, "shared"), data.train)
+    assert len(transport.train_messages) == 2
+    for messages in transport.train_messages:
+        first, *others = messages.values()
+        table_keys = [key for key in first if key.startswith("table.")]
+        assert others and "table.values" in table_keys
+        for key in table_keys:
+            assert not first[key].flags.writeable
+            assert all(message[key] is first[key] for message in others)

@@ -939,7 +939,7 @@ def download_messages(
     wanted: Mapping[int, np.ndarray | None], widths: Mapping[int, int], stateless: bool = False,
 ) -> dict[int, Arrays]:
     """Each device's training or evaluation message as wire arrays: the rows it wants (None = the whole
-    masked table, encoded once per width and shared) cut to its width, its NMF init fields (all of them every
+    masked table, encoded once per width and shared read-only) cut to its width, its NMF init fields (all of them every
     time for ``stateless`` devices, ``DeviceInit.fields``) and, in a NeuMF federation, the shared network (the
     same arrays for every device)."""
     tables: dict[int, RowsDownload] = {}
@@ -948,6 +948,8 @@ def download_messages(
         width = widths[user]
         if rows is None and width not in tables:
             tables[width] = server.download(None, width)
+            for array in tables[width].table.to_arrays().values():  # one copy every device reads, none writes
+                array.setflags(write=False)
         download = tables[width] if rows is None else server.download(rows, width)
         messages[user] = request(download, device_init.fields(user, stateless), server.network).to_arrays()
     return messages
