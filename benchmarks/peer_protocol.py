@@ -60,6 +60,11 @@ METHODS = [
     # as every 5 rounds with every device
     ("SparseRec 0.2 + PFedRec (last models; explore every 50 rounds)", "federated",
      ("pfedrec-sparserec.toml", "--fed.evaluate-model", "local-last", "--fed.explore-every", "50")),
+    # the mask explored over the first half (quarter) of the rounds, then fixed while the values train on
+    ("SparseRec 0.2 + PFedRec (last models; mask fixed after half the rounds)", "federated",
+     ("pfedrec-sparserec.toml", "--fed.evaluate-model", "local-last", "--sparse.end-fraction", "0.5")),
+    ("SparseRec 0.2 + PFedRec (last models; mask fixed after a quarter of the rounds)", "federated",
+     ("pfedrec-sparserec.toml", "--fed.evaluate-model", "local-last", "--sparse.end-fraction", "0.25")),
 ]
 COLUMNS = [
     "dataset", "candidates", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "evaluate_model",
