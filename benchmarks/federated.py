@@ -3,7 +3,9 @@
 In-process engine (same loop as `flwr run`, see tests/test_federation_e2e.py). Each cell runs
 ``fedsparse simulate`` in a subprocess; bytes are the engine's measured per-round means, compared
 with three references measured on the same updates: the information floor (row ids + active values
-of the rows touched), the same rows uploaded dense, and dense FedAvg of the whole item table.
+of the rows touched), the same rows uploaded dense, and dense FedAvg of the whole item table; and the
+wire bytes per device over the whole run (serialised messages, start, training and evaluation). The
+learning rates are the config's defaults unless ``--local-lr`` / ``--item-lr`` (and their dense twins) say.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/federated.py --datasets ml-1m --rounds 30
 """
@@ -26,6 +28,7 @@ from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CURVES = "federated_curves.csv"  # per-cell test Recall@20 by round (run directories are not committed)
+WIRE_PHASES = ("start", "train", "evaluate", "total")  # summary.json's per-device wire totals, by phase of the run
 # (variant, policy, density, extra flags); "per-row" keeps every item row at round(density * dim) values.
 CELLS = [
     ("dense", "dense", 1.0, []),
@@ -41,6 +44,8 @@ COLUMNS = [
     "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
     "total_nmf_upload_bytes", "total_nmf_download_bytes",
+    *[f"wire_{phase}_bytes_per_device" for phase in WIRE_PHASES], "wire_total_bytes_per_device_max",
+    "negatives_from",
 ]
 
 
@@ -53,6 +58,7 @@ def cell_row(run_dir: Path) -> dict:
     """One table row from a run directory: final metrics and per-client-round byte means over rounds."""
     rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
     summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())["config"]
     upload = rounds["upload_bytes_mean"].mean()
     evaluated = rounds.dropna(subset=["recall@20"])
     return {
@@ -72,6 +78,13 @@ def cell_row(run_dir: Path) -> dict:
         "seconds_per_round": rounds["seconds"].mean(),
         "total_nmf_upload_bytes": summary.get("total_nmf_upload_bytes", 0),
         "total_nmf_download_bytes": summary.get("total_nmf_download_bytes", 0),
+        # What crossed the wire per device over the whole run (serialised messages, both directions), by phase.
+        **{f"wire_{phase}_bytes_per_device": summary.get(f"wire_{phase}_both_bytes_per_device_mean", float("nan"))
+           for phase in WIRE_PHASES},
+        "wire_total_bytes_per_device_max": summary.get("wire_total_both_bytes_per_device_max", float("nan")),
+        "local_lr": config["fed.local-lr"],
+        "item_lr": config["fed.item-lr"] if config["fed.item-optimizer"] == "sgd" else float("nan"),
+        "negatives_from": config["train.negatives-from"],
         "run_dir": str(run_dir),
     }
 
@@ -82,12 +95,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--negatives", default="1,4", help="sampled negatives per positive to compare")
-    parser.add_argument("--local-lr", default="0.01", help="device Adam learning rate of the user row (sparse cells)")
-    parser.add_argument("--dense-local-lr", default="0.05",
+    parser.add_argument("--local-lr", default="", help="the user row's learning rate (sparse cells; default: the config's)")
+    parser.add_argument("--dense-local-lr", default="",
                         help="the same for dense FedMF (tuned apart: it starts from random rows)")
     parser.add_argument("--item-optimizer", default="sgd", choices=("sgd", "adam"), help="the devices' optimiser of item rows")
-    parser.add_argument("--item-lr", default="1.0", help="sgd step per example on item rows (sparse cells)")
-    parser.add_argument("--dense-item-lr", default="1.0", help="the same for dense FedMF")
+    parser.add_argument("--item-lr", default="", help="sgd step per example on item rows (sparse cells; default: the config's)")
+    parser.add_argument("--dense-item-lr", default="", help="the same for dense FedMF")
     parser.add_argument("--local-batch-size", default="0")
     parser.add_argument("--nmf-rounds", type=int, default=3, help="federated NMF rounds before training (NMF policies)")
     parser.add_argument("--downlink", default="full", choices=("full", "rows"))
@@ -105,7 +118,7 @@ def main() -> None:
         for negatives in args.negatives.split(","):
             for variant, policy, density, extra in CELLS:
                 item_lr = args.dense_item_lr if policy == "dense" else args.item_lr
-                optimizer = args.item_optimizer if args.item_optimizer == "adam" else f"sgd{item_lr}"
+                optimizer = args.item_optimizer if args.item_optimizer == "adam" else f"sgd{item_lr or 'default'}"
                 cell = (f"{dataset}/{variant}/{density}/neg{negatives}/nmf{args.nmf_rounds}/{args.downlink}/{optimizer}"
                         f"/r{args.rounds}")
                 if args.cells and f"{variant}/{density}" not in args.cells.split(","):
@@ -113,27 +126,27 @@ def main() -> None:
                 if table.has(cell):
                     continue
                 local_lr = args.dense_local_lr if policy == "dense" else args.local_lr
+                rates = [*(["--fed.local-lr", local_lr] if local_lr else []), *(["--fed.item-lr", item_lr] if item_lr else [])]
                 flags = ["--dataset", dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", policy,
                          "--sparse.density", str(density), "--negatives", negatives,
-                         "--fed.fraction-train", str(args.fraction), "--fed.local-lr", local_lr,
+                         "--fed.fraction-train", str(args.fraction), *rates,
                          "--fed.local-batch-size", args.local_batch_size, "--fed.eval-every", str(args.eval_every),
                          "--fed.nmf-rounds", str(args.nmf_rounds), "--fed.downlink", args.downlink,
-                         "--fed.item-optimizer", args.item_optimizer, "--fed.item-lr", item_lr, *extra]
+                         "--fed.item-optimizer", args.item_optimizer, *extra]
                 run_dir = run_simulation(flags, args.out / "runs")
                 row = cell_row(run_dir)
                 save_curve(args.out / CURVES, cell, run_dir)
                 table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density,
-                                 "negatives": int(negatives), "rounds": args.rounds, "local_lr": float(local_lr),
-                                 "item_optimizer": args.item_optimizer,
-                                 "item_lr": float(item_lr) if args.item_optimizer == "sgd" else float("nan"),
+                                 "negatives": int(negatives), "rounds": args.rounds, "item_optimizer": args.item_optimizer,
                                  "nmf_rounds": args.nmf_rounds if policy != "dense" else 0, "downlink": args.downlink, **row})
                 print(f"{cell:35s} recall@20={row['recall@20']:.4f} upload={row['upload_bytes_mean']:.0f} B "
                       f"({row['dense_fedavg_vs_upload']:.0f}x below dense FedAvg)", flush=True)
+    rates = "".join(f" --{name} {value}" for name, value in (
+        ("local-lr", args.local_lr), ("dense-local-lr", args.dense_local_lr), ("item-lr", args.item_lr),
+        ("dense-item-lr", args.dense_item_lr)) if value)
     command = (
         f"`python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
-        f"--fraction {args.fraction} --negatives {args.negatives} --local-lr {args.local_lr} --dense-local-lr "
-        f"{args.dense_local_lr} --item-optimizer {args.item_optimizer} --item-lr {args.item_lr} "
-        f"--dense-item-lr {args.dense_item_lr} "
+        f"--fraction {args.fraction} --negatives {args.negatives}{rates} --item-optimizer {args.item_optimizer} "
         f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink {args.downlink}`"
     )
     write_report(args, command, time.perf_counter() - started)
