@@ -25,9 +25,15 @@ from fedsparse.central.sampling import nth_outside
 from fedsparse.config import AUTO, RunConfig, ranking_cutoffs, uses_sampled_protocol
 from fedsparse.data.interactions import Interactions
 from fedsparse.eval import metrics
+from fedsparse.federation.compact_rows import (
+    CompactRows,
+    SignalHistory,
+    compact_mf_gradients,
+    compact_user_row_gradient,
+)
 from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.faults import DeviceError
-from fedsparse.federation.network import local_model, network_of, network_parameters
+from fedsparse.federation.network import local_model, network_of, network_parameters, uses_network
 from fedsparse.federation.streaming import revealed_items
 from fedsparse.federation.wire import NetworkWeights, RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 from fedsparse.privacy.defences import padding_count, sample_padding
@@ -171,6 +177,12 @@ def shared_head_init(config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     return row, rng.uniform(-bound, bound, 1).astype(np.float32)
 
 
+def holds_compact_rows(config: RunConfig) -> bool:
+    """Whether a device trains its touched item rows by their active entries (``compact_rows``): MF with a sparse
+    item mask. A dense table would pay index bytes for nothing, and NeuMF's network needs dense rows."""
+    return not uses_network(config) and build_policy(config.sparse).settings.density < 1.0
+
+
 def user_row_density(config: RunConfig) -> float:
     """Active share of a device's user row: ``fed.user-density``, or the mask policy's density when auto."""
     if config.fed.user_density != AUTO:
@@ -295,10 +307,12 @@ def local_train(
     received shared ``network``, which a fresh Adam at ``fed.network-lr`` trains on the real positives
     beside the rows; its delta joins the upload (``RowUpdate.network``).
 
-    The round, step by step: plan the item rows it touches (positives, fake positives, negatives), load
-    them with the user row into a local model, fit the user row alone (``fed.user-steps``), train user
-    and item rows jointly while accumulating gradients of inactive entries, encode the upload, keep the
-    new private state, explore the user row's mask, account the memory held, and evaluate if asked.
+    MF with a sparse item mask holds the touched rows by their active entries alone (``holds_compact_rows``,
+    ``compact_rows``: memory in the mask's entries, not in rows x width). The round, step by step: plan the
+    item rows it touches (positives, fake positives, negatives), load them with the user row into a local
+    model, fit the user row alone (``fed.user-steps``), train user and item rows jointly while accumulating
+    gradients of inactive entries, encode the upload, keep the new private state, explore the user row's
+    mask, account the memory held, and evaluate if asked.
 
     With ``local_round.evaluate`` (``fed.evaluate-model = local``) the device also ranks with its personal
     model right after training: its user row and the downloaded table with its own trained rows (PFedRec's
@@ -319,10 +333,14 @@ def local_train(
     among inactive entries.
     """
     rows = plan_round_rows(config, data, download, n_items, local_round.server_round)
-    local = _load_local_model(config, state, download, rows, n_items, network)
-    fit_user_row(config, local.model, local.user_opt, *rows.real_examples_of_first_epoch())
-    steps = _train_joint_steps(config, data, rows, local, local_round.server_round)
-    trained = _trained_rows(local, steps)
+    trained: TrainedRows | CompactTrainedRows
+    if holds_compact_rows(config):
+        trained = _train_compact_mf(config, state, data, download, rows, local_round)
+    else:
+        local = _load_local_model(config, state, download, rows, n_items, network)
+        fit_user_row(config, local.model, local.user_opt, *rows.real_examples_of_first_epoch())
+        steps = _train_joint_steps(config, data, rows, local, local_round.server_round)
+        trained = _trained_rows(local, steps)
     return finish_round(config, DeviceRound(state, data, download, local_round, network), rows, trained, n_items)
 
 
@@ -337,7 +355,9 @@ class DeviceRound:
     network: NetworkWeights | None = None
 
 
-def finish_round(config: RunConfig, device: DeviceRound, rows: RoundRows, trained: TrainedRows, n_items: int) -> LocalResult:
+def finish_round(
+    config: RunConfig, device: DeviceRound, rows: RoundRows, trained: TrainedRows | CompactTrainedRows, n_items: int
+) -> LocalResult:
     """Everything a local round does after its steps, from what they left (``trained``): encode the upload,
     keep the new private state, explore the user row's mask, account the memory held, and evaluate if asked.
     Shared by ``local_train`` and the batched devices (``fedsparse.federation.batched``)."""
@@ -547,6 +567,138 @@ class TrainedRows:
     network_start: NetworkWeights | None = None
     network: NetworkWeights | None = None
 
+    @property
+    def width(self) -> int:
+        """The item rows' width w."""
+        return int(self.items.shape[1])
+
+    def delta_values(self) -> np.ndarray:
+        """The active entries' deltas, float32 [K], row after row (the upload's order)."""
+        return (self.items - self.item_start)[self.item_mask]
+
+    def delta_rows(self) -> np.ndarray:
+        """The rows' deltas float32 [r, w], zero off the mask."""
+        return self.items - self.item_start
+
+    def trained_items(self) -> np.ndarray:
+        """The rows as trained, float32 [r, w]."""
+        return self.items
+
+    def top_signal(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the k inactive entries with the largest |accumulated gradient| (active entries rank after
+        every inactive one: an inactive entry whose gradient is exactly zero would otherwise tie with them and
+        lose to a lower active column): columns int64 [r, k'] and signed sums float32 [r, k'], k' = min(k, w)."""
+        magnitude = np.where(self.item_mask, -1.0, np.abs(self.item_signal))
+        order = np.argsort(-magnitude, axis=1, kind="stable")[:, : min(k, self.width)]
+        return order, np.take_along_axis(self.item_signal, order, axis=1).astype(np.float32)
+
+    def working_nbytes(self) -> int:
+        """Bytes of the working item rows (trained copy, gradient, optimiser state, signal, mask) and, for NeuMF,
+        the network (received copy, weights, gradient, Adam's two moments)."""
+        working = self.items.nbytes * 2 + self.item_opt_nbytes + self.item_signal.nbytes + self.item_mask.nbytes
+        return int(working + (5 * self.network_start.nbytes if self.network_start is not None else 0))
+
+
+@dataclass(frozen=True)
+class CompactTrainedRows:
+    """``TrainedRows`` of an MF round on compact rows (``compact_rows.CompactRows``): the rows' entries as
+    trained (``rows.values``) and as downloaded (``start`` float32 [K]); the regrowth signal's factors
+    (``history``, None when the round sends none); the user row, bias, moments, loss and user signal as there;
+    bytes of the item optimiser's state."""
+
+    rows: CompactRows
+    start: torch.Tensor
+    history: SignalHistory | None
+    user_row: np.ndarray
+    user_bias: np.ndarray | None
+    user_moments: tuple[np.ndarray, np.ndarray, int] | None
+    loss: float
+    user_signal: np.ndarray
+    item_opt_nbytes: int
+    network_start: None = None
+    network: None = None
+
+    @property
+    def width(self) -> int:
+        return self.rows.width
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of the rows' entries as read from the download (values kept to take deltas against)."""
+        return int(self.start.nbytes)
+
+    def delta_values(self) -> np.ndarray:
+        return (self.rows.values - self.start).numpy()
+
+    def delta_rows(self) -> np.ndarray:
+        return self.rows.dense(self.rows.values - self.start)
+
+    def trained_items(self) -> np.ndarray:
+        return self.rows.dense()
+
+    def top_signal(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.history is None:
+            raise ValueError("this round kept no regrowth signal (the server asked for none)")
+        return self.history.top_inactive(self.rows, k)
+
+    def working_nbytes(self) -> int:
+        """Bytes of the entries as trained and one step's gradient, their rows and columns, the optimiser's
+        state and the signal's factors."""
+        history = self.history.nbytes if self.history is not None else 0
+        return int(self.rows.values.nbytes * 2 + self.rows.index_nbytes + self.item_opt_nbytes + history)
+
+
+def _train_compact_mf(
+    config: RunConfig, state: DeviceState, data: DeviceData, download: RowsDownload, rows: RoundRows,
+    local_round: LocalRound,
+) -> CompactTrainedRows:
+    """The MF round on the touched rows' active entries (``compact_rows``): ``fit_user_row``'s steps, then the
+    joint steps of ``_train_joint_steps`` (user row, its bias and the item entries; the step order, padding,
+    optimisers and user state as there), keeping the regrowth signal's factors when the round sends it."""
+    positions = rows.touched if download.row_ids is None else np.searchsorted(download.row_ids, rows.touched)
+    items = CompactRows.from_table(download.table, positions)
+    start = items.values.clone()
+    user = torch.from_numpy(state.user_row.copy()).view(1, -1)
+    bias = None if state.user_bias is None else torch.from_numpy(state.user_bias.copy())
+    user_mask = torch.from_numpy(state.user_mask).view(1, -1)
+    user_opt = _user_optimizer(config, user, user_mask, state)
+    # Adam over the stored entries, every one of them active (a scalar mask broadcasts)
+    item_opt = (MaskedAdam(items.values, torch.ones((), dtype=torch.bool), config.fed.local_lr)
+                if config.fed.item_optimizer == "adam" else None)
+    loss, l2_reg = config.train.loss, config.train.l2_reg
+    fit_positives, fit_negatives = rows.real_examples_of_first_epoch()
+    for _ in range(config.fed.user_steps):
+        user_opt.step(compact_user_row_gradient(user[0], items, fit_positives, fit_negatives, loss, l2_reg).view(1, -1))
+    history = SignalHistory([], []) if local_round.send_signal else None
+    user_signal = torch.zeros(user_mask.shape)
+    positives = rows.positions(rows.trained)
+    total_loss, steps = 0.0, 0
+    for epoch, batch in local_batches(config, data, local_round.server_round, rows.trained.size):
+        examples = (positives[batch], rows.positions(rows.negatives[epoch][batch.numpy()]), batch < rows.n_real)
+        step = compact_mf_gradients(user[0], items, *examples, loss, l2_reg, bias)
+        user_signal += step.user.view(1, -1) * ~user_mask
+        item_user = user[0].clone()  # the user row the item gradient is taken at
+        if config.fed.user_state == "keep":
+            user_opt.step(step.user.view(1, -1))
+            if bias is not None and step.bias is not None:
+                bias.add_(step.bias, alpha=-config.fed.local_lr)
+        if config.fed.step_order == "head-first":  # PFedRec: the item step sees the head it just stepped
+            step, item_user = compact_mf_gradients(user[0], items, *examples, loss, l2_reg, bias), user[0].clone()
+        if history is not None:
+            history.record(step.coef, item_user)
+        if item_opt is None:  # SGD on the summed loss, as ``MaskedSGD``
+            items.values.add_(step.values, alpha=-config.fed.item_lr * float(batch.numel()))
+        else:
+            item_opt.step(step.values)
+        total_loss += float(step.loss)
+        steps += 1
+    moments = None
+    if isinstance(user_opt, MaskedAdam):
+        moments = (user_opt.exp_avg.view(-1).numpy().copy(), user_opt.exp_avg_sq.view(-1).numpy().copy(), user_opt.steps)
+    item_opt_nbytes = 0 if item_opt is None else item_opt.exp_avg.nbytes + item_opt.exp_avg_sq.nbytes
+    return CompactTrainedRows(items, start, history, user.view(-1).numpy(), None if bias is None else bias.numpy(), moments,
+                              total_loss / steps, user_signal.view(-1).numpy(), item_opt_nbytes)
+
 
 def _trained_rows(local: _LocalModel, steps: _JointSteps) -> TrainedRows:
     """``local_train``'s model and optimisers after the steps, as ``TrainedRows``."""
@@ -565,22 +717,22 @@ def _trained_rows(local: _LocalModel, steps: _JointSteps) -> TrainedRows:
 
 
 def _encode_upload(
-    config: RunConfig, rows: RoundRows, trained: TrainedRows, download: RowsDownload, n_items: int, send_signal: bool
+    config: RunConfig, rows: RoundRows, trained: TrainedRows | CompactTrainedRows, download: RowsDownload, n_items: int,
+    send_signal: bool,
 ) -> RowUpdate:
     """The upload: deltas of the active entries of the touched rows (``fed.uplink = table``: of every row,
     zero where untrained, as FedAvg uploads the whole table), weighted by the examples trained, with the
     top-k regrowth signal of each touched row's inactive entries when ``send_signal`` and, for NeuMF, the
     shared network's delta."""
-    delta_rows = trained.items - trained.item_start
     touched_ids = wire_row_ids(rows.touched, n_items)
-    signal = _top_signal(touched_ids, trained.item_signal, trained.item_mask, config) if send_signal else ()
+    signal = _top_signal(touched_ids, trained, config) if send_signal else ()
     if config.fed.uplink == "table":  # the download was the whole table (config check): every row goes back
         table_mask = download.table.mask()
         whole = np.zeros(table_mask.shape, dtype=np.float32)
-        whole[rows.touched] = delta_rows
+        whole[rows.touched] = trained.delta_rows()
         delta, row_ids = whole[table_mask], wire_row_ids(np.arange(n_items), n_items)
     else:
-        delta, row_ids = delta_rows[trained.item_mask], touched_ids
+        delta, row_ids = trained.delta_values(), touched_ids
     network = None
     if trained.network_start is not None and trained.network is not None:
         now, start = trained.network, trained.network_start
@@ -589,34 +741,33 @@ def _encode_upload(
     return update if network is None else replace(update, network=network)
 
 
-def _trained_device_state(state: DeviceState, trained: TrainedRows) -> DeviceState:
+def _trained_device_state(state: DeviceState, trained: TrainedRows | CompactTrainedRows) -> DeviceState:
     """The private state after training: the trained user row (mask unchanged) and, under Adam, its moments."""
     moments = trained.user_moments or (state.exp_avg.copy(), state.exp_avg_sq.copy(), state.steps)
     bias = None if trained.user_bias is None else trained.user_bias.astype(np.float32)
     return DeviceState(trained.user_row.astype(np.float32), state.user_mask.copy(), *moments, user_bias=bias)
 
 
-def _round_memory_bytes(new_state: DeviceState, download: RowsDownload, rows: RoundRows, trained: TrainedRows) -> int:
-    """Bytes the device held while training: its state, the download (compact), the touched rows decoded from
-    it, the working item rows (copy, gradient, optimiser state, signal, mask), for NeuMF the network (received
-    copy, weights, gradient, Adam's two moments), and the negatives. (Ranking every item for a personal
+def _round_memory_bytes(
+    new_state: DeviceState, download: RowsDownload, rows: RoundRows, trained: TrainedRows | CompactTrainedRows
+) -> int:
+    """Bytes the device held while training: its state, the download (compact), the touched rows as read from
+    it, the working item rows (``working_nbytes``), and the negatives. (Ranking every item for a personal
     evaluation, afterwards, decodes the whole table.)"""
-    working = trained.items.nbytes * 2 + trained.item_opt_nbytes + trained.item_signal.nbytes + trained.item_mask.nbytes
-    if trained.network_start is not None:
-        working += 5 * trained.network_start.nbytes
     held = new_state.nbytes + download.nbytes + trained.decoded_nbytes
-    return int(held + working + rows.negatives.nbytes)
+    return int(held + trained.working_nbytes() + rows.negatives.nbytes)
 
 
 def _personal_evaluation(
-    config: RunConfig, new_state: DeviceState, data: DeviceData, download: RowsDownload, rows: RoundRows, trained: TrainedRows
+    config: RunConfig, new_state: DeviceState, data: DeviceData, download: RowsDownload, rows: RoundRows,
+    trained: TrainedRows | CompactTrainedRows,
 ) -> dict[str, float]:
     """``evaluate_splits`` of the personal model: the new user row and the downloaded table with the
     device's own trained rows (and, for NeuMF, its trained network; needs the full table, ``fed.downlink = full``)."""
     if download.row_ids is not None:
         raise ValueError("evaluating the personal model needs the full item table (fed.downlink = full)")
     personal, _ = download.table.decode()
-    personal[rows.touched] = trained.items
+    personal[rows.touched] = trained.trained_items()
     return evaluate_splits(config, new_state, data, personal, trained.network)
 
 
@@ -778,20 +929,12 @@ def explore_user_row(
 
 
 def _top_signal(
-    rows: np.ndarray, signal: np.ndarray, mask: np.ndarray, config: RunConfig
+    rows: np.ndarray, trained: TrainedRows | CompactTrainedRows, config: RunConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per touched row, the ``signal-topk`` inactive entries with the largest |accumulated gradient|.
-
-    ``mask`` bool [r, dim] is the rows' item mask; active entries fill a row only when it has fewer
-    than k inactive ones.
-    """
-    k = min(config.fed.signal_topk, signal.shape[1])
-    # Active entries rank after every inactive one: an inactive entry whose gradient is exactly zero
-    # (off the user's mask) would otherwise tie with them and lose to a lower active column.
-    magnitude = np.where(mask, -1.0, np.abs(signal))
-    order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]
-    values = np.take_along_axis(signal, order, axis=1).astype(np.float32)
-    return rows.copy(), order.astype(signal_col_dtype(signal.shape[1])), values
+    """Per touched row (wire ids ``rows``), the ``signal-topk`` inactive entries with the largest |accumulated
+    gradient| (``top_signal``): the upload's signal rows, columns and signed sums."""
+    order, values = trained.top_signal(config.fed.signal_topk)
+    return rows.copy(), order.astype(signal_col_dtype(trained.width)), values
 
 
 def evaluate_splits(

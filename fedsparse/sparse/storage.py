@@ -152,6 +152,17 @@ class CompactTable:
         weight[mask] = self.values[self._row_entries(positions)]
         return weight, mask
 
+    def row_entries(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The active entries of rows ``positions`` int [r], row after row (columns ascending), never as dense
+        rows: (values float32 [K'], active entries per row int64 [r], their columns int64 [K'])."""
+        positions = self._checked_positions(positions)
+        if self.format == "row-index":
+            entries = self._row_entries(positions)
+            counts = self._part("row_counts")[positions].astype(np.int64)
+            return self.values[entries], counts, self._part("col_indices")[entries].astype(np.int64)
+        mask = self.mask_rows(positions)  # bool [r, dim]: a quarter of the rows' dense bytes, only while reading
+        return self.values[self._row_entries(positions)], mask.sum(axis=1).astype(np.int64), np.nonzero(mask)[1]
+
     def mask_rows(self, positions: np.ndarray) -> np.ndarray:
         """The mask of rows ``positions`` int [r] alone, bool [r, dim] (``decode_rows`` without the values)."""
         positions = self._checked_positions(positions)
