@@ -161,7 +161,9 @@ class CompactTable:
             counts = self._part("row_counts")[positions].astype(np.int64)
             return self.values[entries], counts, self._part("col_indices")[entries].astype(np.int64)
         mask = self.mask_rows(positions)  # bool [r, dim]: a quarter of the rows' dense bytes, only while reading
-        return self.values[self._row_entries(positions)], mask.sum(axis=1).astype(np.int64), np.nonzero(mask)[1]
+        columns = np.flatnonzero(mask)
+        columns %= self.dim
+        return self.values[self._row_entries(positions)], mask.sum(axis=1).astype(np.int64), columns
 
     def mask_rows(self, positions: np.ndarray) -> np.ndarray:
         """The mask of rows ``positions`` int [r] alone, bool [r, dim] (``decode_rows`` without the values)."""
