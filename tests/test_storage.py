@@ -103,6 +103,11 @@ def test_decode_rows_equals_the_rows_of_the_whole_decode(format, dim):
         np.testing.assert_array_equal(rows, whole[positions])
         np.testing.assert_array_equal(rows_mask, whole_mask[positions])
         np.testing.assert_array_equal(table.mask_rows(positions), whole_mask[positions])
+        values, counts, columns = table.row_entries(positions)  # the same rows, entry by entry
+        np.testing.assert_array_equal(values, whole[positions][whole_mask[positions]])
+        np.testing.assert_array_equal(counts, whole_mask[positions].sum(axis=1))
+        np.testing.assert_array_equal(columns, np.nonzero(whole_mask[positions])[1])
+        assert values.flags.writeable and columns.dtype == np.int32
 
 
 def test_decode_rows_rejects_a_row_outside_the_table():

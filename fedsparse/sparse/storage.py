@@ -154,23 +154,31 @@ class CompactTable:
 
     def row_entries(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The active entries of rows ``positions`` int [r], row after row (columns ascending), never as dense
-        rows: (values float32 [K'], active entries per row int64 [r], their columns int64 [K'])."""
+        rows: (values float32 [K'], active entries per row int64 [r], their columns int32 [K'])."""
         positions = self._checked_positions(positions)
         if self.format == "row-index":
             entries = self._row_entries(positions)
             counts = self._part("row_counts")[positions].astype(np.int64)
-            return self.values[entries], counts, self._part("col_indices")[entries].astype(np.int64)
-        mask = self.mask_rows(positions)  # bool [r, dim]: a quarter of the rows' dense bytes, only while reading
-        columns = np.flatnonzero(mask)
+            return self._values_at(entries), counts, self._part("col_indices")[entries].astype(np.int32)
+        if self.format == "prefix":
+            counts = self._part("row_sizes")[positions].astype(np.int64)
+        else:
+            counts = _POPCOUNT[self._part("bitmask")[positions]].sum(axis=1, dtype=np.uint16).astype(np.int64)
+        columns = np.flatnonzero(self.mask_rows(positions))  # the mask: a quarter of the rows' dense bytes, read once
         columns %= self.dim
-        return self.values[self._row_entries(positions)], mask.sum(axis=1).astype(np.int64), columns
+        return self._values_at(self._row_entries(positions)), counts, columns.astype(np.int32)
+
+    def _values_at(self, entries: np.ndarray | slice) -> np.ndarray:
+        """A writable copy of ``values[entries]`` (a received table's values are shared and read-only)."""
+        values = self.values[entries]
+        return values.copy() if isinstance(entries, slice) else values
 
     def mask_rows(self, positions: np.ndarray) -> np.ndarray:
         """The mask of rows ``positions`` int [r] alone, bool [r, dim] (``decode_rows`` without the values)."""
         positions = self._checked_positions(positions)
         if self.format == "bitmask":
             packed = self._part("bitmask")[positions]
-            return np.unpackbits(packed, axis=1, count=self.dim).astype(bool).reshape(positions.size, self.dim)
+            return np.unpackbits(packed, axis=1, count=self.dim).view(bool).reshape(positions.size, self.dim)
         if self.format == "prefix":
             return prefix_mask(self._part("row_sizes")[positions].astype(np.int64), self.dim)
         lengths = self._part("row_counts")[positions].astype(np.int64)
@@ -179,11 +187,16 @@ class CompactTable:
         mask[np.repeat(np.arange(positions.size), lengths), columns] = True
         return mask
 
-    def _row_entries(self, positions: np.ndarray) -> np.ndarray:
-        """Where the active entries of rows ``positions`` int64 [r] sit in ``values``, row after row: int64 [sum of
-        their counts]."""
+    def _row_entries(self, positions: np.ndarray) -> np.ndarray | slice:
+        """Where the active entries of rows ``positions`` int64 [r] sit in ``values``, row after row: indices [sum of
+        their counts] (int32 while they fit), or the whole slice when the rows are every row in order (a download
+        of exactly the rows a device touches)."""
+        if positions.size == self.n_rows and np.array_equal(positions, np.arange(self.n_rows)):
+            return slice(None)
         starts, lengths = self._row_starts(positions)
-        return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        index = np.int32 if self.nnz < 2**31 else np.int64
+        offsets = (starts - np.cumsum(lengths) + lengths).astype(index)
+        return np.repeat(offsets, lengths) + np.arange(int(lengths.sum()), dtype=index)
 
     def _row_starts(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where the values of rows ``positions`` int64 [r] begin in ``values`` and how many they are, int64 [r]
