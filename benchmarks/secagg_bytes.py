@@ -1,0 +1,93 @@
+"""Bytes of Flower's SecAgg+ against the undefended upload, both under `flwr run`, and the in-process secure sum.
+
+For one dataset and a secure-aggregation setting (``simulations/configs/secure-rows.toml``: secure rows at 5 %,
+or ``--config``), three runs of ``--rounds`` rounds with the same seed: Flower without secure aggregation,
+Flower with SecAgg+ (every stage of its protocol counted on the wire, ``server/secagg.py``), and the
+in-process engine, which sums the same vectors exactly. Per client-round: the payload upload (arrays and
+config values) and the wire upload and download (serialised messages, every SecAgg+ stage included), each
+against the undefended Flower run of this invocation.
+
+    FEDSPARSE_DATA=../shared/data python benchmarks/secagg_bytes.py --dataset ml-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_result_flags, require_data  # noqa: E402
+from engines import run_case  # noqa: E402
+
+from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.run_files import read_jsonl  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "simulations" / "configs" / "secure-rows.toml"
+CASES = [  # (case, engine, secure aggregation)
+    ("undefended", "flower", False),
+    ("SecAgg+", "flower", True),
+    ("secure sum in process", "inprocess", True),
+]
+COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
+           "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
+           "seconds_per_round"]
+
+
+def case_row(run_dir: Path) -> dict:
+    """Per client-round means over the run's rounds (payload and wire), its devices per round and seconds."""
+    rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
+    return {"rounds": len(rounds), "devices_per_round": rounds["clients"].mean(),
+            "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
+            "wire_upload_bytes_mean": rounds["wire_upload_bytes_mean"].mean(),
+            "wire_download_bytes_mean": rounds["wire_download_bytes_mean"].mean(),
+            "seconds_per_round": rounds["seconds"].mean(), "run_dir": str(run_dir)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the secure setting (a named config)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--eval-fraction", type=float, default=0.05, help="devices evaluated at the last round")
+    add_result_flags(parser, HERE / "results")
+    args = parser.parse_args()
+    table = ResultTable(args.out / "secagg_bytes.csv")
+    started = time.perf_counter()
+    if not args.report_only:
+        require_data(parser)
+        for case, engine, secure in CASES:
+            cell = f"{args.dataset}/{args.config.name}/{case}/r{args.rounds}"
+            if table.has(cell):
+                continue
+            flags = ["--config", str(args.config.resolve()), "--dataset", args.dataset, "--num-server-rounds", str(args.rounds),
+                     "--privacy.secure-aggregation", str(secure).lower(), "--fed.eval-fraction", str(args.eval_fraction),
+                     "--fed.clients-per-node", "1"]
+            run_dir, _, _ = run_case(engine, flags, args.out / "runs")
+            row = case_row(run_dir)
+            table.add(cell, {"dataset": args.dataset, "config": args.config.name, "case": case, "engine": engine, **row})
+            print(f"{cell}: upload {row['upload_bytes_mean']:.0f} B payload, {row['wire_upload_bytes_mean']:.0f} B wire",
+                  flush=True)
+    frame = table.frame()
+    undefended = frame[frame["case"] == "undefended"].set_index(["dataset", "config", "rounds"])
+    for column in ("upload_bytes_mean", "wire_upload_bytes_mean", "wire_download_bytes_mean"):
+        reference = [undefended[column].get((row["dataset"], row["config"], row["rounds"]), float("nan"))
+                     for _, row in frame.iterrows()]
+        frame[column.replace("_bytes_mean", "_vs_undefended")] = frame[column] / reference
+    command = ("" if args.report_only else f"`python benchmarks/secagg_bytes.py --dataset {args.dataset} "
+               f"--config {args.config.name} --rounds {args.rounds}` ")
+    header = (f"Measured by {command or 'earlier invocations (this table rewritten with --report-only) '}on "
+              f"{machine_description()}, {time.perf_counter() - started:.0f} s. Per client-round, means over the run's "
+              "rounds: the payload upload (arrays and config values) and the wire bytes (serialised messages, every SecAgg+ "
+              "stage included) each device sent and received; ratios against the undefended Flower run of the same "
+              "dataset, config and rounds. The in-process secure sum counts the vectors SecAgg+ would carry, as "
+              "float32, without the protocol's other stages.\n\n")
+    write_markdown_table(args.out / "secagg_bytes.md", header, frame.reindex(columns=COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
