@@ -1,9 +1,10 @@
 """Bytes of Flower's SecAgg+ against the undefended upload, both under `flwr run`, and the in-process secure sum.
 
 For one dataset and a secure-aggregation setting (``simulations/configs/secure-rows.toml``: secure rows at 5 %,
-or ``--config``), three runs of ``--rounds`` rounds with the same seed: Flower without secure aggregation,
-Flower with SecAgg+ (every stage of its protocol counted on the wire, ``server/secagg.py``), and the
-in-process engine, which sums the same vectors exactly. Per client-round: the payload upload (arrays and
+or ``--config``), four runs of ``--rounds`` rounds with the same seed: Flower without secure aggregation (every
+row, as an undefended run trains), Flower with SecAgg+ (every stage of its protocol counted on the wire,
+``server/secagg.py``), and the in-process engine without and with secure aggregation (it sums the same
+vectors exactly, without SecAgg+'s other stages). Per client-round: the payload upload (arrays and
 config values) and the wire upload and download (serialised messages, every SecAgg+ stage included), each
 against the undefended Flower run of this invocation.
 
@@ -31,6 +32,7 @@ CONFIG = HERE.parent / "simulations" / "configs" / "secure-rows.toml"
 CASES = [  # (case, engine, secure aggregation)
     ("undefended", "flower", False),
     ("SecAgg+", "flower", True),
+    ("undefended in process", "inprocess", False),
     ("secure sum in process", "inprocess", True),
 ]
 COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
@@ -65,8 +67,8 @@ def main() -> None:
             if table.has(cell):
                 continue
             flags = ["--config", str(args.config.resolve()), "--dataset", args.dataset, "--num-server-rounds", str(args.rounds),
-                     "--privacy.secure-aggregation", str(secure).lower(), "--fed.eval-fraction", str(args.eval_fraction),
-                     "--fed.clients-per-node", "1"]
+                     "--fed.eval-fraction", str(args.eval_fraction), "--fed.clients-per-node", "1",
+                     *([] if secure else ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fraction", "1.0"])]
             run_dir, _, _ = run_case(engine, flags, args.out / "runs")
             row = case_row(run_dir)
             table.add(cell, {"dataset": args.dataset, "config": args.config.name, "case": case, "engine": engine, **row})
