@@ -39,7 +39,8 @@ CELLS = [
     ("sparserec per-row", "sparserec", 0.2, ["--sparse.nmf-select", "per-row"]),
 ]
 COLUMNS = [
-    "dataset", "variant", "density", "negatives", "rounds", "nmf_rounds", "downlink", "item_optimizer", "item_lr", "local_lr",
+    "dataset", "rules", "variant", "density", "negatives", "rounds", "nmf_rounds", "downlink", "item_optimizer", "item_lr",
+    "local_lr",
     "recall@20", "ndcg@20", "recall_vs_dense", "best_round", "start_recall@20", "final_recall@20",
     "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
@@ -155,13 +156,21 @@ def main() -> None:
 def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
     """The Markdown table (ratios against dense FedMF) and the recall-vs-rounds plot, from the CSVs."""
     frame = ResultTable(args.out / "federated.csv").frame()
-    # Against dense FedMF (random rows, no NMF phase) of the same dataset and negatives.
-    dense = frame[frame["variant"] == "dense"].groupby(["dataset", "negatives"])["recall@20"].max()
-    frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"]), float("nan"))
+    # A row that records its negative rule ran at today's rules; the older ones did not record it.
+    recorded = frame["negatives_from"] if "negatives_from" in frame else pd.Series(float("nan"), index=frame.index)
+    frame["rules"] = ["current" if isinstance(rule, str) else "old" for rule in recorded]
+    # Against dense FedMF (random rows, no NMF phase) of the same dataset, negatives and rules.
+    dense = frame[frame["variant"] == "dense"].groupby(["dataset", "negatives", "rules"])["recall@20"].max()
+    frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"], row["rules"]), float("nan"))
                                 for _, row in frame.iterrows()]
     header = (
+        "Rows whose `rules` read `old` were made under the old rules (before commit `3384ab4`: training negatives "
+        "and padding excluded the held-out items, and the federated defaults of that time applied: per-row weighted "
+        "mean of item deltas, `fed.item-lr = 1.0`, `fed.local-lr = 0.01`, no `fed.user-steps`); they are to be "
+        "regenerated (issue 17). Rows reading `current` ran at today's rules and defaults, their negative rule and "
+        "learning rates in their columns, and carry the whole-run wire bytes per device.\n\n"
         f"Last invocation: {command or 'a report of the CSVs'} on {machine_description()}, {seconds:.0f} s. Rows from other "
-        "invocations keep their own settings in their columns; every command is in benchmarks/README.md.\n\n"
+        "invocations keep their own settings in their columns; every command is in docs/guides/communication.md.\n\n"
     )
     write_markdown_table(args.out / "federated.md", header, frame.reindex(columns=COLUMNS))
     curves_path = args.out / CURVES
