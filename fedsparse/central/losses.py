@@ -69,6 +69,24 @@ def mf_user_row_gradient(
     return gradient + l2_reg * user_row  # batch_l2 counts the row once per example, divided by the batch size
 
 
+def score_weights(
+    positive_scores: torch.Tensor, negative_scores: torch.Tensor, loss: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's mean loss and its derivative with respect to each score: (loss, positive weights [b], negative
+    weights [b, n]) for positive_scores [b] and negative_scores [b, n], the loss a sum over the batch's pairs
+    (``bpr``) or instances (``bce``) over their count."""
+    batch = positive_scores.numel()
+    if loss == "bpr":  # every part's mean over its b_p * n pairs, times b_p / b: a sum over b * n
+        margins = negative_scores - positive_scores[:, None]
+        negative_weights = torch.sigmoid(margins) / (batch * margins.shape[1])
+        return F.softplus(margins).sum() / (batch * margins.shape[1]), -negative_weights.sum(1), negative_weights
+    if loss == "bce":
+        instances = batch * (1 + negative_scores.shape[1])
+        data_loss = (F.softplus(-positive_scores).sum() + F.softplus(negative_scores).sum()) / instances
+        return data_loss, (torch.sigmoid(positive_scores) - 1.0) / instances, torch.sigmoid(negative_scores) / instances
+    raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
+
+
 @dataclass(frozen=True)
 class MfBatchGradients:
     """One device batch of MF in closed form: the loss and its gradients with respect to the user row
@@ -103,18 +121,7 @@ def mf_batch_gradients(
     positive_rows, negative_rows = item_rows[positives], item_rows[negatives]
     positive_scores = positive_rows @ user_row + bias
     negative_scores = negative_rows @ user_row + bias
-    if loss == "bpr":  # every part's mean over its b_p * n pairs, times b_p / b: a sum over b * n
-        margins = negative_scores - positive_scores[:, None]
-        data_loss = F.softplus(margins).sum() / (batch * margins.shape[1])
-        negative_weights = torch.sigmoid(margins) / (batch * margins.shape[1])
-        positive_weights = -negative_weights.sum(1)
-    elif loss == "bce":
-        instances = batch * (1 + negative_scores.shape[1])
-        data_loss = (F.softplus(-positive_scores).sum() + F.softplus(negative_scores).sum()) / instances
-        positive_weights = (torch.sigmoid(positive_scores) - 1.0) / instances
-        negative_weights = torch.sigmoid(negative_scores) / instances
-    else:
-        raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
+    data_loss, positive_weights, negative_weights = score_weights(positive_scores, negative_scores, loss)
     real = is_real.to(positive_weights.dtype)
     real_positive, real_negative = positive_weights * real, negative_weights * real[:, None]
     user = real_positive @ positive_rows + _weighted_row_sum(real_negative, negative_rows)

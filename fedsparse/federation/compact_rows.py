@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from fedsparse.central.losses import score_weights
 from fedsparse.sparse.storage import CompactTable
 
 SIGNAL_CHUNK_ROWS = 1024  # rows whose dense signal is formed at once when picking each row's top-k
@@ -97,18 +97,7 @@ def compact_mf_gradients(
     bias = 0.0 if user_bias is None else user_bias
     dots = rows.row_dots(user_row)
     positive_scores, negative_scores = dots[positives] + bias, dots[negatives] + bias
-    if loss == "bpr":
-        margins = negative_scores - positive_scores[:, None]
-        data_loss = F.softplus(margins).sum() / (batch * margins.shape[1])
-        negative_weights = torch.sigmoid(margins) / (batch * margins.shape[1])
-        positive_weights = -negative_weights.sum(1)
-    elif loss == "bce":
-        instances = batch * (1 + negative_scores.shape[1])
-        data_loss = (F.softplus(-positive_scores).sum() + F.softplus(negative_scores).sum()) / instances
-        positive_weights = (torch.sigmoid(positive_scores) - 1.0) / instances
-        negative_weights = torch.sigmoid(negative_scores) / instances
-    else:
-        raise ValueError(f"unknown loss {loss!r}; known: bpr, bce")
+    data_loss, positive_weights, negative_weights = score_weights(positive_scores, negative_scores, loss)
     real = is_real.to(positive_weights.dtype)
     real_positive, real_negative = positive_weights * real, negative_weights * real[:, None]
     flat_negatives = negatives.reshape(-1)
