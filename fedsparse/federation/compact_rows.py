@@ -39,7 +39,7 @@ class CompactRows:
         """Rows ``positions`` of a compact table, read entry by entry (never decoded to dense rows)."""
         values, counts, cols = table.row_entries(positions)
         rows = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
-        return cls(torch.from_numpy(values), torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int32)),
+        return cls(torch.from_numpy(values), torch.from_numpy(rows), torch.from_numpy(cols),
                    int(counts.size), table.dim)
 
     def row_dots(self, vector: torch.Tensor) -> torch.Tensor:

@@ -146,10 +146,12 @@ class CompactTable:
         """Rows ``positions`` int [r] (any order, repeats allowed) of the table and its mask, without decoding the
         rest: weight float32 [r, dim] with zeros off-mask, mask bool [r, dim]. Where each row's values begin is
         found in one pass over the rows' counts, a chunk at a time: nothing per table row is allocated."""
-        positions = self._checked_positions(positions)
-        mask = self.mask_rows(positions)
-        weight = np.zeros(mask.shape, dtype=np.float32)
-        weight[mask] = self.values[self._row_entries(positions)]
+        values, counts, columns = self.row_entries(positions)
+        rows = np.repeat(np.arange(counts.size), counts)
+        weight = np.zeros((counts.size, self.dim), dtype=np.float32)
+        mask = np.zeros(weight.shape, dtype=bool)
+        weight[rows, columns] = values
+        mask[rows, columns] = True
         return weight, mask
 
     def row_entries(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,7 +165,7 @@ class CompactTable:
         if self.format == "prefix":
             counts = self._part("row_sizes")[positions].astype(np.int64)
         else:
-            counts = _POPCOUNT[self._part("bitmask")[positions]].sum(axis=1, dtype=np.uint16).astype(np.int64)
+            counts = _popcounts(self._part("bitmask")[positions])
         columns = np.flatnonzero(self.mask_rows(positions))  # the mask: a quarter of the rows' dense bytes, read once
         columns %= self.dim
         return self._values_at(self._row_entries(positions)), counts, columns.astype(np.int32)
@@ -221,7 +223,7 @@ class CompactTable:
         for first in range(0, self.n_rows, _COUNT_CHUNK_ROWS):
             rows = slice(first, first + _COUNT_CHUNK_ROWS)
             if self.format == "bitmask":
-                counts = _POPCOUNT[self._part("bitmask")[rows]].sum(axis=1, dtype=np.uint16).astype(np.int64)
+                counts = _popcounts(self._part("bitmask")[rows])
             else:
                 counts = self._part("row_counts" if self.format == "row-index" else "row_sizes")[rows].astype(np.int64)
             yield first, counts
@@ -367,6 +369,11 @@ def _all_finite(values: np.ndarray) -> bool:
 
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # set bits of each byte value
 _COUNT_CHUNK_ROWS = 4096  # rows whose counts (a bitmask's byte popcounts) are expanded at once
+
+
+def _popcounts(packed: np.ndarray) -> np.ndarray:
+    """Set bits of each row of a packed bit mask uint8 [r, ceil(dim / 8)]: int64 [r]."""
+    return _POPCOUNT[packed].sum(axis=1, dtype=np.uint16).astype(np.int64)  # dim <= MAX_DIM fits uint16
 
 
 def _bitmask_width(dim: int) -> int:
