@@ -3,6 +3,8 @@ the regrowth signal (checked against a hand-written BPR gradient), learning, and
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -630,6 +632,8 @@ def test_reconstruct_fits_the_user_row_then_trains_items_only() -> None:
     evaluated = handle_evaluate(cfg, {"user-row": np.full(DIM, 9.0, np.float32)}, data, message, N_ITEMS)
     fitted = reconstruct_user_row(cfg, init_device(cfg, USER), data, weight)
     assert evaluated.metrics == evaluate_splits(cfg, fitted, data, weight)  # the stored row plays no part
+    nothing = reconstruct_user_row(cfg, init_device(cfg, USER), replace(data, train=data.train[:0]), weight)
+    np.testing.assert_array_equal(nothing.user_row, init_device(cfg, USER).user_row)  # no positives: no fit, no NaN
     with pytest.raises(ConfigError, match="user-steps"):
         config(**{"fed.user-state": "reconstruct"})
 

@@ -33,7 +33,7 @@ from fedsparse.federation.compact_rows import (
 )
 from fedsparse.federation.device_classes import device_width
 from fedsparse.federation.faults import DeviceError
-from fedsparse.federation.network import local_model, network_of, network_parameters, uses_network
+from fedsparse.federation.network import local_model, network_of, network_parameters, read_only_tensor, uses_network
 from fedsparse.federation.streaming import revealed_items
 from fedsparse.federation.wire import NetworkWeights, RowsDownload, RowUpdate, signal_col_dtype, wire_row_ids
 from fedsparse.privacy.defences import padding_count, sample_padding
@@ -884,7 +884,10 @@ def reconstruct_user_row(
 ) -> DeviceState:
     """FedRecon's evaluation: the user row fitted by ``fed.user-steps`` steps against ``item_weights`` float32
     [n_items, dim] (frozen, as is NeuMF's ``network``) on the device's training positives and the negatives
-    of stream round 0."""
+    of stream round 0. A device without training positives has nothing to fit: its row stays as it is (a
+    loss over no examples would be NaN)."""
+    if data.train.size == 0:
+        return state
     n_items = item_weights.shape[0]
     negatives = round_negatives(config, data, n_items, 0)[0]
     touched = rows_needed(data, negatives)
@@ -962,7 +965,7 @@ def device_scorer(
     width = state.user_row.size
     if network is None:
         user = torch.from_numpy(state.user_row)
-        items = torch.from_numpy(np.ascontiguousarray(item_weights[:, :width]))
+        items = read_only_tensor(np.ascontiguousarray(item_weights[:, :width]))
         return items @ user, lambda ids: items[torch.as_tensor(ids)] @ user
     model = local_model(config, state.user_row, item_weights[:, :width], network)
     user_ids = torch.zeros(1, dtype=torch.int64)

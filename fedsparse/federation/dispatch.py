@@ -19,16 +19,21 @@ import numpy as np
 
 from fedsparse.config import RunConfig
 from fedsparse.federation.batched import local_train_batch
-from fedsparse.federation.device import DeviceData, DeviceRound
+from fedsparse.federation.batched_evaluation import evaluate_splits_batch
+from fedsparse.federation.device import DeviceData, DeviceRound, evaluate_splits
 from fedsparse.federation.faults import DEVICE_FAILURES, DeviceCrash
 from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
 from fedsparse.federation.protocol import (
+    DecodedTables,
     DeviceReply,
+    EvaluationJob,
+    finish_evaluate,
     finish_train,
     handle_evaluate,
     handle_nmf,
     handle_query,
     handle_train,
+    prepare_evaluate,
     prepare_train,
 )
 from fedsparse.federation.wire import Arrays
@@ -95,12 +100,14 @@ def serve(kind: str, call: DeviceCall, message: Arrays) -> Outcome:
 
 
 def serve_all(kind: str, calls: Sequence[tuple[DeviceCall, Arrays]], device_batch: int = 1) -> list[Outcome]:
-    """``serve`` on every call in order; training messages ``device_batch`` at a time with their local steps
-    batched (``serve_train_batch``) when it is above 1 (``batched.device_batch_size`` gives it)."""
-    if kind != TRAIN or device_batch <= 1:
+    """``serve`` on every call in order; when ``device_batch`` is above 1 (``batched.device_batch_size`` gives
+    it), training and evaluation messages that many at a time, their local steps or rankings batched
+    (``serve_train_batch``, ``serve_evaluate_batch``)."""
+    batched = {TRAIN: serve_train_batch, EVALUATE: serve_evaluate_batch}.get(kind)
+    if batched is None or device_batch <= 1:
         return [serve(kind, call, message) for call, message in calls]
     return [outcome for start in range(0, len(calls), device_batch)
-            for outcome in serve_train_batch(calls[start : start + device_batch])]
+            for outcome in batched(calls[start : start + device_batch])]
 
 
 def serve_train_batch(calls: Sequence[tuple[DeviceCall, Arrays]]) -> list[Outcome]:
@@ -127,6 +134,44 @@ def serve_train_batch(calls: Sequence[tuple[DeviceCall, Arrays]]) -> list[Outcom
             reply = _attempt(partial(finish_train, call.config, call.state, job, result, call.n_items))
             outcomes[index] = reply if isinstance(reply, Outcome) else Outcome(reply)
     return [outcomes[index] for index in range(len(calls))]
+
+
+def serve_evaluate_batch(calls: Sequence[tuple[DeviceCall, Arrays]]) -> list[Outcome]:
+    """``serve(EVALUATE, ...)`` for several devices of one run and round: a table the devices received as the
+    very same arrays is decoded once (``protocol.DecodedTables``), and the MF rankings of devices of one width
+    reading one table are computed together (``batched_evaluation.evaluate_splits_batch``); every other device
+    is ranked alone. Each device's ``Outcome`` in order, a failure failing that device alone."""
+    tables = DecodedTables()
+    outcomes: dict[int, Outcome] = {}
+    jobs: dict[int, EvaluationJob] = {}
+    for index, (call, message) in enumerate(calls):
+        prepared = _attempt(partial(prepare_evaluate, call.config, call.state, call.data, message, call.n_items,
+                                    call.settings, tables))
+        if isinstance(prepared, EvaluationJob):
+            jobs[index] = prepared
+        else:
+            outcomes[index] = prepared
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, job in jobs.items():
+        if job.batchable:
+            groups.setdefault((id(job.item_weights), job.device.user_row.size), []).append(index)
+    ranked: dict[int, dict[str, float]] = {}
+    for members in groups.values():
+        config = calls[members[0]][0].config
+        batch = evaluate_splits_batch(config, [jobs[i].device for i in members], [jobs[i].data for i in members],
+                                      jobs[members[0]].item_weights)
+        ranked.update(zip(members, batch, strict=True))
+    for index, job in jobs.items():
+        config = calls[index][0].config
+        reply = _attempt(partial(_finish_evaluate, config, job, ranked.get(index)))
+        outcomes[index] = reply if isinstance(reply, Outcome) else Outcome(reply)
+    return [outcomes[index] for index in range(len(calls))]
+
+
+def _finish_evaluate(config: RunConfig, job: EvaluationJob, ranked: dict[str, float] | None) -> DeviceReply:
+    """The device's reply from its batched rankings, or from ranking it alone when it had none."""
+    metrics = ranked if ranked is not None else evaluate_splits(config, job.device, job.data, job.item_weights, job.network)
+    return finish_evaluate(config, job, metrics)
 
 
 def _attempt(step: Callable[[], Done]) -> Done | Outcome:

@@ -125,16 +125,19 @@ class DeviceInitFields(Payload):
 
 
 def _download_and_init(
-    arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None
+    arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None,
+    known: RowsDownload | None = None,
 ) -> tuple[RowsDownload, DeviceInitFields, NetworkWeights | None]:
-    """Split a download message into its item rows (``table.*``, ``row-ids``), its init fields and, in a
-    NeuMF federation (``network``: the shared network's parameter shapes), the network's weights."""
+    """Split a download message into its item rows (``table.*``, ``row-ids``; ``known`` when they were decoded
+    from these very arrays already), its init fields and, in a NeuMF federation (``network``: the shared
+    network's parameter shapes), the network's weights."""
     network_arrays, arrays = split_network(arrays)
     rows = {key: value for key, value in arrays.items() if key.startswith("table.") or key == "row-ids"}
     reject_unexpected({key: value for key, value in {**arrays, **network_arrays}.items() if key not in rows},
                       set(INIT_FIELDS) | (set() if network is None else set(network_arrays)))
     weights = None if network is None else NetworkWeights.from_arrays(network_arrays, network)
-    return RowsDownload.from_arrays(rows, n_items, width), DeviceInitFields.from_arrays(arrays), weights
+    download = known if known is not None else RowsDownload.from_arrays(rows, n_items, width)
+    return download, DeviceInitFields.from_arrays(arrays), weights
 
 
 @dataclass(frozen=True)
@@ -176,10 +179,12 @@ class EvaluateRequest(Payload):
 
     @classmethod
     def from_arrays(
-        cls, arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None = None
+        cls, arrays: Mapping[str, np.ndarray], n_items: int, width: int, network: NetworkShapes | None = None,
+        known: RowsDownload | None = None,
     ) -> EvaluateRequest:
-        """Decode and validate; PayloadError unless the full table came (ranking needs every item)."""
-        download, init, weights = _download_and_init(arrays, n_items, width, network)
+        """Decode and validate; PayloadError unless the full table came (ranking needs every item). ``known``:
+        the download already decoded and validated from these very arrays (``protocol.DecodedTables``)."""
+        download, init, weights = _download_and_init(arrays, n_items, width, network, known)
         if download.row_ids is not None:
             raise PayloadError("evaluation needs the full item table")
         return cls(download, init, weights)

@@ -12,6 +12,7 @@ settings a NeuMF federation refuses.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,12 +70,22 @@ def network_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: parameter for name, parameter in model.named_parameters() if name.startswith(("mlp.", "output."))}
 
 
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of ``array`` that is only ever read (a table shared read-only by a batch's devices):
+    torch warns on any non-writable array; nothing writes through this view."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def local_model(config: RunConfig, user_row: np.ndarray, item_rows: np.ndarray,
                 network: NetworkWeights | None, user_bias: np.ndarray | None = None) -> MatrixFactorization | JoinedNeuMF:
     """The device's working model over one user row float32 [w] and item rows float32 [r, w]: MF (with the
     device's score bias float32 [1] when it keeps one), or ``JoinedNeuMF`` with the received ``network``
     loaded (NeuMF needs one: ValueError otherwise)."""
-    user, items = torch.from_numpy(user_row).view(1, -1), torch.from_numpy(np.ascontiguousarray(item_rows))
+    rows = np.ascontiguousarray(item_rows)
+    items = torch.from_numpy(rows) if rows.flags.writeable else read_only_tensor(rows)
+    user = torch.from_numpy(user_row).view(1, -1)
     if not uses_network(config):
         return MatrixFactorization.from_weights(user, items, None if user_bias is None else torch.from_numpy(user_bias))
     if network is None:

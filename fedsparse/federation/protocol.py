@@ -57,7 +57,16 @@ from fedsparse.federation.secure_start import (
 )
 from fedsparse.federation.streaming import revealed_items
 from fedsparse.federation.unseen import UNSEEN, fit_config
-from fedsparse.federation.wire import Arrays, Payload, PayloadError, RowsDownload, RowUpdate, SecureUpload, wire_row_ids
+from fedsparse.federation.wire import (
+    Arrays,
+    NetworkWeights,
+    Payload,
+    PayloadError,
+    RowsDownload,
+    RowUpdate,
+    SecureUpload,
+    wire_row_ids,
+)
 from fedsparse.privacy.defences import clip_and_noise
 from fedsparse.rng import rng_for
 from fedsparse.sparse.nmf import user_factor_update
@@ -283,6 +292,73 @@ def privatize(config: RunConfig, update: RowUpdate, server_round: int, user_id: 
                    network=update.network.with_flat(network_values) if update.network is not None else None)
 
 
+@dataclass
+class EvaluationJob:
+    """A device's evaluation up to its rankings: the row it ranks with, the table it ranks (``item_weights``
+    float32 [n_items, dim], decoded), the shared network (NeuMF) and the state it keeps afterwards.
+    ``batchable``: an MF dot-product ranking with nothing device-specific after it, which
+    ``batched_evaluation.evaluate_splits_batch`` may compute together with other devices'."""
+
+    device: DeviceState
+    data: DeviceData
+    item_weights: np.ndarray
+    network: NetworkWeights | None
+    kept: dict[str, np.ndarray]
+    batchable: bool
+
+
+class DecodedTables:
+    """Whole tables decoded once for the devices of one batch that received the very same arrays (in process,
+    and on a supernode hosting a group, every device of a round reads one shared copy). A message whose table
+    arrays are other objects is decoded and validated on its own, as a lone device would."""
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[int, ...], tuple[tuple[np.ndarray, ...], RowsDownload, np.ndarray]] = {}
+
+    def request(self, message: Arrays, n_items: int, width: int, config: RunConfig) -> tuple[EvaluateRequest, np.ndarray]:
+        """The evaluation request in ``message`` and its table decoded (float32 [n_items, width], read-only)."""
+        table = tuple(value for key, value in sorted(message.items()) if key.startswith("table."))
+        key = (width, *map(id, table))
+        known = self._tables.get(key)
+        if known is not None and all(a is b for a, b in zip(known[0], table, strict=True)):
+            return EvaluateRequest.from_arrays(message, n_items, width, network_shapes(config), known[1]), known[2]
+        request = EvaluateRequest.from_arrays(message, n_items, width, network_shapes(config))
+        item_weights, _ = request.download.table.decode()
+        item_weights.setflags(write=False)
+        self._tables[key] = (table, request.download, item_weights)
+        return request, item_weights
+
+
+def prepare_evaluate(
+    config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int,
+    settings: Mapping[str, Any] | None = None, tables: DecodedTables | None = None,
+) -> EvaluationJob:
+    """Everything ``handle_evaluate`` does before ranking: decode the message (through ``tables`` when given),
+    build the device's row (fitted first for an unseen or reconstructing device)."""
+    request, item_weights = (tables or DecodedTables()).request(message, n_items, device_width(config, data.user_id), config)
+    unseen = bool((settings or {}).get(UNSEEN, False))
+    device = _device_state(config, {} if unseen else state, data, request.init, request.download)
+    if unseen:
+        device = reconstruct_user_row(fit_config(config), device, data, item_weights, request.network)
+    elif config.fed.user_state == "reconstruct":
+        device = reconstruct_user_row(config, device, data, item_weights, request.network)
+    batchable = request.network is None and config.poison.target_item < 0
+    return EvaluationJob(device, data, item_weights, request.network, state if unseen else _kept_state(config, state, device),
+                         batchable)
+
+
+def finish_evaluate(config: RunConfig, job: EvaluationJob, metrics: dict[str, float]) -> DeviceReply:
+    """The evaluation reply from the device's ranking metrics (``evaluate_splits``), with the exposure of a
+    promoted item when the run poisons one."""
+    if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
+        scores = (job.item_weights @ job.device.user_row if job.network is None
+                  else device_scorer(config, job.device, job.item_weights, job.network)[0].numpy())
+        exposed = target_exposed(config, job.data, scores)
+        if exposed is not None:
+            metrics = {**metrics, f"exposure@{EXPOSURE_K}": exposed}
+    return DeviceReply(EvaluateReply(), job.kept, metrics)
+
+
 def handle_evaluate(
     config: RunConfig, state: dict[str, np.ndarray], data: DeviceData, message: Arrays, n_items: int,
     settings: Mapping[str, Any] | None = None,
@@ -295,20 +371,5 @@ def handle_evaluate(
     stores, fits it against the received table with the items frozen (``unseen.fit_config``: FedRecon's
     reconstruction, under every ``fed.user-state``) and keeps nothing.
     """
-    request = EvaluateRequest.from_arrays(message, n_items, device_width(config, data.user_id), network_shapes(config))
-    download = request.download
-    unseen = bool((settings or {}).get(UNSEEN, False))
-    device = _device_state(config, {} if unseen else state, data, request.init, download)
-    item_weights, _ = download.table.decode()
-    if unseen:
-        device = reconstruct_user_row(fit_config(config), device, data, item_weights, request.network)
-    elif config.fed.user_state == "reconstruct":
-        device = reconstruct_user_row(config, device, data, item_weights, request.network)
-    metrics = evaluate_splits(config, device, data, item_weights, request.network)
-    if config.poison.target_item >= 0:  # exposure of a promoted item needs this user's scores
-        scores = (item_weights @ device.user_row if request.network is None
-                  else device_scorer(config, device, item_weights, request.network)[0].numpy())
-        exposed = target_exposed(config, data, scores)
-        if exposed is not None:
-            metrics[f"exposure@{EXPOSURE_K}"] = exposed
-    return DeviceReply(EvaluateReply(), state if unseen else _kept_state(config, state, device), metrics)
+    job = prepare_evaluate(config, state, data, message, n_items, settings)
+    return finish_evaluate(config, job, evaluate_splits(config, job.device, data, job.item_weights, job.network))
