@@ -222,6 +222,8 @@ DAMAGES = {
     "device-states-removed": (lambda p: rewrite_checkpoint(p, lambda a: [a.pop(k) for k in list(a)
                                                                          if k.startswith("transport.")]),
                               "array(s) (transport."),
+    "device-state-sizes": (lambda p: rewrite_checkpoint(p, lambda a: a.update(
+        {"transport.user-row.sizes": a["transport.user-row.sizes"] + 1})), "device state 'user-row': sizes add up to"),
     "bad-json": (lambda p: rewrite_checkpoint(p, lambda a: a.update({"json.totals": np.asarray("{not json")})),
                  "json.totals is not valid JSON"),
     "object-array": (lambda p: rewrite_checkpoint(p, lambda a: a.update({"json.best": np.asarray([{"x": 1}], dtype=object)})),

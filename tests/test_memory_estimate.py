@@ -7,6 +7,7 @@ import pytest
 
 from fedsparse.cli import main
 from fedsparse.config import ConfigError, RunConfig
+from fedsparse.federation.device_states import unpack_states
 from fedsparse.federation.engine import CHECKPOINT, Population, check_population
 from fedsparse.federation.inprocess import run_inprocess
 from fedsparse.federation.memory_estimate import (
@@ -34,15 +35,12 @@ def held_bytes(arrays: dict[str, np.ndarray]) -> int:
 @pytest.mark.parametrize("overrides", [{}, {"fed.user-bias": True, "fed.user-optimizer": "sgd", "fed.user-steps": 0,
                                             "train.loss": "bce", "sparse.policy": "dense", "sparse.density": 1.0}])
 def test_the_per_device_figure_is_the_state_each_trained_device_keeps(tmp_path, overrides):
-    """Reference: the private states of a real run, read back from its checkpoint (``<user>.<key>`` arrays)."""
+    """Reference: the private states of a real run, read back from its checkpoint (packed ``transport.*`` arrays)."""
     config = small_config(tmp_path, **overrides)
     run_dir, _ = run_inprocess(config)
     with np.load(run_dir / CHECKPOINT) as checkpoint:
-        states: dict[int, dict[str, np.ndarray]] = {}
-        for name in checkpoint.files:
-            if name.startswith("transport."):
-                user, key = name.removeprefix("transport.").split(".", 1)
-                states.setdefault(int(user), {})[key] = np.array(checkpoint[name])
+        states = unpack_states({name.removeprefix("transport."): checkpoint[name] for name in checkpoint.files
+                                if name.startswith("transport.")})
     assert len(states) == 12
     assert {held_bytes(state) for state in states.values()} == {private_state_bytes(config)}
 

@@ -68,6 +68,12 @@ MESSAGES = {
                                  "raw": b"\x00\x01", "blobs": [b"x"], "empty": [], "ids": [2**64 - 1]}),
         "arrays.9": {"nothing": np.zeros(0, dtype=np.float32), "twice": np.ones(3), "again": np.ones(3)},
     },
+    "a reply whose arrays repeat (counted without hashing)": {
+        "arrays.5": {"signal-rows": np.zeros(0, dtype=np.int32), "signal-cols": np.zeros(0, dtype=np.int32),
+                     "zero": np.zeros(2, dtype=np.float32), "negative zero": -np.zeros(2, dtype=np.float32),
+                     "row-ids": np.arange(7, dtype=np.int32), "same ids": np.arange(7, dtype=np.int32), "é": np.ones((2, 3))},
+        "metrics.5": MetricRecord({"loss": 0.5, "examples": 12}),
+    },
     "a table larger than one chunk": {
         "arrays.1": {"table": np.zeros((wire_format.MAX_CHUNK_BYTES // 4 + 10,), dtype=np.float32)},
     },
@@ -100,6 +106,46 @@ def test_identical_arrays_travel_once():
     one = message_wire_bytes({"arrays.1": {"a": np.ones(1000)}}, Envelope("train"))
     two = message_wire_bytes({"arrays.1": {"a": np.ones(1000), "b": np.ones(1000)}}, Envelope("train"))
     assert two - one < 200  # a second name and reference, not a second copy of 8 KB
+
+
+def hashed_wire_bytes(records, envelope, monkeypatch):
+    """``message_wire_bytes`` by hashing every object, the counted shortcut switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(wire_format, "_counted_wire_bytes", lambda records, envelope: None)
+        return message_wire_bytes(records, envelope)
+
+
+def test_counted_bytes_equal_hashed_bytes_for_random_messages(monkeypatch):
+    """The shortcut (sizes from signatures, identical arrays found by content) against hashing every object:
+    random dtypes, shapes (0-d, empty, Fortran order, strided views), names and repeated contents."""
+    rng = np.random.default_rng(7)
+    dtypes = [np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_]
+    counted = 0
+    for trial in range(200):
+        arrays = {}
+        for index in range(int(rng.integers(0, 6))):
+            dtype = dtypes[int(rng.integers(len(dtypes)))]
+            shape = tuple(int(n) for n in rng.integers(0, 4, size=int(rng.integers(0, 3))))
+            array = (rng.integers(0, 2, size=shape) * rng.choice([1, -1])).astype(dtype)
+            if array.ndim == 2 and rng.random() < 0.3:
+                array = np.asfortranarray(array) if rng.random() < 0.5 else array[:, ::2]
+            arrays[f"{'é' if index % 2 else 'a'}rray-{index}"] = array
+        if arrays and rng.random() < 0.5:  # a name whose array repeats another's
+            arrays["copy"] = next(iter(arrays.values())).copy()
+        scalars = MetricRecord({"loss": float(rng.random()), "examples": int(rng.integers(-5, 10**6))})
+        records = {f"arrays.{trial}": arrays, f"metrics.{trial}": scalars}
+        envelope = Envelope.worst_case("train", str(trial), reply=bool(trial % 2))
+        assert wire_format._counted_wire_bytes(records, envelope) is not None
+        assert message_wire_bytes(records, envelope) == hashed_wire_bytes(records, envelope, monkeypatch), trial
+        counted += 1
+    assert counted == 200
+
+
+def test_messages_the_shortcut_cannot_count_are_hashed():
+    two_tables = {"arrays.1": {"a": np.ones(3)}, "arrays.2": {"a": np.ones(3)}}
+    assert wire_format._counted_wire_bytes(two_tables, Envelope("train")) is None
+    large = MESSAGES["a table larger than one chunk"]
+    assert wire_format._counted_wire_bytes(large, Envelope("train")) is None
 
 
 def test_an_unsupported_value_is_named():

@@ -644,11 +644,12 @@ def load_checkpoint(run_dir: Path, config: RunConfig, transport: Transport, n_it
     arrays = read_checkpoint(path)
     validate_checkpoint(arrays, path, config, n_items)
     arrays.pop(MANIFEST)
-    if hasattr(transport, "load_state_arrays"):
-        transport.load_state_arrays({k.removeprefix("transport."): v for k, v in arrays.items() if k.startswith("transport.")})
+    device_states = {key.removeprefix("transport."): value for key, value in arrays.items() if key.startswith("transport.")}
     try:
+        if hasattr(transport, "load_state_arrays"):
+            transport.load_state_arrays(device_states)
         return RunState.from_arrays(config, arrays)
-    except ValueError as exc:  # the byte ledger: damaged, or a checkpoint written before it existed
+    except ValueError as exc:  # device states or the byte ledger: damaged, or written before their format
         raise CheckpointError(f"{path}: {exc}") from exc
 
 

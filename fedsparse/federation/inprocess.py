@@ -18,6 +18,7 @@ from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.federation.batched import device_batch_size
 from fedsparse.federation.device import DeviceData
+from fedsparse.federation.device_states import pack_states, unpack_states
 from fedsparse.federation.dispatch import DeviceCall, Outcome, serve_all
 from fedsparse.federation.engine import Arrays, Population, Reply, UploadObserver, check_population, run_federation
 from fedsparse.federation.faults import SIMULATED_TIME, straggler_delay
@@ -58,15 +59,13 @@ class InProcessTransport:
         self.device_batch = device_batch_size(config)  # training messages served together
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Every device's private state, flattened as ``<user>.<key>`` (for the engine's checkpoint)."""
-        return {f"{user}.{key}": value for user, state in self.states.items() for key, value in state.items()}
+        """Every device's private state, packed a few arrays per key (``device_states.pack_states``), for the
+        engine's checkpoint."""
+        return pack_states(self.states)
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore what ``state_arrays`` returned."""
-        self.states = {}
-        for name, value in arrays.items():
-            user, key = name.split(".", 1)
-            self.states.setdefault(int(user), {})[key] = value
+        """Restore what ``state_arrays`` returned (ValueError naming a damaged key)."""
+        self.states = unpack_states(arrays)
 
     def device_data(self, user: int) -> DeviceData:
         """The user's partition of the interactions (with its candidate-file negatives, if any)."""

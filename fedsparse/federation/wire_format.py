@@ -88,6 +88,9 @@ def message_wire_bytes(records: Mapping[str, Record], envelope: Envelope, cache:
     ``cache`` reuses the objects of an array object already measured (messages sharing one table); the
     caller keeps those arrays alive and unchanged while the cache is in use.
     """
+    counted = _counted_wire_bytes(records, envelope)
+    if counted is not None:
+        return counted
     objects: dict[str, int] = {}
     record_ids = {}
     for name, record in records.items():
@@ -95,6 +98,56 @@ def message_wire_bytes(records: Mapping[str, Record], envelope: Envelope, cache:
     content_id = _add(objects, "RecordDict", list(dict.fromkeys(record_ids.values())), json.dumps(record_ids).encode())
     _add(objects, "Message", [content_id], _message_body(envelope))
     return sum(objects.values())
+
+
+def _counted_wire_bytes(records: Mapping[str, Record], envelope: Envelope) -> int | None:
+    """``message_wire_bytes`` without hashing: an object's size depends only on its body's length and its
+    children's count (ids are 64 hex characters), an array's on its dtype, shape and order, so only which
+    objects are identical needs the content: arrays of one signature are compared byte for byte. None where
+    that shortcut does not hold (an array of several chunks, two records of one kind); tests hold it to the
+    hashing path."""
+    if len({type(record) for record in records.values()}) != len(records):
+        return None
+    total = 0
+    for record in records.values():
+        if isinstance(record, ConfigRecord | MetricRecord):
+            body = _scalar_record_body(record.values, config=isinstance(record, ConfigRecord))
+            total += _object_bytes(type(record).__name__, 0, len(body))
+            continue
+        distinct: dict[tuple[np.dtype, tuple[int, ...], bool], list[bytes]] = {}
+        for array in map(np.asarray, record.values()):
+            fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)  # the order np.save writes
+            size = _array_object_bytes(array.dtype, array.shape, fortran)
+            if size is None:
+                return None
+            content = array.tobytes(order="F" if fortran else "C")
+            seen = distinct.setdefault((array.dtype, array.shape, fortran), [])
+            if content not in seen:
+                seen.append(content)
+                total += size
+        children = sum(map(len, distinct.values()))
+        total += _object_bytes("ArrayRecord", children, len(json.dumps(dict.fromkeys(record, _ID_PLACEHOLDER))))
+    total += _object_bytes("RecordDict", len(records), len(json.dumps(dict.fromkeys(records, _ID_PLACEHOLDER))))
+    return total + _object_bytes("Message", 1, len(_message_body(envelope)))
+
+
+_ID_PLACEHOLDER = "0" * REPLY_ID_CHARS  # an object id as JSON holds it: 64 hex characters, never escaped
+
+
+def _object_bytes(kind: str, children: int, body_bytes: int) -> int:
+    """Bytes of one object: ``"<kind> <children's ids, comma-joined> <body length>\\0"`` and its body."""
+    ids = children * REPLY_ID_CHARS + max(children - 1, 0)
+    return len(kind) + 1 + ids + 1 + len(str(body_bytes)) + 1 + body_bytes
+
+
+@functools.lru_cache(maxsize=4096)
+def _array_object_bytes(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> int | None:
+    """Bytes of the objects of an Array with this signature (its own and its one chunk's), measured once
+    on a stand-in; None when its ``np.save`` output spans several chunks (identical chunks would travel once)."""
+    stand_in = np.zeros(shape, dtype=dtype, order="F" if fortran else "C")
+    objects: dict[str, int] = {}
+    _array_object(stand_in, objects)
+    return sum(objects.values()) if len(objects) == 2 else None
 
 
 def request_records(user: int, server_round: int, arrays: ArrayRecordContent, settings: ScalarRecordContent) -> dict[str, Record]:
