@@ -7,11 +7,11 @@ import pytest
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
-from fedsparse.federation.engine import Reply, run_federation
+from fedsparse.federation.engine import TIMING_KEYS, Reply, run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
 from fedsparse.run_files import new_run_dir, read_jsonl
 
-VOLATILE = {"seconds"}
+VOLATILE = set(TIMING_KEYS)
 
 
 def small_config(tmp_path, **overrides):

@@ -19,7 +19,7 @@ from fedsparse.run_files import MODIFIED_SUFFIX, code_version, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUND_KEYS = {"round", "recall@20", "ndcg@20", "upload_bytes_mean", "upload_bytes_max", "download_bytes_mean",
-              "device_memory_bytes_mean", "device_memory_bytes_max", "clients", "failed_clients", "seconds"}
+              "device_memory_bytes_mean", "device_memory_bytes_max", "clients", "failed_clients", "seconds", "train_seconds"}
 EXACT_KEYS = ["round", "clients", "failed_clients", "dropped_updates", "upload_bytes_mean", "upload_bytes_max",
               "download_bytes_mean", "download_bytes_max", "rows_updated", "evaluated_clients"]
 METRIC_KEYS = ["recall@20", "ndcg@20", "validation_recall@20", "device_memory_bytes_mean"]

@@ -9,6 +9,7 @@ model's, the settings a NeuMF federation refuses, and whole in-process runs that
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from fedsparse.federation.device import (
     local_train,
     round_negatives,
 )
-from fedsparse.federation.engine import CHECKPOINT, CheckpointError, check_population, run_federation
+from fedsparse.federation.engine import CHECKPOINT, TIMING_KEYS, CheckpointError, check_population, run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
 from fedsparse.federation.messages import EvaluateRequest, TrainRequest
 from fedsparse.federation.network import (
@@ -426,8 +427,10 @@ def test_an_interrupted_fedncf_run_resumes_to_the_same_result(tmp_path):
     with pytest.raises(Interrupted):
         run_federation(cfg, population_of(data, cfg), InterruptedTransport(cfg, data, 3), run_dir, data.train)
     _, resumed = run_inprocess(cfg, data, resume_dir=run_dir)
-    without_time = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(run_dir / "rounds.jsonl")]
-    assert without_time == [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(reference_dir / "rounds.jsonl")]
+    def without_time(directory: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(directory / "rounds.jsonl")]
+
+    assert without_time(run_dir) == without_time(reference_dir)
     for key in ("recall@20", "ndcg@20", "total_upload_bytes", "total_download_bytes"):
         assert resumed[key] == reference[key], key
     stored = np.load(run_dir / CHECKPOINT)

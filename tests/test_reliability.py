@@ -14,6 +14,7 @@ import pytest
 from fedsparse.config import ConfigError, RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.experiments.flower_run import run_flower
+from fedsparse.federation.engine import TIMING_KEYS
 from fedsparse.federation.faults import device_fails
 from fedsparse.federation.inprocess import InProcessTransport, population_of, run_inprocess
 from fedsparse.federation.server_state import clients_per_round, sample_clients
@@ -165,7 +166,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     reference_dir = next((tmp_path / "reference").iterdir())
 
     def without_timing(directory: Path) -> list[dict]:
-        return [{k: v for k, v in record.items() if k != "seconds"} for record in read_jsonl(directory / "rounds.jsonl")]
+        return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in read_jsonl(directory / "rounds.jsonl")]
 
     assert without_timing(run_dir) == without_timing(reference_dir)
     final, expected = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference_dir))

@@ -405,9 +405,20 @@ def plan_round_rows(config: RunConfig, data: DeviceData, download: RowsDownload,
     touched = rows_needed(data, negatives, fakes)
     if data.train.size == 0:
         raise DeviceError(f"user {data.user_id} has no training interactions")
-    if download.row_ids is not None and not np.isin(touched, download.rows(n_items)).all():
+    if download.row_ids is not None and not _holds_rows(download.row_ids, touched):
         raise DeviceError(f"user {data.user_id}: the download lacks rows the round needs")
     return RoundRows(touched, np.concatenate([data.train, fakes]), negatives, data.train.size)
+
+
+def _holds_rows(row_ids: np.ndarray, wanted: np.ndarray) -> bool:
+    """Whether the sorted unique ``row_ids`` hold every one of the sorted ``wanted`` rows (a "rows" download
+    usually holds exactly them)."""
+    if row_ids.size == wanted.size:
+        return bool(np.array_equal(row_ids, wanted))
+    if row_ids.size == 0 or wanted.size == 0:
+        return wanted.size == 0
+    position = np.searchsorted(row_ids, wanted).clip(max=row_ids.size - 1)
+    return bool((row_ids[position] == wanted).all())
 
 
 @dataclass(frozen=True)

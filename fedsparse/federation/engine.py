@@ -726,6 +726,9 @@ def run_federation(
         return _run_locked(config, population, transport, run_dir, central_train, resume, observer, metadata, on_round)
 
 
+TIMING_KEYS = ("seconds", "train_seconds", "evaluate_seconds")  # a round record's wall-clock times, which no two runs share
+
+
 def _run_locked(
     config: RunConfig, population: Population, transport: Transport, run_dir: Path, central_train, resume: bool,
     observer: UploadObserver | None, metadata: Mapping[str, Any] | None, on_round: Callable[[dict[str, Any]], None] | None,
@@ -758,10 +761,12 @@ def _run_locked(
     select_key = "validation_" + selection_key(sampled, config.eval.k)
     for server_round in range(state.server.round + 1, config.num_server_rounds + 1):
         record = train_round(config, population, transport, state, server_round, observer)
+        record["train_seconds"] = time.perf_counter() - record["started"]  # training and aggregation
         personal = record.pop("personal_metrics")
         if config.fed.evaluate_model == "local-last":
             state.last_personal.update(personal)
         if is_evaluation_round(config, server_round):
+            evaluation_started = time.perf_counter()
             if config.fed.evaluate_model != "global":  # the trained devices ranked with their own models
                 reported = state.last_personal if config.fed.evaluate_model == "local-last" else personal
                 metrics, eval_bytes = local_evaluation(
@@ -776,7 +781,7 @@ def _run_locked(
                 config, state.server, population, transport, state.device_init, server_round, state.traffic)
             state.totals["eval_download_bytes"] += unseen_bytes
             metrics = {**metrics, **unseen}
-            record.update(metrics)
+            record.update(metrics, evaluate_seconds=time.perf_counter() - evaluation_started)
             state.last_metrics = metrics
             if select_key in metrics and improves(metrics[select_key], state.best.get(select_key, -1.0), sampled):
                 state.best = {"round": server_round, **metrics}
