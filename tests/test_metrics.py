@@ -110,6 +110,18 @@ def test_topk_matches_sort_by_score_then_id_on_heavy_ties():
         assert top[u].tolist() == expected
 
 
+def test_topk_pads_rows_with_too_few_allowed_items_as_a_stable_sort_does():
+    """Rows with fewer than k allowed items take the excluded ones, lowest ids first (ties at -inf), and rows
+    tied at the k-th score give what a stable full sort gives, mixed in one batch."""
+    rng = np.random.default_rng(1)
+    scores = torch.from_numpy(rng.integers(0, 4, size=(30, 200)).astype(np.float32))
+    exclude = sp.csr_matrix(rng.random((30, 200)) < np.where(np.arange(30) % 3 == 0, 0.95, 0.2)[:, None])
+    top = topk_items(scores, exclude, 25)
+    masked = np.where(exclude.toarray(), -np.inf, scores.numpy())
+    expected = torch.sort(torch.from_numpy(masked), dim=1, descending=True, stable=True).indices[:, :25]
+    assert torch.equal(top, expected)
+
+
 def test_topk_rejects_nan_scores_but_not_excluded_nan():
     scores = torch.tensor([[0.1, float("nan"), 0.3, 0.2]])
     with pytest.raises(ValueError, match="NaN"):

@@ -214,8 +214,21 @@ def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.Tensor:
     items = torch.gather(items, 1, order)
     if ambiguous.any():
         tied_rows = ambiguous.nonzero().squeeze(1)
-        items[tied_rows] = torch.sort(masked[tied_rows], dim=1, descending=True, stable=True).indices[:, :k]
+        items[tied_rows] = _top_with_ties(masked[tied_rows], values[tied_rows, k - 1], k)
     return items
+
+
+def _top_with_ties(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best items of rows whose k-th score ``kth`` [b] ties with an item left out, as a stable full sort
+    (descending score, lower id first) would give them, in O(n_items) per row: every item above the k-th
+    score, then the lowest ids among those equal to it until k. ``scores`` float [b, n_items], no NaN."""
+    above = scores > kth[:, None]
+    equal = scores == kth[:, None]
+    wanted = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (equal & (torch.cumsum(equal, dim=1) <= wanted))
+    items = chosen.nonzero()[:, 1].view(-1, k)  # row-major: each row's k ids, ascending
+    order = torch.sort(torch.gather(scores, 1, items), dim=1, descending=True, stable=True).indices
+    return torch.gather(items, 1, order)
 
 
 def full_ranking_per_user(

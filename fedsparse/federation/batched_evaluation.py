@@ -3,9 +3,10 @@
 ``evaluate_splits_batch`` gives each device the metrics ``device.evaluate_splits`` gives it alone. An MF
 device scores every item by the dot product of its user row with the received table, so B devices reading
 one table score as one product [B, w] x [w, n_items], and ``metrics.full_ranking_per_user`` ranks them
-``eval.batch-users`` at a time (memory O(batch_users * n_items)) with each device's own exclusions. The
-sampled leave-one-out protocol (100 candidates) stays per device. NeuMF, and anything a device does with
-its scores afterwards, is evaluated one device at a time (``protocol.EvaluationJob.batchable``).
+``eval.batch-users`` at a time (memory O(batch_users * n_items)), each block scored once for both splits,
+with each device's own exclusions. The sampled leave-one-out protocol (100 candidates) stays per device.
+NeuMF, and anything a device does with its scores afterwards, is evaluated one device at a time
+(``protocol.EvaluationJob.batchable``).
 """
 
 from __future__ import annotations
@@ -41,22 +42,30 @@ def evaluate_splits_batch(
     users = torch.from_numpy(np.stack([state.user_row for state in states]).astype(np.float32, copy=False))
     items = read_only_tensor(np.ascontiguousarray(item_weights[:, :width]))
     results: list[dict[str, float]] = [{} for _ in states]
-    for split in SPLITS:
-        held_out = [data.validation if split == "validation" else data.test for data in datas]
-        excluded = [data.train if split == "validation" else np.union1d(data.train, data.validation) for data in datas]
-        ranked, per_user = metrics.full_ranking_per_user(
-            lambda batch: users[torch.from_numpy(batch)] @ items.T, _rows(held_out, n_items), [_rows(excluded, n_items)],
-            ranking_cutoffs(config, n_items), config.eval.batch_users,
-        )
-        for position, device in enumerate(ranked):
-            results[device].update({f"{split}-{name}": float(values[position]) for name, values in per_user.items()})
-        if uses_sampled_protocol(config):
-            for device in ranked:
-                if held_out[device].size == 1:
-                    scores = sampled_protocol(config, datas[device], _scorer(items, users[device]), n_items,
-                                              held_out[device], split)
-                    results[device].update({f"{split}-{name}": value for name, value in scores.items()})
+    held_out = {split: [data.validation if split == "validation" else data.test for data in datas] for split in SPLITS}
+    excluded = {"validation": [data.train for data in datas],
+                "test": [np.union1d(data.train, data.validation) for data in datas]}
+    for start in range(0, len(states), config.eval.batch_users):
+        block = range(start, min(start + config.eval.batch_users, len(states)))
+        scores = users[block.start : block.stop] @ items.T  # [b, n_items], once for both splits
+        for split in SPLITS:
+            ranked, per_user = metrics.full_ranking_per_user(
+                _block_scores(scores),
+                _rows([held_out[split][d] for d in block], n_items), [_rows([excluded[split][d] for d in block], n_items)],
+                ranking_cutoffs(config, n_items), len(block),
+            )
+            for position, device in enumerate(block.start + ranked):
+                results[device].update({f"{split}-{name}": float(values[position]) for name, values in per_user.items()})
+                if uses_sampled_protocol(config) and held_out[split][device].size == 1:
+                    sampled = sampled_protocol(config, datas[device], _scorer(items, users[device]), n_items,
+                                               held_out[split][device], split)
+                    results[device].update({f"{split}-{name}": value for name, value in sampled.items()})
     return results
+
+
+def _block_scores(scores: torch.Tensor) -> metrics.ScoreFn:
+    """``full_ranking_per_user``'s score function over one block's scores [b, n_items], ids local to the block."""
+    return lambda ids: scores if ids.size == scores.shape[0] else scores[torch.from_numpy(ids)]
 
 
 def _scorer(items: torch.Tensor, user: torch.Tensor) -> ItemScores:
