@@ -122,6 +122,15 @@ def test_topk_pads_rows_with_too_few_allowed_items_as_a_stable_sort_does():
     assert torch.equal(top, expected)
 
 
+def test_topk_in_place_masks_the_callers_scores_and_ranks_the_same():
+    rng = np.random.default_rng(2)
+    scores = torch.from_numpy(rng.normal(size=(6, 50)).astype(np.float32))
+    exclude = sp.csr_matrix(rng.random((6, 50)) < 0.3)
+    copy = scores.clone()
+    assert torch.equal(topk_items(copy, exclude, 10, in_place=True), topk_items(scores, exclude, 10))
+    assert torch.equal(torch.isinf(copy), torch.from_numpy(exclude.toarray())) and not torch.isinf(scores).any()
+
+
 def test_topk_rejects_nan_scores_but_not_excluded_nan():
     scores = torch.tensor([[0.1, float("nan"), 0.3, 0.2]])
     with pytest.raises(ValueError, match="NaN"):

@@ -161,10 +161,11 @@ def _normalise_ks(k: int | Sequence[int]) -> list[int]:
     return ks
 
 
-def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.Tensor:
+def topk_items(scores: torch.Tensor, exclude: Exclude, k: int, in_place: bool = False) -> torch.Tensor:
     """The k best items per row after excluding known items, with a deterministic tie rule.
 
-    Excluded entries are set to -inf (on a copy; ``scores`` is not modified), then the top k are
+    Excluded entries are set to -inf (on a copy, unless ``in_place``: then in ``scores`` itself, which saves
+    a copy of [b, n_items] when the caller owns them), then the top k are
     ordered by score descending and, among equal scores, by **lower item id first**, both for which
     items enter the list and for their order. ``torch.topk`` alone does not guarantee this (on CPU it
     returns tied items in arbitrary order), so its selection is re-ordered canonically, and rows where
@@ -201,7 +202,8 @@ def topk_items(scores: torch.Tensor, exclude: Exclude, k: int) -> torch.Tensor:
         rows.append(coo.row.astype(np.int64))
         cols.append(coo.col.astype(np.int64))
     index = tuple(torch.from_numpy(np.concatenate(part)).to(scores.device) for part in (rows, cols))
-    masked = scores.index_put(index, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+    minus_infinity = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    masked = scores.index_put_(index, minus_infinity) if in_place else scores.index_put(index, minus_infinity)
 
     # One extra item shows whether the selection is ambiguous: an item left out ties with the k-th.
     values, items = torch.topk(masked, min(k + 1, n_items), dim=1)
@@ -237,6 +239,7 @@ def full_ranking_per_user(
     exclude: Exclude,
     k: int | Sequence[int],
     batch_users: int,
+    owned_scores: bool = False,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-user full-ranking metrics (docs/methods.md#full-ranking) for every user with at least one test item.
 
@@ -258,6 +261,8 @@ def full_ranking_per_user(
         Cut-offs; each must be <= n_items.
     batch_users : int
         Users scored at once.
+    owned_scores : bool
+        ``score_fn`` returns tensors nobody else holds: excluded items are masked in them, not in a copy.
 
     Returns
     -------
@@ -292,7 +297,7 @@ def full_ranking_per_user(
             scores = score_fn(batch)
         if tuple(scores.shape) != (len(batch), n_items):
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected {(len(batch), n_items)}")
-        top = topk_items(scores, [matrix[batch] for matrix in excludes], ks[-1]).cpu().numpy()
+        top = topk_items(scores, [matrix[batch] for matrix in excludes], ks[-1], in_place=owned_scores).cpu().numpy()
         hit_blocks.append(_contains(test[batch], top))
     hits = np.concatenate(hit_blocks) if hit_blocks else np.zeros((0, ks[-1]), dtype=bool)
     relevant = n_relevant[user_ids]

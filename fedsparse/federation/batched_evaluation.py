@@ -3,8 +3,8 @@
 ``evaluate_splits_batch`` gives each device the metrics ``device.evaluate_splits`` gives it alone. An MF
 device scores every item by the dot product of its user row with the received table, so B devices reading
 one table score as one product [B, w] x [w, n_items], and ``metrics.full_ranking_per_user`` ranks them
-``eval.batch-users`` at a time (memory O(batch_users * n_items)), each block scored once for both splits,
-with each device's own exclusions. The sampled leave-one-out protocol (100 candidates) stays per device.
+``eval.batch-users`` at a time (memory O(batch_users * n_items)), with each device's own exclusions masked in
+the scores themselves, which fill one reused buffer. The sampled leave-one-out protocol (100 candidates) stays per device.
 NeuMF, and anything a device does with its scores afterwards, is evaluated one device at a time
 (``protocol.EvaluationJob.batchable``).
 """
@@ -45,27 +45,24 @@ def evaluate_splits_batch(
     held_out = {split: [data.validation if split == "validation" else data.test for data in datas] for split in SPLITS}
     excluded = {"validation": [data.train for data in datas],
                 "test": [np.union1d(data.train, data.validation) for data in datas]}
-    for start in range(0, len(states), config.eval.batch_users):
-        block = range(start, min(start + config.eval.batch_users, len(states)))
-        scores = users[block.start : block.stop] @ items.T  # [b, n_items], once for both splits
-        for split in SPLITS:
-            ranked, per_user = metrics.full_ranking_per_user(
-                _block_scores(scores),
-                _rows([held_out[split][d] for d in block], n_items), [_rows([excluded[split][d] for d in block], n_items)],
-                ranking_cutoffs(config, n_items), len(block),
-            )
-            for position, device in enumerate(block.start + ranked):
-                results[device].update({f"{split}-{name}": float(values[position]) for name, values in per_user.items()})
-                if uses_sampled_protocol(config) and held_out[split][device].size == 1:
-                    sampled = sampled_protocol(config, datas[device], _scorer(items, users[device]), n_items,
-                                               held_out[split][device], split)
-                    results[device].update({f"{split}-{name}": value for name, value in sampled.items()})
+    # One buffer for every block's scores: a fresh [b, n_items] each time costs as much in page faults as the product.
+    buffer = torch.empty(min(config.eval.batch_users, len(states)), n_items)
+
+    def scores(ids: np.ndarray) -> torch.Tensor:
+        return torch.matmul(users[torch.from_numpy(ids)], items.T, out=buffer[: ids.size])
+
+    for split in SPLITS:
+        ranked, per_user = metrics.full_ranking_per_user(
+            scores, _rows(held_out[split], n_items),
+            [_rows(excluded[split], n_items)], ranking_cutoffs(config, n_items), config.eval.batch_users, owned_scores=True,
+        )
+        for position, device in enumerate(ranked):
+            results[device].update({f"{split}-{name}": float(values[position]) for name, values in per_user.items()})
+            if uses_sampled_protocol(config) and held_out[split][device].size == 1:
+                sampled = sampled_protocol(config, datas[device], _scorer(items, users[device]), n_items,
+                                           held_out[split][device], split)
+                results[device].update({f"{split}-{name}": value for name, value in sampled.items()})
     return results
-
-
-def _block_scores(scores: torch.Tensor) -> metrics.ScoreFn:
-    """``full_ranking_per_user``'s score function over one block's scores [b, n_items], ids local to the block."""
-    return lambda ids: scores if ids.size == scores.shape[0] else scores[torch.from_numpy(ids)]
 
 
 def _scorer(items: torch.Tensor, user: torch.Tensor) -> ItemScores:

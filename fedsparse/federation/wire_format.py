@@ -114,18 +114,19 @@ def _counted_wire_bytes(records: Mapping[str, Record], envelope: Envelope) -> in
             body = _scalar_record_body(record.values, config=isinstance(record, ConfigRecord))
             total += _object_bytes(type(record).__name__, 0, len(body))
             continue
-        distinct: dict[tuple[np.dtype, tuple[int, ...], bool], list[bytes]] = {}
+        by_signature: dict[tuple[np.dtype, tuple[int, ...], bool], list[np.ndarray]] = {}
         for array in map(np.asarray, record.values()):
             fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)  # the order np.save writes
-            size = _array_object_bytes(array.dtype, array.shape, fortran)
+            by_signature.setdefault((array.dtype, array.shape, fortran), []).append(array)
+        children = 0
+        for (dtype, shape, fortran), arrays in by_signature.items():
+            size = _array_object_bytes(dtype, shape, fortran)
             if size is None:
                 return None
-            content = array.tobytes(order="F" if fortran else "C")
-            seen = distinct.setdefault((array.dtype, array.shape, fortran), [])
-            if content not in seen:
-                seen.append(content)
-                total += size
-        children = sum(map(len, distinct.values()))
+            # Only arrays sharing a signature can be identical; a lone one (a shared table) is never copied.
+            distinct = len(arrays) if len(arrays) == 1 else len({a.tobytes(order="F" if fortran else "C") for a in arrays})
+            children += distinct
+            total += distinct * size
         total += _object_bytes("ArrayRecord", children, len(json.dumps(dict.fromkeys(record, _ID_PLACEHOLDER))))
     total += _object_bytes("RecordDict", len(records), len(json.dumps(dict.fromkeys(records, _ID_PLACEHOLDER))))
     return total + _object_bytes("Message", 1, len(_message_body(envelope)))
