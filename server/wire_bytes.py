@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 DEVICE_RECORDS = ("arrays", "metrics", "error")  # record name prefixes "<prefix>.<user>" that belong to one device
 
@@ -26,14 +26,16 @@ def bytes_per_device(message: Message, users: Iterable[int]) -> dict[int, int]:
     """``message``'s bytes split among the devices ``users`` it carries (see the module docstring)."""
     users = sorted(int(user) for user in users)
     owners: dict[str, set[int]] = {}
-    if message.has_content():
-        for name, record in message.content.items():
-            prefix, _, user = name.partition(".")
-            if prefix in DEVICE_RECORDS and user.lstrip("-").isdigit():
-                for object_id in get_all_nested_objects(record):
-                    owners.setdefault(object_id, set()).add(int(user))
+    with no_object_id_recompute():  # each object's id hashed once (as Flower does when it pushes a message)
+        if message.has_content():
+            for name, record in message.content.items():
+                prefix, _, user = name.partition(".")
+                if prefix in DEVICE_RECORDS and user.lstrip("-").isdigit():
+                    for object_id in get_all_nested_objects(record):
+                        owners.setdefault(object_id, set()).add(int(user))
+        objects = get_all_nested_objects(message)
     shares = dict.fromkeys(users, 0)
-    for object_id, obj in get_all_nested_objects(message).items():
+    for object_id, obj in objects.items():
         holders = sorted(owners.get(object_id) or users)
         size = len(obj.deflate())
         for index, user in enumerate(holders):
