@@ -19,8 +19,10 @@ from fedsparse.federation.engine import Reply
 from fedsparse.federation.grouping import partition_of_user
 from fedsparse.federation.messages import MESSAGE_TYPES
 from fedsparse.federation.wire import SecureUpload
+from fedsparse.federation.wire_format import ConfigRecord as CountedConfig
+from fedsparse.federation.wire_format import Record
 from server.secagg import secure_sum_round, secure_train_round
-from server.wire_bytes import bytes_per_device
+from server.wire_bytes import received_bytes_per_device, sent_bytes_per_device
 
 log = logging.getLogger("fedsparse")
 
@@ -84,6 +86,7 @@ class FlowerTransport:
         self, kind: str, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
     ) -> dict[int, Reply | str]:
         by_node: dict[int, RecordDict] = {}
+        records_of_node: dict[int, dict[str, Record]] = {}  # the same content, as the wire count reads it
         users_of_node: dict[int, list[int]] = {}
         replies: dict[int, Reply | str] = {}
         for user, arrays in messages.items():
@@ -93,8 +96,10 @@ class FlowerTransport:
                 continue
             if node not in by_node:
                 by_node[node] = RecordDict({"settings": ConfigRecord({"server-round": server_round, **settings})})
+                records_of_node[node] = {"settings": CountedConfig({"server-round": server_round, **settings})}
                 users_of_node[node] = []
             by_node[node][f"arrays.{user}"] = to_record(arrays)
+            records_of_node[node][f"arrays.{user}"] = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
             users_of_node[node].append(user)
         outgoing = {
             node: Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
@@ -105,9 +110,9 @@ class FlowerTransport:
         down: dict[int, int] = {}
         up: dict[int, int] = {}
         for node, message in outgoing.items():
-            down.update(bytes_per_device(message, users_of_node[node]))
+            down.update(sent_bytes_per_device(message, records_of_node[node], users_of_node[node]))
         for reply in incoming:
-            up.update(bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, [])))
+            up.update(received_bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, [])))
         self._wire = (down, up)
         self._log_placement(kind, server_round, incoming, users_of_node)
         for reply in incoming:

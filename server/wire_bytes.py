@@ -9,10 +9,15 @@ envelope, the settings) among all of them. The shares sum to the message's bytes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.app import ConfigRecord as FlowerConfigRecord
+from flwr.app import MetricRecord as FlowerMetricRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
+
+from fedsparse.federation.wire_format import ConfigRecord, Envelope, MetricRecord, Record, wire_bytes_per_device
 
 DEVICE_RECORDS = ("arrays", "metrics", "error")  # record name prefixes "<prefix>.<user>" that belong to one device
 
@@ -41,3 +46,46 @@ def bytes_per_device(message: Message, users: Iterable[int]) -> dict[int, int]:
         for index, user in enumerate(holders):
             shares[user] = shares.get(user, 0) + size // len(holders) + (1 if index < size % len(holders) else 0)
     return shares
+
+
+def envelope_of(message: Message) -> Envelope:
+    """The metadata Flower serialises with ``message`` (as sent: its ids, reply id, ttl and creation time)."""
+    meta = message.metadata
+    return Envelope(meta.message_type, meta.group_id, meta.run_id, meta.src_node_id, meta.dst_node_id,
+                    meta.src_task_id, meta.dst_task_id, meta.reply_to_message_id, meta.ttl, meta.created_at)
+
+
+def owners_of(names: Iterable[str]) -> dict[str, int]:
+    """The device of each record name ``<prefix>.<user>`` that belongs to one (``DEVICE_RECORDS``)."""
+    owners = {}
+    for name in names:
+        prefix, _, user = name.partition(".")
+        if prefix in DEVICE_RECORDS and user.lstrip("-").isdigit():
+            owners[name] = int(user)
+    return owners
+
+
+def sent_bytes_per_device(message: Message, records: Mapping[str, Record], users: Iterable[int]) -> dict[int, int]:
+    """``bytes_per_device`` of a message the server built from ``records`` (its content before Flower wrapped it,
+    arrays as ``to_record`` gives them), counted from the records (``wire_format.wire_bytes_per_device``)."""
+    return wire_bytes_per_device(records, envelope_of(message), owners_of(records), list(users))
+
+
+def received_bytes_per_device(message: Message, users: Iterable[int]) -> dict[int, int]:
+    """``bytes_per_device`` of a reply, counted from its records read back as arrays and scalars; a reply
+    holding anything else (a node's code is not trusted) is measured on Flower's objects instead."""
+    users = list(users)
+    records: dict[str, Record] = {}
+    try:
+        for name, record in message.content.items():
+            if isinstance(record, ArrayRecord):
+                records[name] = {key: np.ascontiguousarray(value.numpy()) for key, value in record.items()}
+            elif isinstance(record, FlowerMetricRecord):
+                records[name] = MetricRecord(dict(record))
+            elif isinstance(record, FlowerConfigRecord):
+                records[name] = ConfigRecord(dict(record))
+            else:
+                return bytes_per_device(message, users)
+        return wire_bytes_per_device(records, envelope_of(message), owners_of(records), users)
+    except (TypeError, ValueError, EOFError):  # a value the count cannot encode, or an Array that does not decode
+        return bytes_per_device(message, users)

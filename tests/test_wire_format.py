@@ -168,6 +168,37 @@ def test_a_shared_message_is_split_among_its_devices_and_sums_to_its_bytes():
     assert bytes_per_device(alone, [1]) == {1: message_bytes(alone)}
 
 
+def grouped_records():
+    """A supernode's message for devices 1-4: one table object shared by two, equal arrays sent apart, equal
+    metrics, a device's error, a table of several chunks shared by two, and records of no device."""
+    table = {"values": RNG.random(300, dtype=np.float32), "row-counts": np.full(30, 10, dtype=np.uint8)}
+    big = np.zeros(wire_format.MAX_CHUNK_BYTES // 4 + 10, dtype=np.float32)  # its second chunk repeats nothing
+    return {
+        "settings": ConfigRecord({"server-round": 4, "explore": True}),
+        "arrays.1": table, "arrays.2": table,
+        "metrics.1": MetricRecord({"loss": 0.5, "examples": 3}), "metrics.2": MetricRecord({"loss": 0.5, "examples": 3}),
+        "arrays.3": {"row-ids": np.arange(7, dtype=np.int32), "values": np.ones(7, dtype=np.float32), "big": big},
+        "arrays.4": {"row-ids": np.arange(7, dtype=np.int32), "big": big, "empty": np.zeros(0, dtype=np.int32)},
+        "error.5": ConfigRecord({"reason": "device 5: no training interactions"}),
+        "placement": ConfigRecord({"host": "node-a", "pid": 12}),
+    }
+
+
+def test_counted_shares_equal_flowers_objects_split_among_devices():
+    from server.wire_bytes import bytes_per_device, owners_of, received_bytes_per_device, sent_bytes_per_device
+
+    records = grouped_records()
+    users = [1, 2, 3, 4, 5]
+    sent = Message(flower_records(records), dst_node_id=2**63 + 5, message_type="train", group_id="4")
+    expected = bytes_per_device(sent, users)
+    assert wire_format.wire_bytes_per_device(records, envelope_of(sent), owners_of(records), users) == expected
+    assert sent_bytes_per_device(sent, records, users) == expected
+    assert sum(expected.values()) == message_wire_bytes(records, envelope_of(sent))
+    assert expected[1] == pytest.approx(expected[2], abs=8) and expected[5] < expected[1]  # the shared table, halved
+    reply = Message(flower_records(records), reply_to=Message(RecordDict(), dst_node_id=7, message_type="train", group_id="4"))
+    assert received_bytes_per_device(reply, users) == bytes_per_device(reply, users)
+
+
 def test_what_flower_adds_to_a_reply_per_array_and_per_message():
     """The sizes the README quotes: about 440 bytes per array and about 600 per reply, beyond the payload."""
     envelope = Envelope.worst_case("train", "3", reply=True)

@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,14 +141,94 @@ def _object_bytes(kind: str, children: int, body_bytes: int) -> int:
     return len(kind) + 1 + ids + 1 + len(str(body_bytes)) + 1 + body_bytes
 
 
-@functools.lru_cache(maxsize=4096)
 def _array_object_bytes(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> int | None:
-    """Bytes of the objects of an Array with this signature (its own and its one chunk's), measured once
-    on a stand-in; None when its ``np.save`` output spans several chunks (identical chunks would travel once)."""
+    """Bytes of the objects of an Array with this signature (its own and its one chunk's); None when its
+    ``np.save`` output spans several chunks (identical chunks would travel once)."""
+    sizes = _array_sizes(dtype, shape, fortran)
+    return None if sizes is None else sum(sizes)
+
+
+ObjectKey = tuple  # what makes two objects of a message identical (their content), hashable
+
+
+def wire_bytes_per_device(
+    records: Mapping[str, Record], envelope: Envelope, owners: Mapping[str, int], users: Sequence[int]
+) -> dict[int, int]:
+    """``message_wire_bytes`` of a message carrying several devices' records, split among ``users``: each
+    distinct object equally among the devices whose records (``owners``: record name -> device) hold it, the
+    remainder bytes to the lowest ids; objects of no device (the envelope, the settings) among all of them.
+    The split of ``server.wire_bytes.bytes_per_device`` over Flower's own objects, counted (sizes from
+    signatures, identity from content) instead of hashed; ``tests/test_wire_format.py`` holds the two equal."""
+    objects: dict[ObjectKey, tuple[int, set[int]]] = {}
+    seen: dict[int, tuple[np.ndarray, ObjectKey, list[tuple[ObjectKey, int]]]] = {}
+    record_keys: dict[str, ObjectKey] = {}
+    for name, record in records.items():
+        record_keys[name], parts = _record_parts(record, seen)
+        for key, size in parts:
+            holders = objects.setdefault(key, (size, set()))[1]
+            if name in owners:
+                holders.add(owners[name])
+    listing = len(json.dumps(dict.fromkeys(records, _ID_PLACEHOLDER)))
+    objects[("RecordDict", tuple(record_keys.items()))] = (
+        _object_bytes("RecordDict", len(set(record_keys.values())), listing), set())
+    objects[("Message",)] = (_object_bytes("Message", 1, len(_message_body(envelope))), set())
+    everyone = sorted(users)
+    shares = dict.fromkeys(everyone, 0)
+    for size, holders in objects.values():
+        group = sorted(holders) or everyone
+        for index, user in enumerate(group):
+            shares[user] = shares.get(user, 0) + size // len(group) + (1 if index < size % len(group) else 0)
+    return shares
+
+
+def _record_parts(record: Record, seen: dict) -> tuple[ObjectKey, list[tuple[ObjectKey, int]]]:
+    """A record's identity and its objects (the record's, its arrays' and their chunks') with their bytes."""
+    if isinstance(record, ConfigRecord | MetricRecord):
+        kind = type(record).__name__
+        body = _scalar_record_body(record.values, config=isinstance(record, ConfigRecord))
+        return (kind, body), [((kind, body), _object_bytes(kind, 0, len(body)))]
+    parts: list[tuple[ObjectKey, int]] = []
+    array_keys = []
+    for array in record.values():
+        key, own = _array_parts(array, seen)
+        array_keys.append(key)
+        parts += own
+    record_key = ("ArrayRecord", tuple(zip(record, array_keys, strict=True)))
+    listing = len(json.dumps(dict.fromkeys(record, _ID_PLACEHOLDER)))
+    return record_key, [*parts, (record_key, _object_bytes("ArrayRecord", len(set(array_keys)), listing))]
+
+
+def _array_parts(array: np.ndarray, seen: dict) -> tuple[ObjectKey, list[tuple[ObjectKey, int]]]:
+    """An array's identity and its objects with their bytes; an array object met before (a table every device
+    of the message received) is looked up, not copied again."""
+    known = seen.get(id(array))
+    if known is not None and known[0] is array:
+        return known[1], known[2]
+    value = np.asarray(array)
+    fortran = bool(value.flags.f_contiguous and not value.flags.c_contiguous)
+    sizes = _array_sizes(value.dtype, value.shape, fortran)
+    if sizes is not None:
+        key: ObjectKey = ("Array", value.dtype.str, value.shape, fortran, value.tobytes(order="F" if fortran else "C"))
+        parts = [(("ArrayChunk", key), sizes[0]), (key, sizes[1])]
+    else:  # several chunks, which may repeat: Flower's objects, hashed
+        hashed: dict[str, int] = {}
+        key = ("Array", _array_object(value, hashed))
+        parts = [(("hashed", object_id), size) for object_id, size in hashed.items()]
+    seen[id(array)] = (array, key, parts)
+    return key, parts
+
+
+@functools.lru_cache(maxsize=4096)
+def _array_sizes(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> tuple[int, int] | None:
+    """(chunk bytes, Array object bytes) of an array with this signature, measured once on a stand-in; None
+    when its ``np.save`` output spans several chunks."""
     stand_in = np.zeros(shape, dtype=dtype, order="F" if fortran else "C")
     objects: dict[str, int] = {}
     _array_object(stand_in, objects)
-    return sum(objects.values()) if len(objects) == 2 else None
+    if len(objects) != 2:
+        return None
+    chunk, whole = objects.values()  # _array_object adds the chunk first
+    return chunk, whole
 
 
 def request_records(user: int, server_round: int, arrays: ArrayRecordContent, settings: ScalarRecordContent) -> dict[str, Record]:
