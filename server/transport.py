@@ -22,7 +22,7 @@ from fedsparse.federation.wire import SecureUpload
 from fedsparse.federation.wire_format import ConfigRecord as CountedConfig
 from fedsparse.federation.wire_format import Record
 from server.secagg import secure_sum_round, secure_train_round
-from server.wire_bytes import received_bytes_per_device, sent_bytes_per_device
+from server.wire_bytes import received_bytes_per_device, reply_records, sent_bytes_per_device
 
 log = logging.getLogger("fedsparse")
 
@@ -111,8 +111,11 @@ class FlowerTransport:
         up: dict[int, int] = {}
         for node, message in outgoing.items():
             down.update(sent_bytes_per_device(message, records_of_node[node], users_of_node[node]))
+        decoded: dict[int, dict[str, Record] | None] = {}  # each reply's records read once, for the count and the replies
         for reply in incoming:
-            up.update(received_bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, [])))
+            decoded[reply.metadata.src_node_id] = reply_records(reply)
+            up.update(received_bytes_per_device(reply, users_of_node.get(reply.metadata.src_node_id, []),
+                                                decoded[reply.metadata.src_node_id]))
         self._wire = (down, up)
         self._log_placement(kind, server_round, incoming, users_of_node)
         for reply in incoming:
@@ -126,7 +129,7 @@ class FlowerTransport:
                     replies[user] = f"node {node} error: {reply.error.reason}"
                 continue
             for user in users_of_node.get(node, []):
-                replies[user] = _decode_reply(reply.content, user, node)
+                replies[user] = _decode_reply(reply.content, user, node, decoded.get(node))
         for node, users in users_of_node.items():
             if node not in answered:
                 for user in users:
@@ -154,10 +157,10 @@ class FlowerTransport:
                 handle.write("\n".join(lines) + "\n")
 
 
-def _decode_reply(content: RecordDict, user: int, node: int) -> Reply | str:
+def _decode_reply(content: RecordDict, user: int, node: int, records: Mapping[str, Record] | None = None) -> Reply | str:
     """One user's arrays and metrics from a node's reply, or why they cannot be read (a missing record,
     a record of the wrong kind, an array that does not decode); the engine then validates the arrays and
-    metric values as for any reply."""
+    metric values as for any reply. ``records``: the reply already read (``wire_bytes.reply_records``)."""
     try:
         if f"error.{user}" in content:
             return str(content[f"error.{user}"]["reason"])
@@ -167,7 +170,8 @@ def _decode_reply(content: RecordDict, user: int, node: int) -> Reply | str:
         if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, (MetricRecord, dict)):
             return (f"user {user}: expected an ArrayRecord and a MetricRecord, "
                     f"got {type(arrays).__name__}, {type(metrics).__name__}")
-        return Reply(to_arrays(arrays), dict(metrics))
+        decoded = records.get(f"arrays.{user}") if records is not None else None
+        return Reply(dict(decoded) if isinstance(decoded, Mapping) else to_arrays(arrays), dict(metrics))
     except (KeyError, TypeError, ValueError, EOFError) as exc:  # a malformed record or Array from the node
         return f"node {node}: the reply of user {user} does not decode: {type(exc).__name__}: {exc}"
 

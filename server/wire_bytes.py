@@ -71,10 +71,12 @@ def sent_bytes_per_device(message: Message, records: Mapping[str, Record], users
     return wire_bytes_per_device(records, envelope_of(message), owners_of(records), list(users))
 
 
-def received_bytes_per_device(message: Message, users: Iterable[int]) -> dict[int, int]:
-    """``bytes_per_device`` of a reply, counted from its records read back as arrays and scalars; a reply
-    holding anything else (a node's code is not trusted) is measured on Flower's objects instead."""
-    users = list(users)
+def reply_records(message: Message) -> dict[str, Record] | None:
+    """A reply's records read back as arrays and scalars (what ``wire_bytes_per_device`` counts), or None when
+    it holds anything else (an error, another record type, a value or Array that does not decode: a node's
+    code is not trusted)."""
+    if not message.has_content():
+        return None
     records: dict[str, Record] = {}
     try:
         for name, record in message.content.items():
@@ -85,7 +87,22 @@ def received_bytes_per_device(message: Message, users: Iterable[int]) -> dict[in
             elif isinstance(record, FlowerConfigRecord):
                 records[name] = ConfigRecord(dict(record))
             else:
-                return bytes_per_device(message, users)
+                return None
+    except (TypeError, ValueError, EOFError):
+        return None
+    return records
+
+
+def received_bytes_per_device(
+    message: Message, users: Iterable[int], records: Mapping[str, Record] | None = None
+) -> dict[int, int]:
+    """``bytes_per_device`` of a reply, counted from ``records`` (``reply_records``, read here when not given);
+    a reply that cannot be read so is measured on Flower's objects instead."""
+    users = list(users)
+    records = records if records is not None else reply_records(message)
+    if records is None:
+        return bytes_per_device(message, users)
+    try:
         return wire_bytes_per_device(records, envelope_of(message), owners_of(records), users)
-    except (TypeError, ValueError, EOFError):  # a value the count cannot encode, or an Array that does not decode
+    except TypeError:  # a scalar the count cannot encode (Flower accepted it)
         return bytes_per_device(message, users)

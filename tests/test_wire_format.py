@@ -6,7 +6,7 @@ builds the same messages and deflates them, and the two must agree exactly.
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.app import ConfigRecord as FlowerConfigRecord
 from flwr.app import MetricRecord as FlowerMetricRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -185,7 +185,7 @@ def grouped_records():
 
 
 def test_counted_shares_equal_flowers_objects_split_among_devices():
-    from server.wire_bytes import bytes_per_device, owners_of, received_bytes_per_device, sent_bytes_per_device
+    from server.wire_bytes import bytes_per_device, owners_of, received_bytes_per_device, reply_records, sent_bytes_per_device
 
     records = grouped_records()
     users = [1, 2, 3, 4, 5]
@@ -195,8 +195,12 @@ def test_counted_shares_equal_flowers_objects_split_among_devices():
     assert sent_bytes_per_device(sent, records, users) == expected
     assert sum(expected.values()) == message_wire_bytes(records, envelope_of(sent))
     assert expected[1] == pytest.approx(expected[2], abs=8) and expected[5] < expected[1]  # the shared table, halved
-    reply = Message(flower_records(records), reply_to=Message(RecordDict(), dst_node_id=7, message_type="train", group_id="4"))
+    instruction = Message(RecordDict(), dst_node_id=7, message_type="train", group_id="4")
+    reply = Message(flower_records(records), reply_to=instruction)
     assert received_bytes_per_device(reply, users) == bytes_per_device(reply, users)
+    assert reply_records(reply)["arrays.3"]["row-ids"].tolist() == list(range(7))
+    failed = Message(Error(code=3, reason="lost"), reply_to=instruction)
+    assert reply_records(failed) is None and received_bytes_per_device(failed, users) == bytes_per_device(failed, users)
 
 
 def test_what_flower_adds_to_a_reply_per_array_and_per_message():
