@@ -127,12 +127,18 @@ def _counted_wire_bytes(records: Mapping[str, Record], envelope: Envelope) -> in
             distinct = len(arrays) if len(arrays) == 1 else len({a.tobytes(order="F" if fortran else "C") for a in arrays})
             children += distinct
             total += distinct * size
-        total += _object_bytes("ArrayRecord", children, len(json.dumps(dict.fromkeys(record, _ID_PLACEHOLDER))))
-    total += _object_bytes("RecordDict", len(records), len(json.dumps(dict.fromkeys(records, _ID_PLACEHOLDER))))
+        total += _object_bytes("ArrayRecord", children, _listing_bytes(tuple(record)))
+    total += _object_bytes("RecordDict", len(records), _listing_bytes(tuple(records)))
     return total + _object_bytes("Message", 1, len(_message_body(envelope)))
 
 
 _ID_PLACEHOLDER = "0" * REPLY_ID_CHARS  # an object id as JSON holds it: 64 hex characters, never escaped
+
+
+@functools.lru_cache(maxsize=65536)
+def _listing_bytes(names: tuple[str, ...]) -> int:
+    """Bytes of a record's body listing its children by name (``{"<name>": "<64-hex id>", ...}`` as JSON)."""
+    return len(json.dumps(dict.fromkeys(names, _ID_PLACEHOLDER)))
 
 
 def _object_bytes(kind: str, children: int, body_bytes: int) -> int:
@@ -168,7 +174,7 @@ def wire_bytes_per_device(
             holders = objects.setdefault(key, (size, set()))[1]
             if name in owners:
                 holders.add(owners[name])
-    listing = len(json.dumps(dict.fromkeys(records, _ID_PLACEHOLDER)))
+    listing = _listing_bytes(tuple(records))
     objects[("RecordDict", tuple(record_keys.items()))] = (
         _object_bytes("RecordDict", len(set(record_keys.values())), listing), set())
     objects[("Message",)] = (_object_bytes("Message", 1, len(_message_body(envelope))), set())
@@ -194,7 +200,7 @@ def _record_parts(record: Record, seen: dict) -> tuple[ObjectKey, list[tuple[Obj
         array_keys.append(key)
         parts += own
     record_key = ("ArrayRecord", tuple(zip(record, array_keys, strict=True)))
-    listing = len(json.dumps(dict.fromkeys(record, _ID_PLACEHOLDER)))
+    listing = _listing_bytes(tuple(record))
     return record_key, [*parts, (record_key, _object_bytes("ArrayRecord", len(set(array_keys)), listing))]
 
 
