@@ -11,6 +11,7 @@ evaluates ``--eval-fraction`` of the devices. Peak RSS sums every process of the
 SuperLink, ServerApp and Ray workers).
 
     FEDSPARSE_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/flower_scale.py --groups 1000,100,10
+    FEDSPARSE_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/flower_scale.py --groups 1 --rounds 1 --name flower_scale_g1
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eval-fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="flower_scale", help="file name of the table (a separate invocation's own)")
     add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
-    table = ResultTable(args.out / "flower_scale.csv")
+    table = ResultTable(args.out / f"{args.name}.csv")
     groups = [int(group) for group in args.groups.split(",")]
     started = time.perf_counter()
     if not args.report_only:
@@ -80,14 +82,15 @@ def main() -> None:
     frame = frame.astype(dict.fromkeys(["devices_per_supernode", "supernodes", "devices_per_round", "rounds"], "int64"))
     header = (
         f"Measured by `OMP_NUM_THREADS=1 python benchmarks/flower_scale.py --users {args.users} --items {args.items} "
-        f"--groups {args.groups} --device-batch {args.device_batch} --rounds {args.rounds}` on {machine_description()}, "
+        f"--groups {args.groups} --device-batch {args.device_batch} --rounds {args.rounds} --name {args.name}` on "
+        f"{machine_description()}, "
         f"{time.perf_counter() - started:.0f} s. Every device in every round; Flower runs use 2 Ray actors of 1 CPU and "
         f"`fed.clients-per-node` = `devices_per_supernode`; `train_seconds`: the median over the rounds of training and "
         f"aggregation; `vs_inprocess`: over the in-process engine's of the same invocation (target: at most "
         f"{TARGET_RATIO:g}x); `evaluate_seconds`: the last round's evaluation of fed.eval-fraction {args.eval_fraction} "
         "of the devices.\n\n"
     )
-    write_markdown_table(args.out / "flower_scale.md", header, frame)
+    write_markdown_table(args.out / f"{args.name}.md", header, frame)
 
 
 if __name__ == "__main__":

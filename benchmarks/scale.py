@@ -133,7 +133,7 @@ def main() -> None:
         table.set_rows("scale", rows)
     frame = table.frame().reindex(columns=COLUMNS)
     counts = ["users", "items", "device_batch", "torch_threads", "devices_per_round", "rounds", "evaluated_devices"]
-    frame = frame.astype(dict.fromkeys(counts, "int64"))
+    frame = frame.astype(dict.fromkeys(counts, "int64")).astype(object)  # all-numeric frames reach tabulate as floats
     header = (
         f"Measured by `OMP_NUM_THREADS=1 python benchmarks/scale.py --users {args.users} --items {args.items} "
         f"--devices-per-round {args.devices_per_round} --device-batch {args.device_batch} "
