@@ -452,6 +452,14 @@ class FakeGrid:
         return [self.answer(message.dst_node_id) for message in messages]
 
 
+def stub_wire_counts(monkeypatch, transport_module) -> None:
+    """Zero wire counts and no pre-read replies: these tests' messages are stand-ins, not Flower's."""
+    monkeypatch.setattr(transport_module, "sent_bytes_per_device", lambda message, records, users: dict.fromkeys(users, 0))
+    monkeypatch.setattr(transport_module, "received_bytes_per_device",
+                        lambda message, users, records=None: dict.fromkeys(users, 0))
+    monkeypatch.setattr(transport_module, "reply_records", lambda message: None)
+
+
 @pytest.mark.parametrize("kind", ["nmf", "query", "train", "evaluate"])
 def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies_into_failed_devices(monkeypatch, kind):
     """Probe 13: evaluate and NMF sends waited forever for a lost node, and a malformed Array raised."""
@@ -463,7 +471,7 @@ def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies
 
     monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
         content=content, dst_node_id=dst_node_id))
-    monkeypatch.setattr(transport_module, "bytes_per_device", lambda message, users: dict.fromkeys(users, 0))  # stand-ins
+    stub_wire_counts(monkeypatch, transport_module)
 
     def answer(node: int):
         content = reply_content({node: ({"x": np.ones(2, np.float32)}, {"m": 1.0})})
@@ -545,7 +553,7 @@ def test_a_clientapp_exception_stops_the_flower_run_while_a_lost_node_is_a_faile
 
     monkeypatch.setattr(transport_module, "Message", lambda content, dst_node_id, message_type, group_id: types.SimpleNamespace(
         content=content, dst_node_id=dst_node_id))
-    monkeypatch.setattr(transport_module, "bytes_per_device", lambda message, users: dict.fromkeys(users, 0))  # stand-ins
+    stub_wire_counts(monkeypatch, transport_module)
 
     def failing(code: int):
         error = types.SimpleNamespace(code=code, reason="<class 'ValueError'>:<'operands could not be broadcast'>")
