@@ -69,7 +69,8 @@ def _keep_state(context: Context, user: int, outcome: Outcome) -> Outcome:
 
 
 def _handle(message: Message, context: Context, kind: str) -> Message:
-    """Serve every hosted user's message (training ones ``fed.device-batch`` at a time, their local steps batched)."""
+    """Serve every hosted user's message (training and evaluation ones ``fed.device-batch`` at a time, their
+    local steps or rankings batched)."""
     config, data = _config_and_data(context)
     settings = dict(message.content["settings"])
     server_round = int(settings["server-round"])

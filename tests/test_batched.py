@@ -266,3 +266,34 @@ def test_a_supernode_hosting_several_devices_batches_them_too(monkeypatch: Any) 
     for key in alone_state.array_records:
         for name, value in alone_state[key].items():
             np.testing.assert_allclose(batched_state[key][name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_supernode_hosting_several_devices_ranks_them_together_with_the_same_metrics(monkeypatch: Any) -> None:
+    """The ClientApp's evaluation route with ``fed.clients-per-node = 3``: the same metrics with its devices'
+    rankings batched as one at a time."""
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    import clients.app as client_app
+    from clients.records import to_record
+    from fedsparse.federation.messages import EvaluateRequest
+
+    monkeypatch.setattr(client_app, "Message", lambda reply, reply_to: reply)  # the reply's content, unsent
+    flat = {**BASE, "data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": N_ITEMS,
+            "fed.clients-per-node": 3}
+    n_items = load_dataset(RunConfig.from_flat(flat).data, 5).n_items
+    rng = rng_for(2, "test-batched-node-evaluation")
+    mask = rng.random((n_items, DIM)) < 0.4
+    table = RowsDownload(None, CompactTable.encode((rng.normal(0, 0.1, mask.shape) * mask).astype(np.float32), mask))
+    message = to_record(EvaluateRequest(table).to_arrays())
+    replies = []
+    for device_batch in (0, 3):
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(),
+                          run_config={**flat, "fed.device-batch": device_batch})
+        content = RecordDict({"settings": ConfigRecord({"server-round": 1}), **{f"arrays.{user}": message for user in (6, 7, 8)}})
+        replies.append(client_app.evaluate(SimpleNamespace(content=content), context))
+    alone, batched = replies
+    assert sorted(alone.metric_records) == sorted(batched.metric_records) and "metrics.8" in alone
+    for key in alone.metric_records:
+        assert dict(batched[key]) == pytest.approx(dict(alone[key]), abs=1e-9), key
+        assert "test-recall@20" in dict(alone[key]) or "validation-recall@20" in dict(alone[key])
