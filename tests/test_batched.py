@@ -227,9 +227,14 @@ def test_a_negative_device_batch_is_refused(bad: int) -> None:
         config(**{"fed.device-batch": bad})
 
 
-def test_a_supernode_hosting_several_devices_batches_them_too(monkeypatch: Any) -> None:
-    """The ClientApp with ``fed.clients-per-node = 3``: the same replies and kept states with its devices'
-    steps batched as one at a time."""
+NODE_CONFIG = {**BASE, "data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": N_ITEMS,
+               "fed.clients-per-node": 3}
+NODE_USERS = (6, 7, 8)  # the devices partition 2 hosts
+
+
+def serve_on_a_node(monkeypatch: Any, route: str, settings: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """The ClientApp's ``route`` ("train" or "evaluate") on a supernode hosting ``NODE_USERS``, each sent one seeded
+    masked table (whole), one at a time and then batched: [(reply content, node state)] for each."""
     pytest.importorskip("flwr")
     from flwr.app import ConfigRecord, Context, RecordDict
 
@@ -237,21 +242,24 @@ def test_a_supernode_hosting_several_devices_batches_them_too(monkeypatch: Any) 
     from clients.records import to_record
 
     monkeypatch.setattr(client_app, "Message", lambda reply, reply_to: reply)  # the reply's content, unsent
-    flat = {**BASE, "data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": N_ITEMS,
-            "fed.clients-per-node": 3}
-    n_items = load_dataset(RunConfig.from_flat(flat).data, 5).n_items
-    rng = rng_for(1, "test-batched-node")
+    n_items = load_dataset(RunConfig.from_flat(NODE_CONFIG).data, 5).n_items
+    rng = rng_for(1, "test-batched-node", route)
     mask = rng.random((n_items, DIM)) < 0.4
     download = RowsDownload(None, CompactTable.encode((rng.normal(0, 0.1, mask.shape) * mask).astype(np.float32), mask))
-    replies, states = [], []
+    served = []
     for device_batch in (0, 3):
-        run_config = {**flat, "fed.device-batch": device_batch}
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config=run_config)
-        content = RecordDict({"settings": ConfigRecord({"server-round": 1, "send-signal": True}),
-                              **{f"arrays.{user}": to_record(download.to_arrays()) for user in (6, 7, 8)}})
-        replies.append(client_app.train(SimpleNamespace(content=content), context))
-        states.append(context.state)
-    (alone, batched), (alone_state, batched_state) = replies, states
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(),
+                          run_config={**NODE_CONFIG, "fed.device-batch": device_batch})
+        content = RecordDict({"settings": ConfigRecord({"server-round": 1, **settings}),
+                              **{f"arrays.{user}": to_record(download.to_arrays()) for user in NODE_USERS}})
+        served.append((getattr(client_app, route)(SimpleNamespace(content=content), context), context.state))
+    return served
+
+
+def test_a_supernode_hosting_several_devices_batches_them_too(monkeypatch: Any) -> None:
+    """The ClientApp with ``fed.clients-per-node = 3``: the same replies and kept states with its devices'
+    steps batched as one at a time."""
+    (alone, alone_state), (batched, batched_state) = serve_on_a_node(monkeypatch, "train", {"send-signal": True})
     assert sorted(batched.keys()) == sorted(alone.keys()) and "arrays.8" in alone
     for key in alone.array_records:
         for name, value in alone[key].items():
@@ -270,29 +278,8 @@ def test_a_supernode_hosting_several_devices_batches_them_too(monkeypatch: Any) 
 
 def test_a_supernode_hosting_several_devices_ranks_them_together_with_the_same_metrics(monkeypatch: Any) -> None:
     """The ClientApp's evaluation route with ``fed.clients-per-node = 3``: the same metrics with its devices'
-    rankings batched as one at a time."""
-    pytest.importorskip("flwr")
-    from flwr.app import ConfigRecord, Context, RecordDict
-
-    import clients.app as client_app
-    from clients.records import to_record
-    from fedsparse.federation.messages import EvaluateRequest
-
-    monkeypatch.setattr(client_app, "Message", lambda reply, reply_to: reply)  # the reply's content, unsent
-    flat = {**BASE, "data.dataset": "synthetic", "data.synthetic-users": 30, "data.synthetic-items": N_ITEMS,
-            "fed.clients-per-node": 3}
-    n_items = load_dataset(RunConfig.from_flat(flat).data, 5).n_items
-    rng = rng_for(2, "test-batched-node-evaluation")
-    mask = rng.random((n_items, DIM)) < 0.4
-    table = RowsDownload(None, CompactTable.encode((rng.normal(0, 0.1, mask.shape) * mask).astype(np.float32), mask))
-    message = to_record(EvaluateRequest(table).to_arrays())
-    replies = []
-    for device_batch in (0, 3):
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(),
-                          run_config={**flat, "fed.device-batch": device_batch})
-        content = RecordDict({"settings": ConfigRecord({"server-round": 1}), **{f"arrays.{user}": message for user in (6, 7, 8)}})
-        replies.append(client_app.evaluate(SimpleNamespace(content=content), context))
-    alone, batched = replies
+    rankings batched as one at a time (an evaluation message is a whole table with no row ids, as sent)."""
+    (alone, _), (batched, _) = serve_on_a_node(monkeypatch, "evaluate", {})
     assert sorted(alone.metric_records) == sorted(batched.metric_records) and "metrics.8" in alone
     for key in alone.metric_records:
         assert dict(batched[key]) == pytest.approx(dict(alone[key]), abs=1e-9), key
