@@ -98,8 +98,9 @@ class FlowerTransport:
                 by_node[node] = RecordDict({"settings": ConfigRecord({"server-round": server_round, **settings})})
                 records_of_node[node] = {"settings": CountedConfig({"server-round": server_round, **settings})}
                 users_of_node[node] = []
-            by_node[node][f"arrays.{user}"] = to_record(arrays)
-            records_of_node[node][f"arrays.{user}"] = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+            contiguous = {key: np.ascontiguousarray(value) for key, value in arrays.items()}  # what to_record holds
+            by_node[node][f"arrays.{user}"] = to_record(contiguous)
+            records_of_node[node][f"arrays.{user}"] = contiguous
             users_of_node[node].append(user)
         outgoing = {
             node: Message(content, dst_node_id=node, message_type=MESSAGE_TYPES[kind], group_id=str(server_round))
