@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1,
                         help="passes between evaluations (1: every epoch, the round picked among all of them)")
     parser.add_argument("--methods", default="", help="only these comma-separated methods (default: all)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the federated cells (their cell key and row carry it when it is not 0)")
     parser.add_argument("--device-batch", type=int, default=0,
                         help="fed.device-batch of the federated cells (devices trained as one batch; 0: one at a time)")
     add_result_flags(parser, HERE / "results")
@@ -160,6 +162,8 @@ def main() -> None:
         for fraction in ([1.0] if kind == "central" else [float(f) for f in args.fractions.split(",")]):
             rounds = round(args.rounds / fraction)
             cell = f"{args.dataset}/{candidates.name}/{method}/p{fraction:g}/r{rounds}/e{args.eval_every}"
+            if args.seed and kind != "central":
+                cell += f"/s{args.seed}"
             if table.has(cell):
                 continue
             if kind == "central":
@@ -171,18 +175,19 @@ def main() -> None:
                 flags = ["--config", str(CONFIGS / config), *extra, *protocol, "--num-server-rounds", str(rounds),
                          "--fed.fraction-train", str(fraction), "--fed.eval-fraction", "1.0",
                          "--fed.eval-every", str(max(1, round(args.eval_every / fraction))),
-                         "--fed.device-batch", str(args.device_batch)]
+                         "--fed.device-batch", str(args.device_batch), "--seed", str(args.seed)]
                 run_dir = run_dir_of("simulate", flags, args.out / "runs")
                 row = federated_row(run_dir)
                 save_curve(args.out / CURVES, cell, run_dir, fraction)
             table.add(cell, {"dataset": args.dataset, "method": method, "engine": "central" if kind == "central" else "inprocess",
                              "participation": fraction, "rounds": rounds, "eval_every": args.eval_every,
                              "candidates": candidates.name, "device_batch": 0 if kind == "central" else args.device_batch,
+                             "seed": 0 if kind == "central" else args.seed,
                              **row})
             print(f"{cell:60s} HR@10={row['sampled_hr@10']:.4f} Recall@20={row['recall@20']:.4f}", flush=True)
     command = (f"`python benchmarks/peer_protocol.py --dataset {args.dataset} --candidates {candidates.name} "
                f"--rounds {args.rounds} --fractions {args.fractions} --eval-every {args.eval_every} "
-               f"--device-batch {args.device_batch}`")
+               f"--device-batch {args.device_batch} --seed {args.seed}`")
     write_report(args, command, time.perf_counter() - started)
 
 
