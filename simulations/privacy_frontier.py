@@ -3,14 +3,16 @@
 Each cell is one in-process federation whose server records the first upload of a fixed set of watched
 devices; the attacks (fedsparse.privacy) then score them. Defences are written ``none``, ``pad:RHO``
 (fake positives per real one), ``ldp:Z`` (Gaussian local DP, noise multiplier Z, clipped at the median
-upload norm of the undefended cell of the same density), ``secagg`` or ``secagg:F`` (secure
-aggregation over all rows or over a public random share F of them per round: dense masked uploads whose
-sum alone the server sees, so no per-device attack has an input: its per-upload attack columns are empty)
-and combinations joined by ``+``. What the server holds as sums is attacked too, in every cell: the NMF
-start's cohort sums (``start_*``: the members of the start's cohort scored by the sums' row mass, and
-``start_auc_outside`` the same score on the devices outside the cohort, the control) and,
-under secure aggregation, the training rounds' cohort sums (``differencing_*``: consecutive cohorts share
-devices, so a device's rows stand out in the rounds it joined against those it did not).
+upload norm of the undefended cell of the same density), ``secagg`` or ``secagg:F`` (secure aggregation
+over all rows or over a public random share F of them per round: dense masked uploads whose sum alone the
+server sees, so no per-device attack has an input: its per-upload attack columns are empty; devices train
+only their items among the round's rows), ``secagg-all:F`` (the same rows sent, but every item of the
+device trains its user row: ``privacy.secure-train-items = all``) and combinations joined by ``+``. What
+the server holds as sums is attacked too, in every cell: the NMF start's cohort sums (``start_*``: the
+members of the start's cohort scored by the sums' row mass, and ``start_auc_outside`` the same score on
+the devices outside the cohort, the control) and, under secure aggregation, the training rounds' cohort
+sums (``differencing_*``: consecutive cohorts share devices, so a device's rows stand out in the rounds
+it joined against those it did not).
 
     python simulations/privacy_frontier.py --dataset ml-100k            # quick
     python simulations/privacy_frontier.py --dataset ml-1m --rounds 40  # the study's main table
@@ -58,14 +60,15 @@ def defence_overrides(defence: str, clip_norm: float) -> dict[str, object]:
             continue
         if name == "pad":
             overrides["privacy.padding-ratio"] = float(strength)
-        elif name == "secagg":
+        elif name in ("secagg", "secagg-all"):
             overrides.update({"privacy.secure-aggregation": True, "fed.downlink": "full",
-                              "privacy.secure-row-fraction": float(strength or 1.0)})
+                              "privacy.secure-row-fraction": float(strength or 1.0),
+                              "privacy.secure-train-items": "all" if name == "secagg-all" else "covered"})
         elif name == "ldp":
             overrides.update({"privacy.ldp": "gaussian", "privacy.noise-multiplier": float(strength),
                               "privacy.clip-norm": clip_norm})
         else:
-            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z, secagg or secagg:F joined by +")
+            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z, secagg, secagg:F or secagg-all:F joined by +")
     return overrides
 
 
@@ -150,7 +153,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--densities", default="0.2,0.5")
-    parser.add_argument("--defences", default=DEFENCES, help="comma list of none, pad:RHO, ldp:Z and +-joined combinations")
+    parser.add_argument("--defences", default=DEFENCES,
+                        help="comma list of none, pad:RHO, ldp:Z, secagg, secagg:F, secagg-all:F and +-joined combinations")
     parser.add_argument("--watch", type=int, default=200,
                         help="devices whose first upload the attacks score (half shadow, half targets)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key for every cell")

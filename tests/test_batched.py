@@ -128,6 +128,8 @@ SERVED = {
     "ldp-and-crashes": {"privacy.padding-ratio": 0.5, "privacy.ldp": "gaussian", "privacy.noise-multiplier": 0.0,
                         "faults.failure-rate": 0.3, "faults.failure-mode": "crash"},
     "secure-aggregation": {"privacy.secure-aggregation": True, "privacy.secure-row-fraction": 0.2},
+    "secure-all-items": {"privacy.secure-aggregation": True, "privacy.secure-row-fraction": 0.2,
+                         "privacy.secure-train-items": "all"},
 }
 
 

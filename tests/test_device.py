@@ -736,3 +736,48 @@ def test_shared_uniform_head_is_one_pytorch_linear_draw_for_every_device() -> No
 def test_unknown_user_init_is_refused() -> None:
     with pytest.raises(ConfigError, match="fed.user-init"):
         pfedrec_head(**{"fed.user-init": "xavier"})
+
+
+# ---------------------------------------------------------------- secure aggregation over a public row subset
+
+
+def test_secure_all_items_trains_as_without_it_and_sends_the_covered_rows_alone() -> None:
+    """``privacy.secure-train-items = all``: the round trains exactly as an undefended one (same user row kept)
+    and the secure vector holds that round's deltas at the covered rows alone (a dense reference); under
+    ``covered`` only the covered items train, so the user row learns something else."""
+    from fedsparse.federation.wire import SecureUpload
+    from fedsparse.privacy.secure_rows import secure_round_rows
+
+    weight, mask = item_table()
+    message = full_download(weight, mask).to_arrays()
+    data = user_data()
+    settings = {"send-signal": False}
+    plain = handle_train(config(**{"fed.downlink": "full"}), {}, data, message, N_ITEMS, 1, settings)
+    secure_flat = {"fed.downlink": "full", "privacy.secure-aggregation": True, "privacy.secure-row-fraction": 0.3}
+    cfg = config(**secure_flat, **{"privacy.secure-train-items": "all"})
+    covered = secure_round_rows(cfg, N_ITEMS, 1)
+    assert 0 < np.intersect1d(covered, data.train).size < data.train.size  # the round covers some of its items
+    secure = handle_train(cfg, {}, data, message, N_ITEMS, 1, settings)
+    np.testing.assert_array_equal(secure.state["user-row"], plain.state["user-row"])
+    assert isinstance(plain.message, RowUpdate) and isinstance(secure.message, SecureUpload)
+    dense = np.zeros((N_ITEMS, DIM), dtype=np.float32)
+    rows = plain.message.row_ids.astype(np.int64)
+    dense[rows] = scatter_active(plain.message.values, mask[rows])
+    outside = np.setdiff1d(rows, covered)
+    assert np.abs(dense[outside]).sum() > 0  # deltas the secure vector must leave out
+    np.testing.assert_array_equal(secure.message.values, dense[covered][mask[covered]])
+    assert secure.message.weights is None  # the default sum rule sends no row weights
+    covered_only = handle_train(config(**secure_flat), {}, data, message, N_ITEMS, 1, settings)
+    assert not np.allclose(covered_only.state["user-row"], plain.state["user-row"])
+    assert covered_only.message.values.size == secure.message.values.size  # the same rows go up either way
+    signalled = [handle_train(c, {}, data, message, N_ITEMS, 1, {"send-signal": True}).message
+                 for c in (config(**{"fed.downlink": "full"}), cfg)]
+    dense_signal = np.zeros((N_ITEMS, DIM), dtype=np.float32)
+    signal_rows = signalled[0].signal_rows.astype(np.int64)
+    np.add.at(dense_signal, (signal_rows[:, None], signalled[0].signal_cols.astype(np.int64)), signalled[0].signal_values)
+    assert np.abs(dense_signal[np.setdiff1d(signal_rows, covered)]).sum() > 0
+    np.testing.assert_array_equal(signalled[1].signal, dense_signal[covered])
+    kept = plain.message.restricted(mask, covered)
+    assert np.isin(kept.row_ids, covered).all() and kept.values.size == int(mask[kept.row_ids.astype(np.int64)].sum())
+    with pytest.raises(ConfigError, match="secure-train-items"):
+        config(**secure_flat, **{"privacy.secure-train-items": "some"})

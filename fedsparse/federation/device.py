@@ -191,14 +191,15 @@ def user_row_density(config: RunConfig) -> float:
 
 
 def round_item_subset(config: RunConfig, n_items: int, server_round: int) -> np.ndarray | None:
-    """Sorted int64 ids of the items this round may touch when they are not all of them (the public
-    secure-aggregation subset, or, streaming, the items that exist by this round); None for every item."""
-    rows = secure_round_rows(config, n_items, server_round)
+    """Sorted int64 ids of the items this round may train when they are not all of them (the public
+    secure-aggregation subset unless ``privacy.secure-train-items = all``, or, streaming, the items that exist
+    by this round); None for every item."""
+    rows = secure_round_rows(config, n_items, server_round) if config.privacy.secure_train_items == "covered" else None
     return revealed_items(config, n_items, server_round) if rows is None else rows
 
 
 def round_items(config: RunConfig, n_items: int, server_round: int) -> np.ndarray:
-    """Sorted int64 ids of the items this round may touch (``round_item_subset``, or every item)."""
+    """Sorted int64 ids of the items this round may train (``round_item_subset``, or every item)."""
     rows = round_item_subset(config, n_items, server_round)
     return np.arange(n_items, dtype=np.int64) if rows is None else rows
 

@@ -240,6 +240,18 @@ class RowUpdate(Payload):
             arrays.update(self.network.to_arrays())
         return arrays
 
+    def restricted(self, item_mask: np.ndarray, rows: np.ndarray) -> RowUpdate:
+        """The update cut to the rows of it among ``rows`` (sorted int64): their deltas and regrowth signal
+        (against ``item_mask`` bool [n_items, dim]); the weight and the network's delta unchanged."""
+        kept = np.isin(self.row_ids.astype(np.int64), rows, assume_unique=True)
+        entries = np.repeat(kept, self.carried_mask(item_mask).sum(axis=1))
+        signal: tuple[np.ndarray | None, ...] = (None, None, None)
+        if self.signal_rows is not None and self.signal_cols is not None and self.signal_values is not None:
+            signal_kept = np.isin(self.signal_rows.astype(np.int64), rows, assume_unique=True)
+            signal = (self.signal_rows[signal_kept], self.signal_cols[signal_kept], self.signal_values[signal_kept])
+        return replace(self, row_ids=self.row_ids[kept], values=self.values[entries], signal_rows=signal[0],
+                       signal_cols=signal[1], signal_values=signal[2])
+
     @property
     def signal_nbytes(self) -> int:
         """Bytes of the regrowth signal alone (0 when none is sent)."""
