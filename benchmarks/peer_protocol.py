@@ -67,7 +67,8 @@ METHODS = [
      ("pfedrec-sparserec.toml", "--fed.evaluate-model", "local-last", "--sparse.end-fraction", "0.25")),
 ]
 COLUMNS = [
-    "dataset", "candidates", "method", "engine", "participation", "rounds", "eval_every", "negatives_from", "evaluate_model",
+    "dataset", "candidates", "method", "engine", "participation", "rounds", "eval_every", "seed", "negatives_from",
+    "evaluate_model",
     "sampled_hr@10",
     "sampled_ndcg@10",
     "recall@20", "ndcg@20", "best_round", "unseen_sampled_hr@10", "unseen_recall@20", "unseen_users", "hr_vs_central",
@@ -191,9 +192,26 @@ def main() -> None:
     write_report(args, command, time.perf_counter() - started)
 
 
+def across_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per federated cell run under several seeds (``--seed``): test HR@10 and Recall@20 at the best-validation round,
+    mean, sample standard deviation, lowest and highest over the seeds."""
+    keys = ["dataset", "candidates", "method", "participation", "rounds", "eval_every"]
+    runs = frame[frame["engine"] != "central"]
+    rows = []
+    for key, group in runs.groupby(keys, sort=False):
+        if group["seed"].nunique() < 2:
+            continue
+        hr = group["sampled_hr@10"]
+        rows.append({**dict(zip(keys, key, strict=True)), "seeds": " ".join(str(int(seed)) for seed in sorted(group["seed"])),
+                     "sampled_hr@10_mean": hr.mean(), "sampled_hr@10_std": hr.std(), "sampled_hr@10_min": hr.min(),
+                     "sampled_hr@10_max": hr.max(), "recall@20_mean": group["recall@20"].mean()})
+    return pd.DataFrame(rows)
+
+
 def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
     """The Markdown table (ratios against central MF and FedMF of the same dataset) and the HR@10 plot."""
     frame = ResultTable(args.out / "peer_protocol.csv").frame()
+    frame["seed"] = frame["seed"].fillna(0).astype(int) if "seed" in frame else 0  # rows from before --seed: seed 0
     central = frame[frame["method"] == "central MF"].groupby(["dataset", "candidates", "rounds"])["sampled_hr@10"].max()
     # FedMF's round at the same dataset, share and length (one figure per key: the median of its rows)
     fedmf = frame[frame["method"] == "FedMF"].groupby(["dataset", "participation", "rounds"])["seconds_per_round"].median()
@@ -232,6 +250,9 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
          "first N rounds (its curve, evaluated every `eval_every` passes) for each N the code's runs were read at, "
          "and the code's mean over its seeds within the same N rounds (evaluated every round):\n\n",
          partial_participation_rows(frame, curves, code_runs(args.out))),
+        ("\nCells run under several seeds (`--seed`; the same candidate file, so the spread is the training's, not the "
+         "test set's): test HR@10 at each seed's best-validation round, its mean, sample standard deviation and range:\n\n",
+         across_seeds(frame)),
     ])
     plot_curves(frame, curves, args.out / "peer_protocol.png")
 
@@ -295,7 +316,7 @@ def partial_participation_rows(frame: pd.DataFrame, curves: pd.DataFrame, code: 
                 continue
             peer = runs[runs["rounds"] == rounds]["test_hr@10"]
             rows.append({"dataset": row["dataset"], "method": row["method"], "participation": row["participation"],
-                         "evaluate_model": row.get("evaluate_model"), "within_rounds": int(rounds),
+                         "seed": row["seed"], "evaluate_model": row.get("evaluate_model"), "within_rounds": int(rounds),
                          "best_round": int(best["round"]), "sampled_hr@10": best["sampled_hr@10"],
                          "pfedrec_code_hr@10": float(peer.mean()), "pfedrec_code_runs": len(peer),
                          "vs_pfedrec_code": best["sampled_hr@10"] - float(peer.mean())})

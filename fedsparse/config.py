@@ -281,6 +281,8 @@ class PrivacyConfig:
     delta: float = 1e-5  # the delta at which epsilon is reported
     secure_aggregation: bool = False  # devices upload dense masked vectors; the server sees only their sum
     secure_row_fraction: float = 1.0  # with secure aggregation: share of rows each round covers (a public random subset)
+    secure_row_bias: float = 0.0  # with a secure row subset: 0 = rows drawn uniformly; b > 0 = with probability
+    # proportional to (the row's active entries in the public item mask)^b, so popular rows are covered more often
     secure_train_items: str = "covered"  # with a secure row subset: covered = devices train only their items among the
     # round's rows (FedSubAvg-style); all = every item of theirs trains the user row, only the covered rows' deltas go up
     secure_weight_bound: float = 10000.0  # with secure aggregation: public cap on a
@@ -497,6 +499,10 @@ class RunConfig:
             (p.secure_row_fraction == 1 or p.secure_aggregation, "privacy.secure-row-fraction",
              "< 1 needs privacy.secure-aggregation"),
             (p.secure_train_items in SECURE_TRAIN_ITEMS, "privacy.secure-train-items", f"must be one of {SECURE_TRAIN_ITEMS}"),
+            (p.secure_row_bias >= 0, "privacy.secure-row-bias", "must be >= 0"),
+            (p.secure_row_bias == 0 or (p.secure_row_fraction < 1 and p.secure_train_items == "all"),
+             "privacy.secure-row-bias", "> 0 needs privacy.secure-row-fraction < 1 and privacy.secure-train-items = all "
+             "(the round's rows are drawn from the mask a device receives)"),
             (p.secure_weight_bound >= 1, "privacy.secure-weight-bound", "must be >= 1 (a weight counts examples)"),
             (0 <= faults.failure_rate < 1, "faults.failure-rate", "must be in [0, 1)"),
             (faults.failure_mode in FAULT_MODES, "faults.failure-mode", f"must be one of {FAULT_MODES}"),

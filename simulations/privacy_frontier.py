@@ -7,12 +7,13 @@ upload norm of the undefended cell of the same density), ``secagg`` or ``secagg:
 over all rows or over a public random share F of them per round: dense masked uploads whose sum alone the
 server sees, so no per-device attack has an input: its per-upload attack columns are empty; devices train
 only their items among the round's rows), ``secagg-all:F`` (the same rows sent, but every item of the
-device trains its user row: ``privacy.secure-train-items = all``) and combinations joined by ``+``. What
-the server holds as sums is attacked too, in every cell: the NMF start's cohort sums (``start_*``: the
-members of the start's cohort scored by the sums' row mass, and ``start_auc_outside`` the same score on
-the devices outside the cohort, the control) and, under secure aggregation, the training rounds' cohort
-sums (``differencing_*``: consecutive cohorts share devices, so a device's rows stand out in the rounds
-it joined against those it did not).
+device trains its user row: ``privacy.secure-train-items = all``; ``secagg-all:F:B`` draws the rows in
+proportion to their active entries to the power B, ``privacy.secure-row-bias``) and combinations joined
+by ``+``. What the server holds as sums is attacked too, in every cell: the NMF start's cohort sums
+(``start_*``: the members of the start's cohort scored by the sums' row mass, and ``start_auc_outside``
+the same score on the devices outside the cohort, the control) and, under secure aggregation, the
+training rounds' cohort sums (``differencing_*``: consecutive cohorts share devices, so a device's rows
+stand out in the rounds it joined against those it did not).
 
     python simulations/privacy_frontier.py --dataset ml-100k            # quick
     python simulations/privacy_frontier.py --dataset ml-1m --rounds 40  # the study's main table
@@ -46,7 +47,7 @@ COLUMNS = [
     "upload_vs_undefended", "clip_norm", "epsilon_max", "epsilon_mean",
     *[f"{attack}_{metric}" for attack in ATTACKS for metric in ("auc", "auc_uploaded", "f1")],
     "differencing_auc", "differencing_f1", "differencing_sign", "differencing_auc_outside",
-    "start_auc", "start_f1", "start_sign", "start_auc_outside", "popularity_auc",
+    "start_auc", "start_f1", "start_sign", "start_auc_outside", "sums_advantage", "popularity_auc",
     "random_f1", "targets", "seconds",
 ]
 
@@ -58,17 +59,24 @@ def defence_overrides(defence: str, clip_norm: float) -> dict[str, object]:
         name, _, strength = part.partition(":")
         if name == "none":
             continue
+        if name == "fixed":  # no mask exploration: no regrowth signal goes up, the NMF start's mask stays
+            overrides["sparse.drop-fraction"] = 0.0
+            continue
         if name == "pad":
             overrides["privacy.padding-ratio"] = float(strength)
         elif name in ("secagg", "secagg-all"):
+            share, _, bias = strength.partition(":")
             overrides.update({"privacy.secure-aggregation": True, "fed.downlink": "full",
-                              "privacy.secure-row-fraction": float(strength or 1.0),
+                              "privacy.secure-row-fraction": float(share or 1.0),
                               "privacy.secure-train-items": "all" if name == "secagg-all" else "covered"})
+            if bias:
+                overrides["privacy.secure-row-bias"] = float(bias)
         elif name == "ldp":
             overrides.update({"privacy.ldp": "gaussian", "privacy.noise-multiplier": float(strength),
                               "privacy.clip-norm": clip_norm})
         else:
-            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z, secagg, secagg:F or secagg-all:F joined by +")
+            raise ValueError(f"unknown defence {part!r}: use none, pad:RHO, ldp:Z, secagg, secagg:F, secagg-all:F[:B], "
+                             "fixed, joined by +")
     return overrides
 
 
@@ -121,6 +129,14 @@ def run_cell(base: dict, data, defence: str, clip_norm: float, watch: set[int]) 
     return row, float(np.median(log.value_norms)) if log.value_norms else np.nan
 
 
+def sums_advantage(frame: pd.DataFrame) -> pd.Series:
+    """Per cell, the larger excess of a sum attack's AUC over its control (differencing on the training sums, the
+    start's sums): what the members' own vectors add to what the sums say of every device; nan without a control."""
+    excess = [frame[f"{attack}_auc"] - frame[f"{attack}_auc_outside"] for attack in ("differencing", "start")
+              if f"{attack}_auc_outside" in frame]
+    return pd.concat(excess, axis=1).max(axis=1, skipna=True) if excess else pd.Series(np.nan, index=frame.index)
+
+
 def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
     """Utility (Recall@20 vs undefended) against leakage (strongest attack's AUC among uploaded rows); marker area = bytes."""
     import matplotlib
@@ -154,7 +170,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--densities", default="0.2,0.5")
     parser.add_argument("--defences", default=DEFENCES,
-                        help="comma list of none, pad:RHO, ldp:Z, secagg, secagg:F, secagg-all:F and +-joined combinations")
+                        help="comma list of none, pad:RHO, ldp:Z, secagg, secagg:F, secagg-all:F[:B], fixed and +-joined "
+                             "combinations")
     parser.add_argument("--watch", type=int, default=200,
                         help="devices whose first upload the attacks score (half shadow, half targets)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key for every cell")
@@ -195,14 +212,18 @@ def main() -> None:
                   f"imia_auc_up={row['imia_auc_uploaded']:.3f} eps_max={row['epsilon_max']:.3g}", flush=True)
     frame = table.frame()
     frame = frame[frame["dataset"] == args.dataset].reset_index(drop=True)
+    frame["sums_advantage"] = sums_advantage(frame)
     header = (
         f"Measured by `python simulations/privacy_frontier.py --dataset {args.dataset} --rounds {args.rounds} --fraction "
-        f"{args.fraction} --densities {args.densities} --defences {args.defences} --watch {args.watch}` on "
+        f"{args.fraction} --densities {args.densities} --defences {args.defences} --watch {args.watch}"
+        f"{''.join(f' --set {item}' for item in args.set)}` on "
         f"{machine_description()}; this invocation took "
         f"{time.perf_counter() - started:.0f} s. AUC = over all items; auc_uploaded = among the uploaded rows (IMIA's framing); "
         "epsilon at delta = 1e-5 per device over its uploads (inf = no local DP). `*_auc_outside`: the control of "
         "a sum attack, the same score on watched devices that joined no such sum (what the sums reveal of everyone, "
         "item popularity; nan where every watched device joined one, or in rows measured before the column). "
+        "`sums_advantage`: the larger of `differencing_auc` and `start_auc` minus its control, what the members' own "
+        "vectors add to the sums' AUC (nan without a control). "
         "`popularity_auc`: the watched devices' items ranked by their training popularity alone (no upload read).\n\n"
     )
     write_markdown_table(args.out / f"privacy-{args.dataset}.md", header, frame.reindex(columns=COLUMNS))

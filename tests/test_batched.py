@@ -129,7 +129,7 @@ SERVED = {
                         "faults.failure-rate": 0.3, "faults.failure-mode": "crash"},
     "secure-aggregation": {"privacy.secure-aggregation": True, "privacy.secure-row-fraction": 0.2},
     "secure-all-items": {"privacy.secure-aggregation": True, "privacy.secure-row-fraction": 0.2,
-                         "privacy.secure-train-items": "all"},
+                         "privacy.secure-train-items": "all", "privacy.secure-row-bias": 1.0},
 }
 
 

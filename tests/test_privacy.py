@@ -229,6 +229,7 @@ def test_attacks_on_a_real_in_process_run(tmp_path) -> None:
 
 
 def test_privacy_frontier_script_writes_table_and_plot(tmp_path) -> None:
+    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -239,19 +240,25 @@ def test_privacy_frontier_script_writes_table_and_plot(tmp_path) -> None:
     settings = ["data.synthetic-users=40", "data.synthetic-items=120", "data.synthetic-interactions-per-user=15", "model.dim=8",
                 "fed.item-optimizer=sgd", "fed.nmf-rounds=2"]
     command = [sys.executable, str(script), "--dataset", "synthetic", "--rounds", "2", "--fraction", "0.5", "--densities", "0.5",
-               "--defences", "pad:1,ldp:1,secagg", "--watch", "30", "--out", str(tmp_path),
+               "--defences", "pad:1,ldp:1,secagg,secagg-all:0.3:1+fixed", "--watch", "30", "--out", str(tmp_path),
                *[f"--set={item}" for item in settings]]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     frame = pd.read_csv(tmp_path / "privacy-synthetic.csv").set_index("defence")
-    assert list(frame.index) == ["none", "pad:1", "ldp:1", "secagg"]
+    assert list(frame.index) == ["none", "pad:1", "ldp:1", "secagg", "secagg-all:0.3:1+fixed"]
+    biased = frame.loc["secagg-all:0.3:1+fixed"]
+    assert np.isnan(biased["value_auc"]) and np.isfinite(biased["recall@20"]) and np.isfinite(biased["differencing_auc"])
+    config = json.loads((Path(biased["run_dir"]) / "config.json").read_text())["config"]
+    assert (config["privacy.secure-row-bias"], config["privacy.secure-train-items"], config["sparse.drop-fraction"]) == (
+        1.0, "all", 0.0)
     assert frame.loc["secagg", "upload_vs_undefended"] > 1.5 and np.isnan(frame.loc["secagg", "value_auc"])
     assert frame.loc["none", "upload_vs_undefended"] == 1.0
     assert frame.loc["pad:1", "upload_vs_undefended"] > 1.2  # fake rows (and their negatives) cost bytes
     assert np.isinf(frame.loc["none", "epsilon_max"]) and 0 < frame.loc["ldp:1", "epsilon_max"] < np.inf
     assert frame.loc["ldp:1", "clip_norm"] == pytest.approx(frame.loc["none", "median_norm"])
     assert (tmp_path / "privacy-synthetic.png").stat().st_size > 0
-    assert "| synthetic" in (tmp_path / "privacy-synthetic.md").read_text()
+    table = (tmp_path / "privacy-synthetic.md").read_text()
+    assert "| synthetic" in table and "sums_advantage" in table and "--set data.synthetic-users=40" in table
 
 
 # ---------------------------------------------------------------- secure aggregation
@@ -301,7 +308,39 @@ def test_secure_row_subsets_are_public_seeded_and_sized() -> None:
         RunConfig.from_flat({"privacy.secure-row-fraction": 0.5})
 
 
-def test_secure_aggregation_over_row_subsets_costs_their_share_and_every_device_uploads(tmp_path) -> None:
+def test_biased_secure_rows_follow_the_public_mask() -> None:
+    """``privacy.secure-row-bias``: rows drawn in proportion to (active entries)^b of the mask every device
+    receives: seeded, exactly sized, never a row without entries, rows with more entries covered more often."""
+    from fedsparse.config import ConfigError
+    from fedsparse.privacy.secure_rows import secure_round_rows
+
+    flat = {"privacy.secure-aggregation": True, "privacy.secure-row-fraction": 0.1, "privacy.secure-train-items": "all",
+            "privacy.secure-row-bias": 1.0}
+    config = RunConfig.from_flat(flat)
+    mask = np.zeros((100, 8), dtype=bool)
+    mask[:50, :1] = True  # rows 0-49: one entry; 50-89: eight; 90-99: none
+    mask[50:90] = True
+    rows = secure_round_rows(config, 100, 3, mask)
+    assert rows.size == 10 and np.array_equal(rows, np.unique(rows)) and rows.max() < 90
+    np.testing.assert_array_equal(rows, secure_round_rows(config, 100, 3, mask.copy()))
+    covered = np.zeros(100)
+    for server_round in range(1, 401):
+        covered[secure_round_rows(config, 100, server_round, mask)] += 1
+    assert covered[90:].sum() == 0
+    assert covered[50:90].mean() > 4 * covered[:50].mean()  # 8x the weight (less: drawn without replacement)
+    uniform = RunConfig.from_flat({**flat, "privacy.secure-row-bias": 0.0})
+    np.testing.assert_array_equal(secure_round_rows(uniform, 100, 3), secure_round_rows(uniform, 100, 3, mask))
+    with pytest.raises(ValueError, match="item mask"):
+        secure_round_rows(config, 100, 3)
+    with pytest.raises(ConfigError, match="secure-row-bias"):
+        RunConfig.from_flat({**flat, "privacy.secure-train-items": "covered"})
+    with pytest.raises(ConfigError, match="secure-row-bias"):
+        RunConfig.from_flat({**flat, "privacy.secure-row-bias": -1.0})
+
+
+@pytest.mark.parametrize("rows", ["uniform", "biased"])
+def test_secure_aggregation_over_row_subsets_costs_their_share_and_every_device_uploads(tmp_path, rows: str) -> None:
+    """Devices and server draw the same rows every round (no upload refused), biased by the mask or not."""
     from fedsparse.privacy.secure_rows import secure_round_rows
 
     flat = {
@@ -310,12 +349,14 @@ def test_secure_aggregation_over_row_subsets_costs_their_share_and_every_device_
         "fed.fraction-train": 0.5, "fed.explore-every": 2, "fed.nmf-rounds": 2, "privacy.secure-aggregation": True,
         "privacy.secure-row-fraction": 0.2,
     }
+    if rows == "biased":
+        flat.update({"privacy.secure-train-items": "all", "privacy.secure-row-bias": 2.0})
     config = RunConfig.from_flat(flat)
     data = load_dataset(config.data, config.seed)
     run_dir, summary = run_inprocess(config, data)
     records = {record["round"]: record for record in read_jsonl(run_dir / "rounds.jsonl")}
     assert all(record["failed_clients"] == 0 and record["dropped_updates"] == 0 for record in records.values())
-    covered = secure_round_rows(config, data.n_items, 1)
+    covered = secure_round_rows(config, data.n_items, 1, np.ones((data.n_items, 1), dtype=bool))
     # Round 1 uses the mask the federated NMF set: read it back from what a device's secure values must fill.
     first = records[1]
     assert first["upload_bytes_mean"] == first["upload_bytes_max"]  # one shape for every device

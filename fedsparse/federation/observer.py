@@ -105,14 +105,14 @@ class ObservingTransport:
         if not answers or message is None:
             return
         users = np.array(sorted(user for user, reply in replies.items() if not isinstance(reply, str)), dtype=np.int64)
-        rows = secure_round_rows(self.config, self.n_items, server_round)
+        table = {key: value for key, value in message.items() if key == "row-ids" or key.startswith("table.")}
+        _, item_mask = RowsDownload.from_arrays(table, self.n_items, self.config.model.dim).table.decode()
+        rows = secure_round_rows(self.config, self.n_items, server_round, item_mask)
         rows = np.arange(self.n_items) if rows is None else rows
         mass = np.zeros(self.n_items)
         if needs_row_weights(self.config.fed.aggregation):
             mass[rows] = np.sum([arrays["secure-weights"].astype(np.float64) for arrays in answers], axis=0)
         else:
-            table = {key: value for key, value in message.items() if key == "row-ids" or key.startswith("table.")}
-            _, item_mask = RowsDownload.from_arrays(table, self.n_items, self.config.model.dim).table.decode()
             total = np.sum([arrays["secure-values"].astype(np.float64) for arrays in answers], axis=0)
             mass[rows] = np.linalg.norm(scatter_active(total, item_mask[rows]), axis=1)
         self.sums.append(ObservedSum("train", server_round, users, mass))

@@ -237,7 +237,7 @@ def finish_train(
     if config.privacy.secure_aggregation:
         _, item_mask = download.table.decode()
         weight = min(update.weight, config.privacy.secure_weight_bound) if config.fed.aggregation == "weighted" else 1.0
-        covered = secure_round_rows(config, n_items, server_round)
+        covered = secure_round_rows(config, n_items, server_round, item_mask)
         if covered is not None and config.privacy.secure_train_items == "all":  # trained everywhere, sent where covered
             update = update.restricted(item_mask, covered)
         upload = SecureUpload.from_update(update, item_mask, weight, covered, needs_row_weights(config.fed.aggregation))
@@ -270,7 +270,7 @@ def _empty_secure_reply(
     no_rows = np.zeros(0, dtype=np.int64)
     signal = (no_rows, np.zeros((0, 1), dtype=np.uint8), np.zeros((0, 1), dtype=np.float32)) if send_signal else ()
     empty = RowUpdate(no_rows, np.zeros(0, dtype=np.float32), 1.0, *signal)
-    secure = SecureUpload.from_update(empty, item_mask, 1.0, secure_round_rows(config, n_items, server_round),
+    secure = SecureUpload.from_update(empty, item_mask, 1.0, secure_round_rows(config, n_items, server_round, item_mask),
                                       needs_row_weights(config.fed.aggregation))
     metrics = {"loss": 0.0, "memory-bytes": float(device.nbytes + download.nbytes), "signal-bytes": 0.0}
     return DeviceReply(secure, {**state, **device.to_arrays()}, metrics)

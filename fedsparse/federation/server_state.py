@@ -196,7 +196,7 @@ class Server:
 
     def secure_rows(self) -> np.ndarray:
         """Sorted int64 rows the coming round's secure uploads cover (all rows, or the public subset)."""
-        rows = secure_round_rows(self.config, self.n_items, self.round + 1)
+        rows = secure_round_rows(self.config, self.n_items, self.round + 1, self.item_mask)
         return np.arange(self.n_items, dtype=np.int64) if rows is None else rows
 
     def decode_secure_reply(self, arrays: dict[str, np.ndarray]) -> SecureUpload:
