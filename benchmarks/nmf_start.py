@@ -73,13 +73,15 @@ def start_flags(method: str) -> list[str]:
 def training_command(args: argparse.Namespace) -> list[str]:
     """The ``fedsparse simulate`` flags of the training every cell shares (bytes_to_accuracy's SparseRec setting)."""
     config, extra = next((config, extra) for name, config, extra in METHODS if name == TRAINING)
-    return ["--config", str(CONFIGS / config), *setting_flags(args), *extra]
+    batch = ["--fed.device-batch", str(args.device_batch)] if args.device_batch else []
+    return ["--config", str(CONFIGS / config), *setting_flags(args), *extra, *batch]
 
 
 def command_of(args: argparse.Namespace, method: str) -> str:
     """The invocation that reproduces one cell."""
     return (f"python benchmarks/nmf_start.py --dataset {args.dataset} --rounds {args.rounds} --fraction {args.fraction:g} "
-            f"--dim {args.dim} --eval-every {args.eval_every} --methods {shlex.quote(method)}")
+            f"--dim {args.dim} --eval-every {args.eval_every} --methods {shlex.quote(method)}"
+            + (f" --device-batch {args.device_batch}" if args.device_batch else ""))
 
 
 def per_device_share_over(run_dir: Path) -> float:
@@ -196,6 +198,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1, help="devices per training round / devices")
     parser.add_argument("--dim", type=int, default=64, help="model.dim (0 = the named config's)")
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--device-batch", type=int, default=0,
+                        help="fed.device-batch of every cell (devices trained as one batch, the same results; 0: one at a time)")
     parser.add_argument("--methods", default="central,range c0.1 r1",
                         help=f"comma-separated: {', '.join(NAMED_STARTS)}, or 'range cC rR [pP] [sS]' / 'svd cC [pP] [sS]' "
                              "(cohort share C, refinements R, power passes P, sketch width S)")

@@ -35,6 +35,9 @@ CASES = [  # (case, engine, secure aggregation)
     ("undefended in process", "inprocess", False),
     ("secure sum in process", "inprocess", True),
 ]
+# The undefended runs: no secure aggregation and the default mask exploration, whatever the secure config sets.
+UNDEFENDED = ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fraction", "1.0", "--privacy.secure-row-bias", "0",
+              "--privacy.secure-train-items", "covered", "--sparse.drop-fraction", "-1"]
 COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
            "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
            "seconds_per_round"]
@@ -68,7 +71,7 @@ def main() -> None:
                 continue
             flags = ["--config", str(args.config.resolve()), "--dataset", args.dataset, "--num-server-rounds", str(args.rounds),
                      "--fed.eval-fraction", str(args.eval_fraction), "--fed.clients-per-node", "1",
-                     *([] if secure else ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fraction", "1.0"])]
+                     *([] if secure else UNDEFENDED)]
             run_dir, _, _ = run_case(engine, flags, args.out / "runs")
             row = case_row(run_dir)
             table.add(cell, {"dataset": args.dataset, "config": args.config.name, "case": case, "engine": engine, **row})

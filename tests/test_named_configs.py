@@ -61,3 +61,14 @@ def test_the_sparse_pfedrec_config_differs_from_pfedrec_only_by_its_mask():
     assert {key: value for key, value in sparse.items() if key not in mask_keys} == {
         key: value for key, value in dense.items() if key not in mask_keys}
     assert (sparse["sparse.policy"], sparse["sparse.density"], sparse["fed.user-density"]) == ("sparserec", 0.2, 1.0)
+
+
+def test_the_popular_secure_rows_config_is_the_privacy_study_cell_it_names(monkeypatch):
+    """secure-rows-popular.toml says it is the cell secagg-all:0.15:1+fixed of the ml-1m privacy study: the
+    study's undefended config (privacy-frontier.toml) with that spec's keys."""
+    monkeypatch.syspath_prepend(str(CONFIGS.parent))
+    from privacy_frontier import defence_overrides
+
+    study = read_config_file(CONFIGS / "privacy-frontier.toml")
+    cell = {**study, **defence_overrides("secagg-all:0.15:1+fixed", 1.0)}
+    assert RunConfig.from_flat(read_config_file(CONFIGS / "secure-rows-popular.toml")) == RunConfig.from_flat(cell)
