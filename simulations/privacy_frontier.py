@@ -189,6 +189,7 @@ def main() -> None:
     defences = args.defences.split(",")
     if "none" not in defences:
         defences.insert(0, "none")  # the reference every ratio is taken against, and the clip norm's source
+    ran = 0
     for density in [float(value) for value in args.densities.split(",")]:
         cell_base = {**base, "sparse.density": density}
         reference = None
@@ -198,6 +199,7 @@ def main() -> None:
             if table.has(cell):
                 row = existing[existing["cell"] == cell].iloc[0].to_dict()
             else:
+                ran += 1
                 clip_norm = reference["median_norm"] if reference else 1.0
                 row, median_norm = run_cell(cell_base, data, defence, clip_norm, watch)
                 row.update({"dataset": args.dataset, "density": density, "defence": defence, "rounds": args.rounds,
@@ -217,8 +219,10 @@ def main() -> None:
         f"Measured by `python simulations/privacy_frontier.py --dataset {args.dataset} --rounds {args.rounds} --fraction "
         f"{args.fraction} --densities {args.densities} --defences {args.defences} --watch {args.watch}"
         f"{''.join(f' --set {item}' for item in args.set)}` on "
-        f"{machine_description()}; this invocation took "
-        f"{time.perf_counter() - started:.0f} s. AUC = over all items; auc_uploaded = among the uploaded rows (IMIA's framing); "
+        f"{machine_description()}; this invocation ran {ran} of the table's cells in "
+        f"{time.perf_counter() - started:.0f} s (each cell's own run time is its `seconds`; simulations/README.md names "
+        "the invocation and code version of the others). AUC = over all items; auc_uploaded = among the uploaded rows "
+        "(IMIA's framing); "
         "epsilon at delta = 1e-5 per device over its uploads (inf = no local DP). `*_auc_outside`: the control of "
         "a sum attack, the same score on watched devices that joined no such sum (what the sums reveal of everyone, "
         "item popularity; nan where every watched device joined one, or in rows measured before the column). "
