@@ -30,6 +30,7 @@ from bytes_to_accuracy import CONFIGS, METHODS, setting_flags, setting_of  # noq
 from common import add_result_flags, require_data, run_code_version, run_fedsparse  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_sections  # noqa: E402
+from fedsparse.run_files import save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TRAINING = "SparseRec 0.2 (rows downlink)"  # the bytes_to_accuracy method every cell trains as
@@ -189,6 +190,38 @@ def report(args: argparse.Namespace, frame: pd.DataFrame, seconds: float) -> Non
                          f"FEDSPARSE_DATA=...`) and the code version each ran at:\n\n{commands}\n\n",
                          group[[c for c in COLUMNS if c in group]]))
     write_markdown_sections(args.out / "nmf_start.md", header, sections)
+    plot_frontier(frame, args.out / "nmf_start.png")
+
+
+def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
+    """Per setting, each secure start's wire bytes per device (log scale) against its final Recall@20 over the central
+    oracle's; the oracle and the random mask (no start bytes) as level lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(frame["setting"]))
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for axis, setting in zip(axes[0], settings, strict=True):
+        group = frame[frame["setting"] == setting]
+        starts = group[group["start_wire_bytes_per_device"] > 0]
+        axis.scatter(starts["start_wire_bytes_per_device"], starts["final_vs_central"])
+        for _, row in starts.iterrows():
+            axis.annotate(row["method"], (row["start_wire_bytes_per_device"], row["final_vs_central"]), fontsize=7,
+                          xytext=(3, 3), textcoords="offset points")
+        for name, style in (("central", ":"), ("random mask", "--")):
+            level = group.loc[group["method"] == name, "final_vs_central"]
+            if not level.empty:
+                axis.axhline(float(level.iloc[0]), color="grey", linestyle=style, linewidth=1, label=name)
+        axis.axhline(ACCURACY_TARGET, color="red", linestyle=":", linewidth=1, label=f"{ACCURACY_TARGET:g} x central")
+        axis.set_xscale("log")
+        axis.set_xlabel("start wire bytes per device (mean over all devices)")
+        axis.set_ylabel("final Recall@20 / central oracle's")
+        axis.set_title(setting, fontsize=8)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
 
 
 def main() -> None:
