@@ -6,7 +6,7 @@ exploration, the central NMF oracle, per-round records and checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,8 @@ class Server:
     optimizer: ServerOptimizer  # how mean deltas become a step (``fed.server-optimizer``)
     round: int = 0
     network: NetworkWeights | None = None  # NeuMF's shared network (FedNCF); None for MF
+    # (round, rows) of the last ``secure_rows`` answer: every reply of a round is decoded against the same rows
+    _covered: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -195,9 +197,12 @@ class Server:
         return update if width == dim else replace(update, width=width)
 
     def secure_rows(self) -> np.ndarray:
-        """Sorted int64 rows the coming round's secure uploads cover (all rows, or the public subset)."""
-        rows = secure_round_rows(self.config, self.n_items, self.round + 1, self.item_mask)
-        return np.arange(self.n_items, dtype=np.int64) if rows is None else rows
+        """Sorted int64 rows the coming round's secure uploads cover (all rows, or the public subset), drawn once
+        per round (a biased draw reads the item mask, which changes only when a round is applied)."""
+        if self._covered is None or self._covered[0] != self.round:
+            rows = secure_round_rows(self.config, self.n_items, self.round + 1, self.item_mask)
+            self._covered = (self.round, np.arange(self.n_items, dtype=np.int64) if rows is None else rows)
+        return self._covered[1]
 
     def decode_secure_reply(self, arrays: dict[str, np.ndarray]) -> SecureUpload:
         """Validate one device's secure-aggregation upload against the covered rows' mask; raises PayloadError."""

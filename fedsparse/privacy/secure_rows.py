@@ -33,7 +33,6 @@ def secure_round_rows(
         return np.sort(rng.choice(n_items, size=count, replace=False)).astype(np.int64)
     if item_mask is None or item_mask.shape[0] != n_items:
         raise ValueError("privacy.secure-row-bias > 0 draws the rows from the round's item mask: pass it")
-    weights = item_mask.sum(axis=1).astype(np.float64) ** privacy.secure_row_bias
-    weights[item_mask.sum(axis=1) == 0] = 0.0  # a row without entries has nothing to send
+    weights = item_mask.sum(axis=1).astype(np.float64) ** privacy.secure_row_bias  # a row without entries: weight 0
     count = min(count, int(np.count_nonzero(weights)))
     return np.sort(rng.choice(n_items, size=count, replace=False, p=weights / weights.sum())).astype(np.int64)
