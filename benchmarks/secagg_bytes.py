@@ -37,7 +37,7 @@ CASES = [  # (case, engine, secure aggregation)
 ]
 # The undefended runs: no secure aggregation and the default mask exploration, whatever the secure config sets.
 UNDEFENDED = ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fraction", "1.0", "--privacy.secure-row-bias", "0",
-              "--privacy.secure-train-items", "covered", "--sparse.drop-fraction", "-1"]
+              "--sparse.drop-fraction", "-1"]
 COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
            "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
            "seconds_per_round"]
