@@ -86,6 +86,7 @@ def cell_row(run_dir: Path) -> dict:
         "local_lr": config["fed.local-lr"],
         "item_lr": config["fed.item-lr"] if config["fed.item-optimizer"] == "sgd" else float("nan"),
         "negatives_from": config["train.negatives-from"],
+        "device_batch": config["fed.device-batch"],
         "run_dir": str(run_dir),
     }
 
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--nmf-rounds", type=int, default=3, help="federated NMF rounds before training (NMF policies)")
     parser.add_argument("--downlink", default="full", choices=("full", "rows"))
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--device-batch", type=int, default=0,
+                        help="fed.device-batch of every cell (devices trained as one batch, the same results; 0: one at a time)")
     parser.add_argument("--cells", default="", help="only these comma-separated variant/density cells (default: all)")
     add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
                          "--fed.fraction-train", str(args.fraction), *rates,
                          "--fed.local-batch-size", args.local_batch_size, "--fed.eval-every", str(args.eval_every),
                          "--fed.nmf-rounds", str(args.nmf_rounds), "--fed.downlink", args.downlink,
-                         "--fed.item-optimizer", args.item_optimizer, *extra]
+                         "--fed.item-optimizer", args.item_optimizer, "--fed.device-batch", str(args.device_batch), *extra]
                 run_dir = run_simulation(flags, args.out / "runs")
                 row = cell_row(run_dir)
                 save_curve(args.out / CURVES, cell, run_dir)
@@ -148,7 +151,8 @@ def main() -> None:
     command = (
         f"`python benchmarks/federated.py --datasets {args.datasets} --rounds {args.rounds} "
         f"--fraction {args.fraction} --negatives {args.negatives}{rates} --item-optimizer {args.item_optimizer} "
-        f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink {args.downlink}`"
+        f"--local-batch-size {args.local_batch_size} --nmf-rounds {args.nmf_rounds} --downlink {args.downlink}"
+        f"{f' --device-batch {args.device_batch}' if args.device_batch else ''}`"
     )
     write_report(args, command, time.perf_counter() - started)
 
