@@ -2,7 +2,8 @@
 
 Each cell is one ``fedsparse train`` subprocess with the same seed, epochs and hyper-parameters; only
 the ``sparse.*`` flags differ. Ratios are taken against the dense cell of the same dataset measured in
-the same invocation. Finished cells are kept in ``<out>/sparse_grid.csv`` and skipped on a rerun.
+the same invocation. Finished cells are kept in ``<out>/sparse_grid.csv`` and skipped on a rerun; each row
+records the negative rule and code version its run read, and the table says which rows predate today's rule.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/sparse_grid.py --datasets gowalla,yelp2018
     FEDSPARSE_DATA=../shared/data python benchmarks/sparse_grid.py --datasets ml-1m --groups choices
@@ -11,6 +12,7 @@ the same invocation. Finished cells are kept in ``<out>/sparse_grid.csv`` and sk
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,9 +21,10 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_training  # noqa: E402
+from common import add_result_flags, require_data, run_code_version, run_training  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description  # noqa: E402
+from fedsparse.run_files import atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ["static", "magnitude", "set", "rigl", "dsl", "sparserec"]
@@ -49,10 +52,17 @@ CHOICES = {
     "row budget 0.5K by degree": ["--sparse.grad-row-budget", "0.5", "--sparse.grad-rows", "degree"],
 }
 COLUMNS = [
-    "dataset", "variant", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "seconds_per_epoch",
+    "dataset", "rules", "variant", "policy", "density", "recall@20", "ndcg@20", "recall_vs_dense", "seconds_per_epoch",
     "time_vs_dense", "train_seconds", "peak_grad_bytes", "grad_vs_dense", "stored_model_bytes", "stored_vs_dense",
-    "training_state_bytes", "mask_updates", "mask_init_seconds", "epochs_run", "best_epoch",
+    "training_state_bytes", "mask_updates", "mask_init_seconds", "epochs_run", "best_epoch", "negatives_from",
+    "code_version",
 ]
+OLD_RULES_NOTE = (
+    "Rows whose `rules` read `old` were made under the old negative rule (before issue 15: training negatives "
+    "excluded the held-out items, today `train.negatives-from = unrated`; the default is `non-train`) and record "
+    "no code version; they are to be regenerated (issue 17). Rows reading `current` ran at today's rule, "
+    "`negatives_from` and `code_version` from their run's config.json.\n\n"
+)
 
 
 def cells(groups: list[str], densities: list[float]) -> list[tuple[str, str, float, list[str]]]:
@@ -70,12 +80,40 @@ def cells(groups: list[str], densities: list[float]) -> list[tuple[str, str, flo
 
 
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add columns relative to each dataset's dense cell."""
-    dense = frame[frame["policy"] == "dense"].set_index("dataset")
+    """Add the rules column (a row that records its negative rule ran at today's) and ratios against the
+    dense cell of the same dataset and rules."""
+    recorded = frame["negatives_from"] if "negatives_from" in frame else pd.Series(float("nan"), index=frame.index)
+    frame["rules"] = ["current" if isinstance(rule, str) else "old" for rule in recorded]
+    keys = list(zip(frame["dataset"], frame["rules"], strict=True))
+    dense = frame[frame["policy"] == "dense"].set_index(["dataset", "rules"])
     for column, source in [("recall_vs_dense", "recall@20"), ("time_vs_dense", "seconds_per_epoch"),
                            ("grad_vs_dense", "peak_grad_bytes"), ("stored_vs_dense", "stored_model_bytes")]:
-        frame[column] = frame[source] / frame["dataset"].map(dense[source])
+        frame[column] = frame[source] / [dense[source].get(key, float("nan")) for key in keys]
     return frame
+
+
+def last_invocation(table: Path) -> str:
+    """The measured invocation a table's header records (kept when only the report is rewritten), or a note
+    that there is none."""
+    text = table.read_text() if table.exists() else ""
+    for prefix in ("Last invocation: ", "Measured by "):
+        start = text.find(prefix)
+        if start >= 0 and prefix + "a report" not in text[start:start + 30]:
+            return text[start:].split("\n\n", 1)[0]
+    return "Last invocation: none recorded (the CSV's cells were merged from other invocations)."
+
+
+def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
+    """The Markdown table from the CSV: the rules note when old rows remain, then the last invocation."""
+    frame = with_ratios(ResultTable(args.out / f"{args.name}.csv").frame()).reindex(columns=COLUMNS)
+    note = OLD_RULES_NOTE if (frame["rules"] == "old").any() else ""
+    table = args.out / f"{args.name}.md"
+    last = (f"Last invocation: {command} on {machine_description()}, {seconds:.0f} s (cells already in the CSV were "
+            "not rerun)." if command else last_invocation(table))
+    header = (f"{note}Every cell is one `fedsparse train` process (MF-BPR, d = 64, one negative, Adam; ratios against "
+              f"the dense cell of the same dataset and rules). {last}\n\n")
+    atomic_write_text(table, header + frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(frame.to_string(index=False))
 
 
 def main() -> None:
@@ -86,11 +124,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--lr", default="0.005")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="sparse_grid", help="file stem of the result table")
+    add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
-    if not os.environ.get("FEDSPARSE_DATA"):
-        parser.error("set FEDSPARSE_DATA to the folder holding the datasets (e.g. ../shared/data)")
+    if args.report_only:
+        write_report(args, "", 0.0)
+        return
+    require_data(parser)
 
     table = ResultTable(args.out / f"{args.name}.csv")
     started = time.perf_counter()
@@ -104,18 +144,16 @@ def main() -> None:
                      "--lr", args.lr, "--epochs", str(args.epochs), "--train.eval-every", str(args.eval_every),
                      "--train.patience", "0", "--sparse.policy", policy, "--sparse.density", str(density), *extra]
             summary = run_training(flags, args.out / "runs")
-            table.add(cell, {"dataset": dataset, "variant": variant, **{key: summary.get(key) for key in COLUMNS[2:]}})
+            config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["config"]
+            table.add(cell, {"dataset": dataset, "variant": variant, **{key: summary.get(key) for key in COLUMNS[3:-2]},
+                             "negatives_from": config["train.negatives-from"],
+                             "code_version": run_code_version(summary["run_dir"])})
             print(f"{cell:55s} recall@20={summary['recall@20']:.4f} {summary['seconds_per_epoch']:.2f} s/epoch "
                   f"grad={summary['peak_grad_bytes'] / 2**20:.1f} MiB", flush=True)
-    frame = with_ratios(table.frame()).reindex(columns=COLUMNS)
-    header = (
-        f"Measured by `python benchmarks/sparse_grid.py --datasets {args.datasets} --groups {args.groups} "
-        f"--densities {args.densities} "
-        f"--epochs {args.epochs} --eval-every {args.eval_every} --lr {args.lr}` on {machine_description()}; "
-        f"this invocation took {time.perf_counter() - started:.0f} s (cells already in the CSV were not rerun).\n\n"
-    )
-    (args.out / f"{args.name}.md").write_text(header + frame.to_markdown(index=False, floatfmt=".4g") + "\n")
-    print(frame.to_string(index=False))
+    command = (f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/sparse_grid.py "
+               f"--datasets {args.datasets} --groups {args.groups} --densities {args.densities} --epochs {args.epochs} "
+               f"--eval-every {args.eval_every} --lr {args.lr} --name {args.name}`")
+    write_report(args, command, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""benchmarks/sparse_grid.py's report: rows without a recorded negative rule read as old, ratios stay within one
+dataset and rule, and a report-only rewrite keeps the measured invocation of the header."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sparse_grid_module():
+    """benchmarks/sparse_grid.py, loaded from its file (benchmarks/ is a folder of scripts, not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("sparse_grid", ROOT / "benchmarks" / "sparse_grid.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grid_row(dataset: str, policy: str, recall: float, rule: str | None) -> dict:
+    """One CSV row of the grid; ``rule`` None for a row made before the rule was recorded."""
+    row = {"cell": f"{dataset}/{policy}", "dataset": dataset, "variant": policy, "policy": policy, "density": 0.2,
+           "recall@20": recall, "seconds_per_epoch": 2.0, "peak_grad_bytes": 100, "stored_model_bytes": 50}
+    return row | ({"negatives_from": rule, "code_version": "abc1234"} if rule else {})
+
+
+def test_old_rows_are_marked_and_ratios_stay_within_their_rule(tmp_path):
+    grid = sparse_grid_module()
+    pd.DataFrame([grid_row("yelp2018", "dense", 0.04, None), grid_row("yelp2018", "sparserec", 0.05, None),
+                  grid_row("gowalla", "dense", 0.10, "non-train"), grid_row("gowalla", "sparserec", 0.11, "non-train")]
+                 ).to_csv(tmp_path / "sparse_grid.csv", index=False)
+    (tmp_path / "sparse_grid.md").write_text("Last invocation: `python benchmarks/sparse_grid.py` on a box, 42 s.\n\n|x|\n")
+    grid.write_report(argparse.Namespace(out=tmp_path, name="sparse_grid"), "", 0.0)
+    text = (tmp_path / "sparse_grid.md").read_text()
+    assert text.startswith("Rows whose `rules` read `old`")
+    assert "Last invocation: `python benchmarks/sparse_grid.py` on a box, 42 s." in text
+    frame = grid.with_ratios(pd.read_csv(tmp_path / "sparse_grid.csv")).set_index("cell")
+    assert frame.loc["yelp2018/sparserec", "rules"] == "old" and frame.loc["gowalla/sparserec", "rules"] == "current"
+    assert abs(frame.loc["yelp2018/sparserec", "recall_vs_dense"] - 1.25) < 1e-12
+    assert abs(frame.loc["gowalla/sparserec", "recall_vs_dense"] - 1.1) < 1e-12
+
+
+def test_a_grid_of_current_rows_carries_no_old_rules_note(tmp_path):
+    grid = sparse_grid_module()
+    pd.DataFrame([grid_row("gowalla", "dense", 0.10, "non-train")]).to_csv(tmp_path / "g.csv", index=False)
+    grid.write_report(argparse.Namespace(out=tmp_path, name="g"), "`python benchmarks/sparse_grid.py`", 7.0)
+    text = (tmp_path / "g.md").read_text()
+    assert "old" not in text.split("\n\n")[0] and "`python benchmarks/sparse_grid.py` on " in text and ", 7 s" in text
