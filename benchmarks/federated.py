@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_result_flags, require_data, run_fedsparse  # noqa: E402
+from common import add_result_flags, require_data, run_code_version, run_fedsparse  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
@@ -39,14 +39,14 @@ CELLS = [
     ("sparserec per-row", "sparserec", 0.2, ["--sparse.nmf-select", "per-row"]),
 ]
 COLUMNS = [
-    "dataset", "rules", "variant", "density", "negatives", "rounds", "nmf_rounds", "downlink", "item_optimizer", "item_lr",
+    "dataset", "rules", "variant", "density", "negatives", "rounds", "start", "downlink", "item_optimizer", "item_lr",
     "local_lr",
     "recall@20", "ndcg@20", "recall_vs_dense", "best_round", "start_recall@20", "final_recall@20",
     "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
     "total_nmf_upload_bytes", "total_nmf_download_bytes",
     *[f"wire_{phase}_bytes_per_device" for phase in WIRE_PHASES], "wire_total_bytes_per_device_max",
-    "negatives_from",
+    "negatives_from", "code_version", "device_batch",
 ]
 
 
@@ -87,8 +87,22 @@ def cell_row(run_dir: Path) -> dict:
         "item_lr": config["fed.item-lr"] if config["fed.item-optimizer"] == "sgd" else float("nan"),
         "negatives_from": config["train.negatives-from"],
         "device_batch": config["fed.device-batch"],
+        "start": start_of(config),
+        "code_version": run_code_version(run_dir),
         "run_dir": str(run_dir),
     }
+
+
+def start_of(config: dict) -> str:
+    """The start a run's mask came from, in the words of nmf_start.py's methods ("none" for a dense table)."""
+    if config["sparse.policy"] == "dense" or config["fed.nmf-init"] == "none":
+        return "none"
+    if config["fed.nmf-init"] == "central":
+        return "central"
+    start, cohort = config["fed.nmf-start"], f"c{config['fed.nmf-cohort']:g}"
+    if start == "mu":
+        return f"mu-{config['fed.nmf-rounds']} {cohort}"
+    return f"{start} {cohort}" + (f" r{config['fed.nmf-refine']}" if start == "range" else "")
 
 
 def main() -> None:
@@ -104,11 +118,13 @@ def main() -> None:
     parser.add_argument("--item-lr", default="", help="sgd step per example on item rows (sparse cells; default: the config's)")
     parser.add_argument("--dense-item-lr", default="", help="the same for dense FedMF")
     parser.add_argument("--local-batch-size", default="0")
-    parser.add_argument("--nmf-rounds", type=int, default=3, help="federated NMF rounds before training (NMF policies)")
+    parser.add_argument("--nmf-rounds", type=int, default=3,
+                        help="fed.nmf-rounds: the rounds of the multiplicative (mu) start; the default range start ignores it")
     parser.add_argument("--downlink", default="full", choices=("full", "rows"))
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--device-batch", type=int, default=0,
-                        help="fed.device-batch of every cell (devices trained as one batch, the same results; 0: one at a time)")
+                        help="fed.device-batch of every cell (devices trained as one batch: the same uploads and metrics, but "
+                             "device memory counts dense working rows; 0: one at a time)")
     parser.add_argument("--cells", default="", help="only these comma-separated variant/density cells (default: all)")
     add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
@@ -167,13 +183,21 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
     dense = frame[frame["variant"] == "dense"].groupby(["dataset", "negatives", "rules"])["recall@20"].max()
     frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"], row["rules"]), float("nan"))
                                 for _, row in frame.iterrows()]
-    header = (
+    old_rules = (
         "Rows whose `rules` read `old` were made under the old rules (before commit `3384ab4`: training negatives "
         "and padding excluded the held-out items, and the federated defaults of that time applied: per-row weighted "
         "mean of item deltas, `fed.item-lr = 1.0`, `fed.local-lr = 0.01`, no `fed.user-steps`); they are to be "
         "regenerated (issue 17). Rows reading `current` ran at today's rules and defaults, their negative rule and "
         "learning rates in their columns, and carry the whole-run wire bytes per device.\n\n"
-        f"Last invocation: {command or 'a report of the CSVs'} on {machine_description()}, {seconds:.0f} s. Rows from other "
+    )
+    header = (
+        (old_rules if (frame["rules"] == "old").any() else
+         "Every row ran at today's rules and defaults (its negative rule, learning rates and start in its columns: "
+         "`start` as `benchmarks/nmf_start.py` names them), with the whole-run wire bytes per device by phase.\n\n")
+        + "`device_memory_*` of a row with `device_batch` > 0 is the batched path's count, which holds each device's "
+        "touched rows dense: for the sparse cells an upper bound on what the per-device (compact) path holds "
+        "(`benchmarks/results/device_memory.md`).\n\n"
+        + f"Last invocation: {command or 'a report of the CSVs'} on {machine_description()}, {seconds:.0f} s. Rows from other "
         "invocations keep their own settings in their columns; every command is in docs/guides/communication.md.\n\n"
     )
     write_markdown_table(args.out / "federated.md", header, frame.reindex(columns=COLUMNS))
@@ -206,7 +230,7 @@ def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
             rounds = curves[curves["cell"] == row["cell"]]
             if rounds.empty:
                 continue
-            label = f"{row['variant']} {row['density']} neg{row['negatives']} nmf{row['nmf_rounds']}"
+            label = f"{row['variant']} {row['density']} neg{row['negatives']} start {row['start']}"
             axis.plot(rounds["round"], rounds["recall@20"], marker=".", label=label)
         axis.set_title(dataset)
         axis.set_xlabel("round")

@@ -1,4 +1,4 @@
-"""Does every figure the README and the guides quote come from a committed results file?
+"""Does every figure the README, the guides and the scripts' READMEs quote come from a committed results file?
 
 A figure is a number in prose (not in code) with a decimal point, a thousands separator or a percent
 sign. It is backed when some number in ``benchmarks/results`` or ``simulations/results`` (Markdown or
@@ -7,7 +7,7 @@ percentage); a figure followed by a unit of bytes (KB, MB, GB; KiB, MiB, GiB) is
 that rounds to it in that unit (7,792,290 B backs "7.79 MB"). Exits 1 listing the unbacked figures with
 file and line. tests/test_docs.py runs the same check on the committed files.
 
-    python benchmarks/quoted_figures.py            # README.md and docs/guides/*.md
+    python benchmarks/quoted_figures.py            # README.md, docs/guides/*.md, benchmarks/ and simulations/ READMEs
 """
 
 from __future__ import annotations
@@ -86,13 +86,16 @@ def unbacked(documents: Iterable[Path], numbers: set[float]) -> list[Figure]:
 
 
 def default_documents() -> list[Path]:
-    """The README and every guide: the files whose figures must come from committed results."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+    """The README, every guide and the READMEs of the benchmark and study scripts: the files whose figures must
+    come from committed results."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md")),
+            ROOT / "benchmarks" / "README.md", ROOT / "simulations" / "README.md"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("documents", nargs="*", type=Path, help="Markdown files (default: README.md and docs/guides/*.md)")
+    parser.add_argument("documents", nargs="*", type=Path,
+                        help="Markdown files (default: README.md, docs/guides/*.md and the scripts' READMEs)")
     args = parser.parse_args()
     documents = [path.resolve() for path in args.documents] or default_documents()
     missing = unbacked(documents, result_numbers(RESULT_DIRS))

@@ -1,6 +1,7 @@
 """docs/methods.md stays the page the code cites: every cited section exists, every mask policy has
 one, every file and ``module::name`` path it gives exists, and nothing cites the outside methods file any more.
-Every figure the README and the guides quote comes from a committed results file (benchmarks/quoted_figures.py).
+Every figure the README, the guides and the scripts' READMEs quote comes from a committed results file
+(benchmarks/quoted_figures.py).
 Every ``python benchmarks/NAME.py`` / ``python simulations/NAME.py`` command the README, the guides and the two
 scripts' READMEs show uses only flags its script's parser defines."""
 
@@ -104,7 +105,7 @@ def quoted_figures_module():
     return module
 
 
-def test_every_figure_the_readme_and_guides_quote_is_in_a_committed_results_file():
+def test_every_figure_the_readmes_and_guides_quote_is_in_a_committed_results_file():
     qf = quoted_figures_module()
     documents = qf.default_documents()
     assert len(documents) >= 5 and sum(1 for path in documents for _ in qf.quoted_figures(path)) >= 200

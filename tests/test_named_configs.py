@@ -7,6 +7,7 @@ same keys and values from it. A sweep file (``sweep-*.toml``) must expand into v
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from flwr.common.config import parse_config_args
 
@@ -72,3 +73,29 @@ def test_the_popular_secure_rows_config_is_the_privacy_study_cell_it_names(monke
     study = read_config_file(CONFIGS / "privacy-frontier.toml")
     cell = {**study, **defence_overrides("secagg-all:0.15:1+fixed", 1.0)}
     assert RunConfig.from_flat(read_config_file(CONFIGS / "secure-rows-popular.toml")) == RunConfig.from_flat(cell)
+
+
+def federated_row_settings(config: RunConfig, monkeypatch) -> dict:
+    """What benchmarks/results/federated.csv records of a run's configuration, for ``config``."""
+    monkeypatch.syspath_prepend(str(CONFIGS.parents[1] / "benchmarks"))
+    from federated import start_of
+
+    flat = config.to_flat()
+    return {"dataset": flat["data.dataset"], "policy": flat["sparse.policy"], "density": flat["sparse.density"],
+            "negatives": flat["train.negatives"], "rounds": flat["num-server-rounds"], "downlink": flat["fed.downlink"],
+            "local_lr": flat["fed.local-lr"], "item_lr": flat["fed.item-lr"],
+            "negatives_from": flat["train.negatives-from"], "start": start_of(flat)}
+
+
+def test_the_ml1m_accuracy_configs_are_the_federated_table_rows_they_name(monkeypatch, tmp_path):
+    """ml1m-accuracy.toml and sweep-ml1m-sparsity.toml say they hold the settings of federated.md's ml-1m SparseRec
+    rows with one negative: every setting the table records of those rows equals the config's."""
+    table = pd.read_csv(CONFIGS.parents[1] / "benchmarks" / "results" / "federated.csv")
+    rows = table[(table["dataset"] == "ml-1m") & (table["variant"] == "sparserec") & (table["negatives"] == 1)]
+    columns = list(federated_row_settings(RunConfig(), monkeypatch))
+    recorded = {row["density"]: {column: row[column] for column in columns} for _, row in rows.iterrows()}
+    single = RunConfig.from_flat(read_config_file(CONFIGS / "ml1m-accuracy.toml"))
+    assert federated_row_settings(single, monkeypatch) == recorded[0.2]
+    cells = expand_grid(read_sweep(CONFIGS / "sweep-ml1m-sparsity.toml"), tmp_path)
+    assert {cell.flat["sparse.density"]: federated_row_settings(RunConfig.from_flat(cell.flat), monkeypatch)
+            for cell in cells} == recorded
