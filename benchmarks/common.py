@@ -9,6 +9,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def run_fedsparse(command: str, flags: list[str], results_dir: Path) -> dict:
@@ -28,6 +32,13 @@ def run_code_version(run_dir: Path) -> str:
     """The commit a run executed (7 hex digits), "+modified" when its checkout had local changes to tracked files."""
     written = json.loads((Path(run_dir) / "config.json").read_text())
     return str(written.get("code_version") or "")[:7] + ("+modified" if written.get("code_modified") else "")
+
+
+def rules_column(frame: pd.DataFrame) -> list[str]:
+    """Per row, "current" when it records its negative rule (``negatives_from``, written since issue 15) and "old"
+    when it does not."""
+    recorded = frame["negatives_from"] if "negatives_from" in frame else [float("nan")] * len(frame)
+    return ["current" if isinstance(rule, str) else "old" for rule in recorded]
 
 
 def add_result_flags(parser: argparse.ArgumentParser, results: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_result_flags, require_data, run_code_version, run_fedsparse  # noqa: E402
+from common import add_result_flags, require_data, rules_column, run_code_version, run_fedsparse  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
 from fedsparse.run_files import read_jsonl, save_figure  # noqa: E402
@@ -176,9 +176,7 @@ def main() -> None:
 def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
     """The Markdown table (ratios against dense FedMF) and the recall-vs-rounds plot, from the CSVs."""
     frame = ResultTable(args.out / "federated.csv").frame()
-    # A row that records its negative rule ran at today's rules; the older ones did not record it.
-    recorded = frame["negatives_from"] if "negatives_from" in frame else pd.Series(float("nan"), index=frame.index)
-    frame["rules"] = ["current" if isinstance(rule, str) else "old" for rule in recorded]
+    frame["rules"] = rules_column(frame)
     # Against dense FedMF (random rows, no NMF phase) of the same dataset, negatives and rules.
     dense = frame[frame["variant"] == "dense"].groupby(["dataset", "negatives", "rules"])["recall@20"].max()
     frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"], row["rules"]), float("nan"))

@@ -1,8 +1,8 @@
 """Sparse-core benchmark: MF-BPR, d = 64, every mask policy x density, plus SparseRec ablations.
 
 Each cell is one ``fedsparse train`` subprocess with the same seed, epochs and hyper-parameters; only
-the ``sparse.*`` flags differ. Ratios are taken against the dense cell of the same dataset measured in
-the same invocation. Finished cells are kept in ``<out>/sparse_grid.csv`` and skipped on a rerun; each row
+the ``sparse.*`` flags differ. Ratios are taken against the dense cell of the same dataset and negative
+rule. Finished cells are kept in ``<out>/sparse_grid.csv`` and skipped on a rerun; each row
 records the negative rule and code version its run read, and the table says which rows predate today's rule.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/sparse_grid.py --datasets gowalla,yelp2018
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_result_flags, require_data, run_code_version, run_training  # noqa: E402
+from common import add_result_flags, require_data, rules_column, run_code_version, run_training  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description  # noqa: E402
 from fedsparse.run_files import atomic_write_text  # noqa: E402
@@ -82,8 +82,7 @@ def cells(groups: list[str], densities: list[float]) -> list[tuple[str, str, flo
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     """Add the rules column (a row that records its negative rule ran at today's) and ratios against the
     dense cell of the same dataset and rules."""
-    recorded = frame["negatives_from"] if "negatives_from" in frame else pd.Series(float("nan"), index=frame.index)
-    frame["rules"] = ["current" if isinstance(rule, str) else "old" for rule in recorded]
+    frame["rules"] = rules_column(frame)
     keys = list(zip(frame["dataset"], frame["rules"], strict=True))
     dense = frame[frame["policy"] == "dense"].set_index(["dataset", "rules"])
     for column, source in [("recall_vs_dense", "recall@20"), ("time_vs_dense", "seconds_per_epoch"),
