@@ -46,8 +46,12 @@ COLUMNS = [
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
     "total_nmf_upload_bytes", "total_nmf_download_bytes",
     *[f"wire_{phase}_bytes_per_device" for phase in WIRE_PHASES], "wire_total_bytes_per_device_max",
-    "negatives_from", "code_version", "device_batch",
+    "negatives_from", "code_version", "device_batch", "device_memory_count",
 ]
+# How a row's device memory was counted: rows made before the batched path counted what a device alone holds
+# record no ``device_memory_count`` and, batched, hold each device's touched rows dense.
+MEMORY_AS_ALONE = "as a device alone"
+MEMORY_BATCH_DENSE = "batch, dense rows (upper bound)"
 
 
 def run_simulation(flags: list[str], results_dir: Path) -> Path:
@@ -87,6 +91,7 @@ def cell_row(run_dir: Path) -> dict:
         "item_lr": config["fed.item-lr"] if config["fed.item-optimizer"] == "sgd" else float("nan"),
         "negatives_from": config["train.negatives-from"],
         "device_batch": config["fed.device-batch"],
+        "device_memory_count": MEMORY_AS_ALONE,
         "start": start_of(config),
         "code_version": run_code_version(run_dir),
         "run_dir": str(run_dir),
@@ -123,8 +128,8 @@ def main() -> None:
     parser.add_argument("--downlink", default="full", choices=("full", "rows"))
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--device-batch", type=int, default=0,
-                        help="fed.device-batch of every cell (devices trained as one batch: the same uploads and metrics, but "
-                             "device memory counts dense working rows; 0: one at a time)")
+                        help="fed.device-batch of every cell (devices trained as one batch: the same uploads, metrics and "
+                             "device memory; 0: one at a time)")
     parser.add_argument("--cells", default="", help="only these comma-separated variant/density cells (default: all)")
     add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
@@ -177,6 +182,7 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
     """The Markdown table (ratios against dense FedMF) and the recall-vs-rounds plot, from the CSVs."""
     frame = ResultTable(args.out / "federated.csv").frame()
     frame["rules"] = rules_column(frame)
+    frame["device_memory_count"] = memory_count_column(frame)
     # Against dense FedMF (random rows, no NMF phase) of the same dataset, negatives and rules.
     dense = frame[frame["variant"] == "dense"].groupby(["dataset", "negatives", "rules"])["recall@20"].max()
     frame["recall_vs_dense"] = [row["recall@20"] / dense.get((row["dataset"], row["negatives"], row["rules"]), float("nan"))
@@ -192,9 +198,10 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
         (old_rules if (frame["rules"] == "old").any() else
          "Every row ran at today's rules and defaults (its negative rule, learning rates and start in its columns: "
          "`start` as `benchmarks/nmf_start.py` names them), with the whole-run wire bytes per device by phase.\n\n")
-        + "`device_memory_*` of a row with `device_batch` > 0 is the batched path's count, which holds each device's "
-        "touched rows dense: for the sparse cells an upper bound on what the per-device (compact) path holds "
-        "(`benchmarks/results/device_memory.md`).\n\n"
+        + (f"`device_memory_*` of a row whose `device_memory_count` reads `{MEMORY_BATCH_DENSE}` was counted by the "
+           "batched path before it counted what a device alone holds: it holds each device's touched rows dense, for "
+           "the sparse cells an upper bound on the per-device (compact) figure (`benchmarks/results/device_memory.md`)."
+           "\n\n" if (frame["device_memory_count"] == MEMORY_BATCH_DENSE).any() else "")
         + f"Last invocation: {command or 'a report of the CSVs'} on {machine_description()}, {seconds:.0f} s. Rows from other "
         "invocations keep their own settings in their columns; every command is in docs/guides/communication.md.\n\n"
     )
@@ -206,6 +213,14 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
             save_curve(curves_path, row["cell"], Path(row["run_dir"]))
     curves = ResultTable(curves_path).frame().reindex(columns=["cell", "round", "recall@20"])
     plot_curves(frame, curves, args.out / "federated.png")
+
+
+def memory_count_column(frame: pd.DataFrame) -> pd.Series:
+    """Each row's ``device_memory_count``: as recorded, else (older rows) the batch's dense count when it ran in
+    batches and a device's own count when it did not."""
+    recorded = frame.get("device_memory_count", pd.Series(index=frame.index, dtype=object))
+    batched = frame.get("device_batch", pd.Series(0, index=frame.index)).fillna(0) > 0
+    return recorded.where(recorded.notna(), batched.map({True: MEMORY_BATCH_DENSE, False: MEMORY_AS_ALONE}))
 
 
 def save_curve(path: Path, cell: str, run_dir: Path) -> None:

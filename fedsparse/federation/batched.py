@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from fedsparse.config import RunConfig
+from fedsparse.federation.compact_rows import compact_working_nbytes
 from fedsparse.federation.device import (
     DeviceRound,
     LocalResult,
     RoundRows,
     TrainedRows,
     finish_round,
+    holds_compact_rows,
     local_batches,
     plan_round_rows,
     round_item_rows,
@@ -311,11 +313,19 @@ class _Batch:
         if self.config.fed.user_optimizer == "adam":
             moments = (self.user_exp_avg[g].numpy().copy(), self.user_exp_avg_sq[g].numpy().copy(), int(self.user_steps[g]))
         moment_bytes = 2 * start.nbytes if self.item_exp_avg is not None else 0
+        decoded_nbytes, alone_nbytes = self.decoded_nbytes[g], None
+        if holds_compact_rows(self.config):  # alone, the device holds the active entries only (``compact_rows``)
+            entries = int(mask.sum())
+            signal_steps = int(self.step_counts[g]) if self.devices[g].local_round.send_signal else 0
+            decoded_nbytes = entries * start.itemsize
+            alone_nbytes = compact_working_nbytes(entries, start.shape[0], start.shape[1], self.item_exp_avg is not None,
+                                                  signal_steps)
         return TrainedRows(
             self.items[rows].numpy(), start, mask, self.users[g].numpy(),
             None if self.bias is None else self.bias[g : g + 1].numpy(), moments,
             float(self.losses[g] / self.step_counts[g]), self.item_signal[rows].numpy(), self.user_signal[g].numpy(),
-            start.nbytes + moment_bytes, self.decoded_nbytes[g],  # the item optimiser's float mask and Adam's moments
+            start.nbytes + moment_bytes, decoded_nbytes,  # the item optimiser's float mask and Adam's moments
+            alone_working_nbytes=alone_nbytes,
         )
 
 

@@ -137,6 +137,17 @@ def compact_user_row_gradient(
     return gradient + l2_reg * user_row
 
 
+def compact_working_nbytes(entries: int, n_rows: int, width: int, item_adam: bool, signal_steps: int) -> int:
+    """Bytes a device holds training r = ``n_rows`` rows of width w by their K = ``entries`` active entries
+    (``CompactTrainedRows.working_nbytes``), for a simulator that trained them another way: the entries as
+    trained and one step's gradient (float32 [K] each), their rows and columns (int32 [K] each), Adam's two
+    moments (float32 [K] each, under Adam) and each of ``signal_steps`` recorded steps' coef float32 [r] and
+    user row float32 [w]."""
+    value, index = np.dtype(np.float32).itemsize, np.dtype(np.int32).itemsize
+    per_entry = 2 * value + 2 * index + (2 * value if item_adam else 0)
+    return int(entries * per_entry + signal_steps * (n_rows + width) * value)
+
+
 @dataclass
 class SignalHistory:
     """The factors of the item rows' accumulated gradient: each recorded step's coef [r] and user row [w]."""

@@ -563,7 +563,8 @@ class TrainedRows:
     without one) and its Adam moments and step count (None under SGD, which keeps none); the mean loss per
     step; the gradients accumulated on inactive entries (items float32 [r, w], user float32 [w]); bytes of
     the item rows' optimiser state and of the rows as decoded from the download; for NeuMF the network as received and as
-    trained."""
+    trained. A batch of devices trains rows dense however a device alone holds them: ``alone_working_nbytes``
+    then says what the device alone would hold, so memory figures do not depend on how the simulator batches."""
 
     items: np.ndarray
     item_start: np.ndarray
@@ -578,6 +579,7 @@ class TrainedRows:
     decoded_nbytes: int
     network_start: NetworkWeights | None = None
     network: NetworkWeights | None = None
+    alone_working_nbytes: int | None = None  # set by a batch: what the device alone would hold (compact rows)
 
     @property
     def width(self) -> int:
@@ -606,7 +608,10 @@ class TrainedRows:
 
     def working_nbytes(self) -> int:
         """Bytes of the working item rows (trained copy, gradient, optimiser state, signal, mask) and, for NeuMF,
-        the network (received copy, weights, gradient, Adam's two moments)."""
+        the network (received copy, weights, gradient, Adam's two moments); a batch's rows report what the
+        device would hold training alone (``alone_working_nbytes``)."""
+        if self.alone_working_nbytes is not None:
+            return self.alone_working_nbytes
         working = self.items.nbytes * 2 + self.item_opt_nbytes + self.item_signal.nbytes + self.item_mask.nbytes
         return int(working + (5 * self.network_start.nbytes if self.network_start is not None else 0))
 
