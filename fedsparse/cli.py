@@ -217,9 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             return _data_command(args)
         if args.command == "train":
+            config = _config_from_args(args)  # a bad setting is reported before torch and the trainer load
             from fedsparse.central.train import train_centralised
 
-            result = train_centralised(_config_from_args(args), show_progress=args.progress)
+            result = train_centralised(config, show_progress=args.progress)
             _print_summary(result.summary, result.run_dir, args.json)
             return 0
         if args.command == "simulate":
@@ -262,6 +263,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path, as_json: bool) -> Non
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)  # a bad setting is reported before torch and the engine load
     import logging
     import time
 
@@ -273,7 +275,6 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedsparse.federation.inprocess import population_of, run_inprocess
     from fedsparse.run_files import check_unlocked
 
-    config = _config_from_args(args)
     if config.resume_dir:
         resume_dir = Path(config.resume_dir).expanduser().resolve()
         config = replace(config, resume_dir=str(resume_dir))

@@ -22,7 +22,7 @@ from fedsparse.run_files import new_run_dir
 from server.transport import FlowerTransport, discover_partitions
 
 NODE_WAIT_SECONDS = 300.0  # how long to wait for every supernode to register before round 1
-NODE_POLL_SECONDS = 1.0
+NODE_POLL_SECONDS = 0.2
 
 app = ServerApp()
 

@@ -27,6 +27,7 @@ from fedsparse.federation.secagg_vectors import (
     from_secagg_mean,
 )
 from fedsparse.federation.wire import SecureUpload
+from server.exchange import send_and_receive
 from server.wire_bytes import message_bytes
 
 WireBytes = tuple[dict[int, int], dict[int, int]]  # per user: bytes its node received, bytes it sent
@@ -64,7 +65,7 @@ class CountingGrid:
         self.received_wire: dict[int, int] = {}
 
     def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_receive(self.grid, list(messages), timeout)
         for message in messages:
             node = message.metadata.dst_node_id
             self.sent[node] = self.sent.get(node, 0) + content_bytes(message.content)

@@ -21,6 +21,7 @@ from fedsparse.federation.messages import MESSAGE_TYPES
 from fedsparse.federation.wire import SecureUpload
 from fedsparse.federation.wire_format import ConfigRecord as CountedConfig
 from fedsparse.federation.wire_format import Record
+from server.exchange import send_and_receive
 from server.secagg import secure_sum_round, secure_train_round
 from server.wire_bytes import received_bytes_per_device, reply_records, sent_bytes_per_device
 
@@ -107,7 +108,7 @@ class FlowerTransport:
             for node, content in by_node.items()
         }
         answered: set[int] = set()
-        incoming = list(self.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout))
+        incoming = send_and_receive(self.grid, list(outgoing.values()), self.timeout)
         down: dict[int, int] = {}
         up: dict[int, int] = {}
         for node, message in outgoing.items():
@@ -188,7 +189,7 @@ def discover_partitions(grid: Grid, expected_nodes: int, wait_seconds: float, po
         log.warning("only %d of %d supernodes registered after %.0f s", len(nodes), expected_nodes, wait_seconds)
     hello = [Message(RecordDict(), dst_node_id=node, message_type="query.hello") for node in nodes]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(hello, timeout=wait_seconds):  # a node lost after registering must not block
+    for reply in send_and_receive(grid, hello, wait_seconds):  # a node lost after registering must not block
         try:
             if not reply.has_error():
                 mapping[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id

@@ -10,9 +10,10 @@ unless padding or secure aggregation hides them.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting import pld
+if TYPE_CHECKING:
+    import dp_accounting
 
 MECHANISMS = ("gaussian", "laplace")
 REPLACE_SENSITIVITY = 2.0  # in units of the clipping norm
@@ -20,6 +21,8 @@ REPLACE_SENSITIVITY = 2.0  # in units of the clipping norm
 
 def upload_event(mechanism: str, noise_multiplier: float) -> dp_accounting.DpEvent:
     """The DP event of one clipped and noised upload."""
+    import dp_accounting  # imported when an epsilon is asked for: it takes seconds, and most runs never need it
+
     ratio = noise_multiplier / REPLACE_SENSITIVITY
     if mechanism == "gaussian":
         return dp_accounting.GaussianDpEvent(ratio)
@@ -34,6 +37,8 @@ def ldp_epsilon(mechanism: str, noise_multiplier: float, uploads: int, delta: fl
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    from dp_accounting import pld
+
     accountant = pld.PLDAccountant()
     accountant.compose(upload_event(mechanism, noise_multiplier), uploads)
     return float(accountant.get_epsilon(delta))
