@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark_script
 
 from fedsparse.sparse.policies import POLICIES
 
@@ -95,18 +96,8 @@ def test_nothing_cites_the_outside_methods_file():
     assert not citing, f"cite docs/methods.md#<section> instead: {citing}"
 
 
-def quoted_figures_module():
-    """benchmarks/quoted_figures.py, loaded from its file (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("quoted_figures", ROOT / "benchmarks" / "quoted_figures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_figure_the_readmes_and_guides_quote_is_in_a_committed_results_file():
-    qf = quoted_figures_module()
+    qf = load_benchmark_script("quoted_figures")
     documents = qf.default_documents()
     assert len(documents) >= 5 and sum(1 for path in documents for _ in qf.quoted_figures(path)) >= 200
     missing = [f"{figure.path.relative_to(ROOT)}:{figure.line}: {figure.text}"
@@ -115,7 +106,7 @@ def test_every_figure_the_readmes_and_guides_quote_is_in_a_committed_results_fil
 
 
 def test_the_quoted_figures_check_fails_on_a_figure_no_results_file_holds(tmp_path):
-    qf = quoted_figures_module()
+    qf = load_benchmark_script("quoted_figures")
     results = tmp_path / "results"
     results.mkdir()
     (results / "table.csv").write_text("cell,recall@20,bytes\na,0.11320,7792290\n")

@@ -1,23 +1,8 @@
 """benchmarks/pfedrec_reference.py reads PFedRec's per-round scores and picks the best-validation round as its code does."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def reference_module():
-    """The benchmark script, loaded from its file (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("pfedrec_reference", ROOT / "benchmarks" / "pfedrec_reference.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from benchmark_scripts import load_benchmark_script
 
 LOG = """26-11-29 19:18-INFO-Round 0 starts !
 26-11-29 19:18-INFO-[Testing Epoch 0] HR = 0.1092, NDCG = 0.0476
@@ -31,7 +16,7 @@ LOG = """26-11-29 19:18-INFO-Round 0 starts !
 
 
 def test_a_log_of_a_stopped_run_is_read_up_to_its_last_complete_round(tmp_path):
-    module = reference_module()
+    module = load_benchmark_script("pfedrec_reference")
     path = tmp_path / "run.txt"
     path.write_text(LOG)
     curve = module.read_pfedrec_log(path, seed=7)

@@ -2,23 +2,9 @@
 dataset and rule, and a report-only rewrite keeps the measured invocation of the header."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def sparse_grid_module():
-    """benchmarks/sparse_grid.py, loaded from its file (benchmarks/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("sparse_grid", ROOT / "benchmarks" / "sparse_grid.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark_script
 
 
 def grid_row(dataset: str, policy: str, recall: float, rule: str | None) -> dict:
@@ -29,7 +15,7 @@ def grid_row(dataset: str, policy: str, recall: float, rule: str | None) -> dict
 
 
 def test_old_rows_are_marked_and_ratios_stay_within_their_rule(tmp_path):
-    grid = sparse_grid_module()
+    grid = load_benchmark_script("sparse_grid")
     pd.DataFrame([grid_row("yelp2018", "dense", 0.04, None), grid_row("yelp2018", "sparserec", 0.05, None),
                   grid_row("gowalla", "dense", 0.10, "non-train"), grid_row("gowalla", "sparserec", 0.11, "non-train")]
                  ).to_csv(tmp_path / "sparse_grid.csv", index=False)
@@ -45,7 +31,7 @@ def test_old_rows_are_marked_and_ratios_stay_within_their_rule(tmp_path):
 
 
 def test_a_grid_of_current_rows_carries_no_old_rules_note(tmp_path):
-    grid = sparse_grid_module()
+    grid = load_benchmark_script("sparse_grid")
     pd.DataFrame([grid_row("gowalla", "dense", 0.10, "non-train")]).to_csv(tmp_path / "g.csv", index=False)
     grid.write_report(argparse.Namespace(out=tmp_path, name="g"), "`python benchmarks/sparse_grid.py`", 7.0)
     text = (tmp_path / "g.md").read_text()
