@@ -442,14 +442,36 @@ def test_in_process_timeouts_follow_simulated_time_not_the_machines_load(tmp_pat
 # --- 13. Flower transport: decode errors and timeouts on every send ----------------------------------
 
 class FakeGrid:
-    """Answers each message from the node it was sent to with ``answer(node)``, recording the timeouts."""
+    """Answers each pushed message from the node it was sent to with ``answer(node)`` at the first pull."""
 
     def __init__(self, answer) -> None:
-        self.answer, self.timeouts = answer, []
+        self.answer, self.pushed = answer, {}
 
-    def send_and_receive(self, messages, timeout=None):
-        self.timeouts.append(timeout)
-        return [self.answer(message.dst_node_id) for message in messages]
+    def push_messages(self, messages):
+        ids = [f"message-{len(self.pushed) + index}" for index, _ in enumerate(messages)]
+        self.pushed.update(zip(ids, messages, strict=True))
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for message_id in message_ids:
+            reply = self.answer(self.pushed[message_id].dst_node_id)
+            reply.metadata.reply_to_message_id = message_id
+            replies.append(reply)
+        return replies
+
+
+def record_exchange_timeouts(monkeypatch, transport_module) -> list:
+    """The timeout of every exchange the transport makes (``server.exchange.send_and_receive``), in order."""
+    timeouts: list = []
+    exchange = transport_module.send_and_receive
+
+    def recorded(grid, messages, timeout):
+        timeouts.append(timeout)
+        return exchange(grid, messages, timeout)
+
+    monkeypatch.setattr(transport_module, "send_and_receive", recorded)
+    return timeouts
 
 
 def stub_wire_counts(monkeypatch, transport_module) -> None:
@@ -480,10 +502,10 @@ def test_the_flower_transport_times_out_every_kind_and_turns_undecodable_replies
                                                           data=b"\x00\x01\x02")})
         return types.SimpleNamespace(content=content, metadata=types.SimpleNamespace(src_node_id=node), has_error=lambda: False)
 
-    grid = FakeGrid(answer)
-    flower = transport_module.FlowerTransport(grid, {1: 1, 2: 2}, 1, 5.0)
+    timeouts = record_exchange_timeouts(monkeypatch, transport_module)
+    flower = transport_module.FlowerTransport(FakeGrid(answer), {1: 1, 2: 2}, 1, 5.0)
     replies = flower.send(kind, 1, {1: {}, 2: {}}, {})
-    assert grid.timeouts == [5.0]
+    assert timeouts == [5.0]
     assert isinstance(replies[1], Reply) and replies[1].arrays["x"].tolist() == [1.0, 1.0]
     assert isinstance(replies[2], str) and "node 2: the reply of user 2 does not decode" in replies[2]
 
