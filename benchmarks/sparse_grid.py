@@ -65,11 +65,11 @@ OLD_RULES_NOTE = (
 )
 
 
-def cells(groups: list[str], densities: list[float]) -> list[tuple[str, str, float, list[str]]]:
+def cells(groups: list[str], densities: list[float], policies: list[str]) -> list[tuple[str, str, float, list[str]]]:
     """(variant, policy, density, extra flags) of the requested groups; dense always first."""
     planned = [("dense", "dense", 1.0, [])]
     if "main" in groups:
-        planned += [(policy, policy, density, []) for density in densities for policy in POLICIES]
+        planned += [(policy, policy, density, []) for density in densities for policy in policies]
     if "ablation" in groups:
         planned += [(name, "sparserec", ABLATION_DENSITY, flags) for name, flags in ABLATIONS.items()]
     if "choices" in groups:
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="gowalla,yelp2018")
     parser.add_argument("--groups", default="main,ablation", help="comma list of: main, ablation, choices")
     parser.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="main-group densities (to shard a grid)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="main-group policies (to shard a grid)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--lr", default="0.005")
@@ -135,7 +136,11 @@ def main() -> None:
     started = time.perf_counter()
     for dataset in args.datasets.split(","):
         densities = [float(value) for value in args.densities.split(",")]
-        for variant, policy, density, extra in cells(args.groups.split(","), densities):
+        policies = args.policies.split(",")
+        unknown = sorted(set(policies) - set(POLICIES))
+        if unknown:
+            parser.error(f"--policies: unknown {unknown}; known: {POLICIES}")
+        for variant, policy, density, extra in cells(args.groups.split(","), densities, policies):
             cell = f"{dataset}/{variant}/{density}"
             if table.has(cell):
                 continue
@@ -150,7 +155,8 @@ def main() -> None:
             print(f"{cell:55s} recall@20={summary['recall@20']:.4f} {summary['seconds_per_epoch']:.2f} s/epoch "
                   f"grad={summary['peak_grad_bytes'] / 2**20:.1f} MiB", flush=True)
     command = (f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/sparse_grid.py "
-               f"--datasets {args.datasets} --groups {args.groups} --densities {args.densities} --epochs {args.epochs} "
+               f"--datasets {args.datasets} --groups {args.groups} --densities {args.densities} --policies {args.policies} "
+               f"--epochs {args.epochs} "
                f"--eval-every {args.eval_every} --lr {args.lr} --name {args.name}`")
     write_report(args, command, time.perf_counter() - started)
 

@@ -36,3 +36,11 @@ def test_a_grid_of_current_rows_carries_no_old_rules_note(tmp_path):
     grid.write_report(argparse.Namespace(out=tmp_path, name="g"), "`python benchmarks/sparse_grid.py`", 7.0)
     text = (tmp_path / "g.md").read_text()
     assert "old" not in text.split("\n\n")[0] and "`python benchmarks/sparse_grid.py` on " in text and ", 7 s" in text
+
+
+def test_a_grid_shards_by_policy_with_the_dense_cell_first():
+    grid = load_benchmark_script("sparse_grid")
+    planned = grid.cells(["main"], [0.05, 0.5], ["sparserec", "magnitude"])
+    assert [(variant, density) for variant, _, density, _ in planned] == [
+        ("dense", 1.0), ("sparserec", 0.05), ("magnitude", 0.05), ("sparserec", 0.5), ("magnitude", 0.5)]
+    assert len(grid.cells(["main"], [0.2], grid.POLICIES)) == 1 + len(grid.POLICIES)
