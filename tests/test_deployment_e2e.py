@@ -47,7 +47,9 @@ def test_two_supernodes_hosting_groups_of_devices_match_the_inprocess_engine(tmp
     config = RunConfig.from_flat({**TINY_FEDERATION, "num-server-rounds": 1, "fed.clients-per-node": 6,
                                   "fed.downlink": "full", "results-dir": str(tmp_path / "results")})
     data = load_run_data(config)
-    with Deployment(tmp_path / "deployment") as deployment:  # stops every process it started, also on a failure
+    # Stops every process it started, also on a failure. Normal priority: at nice 19 the SuperLink, starved by the
+    # other test worker, can miss its start deadline.
+    with Deployment(tmp_path / "deployment", niceness=0) as deployment:
         home = start_supernodes(deployment, 2, **{PLACEMENT_ENV: "1"})
         run_dir = run_flower(config, REPO_ROOT, data.n_users, flwr_home=home, superlink=CONNECTION, timeout=300)
         started = [process.pid for process in deployment.started.values()]

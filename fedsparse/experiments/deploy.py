@@ -82,6 +82,7 @@ class Deployment:
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     started: dict[str, subprocess.Popen] = field(default_factory=dict)
     scratch: list[Path] = field(default_factory=list)  # directories removed once everything stopped
+    niceness: int = 19  # CPU priority of the started processes: 19 yields to all other work on the machine
 
     def __enter__(self) -> Deployment:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +111,9 @@ class Deployment:
                     os.environ[key] = value
 
     def start(self, name: str, command: list[str], **extra_env: str) -> subprocess.Popen:
-        """Start ``command`` (output to ``<work_dir>/<name>.log``), at the lowest CPU priority."""
+        """Start ``command`` (output to ``<work_dir>/<name>.log``) at the deployment's ``niceness``."""
         log = (self.work_dir / f"{name}.log").open("w")
-        process = subprocess.Popen(["nice", "-n", "19", *command], env=self.env(**extra_env), stdout=log,
+        process = subprocess.Popen(["nice", "-n", str(self.niceness), *command], env=self.env(**extra_env), stdout=log,
                                    stderr=subprocess.STDOUT, cwd=self.work_dir)
         log.close()
         self.started[name] = process
