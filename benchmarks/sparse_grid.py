@@ -130,16 +130,16 @@ def main() -> None:
     if args.report_only:
         write_report(args, "", 0.0)
         return
+    policies = args.policies.split(",")
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        parser.error(f"--policies: unknown {unknown}; known: {POLICIES}")
     require_data(parser)
 
     table = ResultTable(args.out / f"{args.name}.csv")
     started = time.perf_counter()
+    densities = [float(value) for value in args.densities.split(",")]
     for dataset in args.datasets.split(","):
-        densities = [float(value) for value in args.densities.split(",")]
-        policies = args.policies.split(",")
-        unknown = sorted(set(policies) - set(POLICIES))
-        if unknown:
-            parser.error(f"--policies: unknown {unknown}; known: {POLICIES}")
         for variant, policy, density, extra in cells(args.groups.split(","), densities, policies):
             cell = f"{dataset}/{variant}/{density}"
             if table.has(cell):
