@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dp_accounting
 import numpy as np
+from sklearn.metrics import roc_auc_score
 import pytest
 from dp_accounting import pld
 
@@ -27,7 +28,13 @@ from fedsparse.privacy.accounting import ldp_epsilon
 from fedsparse.privacy.attacks import ValueAttack, imia_guess, row_id_guess
 from fedsparse.privacy.defences import clip_and_noise, padding_count, sample_padding
 from fedsparse.privacy.evaluate import evaluate_attacks
-from fedsparse.privacy.leakage import AttackGuess, membership_metrics, random_guess_metrics
+from fedsparse.privacy.leakage import (
+    AttackGuess,
+    matched_auc,
+    membership_metrics,
+    popularity_strata,
+    random_guess_metrics,
+)
 from fedsparse.privacy.observe import ObservedUpload
 from fedsparse.run_files import read_jsonl
 from fedsparse.sparse.storage import CompactTable
@@ -51,11 +58,63 @@ def test_membership_metrics_by_hand() -> None:
     assert metrics["auc_uploaded"] == pytest.approx(0.5)  # among rows 1, 2, 3: member 1 > 2 > member 3
 
 
+def _matched_auc_by_pairs(labels: np.ndarray, scores: np.ndarray, strata: np.ndarray) -> float:
+    """Slow reference: every member/non-member pair of one stratum, a win 1, a tie 1/2."""
+    wins = pairs = 0.0
+    for member in np.flatnonzero(labels):
+        for other in np.flatnonzero(~labels & (strata == strata[member])):
+            pairs += 1
+            wins += 1.0 if scores[member] > scores[other] else 0.5 if scores[member] == scores[other] else 0.0
+    return wins / pairs if pairs else float("nan")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matched_auc_equals_the_pairwise_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 60
+    labels = rng.random(n) < 0.3
+    scores = rng.integers(0, 5, size=n).astype(np.float64)  # many ties
+    strata = rng.integers(0, 4, size=n)
+    assert matched_auc(labels, scores, strata) == pytest.approx(_matched_auc_by_pairs(labels, scores, strata))
+    one_stratum = np.zeros(n, dtype=np.int64)  # a single stratum: the plain ROC-AUC
+    assert matched_auc(labels, scores, one_stratum) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_matched_auc_reads_a_popularity_score_as_chance() -> None:
+    """Members drawn in proportion to popularity: ranking by popularity scores a high plain AUC, but within
+    strata of equal popularity it says nothing of the user (0.5 exactly when each stratum has one count)."""
+    rng = np.random.default_rng(0)
+    counts = np.repeat(np.arange(1, 21), 10).astype(np.float64)  # 20 popularity levels of 10 items
+    strata = popularity_strata(counts, strata=20)
+    assert np.array_equal(strata, np.repeat(np.arange(20), 10))
+    aucs, matched = [], []
+    for _ in range(50):
+        members = rng.choice(counts.size, size=30, replace=False, p=counts**2 / (counts**2).sum())
+        labels = np.zeros(counts.size, dtype=bool)
+        labels[members] = True
+        aucs.append(roc_auc_score(labels, counts))
+        matched.append(matched_auc(labels, counts, strata))
+    assert np.mean(aucs) > 0.75
+    assert np.allclose(matched, 0.5)
+    guess = AttackGuess(counts, np.zeros(0, dtype=np.int64))
+    assert np.isnan(membership_metrics(guess, members, np.arange(counts.size))["auc_matched"])  # no strata given
+    assert membership_metrics(guess, members, np.arange(counts.size), strata)["auc_matched"] == pytest.approx(0.5)
+
+
+def test_popularity_strata_are_equal_sized_by_rank() -> None:
+    counts = np.array([5.0, 1.0, 3.0, 3.0, 9.0, 0.0, 2.0, 4.0, 8.0, 7.0, 6.0, 2.0, 0.0, 1.0, 5.0])
+    assert popularity_strata(counts, strata=3).tolist() == [1, 0, 1, 1, 2, 0, 0, 1, 2, 2, 2, 1, 0, 0, 2]
+    # At most one stratum per MIN_ITEMS_PER_STRATUM items: 15 items hold 3 strata, however many are asked.
+    assert np.array_equal(popularity_strata(counts, strata=100), popularity_strata(counts, strata=3))
+    with pytest.raises(ValueError, match="at least 1"):
+        popularity_strata(counts, strata=0)
+
+
 def test_random_guess_baseline() -> None:
     baseline = random_guess_metrics(n_items=100, members=10, predicted=20)
     assert baseline["precision"] == pytest.approx(0.1)
     assert baseline["recall"] == pytest.approx(0.2)
-    assert baseline["auc"] == 0.5
+    assert baseline["auc"] == 0.5 and baseline["auc_matched"] == 0.5
 
 
 # ---------------------------------------------------------------- attacks
@@ -419,6 +478,26 @@ def test_the_sum_attack_learns_its_direction_on_shadow_devices() -> None:
     rising = [ObservedSum("train", item.server_round, item.users, 20.0 - item.row_mass) for item in sums]
     assert sum_attack(rising, items, n_items, 5, seed=0)["sign"] == 1.0
     assert np.isnan(sum_attack([], items, n_items, 5, seed=0)["auc"])
+
+
+def test_a_sum_of_everyone_reads_popularity_not_membership() -> None:
+    """A start-like sum over every device holds each item's popularity: its plain AUC is high, but among items
+    of equal popularity it cannot tell a device's items from others (matched AUC 0.5: what the target reads)."""
+    from fedsparse.privacy.evaluate import sum_attack
+    from fedsparse.privacy.observe import ObservedSum
+
+    rng = np.random.default_rng(0)
+    n_items, n_users = 120, 60
+    weight = np.linspace(1.0, 12.0, n_items) ** 2
+    items = {user: np.sort(rng.choice(n_items, size=12, replace=False, p=weight / weight.sum())) for user in range(n_users)}
+    counts = np.zeros(n_items)
+    for user_items in items.values():
+        counts[user_items] += 1
+    same_count = np.unique(counts, return_inverse=True)[1]  # strata of exactly equal popularity
+    result = sum_attack([ObservedSum("start", 0, np.arange(n_users), counts)], items, n_items, 12, seed=0,
+                        strata=same_count)
+    assert result["auc"] > 0.75
+    assert result["auc_matched"] == pytest.approx(0.5)
 
 
 def test_the_server_s_sums_are_recorded_in_every_phase_and_attacked(tmp_path) -> None:

@@ -28,7 +28,7 @@ def shadow_split(seed: int, users: np.ndarray, shadow_fraction: float = 0.5) -> 
 
 def sum_attack(
     sums: list[ObservedSum], members_of: dict[int, np.ndarray], n_items: int, predicted: int, seed: int,
-    shadow_fraction: float = 0.5, controls: int = CONTROL_DEVICES,
+    strata: np.ndarray | None = None, shadow_fraction: float = 0.5, controls: int = CONTROL_DEVICES,
 ) -> dict[str, float]:
     """The differencing attack on secure sums (``differencing_guess``), its direction learnt on shadow devices.
 
@@ -40,40 +40,44 @@ def sum_attack(
     ``auc_outside`` is the control: each target's scores depend on the user only through which sums it joined,
     so the same scores are also read against the items of up to ``controls`` devices of ``members_of`` that
     joined no sum (a seeded draw). What the sums say of everyone (item popularity) scores there as well; only
-    ``auc`` above it comes from the members' own contributions (NaN when every device joined a sum)."""
+    ``auc`` above it comes from the members' own contributions (NaN when every device joined a sum);
+    ``auc_matched_outside`` is the same control under the popularity-matched AUC."""
     joined = {int(user) for item in sums for user in item.users.tolist()}
     users = np.array(sorted(user for user in members_of if user in joined))
     if users.size < 2:
-        return {"auc": np.nan, "f1": np.nan, "sign": np.nan, "auc_outside": np.nan}
+        return {"auc": np.nan, "auc_matched": np.nan, "f1": np.nan, "sign": np.nan, "auc_outside": np.nan,
+                "auc_matched_outside": np.nan}
     shadow = shadow_split(seed, users, shadow_fraction)
     everything = np.arange(n_items)
     outside = np.array(sorted(user for user in members_of if user not in joined), dtype=np.int64)
     if outside.size > controls:
         outside = np.sort(rng_for(seed, "privacy-controls").choice(outside, size=controls, replace=False))
 
-    def scored(group: list[int], sign: int, controlled: np.ndarray) -> tuple[list[dict[str, float]], list[float]]:
+    def scored(group: list[int], sign: int, controlled: np.ndarray) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
         metrics: list[dict[str, float]] = []
-        control: list[float] = []
+        control: list[dict[str, float]] = []
         for user in group:
             guess = differencing_guess(sums, user, predicted, sign)
             if guess is not None:
-                metrics.append(membership_metrics(guess, members_of[user], everything))
-                control.extend(membership_metrics(guess, members_of[int(other)], everything)["auc"] for other in controlled)
+                metrics.append(membership_metrics(guess, members_of[user], everything, strata))
+                control.extend(membership_metrics(guess, members_of[int(other)], everything, strata) for other in controlled)
         return metrics, control
 
     shadow_auc = mean_metrics(scored(sorted(shadow), 1, outside[:0])[0])["auc"]  # the shadow half learns the sign only
     sign = -1 if shadow_auc < 0.5 else 1
     target_metrics, control = scored([int(user) for user in users if int(user) not in shadow], sign, outside)
-    targets = mean_metrics(target_metrics)
-    return {"auc": targets["auc"], "f1": targets["f1"], "sign": float(sign),
-            "auc_outside": float(np.nanmean(control)) if control else np.nan}
+    targets, outside_means = mean_metrics(target_metrics), mean_metrics(control)
+    return {"auc": targets["auc"], "auc_matched": targets["auc_matched"], "f1": targets["f1"], "sign": float(sign),
+            "auc_outside": outside_means["auc"], "auc_matched_outside": outside_means["auc_matched"]}
 
 
 def evaluate_attacks(
-    config: RunConfig, uploads: list[ObservedUpload], members_of: dict[int, np.ndarray], shadow_fraction: float = 0.5
+    config: RunConfig, uploads: list[ObservedUpload], members_of: dict[int, np.ndarray],
+    strata: np.ndarray | None = None, shadow_fraction: float = 0.5,
 ) -> dict[str, dict[str, float]]:
     """{attack or "random": mean metrics over target uploads}. ``members_of`` maps a user to its training
-    items; ``config`` is the run's (the protocol, which the server knows, and the seed)."""
+    items; ``config`` is the run's (the protocol, which the server knows, and the seed); ``strata``: the
+    items' popularity strata of the matched AUC (``leakage.popularity_strata``; NaN without them)."""
     seed = config.seed
     users = np.array(sorted({upload.user for upload in uploads}))
     shadow_users = shadow_split(seed, users, shadow_fraction)
@@ -94,7 +98,7 @@ def evaluate_attacks(
             ),
         }
         for name, guess in guesses.items():
-            per_attack[name].append(membership_metrics(guess, members, upload.rows))
+            per_attack[name].append(membership_metrics(guess, members, upload.rows, strata))
         per_attack["random"].append(random_guess_metrics(upload.n_items, members.size, upload.rows.size))
     summary = {name: mean_metrics(rows) for name, rows in per_attack.items()}
     for name in summary:
