@@ -240,6 +240,8 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
         "(issue 15). The reading is in benchmarks/README.md.\n\n"
     )
     curves = ResultTable(args.out / CURVES).frame()
+    reference_rows = pd.concat([within_rounds(frame, curves, rounds, code_runs(args.out))
+                                for rounds in (PFEDREC_REFERENCE_ROUNDS, 100)], ignore_index=True)
     write_markdown_sections(args.out / "peer_protocol.md", header, [
         ("", frame.reindex(columns=COLUMNS)),
         (f"\nThe every-epoch dense cells at the length of PFedRec's reference run ({PFEDREC_REFERENCE_ROUNDS} rounds) and "
@@ -248,7 +250,10 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
          f"there takes the same rounds), against the issue's reference ({PFEDREC_PUBLISHED_HR10}) and against PFedRec's "
          "public code rerun here for as many rounds (`pfedrec_reference.md`: `pfedrec_code_hr@10` is the mean over its "
          "seeds, `pfedrec_code_runs` how many; ml-100k only):\n\n",
-         pd.concat([within_rounds(frame, curves, rounds, code_runs(args.out)) for rounds in (PFEDREC_REFERENCE_ROUNDS, 100)])),
+         reference_rows),
+        ("\nThe same under several seeds (each seed's run trains and picks its round alone; the candidate file is the "
+         "same), the mean over its seeds against the issue's reference and PFedRec's code mean:\n\n",
+         within_rounds_across_seeds(reference_rows)),
         ("\nAt partial participation, each cell under PFedRec's rules against PFedRec's code run at the same share "
          "(`pfedrec_reference.md`, `--participation`): the test HR@10 at the best validation round among the cell's "
          "first N rounds (its curve, evaluated every `eval_every` passes) for each N the code's runs were read at, "
@@ -280,10 +285,12 @@ def code_runs(results: Path) -> pd.DataFrame:
 
 
 def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: pd.DataFrame) -> pd.DataFrame:
-    """Per every-epoch dense cell at full participation: the test HR@10 at the best validation HR@10 among rounds <=
-    ``rounds`` (a tie goes to the later round, as the engine picks), and PFedRec's code at the same length."""
+    """Per every-epoch dense cell at full participation that ran at least ``rounds`` rounds: the test HR@10 at the
+    best validation HR@10 among rounds <= ``rounds`` (a tie goes to the later round, as the engine picks), and
+    PFedRec's code at the same length."""
     rows = []
-    chosen = (frame["eval_every"] == 1) & (frame["participation"] == 1.0) & frame["method"].isin(dense_methods())
+    chosen = ((frame["eval_every"] == 1) & (frame["participation"] == 1.0) & frame["method"].isin(dense_methods())
+              & (frame["rounds"] >= rounds))
     for _, row in frame[chosen].iterrows():
         best = best_within(curves, row["cell"], rounds)
         if best is None:
@@ -292,11 +299,29 @@ def within_rounds(frame: pd.DataFrame, curves: pd.DataFrame, rounds: int, code: 
         peer = peer["test_hr@10"]
         peer_mean = float(peer.mean()) if len(peer) else float("nan")
         rows.append({"dataset": row["dataset"], "method": row["method"], "candidates": row["candidates"],
-                     "within_rounds": rounds, "best_round": int(best["round"]), "sampled_hr@10": best["sampled_hr@10"],
+                     "seed": int(row["seed"]), "within_rounds": rounds, "best_round": int(best["round"]),
+                     "sampled_hr@10": best["sampled_hr@10"],
                      "vs_pfedrec_reference": best["sampled_hr@10"] - PFEDREC_PUBLISHED_HR10,
                      "pfedrec_code_hr@10": peer_mean, "pfedrec_code_runs": len(peer),
                      "vs_pfedrec_code": best["sampled_hr@10"] - peer_mean})
     return pd.DataFrame(rows)
+
+
+def within_rounds_across_seeds(rows: pd.DataFrame) -> pd.DataFrame:
+    """``within_rounds`` rows of a method, candidate file and length run under several seeds: their test HR@10's
+    mean, sample standard deviation and range, against the issue's reference and PFedRec's code mean."""
+    keys = ["dataset", "method", "candidates", "within_rounds"]
+    summary = []
+    for key, group in rows.groupby(keys, sort=False):
+        if group["seed"].nunique() < 2:
+            continue
+        hr = group["sampled_hr@10"]
+        summary.append({**dict(zip(keys, key, strict=True)), "seeds": " ".join(str(seed) for seed in sorted(group["seed"])),
+                        "sampled_hr@10_mean": hr.mean(), "sampled_hr@10_std": hr.std(), "sampled_hr@10_min": hr.min(),
+                        "sampled_hr@10_max": hr.max(), "vs_pfedrec_reference": hr.mean() - PFEDREC_PUBLISHED_HR10,
+                        "pfedrec_code_hr@10": group["pfedrec_code_hr@10"].iloc[0],
+                        "vs_pfedrec_code": hr.mean() - group["pfedrec_code_hr@10"].iloc[0]})
+    return pd.DataFrame(summary)
 
 
 def best_within(curves: pd.DataFrame, cell: str, rounds: int) -> pd.Series | None:
