@@ -30,6 +30,7 @@ import pandas as pd
 
 from fedsparse.config import RunConfig, flat_defaults
 from fedsparse.data import load_run_data
+from fedsparse.experiments.report import strongest_matched_auc
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table
 from fedsparse.federation.engine import run_federation
 from fedsparse.federation.inprocess import InProcessTransport, population_of
@@ -144,13 +145,6 @@ def sums_advantage(frame: pd.DataFrame) -> pd.Series:
     return pd.concat(excess, axis=1).max(axis=1, skipna=True) if excess else pd.Series(np.nan, index=frame.index)
 
 
-def strongest_matched_auc(frame: pd.DataFrame) -> pd.Series:
-    """Per cell, the largest popularity-matched AUC of any attack on anything the server saw (uploads, training
-    sums, the start's sums): the leakage the area's target reads; nan in rows measured before the column."""
-    measured = [f"{attack}_auc_matched" for attack in (*ATTACKS, *SUM_ATTACKS)]
-    return frame.reindex(columns=measured).astype(float).max(axis=1, skipna=True)
-
-
 def meets_target(frame: pd.DataFrame) -> pd.Series:
     """Per cell, whether it meets the area's target: strongest matched AUC <= 0.55, Recall@20 >= 90 % and upload
     bytes <= 2x the undefended cell's (``TARGET_*``); False where the matched AUC was not measured."""
@@ -178,7 +172,7 @@ def plot_frontier(frame: pd.DataFrame, path: Path) -> None:
                           textcoords="offset points")
     axes.axvline(TARGET_AUC, color="grey", linestyle=":", linewidth=1)
     axes.axhline(TARGET_RECALL, color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("strongest attack's popularity-matched ROC-AUC on all the server saw (0.5 = nothing of the device)")
+    axes.set_xlabel("strongest popularity-matched attack AUC on all the server saw (0.5: nothing learnt)")
     axes.set_ylabel("Recall@20 / undefended")
     axes.set_title(f"{dataset}: utility vs leakage (marker area = upload bytes)")
     axes.legend(fontsize=8)

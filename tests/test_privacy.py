@@ -318,6 +318,10 @@ def test_privacy_frontier_script_writes_table_and_plot(tmp_path) -> None:
     assert (tmp_path / "privacy-synthetic.png").stat().st_size > 0
     table = (tmp_path / "privacy-synthetic.md").read_text()
     assert "| synthetic" in table and "sums_advantage" in table and "--set data.synthetic-users=40" in table
+    # Every cell has a matched AUC on what the server saw (the start's sums at least); the undefended cell's is
+    # its strongest per-upload attack's, and row ids leak there whatever the popularity.
+    assert frame["start_auc_matched"].notna().all() and frame.loc["none", "row-id_auc_matched"] > 0.6
+    assert "strongest_auc_matched" in table and "meets_target" in table
 
 
 # ---------------------------------------------------------------- secure aggregation

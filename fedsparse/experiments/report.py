@@ -11,7 +11,8 @@ upload bytes per client-round. Plots, each drawn when the runs hold what it need
   density the run's policy trained at, one line per policy (and per value of any other varying key;
   seeds averaged, their spread as error bars). Drawn only when the runs differ in density.
 - ``privacy_frontier.png``: Recall@20 relative to the undefended run against the strongest attack's
-  ROC-AUC among the uploaded rows, one marker per defence. Run directories record no attack metric
+  popularity-matched ROC-AUC on all the server saw (tables written before that column: the strongest
+  ROC-AUC among the uploaded rows), one marker per defence. Run directories record no attack metric
   (the attacks are scored by ``simulations/privacy_frontier.py`` on the uploads it watched), so this
   plot reads that study's results CSVs (``privacy`` below); without one it is skipped, with the reason.
 """
@@ -50,6 +51,8 @@ REPEAT_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 SELECTED_RECALL = "best_test_recall@20"  # test Recall@20 at the best validation round (by Recall@20;
 # by HR@10 under the sampled protocol)
 ATTACK_AUC_SUFFIX = "_auc_uploaded"  # the privacy study's ROC-AUC among the uploaded rows, one column per attack
+MATCHED_AUC_SUFFIX = "_auc_matched"  # the study's popularity-matched ROC-AUC, one column per attack
+MATCHED_ATTACKS = ("row-id", "value", "imia", "differencing", "start")  # every attack on what the server saw
 NO_LEAKAGE_AUC = 0.5  # where a run with no per-device upload to attack (secure aggregation) is drawn
 # The privacy study's target (simulations/README.md): Recall@20 >= 90 % of undefended at attack AUC <= 0.55.
 TARGET_RECALL_RATIO = 0.9
@@ -293,13 +296,16 @@ def read_privacy_tables(paths: list[Path]) -> pd.DataFrame:
 def frontier_points(frame: pd.DataFrame) -> pd.DataFrame:
     """What ``privacy_frontier.png`` draws, one row per row of the privacy tables.
 
-    Columns: ``series`` (table and density), ``defence``, ``auc`` (the strongest attack's ROC-AUC among
-    the uploaded rows; 0.5 where no per-device upload was left to attack, e.g. secure aggregation),
-    ``attacked`` (False there), ``utility`` (Recall@20 relative to undefended when every row has it, else
-    Recall@20) and ``upload`` (upload bytes relative to undefended; 1 when the table lacks it).
+    Columns: ``series`` (table and density), ``defence``, ``auc`` (``strongest_matched_auc`` when every row
+    has it, which attacks the sums of secure cells too; else the strongest attack's ROC-AUC among the uploaded rows,
+    0.5 where no per-device upload was left to attack, e.g. secure aggregation), ``attacked`` (False there),
+    ``utility`` (Recall@20 relative to undefended when every row has it, else Recall@20) and ``upload``
+    (upload bytes relative to undefended; 1 when the table lacks it).
     """
-    attacks = [column for column in frame.columns if column.endswith(ATTACK_AUC_SUFFIX)]
-    leakage = frame[attacks].max(axis=1)
+    if _matched_leakage(frame):
+        leakage = strongest_matched_auc(frame)
+    else:
+        leakage = frame[[column for column in frame.columns if column.endswith(ATTACK_AUC_SUFFIX)]].max(axis=1)
     series = frame["table"].astype(str)
     if "density" in frame:
         series = series + ", density " + frame["density"].astype(str)
@@ -311,6 +317,18 @@ def frontier_points(frame: pd.DataFrame) -> pd.DataFrame:
         "utility": frame["recall_vs_undefended"] if _relative_utility(frame) else frame["recall@20"],
         "upload": frame["upload_vs_undefended"].fillna(1.0) if "upload_vs_undefended" in frame else 1.0,
     })
+
+
+def strongest_matched_auc(frame: pd.DataFrame) -> pd.Series:
+    """Per row of a privacy table, the largest popularity-matched AUC of any attack on anything the server saw
+    (uploads, training sums, the start's sums): what the area's target reads; NaN in rows measured before it."""
+    measured = [f"{attack}{MATCHED_AUC_SUFFIX}" for attack in MATCHED_ATTACKS]
+    return frame.reindex(columns=measured).astype(float).max(axis=1, skipna=True)
+
+
+def _matched_leakage(frame: pd.DataFrame) -> bool:
+    """Whether every row of the privacy tables has a popularity-matched AUC."""
+    return bool(strongest_matched_auc(frame).notna().all())
 
 
 def _relative_utility(frame: pd.DataFrame) -> bool:
@@ -338,7 +356,8 @@ def plot_privacy_frontier(frame: pd.DataFrame, path: Path) -> Path:
     axis.axvline(TARGET_AUC, color="grey", linestyle=":", linewidth=1)
     if relative:
         axis.axhline(TARGET_RECALL_RATIO, color="grey", linestyle=":", linewidth=1)
-    axis.set_xlabel("strongest attack's ROC-AUC among uploaded rows (0.5 = no leakage)")
+    axis.set_xlabel("strongest popularity-matched attack AUC on all the server saw (0.5: nothing learnt)"
+                    if _matched_leakage(frame) else "strongest attack's ROC-AUC among uploaded rows (0.5 = no leakage)")
     axis.set_ylabel("Recall@20 / undefended" if relative else "test Recall@20")
     axis.set_title("utility vs leakage (marker area = upload bytes / undefended)", fontsize=9)
     _finish(figure, axis, path, fontsize=7)
