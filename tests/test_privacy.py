@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dp_accounting
 import numpy as np
-from sklearn.metrics import roc_auc_score
 import pytest
 from dp_accounting import pld
+from sklearn.metrics import roc_auc_score
 
 from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
