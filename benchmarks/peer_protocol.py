@@ -196,6 +196,13 @@ def main() -> None:
     write_report(args, command, time.perf_counter() - started)
 
 
+def seed_spread(group: pd.DataFrame) -> dict:
+    """The seeds of a group of rows and their test HR@10's mean, sample standard deviation, lowest and highest."""
+    hr = group["sampled_hr@10"]
+    return {"seeds": " ".join(str(int(seed)) for seed in sorted(group["seed"])), "sampled_hr@10_mean": hr.mean(),
+            "sampled_hr@10_std": hr.std(), "sampled_hr@10_min": hr.min(), "sampled_hr@10_max": hr.max()}
+
+
 def across_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     """Per federated cell run under several seeds (``--seed``): test HR@10 and Recall@20 at the best-validation round,
     mean, sample standard deviation, lowest and highest over the seeds."""
@@ -205,10 +212,7 @@ def across_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     for key, group in runs.groupby(keys, sort=False):
         if group["seed"].nunique() < 2:
             continue
-        hr = group["sampled_hr@10"]
-        rows.append({**dict(zip(keys, key, strict=True)), "seeds": " ".join(str(int(seed)) for seed in sorted(group["seed"])),
-                     "sampled_hr@10_mean": hr.mean(), "sampled_hr@10_std": hr.std(), "sampled_hr@10_min": hr.min(),
-                     "sampled_hr@10_max": hr.max(), "recall@20_mean": group["recall@20"].mean()})
+        rows.append({**dict(zip(keys, key, strict=True)), **seed_spread(group), "recall@20_mean": group["recall@20"].mean()})
     return pd.DataFrame(rows)
 
 
@@ -315,12 +319,10 @@ def within_rounds_across_seeds(rows: pd.DataFrame) -> pd.DataFrame:
     for key, group in rows.groupby(keys, sort=False):
         if group["seed"].nunique() < 2:
             continue
-        hr = group["sampled_hr@10"]
-        summary.append({**dict(zip(keys, key, strict=True)), "seeds": " ".join(str(seed) for seed in sorted(group["seed"])),
-                        "sampled_hr@10_mean": hr.mean(), "sampled_hr@10_std": hr.std(), "sampled_hr@10_min": hr.min(),
-                        "sampled_hr@10_max": hr.max(), "vs_pfedrec_reference": hr.mean() - PFEDREC_PUBLISHED_HR10,
-                        "pfedrec_code_hr@10": group["pfedrec_code_hr@10"].iloc[0],
-                        "vs_pfedrec_code": hr.mean() - group["pfedrec_code_hr@10"].iloc[0]})
+        spread, peer = seed_spread(group), group["pfedrec_code_hr@10"].iloc[0]
+        summary.append({**dict(zip(keys, key, strict=True)), **spread,
+                        "vs_pfedrec_reference": spread["sampled_hr@10_mean"] - PFEDREC_PUBLISHED_HR10,
+                        "pfedrec_code_hr@10": peer, "vs_pfedrec_code": spread["sampled_hr@10_mean"] - peer})
     return pd.DataFrame(summary)
 
 
