@@ -22,6 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from clients.records import forget_state, load_state, reply_content, save_state, to_arrays
+from clients.secagg_reply import narrow_masked_reply
 from fedsparse.config import RunConfig
 from fedsparse.data import Interactions, load_run_data
 from fedsparse.experiments.deploy import PLACEMENT_ENV
@@ -30,7 +31,7 @@ from fedsparse.federation.device import DeviceData
 from fedsparse.federation.dispatch import DeviceCall, Outcome, serve, serve_all
 from fedsparse.federation.grouping import users_of_partition
 from fedsparse.federation.messages import EVALUATE, QUERY, START, TRAIN
-from fedsparse.federation.secagg_vectors import to_secagg_vectors
+from fedsparse.federation.secagg_vectors import to_secagg_vectors, weight_bound
 from fedsparse.federation.threads import device_threads
 
 app = ClientApp()
@@ -127,9 +128,10 @@ def rows(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """A local training round on the hosted devices; under secure aggregation, one stage of Flower's
-    SecAgg+ protocol (its mod runs the key exchange and masks what ``_secure_train`` returns)."""
+    SecAgg+ protocol (its mod runs the key exchange and masks what ``_secure_train`` returns; the masked
+    vectors leave as ``narrow_masked_reply`` encodes them)."""
     if RECORD_KEY_CONFIGS in message.content.config_records:
-        return secaggplus_mod(message, context, _secure_train)
+        return narrow_masked_reply(secaggplus_mod(message, context, _secure_train), context)
     return _handle(message, context, TRAIN)
 
 
@@ -151,7 +153,7 @@ def _secure_train(message: Message, context: Context) -> Message:
         vectors = [np.asarray(outcome.reply.message.vector, dtype=np.float64) / bound]
         metrics = {}
     else:
-        vectors = to_secagg_vectors(outcome.reply.message, config.privacy.secure_weight_bound)
+        vectors = to_secagg_vectors(outcome.reply.message, weight_bound(config))
         metrics = {key: float(value) for key, value in outcome.reply.metrics.items()}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, metrics)
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)

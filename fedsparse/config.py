@@ -285,8 +285,8 @@ class PrivacyConfig:
     # proportional to (the row's active entries in the public item mask)^b, so popular rows are covered more often
     secure_train_items: str = "covered"  # with a secure row subset: covered = devices train only their items among the
     # round's rows (FedSubAvg-style); all = every item of theirs trains the user row, only the covered rows' deltas go up
-    secure_weight_bound: float = 10000.0  # with secure aggregation: public cap on a
-    # device's weight (Flower's SecAgg+ scales by it)
+    secure_weight_bound: float = 10000.0  # with secure aggregation and fed.aggregation = weighted: public cap
+    # on a device's weight (Flower's SecAgg+ scales by it)
 
 
 @dataclass(frozen=True)

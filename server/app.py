@@ -18,6 +18,7 @@ from fedsparse.federation.aggregation import needs_row_weights
 from fedsparse.federation.engine import check_population, check_resumable, run_federation
 from fedsparse.federation.grouping import partitions_needed
 from fedsparse.federation.inprocess import population_of
+from fedsparse.federation.secagg_vectors import weight_bound
 from fedsparse.run_files import new_run_dir
 from server.transport import FlowerTransport, discover_partitions
 
@@ -54,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
                else new_run_dir(config.results_dir, f"flwr-{data.name}-{config.sparse.policy}"))
     transport = FlowerTransport(
         grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
-        config.privacy.secure_weight_bound, placement_log=run_dir / "placement.jsonl",
+        weight_bound(config), placement_log=run_dir / "placement.jsonl",
         secure_row_weights=needs_row_weights(config.fed.aggregation),
     )
     summary = run_federation(

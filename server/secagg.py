@@ -22,9 +22,8 @@ from flwr.serverapp import Grid
 from fedsparse.federation.engine import Reply
 from fedsparse.federation.secagg_vectors import (
     SECAGG_CLIPPING_RANGE,
-    SECAGG_MODULUS_RANGE,
-    SECAGG_QUANTIZATION_RANGE,
     from_secagg_mean,
+    secagg_ranges,
 )
 from fedsparse.federation.wire import SecureUpload
 from server.exchange import send_and_receive
@@ -128,9 +127,10 @@ def _run_secaggplus(
     legacy = LegacyContext(context, ServerConfig(num_rounds=1), strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    levels, modulus = secagg_ranges(max(len(user_of_node), 1))  # Flower refuses fewer than 2 itself
     workflow = SecAggPlusWorkflow(
         NEIGHBOURS, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=SECAGG_CLIPPING_RANGE,
-        quantization_range=SECAGG_QUANTIZATION_RANGE, modulus_range=SECAGG_MODULUS_RANGE, timeout=timeout,
+        quantization_range=levels, modulus_range=modulus, timeout=timeout,
     )
     workflow(counting, legacy)
     return strategy, user_of_node, counting
