@@ -131,8 +131,8 @@ def test_recbole_inter_maps_columns_by_name_before_colon(tmp_path):
     text = "item_id:token\treview:token_seq\tuser_id:token\trating:float\n242\tgood film\t196\t3\n302\tok\t007\t4.5\n"
     table = read_recbole_inter(write(tmp_path, "x.inter", text))
     assert list(table.columns) == ["item", "user", "rating"]
-    assert table["user"].tolist() == ["196", "007"]  # RecBole tokens stay strings
-    assert table["item"].tolist() == ["242", "302"]
+    assert table["user"].tolist() == ["196", "007"]  # RecBole tokens stay strings ("007" is no integer's spelling)
+    assert table["item"].tolist() == [242, 302]  # every token spells an integer: ids sort as numbers
     assert table["rating"].tolist() == [3.0, 4.5]
 
 

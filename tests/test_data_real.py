@@ -73,11 +73,14 @@ def test_ml100k_from_u_data_and_from_recbole_inter(tmp_path):
     only_inter = tmp_path / "ml-100k"
     only_inter.mkdir()
     (only_inter / "ml-100k.inter").symlink_to(directory / "ml-100k.inter")
+    checksums = []
     for root in (SHARED, tmp_path):  # SHARED prefers u.data; tmp_path only has the .inter file
         data = load_dataset(DataConfig(dataset="ml-100k", data_dir=str(root)), seed=0)
         counts = data.counts()
         assert (counts["users"], counts["items"], counts["interactions"]) == (943, 1_682, 100_000)
         assert counts["test"] > 0 and counts["validation"] > 0 and data.repairs == {"duplicate_pairs": 0}
+        checksums.append(data.checksum())
+    assert checksums[0] == checksums[1]  # the same ids in the same order: the same users, items and splits
 
 
 def test_ml1m_pairs_and_the_23_test_items_unseen_in_train():

@@ -32,6 +32,7 @@ _UNUSED = "unused"  # a column nobody reads; only the field count is checked
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_CANONICAL_INTEGER = r"0|[1-9][0-9]*"  # a token that reads back as the integer it spells (no sign, no leading zero)
 _LIGHTGCN_BYTES = re.compile(rb"[0-9+\-\s]*")  # anything else cannot be a LightGCN file
 _PANDAS_LINE = re.compile(r"line (\d+)")
 
@@ -111,12 +112,14 @@ def read_recbole_inter(path: str | Path) -> pd.DataFrame:
 
     Columns are mapped by the name before the colon: ``user_id`` -> user, ``item_id`` -> item,
     ``rating`` -> rating, ``timestamp`` -> timestamp; other columns are ignored. Ids are RecBole
-    tokens, so they stay strings.
+    tokens, so they stay strings, unless every token of the column is a canonical integer ("0", "196", not
+    "007"): then they are the integers they spell, so ids sort (and map to indices) as in the dataset's
+    native file (RecBole's ml-100k and ``u.data`` give the same Interactions).
 
     Returns
     -------
-    DataFrame with ``user``, ``item`` (str [n]) and, when the header has them, ``rating`` (float64 [n])
-    and ``timestamp`` (numeric [n]).
+    DataFrame with ``user``, ``item`` (int64 [n] when canonical integers, else str [n]) and, when the header
+    has them, ``rating`` (float64 [n]) and ``timestamp`` (numeric [n]).
     """
     path = Path(path)
     data = path.read_bytes()
@@ -128,7 +131,12 @@ def read_recbole_inter(path: str | Path) -> pd.DataFrame:
     if len(set(names)) != len(names):
         raise DataFormatError.at(path, 1, f"header repeats a column name ({', '.join(names)})")
     columns = [_RECBOLE_COLUMNS.get(name, ("", _UNUSED)) for name in names]
-    return _read_delimited(path, data, columns, header_lines=1)
+    table = _read_delimited(path, data, columns, header_lines=1)
+    for column in ("user", "item"):
+        tokens = table[column].astype(str)
+        if tokens.str.fullmatch(_CANONICAL_INTEGER).all() and tokens.str.len().max() <= len(str(_INT64_MAX)) - 1:
+            table[column] = tokens.astype(np.int64)
+    return table
 
 
 def read_lastfm_user_artists(path: str | Path) -> pd.DataFrame:
