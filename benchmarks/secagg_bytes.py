@@ -25,6 +25,7 @@ from common import add_result_flags, require_data  # noqa: E402
 from engines import run_case  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_table  # noqa: E402
+from fedsparse.federation.secagg_vectors import SECAGG_STAGES  # noqa: E402
 from fedsparse.run_files import read_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -38,15 +39,25 @@ CASES = [  # (case, engine, secure aggregation)
 # The undefended runs: no secure aggregation and the default mask exploration, whatever the secure config sets.
 UNDEFENDED = ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fraction", "1.0", "--privacy.secure-row-bias", "0",
               "--sparse.drop-fraction", "-1"]
+STAGE_COLUMNS = {stage: f"wire_up_{stage.replace('-', '_')}_mean" for stage in SECAGG_STAGES}  # SecAgg+ rounds only
 COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
            "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
-           "seconds_per_round"]
+           *STAGE_COLUMNS.values(), "seconds_per_round"]
+
+
+def stage_uploads(run_dir: Path) -> dict:
+    """Mean wire upload per device of each SecAgg+ stage over the run's training rounds (empty without SecAgg+)."""
+    path = run_dir / "secagg_stages.jsonl"
+    rounds = [record["stages"] for record in read_jsonl(path) if record["phase"] == "train"] if path.exists() else []
+    return {column: sum(stages[stage]["up"] for stages in rounds) / len(rounds)
+            for stage, column in STAGE_COLUMNS.items() if rounds and all(stage in stages for stages in rounds)}
 
 
 def case_row(run_dir: Path) -> dict:
-    """Per client-round means over the run's rounds (payload and wire), its devices per round and seconds."""
+    """Per client-round means over the run's rounds (payload and wire, SecAgg+'s stages apart), its devices per
+    round and seconds."""
     rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
-    return {"rounds": len(rounds), "devices_per_round": rounds["clients"].mean(),
+    return {"rounds": len(rounds), "devices_per_round": rounds["clients"].mean(), **stage_uploads(run_dir),
             "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
             "wire_upload_bytes_mean": rounds["wire_upload_bytes_mean"].mean(),
             "wire_download_bytes_mean": rounds["wire_download_bytes_mean"].mean(),
@@ -89,8 +100,10 @@ def main() -> None:
               f"{machine_description()}, {time.perf_counter() - started:.0f} s. Per client-round, means over the run's "
               "rounds: the payload upload (arrays and config values) and the wire bytes (serialised messages, every SecAgg+ "
               "stage included) each device sent and received; ratios against the undefended Flower run of the same "
-              "dataset, config and rounds. The in-process secure sum counts the vectors SecAgg+ would carry, as "
-              "float32, without the protocol's other stages.\n\n")
+              "dataset, config and rounds; `wire_up_<stage>_mean`: the SecAgg+ upload split by the protocol's stages "
+              "(the masked vectors travel in collect_masked_vectors). The in-process secure sum counts the vectors "
+              "SecAgg+ masks, as float32 (4 bytes an entry, as the masked vectors travel under a round modulus of "
+              "2**32), without the protocol's other stages.\n\n")
     write_markdown_table(args.out / "secagg_bytes.md", header, frame.reindex(columns=COLUMNS))
 
 

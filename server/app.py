@@ -56,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     transport = FlowerTransport(
         grid, node_of_partition, config.fed.clients_per_node, config.fed.round_timeout or None, context,
         weight_bound(config), placement_log=run_dir / "placement.jsonl",
-        secure_row_weights=needs_row_weights(config.fed.aggregation),
+        secure_row_weights=needs_row_weights(config.fed.aggregation), stage_log=run_dir / "secagg_stages.jsonl",
     )
     summary = run_federation(
         config, population, transport, run_dir, data.train, resume=bool(config.resume_dir),

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from fedsparse.federation.engine import Reply
 from fedsparse.federation.secagg_vectors import (
     SECAGG_CLIPPING_RANGE,
+    SECAGG_STAGES,
     from_secagg_mean,
     secagg_ranges,
 )
@@ -30,6 +31,7 @@ from server.exchange import send_and_receive
 from server.wire_bytes import message_bytes
 
 WireBytes = tuple[dict[int, int], dict[int, int]]  # per user: bytes its node received, bytes it sent
+StageBytes = dict[str, dict[str, float]]  # stage -> {"down": mean wire bytes per device, "up": ...}
 
 NEIGHBOURS = 9  # SecAgg+'s sparse graph: each device shares its keys with 8 others (all of them in a smaller round)
 RECONSTRUCTION_THRESHOLD = 5  # shares that must survive to unmask a device: a majority of its neighbourhood
@@ -62,19 +64,30 @@ class CountingGrid:
         self.received: dict[int, int] = {}
         self.sent_wire: dict[int, int] = {}
         self.received_wire: dict[int, int] = {}
+        self.exchanges: list[tuple[int, int]] = []  # per send_and_receive: wire bytes sent to and received from all nodes
 
     def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         replies = send_and_receive(self.grid, list(messages), timeout)
+        down = up = 0
         for message in messages:
-            node = message.metadata.dst_node_id
+            node, wire = message.metadata.dst_node_id, message_bytes(message)
             self.sent[node] = self.sent.get(node, 0) + content_bytes(message.content)
-            self.sent_wire[node] = self.sent_wire.get(node, 0) + message_bytes(message)
+            self.sent_wire[node] = self.sent_wire.get(node, 0) + wire
+            down += wire
         for reply in replies:
-            node = reply.metadata.src_node_id
-            self.received_wire[node] = self.received_wire.get(node, 0) + message_bytes(reply)
+            node, wire = reply.metadata.src_node_id, message_bytes(reply)
+            self.received_wire[node] = self.received_wire.get(node, 0) + wire
+            up += wire
             if not reply.has_error():
                 self.received[node] = self.received.get(node, 0) + content_bytes(reply.content)
+        self.exchanges.append((down, up))
         return replies
+
+    def stage_bytes(self, devices: int) -> StageBytes:
+        """Mean wire bytes per device of each SecAgg+ stage this grid carried (``SECAGG_STAGES``; fewer when the
+        protocol halted), over the round's ``devices``."""
+        return {stage: {"down": down / max(devices, 1), "up": up / max(devices, 1)}
+                for stage, (down, up) in zip(SECAGG_STAGES, self.exchanges, strict=False)}
 
     def wire_of(self, user_of_node: Mapping[int, int]) -> tuple[dict[int, int], dict[int, int]]:
         """Wire bytes each user's node received and sent (every stage of the protocol)."""
@@ -160,17 +173,17 @@ def secure_sum_round(
     bound: float,
     length: int,
     timeout: float | None,
-) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes]:
+) -> tuple[np.ndarray | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes, StageBytes]:
     """One SecAgg+ round of the NMF start: each device's ``secure-sum`` vector divided by the public
     ``bound`` is masked, and the server learns only the sum (None when no usable sum came back). The last
-    element is the wire bytes (down, up) per user."""
+    two elements are the wire bytes (down, up) per user and each stage's mean wire bytes per device."""
     settings = {"secure-start": 1, "secure-bound": float(bound)}
     strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
     replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
     total = None
     if strategy.mean is not None and len(strategy.mean) == 1 and np.shape(strategy.mean[0]) == (length,):
         total = np.asarray(strategy.mean[0], dtype=np.float64) * len(strategy.metrics) * bound
-    return total, replies, sent, received, counting.wire_of(user_of_node)
+    return total, replies, sent, received, counting.wire_of(user_of_node), counting.stage_bytes(len(user_of_node))
 
 
 def secure_train_round(
@@ -183,11 +196,11 @@ def secure_train_round(
     weight_bound: float,
     timeout: float | None,
     with_weights: bool = True,
-) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes]:
+) -> tuple[SecureUpload | None, dict[int, Reply | str], dict[int, int], dict[int, int], WireBytes, StageBytes]:
     """Run one SecAgg+ training round: (summed upload or None, per-user reply or failure, payload bytes down,
-    payload bytes up, wire bytes (down, up))."""
+    payload bytes up, wire bytes (down, up), each stage's mean wire bytes per device)."""
     strategy, user_of_node, counting = _run_secaggplus(grid, context, node_of_user, server_round, messages, settings, timeout)
     replies, sent, received = _replies_and_bytes(messages, user_of_node, strategy, counting)
     total = (from_secagg_mean(strategy.mean, len(strategy.metrics), weight_bound, with_weights)
              if strategy.mean is not None else None)
-    return total, replies, sent, received, counting.wire_of(user_of_node)
+    return total, replies, sent, received, counting.wire_of(user_of_node), counting.stage_bytes(len(user_of_node))

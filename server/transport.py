@@ -38,7 +38,7 @@ class FlowerTransport:
     def __init__(
         self, grid: Grid, node_of_partition: dict[int, int], clients_per_node: int, timeout: float | None,
         context: Context | None = None, secure_weight_bound: float = 1.0, placement_log: Path | None = None,
-        secure_row_weights: bool = True,
+        secure_row_weights: bool = True, stage_log: Path | None = None,
     ) -> None:
         self.grid = grid
         self.node_of_partition = node_of_partition
@@ -52,6 +52,7 @@ class FlowerTransport:
         self._wire: tuple[dict[int, int], dict[int, int]] | None = None  # the last exchange's wire bytes per user
         # Replies that say where they were served (clients/app.py, PLACEMENT_ENV) are appended here, one JSON line each.
         self.placement_log = placement_log
+        self.stage_log = stage_log  # each SecAgg+ round's wire bytes per stage, one JSON line a round
 
     def secure_train(
         self, server_round: int, messages: Mapping[int, dict[str, np.ndarray]], settings: Mapping[str, Any]
@@ -60,10 +61,11 @@ class FlowerTransport:
         None), each user's reply metrics or failure, and the bytes each device received and sent."""
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
-        *result, self._wire = secure_train_round(
+        *result, self._wire, stages = secure_train_round(
             self.grid, self.context, node_of_user, server_round, messages, settings, self.secure_weight_bound, self.timeout,
             self.secure_row_weights,
         )
+        self._log_stages("train", server_round, len(node_of_user), stages)
         return result[0], result[1], result[2], result[3]
 
     def secure_sum(
@@ -73,10 +75,17 @@ class FlowerTransport:
         vector float64 [length] (or None), each user's reply or failure, and every byte per device."""
         nodes = {user: self.node_of_partition.get(partition_of_user(user, 1)) for user in messages}
         node_of_user = {user: node for user, node in nodes.items() if node is not None}
-        *result, self._wire = secure_sum_round(
+        *result, self._wire, stages = secure_sum_round(
             self.grid, self.context, node_of_user, server_round, messages, bound, length, self.timeout
         )
+        self._log_stages("start", server_round, len(node_of_user), stages)
         return result[0], result[1], result[2], result[3]
+
+    def _log_stages(self, phase: str, server_round: int, devices: int, stages: Mapping[str, Mapping[str, float]]) -> None:
+        """Append a SecAgg+ round's mean wire bytes per device and stage to ``stage_log`` (where the bytes go)."""
+        if self.stage_log is not None:
+            with self.stage_log.open("a") as handle:
+                handle.write(json.dumps({"phase": phase, "round": server_round, "devices": devices, "stages": stages}) + "\n")
 
     def take_wire(self) -> tuple[dict[int, int], dict[int, int]] | None:
         """Wire bytes (down, up) per user of the last exchange, as Flower serialised its messages; then forgotten."""

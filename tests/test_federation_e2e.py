@@ -15,7 +15,7 @@ from fedsparse.config import RunConfig
 from fedsparse.data import load_dataset
 from fedsparse.experiments.flower_run import run_flower
 from fedsparse.federation.inprocess import run_inprocess
-from fedsparse.federation.secagg_vectors import SECAGG_CLIPPING_RANGE, secagg_ranges, weight_bound
+from fedsparse.federation.secagg_vectors import SECAGG_CLIPPING_RANGE, SECAGG_STAGES, secagg_ranges, weight_bound
 from fedsparse.run_files import MODIFIED_SUFFIX, code_version, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,14 @@ def test_secure_aggregation_under_flower_runs_secaggplus_and_matches_the_simulat
             assert flower[key] == pytest.approx(local[key], abs=0.02), key
         # The protocol's key exchange and masked vectors cost more than the simulated vectors alone.
         assert flower["upload_bytes_mean"] > local["upload_bytes_mean"]
+    # Each SecAgg+ round's wire upload, split by stage, adds up to the round's; the masked vectors' stage
+    # carries at least the vectors (tests/test_secagg_reply.py checks they leave at 4 bytes an entry).
+    stages = read_jsonl(flower_dir / "secagg_stages.jsonl")
+    assert [record["round"] for record in stages] == [record["round"] for record in flower_rounds]
+    for record, flower, local in zip(stages, flower_rounds, inprocess_rounds, strict=True):
+        assert list(record["stages"]) == list(SECAGG_STAGES) and record["devices"] == flower["clients"]
+        assert sum(stage["up"] for stage in record["stages"].values()) == pytest.approx(flower["wire_upload_bytes_mean"])
+        assert record["stages"]["collect-masked-vectors"]["up"] > local["upload_bytes_mean"]
     tables = [np.load(directory / "checkpoint.npz")["server.item-weight"] for directory in (flower_dir, inprocess_dir)]
     # Each contributor's weighted delta is off by less than one step in each round's sum (the step is
     # 2C / levels of the weight bound, 1.1e-8 for these 6-device rounds under the sum rule).

@@ -23,6 +23,7 @@ SECAGG_CLIPPING_RANGE = 4.0  # |value| bound of every masked entry (deltas are f
 MAX_QUANTIZATION_RANGE = 2**30  # most quantisation levels over [-C, C] (Flower rounds into int32): a step of 7.5e-9
 NARROW_MODULUS = 2**32  # masks' modulus when the cohort leaves enough levels: a masked entry fits a uint32
 WIDE_MODULUS = 2**48  # otherwise (int64 on the wire): room for the sum of 2**18 devices at the most levels
+SECAGG_STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")  # a SecAgg+ round's exchanges, in order
 MIN_NARROW_LEVELS = 2**20  # fewest levels the narrow modulus may leave a device: a step of 7.6e-6 of C = 4
 MIN_ROW_WEIGHT = 0.5  # a touched row's summed weight is at least 1 (one example, or 1 per device when uniform)
 
