@@ -30,6 +30,7 @@ from bytes_to_accuracy import CONFIGS, METHODS, setting_flags, setting_of  # noq
 from common import add_result_flags, require_data, run_code_version, run_fedsparse  # noqa: E402
 
 from fedsparse.experiments.tables import ResultTable, machine_description, write_markdown_sections  # noqa: E402
+from fedsparse.federation.secagg_vectors import NARROW_MODULUS, secagg_ranges  # noqa: E402
 from fedsparse.run_files import save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -130,8 +131,10 @@ def with_targets(frame: pd.DataFrame) -> pd.DataFrame:
     """``final_vs_central`` and ``meets_both_targets`` (start wire <= training wire per device, final Recall@20
     >= 95 % of the central oracle's), within each setting."""
     frame = frame.copy()
-    # SecAgg+ sends each masked entry as int64, twice the float32 the ledger counts: the start's upload again
-    floor = frame["start_wire_bytes_per_device"] + frame["start_up_payload_bytes_per_device"]
+    # SecAgg+ sends each masked entry as uint32 (4 bytes, as the ledger counts float32) where the cohort leaves the
+    # narrow modulus enough levels, else as int64: then the start's upload again
+    wide = [cohort > 0 and secagg_ranges(int(cohort))[1] > NARROW_MODULUS for cohort in frame["start_cohort"]]
+    floor = frame["start_wire_bytes_per_device"] + frame["start_up_payload_bytes_per_device"].where(wide, 0.0)
     frame["start_secagg_floor_bytes_per_device"] = floor
     frame["floor_vs_training"] = floor / frame["training_wire_bytes_per_device"]
     central = frame[frame["method"] == "central"].set_index("setting")["final_recall@20"]
@@ -165,9 +168,9 @@ def report(args: argparse.Namespace, frame: pd.DataFrame, seconds: float) -> Non
         "Flower serialises for each message (every object of the message, envelope included, re-derived in process "
         "by `wire_format` with one device per supernode). **Start** = every start round: the request down (a seed; "
         "Q and QᵀQ in each refinement) and the float32 secure-sum vector up, which the in-process engine sums "
-        "exactly. It does not run SecAgg+: key setup, share exchange, unmasking and the int64 encoding of masked "
-        "entries are **not** counted, so under `flwr run` the start costs more (a masked vector alone is at least "
-        "twice the float32 vector). The project has no SecAgg+ measurement of the start at this scale; its only "
+        "exactly. It does not run SecAgg+: key setup, share exchange and unmasking are **not** counted, so under "
+        "`flwr run` the start costs more (`benchmarks/results/secagg_bytes.md` measures those stages per device for "
+        "secure training rounds). The project has no SecAgg+ measurement of the start at this scale; its only "
         "measured SecAgg+ bytes are of secure training rounds (README, *Privacy*: the 12-device test federation and "
         "2-round ml-100k / ml-1m runs), which it does not turn into a figure for the start. The public gram QᵀQ "
         "each device fits p_u from travels in its first training or evaluation download, so it is counted there, "
@@ -176,9 +179,11 @@ def report(args: argparse.Namespace, frame: pd.DataFrame, seconds: float) -> Non
         "= start wire / training wire, both means over all devices (the issue's bytes target: <= 1); "
         "`devices_start_over_training` = share of devices whose own start wire bytes exceed their own training "
         "wire bytes (the per-device ledger of checkpoint.npz). `start_secagg_floor_bytes_per_device` = start wire "
-        "+ the start's float32 upload again (the int64 masked entries alone; key exchange, shares and unmasking "
-        "still excluded): a lower bound of the start under SecAgg+, `floor_vs_training` its share of the training "
-        "wire bytes. **Payload** bytes count the arrays alone. "
+        "plus, where the cohort is too large for masks modulo 2**32 (4,096 devices or more, "
+        "`fedsparse.federation.secagg_vectors.secagg_ranges`), the start's float32 upload again (SecAgg+'s int64 masked "
+        "entries; below that they travel as uint32, 4 bytes as counted; key exchange, shares and unmasking still "
+        "excluded): a lower bound of the start under SecAgg+, `floor_vs_training` its share of the training wire bytes. "
+        "**Payload** bytes count the arrays alone. "
         "`final_recall@20`: test Recall@20 at the last round (the issue's accuracy target: >= 95 % of the central "
         "run's, `final_vs_central`); `best_val_test_recall@20`: at the round of best validation Recall@20.\n"
     )
