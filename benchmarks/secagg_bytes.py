@@ -42,7 +42,7 @@ UNDEFENDED = ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fra
 STAGE_COLUMNS = {stage: f"wire_up_{stage.replace('-', '_')}_mean" for stage in SECAGG_STAGES}  # SecAgg+ rounds only
 COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
            "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
-           *STAGE_COLUMNS.values(), "seconds_per_round"]
+           *STAGE_COLUMNS.values(), "recall@20", "seconds_per_round"]
 
 
 def stage_uploads(run_dir: Path) -> dict:
@@ -61,6 +61,7 @@ def case_row(run_dir: Path) -> dict:
             "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
             "wire_upload_bytes_mean": rounds["wire_upload_bytes_mean"].mean(),
             "wire_download_bytes_mean": rounds["wire_download_bytes_mean"].mean(),
+            "recall@20": rounds["recall@20"].dropna().iloc[-1] if "recall@20" in rounds else float("nan"),
             "seconds_per_round": rounds["seconds"].mean(), "run_dir": str(run_dir)}
 
 
@@ -70,13 +71,19 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG, help="the secure setting (a named config)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="devices evaluated at the last round")
+    parser.add_argument("--cases", default=",".join(case for case, _, _ in CASES),
+                        help="comma list of the cases to run (to shard an invocation; ratios need the undefended one)")
     add_result_flags(parser, HERE / "results")
     args = parser.parse_args()
     table = ResultTable(args.out / "secagg_bytes.csv")
     started = time.perf_counter()
     if not args.report_only:
+        chosen = args.cases.split(",")
+        unknown = sorted(set(chosen) - {case for case, _, _ in CASES})
+        if unknown:
+            parser.error(f"unknown --cases {', '.join(unknown)}; choose from {', '.join(case for case, _, _ in CASES)}")
         require_data(parser)
-        for case, engine, secure in CASES:
+        for case, engine, secure in [entry for entry in CASES if entry[0] in chosen]:
             cell = f"{args.dataset}/{args.config.name}/{case}/r{args.rounds}"
             if table.has(cell):
                 continue
@@ -95,13 +102,15 @@ def main() -> None:
                      for _, row in frame.iterrows()]
         frame[column.replace("_bytes_mean", "_vs_undefended")] = frame[column] / reference
     command = ("" if args.report_only else f"`python benchmarks/secagg_bytes.py --dataset {args.dataset} "
-               f"--config {args.config.name} --rounds {args.rounds}` ")
+               f"--config {args.config.name} --rounds {args.rounds} --eval-fraction {args.eval_fraction} "
+               f"--cases '{args.cases}'` ")
     header = (f"Measured by {command or 'earlier invocations (this table rewritten with --report-only) '}on "
               f"{machine_description()}, {time.perf_counter() - started:.0f} s. Per client-round, means over the run's "
               "rounds: the payload upload (arrays and config values) and the wire bytes (serialised messages, every SecAgg+ "
               "stage included) each device sent and received; ratios against the undefended Flower run of the same "
               "dataset, config and rounds; `wire_up_<stage>_mean`: the SecAgg+ upload split by the protocol's stages "
-              "(the masked vectors travel in collect_masked_vectors). The in-process secure sum counts the vectors "
+              "(the masked vectors travel in collect_masked_vectors); `recall@20`: the last round's, over the evaluated "
+              "devices (`--eval-fraction`). The in-process secure sum counts the vectors "
               "SecAgg+ masks, as float32 (4 bytes an entry, as the masked vectors travel under a round modulus of "
               "2**32), without the protocol's other stages.\n\n")
     write_markdown_table(args.out / "secagg_bytes.md", header, frame.reindex(columns=COLUMNS))

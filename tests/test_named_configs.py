@@ -64,15 +64,18 @@ def test_the_sparse_pfedrec_config_differs_from_pfedrec_only_by_its_mask():
     assert (sparse["sparse.policy"], sparse["sparse.density"], sparse["fed.user-density"]) == ("sparserec", 0.2, 1.0)
 
 
-def test_the_popular_secure_rows_config_is_the_privacy_study_cell_it_names(monkeypatch):
-    """secure-rows-popular.toml says it is the cell secagg-all:0.15:1+fixed of the ml-1m privacy study: the
-    study's undefended config (privacy-frontier.toml) with that spec's keys."""
+@pytest.mark.parametrize("name, spec", [("secure-rows-popular.toml", "secagg-all:0.15:1+fixed"),
+                                        ("secure-rows-target.toml", "secagg-all:0.11:1+fixed")])
+def test_the_popular_secure_rows_configs_are_the_privacy_study_cells_they_name(monkeypatch, name, spec):
+    """Each secure-rows config says which cell of the ml-1m privacy study it is: the study's undefended
+    config (privacy-frontier.toml) with that spec's keys."""
     monkeypatch.syspath_prepend(str(CONFIGS.parent))
     from privacy_frontier import defence_overrides
 
     study = read_config_file(CONFIGS / "privacy-frontier.toml")
-    cell = {**study, **defence_overrides("secagg-all:0.15:1+fixed", 1.0)}
-    assert RunConfig.from_flat(read_config_file(CONFIGS / "secure-rows-popular.toml")) == RunConfig.from_flat(cell)
+    cell = {**study, **defence_overrides(spec, 1.0)}
+    assert RunConfig.from_flat(read_config_file(CONFIGS / name)) == RunConfig.from_flat(cell)
+    assert spec in (CONFIGS / name).read_text()
 
 
 def federated_row_settings(config: RunConfig, monkeypatch) -> dict:
