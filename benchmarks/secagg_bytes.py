@@ -6,7 +6,8 @@ row, as an undefended run trains), Flower with SecAgg+ (every stage of its proto
 ``server/secagg.py``), and the in-process engine without and with secure aggregation (it sums the same
 vectors exactly, without SecAgg+'s other stages). Per client-round: the payload upload (arrays and
 config values) and the wire upload and download (serialised messages, every SecAgg+ stage included), each
-against the undefended Flower run of this invocation.
+against the undefended Flower run (or, where ``--cases`` left it out, the undefended in-process run) of the
+same dataset, config and rounds; the SecAgg+ upload per stage; the last round's Recall@20.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/secagg_bytes.py --dataset ml-100k
 """
@@ -39,8 +40,10 @@ CASES = [  # (case, engine, secure aggregation)
 # The undefended runs: no secure aggregation and the default mask exploration, whatever the secure config sets.
 UNDEFENDED = ["--privacy.secure-aggregation", "false", "--privacy.secure-row-fraction", "1.0", "--privacy.secure-row-bias", "0",
               "--sparse.drop-fraction", "-1"]
+REFERENCE_CASES = ("undefended", "undefended in process")  # what the ratios divide by, in order of preference
 STAGE_COLUMNS = {stage: f"wire_up_{stage.replace('-', '_')}_mean" for stage in SECAGG_STAGES}  # SecAgg+ rounds only
-COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "upload_bytes_mean", "wire_upload_bytes_mean",
+COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "reference", "upload_bytes_mean",
+           "wire_upload_bytes_mean",
            "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
            *STAGE_COLUMNS.values(), "recall@20", "seconds_per_round"]
 
@@ -63,6 +66,23 @@ def case_row(run_dir: Path) -> dict:
             "wire_download_bytes_mean": rounds["wire_download_bytes_mean"].mean(),
             "recall@20": rounds["recall@20"].dropna().iloc[-1] if "recall@20" in rounds else float("nan"),
             "seconds_per_round": rounds["seconds"].mean(), "run_dir": str(run_dir)}
+
+
+def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each row's bytes against the undefended run of its dataset, config and rounds (``reference``): the Flower
+    one, or the in-process one where no undefended Flower run was made (its wire count is Flower's serialiser's)."""
+    frame = frame.copy()
+    keys = ["dataset", "config", "rounds"]
+    references = {case: frame[frame["case"] == case].set_index(keys) for case in REFERENCE_CASES}
+    chosen = [next((case for case in REFERENCE_CASES if (row["dataset"], row["config"], row["rounds"]) in references[case].index),
+                   "") for _, row in frame.iterrows()]
+    frame["reference"] = chosen
+    for column in ("upload_bytes_mean", "wire_upload_bytes_mean", "wire_download_bytes_mean"):
+        reference = [references[case][column].get((row["dataset"], row["config"], row["rounds"])) if case else float("nan")
+                     for case, (_, row) in zip(chosen, frame.iterrows(), strict=True)]
+        ratio = frame[column] / pd.Series(reference, index=frame.index, dtype=float)
+        frame[column.replace("_bytes_mean", "_vs_undefended")] = ratio
+    return frame
 
 
 def main() -> None:
@@ -95,20 +115,17 @@ def main() -> None:
             table.add(cell, {"dataset": args.dataset, "config": args.config.name, "case": case, "engine": engine, **row})
             print(f"{cell}: upload {row['upload_bytes_mean']:.0f} B payload, {row['wire_upload_bytes_mean']:.0f} B wire",
                   flush=True)
-    frame = table.frame()
-    undefended = frame[frame["case"] == "undefended"].set_index(["dataset", "config", "rounds"])
-    for column in ("upload_bytes_mean", "wire_upload_bytes_mean", "wire_download_bytes_mean"):
-        reference = [undefended[column].get((row["dataset"], row["config"], row["rounds"]), float("nan"))
-                     for _, row in frame.iterrows()]
-        frame[column.replace("_bytes_mean", "_vs_undefended")] = frame[column] / reference
+    frame = with_ratios(table.frame())
     command = ("" if args.report_only else f"`python benchmarks/secagg_bytes.py --dataset {args.dataset} "
                f"--config {args.config.name} --rounds {args.rounds} --eval-fraction {args.eval_fraction} "
                f"--cases '{args.cases}'` ")
     header = (f"Measured by {command or 'earlier invocations (this table rewritten with --report-only) '}on "
               f"{machine_description()}, {time.perf_counter() - started:.0f} s. Per client-round, means over the run's "
               "rounds: the payload upload (arrays and config values) and the wire bytes (serialised messages, every SecAgg+ "
-              "stage included) each device sent and received; ratios against the undefended Flower run of the same "
-              "dataset, config and rounds; `wire_up_<stage>_mean`: the SecAgg+ upload split by the protocol's stages "
+              "stage included) each device sent and received; ratios against the undefended run of the same "
+              "dataset, config and rounds (`reference`: under Flower, or in process where no undefended Flower run was "
+              "made, whose wire count is what Flower's serialiser gives); `wire_up_<stage>_mean`: the SecAgg+ upload "
+              "split by the protocol's stages "
               "(the masked vectors travel in collect_masked_vectors); `recall@20`: the last round's, over the evaluated "
               "devices (`--eval-fraction`). The in-process secure sum counts the vectors "
               "SecAgg+ masks, as float32 (4 bytes an entry, as the masked vectors travel under a round modulus of "
