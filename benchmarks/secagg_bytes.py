@@ -15,6 +15,7 @@ same dataset, config and rounds; the SecAgg+ upload per stage; the last round's 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ STAGE_COLUMNS = {stage: f"wire_up_{stage.replace('-', '_')}_mean" for stage in S
 COLUMNS = ["dataset", "config", "case", "engine", "rounds", "devices_per_round", "reference", "upload_bytes_mean",
            "wire_upload_bytes_mean",
            "wire_download_bytes_mean", "upload_vs_undefended", "wire_upload_vs_undefended", "wire_download_vs_undefended",
-           *STAGE_COLUMNS.values(), "recall@20", "seconds_per_round"]
+           *STAGE_COLUMNS.values(), "wire_start_bytes_per_device_mean", "recall@20", "seconds_per_round"]
 
 
 def stage_uploads(run_dir: Path) -> dict:
@@ -58,9 +59,11 @@ def stage_uploads(run_dir: Path) -> dict:
 
 def case_row(run_dir: Path) -> dict:
     """Per client-round means over the run's rounds (payload and wire, SecAgg+'s stages apart), its devices per
-    round and seconds."""
+    round and seconds, and the NMF start's wire bytes per device."""
     rounds = pd.DataFrame(read_jsonl(run_dir / "rounds.jsonl"))
+    summary = json.loads((run_dir / "summary.json").read_text())
     return {"rounds": len(rounds), "devices_per_round": rounds["clients"].mean(), **stage_uploads(run_dir),
+            "wire_start_bytes_per_device_mean": summary.get("wire_start_both_bytes_per_device_mean", float("nan")),
             "upload_bytes_mean": rounds["upload_bytes_mean"].mean(),
             "wire_upload_bytes_mean": rounds["wire_upload_bytes_mean"].mean(),
             "wire_download_bytes_mean": rounds["wire_download_bytes_mean"].mean(),
@@ -127,7 +130,9 @@ def main() -> None:
               "made, whose wire count is what Flower's serialiser gives); `wire_up_<stage>_mean`: the SecAgg+ upload "
               "split by the protocol's stages "
               "(the masked vectors travel in collect_masked_vectors); `recall@20`: the last round's, over the evaluated "
-              "devices (`--eval-fraction`). The in-process secure sum counts the vectors "
+              "devices (`--eval-fraction`); `wire_start_bytes_per_device_mean`: the NMF start's wire bytes, down and up, "
+              "per device averaged over all devices (summary.json; under Flower every SecAgg+ stage of the start's "
+              "rounds). The in-process secure sum counts the vectors "
               "SecAgg+ masks, as float32 (4 bytes an entry, as the masked vectors travel under a round modulus of "
               "2**32), without the protocol's other stages.\n\n")
     write_markdown_table(args.out / "secagg_bytes.md", header, frame.reindex(columns=COLUMNS))
