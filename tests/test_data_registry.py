@@ -151,7 +151,7 @@ def test_recbole_wheel_fallback_extracts_inter_without_importing(tmp_path, cache
     assert requested == ["recbole==1.2.1"]
     assert directory == cache / "ml-100k"
     assert sorted(p.name for p in directory.iterdir()) == ["ml-100k.inter"]
-    assert read_recbole_inter(directory / "ml-100k.inter")["user"].tolist() == ["1"]
+    assert read_recbole_inter(directory / "ml-100k.inter")["user"].tolist() == [1]  # ids that spell integers
 
 
 def test_download_that_leaves_files_missing_is_reported(cache):
