@@ -76,15 +76,14 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     one, or the in-process one where no undefended Flower run was made (its wire count is Flower's serialiser's)."""
     frame = frame.copy()
     keys = ["dataset", "config", "rounds"]
-    references = {case: frame[frame["case"] == case].set_index(keys) for case in REFERENCE_CASES}
-    chosen = [next((case for case in REFERENCE_CASES if (row["dataset"], row["config"], row["rounds"]) in references[case].index),
-                   "") for _, row in frame.iterrows()]
-    frame["reference"] = chosen
+    found = {}  # (dataset, config, rounds) -> (case, its row), the first reference case present
+    for case in reversed(REFERENCE_CASES):
+        found.update({key: (case, row) for key, row in frame[frame["case"] == case].set_index(keys).iterrows()})
+    references = [found.get(key, ("", None)) for key in frame[keys].itertuples(index=False, name=None)]
+    frame["reference"] = [case for case, _ in references]
     for column in ("upload_bytes_mean", "wire_upload_bytes_mean", "wire_download_bytes_mean"):
-        reference = [references[case][column].get((row["dataset"], row["config"], row["rounds"])) if case else float("nan")
-                     for case, (_, row) in zip(chosen, frame.iterrows(), strict=True)]
-        ratio = frame[column] / pd.Series(reference, index=frame.index, dtype=float)
-        frame[column.replace("_bytes_mean", "_vs_undefended")] = ratio
+        reference = pd.Series([row[column] if row is not None else float("nan") for _, row in references], index=frame.index)
+        frame[column.replace("_bytes_mean", "_vs_undefended")] = frame[column] / reference
     return frame
 
 

@@ -215,7 +215,7 @@ def test_secure_nmf_start_under_flower_runs_secaggplus_and_matches_the_inprocess
     # The ledger holds the start: Flower's measured SecAgg+ wire bytes, beside the payload it counted.
     assert flower["wire_start_up_bytes_per_device_mean"] > local["wire_start_up_bytes_per_device_mean"] > 0
     assert flower["payload_start_up_bytes_per_device_mean"] * 12 == flower["total_nmf_upload_bytes"]
-    # The same start up to SecAgg+'s stochastic rounding (a step of 6e-8 per device and entry).
+    # The same start up to SecAgg+'s stochastic rounding (a step of 1.8e-7 per device and entry at 12 devices).
     tables = [np.load(directory / "checkpoint.npz") for directory in (flower_dir, inprocess_dir)]
     masks = [table["server.item-mask"] for table in tables]
     assert (masks[0] == masks[1]).mean() > 0.95

@@ -79,5 +79,5 @@ def from_secagg_mean(vectors: list[np.ndarray], devices: int, weight_bound: floa
     values, rest = sums[0], sums[1:]
     weights = rest.pop(0) if with_weights else None
     if weights is not None:
-        weights[weights < MIN_ROW_WEIGHT] = 0.0  # quantisation noise on rows nobody touched (about n * W * 7.5e-9)
+        weights[weights < MIN_ROW_WEIGHT] = 0.0  # rounding noise on rows nobody touched (below n * W * 2C / levels)
     return SecureUpload(values, weights, rest[0] if rest else None)
