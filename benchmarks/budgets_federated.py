@@ -1,14 +1,15 @@
 """Budget benchmark (federated): element-wise masks vs embedding sizes vs AMGP at equal item-table bytes,
 and heterogeneous device classes.
 
-In-process engine, the federated benchmark's settings (benchmarks/federated.py): SGD item steps, rows
-downlink, 10 % of devices per round. sparserec and dsl hold ``--density`` of the item table; the size
-policies hold the density whose prefix-stored table takes no more bytes (as in benchmarks/budgets.py);
-size-bet applies the allocation the central benchmark's BET search found (budgets_central.csv). The
-heterogeneous cells give devices widths 16/32/64 (shares 0.3/0.4/0.3) and report accuracy, upload and
-memory per class; the streaming cells start with half the items and users and let the rest arrive in
-four stages under the item table's initial budget. Finished cells are kept in ``<out>/budgets_federated.csv`` and skipped on a
-rerun.
+In-process engine, the federated benchmark's settings (benchmarks/federated.py): the config's learning
+rates and start, SGD item steps, rows downlink, 10 % of devices per round. sparserec and dsl hold
+``--density`` of the item table; the size policies hold the density whose prefix-stored table takes no
+more bytes (as in benchmarks/budgets.py); size-bet applies the allocation the central benchmark's BET
+search found (budgets_central.csv). The heterogeneous cells give devices widths 16/32/64 (shares
+0.3/0.4/0.3) and report accuracy, upload and memory per class; the streaming cells start with half the
+items and users and let the rest arrive in four stages under the item table's initial budget. Finished
+cells are kept in ``<out>/budgets_federated.csv`` and skipped on a rerun; each row records its negative
+rule, step sizes, start, code version and whole-run wire bytes per device.
 
     FEDSPARSE_DATA=../shared/data python benchmarks/budgets_federated.py --datasets ml-1m
 """
@@ -37,17 +38,15 @@ HERE = Path(__file__).resolve().parent
 WIDTHS, SHARES = "16,32,64", "0.3,0.4,0.3"
 NMF_START = ["--sparse.mask-init", "nmf"]  # a size policy started from the NMF factor (its values, its own prefix mask)
 HETEROGENEOUS = ["--budget.device-widths", WIDTHS, "--budget.device-shares", SHARES]
-RANDOM_STARTS = ("dsl", "size-frequency", "size-scall", "size-ciess", "amgp")
-RANDOM_START_TAG = "random-start lr"
-RANDOM_START_LR = ["--fed.item-lr", "5.0", "--fed.local-lr", "0.05"]  # later flags win over the defaults below
 STREAMING = ["--budget.stream-stages", "4", "--budget.stream-start", "0.5"]  # half the items and users at round 1,
 # the rest in 4 stages
 COLUMNS = [
-    "dataset", "variant", "policy", "density", "rounds", "item_lr", "local_lr", "recall@20", "ndcg@20", "recall_vs_sparserec",
-    "item_table_bytes", "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean", "device_memory_bytes_mean",
-    "seconds_per_round",
+    "dataset", "variant", "policy", "density", "rounds", "start", "item_lr", "local_lr", "recall@20", "ndcg@20",
+    "recall_vs_sparserec", "item_table_bytes", "bytes_vs_sparserec", "upload_bytes_mean", "download_bytes_mean",
+    "device_memory_bytes_mean", "wire_start_bytes_per_device", "wire_total_bytes_per_device",
+    "wire_total_bytes_per_device_max", "seconds_per_round",
     *[f"recall@20_w{w}" for w in WIDTHS.split(",")], *[f"device_memory_bytes_mean_w{w}" for w in WIDTHS.split(",")],
-    *[f"upload_bytes_mean_w{w}" for w in WIDTHS.split(",")],
+    *[f"upload_bytes_mean_w{w}" for w in WIDTHS.split(",")], "negatives_from", "code_version",
 ]
 
 
@@ -68,15 +67,7 @@ def cells(density: float, size_density: float, bet_allocation: str | None) -> li
     ]
     if bet_allocation:
         planned.insert(5, ("size-bet", "size-bet", size_density, ["--sparse.group-sizes", bet_allocation]))
-    # Randomly started tables again with the step sizes tuned for them (dense FedMF's in benchmarks/federated.py).
-    planned += [(f"{variant} {RANDOM_START_TAG}", policy, d, [*extra, *RANDOM_START_LR])
-                for variant, policy, d, extra in list(planned) if variant in RANDOM_STARTS]
     return planned
-
-
-def last_value(flags: list[str], name: str) -> str:
-    """The value the command line gives ``name`` (the last occurrence wins, as in argparse)."""
-    return flags[len(flags) - 1 - flags[::-1].index(name) + 1]
 
 
 def class_columns(run_dir: Path) -> dict[str, float]:
@@ -96,7 +87,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="ml-1m")
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--nmf-rounds", type=int, default=30)
+    parser.add_argument("--nmf-rounds", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--cells", default="", help="only these comma-separated variants (default: all)")
@@ -122,14 +113,13 @@ def main() -> None:
                 continue
             flags = ["--dataset", dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", policy,
                      "--sparse.density", str(density), "--negatives", "1", "--fed.fraction-train", str(args.fraction),
-                     "--fed.local-lr", "0.01", "--fed.eval-every", str(args.eval_every), "--fed.nmf-rounds", str(args.nmf_rounds),
-                     "--fed.downlink", "rows", "--fed.item-optimizer", "sgd", "--fed.item-lr", "1.0", *extra]
+                     "--fed.eval-every", str(args.eval_every), "--fed.nmf-rounds", str(args.nmf_rounds),
+                     "--fed.downlink", "rows", "--fed.item-optimizer", "sgd", *extra]
             run_dir = run_simulation(flags, args.out / "runs")
             row = {**cell_row(run_dir), **class_columns(run_dir)}
             save_curve(args.out / "budgets_federated_curves.csv", cell, run_dir)
             table.add(cell, {"dataset": dataset, "variant": variant, "policy": policy, "density": density, "rounds": args.rounds,
-                             "item_lr": float(last_value(flags, "--fed.item-lr")),
-                             "local_lr": float(last_value(flags, "--fed.local-lr")), **row})
+                             **row})
             print(f"{cell:55s} recall@20={row['recall@20']:.4f} table={row['item_table_bytes']:,} B "
                   f"upload={row['upload_bytes_mean']:.0f} B", flush=True)
     write_report(args, table, time.perf_counter() - started)
@@ -138,9 +128,6 @@ def main() -> None:
 def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -> None:
     """The Markdown table (ratios against sparserec of the same dataset) and the plot."""
     frame = table.frame()
-    # The first cells were recorded before the step sizes had columns; they all ran with these.
-    frame["item_lr"] = frame.get("item_lr", pd.Series(index=frame.index, dtype=float)).fillna(1.0)
-    frame["local_lr"] = frame.get("local_lr", pd.Series(index=frame.index, dtype=float)).fillna(0.01)
     for _, group in frame.groupby("dataset"):
         reference = group[group["variant"] == "sparserec"].iloc[0]
         frame.loc[group.index, "recall_vs_sparserec"] = group["recall@20"] / reference["recall@20"]
@@ -149,7 +136,9 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
         f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every}` on "
         f"{machine_description()}; {timing_note(seconds)}. Recall@20 is the test value at the best validation round; "
-        "item_table_bytes is the server's final masked table as stored; the _w16/_w32/_w64 columns are per device class.\n\n"
+        "item_table_bytes is the server's final masked table as stored; wire_* are the serialised messages per device over "
+        "the whole run, both directions (start alone, and start + training + evaluation; mean, and max over devices); "
+        "the _w16/_w32/_w64 columns are per device class.\n\n"
     )
     write_markdown_table(args.out / "budgets_federated.md", header, frame.reindex(columns=COLUMNS))
     plot_report(frame, ResultTable(args.out / "budgets_federated_curves.csv").frame(), args.out / "budgets_federated.png")
