@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--nmf-rounds", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--device-batch", type=int, default=500,
+                        help="devices trained as one batched computation (the same updates; device classes train one at a time)")
     parser.add_argument("--cells", default="", help="only these comma-separated variants (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the table and the plot from the CSVs")
@@ -114,7 +116,8 @@ def main() -> None:
             flags = ["--dataset", dataset, "--num-server-rounds", str(args.rounds), "--sparse.policy", policy,
                      "--sparse.density", str(density), "--negatives", "1", "--fed.fraction-train", str(args.fraction),
                      "--fed.eval-every", str(args.eval_every), "--fed.nmf-rounds", str(args.nmf_rounds),
-                     "--fed.downlink", "rows", "--fed.item-optimizer", "sgd", *extra]
+                     "--fed.downlink", "rows", "--fed.item-optimizer", "sgd",
+                     "--fed.device-batch", str(args.device_batch), *extra]
             run_dir = run_simulation(flags, args.out / "runs")
             row = {**cell_row(run_dir), **class_columns(run_dir)}
             save_curve(args.out / "budgets_federated_curves.csv", cell, run_dir)
@@ -134,7 +137,8 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
         frame.loc[group.index, "bytes_vs_sparserec"] = group["item_table_bytes"] / reference["item_table_bytes"]
     header = (
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
-        f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every}` on "
+        f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every} "
+        f"--device-batch {args.device_batch}` on "
         f"{machine_description()}; {timing_note(seconds)}. Recall@20 is the test value at the best validation round; "
         "item_table_bytes is the server's final masked table as stored; wire_* are the serialised messages per device over "
         "the whole run, both directions (start alone, and start + training + evaluation; mean, and max over devices); "
