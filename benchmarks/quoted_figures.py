@@ -74,10 +74,11 @@ def result_numbers(directories: Iterable[Path]) -> set[float]:
 
 
 def is_backed(figure: Figure, numbers: set[float]) -> bool:
-    """Some result rounds to the figure at its precision, as it is, as a percentage or as bytes in the figure's unit."""
+    """Some result rounds to the figure at its precision, as it is, as a percentage or as bytes in the figure's unit.
+    Results count by magnitude: prose quotes a negative difference unsigned ("0.0244 below")."""
     target = round(figure.value, figure.decimals)
     scales = (1.0, 100.0) if figure.unit_bytes == 1.0 else (1.0, 100.0, 1 / figure.unit_bytes)
-    return any(round(scale * value, figure.decimals) == target for value in numbers for scale in scales)
+    return any(round(scale * abs(value), figure.decimals) == target for value in numbers for scale in scales)
 
 
 def unbacked(documents: Iterable[Path], numbers: set[float]) -> list[Figure]:

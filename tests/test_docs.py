@@ -109,10 +109,10 @@ def test_the_quoted_figures_check_fails_on_a_figure_no_results_file_holds(tmp_pa
     qf = load_benchmark_script("quoted_figures")
     results = tmp_path / "results"
     results.mkdir()
-    (results / "table.csv").write_text("cell,recall@20,bytes\na,0.11320,7792290\n")
+    (results / "table.csv").write_text("cell,recall@20,bytes,gap\na,0.11320,7792290,-0.02439\n")
     (results / "table.md").write_text("| users |\n|---|\n| 6,040 |\n")
     guide = tmp_path / "guide.md"
-    guide.write_text("Recall@20 0.1132 (11.32 %), 7.79 MB, 6,040 users; but 0.1133 and 1,853 items.\n"
+    guide.write_text("Recall@20 0.1132 (11.32 %), 7.79 MB, 6,040 users, 0.0244 below; but 0.1133 and 1,853 items.\n"
                      "```\nin code 0.9999 is not a figure\n```\n`inline 0.9998` neither\n")
     missing = qf.unbacked([guide], qf.result_numbers([results]))
     assert [(figure.line, figure.text) for figure in missing] == [(1, "0.1133"), (1, "1,853")]
