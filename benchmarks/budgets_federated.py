@@ -135,11 +135,15 @@ def write_report(args: argparse.Namespace, table: ResultTable, seconds: float) -
         reference = group[group["variant"] == "sparserec"].iloc[0]
         frame.loc[group.index, "recall_vs_sparserec"] = group["recall@20"] / reference["recall@20"]
         frame.loc[group.index, "bytes_vs_sparserec"] = group["item_table_bytes"] / reference["item_table_bytes"]
-    header = (
+    measured = (
+        "Rewritten from the CSV (`--report-only`); its cells were measured by the invocations docs/guides/budgets.md "
+        "lists (each row's rounds in its column)" if args.report_only else
         f"Measured by `python benchmarks/budgets_federated.py --datasets {args.datasets} --density {args.density} "
         f"--rounds {args.rounds} --nmf-rounds {args.nmf_rounds} --fraction {args.fraction} --eval-every {args.eval_every} "
-        f"--device-batch {args.device_batch}` on "
-        f"{machine_description()}; {timing_note(seconds)}. Recall@20 is the test value at the best validation round; "
+        f"--device-batch {args.device_batch}` on {machine_description()}; {timing_note(seconds)}"
+    )
+    header = (
+        f"{measured}. Recall@20 is the test value at the best validation round; "
         "item_table_bytes is the server's final masked table as stored; wire_* are the serialised messages per device over "
         "the whole run, both directions (start alone, and start + training + evaluation; mean, and max over devices); "
         "the _w16/_w32/_w64 columns are per device class.\n\n"
