@@ -42,7 +42,8 @@ COLUMNS = [
     "dataset", "rules", "variant", "density", "negatives", "rounds", "start", "downlink", "item_optimizer", "item_lr",
     "local_lr",
     "recall@20", "ndcg@20", "recall_vs_dense", "best_round", "start_recall@20", "final_recall@20",
-    "upload_bytes_mean", "upload_vs_floor", "dense_fedavg_vs_upload", "dense_rows_vs_upload",
+    "upload_bytes_mean", "upload_vs_floor", "wire_upload_bytes_mean", "wire_upload_vs_floor",
+    "dense_fedavg_vs_upload", "dense_rows_vs_upload",
     "download_bytes_mean", "device_memory_bytes_mean", "device_memory_bytes_max", "seconds_per_round",
     "total_nmf_upload_bytes", "total_nmf_download_bytes",
     *[f"wire_{phase}_bytes_per_device" for phase in WIRE_PHASES], "wire_total_bytes_per_device_max",
@@ -75,6 +76,7 @@ def cell_row(run_dir: Path) -> dict:
         "final_recall@20": summary["recall@20"],
         "upload_bytes_mean": upload,
         "upload_vs_floor": upload / rounds["upload_floor_bytes_mean"].mean(),
+        **wire_upload_columns(rounds),
         "dense_fedavg_vs_upload": rounds["dense_fedavg_upload_bytes"].mean() / upload,
         "dense_rows_vs_upload": rounds["dense_rows_upload_bytes_mean"].mean() / upload,
         "download_bytes_mean": rounds["download_bytes_mean"].mean(),
@@ -180,6 +182,7 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, command: str, seconds: float) -> None:
     """The Markdown table (ratios against dense FedMF) and the recall-vs-rounds plot, from the CSVs."""
+    fill_from_run_directories(ResultTable(args.out / "federated.csv"))
     frame = ResultTable(args.out / "federated.csv").frame()
     frame["rules"] = rules_column(frame)
     frame["device_memory_count"] = memory_count_column(frame)
@@ -198,6 +201,9 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
         (old_rules if (frame["rules"] == "old").any() else
          "Every row ran at today's rules and defaults (its negative rule, learning rates and start in its columns: "
          "`start` as `benchmarks/nmf_start.py` names them), with the whole-run wire bytes per device by phase.\n\n")
+        + ("A training upload per client-round, mean over rounds, in payload bytes (`upload_bytes_mean`: the arrays' "
+           "nbytes) and wire bytes (`wire_upload_bytes_mean`: as Flower serialises the reply), each against the "
+           "upload's information floor, its row ids and active values (`upload_vs_floor`, `wire_upload_vs_floor`).\n\n")
         + (f"`device_memory_*` of a row whose `device_memory_count` reads `{MEMORY_BATCH_DENSE}` was counted by the "
            "batched path before it counted what a device alone holds: it holds each device's touched rows dense, for "
            "the sparse cells an upper bound on the per-device (compact) figure (`benchmarks/results/device_memory.md`)."
@@ -213,6 +219,24 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
             save_curve(curves_path, row["cell"], Path(row["run_dir"]))
     curves = ResultTable(curves_path).frame().reindex(columns=["cell", "round", "recall@20"])
     plot_curves(frame, curves, args.out / "federated.png")
+
+
+def wire_upload_columns(rounds: pd.DataFrame) -> dict[str, float]:
+    """The mean upload per client-round as Flower serialises it (bytes: arrays' headers, records, envelope) and
+    its ratio to the mean information floor (row ids + active values), the payload ratio's wire counterpart."""
+    wire = rounds["wire_upload_bytes_mean"].mean()
+    return {"wire_upload_bytes_mean": wire, "wire_upload_vs_floor": wire / rounds["upload_floor_bytes_mean"].mean()}
+
+
+def fill_from_run_directories(table: ResultTable) -> None:
+    """Give rows measured before the wire-upload columns existed those columns, read from their run directory
+    when it is still on this machine (the same run's rounds.jsonl, nothing rerun); other rows keep their gaps."""
+    for row in table.frame().to_dict("records"):
+        missing = [key for key in ("wire_upload_bytes_mean", "wire_upload_vs_floor") if pd.isna(row.get(key))]
+        rounds_path = Path(str(row["run_dir"])) / "rounds.jsonl"
+        if missing and rounds_path.exists():
+            measured = wire_upload_columns(pd.DataFrame(read_jsonl(rounds_path)))
+            table.fill(row["cell"], {key: measured[key] for key in missing})
 
 
 def memory_count_column(frame: pd.DataFrame) -> pd.Series:

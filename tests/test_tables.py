@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedsparse.experiments.tables import standing_notes
+from fedsparse.experiments.tables import ResultTable, standing_notes
 
 
 def test_standing_notes_keep_the_bold_paragraphs_above_the_header(tmp_path):
@@ -12,3 +12,15 @@ def test_standing_notes_keep_the_bold_paragraphs_above_the_header(tmp_path):
     assert standing_notes(table) == "**Made under the old rules**: say so.\n\n**Second note.**\n\n"
     table.write_text("Measured by `x`.\n\n**Not a note**: below the header.\n")
     assert standing_notes(table) == ""
+
+
+def test_fill_sets_columns_of_one_cell_and_keeps_the_rows_order(tmp_path):
+    table = ResultTable(tmp_path / "table.csv")
+    for cell, value in (("a", 1), ("b", 2), ("c", 3)):
+        table.add(cell, {"value": value})
+    table.fill("b", {"added": 0.5, "value": 20})
+    frame = table.frame()
+    assert frame["cell"].tolist() == ["a", "b", "c"]
+    assert frame["value"].tolist() == [1, 20, 3]
+    assert frame["added"].isna().tolist() == [True, False, True]
+    assert frame.loc[1, "added"] == 0.5

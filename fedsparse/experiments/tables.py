@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -36,14 +38,26 @@ class ResultTable:
 
     def set_rows(self, cell: str, rows: list[dict]) -> None:
         """Replace every row of ``cell`` by ``rows`` (e.g. one per round of a curve) and rewrite the CSV."""
+        with self._locked():
+            kept = [existing for existing in self._read() if existing.get("cell") != cell]
+            atomic_write_text(self.path, pd.DataFrame(kept + [{"cell": cell, **row} for row in rows]).to_csv(index=False))
+
+    def fill(self, cell: str, values: dict) -> None:
+        """Set ``values`` (column -> value) on the rows of ``cell`` in place, keeping the rows' order."""
+        with self._locked():
+            rows = [{**row, **values} if row.get("cell") == cell else row for row in self._read()]
+            atomic_write_text(self.path, pd.DataFrame(rows).to_csv(index=False))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the table's folder while a write re-reads and rewrites the CSV."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The folder is locked rather than a lock file (which would outlive the sweep) or the CSV (replaced by
         # rename on every write, so a lock on it would guard a file nobody reads any more).
         folder = os.open(self.path.parent, os.O_RDONLY)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
-            kept = [existing for existing in self._read() if existing.get("cell") != cell]
-            atomic_write_text(self.path, pd.DataFrame(kept + [{"cell": cell, **row} for row in rows]).to_csv(index=False))
+            yield
         finally:
             os.close(folder)  # releases the lock
 
