@@ -221,18 +221,21 @@ def write_report(args: argparse.Namespace, command: str, seconds: float) -> None
     plot_curves(frame, curves, args.out / "federated.png")
 
 
+WIRE_UPLOAD_COLUMNS = ("wire_upload_bytes_mean", "wire_upload_vs_floor")  # added after the first rows were measured
+
+
 def wire_upload_columns(rounds: pd.DataFrame) -> dict[str, float]:
     """The mean upload per client-round as Flower serialises it (bytes: arrays' headers, records, envelope) and
     its ratio to the mean information floor (row ids + active values), the payload ratio's wire counterpart."""
     wire = rounds["wire_upload_bytes_mean"].mean()
-    return {"wire_upload_bytes_mean": wire, "wire_upload_vs_floor": wire / rounds["upload_floor_bytes_mean"].mean()}
+    return dict(zip(WIRE_UPLOAD_COLUMNS, (wire, wire / rounds["upload_floor_bytes_mean"].mean()), strict=True))
 
 
 def fill_from_run_directories(table: ResultTable) -> None:
     """Give rows measured before the wire-upload columns existed those columns, read from their run directory
     when it is still on this machine (the same run's rounds.jsonl, nothing rerun); other rows keep their gaps."""
     for row in table.frame().to_dict("records"):
-        missing = [key for key in ("wire_upload_bytes_mean", "wire_upload_vs_floor") if pd.isna(row.get(key))]
+        missing = [key for key in WIRE_UPLOAD_COLUMNS if pd.isna(row.get(key))]
         rounds_path = Path(str(row["run_dir"])) / "rounds.jsonl"
         if missing and rounds_path.exists():
             measured = wire_upload_columns(pd.DataFrame(read_jsonl(rounds_path)))

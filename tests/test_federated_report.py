@@ -1,5 +1,5 @@
-"""benchmarks/federated.py's memory column: rows counted by the old batched path (dense working rows) are named
-as such, rows that record how they counted keep it."""
+"""benchmarks/federated.py's report: rows counted by the old batched path (dense working rows) are named as such,
+rows that record how they counted keep it; rows older than the wire-upload columns read them from their run."""
 
 import json
 
